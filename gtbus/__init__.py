@@ -1,0 +1,1 @@
+"""gtbus: GPU Travelling for confidential collaborative training."""
