@@ -1,0 +1,73 @@
+"""The sending side of the envelope: numbering, stamping and signing messages."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from gtbus.clock import SYSTEM_CLOCK, Clock
+from gtbus.messages.envelope import (
+    BROADCAST,
+    MAGIC,
+    VERSION,
+    Header,
+    new_message_id,
+    new_session_id,
+    packb,
+    signing_input,
+)
+from gtbus.messages.identity import NodeIdentity
+from gtbus.messages.registry import body_to_wire, spec_of
+
+
+class MessageSigner:
+    """Turns message objects into signed frames for one node.
+
+    Holds the node's session id (new for every process start) and one sequence
+    counter per stream (recipient, or ``*`` for broadcasts).
+    """
+
+    def __init__(self, identity: NodeIdentity, clock: Clock = SYSTEM_CLOCK, *, ttl: float = 30.0) -> None:
+        self.identity = identity
+        self.clock = clock
+        self.ttl = ttl
+        self.session = new_session_id(int(clock.time() * 1e9))
+        self._seq: dict[str, int] = {}
+
+    def sign(
+        self,
+        msg: object,
+        recipient: str,
+        *,
+        epoch: int = 0,
+        parent: bytes | None = None,
+        blobs: Sequence[bytes | memoryview] = (),
+        ttl: float | None = None,
+    ) -> tuple[Header, list[bytes | memoryview]]:
+        """Sign ``msg`` for ``recipient``; return its header and the frames to send."""
+        spec = spec_of(msg)
+        if recipient == BROADCAST and not spec.broadcast:
+            raise ValueError(f"{spec.name} is not a broadcast type")
+        if self.identity.role not in spec.senders:
+            raise ValueError(f"a {self.identity.role.value} may not send {spec.name}")
+        if len(blobs) > spec.max_blobs:
+            raise ValueError(f"{spec.name} takes at most {spec.max_blobs} blobs")
+        seq = self._seq.get(recipient, 0) + 1
+        self._seq[recipient] = seq
+        now = self.clock.time()
+        header = Header(
+            v=VERSION,
+            id=new_message_id(),
+            type=spec.name,
+            sender=self.identity.name,
+            recipient=recipient,
+            session=self.session,
+            seq=seq,
+            ts=now,
+            exp=now + (self.ttl if ttl is None else ttl),
+            epoch=epoch,
+            parent=parent,
+        )
+        header_bytes = packb(header.to_wire())
+        body_bytes = packb(body_to_wire(msg))
+        signature = self.identity.sign(signing_input(header_bytes, body_bytes, blobs))
+        return header, [MAGIC, header_bytes, body_bytes, signature, *blobs]

@@ -1,0 +1,221 @@
+"""Every message gtbus sends, declared once with the roles allowed to send it.
+
+The header (see :mod:`gtbus.messages.envelope`) carries routing, ordering and
+the token epoch; these bodies carry only what is particular to each type.
+``docs/protocol.md`` lists them; a test checks the list and this module agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from gtbus.messages.identity import Role
+from gtbus.messages.registry import message
+
+ORCH = {Role.ORCHESTRATOR}
+HOLDER = {Role.HOLDER}
+ANY_ROLE = set(Role)
+
+
+# --- liveness and the foundation's request/reply -------------------------------------------
+
+
+@message("heartbeat", senders=ANY_ROLE, broadcast=True)
+@dataclass(frozen=True)
+class Heartbeat:
+    """Application heartbeat from the event loop: proves the node is scheduling, not just connected."""
+
+    state: str
+    uptime: float
+
+
+@message("echo", senders=ANY_ROLE)
+@dataclass(frozen=True)
+class Echo:
+    """A request answered by :class:`EchoReply` with the same payload (demo, benchmarks, health checks)."""
+
+    payload: bytes
+    note: str
+
+
+@message("echo.reply", senders=ANY_ROLE)
+@dataclass(frozen=True)
+class EchoReply:
+    """The answer to :class:`Echo`; its header's parent is the echo's id."""
+
+    payload: bytes
+    note: str
+
+
+@message("refusal", senders=ANY_ROLE)
+@dataclass(frozen=True)
+class Refusal:
+    """A request was understood but refused; ``reason`` is one line for a person."""
+
+    code: str
+    reason: str
+
+
+# --- setup: registration, measurement, snapshot ----------------------------------------------
+
+
+@message("register", senders=HOLDER | {Role.AGENT})
+@dataclass(frozen=True)
+class Register:
+    """A holder joins the run with its dataset manifest (sizes and a digest commitment)."""
+
+    manifest: dict[str, Any]
+    software: str
+
+
+@message("welcome", senders=ORCH)
+@dataclass(frozen=True)
+class Welcome:
+    """The orchestrator admits a holder and hands it the run id and the signed measurement."""
+
+    run_id: str
+    report: dict[str, Any]
+    schedule: dict[str, Any]
+
+
+@message("measurement", senders=ORCH, broadcast=True)
+@dataclass(frozen=True)
+class MeasurementPublished:
+    """Signed measurement report of code + model + device (published at setup and after each hop)."""
+
+    report: dict[str, Any]
+
+
+@message("snapshot.request", senders=ANY_ROLE)
+@dataclass(frozen=True)
+class SnapshotRequest:
+    """A late joiner asks for the current state (zguide Clone pattern)."""
+
+    since: int
+
+
+@message("snapshot", senders=ORCH)
+@dataclass(frozen=True)
+class Snapshot:
+    """State at ``event_seq``; apply only events with a higher sequence after it."""
+
+    state: dict[str, Any]
+    event_seq: int
+
+
+# --- the token and the hop ----------------------------------------------------------------------
+
+
+@message("token.grant", senders=ORCH, fenced=True)
+@dataclass(frozen=True)
+class TokenGrant:
+    """Hands the GPU token to one holder for one hop; the new channel params are sealed to it.
+
+    The header's epoch is the hop's epoch. ``sealed_params`` opens only with the
+    holder's X25519 key; ``report`` is the signed measurement binding this hop's
+    channel key (by commitment) to the code and model the holder pinned.
+    """
+
+    token_id: str
+    run_id: str
+    holder: str
+    chunk_index: int
+    mode: str  # "travel" (holder writes the device staging) or "ship" (conventional path)
+    lease_deadline: float
+    sealed_params: bytes
+    report: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("travel", "ship"):
+            raise ValueError(f"unknown mode {self.mode!r}")
+
+
+@message("token.ack", senders=HOLDER, fenced=True)
+@dataclass(frozen=True)
+class TokenAck:
+    """The holder accepted the grant (sent again if the grant arrives twice)."""
+
+    token_id: str
+
+
+@message("token.return", senders=HOLDER, fenced=True)
+@dataclass(frozen=True)
+class TokenReturn:
+    """The holder has written its segments, closed its mapping and gives the token back."""
+
+    token_id: str
+    chunk_index: int
+    segments: int
+    nbytes: int
+    ciphertext_digest: bytes
+
+
+@message("token.decline", senders=HOLDER, fenced=True)
+@dataclass(frozen=True)
+class TokenDecline:
+    """The holder refuses a grant (bad measurement, no data left); the token comes back unused."""
+
+    token_id: str
+    reason: str
+
+
+@message("ship.segment", senders=HOLDER, fenced=True, max_blobs=1)
+@dataclass(frozen=True)
+class ShipSegment:
+    """Conventional path: one AEAD segment (ciphertext || tag in the blob) sent over the network."""
+
+    token_id: str
+    index: int
+    count: int
+
+
+@message("token.revoke", senders=ORCH, fenced=True)
+@dataclass(frozen=True)
+class TokenRevoke:
+    """The orchestrator takes the token back (lease expired, bad return); the holder must stop."""
+
+    token_id: str
+    reason: str
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+@message("token.state", senders=ORCH, broadcast=True)
+@dataclass(frozen=True)
+class TokenState:
+    """Who holds the token, at which epoch, in which phase."""
+
+    token_id: str
+    owner: str
+    epoch: int
+    phase: str
+
+
+@message("hop.record", senders=ORCH, broadcast=True)
+@dataclass(frozen=True)
+class HopRecord:
+    """What one hop did: holder, bytes, timings, loss, and the measurements before and after."""
+
+    epoch: int
+    holder: str
+    chunk_index: int
+    outcome: str
+    record: dict[str, Any]
+
+
+@message("run.complete", senders=ORCH, broadcast=True)
+@dataclass(frozen=True)
+class RunComplete:
+    """The schedule is done; ``summary`` is the run's table."""
+
+    summary: dict[str, Any]
+
+
+@message("shutdown", senders=ORCH, broadcast=True)
+@dataclass(frozen=True)
+class Shutdown:
+    """Nodes should exit after finishing in-flight work."""
+
+    reason: str
