@@ -153,15 +153,13 @@ def blob_digest(blobs: Sequence[bytes | memoryview]) -> bytes:
 
 def signing_input(header: bytes, body: bytes, blobs: Sequence[bytes | memoryview]) -> bytes:
     """The exact bytes an envelope signature covers."""
+    return signing_input_digest(header, body, blob_digest(blobs))
+
+
+def signing_input_digest(header: bytes, body: bytes, blobs_digest: bytes) -> bytes:
+    """:func:`signing_input` given the blob digest (how a log without its blobs is verified)."""
     return b"".join(
-        (
-            SIG_DOMAIN,
-            struct.pack(">I", len(header)),
-            header,
-            struct.pack(">I", len(body)),
-            body,
-            blob_digest(blobs) if blobs else blob_digest(()),
-        )
+        (SIG_DOMAIN, struct.pack(">I", len(header)), header, struct.pack(">I", len(body)), body, blobs_digest)
     )
 
 

@@ -1,0 +1,229 @@
+"""The asyncio shell every node runs in.
+
+It owns one transport, one :class:`~gtbus.messages.ReceivePipeline`, one
+:class:`~gtbus.messages.MessageSigner` and one
+:class:`~gtbus.recording.Recorder`, and moves messages between them:
+
+* incoming: transport -> pipeline -> recorder -> handler registered for the
+  message's class (looked up in a dict keyed by declared classes only);
+* outgoing: message -> signer -> recorder -> transport.
+
+A rejected message is counted, logged once per (reason, sender) and recorded
+with its verdict; it never stops the loop. A handler that raises is logged and
+the loop goes on. Application heartbeats are sent from the event loop itself,
+so they prove the node is scheduling work, not merely that its socket is open.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Awaitable, Callable, Sequence
+
+from gtbus.clock import SYSTEM_CLOCK, Clock
+from gtbus.errors import PeerUnreachable, RejectedMessage, TransportError
+from gtbus.messages.envelope import BROADCAST, Header, Limits, DEFAULT_LIMITS
+from gtbus.messages.identity import NodeIdentity, Roster
+from gtbus.messages.pipeline import Accepted, ReceivePipeline
+from gtbus.messages.registry import spec_of
+from gtbus.messages.replay_guard import ReplayGuard
+from gtbus.messages.signer import MessageSigner
+from gtbus.messages.types import Heartbeat
+from gtbus.recording import LOG_SUFFIX, Recorder
+from gtbus.transport.base import ClientTransport, Delivery, ServerTransport
+
+Handler = Callable[[Accepted, Delivery], Awaitable[None]]
+
+
+class NodeRuntime:
+    """Signs, records, sends, receives, checks and dispatches for one node."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        roster: Roster,
+        transport: ServerTransport | ClientTransport,
+        *,
+        run_dir: str | Path,
+        server: str | None = None,
+        clock: Clock = SYSTEM_CLOCK,
+        heartbeat_interval: float = 1.0,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        self.identity = identity
+        self.name = identity.name
+        self.roster = roster
+        self.transport = transport
+        self.is_server = server is None
+        self.server = server  # the orchestrator's name, for client nodes
+        self.clock = clock
+        self.heartbeat_interval = heartbeat_interval
+        self.run_dir = Path(run_dir)
+        self.guard = ReplayGuard(clock, journal=self.run_dir / "state" / self.name / "replay.journal")
+        self.pipeline = ReceivePipeline(self.name, roster, self.guard, limits)
+        self.signer = MessageSigner(identity, clock)
+        self.recorder = Recorder(self.run_dir / "logs" / f"{self.name}{LOG_SUFFIX}", self.name, roster)
+        self.log = logging.getLogger(f"gtbus.node.{self.name}")
+        self.last_heard: dict[str, float] = {}
+        self.state_label = "starting"
+        self._handlers: dict[type, Handler] = {}
+        self._pending: dict[bytes, asyncio.Future[Accepted]] = {}
+        self._logged_rejections: set[tuple[str, str]] = set()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._started = time.monotonic()
+        self._closed = False
+        self.on(Heartbeat, self._on_heartbeat)
+
+    # -- wiring ----------------------------------------------------------------------------
+
+    def on(self, cls: type, handler: Handler) -> None:
+        """Call ``handler`` for every accepted message of declared class ``cls``."""
+        self._handlers[cls] = handler
+
+    @property
+    def rejected(self) -> Counter[str]:
+        """Rejections by reason."""
+        return self.pipeline.rejected
+
+    # -- sending ---------------------------------------------------------------------------
+
+    async def send(
+        self,
+        msg: object,
+        to: str | None = None,
+        *,
+        epoch: int = 0,
+        parent: bytes | None = None,
+        blobs: Sequence[bytes | memoryview] = (),
+    ) -> Header:
+        """Sign, record and send a direct message (clients always send to the server)."""
+        recipient = to if to is not None else self.server
+        if recipient is None:
+            raise ValueError("a server node must name the recipient")
+        header, frames = self.signer.sign(msg, recipient, epoch=epoch, parent=parent, blobs=blobs)
+        self.recorder.record("out", frames, "sent", peer=recipient, channel="direct")
+        if self.is_server:
+            await self.transport.send(recipient, frames)  # type: ignore[call-arg]
+        else:
+            await self.transport.send(frames)  # type: ignore[call-arg]
+        return header
+
+    async def publish(self, msg: object, *, epoch: int = 0) -> Header:
+        """Sign, record and publish an event to every subscriber (server only)."""
+        if not self.is_server:
+            raise ValueError("only the server publishes events")
+        header, frames = self.signer.sign(msg, BROADCAST, epoch=epoch)
+        self.recorder.record("out", frames, "sent", peer=None, channel="event")
+        await self.transport.publish(frames)  # type: ignore[attr-defined]
+        return header
+
+    async def request(self, msg: object, to: str | None = None, *, timeout: float = 5.0, epoch: int = 0) -> Accepted:
+        """Send ``msg`` and wait for the message whose parent is its id."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Accepted] = loop.create_future()
+        header, frames = self.signer.sign(msg, to if to is not None else self.server or "", epoch=epoch)
+        self._pending[header.id] = fut
+        try:
+            self.recorder.record("out", frames, "sent", peer=header.recipient, channel="direct")
+            if self.is_server:
+                await self.transport.send(header.recipient, frames)  # type: ignore[call-arg]
+            else:
+                await self.transport.send(frames)  # type: ignore[call-arg]
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pending.pop(header.id, None)
+
+    # -- receiving -------------------------------------------------------------------------
+
+    def handle_delivery(self, delivery: Delivery) -> Accepted | None:
+        """Run one delivery through the pipeline and record it; None if it was refused."""
+        try:
+            acc = self.pipeline.accept(delivery.frames, delivery.authenticated_as)
+        except RejectedMessage as exc:
+            self.recorder.record("in", delivery.frames[:4], f"rejected:{exc.reason}", peer=delivery.peer, channel=delivery.channel)
+            key = (exc.reason, delivery.peer or "?")
+            if key not in self._logged_rejections:
+                self._logged_rejections.add(key)
+                self.log.warning("refused a message from %s: %s", delivery.peer or "unknown peer", exc)
+            return None
+        self.recorder.record("in", delivery.frames, "accepted", peer=delivery.peer, channel=delivery.channel)
+        self.last_heard[acc.header.sender] = self.clock.monotonic()
+        return acc
+
+    async def _dispatch(self, acc: Accepted, delivery: Delivery) -> None:
+        parent = acc.header.parent
+        if parent is not None and parent in self._pending:
+            fut = self._pending.pop(parent)
+            if not fut.done():
+                fut.set_result(acc)
+            return
+        handler = self._handlers.get(type(acc.message))
+        if handler is None:
+            self.log.debug("no handler for %s from %s", acc.spec.name, acc.header.sender)
+            return
+        try:
+            await handler(acc, delivery)
+        except (TransportError, PeerUnreachable) as exc:
+            self.log.warning("while handling %s from %s: %s", acc.spec.name, acc.header.sender, exc)
+        except Exception:
+            self.log.exception("handler for %s from %s failed", acc.spec.name, acc.header.sender)
+
+    async def _receive_loop(self) -> None:
+        while not self._closed:
+            try:
+                delivery = await self.transport.recv()
+            except TransportError:
+                if self._closed:
+                    return
+                raise
+            acc = self.handle_delivery(delivery)
+            if acc is not None:
+                await self._dispatch(acc, delivery)
+
+    async def _heartbeat_loop(self) -> None:
+        while not self._closed:
+            hb = Heartbeat(state=self.state_label, uptime=time.monotonic() - self._started)
+            try:
+                if self.is_server:
+                    await self.publish(hb)
+                else:
+                    await self.send(hb)
+            except TransportError as exc:
+                self.log.debug("heartbeat not sent: %s", exc)
+            await asyncio.sleep(self.heartbeat_interval)
+
+    async def _on_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
+        return None  # last_heard is updated for every accepted message
+
+    def liveness(self) -> dict[str, float]:
+        """Seconds since each peer was last heard from."""
+        now = self.clock.monotonic()
+        return {name: round(now - t, 3) for name, t in self.last_heard.items()}
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the transport, the receive loop and heartbeats."""
+        await self.transport.start()
+        self._tasks.append(asyncio.create_task(self._receive_loop(), name=f"{self.name}-recv"))
+        if self.heartbeat_interval > 0:
+            self._tasks.append(asyncio.create_task(self._heartbeat_loop(), name=f"{self.name}-heartbeat"))
+
+    async def close(self) -> None:
+        """Stop the loops, close the transport, the log and the replay journal."""
+        if self._closed:
+            return
+        self._closed = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, TransportError):
+                pass
+        await self.transport.close()
+        self.recorder.close()
+        self.guard.close()

@@ -1,0 +1,190 @@
+"""Message logs: every message a node sends or receives, exactly as signed.
+
+File format (one file per node process, append-only)::
+
+    b"GTLOG1\\n"                          magic
+    u32 length || msgpack map             the first record: kind "meta" (node, roster, start time)
+    u32 length || msgpack map             each later record: kind "msg"
+
+A ``msg`` record holds ``dir`` ("in" / "out"), ``t`` (local receive or send
+time), ``verdict`` ("sent", "accepted" or "rejected:<reason>"), ``peer`` (the
+authenticated connection, if any), ``ch`` (direct / event), ``frames`` (magic,
+header, body, signature: the signed bytes) and, for messages with bulk blobs,
+``blob_digest`` and ``blob_sizes`` in place of the blobs. The signature covers
+the blob digest, not the blobs, so a log without gigabytes of ciphertext still
+verifies offline. Sealed channel parameters are part of the signed body and
+are recorded sealed, never opened.
+
+Writing: each record is one ``os.write`` on an ``O_APPEND`` descriptor, made
+before a message is sent and right after one is judged. A process crash then
+loses at most the record being written, and the cost (a few microseconds) stays
+off the signed round trip. (A thread-backed async write per record, as
+aiofiles does, would have been the largest cost on that path, and batching
+would lose queued records in a crash.) Reading for replay and status is async,
+with aiofiles.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import aiofiles
+import msgpack
+
+from gtbus.errors import ConfigError
+from gtbus.messages.envelope import blob_digest
+from gtbus.messages.identity import PublicIdentity, Roster
+
+LOG_MAGIC = b"GTLOG1\n"
+LOG_SUFFIX = ".gtlog"
+_LEN = struct.Struct(">I")
+MAX_RECORD = 64 << 20
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One record read back from a log."""
+
+    index: int
+    offset: int
+    kind: str
+    data: dict[str, Any]
+
+    @property
+    def frames(self) -> list[bytes]:
+        """The signed frames (magic, header, body, signature)."""
+        return list(self.data.get("frames", []))
+
+
+class Recorder:
+    """Appends a node's messages to its log file."""
+
+    def __init__(self, path: str | os.PathLike[str], node: str, roster: Roster) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.path.exists() or self.path.stat().st_size == 0
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        if fresh:
+            os.write(self._fd, LOG_MAGIC)
+        # A restart appends a new meta record: a log may hold several process lifetimes.
+        self._write(
+            {
+                "kind": "meta",
+                "node": node,
+                "t": time.time(),
+                "pid": os.getpid(),
+                "roster": [m.to_json() for m in roster],
+            }
+        )
+
+    def _write(self, record: dict[str, Any]) -> None:
+        data = msgpack.packb(record, use_bin_type=True)
+        os.write(self._fd, _LEN.pack(len(data)) + data)
+
+    def record(
+        self,
+        direction: str,
+        frames: Sequence[bytes | memoryview],
+        verdict: str,
+        *,
+        peer: str | None = None,
+        channel: str = "direct",
+    ) -> None:
+        """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
+        signed = [bytes(f) for f in frames[:4]]
+        rec: dict[str, Any] = {
+            "kind": "msg",
+            "dir": direction,
+            "t": time.time(),
+            "verdict": verdict,
+            "peer": peer,
+            "ch": channel,
+            "frames": signed,
+        }
+        blobs = frames[4:]
+        if blobs:
+            rec["blob_digest"] = blob_digest(blobs)
+            rec["blob_sizes"] = [memoryview(b).nbytes for b in blobs]
+        self._write(rec)
+
+    def close(self) -> None:
+        """Close the log."""
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+class LogFormatError(ConfigError):
+    """A log file is not a gtbus log or its framing is broken at a given record."""
+
+
+def _parse(data: bytes, path: Path) -> Iterator[LogRecord]:
+    if not data.startswith(LOG_MAGIC):
+        raise LogFormatError(f"{path}: not a gtbus message log (bad magic)")
+    pos = len(LOG_MAGIC)
+    index = 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise LogFormatError(f"{path}: record {index} at byte {pos}: truncated length prefix")
+        (n,) = _LEN.unpack_from(data, pos)
+        if n > MAX_RECORD or pos + 4 + n > len(data):
+            raise LogFormatError(f"{path}: record {index} at byte {pos}: length {n} runs past the end of the file")
+        try:
+            rec = msgpack.unpackb(data[pos + 4 : pos + 4 + n], raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise LogFormatError(f"{path}: record {index} at byte {pos}: undecodable ({exc})") from None
+        if not isinstance(rec, dict) or rec.get("kind") not in ("meta", "msg"):
+            raise LogFormatError(f"{path}: record {index} at byte {pos}: not a log record")
+        yield LogRecord(index=index, offset=pos, kind=rec["kind"], data=rec)
+        pos += 4 + n
+        index += 1
+
+
+def read_log(path: str | os.PathLike[str]) -> list[LogRecord]:
+    """Every record of a log file (LogFormatError naming the record if the framing is broken)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such log file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{p}: is a directory, not a log file") from None
+    return list(_parse(data, p))
+
+
+async def aread_log(path: str | os.PathLike[str]) -> AsyncIterator[LogRecord]:
+    """Async variant of :func:`read_log` (aiofiles), for the live status view."""
+    p = Path(path)
+    try:
+        async with aiofiles.open(p, "rb") as fh:
+            data = await fh.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such log file") from None
+    for rec in _parse(data, p):
+        yield rec
+
+
+def log_files(path: str | os.PathLike[str]) -> list[Path]:
+    """A log file, or every ``*.gtlog`` in a folder (recursively), sorted."""
+    p = Path(path)
+    if p.is_dir():
+        files = sorted(p.rglob(f"*{LOG_SUFFIX}"))
+        if not files:
+            raise ConfigError(f"{p}: no {LOG_SUFFIX} files in this folder")
+        return files
+    if not p.exists():
+        raise ConfigError(f"{p}: no such log file or folder")
+    return [p]
+
+
+def roster_of(records: Sequence[LogRecord], path: Path) -> Roster:
+    """The roster a log recorded in its first meta record."""
+    for rec in records:
+        if rec.kind == "meta":
+            return Roster(PublicIdentity.from_json(m, source=f"{path} roster") for m in rec.data.get("roster", []))
+    raise LogFormatError(f"{path}: no meta record")

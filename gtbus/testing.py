@@ -1,0 +1,70 @@
+"""Public testing tools: a fake clock, the in-memory network, throwaway deployments.
+
+gtbus's own tests use these, and so can users testing their own trainers or
+schedules (trio's ``trio.testing`` is the model).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from gtbus.messages.identity import NodeIdentity, Role, Roster, write_identity
+from gtbus.transport.memory import MemoryNetwork
+
+__all__ = ["FakeClock", "MemoryNetwork", "Deployment", "make_deployment"]
+
+
+class FakeClock:
+    """A clock that only moves when told to (``advance``), for leases, expiry and skew."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self._wall = start
+        self._mono = 1000.0
+
+    def time(self) -> float:
+        """Fake wall-clock seconds."""
+        return self._wall
+
+    def monotonic(self) -> float:
+        """Fake monotonic seconds."""
+        return self._mono
+
+    def advance(self, seconds: float) -> None:
+        """Move both clocks forward."""
+        if seconds < 0:
+            raise ValueError("time does not go backwards")
+        self._wall += seconds
+        self._mono += seconds
+
+
+@dataclass
+class Deployment:
+    """Keys of a throwaway deployment: one orchestrator and some holders."""
+
+    key_dir: Path
+    orchestrator: NodeIdentity
+    holders: list[NodeIdentity]
+
+    @property
+    def roster(self) -> Roster:
+        """Every node's public identity."""
+        return Roster([self.orchestrator.public, *(h.public for h in self.holders)])
+
+    def key_path(self, name: str) -> Path:
+        """Path of a node's secret key file."""
+        return self.key_dir / f"{name}.key"
+
+
+def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orchestrator: str = "orch") -> Deployment:
+    """Generate and write keys for an orchestrator and ``holders`` holders (h1, h2, ...)."""
+    d = Path(key_dir)
+    orch = NodeIdentity.generate(orchestrator, Role.ORCHESTRATOR)
+    write_identity(orch, d, overwrite=True)
+    hs = []
+    for i in range(1, holders + 1):
+        h = NodeIdentity.generate(f"h{i}", Role.HOLDER)
+        write_identity(h, d, overwrite=True)
+        hs.append(h)
+    return Deployment(d, orch, hs)
