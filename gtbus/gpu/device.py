@@ -1,0 +1,126 @@
+"""The device interface every backend implements (host now, cupy next).
+
+Protocol code never touches memory itself: it asks a :class:`Device` for
+buffers and hands them back. The rules a backend keeps:
+
+- Private buffers (the model, a hop's data buffer) are never exportable; they
+  have no handle, and nothing outside the device's owner can map them.
+- A hop's staging buffer is fresh: allocated for that one hop, exported under a
+  new unguessable handle, and revoked when the hop ends so that the handle can
+  never be mapped again. Staging only ever holds ciphertext.
+- Plaintext appears only in private buffers, and only after every segment has
+  authenticated (:meth:`Device.open_segments`).
+- At the end of a hop the data buffer is scrubbed, verified to read zero, and
+  released.
+
+The holder side (:meth:`Device.map_staging`) runs in another process, which
+has no Device instance: it is a classmethod and uses only the handle.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any, NewType, Protocol, runtime_checkable
+
+from gtbus.gpu.channel import ChannelParams, SegmentContext
+
+BufferHandle = NewType("BufferHandle", str)
+"""Backend-specific name of an exported staging buffer; knowing it is the capability to map it."""
+
+
+@runtime_checkable
+class DeviceBuffer(Protocol):
+    """A region of device memory owned by one Device."""
+
+    @property
+    def nbytes(self) -> int:
+        """Size in bytes."""
+        ...
+
+    @property
+    def handle(self) -> BufferHandle | None:
+        """The export handle of a staging buffer; ``None`` for private buffers."""
+        ...
+
+
+class StagingMapping(Protocol):
+    """The holder's writable view of one hop's staging buffer."""
+
+    @property
+    def view(self) -> memoryview:
+        """Writable bytes of the staging buffer (invalid after :meth:`close`)."""
+        ...
+
+    def close(self) -> None:
+        """Unmap; the holder must not keep a mapping past its token return."""
+        ...
+
+
+class Device(Protocol):
+    """One accelerator (or its host emulation) holding the model for a run."""
+
+    name: str
+    """Backend name: ``"host"`` or ``"cupy"``."""
+
+    device_id: str
+    """Identity of this device instance, bound into every measurement report."""
+
+    array_module: ModuleType
+    """``numpy`` or ``cupy``: the module that works on :meth:`as_array` views."""
+
+    def alloc(self, nbytes: int) -> DeviceBuffer:
+        """A zeroed private buffer; it can never be exported."""
+        ...
+
+    def alloc_hop_staging(self, nbytes: int) -> tuple[DeviceBuffer, BufferHandle]:
+        """A fresh staging buffer exported for exactly one hop, and its handle."""
+        ...
+
+    @classmethod
+    def map_staging(cls, handle: BufferHandle | str) -> StagingMapping:
+        """Holder side, any process: map a staging buffer by handle (DeviceError if revoked)."""
+        ...
+
+    @staticmethod
+    def unmap(mapping: StagingMapping) -> None:
+        """Holder side: drop a mapping made by :meth:`map_staging`."""
+        ...
+
+    def revoke_staging(self, buf: DeviceBuffer) -> None:
+        """Unexport and free a staging buffer; its handle never maps again."""
+        ...
+
+    def open_segments(
+        self,
+        staging: DeviceBuffer,
+        out: DeviceBuffer,
+        params: ChannelParams,
+        ctx: SegmentContext,
+        count: int,
+        nbytes: int,
+    ) -> None:
+        """Authenticate and decrypt a hop's segments from staging into a private buffer.
+
+        Raises ChannelError (with ``out`` scrubbed) if any segment fails.
+        """
+        ...
+
+    def scrub(self, buf: DeviceBuffer) -> None:
+        """Overwrite the whole buffer with zeros."""
+        ...
+
+    def verify_zero(self, buf: DeviceBuffer) -> bool:
+        """True if every byte of the buffer reads zero."""
+        ...
+
+    def release(self, buf: DeviceBuffer) -> None:
+        """Free a buffer (revoking it first if it is staging); later use raises DeviceError."""
+        ...
+
+    def measure(self, *parts: Any) -> bytes:
+        """32-byte BLAKE3 model measurement of buffers or arrays, in order."""
+        ...
+
+    def as_array(self, buf: DeviceBuffer, dtype: Any) -> Any:
+        """A flat array view of a private buffer, for training code."""
+        ...
