@@ -2,9 +2,14 @@
 
 File format (one file per node process, append-only)::
 
-    b"GTLOG1\\n"                          magic
-    u32 length || msgpack map             the first record: kind "meta" (node, roster, start time)
-    u32 length || msgpack map             each later record: kind "msg"
+    b"GTLOG1\\n"                                  magic
+    u32 length || msgpack map || chain[16]        the first record: kind "meta" (node, roster, start time)
+    u32 length || msgpack map || chain[16]        each later record: kind "msg" (or "meta" after a restart)
+
+``chain`` is BLAKE3(previous chain || map)[:16] (the first record chains from 16
+zero bytes), so a flipped byte anywhere in a log, signed or local, is found
+at the first record it touches, and records cannot be dropped or reordered
+without it showing.
 
 A ``msg`` record holds ``dir`` ("in" / "out"), ``t`` (local receive or send
 time), ``verdict`` ("sent", "accepted" or "rejected:<reason>"), ``peer`` (the
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import aiofiles
+import blake3
 import msgpack
 
 from gtbus.errors import ConfigError
@@ -44,6 +50,14 @@ LOG_MAGIC = b"GTLOG1\n"
 LOG_SUFFIX = ".gtlog"
 _LEN = struct.Struct(">I")
 MAX_RECORD = 64 << 20
+CHAIN = 16
+_CHAIN0 = bytes(CHAIN)
+
+
+def _chain(prev: bytes, payload: bytes) -> bytes:
+    h = blake3.blake3(prev)
+    h.update(payload)
+    return h.digest(CHAIN)
 
 
 @dataclass(frozen=True)
@@ -54,6 +68,8 @@ class LogRecord:
     offset: int
     kind: str
     data: dict[str, Any]
+    length: int = 0
+    chain: bytes = b""
 
     @property
     def frames(self) -> list[bytes]:
@@ -67,9 +83,20 @@ class Recorder:
     def __init__(self, path: str | os.PathLike[str], node: str, roster: Roster) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fresh = not self.path.exists() or self.path.stat().st_size == 0
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        if fresh:
+        self._prev = _CHAIN0
+        if self.path.exists() and self.path.stat().st_size > 0:
+            # Continue the chain after the last whole record; a record cut short
+            # by a crash is dropped so the file stays well-framed.
+            data = self.path.read_bytes()
+            good = len(LOG_MAGIC)
+            for rec in _parse(data, self.path, tolerate_tail=True):
+                good = rec.offset + 4 + rec.length + CHAIN
+                self._prev = rec.chain
+            if good < len(data):
+                os.truncate(self.path, good)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        else:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             os.write(self._fd, LOG_MAGIC)
         # A restart appends a new meta record: a log may hold several process lifetimes.
         self._write(
@@ -84,7 +111,8 @@ class Recorder:
 
     def _write(self, record: dict[str, Any]) -> None:
         data = msgpack.packb(record, use_bin_type=True)
-        os.write(self._fd, _LEN.pack(len(data)) + data)
+        self._prev = _chain(self._prev, data)
+        os.write(self._fd, _LEN.pack(len(data)) + data + self._prev)
 
     def record(
         self,
@@ -123,25 +151,39 @@ class LogFormatError(ConfigError):
     """A log file is not a gtbus log or its framing is broken at a given record."""
 
 
-def _parse(data: bytes, path: Path) -> Iterator[LogRecord]:
+def _parse(data: bytes, path: Path, *, tolerate_tail: bool = False) -> Iterator[LogRecord]:
     if not data.startswith(LOG_MAGIC):
         raise LogFormatError(f"{path}: not a gtbus message log (bad magic)")
     pos = len(LOG_MAGIC)
     index = 0
+    prev = _CHAIN0
     while pos < len(data):
+        where = f"{path}: record {index} at byte {pos}"
         if pos + 4 > len(data):
-            raise LogFormatError(f"{path}: record {index} at byte {pos}: truncated length prefix")
+            if tolerate_tail:
+                return
+            raise LogFormatError(f"{where}: truncated length prefix")
         (n,) = _LEN.unpack_from(data, pos)
-        if n > MAX_RECORD or pos + 4 + n > len(data):
-            raise LogFormatError(f"{path}: record {index} at byte {pos}: length {n} runs past the end of the file")
+        end = pos + 4 + n + CHAIN
+        if n > MAX_RECORD or end > len(data):
+            if tolerate_tail:
+                return
+            raise LogFormatError(f"{where}: length {n} runs past the end of the file")
+        payload = data[pos + 4 : pos + 4 + n]
+        chain = data[pos + 4 + n : end]
+        if _chain(prev, payload) != chain:
+            if tolerate_tail and end == len(data):
+                return
+            raise LogFormatError(f"{where}: chain digest mismatch (record altered, dropped or reordered)")
         try:
-            rec = msgpack.unpackb(data[pos + 4 : pos + 4 + n], raw=False, strict_map_key=False)
+            rec = msgpack.unpackb(payload, raw=False, strict_map_key=False)
         except Exception as exc:
-            raise LogFormatError(f"{path}: record {index} at byte {pos}: undecodable ({exc})") from None
+            raise LogFormatError(f"{where}: undecodable ({exc})") from None
         if not isinstance(rec, dict) or rec.get("kind") not in ("meta", "msg"):
-            raise LogFormatError(f"{path}: record {index} at byte {pos}: not a log record")
-        yield LogRecord(index=index, offset=pos, kind=rec["kind"], data=rec)
-        pos += 4 + n
+            raise LogFormatError(f"{where}: not a log record")
+        yield LogRecord(index=index, offset=pos, kind=rec["kind"], data=rec, length=n, chain=chain)
+        prev = chain
+        pos = end
         index += 1
 
 

@@ -1,0 +1,5 @@
+"""``python -m gtbus`` is the ``gtbus`` command."""
+
+from gtbus.cli.main import main
+
+main()

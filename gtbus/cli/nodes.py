@@ -1,0 +1,252 @@
+"""Node commands: ``gtbus orchestrator``, ``gtbus holder``, ``gtbus measure``, ``gtbus demo``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gtbus.errors import ConfigError
+from gtbus.messages.identity import Roster, load_identity
+
+
+def make_device(backend: str) -> Any:
+    """The device backend by name."""
+    if backend == "host":
+        from gtbus.gpu.host import HostDevice
+
+        return HostDevice()
+    if backend == "cupy":
+        try:
+            from gtbus.gpu.cupy_backend import CupyDevice  # type: ignore[import-not-found]
+        except ImportError as exc:
+            raise ConfigError(f"backend cupy unavailable: {exc}") from None
+        return CupyDevice()
+    raise ConfigError(f"unknown backend {backend!r} (host or cupy)")
+
+
+def device_class(backend: str) -> Any:
+    """The device class (holders only need its map/unmap side)."""
+    return type(make_device(backend)) if backend != "host" else __import__("gtbus.gpu.host", fromlist=["HostDevice"]).HostDevice
+
+
+def make_trainer(name: str, seed: int = 0) -> Any:
+    """The training workload by name."""
+    if name == "bytelm":
+        from gtbus.training.bytelm import ByteLM, ByteLMConfig
+
+        return ByteLM(ByteLMConfig(seed=seed))
+    raise ConfigError(f"unknown trainer {name!r} (built in: bytelm)")
+
+
+def _hop_line(h: Any) -> str:
+    rate = h.nbytes / h.transfer_s / 1e6 if h.transfer_s > 0 else 0.0
+    loss = f"loss {h.loss_first:.3f} -> {h.loss_last:.3f}" if h.loss_last is not None else h.detail
+    return (
+        f"hop {h.epoch:>3}  round {h.round}  {h.holder:<6} chunk {h.chunk:<3} {h.mode:<6} "
+        f"{h.nbytes / 1024:>8.0f} KiB  provision {h.transfer_s * 1e3:>7.1f} ms ({rate:>7.1f} MB/s)  "
+        f"train {h.train_s:>6.2f} s  {h.outcome:<9} {loss}"
+    )
+
+
+@click.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="This node's secret key file.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder of the deployment's *.pub files.")
+@click.option("--platform-key", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The emulated platform's attestation key.")
+@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True)
+@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
+@click.option("--trainer", "trainer_name", default="bytelm", show_default=True)
+@click.option("--mode", type=click.Choice(["travel", "ship"]), default="travel", show_default=True)
+@click.option("--rounds", type=int, default=1, show_default=True, help="Training epochs over all chunks.")
+@click.option("--chunk-tokens", type=int, default=1 << 17, show_default=True)
+@click.option("--steps", default="pass", show_default=True, help="Steps per hop, or 'pass' for one pass over the chunk.")
+@click.option("--lease", type=float, default=10.0, show_default=True, help="Seconds a holder may keep the token.")
+@click.option("--holders", default="", help="Comma-separated holders of this run (default: every holder in --keys).")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
+@click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, json_out: Path | None) -> None:
+    """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
+    from gtbus.gpu.platform_key import load_platform_signer
+    from gtbus.messages.identity import Role
+    from gtbus.nodes.orchestrator import Orchestrator, RunConfig
+    from gtbus.nodes.runtime import NodeRuntime
+    from gtbus.nodes.wiring import server_transport
+
+    identity = load_identity(key_path)
+    roster = Roster.from_dir(keys_dir)
+    platform = load_platform_signer(platform_key)
+    names = [h.strip() for h in holders.split(",") if h.strip()] or [m.name for m in roster.by_role(Role.HOLDER)]
+    for n in names:
+        if n not in roster:
+            raise ConfigError(f"holder {n!r} has no public key in {keys_dir}")
+    cfg = RunConfig(
+        run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
+        steps_per_hop=steps if steps == "pass" else int(steps), resume=resume,
+    )
+
+    async def main() -> dict[str, Any]:
+        rt = NodeRuntime(identity, roster, server_transport(identity, roster, router, pub), run_dir=run_dir)
+        orch = Orchestrator(rt, make_device(backend), make_trainer(trainer_name), platform, cfg, on_hop=lambda h: click.echo(_hop_line(h)))
+        await rt.start()
+        click.echo(f"orchestrator {identity.name}: listening on {rt.transport.endpoints[0]} / {rt.transport.endpoints[1]}; waiting for {', '.join(names)}", err=True)
+        try:
+            summary = await orch.run()
+            await asyncio.sleep(0.3)  # let the shutdown event reach subscribers
+            return summary
+        finally:
+            await rt.close()
+
+    summary = asyncio.run(main())
+    if json_out:
+        json_out.write_text(json.dumps(summary, indent=1))
+    click.echo(
+        f"run {summary['run_id']}: {summary['hops_trained']}/{summary['hops']} hops trained, "
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, transfer share {summary['transfer_share'] * 100:.3f} %"
+        if summary["last_loss"] is not None else f"run {summary['run_id']}: nothing trained ({summary['outcomes']})"
+    )
+
+
+@click.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--platform-pub", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The pinned platform public key.")
+@click.option("--pin-code", required=True, help="The code measurement (hex) this holder trusts; see `gtbus measure`.")
+@click.option("--data", "data_paths", multiple=True, required=True, type=click.Path(path_type=Path), help="Token shard(s) or, with --raw, raw files.")
+@click.option("--raw", is_flag=True)
+@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True)
+@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
+@click.option("--chunk-tokens", type=int, default=1 << 17, show_default=True)
+@click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
+def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int, fault: str) -> None:
+    """Run a data holder: register its dataset and write a chunk each time the token comes."""
+    from gtbus.gpu.attestation import EmulatedVerifier
+    from gtbus.gpu.platform_key import load_platform_public
+    from gtbus.nodes.holder import Holder, HolderFaults
+    from gtbus.nodes.runtime import NodeRuntime
+    from gtbus.nodes.wiring import client_transport, orchestrator_of
+    from gtbus.training.shards import Dataset
+
+    identity = load_identity(key_path)
+    roster = Roster.from_dir(keys_dir)
+    try:
+        pinned = bytes.fromhex(pin_code)
+    except ValueError:
+        raise ConfigError(f"--pin-code is not hex: {pin_code[:20]!r}") from None
+    verifier = EmulatedVerifier(load_platform_public(platform_pub), pinned)
+    dataset = Dataset(list(data_paths), raw=raw, name=identity.name)
+
+    async def main() -> None:
+        rt = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=run_dir, server=orchestrator_of(roster))
+        h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault), on_event=lambda s: click.echo(s, err=True))
+        await rt.start()
+        try:
+            await h.run()
+        finally:
+            await rt.close()
+
+    asyncio.run(main())
+
+
+@click.command()
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
+@click.option("--trainer", "trainer_name", default="bytelm", show_default=True)
+def measure(backend: str, trainer_name: str) -> None:
+    """Print the code measurement holders pin (trainer + hop shell + device backend)."""
+    from gtbus.nodes.orchestrator import code_measurement
+
+    click.echo(code_measurement(make_trainer(trainer_name), make_device(backend)).hex())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@click.command()
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: runs/demo-<time>.")
+@click.option("--holders", "n_holders", type=int, default=3, show_default=True)
+@click.option("--mode", type=click.Choice(["travel", "ship"]), default="travel", show_default=True)
+@click.option("--rounds", type=int, default=2, show_default=True)
+@click.option("--kib-per-holder", type=int, default=384, show_default=True, help="Demo corpus size per holder.")
+@click.option("--chunk-tokens", type=int, default=1 << 16, show_default=True)
+@click.option("--steps", default="120", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_holder: int, chunk_tokens: int, steps: str, as_json: bool) -> None:
+    """An orchestrator and holders as separate processes on loopback, on the host backend."""
+    from gtbus.gpu.host import HostDevice
+    from gtbus.gpu.platform_key import write_platform_key
+    from gtbus.nodes.orchestrator import code_measurement
+    from gtbus.testing import make_deployment
+    from gtbus.training.corpus import build_demo_corpus
+
+    run = run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    run.mkdir(parents=True, exist_ok=True)
+    keys = run / "keys"
+    dep = make_deployment(keys, n_holders)
+    _, platform_pub = write_platform_key(run / "platform", overwrite=True)
+    shards = build_demo_corpus(run / "data", holders=n_holders, bytes_per_holder=kib_per_holder * 1024)
+    pin = code_measurement(make_trainer("bytelm"), HostDevice()).hex()
+    router, pub = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
+    exe = [sys.executable, "-m", "gtbus"]
+    common = ["--keys", str(keys), "--router", router, "--pub", pub, "--run-dir", str(run)]
+    summary_path = run / "summary.json"
+    say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
+    say(f"demo run in {run}: orchestrator + {n_holders} holders, mode {mode}, {rounds} rounds, corpus: Python stdlib sources")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    orch = subprocess.Popen(
+        exe + ["orchestrator", "--key", str(dep.key_path(dep.orchestrator.name)), "--platform-key", str(run / "platform" / "platform.platform.key"),
+               "--mode", mode, "--rounds", str(rounds), "--chunk-tokens", str(chunk_tokens), "--steps", steps, "--json-out", str(summary_path), *common],
+        stdout=subprocess.PIPE, text=True, env=env,
+    )
+    procs = [
+        subprocess.Popen(
+            exe + ["holder", "--key", str(dep.key_path(h.name)), "--platform-pub", str(platform_pub), "--pin-code", pin,
+                   "--data", str(shard), "--chunk-tokens", str(chunk_tokens), *common],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        for h, shard in zip(dep.holders, shards)
+    ]
+    try:
+        assert orch.stdout is not None
+        for line in orch.stdout:
+            say(line.rstrip())
+        rc = orch.wait()
+    finally:
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGTERM)
+        if orch.poll() is None:
+            orch.kill()
+    if rc != 0 or not summary_path.exists():
+        raise click.ClickException(f"orchestrator exited with status {rc}; logs in {run / 'logs'}")
+    summary = json.loads(summary_path.read_text())
+    summary["logs"] = str(run / "logs")
+    if as_json:
+        click.echo(json.dumps(summary, indent=1))
+        return
+    click.echo("")
+    click.echo(f"{'hops':<22}{summary['hops']} ({summary['outcomes']})")
+    click.echo(f"{'loss':<22}{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} nats/byte")
+    click.echo(f"{'bytes provisioned':<22}{summary['bytes_provisioned']:,}")
+    click.echo(f"{'provision rate':<22}{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, incl. grant/return)")
+    click.echo(f"{'transfer share':<22}{summary['transfer_share'] * 100:.3f} % of transfer + training time")
+    click.echo(f"{'message logs':<22}{summary['logs']}  (check: gtbus replay --verify {summary['logs']})")
+
+
+COMMANDS = [orchestrator, holder, measure, demo]

@@ -1,0 +1,256 @@
+"""The data holder node: registers its dataset, and when the token comes, writes one chunk.
+
+On a grant the holder checks (beyond what the receive pipeline checked: the
+orchestrator's signature, recipient, freshness, epoch fence):
+
+* the grant is for a new epoch and its lease is still running
+  (:class:`~gtbus.protocol.holder.HolderMachine`);
+* the sealed channel params open with its own X25519 key;
+* the signed measurement report verifies under the pinned platform key, its
+  code hash is the pinned one, and it commits to exactly the channel key just
+  opened, for this run and epoch: the device that will decrypt is the measured one.
+
+Only then does it map the hop's staging buffer, seal its chunk into it
+segment by segment (plaintext never leaves this process except as AEAD
+ciphertext), unmap, and return the token with the segment count and a digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy
+
+from gtbus.errors import ChannelError, DeviceError, GtbusError
+from gtbus.gpu.attestation import AttestationError, SignedReport, Verifier
+from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentSealer, segment_bounds, segment_count, staging_size
+from gtbus.gpu.device import Device
+from gtbus.gpu.sealing import open_params
+from gtbus.messages.pipeline import Accepted
+from gtbus.messages.types import (
+    Refusal,
+    Register,
+    RunComplete,
+    ShipSegment,
+    Shutdown,
+    TokenAck,
+    TokenDecline,
+    TokenGrant,
+    TokenReturn,
+    TokenRevoke,
+    Welcome,
+)
+from gtbus.nodes.runtime import NodeRuntime
+from gtbus.protocol.holder import Action, HolderMachine
+from gtbus.training.shards import Dataset
+from gtbus.transport.base import Delivery
+
+
+@dataclass
+class HolderFaults:
+    """Failure injection for tests and drills (never set in production).
+
+    ``garbage``: write random bytes instead of ciphertext. ``replay_previous``:
+    write the previous hop's ciphertext again. ``map_old``: try to map the
+    previous hop's staging handle before writing. ``stall``: sleep this many
+    seconds after acking (to overrun the lease). ``exit_mid_provision``: kill
+    this process (SIGKILL) after acking, half-way through writing.
+    """
+
+    garbage: bool = False
+    replay_previous: bool = False
+    map_old: bool = False
+    stall: float = 0.0
+    exit_mid_provision: bool = False
+
+    @classmethod
+    def parse(cls, spec: str) -> "HolderFaults":
+        """Parse ``name[=value],...`` (e.g. ``garbage`` or ``stall=5``)."""
+        f = cls()
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, value = part.partition("=")
+            name = name.replace("-", "_")
+            if name not in cls.__dataclass_fields__:
+                raise GtbusError(f"unknown fault {name!r}")
+            setattr(f, name, float(value) if name == "stall" else True)
+        return f
+
+
+class Holder:
+    """A data holder: its dataset, its keys, and the hop shell around :class:`HolderMachine`."""
+
+    def __init__(
+        self,
+        runtime: NodeRuntime,
+        dataset: Dataset,
+        device_cls: type[Device],
+        verifier: Verifier,
+        *,
+        chunk_tokens: int,
+        faults: HolderFaults | None = None,
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.rt = runtime
+        self.dataset = dataset
+        self.device_cls = device_cls
+        self.verifier = verifier
+        self.chunk_tokens = chunk_tokens
+        self.faults = faults or HolderFaults()
+        self.on_event = on_event or (lambda line: None)
+        self.machine = HolderMachine()
+        self.log = logging.getLogger(f"gtbus.holder.{runtime.name}")
+        self.run_id: str | None = None
+        self.done = asyncio.Event()
+        self.hops_provisioned = 0
+        self.refused: list[str] = []
+        self._task: asyncio.Task[None] | None = None
+        self._last_staging: bytes | None = None
+        self._last_handle: str | None = None
+        self._ship_buffer: bytearray | None = None
+        runtime.on(TokenGrant, self._on_grant)
+        runtime.on(TokenRevoke, self._on_revoke)
+        runtime.on(RunComplete, self._on_complete)
+        runtime.on(Shutdown, self._on_complete)
+
+    async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> Welcome:
+        """Register the dataset manifest; verify the orchestrator's measurement (retries while it starts)."""
+        manifest = self.dataset.manifest(self.chunk_tokens)
+        last: Exception | None = None
+        for _ in range(attempts):
+            try:
+                acc = await self.rt.request(Register(manifest, "gtbus/0.1"), timeout=timeout)
+            except asyncio.TimeoutError as exc:
+                last = exc
+                continue
+            if isinstance(acc.message, Refusal):
+                raise GtbusError(f"registration refused: {acc.message.reason}")
+            if not isinstance(acc.message, Welcome):
+                raise GtbusError(f"unexpected answer to registration: {acc.spec.name}")
+            welcome: Welcome = acc.message
+            self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
+            self.run_id = welcome.run_id
+            self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
+            return welcome
+        raise GtbusError(f"{self.rt.name}: orchestrator did not answer registration ({last!r})")
+
+    async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
+        self.done.set()
+
+    async def _on_revoke(self, acc: Accepted, delivery: Delivery) -> None:
+        if self.machine.on_revoke(acc.message.token_id, acc.header.epoch):
+            self.on_event(f"{self.rt.name}: hop {acc.header.epoch} revoked: {acc.message.reason}")
+            if self._task is not None:
+                self._task.cancel()
+
+    async def _on_grant(self, acc: Accepted, delivery: Delivery) -> None:
+        g: TokenGrant = acc.message
+        epoch = acc.header.epoch
+        if g.holder != self.rt.name:
+            return
+        decision = self.machine.on_grant(g.token_id, epoch, g.lease_deadline, time.time())
+        if decision.action is Action.IGNORE:
+            self.log.info("ignored grant: %s", decision.reason)
+            return
+        if decision.action is Action.ACK_AGAIN:
+            await self.rt.send(TokenAck(g.token_id), epoch=epoch)
+            return
+        if decision.action is Action.DECLINE:
+            await self.rt.send(TokenDecline(g.token_id, decision.reason), epoch=epoch)
+            return
+        try:
+            params = open_params(g.sealed_params, bytes(self.rt.identity.x25519_secret))
+            self.verifier.verify(SignedReport.from_wire(g.report), channel_key=params.key, run_id=g.run_id, epoch=epoch)
+            if self.run_id is not None and g.run_id != self.run_id:
+                raise AttestationError(f"grant for run {g.run_id}, registered with run {self.run_id}")
+        except (ChannelError, AttestationError, GtbusError) as exc:
+            self.machine.failed(g.token_id, epoch)
+            self.refused.append(str(exc))
+            self.log.error("refused grant %d: %s", epoch, exc)
+            await self.rt.send(TokenDecline(g.token_id, f"refused: {exc}"[:200]), epoch=epoch)
+            return
+        await self.rt.send(TokenAck(g.token_id), epoch=epoch)
+        # Provision in a task so a revoke can cancel it while we keep receiving.
+        self._task = asyncio.create_task(self._provision(g, epoch, params))
+
+    async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams) -> None:
+        try:
+            tokens = self.dataset.chunk(g.chunk_index, self.chunk_tokens)
+            plain = memoryview(numpy.ascontiguousarray(tokens, dtype="<u2")).cast("B")
+            count = segment_count(len(plain), params.segment_size)
+            ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
+            if self.faults.stall:
+                await asyncio.sleep(self.faults.stall)
+            if g.mode == "travel":
+                summary = await asyncio.to_thread(self._write_travel, params, plain, ctx)
+            else:
+                summary = await self._write_ship(g, epoch, params, plain, ctx)
+            if not self.machine.is_current(g.token_id, epoch):
+                return  # revoked while writing
+            await self.rt.send(
+                TokenReturn(g.token_id, g.chunk_index, summary[0], summary[1], summary[2]), epoch=epoch
+            )
+            self.machine.returned(g.token_id, epoch)
+            self.hops_provisioned += 1
+            self.on_event(f"{self.rt.name}: hop {epoch} chunk {g.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments")
+        except asyncio.CancelledError:
+            self.machine.failed(g.token_id, epoch)
+            raise
+        except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
+            self.machine.failed(g.token_id, epoch)
+            self.refused.append(str(exc))
+            self.log.error("hop %d failed: %s", epoch, exc)
+            await self.rt.send(TokenDecline(g.token_id, f"provisioning failed: {exc}"[:200]), epoch=epoch)
+
+    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> tuple[int, int, bytes]:
+        if self.faults.map_old and self._last_handle is not None:
+            # Drill: an earlier hop's buffer must be gone. This raises DeviceError.
+            self.device_cls.map_staging(self._last_handle)
+        mapping = self.device_cls.map_staging(params.buffer_handle)
+        try:
+            view = mapping.view
+            if self.faults.exit_mid_provision:
+                view[: len(plain) // 2] = os.urandom(len(plain) // 2)
+                os.kill(os.getpid(), 9)
+            if self.faults.garbage:
+                n = staging_size(len(plain), params.segment_size)
+                view[:n] = os.urandom(n)
+                summary = (ctx.count, len(plain), b"\0" * 32)
+            elif self.faults.replay_previous and self._last_staging is not None:
+                old = self._last_staging
+                view[: len(old)] = old
+                summary = (ctx.count, len(plain), b"\0" * 32)
+            else:
+                s = SegmentSealer(params).seal_into(plain, view, ctx)
+                summary = (s.count, s.nbytes, s.ciphertext_digest)
+            if self.faults.replay_previous:
+                self._last_staging = bytes(view[: staging_size(len(plain), params.segment_size)])
+            self._last_handle = params.buffer_handle
+            return summary
+        finally:
+            self.device_cls.unmap(mapping)
+
+    async def _write_ship(
+        self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext
+    ) -> tuple[int, int, bytes]:
+        size = staging_size(len(plain), params.segment_size)
+        if self._ship_buffer is None or len(self._ship_buffer) < size:
+            self._ship_buffer = bytearray(size)
+        buf = memoryview(self._ship_buffer)[:size]
+        s = await asyncio.to_thread(SegmentSealer(params).seal_into, plain, buf, ctx)
+        stride = params.segment_size + TAG_SIZE
+        for i in range(s.count):
+            _, _, n = segment_bounds(i, len(plain), params.segment_size)
+            blob = bytes(buf[i * stride : i * stride + n + TAG_SIZE])
+            await self.rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
+        return s.count, s.nbytes, s.ciphertext_digest
+
+    async def run(self) -> None:
+        """Register, then serve grants until the run completes."""
+        await self.register()
+        self.rt.state_label = "registered"
+        await self.done.wait()

@@ -1,0 +1,610 @@
+"""The orchestrator node: owns the model on the device and sends the GPU token on its travels.
+
+A hop, in the order the design gives (DESIGN §6):
+
+1. provision: fresh staging buffer exported for this hop only; fresh channel
+   key; the epoch is reserved on disk before the grant leaves; the grant
+   carries the params sealed to the holder and a signed measurement report
+   that commits to the key;
+2. wait for the return (or decline, or lease expiry -> revoke);
+3. revoke the staging export, authenticate and decrypt every segment into a
+   private buffer, re-measure model and code (unchanged since the grant?),
+   train;
+4. epilogue: scrub both buffers, verify they read zero, release, drop the key,
+   publish a signed hop record, checkpoint.
+
+The decisions about the token are made by :class:`~gtbus.protocol.token.TokenMachine`
+and :class:`~gtbus.protocol.schedule.Schedule`; this module is the asyncio
+shell that performs them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import inspect
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy
+
+from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError
+from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
+from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_count, staging_size, TAG_SIZE
+from gtbus.gpu.device import Device
+from gtbus.gpu.measure import measure_code
+from gtbus.gpu.sealing import seal_params
+from gtbus.messages.identity import Role
+from gtbus.messages.pipeline import Accepted
+from gtbus.messages.types import (
+    Echo,
+    EchoReply,
+    HopRecord,
+    MeasurementPublished,
+    Refusal,
+    Register,
+    RunComplete,
+    ShipSegment,
+    Shutdown,
+    Snapshot,
+    SnapshotRequest,
+    TokenAck,
+    TokenDecline,
+    TokenGrant,
+    TokenReturn,
+    TokenRevoke,
+    TokenState,
+    Welcome,
+)
+from gtbus.nodes.runtime import NodeRuntime
+from gtbus.protocol.schedule import Assignment, Schedule
+from gtbus.protocol.token import Phase, TokenMachine
+from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
+from gtbus.transport.base import Delivery
+
+TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
+
+
+@dataclass
+class RunConfig:
+    """How the orchestrator runs: schedule, hop sizes, leases, files."""
+
+    run_dir: Path
+    holders: list[str]
+    rounds: int = 1
+    chunk_tokens: int = 1 << 17
+    mode: str = "travel"
+    lease: float = 10.0
+    segment_size: int = 1 << 20
+    suite: str = "aes-256-gcm"
+    steps_per_hop: StepBudget = ONE_PASS
+    register_timeout: float = 60.0
+    max_attempts: int = 2
+    resume: bool = False
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("travel", "ship"):
+            raise ConfigError(f"mode must be travel or ship, not {self.mode!r}")
+        if self.chunk_tokens < 64:
+            raise ConfigError("chunk_tokens must be at least 64")
+        if self.lease <= 0:
+            raise ConfigError("lease must be positive")
+
+
+@dataclass
+class HopOutcome:
+    """What one hop did (published as a HopRecord, kept in the checkpoint)."""
+
+    epoch: int
+    round: int
+    holder: str
+    chunk: int
+    mode: str
+    outcome: str
+    nbytes: int = 0
+    segments: int = 0
+    provision_s: float = 0.0
+    open_s: float = 0.0
+    train_s: float = 0.0
+    epilogue_s: float = 0.0
+    loss_first: float | None = None
+    loss_last: float | None = None
+    detail: str = ""
+
+    @property
+    def transfer_s(self) -> float:
+        """Time from grant to plaintext in the device buffer."""
+        return self.provision_s + self.open_s
+
+
+def code_measurement(trainer: Trainer, device: Device) -> bytes:
+    """BLAKE3 of the code that touches the data: the trainer, the hop shell and the device backend."""
+    import gtbus.nodes.orchestrator as me
+
+    backend = inspect.getmodule(type(device))
+    return measure_code(
+        {
+            "trainer": trainer.code_bytes(),
+            "orchestrator": inspect.getsource(me).encode(),
+            "device": inspect.getsource(backend).encode() if backend else b"",
+        }
+    )
+
+
+class Orchestrator:
+    """Runs the schedule: one hop at a time, each with a fresh buffer and key."""
+
+    def __init__(
+        self,
+        runtime: NodeRuntime,
+        device: Device,
+        trainer: Trainer,
+        platform: PlatformSigner,
+        config: RunConfig,
+        *,
+        on_hop: Callable[[HopOutcome], None] | None = None,
+        tamper_hook: Callable[["Orchestrator", Assignment], None] | None = None,
+    ) -> None:
+        self.rt = runtime
+        self.device = device
+        self.trainer = trainer
+        self.platform = platform
+        self.config = config
+        self.on_hop = on_hop
+        self.tamper_hook = tamper_hook  # failure injection for tests only
+        self.log = logging.getLogger(f"gtbus.orchestrator.{runtime.name}")
+        self.state_dir = config.run_dir / "state" / runtime.name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
+        self.run_id = config.run_id or os.urandom(6).hex()
+        self.manifests: dict[str, dict[str, Any]] = {}
+        self.registered = asyncio.Event()
+        self.hops: list[HopOutcome] = []
+        self.token = TokenMachine(last_epoch=self._reserved_epoch())
+        self.schedule: Schedule | None = None
+        self.code_hash = b""
+        self._hop_event = asyncio.Event()
+        self._return: Accepted | None = None
+        self._decline: str | None = None
+        self._ship_segments: dict[int, bytes] = {}
+        self._current_epoch = 0
+        self.first_eval: float | None = None
+        self.last_eval: float | None = None
+        self.started = time.time()
+        rt = runtime
+        rt.on(Register, self._on_register)
+        rt.on(Echo, self._on_echo)
+        rt.on(SnapshotRequest, self._on_snapshot_request)
+        rt.on(TokenAck, self._on_ack)
+        rt.on(TokenReturn, self._on_return)
+        rt.on(TokenDecline, self._on_decline)
+        rt.on(ShipSegment, self._on_ship_segment)
+
+    # -- persistent epoch reservation --------------------------------------------------------
+
+    def _reserved_epoch(self) -> int:
+        path = self.config.run_dir / "state" / self.rt.name / "epoch"
+        try:
+            return int(path.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError:
+            raise ConfigError(f"{path}: not an epoch number") from None
+
+    def _reserve_epoch(self, epoch: int) -> None:
+        # Written and synced before the grant leaves: a crash after sending can
+        # never make a restarted orchestrator issue this epoch again.
+        path = self.state_dir / "epoch"
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "w") as fh:
+            fh.write(f"{epoch}\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+
+    # -- handlers ---------------------------------------------------------------------------
+
+    def _report(self, key: bytes | None, epoch: int) -> dict[str, Any]:
+        model_hash = self.device.measure(*self.trainer.parameter_views())
+        rep = MeasurementReport(
+            code_hash=self.code_hash,
+            model_hash=model_hash,
+            device_id=self.device.device_id,
+            key_commitment=channel_key_commitment(key if key is not None else b""),
+            run_id=self.run_id,
+            epoch=epoch,
+            timestamp=float(time.time()),
+        )
+        return dict(self.platform.sign(rep).to_wire())
+
+    async def _on_register(self, acc: Accepted, delivery: Delivery) -> None:
+        sender = acc.header.sender
+        member = self.rt.roster.get(sender)
+        if member is None or member.role is not Role.HOLDER or sender not in self.config.holders:
+            await self.rt.send(Refusal("not-a-holder", f"{sender} is not a holder of this run"), sender, parent=acc.header.id)
+            return
+        m = acc.message.manifest
+        try:
+            chunks = int(m["chunk_count"])
+            if int(m["chunk_tokens"]) != self.config.chunk_tokens or chunks < 0:
+                raise ValueError(f"chunk_tokens {m['chunk_tokens']} differs from the run's {self.config.chunk_tokens}")
+        except (KeyError, TypeError, ValueError) as exc:
+            await self.rt.send(Refusal("bad-manifest", f"manifest refused: {exc}"), sender, parent=acc.header.id)
+            return
+        self.manifests[sender] = dict(m)
+        await self.rt.send(
+            Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()),
+            sender,
+            parent=acc.header.id,
+        )
+        self.log.info("registered %s: %s chunks", sender, chunks)
+        if all(h in self.manifests for h in self.config.holders):
+            self.registered.set()
+
+    def _schedule_info(self) -> dict[str, Any]:
+        return {
+            "rounds": self.config.rounds,
+            "chunk_tokens": self.config.chunk_tokens,
+            "mode": self.config.mode,
+            "suite": self.config.suite,
+            "segment_size": self.config.segment_size,
+        }
+
+    async def _on_echo(self, acc: Accepted, delivery: Delivery) -> None:
+        await self.rt.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
+
+    def snapshot_state(self) -> dict[str, Any]:
+        """Everything a late joiner or `gtbus status` needs to know now."""
+        done = [h for h in self.hops if h.outcome == "trained"]
+        return {
+            "run_id": self.run_id,
+            "token": {"id": self.token.token_id, "owner": self.token.owner or self.rt.name, "epoch": self.token.epoch, "phase": self.token.phase.value},
+            "holders": sorted(self.manifests),
+            "liveness": self.rt.liveness(),
+            "hops": len(self.hops),
+            "hops_trained": len(done),
+            "bytes": sum(h.nbytes for h in done),
+            "last_loss": self.last_eval,
+            "round": self.schedule.round if self.schedule else 0,
+        }
+
+    async def _on_snapshot_request(self, acc: Accepted, delivery: Delivery) -> None:
+        seq = self.rt.signer._seq.get("*", 0)
+        await self.rt.send(Snapshot(self.snapshot_state(), seq), acc.header.sender, parent=acc.header.id)
+
+    def _token_message(self, acc: Accepted) -> tuple[str, int, str]:
+        return acc.header.sender, acc.header.epoch, acc.message.token_id
+
+    async def _on_ack(self, acc: Accepted, delivery: Delivery) -> None:
+        v = self.token.on_ack(*self._token_message(acc))
+        if not v.accepted:
+            self.log.info("ignored ack from %s: %s", acc.header.sender, v.reason)
+
+    async def _on_return(self, acc: Accepted, delivery: Delivery) -> None:
+        v = self.token.on_return(*self._token_message(acc))
+        if not v.accepted:
+            self.log.warning("ignored return from %s: %s", acc.header.sender, v.reason)
+            return
+        self._return = acc
+        self._hop_event.set()
+
+    async def _on_decline(self, acc: Accepted, delivery: Delivery) -> None:
+        v = self.token.on_decline(*self._token_message(acc))
+        if not v.accepted:
+            return
+        self._decline = acc.message.reason
+        self._hop_event.set()
+
+    async def _on_ship_segment(self, acc: Accepted, delivery: Delivery) -> None:
+        sender, epoch, token_id = self._token_message(acc)
+        if sender != self.token.owner or epoch != self.token.epoch or token_id != self.token.token_id:
+            return
+        if self.token.phase not in (Phase.GRANTED, Phase.HELD) or len(acc.blobs) != 1:
+            return
+        if acc.message.index in self._ship_segments or len(self._ship_segments) >= acc.message.count:
+            return
+        self._ship_segments[acc.message.index] = acc.blobs[0]
+
+    # -- the run ------------------------------------------------------------------------------
+
+    async def setup(self) -> None:
+        """Load the model, measure it, resume from a checkpoint if asked, publish the measurement."""
+        self.trainer.load(self.device.array_module)
+        self.code_hash = code_measurement(self.trainer, self.device)
+        if self.config.resume:
+            self._load_checkpoint()
+        await self.rt.publish(MeasurementPublished(self._report(None, self.token.epoch)))
+
+    async def wait_for_holders(self) -> None:
+        """Wait until every configured holder registered (ConfigError naming the missing ones)."""
+        try:
+            await asyncio.wait_for(self.registered.wait(), self.config.register_timeout)
+        except asyncio.TimeoutError:
+            missing = sorted(set(self.config.holders) - set(self.manifests))
+            raise GtbusError(f"holders did not register within {self.config.register_timeout:.0f}s: {', '.join(missing)}") from None
+
+    async def run(self) -> dict[str, Any]:
+        """Setup, wait for holders, run every hop of the schedule; return the summary."""
+        await self.setup()
+        await self.wait_for_holders()
+        if self.schedule is None:
+            self.schedule = Schedule(
+                {h: int(self.manifests[h]["chunk_count"]) for h in self.config.holders},
+                self.config.rounds,
+                max_attempts=self.config.max_attempts,
+            )
+        self._eval_tokens = None
+        while True:
+            a = self.schedule.next()
+            if a is None:
+                break
+            outcome = await self.hop(a)
+            if outcome.outcome == "trained":
+                self.schedule.complete(a)
+            else:
+                retry = self.schedule.fail(a)
+                outcome.detail += " (will retry)" if retry else " (skipped this round)"
+            self.hops.append(outcome)
+            self._save_checkpoint()
+            await self.rt.publish(HopRecord(outcome.epoch, outcome.holder, outcome.chunk, outcome.outcome, _jsonable(asdict(outcome))), epoch=outcome.epoch)
+            if self.on_hop:
+                self.on_hop(outcome)
+        summary = self.summary()
+        await self.rt.publish(RunComplete(summary))
+        await self.rt.publish(Shutdown("run complete"))
+        return summary
+
+    async def _publish_state(self) -> None:
+        t = self.token
+        await self.rt.publish(TokenState(t.token_id, t.owner or self.rt.name, t.epoch, t.phase.value), epoch=t.epoch)
+
+    async def hop(self, a: Assignment) -> HopOutcome:
+        """One complete hop for assignment ``a``; never raises for a holder's misbehaviour."""
+        cfg = self.config
+        capacity = cfg.chunk_tokens * TOKEN_BYTES
+        seg = min(cfg.segment_size, max(capacity, 1 << 20))
+        t0 = time.perf_counter()
+        staging, handle = (None, "ship") if cfg.mode == "ship" else self.device.alloc_hop_staging(staging_size(capacity, seg))
+        data = self.device.alloc(capacity)
+        params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
+        grant = self.token.grant(a.holder, time.time(), cfg.lease)
+        self._reserve_epoch(grant.epoch)
+        self.rt.guard.raise_fence(grant.epoch)
+        out = HopOutcome(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
+        self._return, self._decline = None, None
+        self._ship_segments = {}
+        self._hop_event.clear()
+        model_before = self.device.measure(*self.trainer.parameter_views())
+        revoked = False
+        try:
+            holder_pub = self.rt.roster[a.holder].x25519
+            msg = TokenGrant(
+                token_id=grant.token_id,
+                run_id=self.run_id,
+                holder=a.holder,
+                chunk_index=a.chunk,
+                mode=cfg.mode,
+                lease_deadline=grant.deadline,
+                sealed_params=seal_params(params, holder_pub),
+                report=self._report(params.key, grant.epoch),
+            )
+            await self.rt.send(msg, a.holder, epoch=grant.epoch)
+            await self._publish_state()
+            returned = await self._await_return(grant.deadline)
+            out.provision_s = time.perf_counter() - t0
+            if returned is None:
+                out.outcome = "declined" if self._decline is not None else "revoked"
+                out.detail = self._decline or "lease expired before the return"
+                await self._revoke(grant.token_id, grant.epoch, a.holder, out.detail)
+                return out
+            if self.tamper_hook:
+                self.tamper_hook(self, a)
+            ret: TokenReturn = returned.message
+            out.nbytes, out.segments = ret.nbytes, ret.segments
+            t1 = time.perf_counter()
+            try:
+                if ret.chunk_index != a.chunk:
+                    raise ChannelError(f"returned chunk {ret.chunk_index}, granted chunk {a.chunk}")
+                ctx = SegmentContext(self.run_id, grant.epoch, a.holder, ret.segments)
+                if cfg.mode == "travel":
+                    assert staging is not None
+                    # Plaintext lands in a private buffer that was never exported; then the
+                    # staging export is revoked so no handle of this hop maps again.
+                    try:
+                        self.device.open_segments(staging, data, params, ctx, ret.segments, ret.nbytes)
+                    finally:
+                        self._scrub(staging)
+                        self.device.revoke_staging(staging)
+                        revoked = True
+                else:
+                    self._open_shipped(params, ctx, ret, data)
+            except (ChannelError, DeviceError) as exc:
+                out.outcome, out.detail = "rejected", f"segments refused: {exc}"
+                self.log.warning("hop %d from %s: %s", grant.epoch, a.holder, out.detail)
+                self.token.revoke()
+                return out
+            out.open_s = time.perf_counter() - t1
+            model_now = self.device.measure(*self.trainer.parameter_views())
+            code_now = code_measurement(self.trainer, self.device)
+            if not hmac.compare_digest(model_now, model_before) or not hmac.compare_digest(code_now, self.code_hash):
+                what = "model" if model_now != model_before else "code"
+                out.outcome, out.detail = "rolled-back", f"{what} changed during the hop; restored the last checkpoint"
+                self.log.error("hop %d: %s", grant.epoch, out.detail)
+                self.token.revoke()
+                self._restore_model()
+                return out
+            if ret.nbytes % TOKEN_BYTES:
+                out.outcome, out.detail = "rejected", f"{ret.nbytes} bytes is not a whole number of tokens"
+                self.token.revoke()
+                return out
+            tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
+            t2 = time.perf_counter()
+            try:
+                report = self.trainer.train_on(tokens, cfg.steps_per_hop)
+            except GtbusError as exc:
+                out.outcome, out.detail = "rejected", f"training refused the buffer: {exc}"
+                self.token.revoke()
+                self._restore_model()
+                return out
+            out.train_s = time.perf_counter() - t2
+            out.loss_first, out.loss_last = report.loss_first, report.loss_last
+            if self.first_eval is None:
+                self.first_eval = report.loss_first
+            self.last_eval = report.loss_last
+            out.outcome = "trained"
+            return out
+        finally:
+            t3 = time.perf_counter()
+            self._epilogue(None if revoked else staging, data, params)
+            if revoked:
+                self.device.release(staging)
+            out.epilogue_s = time.perf_counter() - t3
+            if self.token.phase is not Phase.IDLE:
+                self.token.finish()
+            await self._publish_state()
+
+    async def _await_return(self, deadline: float) -> Accepted | None:
+        while True:
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                self.token.expired(time.time())
+                return None
+            try:
+                await asyncio.wait_for(self._hop_event.wait(), remaining)
+            except asyncio.TimeoutError:
+                continue
+            if self._decline is not None:
+                return None
+            return self._return
+
+    async def _revoke(self, token_id: str, epoch: int, holder: str, reason: str) -> None:
+        if self.token.phase in (Phase.GRANTED, Phase.HELD):
+            self.token.revoke()
+        try:
+            await self.rt.send(TokenRevoke(token_id, reason), holder, epoch=epoch)
+        except GtbusError as exc:  # the holder may be dead: that is why we revoke
+            self.log.info("revoke not delivered to %s: %s", holder, exc)
+
+    def _open_shipped(self, params: ChannelParams, ctx: SegmentContext, ret: TokenReturn, data: Any) -> None:
+        # Conventional path: ciphertext arrived over the network into host memory;
+        # it is decrypted on the CPU into host memory, then copied to the device.
+        if len(self._ship_segments) != ret.segments or set(self._ship_segments) != set(range(ret.segments)):
+            raise ChannelError(f"received {len(self._ship_segments)} of {ret.segments} shipped segments")
+        staging = bytearray(staging_size(ret.nbytes, params.segment_size))
+        stride = params.segment_size + TAG_SIZE
+        for i, blob in self._ship_segments.items():
+            staging[i * stride : i * stride + len(blob)] = blob
+        self._ship_segments = {}
+        plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
+        try:
+            SegmentOpener(params).open_into(staging, plain, ctx, ret.segments, ret.nbytes)
+            view = self.device.as_array(data, numpy.uint8)
+            view[: ret.nbytes] = self.device.array_module.asarray(plain[: ret.nbytes])
+        finally:
+            plain.fill(0)
+            staging[:] = bytes(len(staging))
+
+    def _scrub(self, buf: Any) -> None:
+        self.device.scrub(buf)
+        if not self.device.verify_zero(buf):
+            raise DeviceError("hop buffer did not read zero after scrub")
+
+    def _epilogue(self, staging: Any, data: Any, params: ChannelParams) -> None:
+        for buf in (staging, data):
+            if buf is None:
+                continue
+            try:
+                self._scrub(buf)
+            finally:
+                self.device.release(buf)
+        del params  # the key goes with the params object; nothing else holds it
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def _save_checkpoint(self) -> None:
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        state = self.trainer.state_dict()
+        arrays = {f"p.{k}": numpy.asarray(v) for k, v in state.items() if hasattr(v, "shape")}
+        scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
+        meta = {
+            "run_id": self.run_id,
+            "epoch": self.token.epoch,
+            "schedule": self.schedule.to_state() if self.schedule else None,
+            "hops": [asdict(h) for h in self.hops],
+            "scalars": scalars,
+            "first_eval": self.first_eval,
+            "last_eval": self.last_eval,
+        }
+        tmp = self.checkpoint_path.with_suffix(".tmp.npz")
+        numpy.savez(tmp, __meta__=numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8), **arrays)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.checkpoint_path)
+
+    def _read_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        try:
+            with numpy.load(self.checkpoint_path) as z:
+                meta = json.loads(bytes(z["__meta__"]).decode())
+                state = {k[2:]: z[k] for k in z.files if k.startswith("p.")}
+        except FileNotFoundError:
+            raise ConfigError(f"{self.checkpoint_path}: no checkpoint to resume from") from None
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(f"{self.checkpoint_path}: unreadable checkpoint ({exc})") from None
+        state.update(meta.get("scalars", {}))
+        return meta, state
+
+    def _load_checkpoint(self) -> None:
+        meta, state = self._read_checkpoint()
+        self.trainer.load_state_dict(state)
+        self.run_id = meta["run_id"]
+        self.schedule = Schedule.from_state(meta["schedule"]) if meta.get("schedule") else None
+        self.hops = [HopOutcome(**h) for h in meta.get("hops", [])]
+        self.first_eval, self.last_eval = meta.get("first_eval"), meta.get("last_eval")
+        # Never reuse an epoch: continue above both the checkpoint and every reservation.
+        self.token.epoch = max(self.token.epoch, int(meta["epoch"]))
+        self.log.info("resumed run %s at epoch %d", self.run_id, self.token.epoch)
+
+    def _restore_model(self) -> None:
+        if self.checkpoint_path.exists():
+            _, state = self._read_checkpoint()
+            self.trainer.load_state_dict(state)
+        else:
+            self.trainer.load(self.device.array_module)
+
+    # -- reporting ----------------------------------------------------------------------------
+
+    def summary(self) -> dict[str, Any]:
+        """The run's numbers (what `gtbus demo --json` prints)."""
+        trained = [h for h in self.hops if h.outcome == "trained"]
+        transfer = sum(h.transfer_s for h in trained)
+        train = sum(h.train_s for h in trained)
+        nbytes = sum(h.nbytes for h in trained)
+        return {
+            "run_id": self.run_id,
+            "mode": self.config.mode,
+            "device": self.device.device_id,
+            "hops": len(self.hops),
+            "hops_trained": len(trained),
+            "outcomes": {o: sum(1 for h in self.hops if h.outcome == o) for o in sorted({h.outcome for h in self.hops})},
+            "first_loss": self.first_eval,
+            "last_loss": self.last_eval,
+            "bytes_provisioned": nbytes,
+            "transfer_s": transfer,
+            "train_s": train,
+            "transfer_share": transfer / (transfer + train) if (transfer + train) > 0 else 0.0,
+            "provision_gbps": nbytes / transfer / 1e9 if transfer > 0 else 0.0,
+            "last_epoch": self.token.epoch,
+            "skipped": self.schedule.skipped if self.schedule else [],
+            "logs": str(self.config.run_dir / "logs"),
+            "checkpoint": str(self.checkpoint_path),
+        }
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()}
