@@ -5,10 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -170,12 +166,6 @@ def measure(backend: str, trainer_name: str) -> None:
     click.echo(code_measurement(make_trainer(trainer_name), make_device(backend)).hex())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @click.command()
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: runs/demo-<time>.")
 @click.option("--holders", "n_holders", type=int, default=3, show_default=True)
@@ -183,70 +173,31 @@ def _free_port() -> int:
 @click.option("--rounds", type=int, default=2, show_default=True)
 @click.option("--kib-per-holder", type=int, default=384, show_default=True, help="Demo corpus size per holder.")
 @click.option("--chunk-tokens", type=int, default=1 << 16, show_default=True)
-@click.option("--steps", default="120", show_default=True)
+@click.option("--steps", default="120", show_default=True, help="Training steps per hop, or 'pass'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_holder: int, chunk_tokens: int, steps: str, as_json: bool) -> None:
     """An orchestrator and holders as separate processes on loopback, on the host backend."""
-    from gtbus.gpu.host import HostDevice
-    from gtbus.gpu.platform_key import write_platform_key
-    from gtbus.nodes.orchestrator import code_measurement
-    from gtbus.testing import make_deployment
-    from gtbus.training.corpus import build_demo_corpus
+    from gtbus.nodes.launcher import LocalDeployment, LocalRun
 
     run = run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    run.mkdir(parents=True, exist_ok=True)
-    keys = run / "keys"
-    dep = make_deployment(keys, n_holders)
-    _, platform_pub = write_platform_key(run / "platform", overwrite=True)
-    shards = build_demo_corpus(run / "data", holders=n_holders, bytes_per_holder=kib_per_holder * 1024)
-    pin = code_measurement(make_trainer("bytelm"), HostDevice()).hex()
-    router, pub = f"tcp://127.0.0.1:{_free_port()}", f"tcp://127.0.0.1:{_free_port()}"
-    exe = [sys.executable, "-m", "gtbus"]
-    common = ["--keys", str(keys), "--router", router, "--pub", pub, "--run-dir", str(run)]
-    summary_path = run / "summary.json"
     say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
-    say(f"demo run in {run}: orchestrator + {n_holders} holders, mode {mode}, {rounds} rounds, corpus: Python stdlib sources")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    orch = subprocess.Popen(
-        exe + ["orchestrator", "--key", str(dep.key_path(dep.orchestrator.name)), "--platform-key", str(run / "platform" / "platform.platform.key"),
-               "--mode", mode, "--rounds", str(rounds), "--chunk-tokens", str(chunk_tokens), "--steps", steps, "--json-out", str(summary_path), *common],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
-    procs = [
-        subprocess.Popen(
-            exe + ["holder", "--key", str(dep.key_path(h.name)), "--platform-pub", str(platform_pub), "--pin-code", pin,
-                   "--data", str(shard), "--chunk-tokens", str(chunk_tokens), *common],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-        )
-        for h, shard in zip(dep.holders, shards)
-    ]
-    try:
-        assert orch.stdout is not None
-        for line in orch.stdout:
-            say(line.rstrip())
-        rc = orch.wait()
-    finally:
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.send_signal(signal.SIGTERM)
-        if orch.poll() is None:
-            orch.kill()
-    if rc != 0 or not summary_path.exists():
-        raise click.ClickException(f"orchestrator exited with status {rc}; logs in {run / 'logs'}")
-    summary = json.loads(summary_path.read_text())
-    summary["logs"] = str(run / "logs")
+    say(f"demo run in {run}: orchestrator + {n_holders} holders as processes, mode {mode}, {rounds} rounds; corpus: this Python's stdlib sources, split between holders")
+    dep = LocalDeployment(LocalRun(run_dir=run, holders=n_holders, mode=mode, rounds=rounds, chunk_tokens=chunk_tokens, steps=steps, bytes_per_holder=kib_per_holder * 1024))
+    summary = dep.run_to_end(say)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
     click.echo("")
-    click.echo(f"{'hops':<22}{summary['hops']} ({summary['outcomes']})")
-    click.echo(f"{'loss':<22}{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} nats/byte")
-    click.echo(f"{'bytes provisioned':<22}{summary['bytes_provisioned']:,}")
-    click.echo(f"{'provision rate':<22}{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, incl. grant/return)")
-    click.echo(f"{'transfer share':<22}{summary['transfer_share'] * 100:.3f} % of transfer + training time")
-    click.echo(f"{'message logs':<22}{summary['logs']}  (check: gtbus replay --verify {summary['logs']})")
+    rows = [
+        ("hops", f"{summary['hops']} {summary['outcomes']}"),
+        ("loss (nats/byte)", f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"),
+        ("bytes provisioned", f"{summary['bytes_provisioned']:,}"),
+        ("provision rate", f"{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, grant to plaintext on device)"),
+        ("transfer share", f"{summary['transfer_share'] * 100:.3f} % of transfer + training time"),
+        ("message logs", f"{summary['logs']}  (check: gtbus replay --verify {summary['logs']})"),
+    ]
+    for k, v in rows:
+        click.echo(f"{k:<20}{v}")
 
 
 COMMANDS = [orchestrator, holder, measure, demo]

@@ -1,0 +1,166 @@
+"""Start a whole deployment on this machine as separate processes (demo, bench, tests).
+
+Each node is its own OS process (own address space), as the design requires:
+the orchestrator with the model and device, and one process per holder with
+its data. Keys, the platform key, the demo corpus and the pinned code
+measurement are prepared first, exactly as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from gtbus.errors import GtbusError
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class LocalRun:
+    """Options of one local run (what `gtbus orchestrator` and `gtbus holder` are given)."""
+
+    run_dir: Path
+    holders: int = 3
+    mode: str = "travel"
+    rounds: int = 1
+    chunk_tokens: int = 1 << 16
+    steps: str = "pass"
+    lease: float = 10.0
+    backend: str = "host"
+    bytes_per_holder: int = 256 * 1024
+    data: Sequence[Path] | None = None  # one shard per holder; default: the demo corpus
+    holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
+    extra_orchestrator_args: Sequence[str] = ()
+
+
+class LocalDeployment:
+    """Prepares keys and data for a :class:`LocalRun`, then runs its processes."""
+
+    def __init__(self, run: LocalRun) -> None:
+        from gtbus.gpu.platform_key import write_platform_key
+        from gtbus.testing import make_deployment
+
+        self.run = run
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        self.keys = run.run_dir / "keys"
+        self.dep = make_deployment(self.keys, run.holders)
+        self.platform_key, self.platform_pub = write_platform_key(run.run_dir / "platform", overwrite=True)
+        if run.data is None:
+            from gtbus.training.corpus import build_demo_corpus
+
+            self.shards = list(build_demo_corpus(run.run_dir / "data", holders=run.holders, bytes_per_holder=run.bytes_per_holder))
+        else:
+            self.shards = list(run.data)
+        self.pin = self._pin()
+        self.router = f"tcp://127.0.0.1:{free_port()}"
+        self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.summary_path = run.run_dir / "summary.json"
+        self.orchestrator: subprocess.Popen[str] | None = None
+        self.holder_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+
+    def _pin(self) -> str:
+        from gtbus.cli.nodes import make_device, make_trainer
+        from gtbus.nodes.orchestrator import code_measurement
+
+        return code_measurement(make_trainer("bytelm"), make_device(self.run.backend)).hex()
+
+    @property
+    def _common(self) -> list[str]:
+        return ["--keys", str(self.keys), "--router", self.router, "--pub", self.pub, "--run-dir", str(self.run.run_dir), "--backend", self.run.backend]
+
+    def orchestrator_cmd(self, *, resume: bool = False) -> list[str]:
+        """The command line of the orchestrator process."""
+        r = self.run
+        cmd = [sys.executable, "-m", "gtbus", "orchestrator", "--key", str(self.dep.key_path(self.dep.orchestrator.name)),
+               "--platform-key", str(self.platform_key), "--mode", r.mode, "--rounds", str(r.rounds),
+               "--chunk-tokens", str(r.chunk_tokens), "--steps", r.steps, "--lease", str(r.lease),
+               "--json-out", str(self.summary_path), *self._common, *r.extra_orchestrator_args]
+        return cmd + (["--resume"] if resume else [])
+
+    def holder_cmd(self, index: int) -> list[str]:
+        """The command line of holder ``index`` (0-based)."""
+        h = self.dep.holders[index]
+        cmd = [sys.executable, "-m", "gtbus", "holder", "--key", str(self.dep.key_path(h.name)), "--platform-pub", str(self.platform_pub),
+               "--pin-code", self.pin, "--data", str(self.shards[index]), "--chunk-tokens", str(self.run.chunk_tokens), *self._common]
+        fault = self.run.holder_faults.get(h.name)
+        return cmd + (["--fault", fault] if fault else [])
+
+    def start_orchestrator(self, *, resume: bool = False) -> subprocess.Popen[str]:
+        """Start (or restart) the orchestrator process; its stdout is a pipe of hop lines."""
+        self.orchestrator = subprocess.Popen(
+            self.orchestrator_cmd(resume=resume), stdout=subprocess.PIPE, stderr=open(self.run.run_dir / "orchestrator.err", "a"),
+            text=True, env=self.env,
+        )
+        return self.orchestrator
+
+    def start_holder(self, index: int) -> subprocess.Popen[bytes]:
+        """Start holder ``index``; its stderr goes to RUN/<name>.err."""
+        name = self.dep.holders[index].name
+        p = subprocess.Popen(self.holder_cmd(index), stdout=subprocess.DEVNULL, stderr=open(self.run.run_dir / f"{name}.err", "a"), env=self.env)
+        self.holder_procs[name] = p
+        return p
+
+    def start(self) -> None:
+        """Start the orchestrator and every holder."""
+        self.start_orchestrator()
+        for i in range(self.run.holders):
+            self.start_holder(i)
+
+    def wait(self, on_line: Callable[[str], None] = lambda s: None, timeout: float = 600.0) -> dict[str, Any]:
+        """Relay hop lines until the orchestrator exits; return its summary."""
+        assert self.orchestrator is not None and self.orchestrator.stdout is not None
+        deadline = time.monotonic() + timeout
+        for line in self.orchestrator.stdout:
+            on_line(line.rstrip())
+            if time.monotonic() > deadline:
+                break
+        try:
+            rc = self.orchestrator.wait(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            rc = -1
+        if rc != 0 or not self.summary_path.exists():
+            err = (self.run.run_dir / "orchestrator.err").read_text()[-2000:]
+            last = [l for l in err.splitlines() if l.strip()][-1:] or ["(no output)"]
+            raise GtbusError(f"orchestrator exited with status {rc}: {last[0]} (logs in {self.run.run_dir})")
+        return json.loads(self.summary_path.read_text())
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Let holders exit on the run's shutdown; signal, then kill, whatever is left."""
+        procs: list[subprocess.Popen[Any]] = list(self.holder_procs.values())
+        if self.orchestrator is not None:
+            procs.append(self.orchestrator)
+        end = time.monotonic() + grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def run_to_end(self, on_line: Callable[[str], None] = lambda s: None, timeout: float = 600.0) -> dict[str, Any]:
+        """Start everything, wait for the summary, stop."""
+        self.start()
+        try:
+            return self.wait(on_line, timeout)
+        finally:
+            self.stop()
