@@ -41,8 +41,15 @@ def main(verbose: int) -> None:
 @click.option("--role", type=click.Choice([r.value for r in Role]), default=Role.HOLDER.value, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder for NAME.key and NAME.pub.")
 @click.option("--force", is_flag=True, help="Overwrite existing keys of this name.")
-def keygen(name: str, role: str, out_dir: Path, force: bool) -> None:
+@click.option("--platform", is_flag=True, help="Instead: the emulated platform attestation key (NAME.platform.key / .pub), for the GPU host.")
+def keygen(name: str, role: str, out_dir: Path, force: bool, platform: bool) -> None:
     """Generate a node's Ed25519, X25519 and CURVE keys (NAME.key mode 0600, NAME.pub)."""
+    if platform:
+        from gtbus.gpu.platform_key import write_platform_key
+
+        key_path, pub_path = write_platform_key(out_dir, name, overwrite=force)
+        click.echo(f"wrote {key_path} (secret, mode 0600, stays on the GPU host) and {pub_path} (holders pin this)")
+        return
     ident = NodeIdentity.generate(name, role)
     key_path, pub_path = write_identity(ident, out_dir, overwrite=force)
     click.echo(f"wrote {key_path} (secret, mode 0600) and {pub_path} (share this one)")
