@@ -25,6 +25,7 @@ signature over it has been verified, except what is needed to find the key.
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
@@ -119,6 +120,11 @@ def packb(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def _refuse_ext(code: int, data: bytes) -> Any:
+    # max_ext_len=0 alone still lets a zero-length ext 8 through as an ExtType.
+    raise ValueError(f"extension type {code} not allowed")
+
+
 def unpackb_strict(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
     """Decode msgpack refusing ext types, non-str map keys, and anything over the limits."""
     try:
@@ -132,6 +138,7 @@ def unpackb_strict(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             max_array_len=limits.max_array,
             max_map_len=limits.max_map,
             max_ext_len=0,
+            ext_hook=_refuse_ext,
         )
     except msgpack.StackError:
         raise RejectedMessage("decode-bomb", "msgpack nesting too deep") from None
@@ -212,6 +219,9 @@ def parse_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise RejectedMessage("bad-header", "id and session must be 16 bytes")
     if raw["seq"] < 0 or raw["epoch"] < 0:
         raise RejectedMessage("bad-header", "negative seq or epoch")
+    if not (math.isfinite(raw["ts"]) and math.isfinite(raw["exp"])):
+        # NaN compares false both ways: exp=NaN would never expire in the replay guard.
+        raise RejectedMessage("bad-header", "ts and exp must be finite")
     return Header(**{k: (float(v) if k in ("ts", "exp") else v) for k, v in raw.items()})
 
 

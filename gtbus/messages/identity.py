@@ -115,7 +115,10 @@ class PublicIdentity:
             raise KeyFileError(f"{source}: missing field {exc.args[0]!r}") from None
         except ValueError as exc:
             raise KeyFileError(f"{source}: {exc}") from None
-        ident.check_binding()
+        try:
+            ident.check_binding()
+        except KeyFileError as exc:  # say which file, not only which node
+            raise KeyFileError(f"{source}: {exc}") from None
         return ident
 
 

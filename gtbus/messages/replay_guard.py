@@ -47,6 +47,16 @@ class _Mark:
     seq: int
 
 
+def _record_ok(rec: object) -> bool:
+    """A journal record is ("m", sender, recipient, session, seq) or ("f", epoch)."""
+    if not isinstance(rec, list) or not rec:
+        return False
+    if rec[0] == "m" and len(rec) == 5:
+        _, sender, rcpt, session, seq = rec
+        return isinstance(sender, str) and isinstance(rcpt, str) and isinstance(session, bytes) and type(seq) is int
+    return rec[0] == "f" and len(rec) == 2 and type(rec[1]) is int
+
+
 class ReplayGuard:
     """Decides whether a verified header is fresh; remembers what it accepted."""
 
@@ -146,6 +156,8 @@ class ReplayGuard:
                 break  # a record cut short by a crash: everything before it counts
             try:
                 rec = msgpack.unpackb(data[pos + 2 : pos + 2 + n], raw=False)
+                if not _record_ok(rec):
+                    raise ValueError(f"unexpected record {rec!r:.60}")
             except Exception as exc:
                 raise ConfigError(f"{path}: replay journal corrupt at byte {pos}: {exc}") from None
             pos += 2 + n
