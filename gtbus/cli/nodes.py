@@ -46,7 +46,7 @@ def make_trainer(name: str, seed: int = 0) -> Any:
 
 def _hop_line(h: Any) -> str:
     rate = h.nbytes / h.transfer_s / 1e6 if h.transfer_s > 0 else 0.0
-    loss = f"loss {h.loss_first:.3f} -> {h.loss_last:.3f}" if h.loss_last is not None else h.detail
+    loss = f"loss {h.eval_before:.3f} -> {h.eval_after:.3f}" if h.eval_after is not None else h.detail
     return (
         f"hop {h.epoch:>3}  round {h.round}  {h.holder:<6} chunk {h.chunk:<3} {h.mode:<6} "
         f"{h.nbytes / 1024:>8.0f} KiB  provision {h.transfer_s * 1e3:>7.1f} ms ({rate:>7.1f} MB/s)  "
@@ -190,7 +190,7 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
     click.echo("")
     rows = [
         ("hops", f"{summary['hops']} {summary['outcomes']}"),
-        ("loss (nats/byte)", f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"),
+        ("loss (nats/byte)", f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} on each hop's chunk before training on it"),
         ("bytes provisioned", f"{summary['bytes_provisioned']:,}"),
         ("provision rate", f"{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, grant to plaintext on device)"),
         ("transfer share", f"{summary['transfer_share'] * 100:.3f} % of transfer + training time"),

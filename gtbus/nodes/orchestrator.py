@@ -115,6 +115,8 @@ class HopOutcome:
     epilogue_s: float = 0.0
     loss_first: float | None = None
     loss_last: float | None = None
+    eval_before: float | None = None  # loss on the chunk before training on it (unseen data in round 0)
+    eval_after: float | None = None
     detail: str = ""
 
     @property
@@ -446,7 +448,9 @@ class Orchestrator:
             tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
             t2 = time.perf_counter()
             try:
+                out.eval_before = self.trainer.evaluate(tokens)
                 report = self.trainer.train_on(tokens, cfg.steps_per_hop)
+                out.eval_after = self.trainer.evaluate(tokens)
             except GtbusError as exc:
                 out.outcome, out.detail = "rejected", f"training refused the buffer: {exc}"
                 self.token.revoke()
@@ -455,8 +459,8 @@ class Orchestrator:
             out.train_s = time.perf_counter() - t2
             out.loss_first, out.loss_last = report.loss_first, report.loss_last
             if self.first_eval is None:
-                self.first_eval = report.loss_first
-            self.last_eval = report.loss_last
+                self.first_eval = out.eval_before
+            self.last_eval = out.eval_before
             out.outcome = "trained"
             return out
         finally:
@@ -592,8 +596,10 @@ class Orchestrator:
             "hops": len(self.hops),
             "hops_trained": len(trained),
             "outcomes": {o: sum(1 for h in self.hops if h.outcome == o) for o in sorted({h.outcome for h in self.hops})},
+            # Held-out measure: each chunk is evaluated before it is trained on.
             "first_loss": self.first_eval,
             "last_loss": self.last_eval,
+            "final_train_loss": trained[-1].eval_after if trained else None,
             "bytes_provisioned": nbytes,
             "transfer_s": transfer,
             "train_s": train,
