@@ -46,11 +46,12 @@ class Deployment:
     key_dir: Path
     orchestrator: NodeIdentity
     holders: list[NodeIdentity]
+    observer: NodeIdentity
 
     @property
     def roster(self) -> Roster:
         """Every node's public identity."""
-        return Roster([self.orchestrator.public, *(h.public for h in self.holders)])
+        return Roster([self.orchestrator.public, *(h.public for h in self.holders), self.observer.public])
 
     def key_path(self, name: str) -> Path:
         """Path of a node's secret key file."""
@@ -58,7 +59,7 @@ class Deployment:
 
 
 def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orchestrator: str = "orch") -> Deployment:
-    """Generate and write keys for an orchestrator and ``holders`` holders (h1, h2, ...)."""
+    """Generate and write keys for an orchestrator, ``holders`` holders (h1, h2, ...) and an observer ("status")."""
     d = Path(key_dir)
     orch = NodeIdentity.generate(orchestrator, Role.ORCHESTRATOR)
     write_identity(orch, d, overwrite=True)
@@ -67,4 +68,6 @@ def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orches
         h = NodeIdentity.generate(f"h{i}", Role.HOLDER)
         write_identity(h, d, overwrite=True)
         hs.append(h)
-    return Deployment(d, orch, hs)
+    obs = NodeIdentity.generate("status", Role.OBSERVER)
+    write_identity(obs, d, overwrite=True)
+    return Deployment(d, orch, hs, obs)

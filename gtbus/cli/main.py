@@ -102,9 +102,11 @@ def _register_subcommands() -> None:
     from gtbus.cli import bench as bench_cmd
     from gtbus.cli import data as data_cmd
     from gtbus.cli import nodes as nodes_cmd
+    from gtbus.cli import status as status_cmd
 
     main.add_command(data_cmd.data)
     main.add_command(bench_cmd.bench)
+    main.add_command(status_cmd.status)
     for cmd in nodes_cmd.COMMANDS:
         main.add_command(cmd)
 

@@ -69,19 +69,18 @@ class NodeRuntime:
         self.log = logging.getLogger(f"gtbus.node.{self.name}")
         self.last_heard: dict[str, float] = {}
         self.state_label = "starting"
-        self._handlers: dict[type, Handler] = {}
+        self._handlers: dict[type, list[Handler]] = {}
         self._pending: dict[bytes, asyncio.Future[Accepted]] = {}
         self._logged_rejections: set[tuple[str, str]] = set()
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = time.monotonic()
         self._closed = False
-        self.on(Heartbeat, self._on_heartbeat)
 
     # -- wiring ----------------------------------------------------------------------------
 
     def on(self, cls: type, handler: Handler) -> None:
-        """Call ``handler`` for every accepted message of declared class ``cls``."""
-        self._handlers[cls] = handler
+        """Call ``handler`` for every accepted message of declared class ``cls`` (in registration order)."""
+        self._handlers.setdefault(cls, []).append(handler)
 
     @property
     def rejected(self) -> Counter[str]:
@@ -160,16 +159,17 @@ class NodeRuntime:
             if not fut.done():
                 fut.set_result(acc)
             return
-        handler = self._handlers.get(type(acc.message))
-        if handler is None:
+        handlers = self._handlers.get(type(acc.message))
+        if not handlers:
             self.log.debug("no handler for %s from %s", acc.spec.name, acc.header.sender)
             return
-        try:
-            await handler(acc, delivery)
-        except (TransportError, PeerUnreachable) as exc:
-            self.log.warning("while handling %s from %s: %s", acc.spec.name, acc.header.sender, exc)
-        except Exception:
-            self.log.exception("handler for %s from %s failed", acc.spec.name, acc.header.sender)
+        for handler in handlers:
+            try:
+                await handler(acc, delivery)
+            except (TransportError, PeerUnreachable) as exc:
+                self.log.warning("while handling %s from %s: %s", acc.spec.name, acc.header.sender, exc)
+            except Exception:
+                self.log.exception("handler for %s from %s failed", acc.spec.name, acc.header.sender)
 
     async def _receive_loop(self) -> None:
         while not self._closed:
@@ -194,9 +194,6 @@ class NodeRuntime:
             except TransportError as exc:
                 self.log.debug("heartbeat not sent: %s", exc)
             await asyncio.sleep(self.heartbeat_interval)
-
-    async def _on_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
-        return None  # last_heard is updated for every accepted message
 
     def liveness(self) -> dict[str, float]:
         """Seconds since each peer was last heard from."""

@@ -1,0 +1,86 @@
+"""``gtbus status``: the token's owner and epoch, liveness, hops, bytes, loss; live with --watch."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from gtbus.messages.identity import Roster, load_identity
+
+
+def render(state: dict[str, Any], started: float) -> str:
+    """A person-readable block for one state."""
+    tok = state.get("token", {})
+    lines = [
+        f"run        {state.get('run_id', '?')}   {'complete' if state.get('complete') else 'running'}",
+        f"token      owner {tok.get('owner', '?')}  epoch {tok.get('epoch', '?')}  phase {tok.get('phase', '?')}",
+        f"hops       {state.get('hops_trained', 0)} trained of {state.get('hops', 0)}   round {state.get('round', 0)}",
+    ]
+    nbytes = int(state.get("bytes", 0))
+    elapsed = max(time.time() - started, 1e-9)
+    lines.append(f"bytes      {nbytes:,}  ({nbytes / elapsed / 1e6:.1f} MB/s since this view started)" if nbytes else "bytes      0")
+    loss = state.get("last_loss")
+    lines.append(f"loss       {loss:.3f} nats/token (on the last chunk, before training on it)" if loss is not None else "loss       -")
+    live = state.get("liveness", {})
+    if live:
+        lines.append("liveness   " + "  ".join(f"{n}: {s:.1f}s ago" for n, s in sorted(live.items())))
+    last = state.get("last_hop")
+    if last:
+        lines.append(f"last hop   epoch {last['epoch']} {last['holder']} chunk {last['chunk']}: {last['outcome']}")
+    return "\n".join(lines)
+
+
+@click.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="An observer (or any roster member's) secret key.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True)
+@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
+@click.option("--watch", is_flag=True, help="Keep a live view until the run completes (Ctrl-C to leave).")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (with --watch: one line per change).")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, as_json: bool, timeout: float) -> None:
+    """Show a running deployment's state, from a snapshot plus live events."""
+    from gtbus.errors import GtbusError
+    from gtbus.nodes.observer import Observer
+    from gtbus.nodes.runtime import NodeRuntime
+    from gtbus.nodes.wiring import client_transport, orchestrator_of
+
+    identity = load_identity(key_path)
+    roster = Roster.from_dir(keys_dir)
+    started = time.time()
+    tty = sys.stdout.isatty()
+
+    def show(state: dict[str, Any]) -> None:
+        if as_json:
+            click.echo(json.dumps(state, sort_keys=True))
+        else:
+            click.echo(("\x1b[H\x1b[2J" if tty else "") + render(state, started) + ("" if tty else "\n"))
+
+    async def main() -> None:
+        with tempfile.TemporaryDirectory(prefix="gtbus-status-") as tmp:
+            rt = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=tmp, server=orchestrator_of(roster), heartbeat_interval=0)
+            obs = Observer(rt, on_change=show if watch else None)
+            await rt.start()
+            try:
+                try:
+                    state = await obs.sync(timeout)
+                except asyncio.TimeoutError:
+                    raise GtbusError(f"no answer from the orchestrator at {router} within {timeout:.0f}s") from None
+                show(state)
+                while watch and not state.get("complete"):
+                    await obs.changed.wait()
+                    obs.changed.clear()
+            finally:
+                await rt.close()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

@@ -1,0 +1,79 @@
+"""Following the orchestrator's events as a late joiner (the zguide Clone pattern).
+
+Rules:
+
+* Events are applied in the order of their sequence numbers on the broadcast
+  stream; the receive pipeline already refuses anything that goes back.
+* Until a snapshot arrives, events are buffered, not applied.
+* A snapshot says the state as of event sequence ``S``. Buffered and later
+  events with a sequence at or below ``S`` are already in it and are dropped;
+  those above ``S`` are applied on top.
+* A new snapshot (after a reconnect) replaces the state and the cut-off.
+
+No I/O: the node shell feeds in (sequence, message) pairs and snapshots.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from gtbus.messages.types import Heartbeat, HopRecord, RunComplete, TokenState
+
+
+class EventFollower:
+    """The run's state as seen from outside the orchestrator: token, hops, bytes, loss."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, Any] | None = None
+        self.snapshot_seq: int | None = None
+        self.applied_seq = 0
+        self._pending: list[tuple[int, object]] = []
+
+    @property
+    def synced(self) -> bool:
+        """True once a snapshot has been applied."""
+        return self.state is not None
+
+    def on_event(self, seq: int, msg: object) -> bool:
+        """Feed one broadcast event; True if it changed the state."""
+        if self.state is None:
+            self._pending.append((seq, msg))
+            return False
+        if self.snapshot_seq is not None and seq <= self.snapshot_seq:
+            return False
+        self.applied_seq = seq
+        return _apply(self.state, msg)
+
+    def on_snapshot(self, state: dict[str, Any], event_seq: int) -> None:
+        """Install a snapshot taken at ``event_seq`` and apply buffered events newer than it."""
+        self.state = copy.deepcopy(state)
+        self.state.setdefault("complete", False)
+        self.snapshot_seq = event_seq
+        self.applied_seq = event_seq
+        pending, self._pending = self._pending, []
+        for seq, msg in sorted(pending, key=lambda p: p[0]):
+            self.on_event(seq, msg)
+
+
+def _apply(state: dict[str, Any], msg: object) -> bool:
+    if isinstance(msg, TokenState):
+        state["token"] = {"id": msg.token_id, "owner": msg.owner, "epoch": msg.epoch, "phase": msg.phase}
+        return True
+    if isinstance(msg, HopRecord):
+        state["hops"] = int(state.get("hops", 0)) + 1
+        if msg.outcome == "trained":
+            state["hops_trained"] = int(state.get("hops_trained", 0)) + 1
+            state["bytes"] = int(state.get("bytes", 0)) + int(msg.record.get("nbytes", 0))
+            if msg.record.get("eval_before") is not None:
+                state["last_loss"] = float(msg.record["eval_before"])
+        state["last_hop"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome}
+        return True
+    if isinstance(msg, RunComplete):
+        state["complete"] = True
+        state["summary"] = msg.summary
+        return True
+    if isinstance(msg, Heartbeat):
+        state["orchestrator_state"] = msg.state
+        return False
+    return False
