@@ -1,0 +1,52 @@
+"""The Clone-pattern follower: buffer until snapshot, drop what the snapshot covers, apply the rest."""
+
+from __future__ import annotations
+
+from gtbus.messages.types import HopRecord, RunComplete, TokenState
+from gtbus.protocol.follower import EventFollower
+
+
+def _hop(epoch: int, holder: str = "h1", outcome: str = "trained", nbytes: int = 100) -> HopRecord:
+    return HopRecord(epoch, holder, 0, outcome, {"nbytes": nbytes, "eval_before": 2.5 - epoch * 0.1})
+
+
+def test_events_before_snapshot_are_buffered_then_filtered_by_sequence() -> None:
+    f = EventFollower()
+    assert not f.on_event(5, _hop(1))  # covered by the snapshot below
+    assert not f.on_event(6, _hop(2))  # newer: applied once synced
+    assert f.state is None and not f.synced
+    f.on_snapshot({"hops": 1, "hops_trained": 1, "bytes": 100}, event_seq=5)
+    assert f.synced
+    assert f.state is not None
+    assert f.state["hops"] == 2 and f.state["bytes"] == 200
+    assert f.applied_seq == 6
+
+
+def test_events_at_or_below_the_snapshot_never_apply_twice() -> None:
+    f = EventFollower()
+    f.on_snapshot({"hops": 3, "bytes": 300}, event_seq=10)
+    assert not f.on_event(9, _hop(3))
+    assert not f.on_event(10, _hop(3))
+    assert f.on_event(11, _hop(4, outcome="rejected"))
+    assert f.state is not None
+    assert f.state["hops"] == 4 and f.state["bytes"] == 300  # a rejected hop adds no bytes
+    assert f.state["last_hop"]["outcome"] == "rejected"
+
+
+def test_token_state_and_completion() -> None:
+    f = EventFollower()
+    f.on_snapshot({}, event_seq=0)
+    f.on_event(1, TokenState("t", "h2", 7, "granted"))
+    f.on_event(2, RunComplete({"hops": 7}))
+    assert f.state is not None
+    assert f.state["token"] == {"id": "t", "owner": "h2", "epoch": 7, "phase": "granted"}
+    assert f.state["complete"] and f.state["summary"] == {"hops": 7}
+
+
+def test_a_new_snapshot_replaces_state() -> None:
+    f = EventFollower()
+    f.on_snapshot({"hops": 1}, event_seq=1)
+    f.on_event(2, _hop(2))
+    f.on_snapshot({"hops": 9}, event_seq=20)
+    assert f.state is not None and f.state["hops"] == 9
+    assert not f.on_event(15, _hop(3))
