@@ -17,8 +17,13 @@ authenticated connection, if any), ``ch`` (direct / event), ``frames`` (magic,
 header, body, signature: the signed bytes) and, for messages with bulk blobs,
 ``blob_digest`` and ``blob_sizes`` in place of the blobs. The signature covers
 the blob digest, not the blobs, so a log without gigabytes of ciphertext still
-verifies offline. Sealed channel parameters are part of the signed body and
-are recorded sealed, never opened.
+verifies offline. A *rejected* message is not expected to verify, and a peer
+chooses its size: each of its frames is kept up to ``REJECTED_FRAME_KEEP``
+bytes, and ``clipped`` then holds the frames' real sizes. (Kept whole, one
+refused frame near the transport's 65 MiB limit made a record over
+``MAX_RECORD``: the log no longer read back, and a restarted node truncated it
+there, dropping every later record.) Sealed channel parameters are part of the
+signed body and are recorded sealed, never opened.
 
 Writing: each record is one ``os.write`` on an ``O_APPEND`` descriptor, made
 before a message is sent and right after one is judged. A process crash then
@@ -50,6 +55,8 @@ LOG_MAGIC = b"GTLOG1\n"
 LOG_SUFFIX = ".gtlog"
 _LEN = struct.Struct(">I")
 MAX_RECORD = 64 << 20
+#: bytes kept of each frame of a rejected message (see the module docstring)
+REJECTED_FRAME_KEEP = 64 << 10
 CHAIN = 16
 _CHAIN0 = bytes(CHAIN)
 
@@ -125,6 +132,10 @@ class Recorder:
     ) -> None:
         """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
         signed = [bytes(f) for f in frames[:4]]
+        clipped = None
+        if verdict.startswith("rejected") and any(len(f) > REJECTED_FRAME_KEEP for f in signed):
+            clipped = [len(f) for f in signed]
+            signed = [f[:REJECTED_FRAME_KEEP] for f in signed]
         rec: dict[str, Any] = {
             "kind": "msg",
             "dir": direction,
@@ -134,6 +145,8 @@ class Recorder:
             "ch": channel,
             "frames": signed,
         }
+        if clipped is not None:
+            rec["clipped"] = clipped
         blobs = frames[4:]
         if blobs:
             rec["blob_digest"] = blob_digest(blobs)
