@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import numpy
 
-from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError
+from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_count, staging_size, TAG_SIZE
 from gtbus.gpu.device import Device
@@ -396,7 +396,15 @@ class Orchestrator:
                 sealed_params=seal_params(params, holder_pub),
                 report=self._report(params.key, grant.epoch),
             )
-            await self.rt.send(msg, a.holder, epoch=grant.epoch)
+            try:
+                await self.rt.send(msg, a.holder, epoch=grant.epoch)
+            except TransportError as exc:
+                # The holder is not connected (killed, partitioned): take the token
+                # back now instead of letting the whole run fail.
+                out.outcome, out.detail = "revoked", f"grant not delivered: {exc}"
+                self.log.warning("hop %d: %s", grant.epoch, out.detail)
+                self.token.revoke()
+                return out
             await self._publish_state()
             returned = await self._await_return(grant.deadline)
             out.provision_s = time.perf_counter() - t0
