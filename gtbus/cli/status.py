@@ -45,7 +45,8 @@ def render(state: dict[str, Any], started: float) -> str:
 @click.option("--watch", is_flag=True, help="Keep a live view until the run completes (Ctrl-C to leave).")
 @click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (with --watch: one line per change).")
 @click.option("--timeout", type=float, default=5.0, show_default=True)
-def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, as_json: bool, timeout: float) -> None:
+@click.option("--refresh", type=float, default=1.0, show_default=True, help="With --watch: seconds between snapshot refreshes when no event came.")
+def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, as_json: bool, timeout: float, refresh: float) -> None:
     """Show a running deployment's state, from a snapshot plus live events."""
     from gtbus.errors import GtbusError
     from gtbus.nodes.observer import Observer
@@ -74,9 +75,22 @@ def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, a
                 except asyncio.TimeoutError:
                     raise GtbusError(f"no answer from the orchestrator at {router} within {timeout:.0f}s") from None
                 show(state)
+                last_sync = time.monotonic()
                 while watch and not state.get("complete"):
-                    await obs.changed.wait()
-                    obs.changed.clear()
+                    try:
+                        await asyncio.wait_for(obs.changed.wait(), refresh)
+                        obs.changed.clear()
+                    except asyncio.TimeoutError:
+                        pass
+                    if time.monotonic() - last_sync >= refresh and not state.get("complete"):
+                        # Liveness travels only in snapshots: refresh it every so often.
+                        try:
+                            state = await obs.sync(timeout)
+                            last_sync = time.monotonic()
+                            show(state)
+                        except asyncio.TimeoutError:
+                            continue
+                    state = obs.follower.state or state
             finally:
                 await rt.close()
 
