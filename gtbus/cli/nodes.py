@@ -54,6 +54,30 @@ def _hop_line(h: Any) -> str:
     )
 
 
+def orchestrator_fault_hook(spec: str) -> Any:
+    """The orchestrator's failure injection (hidden ``--fault``): a ``tamper_hook`` or None.
+
+    ``tamper-model-at-epoch=N`` flips one bit of the first parameter during hop
+    N, after the return and before the re-measure: the hop must be rolled back.
+    """
+    if not spec:
+        return None
+    name, _, value = spec.strip().partition("=")
+    if name.replace("_", "-") != "tamper-model-at-epoch":
+        raise ConfigError(f"unknown orchestrator fault {name!r} (tamper-model-at-epoch=N)")
+    try:
+        at = int(value)
+    except ValueError:
+        raise ConfigError(f"tamper-model-at-epoch needs an epoch number, not {value!r}") from None
+
+    def tamper(orch: Any, assignment: Any) -> None:
+        if orch.token.epoch == at:
+            flat = orch.trainer.parameter_views()[0].reshape(-1).view("uint8")
+            flat[0] ^= 1
+
+    return tamper
+
+
 @click.command()
 @click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="This node's secret key file.")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder of the deployment's *.pub files.")
@@ -71,7 +95,8 @@ def _hop_line(h: Any) -> str:
 @click.option("--holders", default="", help="Comma-separated holders of this run (default: every holder in --keys).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
-def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, json_out: Path | None) -> None:
+@click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests (tamper-model-at-epoch=N).")
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, json_out: Path | None, fault: str) -> None:
     """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
@@ -86,6 +111,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
     for n in names:
         if n not in roster:
             raise ConfigError(f"holder {n!r} has no public key in {keys_dir}")
+    tamper = orchestrator_fault_hook(fault)
     cfg = RunConfig(
         run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
         steps_per_hop=steps if steps == "pass" else int(steps), resume=resume,
@@ -93,12 +119,12 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 
     async def main() -> dict[str, Any]:
         rt = NodeRuntime(identity, roster, server_transport(identity, roster, router, pub), run_dir=run_dir)
-        orch = Orchestrator(rt, make_device(backend), make_trainer(trainer_name), platform, cfg, on_hop=lambda h: click.echo(_hop_line(h)))
+        orch = Orchestrator(rt, make_device(backend), make_trainer(trainer_name), platform, cfg, on_hop=lambda h: click.echo(_hop_line(h)), tamper_hook=tamper)
         await rt.start()
         click.echo(f"orchestrator {identity.name}: listening on {rt.transport.endpoints[0]} / {rt.transport.endpoints[1]}; waiting for {', '.join(names)}", err=True)
         try:
             summary = await orch.run()
-            await asyncio.sleep(0.3)  # let the shutdown event reach subscribers
+            await asyncio.sleep(1.0)  # let the shutdown event reach subscribers; answer last snapshots
             return summary
         finally:
             await rt.close()

@@ -76,6 +76,7 @@ def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, a
                     raise GtbusError(f"no answer from the orchestrator at {router} within {timeout:.0f}s") from None
                 show(state)
                 last_sync = time.monotonic()
+                missed = 0
                 while watch and not state.get("complete"):
                     try:
                         await asyncio.wait_for(obs.changed.wait(), refresh)
@@ -87,8 +88,12 @@ def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, a
                         try:
                             state = await obs.sync(timeout)
                             last_sync = time.monotonic()
+                            missed = 0
                             show(state)
                         except asyncio.TimeoutError:
+                            missed += 1
+                            if missed >= 3:
+                                raise GtbusError(f"lost contact with the orchestrator at {router} before the run completed") from None
                             continue
                     state = obs.follower.state or state
             finally:

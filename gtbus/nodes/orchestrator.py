@@ -179,6 +179,7 @@ class Orchestrator:
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self.started = time.time()
+        self.complete = False
         rt = runtime
         rt.on(Register, self._on_register)
         rt.on(Echo, self._on_echo)
@@ -274,6 +275,7 @@ class Orchestrator:
             "bytes": sum(h.nbytes for h in done),
             "last_loss": self.last_eval,
             "round": self.schedule.round if self.schedule else 0,
+            "complete": self.complete,
         }
 
     async def _on_snapshot_request(self, acc: Accepted, delivery: Delivery) -> None:
@@ -358,6 +360,7 @@ class Orchestrator:
             if self.on_hop:
                 self.on_hop(outcome)
         summary = self.summary()
+        self.complete = True
         await self.rt.publish(RunComplete(summary))
         await self.rt.publish(Shutdown("run complete"))
         return summary
