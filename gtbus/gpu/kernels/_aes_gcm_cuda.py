@@ -2,19 +2,21 @@
 
 Layout of the work (see aes_gcm.py for the host side):
 
-* ``gcm_powers`` / ``gcm_table`` (once per key and lane count P): H^1..H^(P+1),
-  H^(cb+1) for the few distinct segment lengths, and the 16x256 table that
-  multiplies by H^P (byte j of X -> X_j * H^P), 64 KiB.
+* ``gcm_powers`` / ``gcm_table`` (once per key and lane count P): H^1..H^P,
+  and the 16x256 table that multiplies by H^P (byte j of X -> X_j * H^P),
+  64 KiB.
 * ``gcm_ctr_ghash`` (the bulk pass): a persistent grid; each work unit is
-  (segment, group of blockDim lanes); lane p of a segment takes ciphertext
-  blocks p, p+P, p+2P, ...: AES-CTR decrypts them (T-table AES, one table
-  replicated per bank so that lookups never conflict) and runs GHASH Horner
-  with the fixed multiplier H^P out of the shared-memory table. Each lane
-  finally multiplies its accumulator by H^(cb+1-q_last) and the lanes are
-  XOR-reduced (warp shuffles, then atomicXor per warp into the segment's
-  accumulator: field addition is XOR, so order does not matter).
-* ``gcm_finalize`` (one thread per segment): adds the AAD blocks and the
-  length block, XORs E(K, J0) and compares with the stored tag.
+  (segment, group of blockDim lanes). A segment's GHASH input is one sequence
+  of M = a + cb + 1 blocks (AAD, ciphertext, length block); lane p of the
+  segment takes blocks p, p+P, p+2P, ...: AES-CTR decrypts the ciphertext
+  ones (T-table AES, one table replicated per bank so that lookups never
+  conflict) and runs GHASH Horner with the fixed multiplier H^P out of the
+  shared-memory table. Each lane finally multiplies its accumulator by
+  H^(M - last) and the lanes are XOR-reduced (warp shuffles, then atomicXor
+  per warp into the segment's accumulator: field addition is XOR, so order
+  does not matter).
+* ``gcm_finalize`` (one thread per segment): XORs E(K, J0) and compares with
+  the stored tag.
 
 Field elements travel in "memory order": the uint4 a thread gets when it loads
 the 16 GCM bytes, i.e. four little-endian words. The table lookups need no
@@ -38,7 +40,7 @@ struct SegDesc {
     u32 clen;        // ciphertext bytes; the 16-byte tag follows at in_off + clen
     u32 aad_off;     // byte offset of this segment's AAD in the AAD blob
     u32 aad_len;
-    u32 xpow_idx;    // index into xpow of H^(cb+1), cb = ceil(clen/16)
+    u32 pad0;
     u32 iv[4];       // 12-byte IV as three LE words (+ pad)
     u32 ej0[4];      // E(K, IV || 0^31 || 1) in memory order
 };
@@ -51,6 +53,7 @@ struct SegDesc {
 #endif
 
 #if !(defined(__CUDACC__) || defined(__CUDACC_RTC__))
+#define __ldcs(p) (*(p))
 static inline u32 __byte_perm(u32 x, u32 y, u32 s) {
     u64 v = ((u64)y << 32) | x; u32 r = 0;
     for (int i = 0; i < 4; ++i) r |= (u32)((v >> (8 * ((s >> (4 * i)) & 7))) & 0xff) << (8 * i);
@@ -120,24 +123,55 @@ GT_DEV uint4 ghash_mul_tab(uint4 x, const u8* HB) {
     return u4xor(u4xor(a, b), u4xor(c, d));
 }
 
-// General product, bit-serial (used once per lane and in setup/finalize only).
-GT_DEV uint4 gf_mul(uint4 x, uint4 y) {
-    const u64 xh = ((u64)GT_BSWAP32(x.x) << 32) | GT_BSWAP32(x.y);
-    const u64 xl = ((u64)GT_BSWAP32(x.z) << 32) | GT_BSWAP32(x.w);
-    u64 vh = ((u64)GT_BSWAP32(y.x) << 32) | GT_BSWAP32(y.y);
-    u64 vl = ((u64)GT_BSWAP32(y.z) << 32) | GT_BSWAP32(y.w);
-    u64 zh = 0, zl = 0;
-#pragma unroll 8
-    for (int i = 0; i < 128; ++i) {
-        const u64 bit = (i < 64) ? (xh >> (63 - i)) : (xl >> (127 - i));
-        const u64 m = 0ull - (bit & 1ull);
-        zh ^= vh & m; zl ^= vl & m;
-        const u64 r = 0ull - (vl & 1ull);
-        vl = (vl >> 1) | (vh << 63);
-        vh = (vh >> 1) ^ (0xE100000000000000ull & r);
-    }
-    return make_uint4(GT_BSWAP32((u32)(zh >> 32)), GT_BSWAP32((u32)zh),
-                      GT_BSWAP32((u32)(zl >> 32)), GT_BSWAP32((u32)zl));
+// General product (used once per lane, and for the per-key powers of H).
+// Carry-less 64x64 products from integer multiplies of operands split into
+// four interleaved bit classes (each class keeps a 3-bit hole, so carries
+// never reach a bit of the same class below bit 64); the high halves come
+// from the bit-reversed operands; Karatsuba for 128x128; then reduction
+// modulo x^128 + x^7 + x^2 + x + 1 in GCM's reflected bit order.
+GT_DEV u64 clmul_lo64(u64 x, u64 y) {
+    const u64 m0 = 0x1111111111111111ull, m1 = m0 << 1, m2 = m0 << 2, m3 = m0 << 3;
+    const u64 x0 = x & m0, x1 = x & m1, x2 = x & m2, x3 = x & m3;
+    const u64 y0 = y & m0, y1 = y & m1, y2 = y & m2, y3 = y & m3;
+    const u64 z0 = (x0 * y0) ^ (x1 * y3) ^ (x2 * y2) ^ (x3 * y1);
+    const u64 z1 = (x0 * y1) ^ (x1 * y0) ^ (x2 * y3) ^ (x3 * y2);
+    const u64 z2 = (x0 * y2) ^ (x1 * y1) ^ (x2 * y0) ^ (x3 * y3);
+    const u64 z3 = (x0 * y3) ^ (x1 * y2) ^ (x2 * y1) ^ (x3 * y0);
+    return (z0 & m0) | (z1 & m1) | (z2 & m2) | (z3 & m3);
+}
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define GT_REV64(x) __brevll(x)
+#else
+static inline u64 GT_REV64(u64 x) {
+    u64 r = 0;
+    for (int i = 0; i < 64; ++i) r |= ((x >> i) & 1ull) << (63 - i);
+    return r;
+}
+#endif
+
+GT_DEV uint4 gf_mul(uint4 a, uint4 b) {
+    const u64 a1 = ((u64)GT_BSWAP32(a.x) << 32) | GT_BSWAP32(a.y);   // first 8 bytes, big-endian
+    const u64 a0 = ((u64)GT_BSWAP32(a.z) << 32) | GT_BSWAP32(a.w);
+    const u64 b1 = ((u64)GT_BSWAP32(b.x) << 32) | GT_BSWAP32(b.y);
+    const u64 b0 = ((u64)GT_BSWAP32(b.z) << 32) | GT_BSWAP32(b.w);
+    const u64 a0r = GT_REV64(a0), a1r = GT_REV64(a1), b0r = GT_REV64(b0), b1r = GT_REV64(b1);
+    const u64 lo0 = clmul_lo64(a0, b0), hi0 = GT_REV64(clmul_lo64(a0r, b0r)) >> 1;
+    const u64 lo1 = clmul_lo64(a1, b1), hi1 = GT_REV64(clmul_lo64(a1r, b1r)) >> 1;
+    const u64 lo2 = clmul_lo64(a0 ^ a1, b0 ^ b1), hi2 = GT_REV64(clmul_lo64(a0r ^ a1r, b0r ^ b1r)) >> 1;
+    // 255-bit product v3:v2:v1:v0, shifted left by one (reflected order).
+    u64 v0 = lo0, v1 = hi0 ^ lo2 ^ lo0 ^ lo1, v2 = lo1 ^ hi2 ^ hi0 ^ hi1, v3 = hi1;
+    v3 = (v3 << 1) | (v2 >> 63);
+    v2 = (v2 << 1) | (v1 >> 63);
+    v1 = (v1 << 1) | (v0 >> 63);
+    v0 <<= 1;
+    // Fold the x^128..x^255 half (v1:v0) into v3:v2; v0's overflow lands in v1 first.
+    v2 ^= v0 ^ (v0 >> 1) ^ (v0 >> 2) ^ (v0 >> 7);
+    v1 ^= (v0 << 63) ^ (v0 << 62) ^ (v0 << 57);
+    v3 ^= v1 ^ (v1 >> 1) ^ (v1 >> 2) ^ (v1 >> 7);
+    v2 ^= (v1 << 63) ^ (v1 << 62) ^ (v1 << 57);
+    return make_uint4(GT_BSWAP32((u32)(v3 >> 32)), GT_BSWAP32((u32)v3),
+                      GT_BSWAP32((u32)(v2 >> 32)), GT_BSWAP32((u32)v2));
 }
 
 GT_DEV uint4 gf_pow(uint4 h, u32 e) {
@@ -159,15 +193,79 @@ GT_DEV uint4 load_bytes16(const u8* p, u32 n) {
     return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// The work of lane p (of P) on one segment: decrypt its ciphertext blocks,
+// GHASH its share of the sequence; returns the lane's term of the GHASH.
+GT_DEV uint4 gcm_lane(const u8* __restrict__ in, u8* __restrict__ out, const SegDesc* __restrict__ d,
+                      const u8* __restrict__ aad, const u8* Tb, const u8* HB, u32 lo, const uint4* RK,
+                      const uint4* __restrict__ hpow_g, u32 p, u32 P) {
+    const u32 clen = d->clen, alen = d->aad_len;
+    const u64 in_off = d->in_off, out_off = d->out_off;
+    const u32 iv0 = d->iv[0], iv1 = d->iv[1], iv2 = d->iv[2];
+    const u32 cfull = clen >> 4, rem = clen & 15u, cb = cfull + (rem ? 1u : 0u);
+    const u32 na = (alen + 15u) >> 4, M = na + cb + 1u;
+    const uint4* src = (const uint4*)(in + in_off);
+    uint4* dst = (uint4*)(out + out_off);
+    uint4 acc = make_uint4(0u, 0u, 0u, 0u);
+    u32 q = p;
+    for (; q < na; q += P) {                   // AAD blocks (zero padded)
+        const u32 m = alen - 16u * q;
+        acc = u4xor(ghash_mul_tab(acc, HB), load_bytes16(aad + d->aad_off + 16u * q, m < 16u ? m : 16u));
+    }
+    q -= na;                                    // from here on: ciphertext block index
+    for (; q + (GCM_UNROLL - 1) * P < cfull; q += GCM_UNROLL * P) {
+        uint4 c[GCM_UNROLL];
+        u32 s[GCM_UNROLL][4];
+#pragma unroll
+        for (int i = 0; i < GCM_UNROLL; ++i) {
+            c[i] = __ldcs(src + q + i * P);
+            s[i][0] = iv0; s[i][1] = iv1; s[i][2] = iv2; s[i][3] = GT_BSWAP32(q + i * P + 2u);
+        }
+        aes256_encrypt_n<GCM_UNROLL>(s, Tb, lo, RK);
+#pragma unroll
+        for (int i = 0; i < GCM_UNROLL; ++i) {
+            dst[q + i * P] = make_uint4(c[i].x ^ s[i][0], c[i].y ^ s[i][1], c[i].z ^ s[i][2], c[i].w ^ s[i][3]);
+            acc = u4xor(ghash_mul_tab(acc, HB), c[i]);
+        }
+    }
+    for (; q < cfull; q += P) {
+        const uint4 c = __ldcs(src + q);
+        u32 s[1][4] = {{iv0, iv1, iv2, GT_BSWAP32(q + 2u)}};
+        aes256_encrypt_n<1>(s, Tb, lo, RK);
+        dst[q] = make_uint4(c.x ^ s[0][0], c.y ^ s[0][1], c.z ^ s[0][2], c.w ^ s[0][3]);
+        acc = u4xor(ghash_mul_tab(acc, HB), c);
+    }
+    if (rem != 0u && q == cfull) {              // this lane owns the short last block
+        const uint4 c = load_bytes16(in + in_off + 16ull * q, rem);
+        u32 s[1][4] = {{iv0, iv1, iv2, GT_BSWAP32(q + 2u)}};
+        aes256_encrypt_n<1>(s, Tb, lo, RK);
+        const u32 ks[4] = {c.x ^ s[0][0], c.y ^ s[0][1], c.z ^ s[0][2], c.w ^ s[0][3]};
+        u8* op = out + out_off + 16ull * q;
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+            if ((u32)i < rem) op[i] = (u8)(ks[i >> 2] >> (8 * (i & 3)));
+        acc = u4xor(ghash_mul_tab(acc, HB), c);
+        q += P;
+    }
+    if (q == cb) {                              // this lane owns the length block
+        const u64 abits = 8ull * alen, cbits = 8ull * clen;
+        const uint4 len = make_uint4(GT_BSWAP32((u32)(abits >> 32)), GT_BSWAP32((u32)abits),
+                                     GT_BSWAP32((u32)(cbits >> 32)), GT_BSWAP32((u32)cbits));
+        acc = u4xor(ghash_mul_tab(acc, HB), len);
+        q += P;
+    }
+    if (p < M) {
+        const u32 last = q + na - P;              // last sequence index this lane took
+        acc = gf_mul(acc, hpow_g[M - last - 1u]);  // H^(M - last)
+    }
+    return acc;
+}
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
-// hpow[t] = H^(t+1) for t < npow; xpow[i] = H^exps[i].
-extern "C" __global__ void gcm_powers(const uint4* __restrict__ hbuf, uint4* __restrict__ hpow, u32 npow,
-                                      const u32* __restrict__ exps, uint4* __restrict__ xpow, u32 nexp) {
+// hpow[t] = H^(t+1), t < npow.
+extern "C" __global__ void gcm_powers(const uint4* __restrict__ hbuf, uint4* __restrict__ hpow, u32 npow) {
     const u32 t = blockIdx.x * blockDim.x + threadIdx.x;
-    const uint4 h = hbuf[0];
-    if (t < npow) hpow[t] = gf_pow(h, t + 1);
-    else if (t - npow < nexp) xpow[t - npow] = gf_pow(h, exps[t - npow]);
+    if (t < npow) hpow[t] = gf_pow(hbuf[0], t + 1);
 }
 
 // htab[j*256 + b] = (block with byte j = b, others 0) * H^P, H^P = hpow[P-1].
@@ -179,10 +277,13 @@ extern "C" __global__ void gcm_table(const uint4* __restrict__ hpow, u32 P, uint
     htab[t] = gf_mul(x, hpow[P - 1]);
 }
 
+// GHASH input of a segment as one sequence of M = a + cb + 1 blocks: the a
+// AAD blocks, the cb ciphertext blocks, the length block. Lane p of P takes
+// blocks p, p+P, ... (Horner with H^P), then multiplies by H^(M - last).
 extern "C" __global__ void __launch_bounds__(GCM_THREADS, 2)
 gcm_ctr_ghash(const u8* __restrict__ in, u8* __restrict__ out, const SegDesc* __restrict__ desc,
-              const uint4* __restrict__ rk_g, const uint4* __restrict__ htab_g, const uint4* __restrict__ hpow_g,
-              u32* __restrict__ segacc, u32 nunits, u32 G, u32 P) {
+              const u8* __restrict__ aad, const uint4* __restrict__ rk_g, const uint4* __restrict__ htab_g,
+              const uint4* __restrict__ hpow_g, u32* __restrict__ segacc, u32 nunits, u32 G, u32 P) {
     extern __shared__ uint4 smem[];
     u32* Ts = (u32*)smem;                       // 256 x 32 words, 32 KiB
     uint4* HT = smem + 2048;                    // 16 x 256 entries, 64 KiB
@@ -199,52 +300,7 @@ gcm_ctr_ghash(const u8* __restrict__ in, u8* __restrict__ out, const SegDesc* __
     for (u32 u = blockIdx.x; u < nunits; u += gridDim.x) {
         const u32 j = u / G;
         const u32 p = (u - j * G) * blockDim.x + tid;
-        const u32 clen = desc[j].clen;
-        const u64 in_off = desc[j].in_off, out_off = desc[j].out_off;
-        const u32 iv0 = desc[j].iv[0], iv1 = desc[j].iv[1], iv2 = desc[j].iv[2];
-        const u32 cfull = clen >> 4, rem = clen & 15u, cb = cfull + (rem ? 1u : 0u);
-        const uint4* src = (const uint4*)(in + in_off);
-        uint4* dst = (uint4*)(out + out_off);
-        uint4 acc = make_uint4(0u, 0u, 0u, 0u);
-        u32 q = p;
-        for (; q + (GCM_UNROLL - 1) * P < cfull; q += GCM_UNROLL * P) {
-            uint4 c[GCM_UNROLL];
-            u32 s[GCM_UNROLL][4];
-#pragma unroll
-            for (int i = 0; i < GCM_UNROLL; ++i) {
-                c[i] = __ldcs(src + q + i * P);
-                s[i][0] = iv0; s[i][1] = iv1; s[i][2] = iv2; s[i][3] = GT_BSWAP32(q + i * P + 2u);
-            }
-            aes256_encrypt_n<GCM_UNROLL>(s, Tb, lo, RK);
-#pragma unroll
-            for (int i = 0; i < GCM_UNROLL; ++i) {
-                dst[q + i * P] = make_uint4(c[i].x ^ s[i][0], c[i].y ^ s[i][1], c[i].z ^ s[i][2], c[i].w ^ s[i][3]);
-                acc = u4xor(ghash_mul_tab(acc, HB), c[i]);
-            }
-        }
-        for (; q < cfull; q += P) {
-            const uint4 c = __ldcs(src + q);
-            u32 s[1][4] = {{iv0, iv1, iv2, GT_BSWAP32(q + 2u)}};
-            aes256_encrypt_n<1>(s, Tb, lo, RK);
-            dst[q] = make_uint4(c.x ^ s[0][0], c.y ^ s[0][1], c.z ^ s[0][2], c.w ^ s[0][3]);
-            acc = u4xor(ghash_mul_tab(acc, HB), c);
-        }
-        if (rem != 0u && q == cfull) {              // this lane owns the short last block
-            const u8* cp = in + in_off + 16ull * q;
-            const uint4 c = load_bytes16(cp, rem);
-            u32 s[1][4] = {{iv0, iv1, iv2, GT_BSWAP32(q + 2u)}};
-            aes256_encrypt_n<1>(s, Tb, lo, RK);
-            const u32 ks[4] = {c.x ^ s[0][0], c.y ^ s[0][1], c.z ^ s[0][2], c.w ^ s[0][3]};
-            u8* op = out + out_off + 16ull * q;
-#pragma unroll
-            for (int i = 0; i < 16; ++i)
-                if ((u32)i < rem) op[i] = (u8)(ks[i >> 2] >> (8 * (i & 3)));
-            acc = u4xor(ghash_mul_tab(acc, HB), c);
-        }
-        if (p < cb) {
-            const u32 qlast = p + ((cb - 1u - p) / P) * P;
-            acc = gf_mul(acc, hpow_g[cb - qlast]);      // H^(cb+1-qlast)
-        }
+        uint4 acc = gcm_lane(in, out, desc + j, aad, Tb, HB, lo, RK, hpow_g, p, P);
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             acc.x ^= __shfl_xor_sync(0xffffffffu, acc.x, o);
@@ -261,28 +317,15 @@ gcm_ctr_ghash(const u8* __restrict__ in, u8* __restrict__ out, const SegDesc* __
     }
 }
 
-// One thread per segment: tag = E(K,J0) ^ S, S = lanes ^ AAD*H^(cb+1) ^ len*H.
-extern "C" __global__ void gcm_finalize(const u8* __restrict__ in, const u8* __restrict__ aad,
-                                        const SegDesc* __restrict__ desc, const uint4* __restrict__ hpow_g,
-                                        const uint4* __restrict__ xpow_g, const u32* __restrict__ segacc,
-                                        u8* __restrict__ ok, u32 n) {
+// One thread per segment: the tag is GHASH ^ E(K, J0).
+extern "C" __global__ void gcm_finalize(const u8* __restrict__ in, const SegDesc* __restrict__ desc,
+                                        const u32* __restrict__ segacc, u8* __restrict__ ok, u32 n) {
     const u32 j = blockIdx.x * blockDim.x + threadIdx.x;
     if (j >= n) return;
     const SegDesc d = desc[j];
-    const uint4 h = hpow_g[0];
-    uint4 s = make_uint4(segacc[4 * j], segacc[4 * j + 1], segacc[4 * j + 2], segacc[4 * j + 3]);
-    uint4 g = make_uint4(0u, 0u, 0u, 0u);
-    for (u32 off = 0; off < d.aad_len; off += 16) {
-        const u32 m = d.aad_len - off < 16u ? d.aad_len - off : 16u;
-        g = gf_mul(u4xor(g, load_bytes16(aad + d.aad_off + off, m)), h);
-    }
-    s = u4xor(s, gf_mul(g, xpow_g[d.xpow_idx]));
-    const u64 abits = 8ull * d.aad_len, cbits = 8ull * d.clen;
-    const uint4 len = make_uint4(GT_BSWAP32((u32)(abits >> 32)), GT_BSWAP32((u32)abits),
-                                 GT_BSWAP32((u32)(cbits >> 32)), GT_BSWAP32((u32)cbits));
-    s = u4xor(s, gf_mul(len, h));
     const uint4 t = load_bytes16(in + d.in_off + d.clen, 16u);
-    const u32 diff = (s.x ^ d.ej0[0] ^ t.x) | (s.y ^ d.ej0[1] ^ t.y) | (s.z ^ d.ej0[2] ^ t.z) | (s.w ^ d.ej0[3] ^ t.w);
+    const u32 diff = (segacc[4 * j] ^ d.ej0[0] ^ t.x) | (segacc[4 * j + 1] ^ d.ej0[1] ^ t.y) |
+                     (segacc[4 * j + 2] ^ d.ej0[2] ^ t.z) | (segacc[4 * j + 3] ^ d.ej0[3] ^ t.w);
     ok[j] = diff == 0u ? 1 : 0;
 }
 

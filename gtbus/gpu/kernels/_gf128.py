@@ -51,36 +51,29 @@ def ghash(h: int, aad: bytes, ct: bytes) -> int:
 
 
 def ghash_lanes_model(h: int, aad: bytes, ct: bytes, lanes: int) -> int:
-    """GHASH computed the way the GPU kernels split it; equals ``ghash``.
+    """GHASH computed the way the GPU kernel splits it; equals ``ghash``.
 
-    Lane p runs Horner with the fixed multiplier H^P over ciphertext blocks
-    p, p+P, p+2P, ... (acc = acc*H^P + X), then multiplies its accumulator by
-    H^(cb+1-q_last); lane results are XOR-combined (the kernel uses atomicXor).
-    The finalize step adds the AAD part times H^(cb+1) and the length block
-    times H.
+    The GHASH input is one sequence of M blocks (AAD blocks, ciphertext
+    blocks, the length block). Lane p runs Horner with the fixed multiplier
+    H^P over blocks p, p+P, p+2P, ... (acc = acc*H^P + X), then multiplies its
+    accumulator by H^(M - last), last being the lane's final index; the lane
+    results are XORed (the kernel uses atomicXor).
     """
-    blocks = [
-        int.from_bytes(ct[o : o + 16].ljust(16, b"\0"), "big") for o in range(0, len(ct), 16)
-    ]
-    cb = len(blocks)
+
+    def blocks(data: bytes) -> list[int]:
+        return [int.from_bytes(data[o : o + 16].ljust(16, b"\0"), "big") for o in range(0, len(data), 16)]
+
+    seq = blocks(aad) + blocks(ct) + [((8 * len(aad)) << 64) | (8 * len(ct))]
+    m = len(seq)
     hp = gf_pow(h, lanes)
     s = 0
-    for p in range(lanes):
+    for p in range(min(lanes, m)):
         acc = 0
-        q = p
-        qlast = -1
-        while q < cb:
-            acc = gf_mul(acc, hp) ^ blocks[q]
-            qlast = q
-            q += lanes
-        if qlast >= 0:
-            s ^= gf_mul(acc, gf_pow(h, cb + 1 - qlast))
-    g = 0
-    for off in range(0, len(aad), 16):
-        g = gf_mul(g ^ int.from_bytes(aad[off : off + 16].ljust(16, b"\0"), "big"), h)
-    s ^= gf_mul(g, gf_pow(h, cb + 1))
-    lens = ((8 * len(aad)) << 64) | (8 * len(ct))
-    return s ^ gf_mul(lens, h)
+        for idx in range(p, m, lanes):
+            acc = gf_mul(acc, hp) ^ seq[idx]
+            last = idx
+        s ^= gf_mul(acc, gf_pow(h, m - last))
+    return s
 
 
 def element_to_words(v: int) -> tuple[int, int, int, int]:

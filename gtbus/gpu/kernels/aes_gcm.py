@@ -46,7 +46,7 @@ TAG_SIZE = 16
 NONCE_PREFIX_SIZE = 4
 _SMEM_BYTES = 8192 * 4 + 4096 * 16 + 15 * 16
 _BLOCKS_PER_SM = 2
-_MIN_BLOCKS_PER_LANE = 16
+_EPILOGUE_STEPS = 3
 _MAX_LANES = 1 << 16
 _DEFAULT_UNROLL = 2
 
@@ -131,19 +131,13 @@ class GcmDecryptor:
     # -- key material --------------------------------------------------------
 
     def _tables_for(self, lanes: int) -> tuple[Any, Any]:
-        """(htab, hpow) for P = lanes: the H^P byte tables and H^1..H^(P+1)."""
+        """(htab, hpow) for P = lanes: the H^P byte tables and H^1..H^P."""
         t = self._tables.get(lanes)
         if t is None:
             cp = _cuda.cupy()
-            npow = lanes + 1
-            hpow = cp.empty(npow * 16, dtype=cp.uint8)
-            dummy = cp.zeros(4, dtype=cp.uint32)
+            hpow = cp.empty(lanes * 16, dtype=cp.uint8)
             threads = 128
-            self._k.powers(
-                ((npow + threads - 1) // threads,),
-                (threads,),
-                (self._h, hpow, np.uint32(npow), dummy, dummy, np.uint32(0)),
-            )
+            self._k.powers(((lanes + threads - 1) // threads,), (threads,), (self._h, hpow, np.uint32(lanes)))
             htab = cp.empty(4096 * 16, dtype=cp.uint8)
             self._k.table((4096 // threads,), (threads,), (hpow, np.uint32(lanes), htab))
             t = self._tables[lanes] = (htab, hpow)
@@ -263,9 +257,6 @@ class GcmDecryptor:
         if len(aad_blob) >= (1 << 32):
             raise ValueError("AAD too large")
 
-        cbs = (clens + np.uint64(15)) // np.uint64(16)
-        exps, xpow_idx = np.unique(cbs + np.uint64(1), return_inverse=True)
-
         desc = np.zeros((n, DESC_WORDS), dtype=np.uint32)
         d64 = desc.view(np.uint64)
         d64[:, 0] = in_offs
@@ -273,33 +264,24 @@ class GcmDecryptor:
         desc[:, 4] = clens
         desc[:, 5] = aad_offs
         desc[:, 6] = aad_lens
-        desc[:, 7] = xpow_idx.reshape(-1)
         desc[:, 8:11] = j0[:, :12].copy().view("<u4")
         desc[:, 12:16] = ej0.reshape(n, 16).view("<u4")
-        host = np.zeros(n * DESC_WORDS * 4 + len(aad_blob) + 16, dtype=np.uint8)
-        host[: n * 64] = desc.view(np.uint8).reshape(-1)
-        host[n * 64 : n * 64 + len(aad_blob)] = np.frombuffer(aad_blob, dtype=np.uint8)
+        # One upload: descriptors, the zeroed per-segment GHASH accumulators, AADs.
+        acc_off = n * 64
+        aad_off = acc_off + n * 16
+        host = np.zeros(aad_off + len(aad_blob) + 16, dtype=np.uint8)
+        host[:acc_off] = desc.view(np.uint8).reshape(-1)
+        host[aad_off : aad_off + len(aad_blob)] = np.frombuffer(aad_blob, dtype=np.uint8)
         meta = cp.asarray(host)
-        desc_d = meta[: n * 64]
-        aad_d = meta[n * 64 :]
+        desc_d = meta[:acc_off]
+        segacc = meta[acc_off:aad_off]
+        aad_d = meta[aad_off:]
 
-        # Lane count P: enough work units to fill the persistent grid a few
-        # times over, but at least _MIN_BLOCKS_PER_LANE blocks per lane.
         k = self._k
-        cfull_max = int(clens.max()) // 16
-        g = -(-4 * k.grid // n)
-        g = max(1, min(g, cfull_max // (GCM_THREADS * _MIN_BLOCKS_PER_LANE), _MAX_LANES // GCM_THREADS))
+        seq_max = int(((clens + np.uint64(15)) // np.uint64(16) + (aad_lens + np.uint64(15)) // np.uint64(16)).max()) + 1
+        g = _choose_groups(n, seq_max, k.grid)
         lanes = GCM_THREADS * g
         htab, hpow = self._tables_for(lanes)
-
-        xpow = cp.empty(len(exps) * 16, dtype=cp.uint8)
-        exps_d = cp.asarray(exps.astype(np.uint32))
-        k.powers(
-            ((len(exps) + 127) // 128,),
-            (128,),
-            (self._h, hpow, np.uint32(0), exps_d, xpow, np.uint32(len(exps))),
-        )
-        segacc = cp.zeros(4 * n, dtype=cp.uint32)
         nunits = n * g
         if self.timing is not None:
             ev0, ev1 = cp.cuda.Event(), cp.cuda.Event()
@@ -311,6 +293,7 @@ class GcmDecryptor:
                 staging,
                 out,
                 desc_d,
+                aad_d,
                 self._rk,
                 htab,
                 hpow,
@@ -325,12 +308,26 @@ class GcmDecryptor:
             ev1.record()
             self.timing.append((ev0, ev1))
         ok = cp.empty(n, dtype=cp.uint8)
-        k.finalize(
-            ((n + 127) // 128,),
-            (128,),
-            (staging, aad_d, desc_d, hpow, xpow, segacc, ok, np.uint32(n)),
-        )
+        k.finalize(((n + 127) // 128,), (128,), (staging, desc_d, segacc, ok, np.uint32(n)))
         return ok.view(cp.bool_)
+
+
+def _choose_groups(nseg: int, seq_blocks: int, grid: int) -> int:
+    """Lane groups per segment (P = GCM_THREADS * groups), by a makespan model.
+
+    The persistent grid runs ``nseg * groups`` work units in waves of ``grid``;
+    a unit takes about ceil(seq_blocks / P) block steps plus an epilogue of a
+    few steps (the lane's general multiply, shuffles, atomics). Pick the
+    fewest groups that minimise waves x steps.
+    """
+    best_g, best_cost = 1, None
+    gmax = max(1, min(_MAX_LANES // GCM_THREADS, -(-seq_blocks // GCM_THREADS)))
+    for g in range(1, gmax + 1):
+        steps = -(-seq_blocks // (GCM_THREADS * g))
+        cost = -(-nseg * g // grid) * (steps + _EPILOGUE_STEPS)
+        if best_cost is None or cost < best_cost:
+            best_g, best_cost = g, cost
+    return best_g
 
 
 def decrypt_segments(
