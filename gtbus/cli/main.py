@@ -92,7 +92,7 @@ def replay(path: Path, verify: bool, nodes: tuple[str, ...], types: tuple[str, .
     for e in select(entries(path), nodes=nodes, types=types):
         if as_json:
             h = e.header
-            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None}))
+            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None}, default=repr))
         else:
             click.echo(format_entry(e))
 

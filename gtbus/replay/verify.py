@@ -40,17 +40,30 @@ class VerifyReport:
         return self.error is None
 
 
+def signed_frames(rec: LogRecord) -> list[bytes]:
+    """A record's recorded frames, or RejectedMessage if they are not a list of byte strings.
+
+    The chain digest only shows that a log was not altered by accident: a log
+    edited on purpose can be re-chained, so nothing in a record is trusted to
+    have the shape the recorder wrote.
+    """
+    frames = rec.data.get("frames")
+    if not isinstance(frames, list) or not all(isinstance(f, bytes) for f in frames):
+        raise RejectedMessage("malformed", "recorded frames are not a list of byte strings")
+    return frames
+
+
 def header_of(rec: LogRecord) -> Header | None:
     """A record's parsed header, or None when the recorded frames are damaged."""
     try:
-        return split(rec.frames, _LOG_LIMITS).header
+        return split(signed_frames(rec), _LOG_LIMITS).header
     except RejectedMessage:
         return None
 
 
 def verify_record_signature(rec: LogRecord, roster: Roster) -> Header:
     """Check one message record's signature; return its header or raise RejectedMessage."""
-    frames = rec.frames
+    frames = signed_frames(rec)
     if len(frames) != 4:
         raise RejectedMessage("malformed", f"{len(frames)} signed frames recorded, expected 4")
     env = split(frames, _LOG_LIMITS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -25,14 +26,17 @@ class Entry:
 
     @property
     def time(self) -> float:
-        """Local send/receive time."""
-        return float(self.record.data.get("t", 0.0))
+        """Local send/receive time (0.0 when the record's local time is not a finite number)."""
+        t = self.record.data.get("t", 0.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+            return 0.0
+        return float(t)
 
     @property
     def body(self) -> dict[str, Any] | None:
         """The decoded body (for display only; it was checked when the node received it)."""
-        frames = self.record.frames
-        if len(frames) < 3:
+        frames = self.record.data.get("frames")
+        if not isinstance(frames, list) or len(frames) < 3 or not isinstance(frames[2], bytes):
             return None
         try:
             body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
@@ -81,7 +85,10 @@ def _short(value: Any) -> str:
 
 def format_entry(e: Entry) -> str:
     """One line: time, node, direction, verdict, type, sender -> recipient, seq, epoch, body."""
-    ts = _dt.datetime.fromtimestamp(e.time).strftime("%H:%M:%S.%f")[:-3]
+    try:
+        ts = _dt.datetime.fromtimestamp(e.time).strftime("%H:%M:%S.%f")[:-3]
+    except (OverflowError, OSError, ValueError):  # a local time no clock gives
+        ts = "??:??:??.???"
     d = e.record.data
     arrow = "<-" if d.get("dir") == "in" else "->"
     verdict = str(d.get("verdict", ""))
