@@ -22,7 +22,7 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NewType, Protocol, runtime_checkable
 
-from gtbus.gpu.channel import ChannelParams, SegmentContext
+from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext
 
 BufferHandle = NewType("BufferHandle", str)
 """Backend-specific name of an exported staging buffer; knowing it is the capability to map it."""
@@ -44,11 +44,18 @@ class DeviceBuffer(Protocol):
 
 
 class StagingMapping(Protocol):
-    """The holder's writable view of one hop's staging buffer."""
+    """The holder's writable mapping of one hop's staging buffer."""
 
-    @property
-    def view(self) -> memoryview:
-        """Writable bytes of the staging buffer (invalid after :meth:`close`)."""
+    def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
+        """Seal the plaintext segment by segment into the staging buffer (once per hop)."""
+        ...
+
+    def write_raw(self, data: bytes, offset: int = 0) -> None:
+        """Write raw bytes, bypassing the channel (failure drills only)."""
+        ...
+
+    def read_raw(self, nbytes: int) -> bytes:
+        """Read raw staging bytes (failure drills only)."""
         ...
 
     def close(self) -> None:

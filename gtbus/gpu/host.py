@@ -31,7 +31,7 @@ from typing import Any, Final
 import numpy as np
 
 from gtbus.errors import ChannelError, DeviceError
-from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener
+from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext, SegmentOpener, SegmentSealer
 from gtbus.gpu.device import BufferHandle
 from gtbus.gpu.measure import measure_model
 
@@ -85,6 +85,18 @@ class HostStagingMapping:
     def nbytes(self) -> int:
         """Size of the staging buffer."""
         return len(self.view)
+
+    def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
+        """Seal the holder's plaintext straight into the mapped staging (all cores)."""
+        return SegmentSealer(params).seal_into(plaintext, self.view, ctx)
+
+    def write_raw(self, data: bytes, offset: int = 0) -> None:
+        """Copy raw bytes into the staging buffer (drills only: bypasses the channel)."""
+        self.view[offset : offset + len(data)] = data
+
+    def read_raw(self, nbytes: int) -> bytes:
+        """Read back staging bytes (drills only)."""
+        return bytes(self.view[:nbytes])
 
     def close(self) -> None:
         """Unmap. Raises DeviceError if views derived from :attr:`view` are still alive."""

@@ -1,0 +1,329 @@
+"""The cupy backend: the model on an NVIDIA GPU, hop staging travelling by CUDA IPC.
+
+* Private buffers (model, optimizer, each hop's plaintext buffer) come from
+  cupy's allocator and are never exported.
+* Each hop's staging buffer is its **own** ``cudaMalloc`` (not a pool
+  sub-allocation: an IPC handle exports the whole underlying allocation, so a
+  pooled block could expose neighbouring memory). Its IPC handle is the
+  capability; it travels only inside the sealed grant, and the buffer is
+  freed when the hop ends, so an earlier hop's handle maps nothing.
+* The holder maps the staging buffer in its own process and writes AEAD
+  ciphertext into it: segments are sealed on all CPU cores into a pinned host
+  buffer (a pool kept for the life of the process, since pinning is slow),
+  double-buffered so sealing batch k overlaps the host-to-device copy of batch
+  k-1. Plaintext never leaves the holder's process except as ciphertext.
+* The device authenticates and decrypts all segments into the private buffer
+  with the AES-256-GCM kernel (:mod:`gtbus.gpu.kernels.aes_gcm`), measures
+  with the BLAKE3 kernel, and scrubs/verifies zero on the device.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import secrets
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, Final
+
+import numpy as np
+
+from gtbus.errors import ChannelError, DeviceError
+from gtbus.gpu.channel import (
+    AES_256_GCM,
+    TAG_SIZE,
+    ChannelParams,
+    SealSummary,
+    SegmentCipher,
+    SegmentContext,
+    segment_bounds,
+    segment_count,
+    staging_size,
+)
+from gtbus.gpu.device import BufferHandle
+from gtbus.gpu.measure import tagged_hash
+
+try:  # cupy is an optional extra; importing this module without it fails clearly
+    import cupy
+except ImportError as exc:  # pragma: no cover - exercised only without cupy
+    raise ImportError("the cupy backend needs cupy (pip install 'gtbus[gpu]')") from exc
+
+from gtbus.gpu.kernels.aes_gcm import GcmDecryptor, first_bad_segment
+from gtbus.gpu.kernels.blake3 import blake3_digest_device
+from gtbus.gpu.kernels.scrub import verify_zero_async
+
+HANDLE_PREFIX: Final = "cuda-ipc-"
+MODEL_DOMAIN: Final = b"gtbus/model/cupy/v1"
+_BATCH_BYTES: Final = 32 << 20  # per pinned half-buffer: big enough to amortise a copy launch
+
+
+@dataclass(eq=False)
+class CupyBuffer:
+    """A device buffer: private (``handle`` None) or a hop's exported staging allocation."""
+
+    nbytes: int
+    handle: BufferHandle | None = field(default=None, repr=False)
+    _array: Any = field(default=None, repr=False)
+    _memory: Any = field(default=None, repr=False)  # the dedicated cudaMalloc of a staging buffer
+
+    @property
+    def released(self) -> bool:
+        """True once the buffer was released or revoked."""
+        return self._array is None
+
+
+def _live(buf: CupyBuffer, what: str) -> Any:
+    if buf._array is None:
+        raise DeviceError(f"{what} was already released")
+    return buf._array
+
+
+class _PinnedPool:
+    """Two pinned host half-buffers per process, grown on demand and kept (pinning is slow)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._halves: list[np.ndarray] = []
+
+    def get(self, nbytes: int) -> list[np.ndarray]:
+        with self._lock:
+            if not self._halves or self._halves[0].nbytes < nbytes:
+                self._halves = []
+                for _ in range(2):
+                    mem = cupy.cuda.alloc_pinned_memory(nbytes)
+                    self._halves.append(np.frombuffer(mem, dtype=np.uint8, count=nbytes))
+            return self._halves
+
+
+_PINNED = _PinnedPool()
+_POOL_LOCK = threading.Lock()
+_EXECUTOR: ThreadPoolExecutor | None = None
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _EXECUTOR
+    with _POOL_LOCK:
+        if _EXECUTOR is None:
+            _EXECUTOR = ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1), thread_name_prefix="gtbus-seal")
+        return _EXECUTOR
+
+
+class CupyStagingMapping:
+    """Holder side: a hop's staging buffer mapped into this process through CUDA IPC."""
+
+    def __init__(self, handle: str, ptr: int, nbytes: int) -> None:
+        self.handle = handle
+        self._ptr = ptr
+        self.nbytes = nbytes
+        mem = cupy.cuda.memory.UnownedMemory(ptr, nbytes, self)
+        self.array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        self._used = False
+
+    @property
+    def view(self) -> memoryview:
+        """Not available: device memory is not host-addressable (use :meth:`seal_into`)."""
+        raise DeviceError("a CUDA staging buffer has no host view; write it with seal_into")
+
+    def write_raw(self, data: bytes, offset: int = 0) -> None:
+        """Copy raw bytes into the staging buffer (drills only: bypasses the channel)."""
+        self.array[offset : offset + len(data)].set(np.frombuffer(data, dtype=np.uint8))
+
+    def read_raw(self, nbytes: int) -> bytes:
+        """Read back staging bytes (drills only)."""
+        return self.array[:nbytes].get().tobytes()
+
+    def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
+        """Seal every segment on all cores into pinned memory and copy it in, double-buffered."""
+        if self._used:
+            raise ChannelError("this hop's staging was already written; nonces would repeat")
+        self._used = True
+        seg = params.segment_size
+        n = len(plaintext)
+        if n > params.capacity:
+            raise ChannelError(f"plaintext of {n} bytes exceeds hop capacity {params.capacity}")
+        count = segment_count(n, seg)
+        if ctx.count != count:
+            raise ChannelError(f"context says {ctx.count} segments, {n} bytes need {count}")
+        total = staging_size(n, seg)
+        if total > self.nbytes:
+            raise ChannelError(f"staging holds {self.nbytes} bytes, {total} needed")
+        stride = seg + TAG_SIZE
+        per_batch = max(1, _BATCH_BYTES // stride)
+        halves = _PINNED.get(per_batch * stride)
+        cipher = SegmentCipher(params.suite, params.key)
+        pool = _executor()
+        workers = max(1, pool._max_workers)  # noqa: SLF001 - the pool is ours
+        stream = cupy.cuda.Stream(non_blocking=True)
+        done = [None, None]
+
+        def seal_range(buf: np.ndarray, base: int, lo: int, hi: int) -> None:
+            mv = memoryview(buf)
+            for i in range(lo, hi):
+                p, _, ln = segment_bounds(i, n, seg)
+                o = (i - base) * stride
+                cipher.seal_segment(params.nonce(i), plaintext[p : p + ln], ctx.associated_data(i), mv[o : o + ln + TAG_SIZE])
+
+        for b, first in enumerate(range(0, count, per_batch)):
+            last = min(count, first + per_batch)
+            half = halves[b % 2]
+            if done[b % 2] is not None:
+                done[b % 2].synchronize()  # the copy that last read this half has finished
+            step = -(-(last - first) // workers)
+            futures = [pool.submit(seal_range, half, first, lo, min(last, lo + step)) for lo in range(first, last, step)]
+            for f in futures:
+                f.result()
+            nbytes = (last - 1 - first) * stride + segment_bounds(last - 1, n, seg)[2] + TAG_SIZE
+            cupy.cuda.runtime.memcpyAsync(
+                self._ptr + first * stride, half.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
+            )
+            ev = cupy.cuda.Event(block=False, disable_timing=True)
+            ev.record(stream)
+            done[b % 2] = ev
+        stream.synchronize()
+        with stream:
+            digest = blake3_digest_device(self.array[:total]).get().astype("<u4").tobytes()
+        stream.synchronize()
+        return SealSummary(count=count, nbytes=n, ciphertext_digest=digest)
+
+    def close(self) -> None:
+        """Unmap (idempotent)."""
+        if self._ptr:
+            self.array = None
+            cupy.cuda.runtime.ipcCloseMemHandle(self._ptr)
+            self._ptr = 0
+
+
+class CupyDevice:
+    """The device on a real NVIDIA GPU; implements :class:`gtbus.gpu.device.Device`."""
+
+    name: str = "cupy"
+    array_module: ModuleType = cupy
+
+    def __init__(self, device: int = 0) -> None:
+        self._dev = cupy.cuda.Device(device)
+        self._dev.use()
+        props = cupy.cuda.runtime.getDeviceProperties(device)
+        gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+        uuid = props.get("uuid", b"")
+        uuid_s = bytes(uuid).hex() if isinstance(uuid, (bytes, bytearray)) else str(uuid)
+        self.card = gpu
+        self.device_id = f"cuda:{socket.gethostname()}:{gpu}:{uuid_s[:16]}:{os.getpid()}:{secrets.token_hex(8)}"
+
+    def alloc(self, nbytes: int) -> CupyBuffer:
+        """A zeroed private buffer (pooled; never exported)."""
+        _check_size(nbytes)
+        return CupyBuffer(nbytes, _array=cupy.zeros(nbytes, dtype=cupy.uint8))
+
+    def alloc_hop_staging(self, nbytes: int) -> tuple[CupyBuffer, BufferHandle]:
+        """A fresh dedicated allocation for one hop, and its IPC handle."""
+        _check_size(nbytes, minimum=1)
+        try:
+            mem = cupy.cuda.memory.Memory(nbytes)  # its own cudaMalloc: the handle exports only this
+        except cupy.cuda.memory.OutOfMemoryError as exc:
+            raise DeviceError(f"cannot allocate {nbytes} bytes of staging: {exc}") from None
+        arr = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        raw = cupy.cuda.runtime.ipcGetMemHandle(mem.ptr)
+        handle = BufferHandle(HANDLE_PREFIX + f"{nbytes:x}-" + bytes(raw).hex())
+        return CupyBuffer(nbytes, handle=handle, _array=arr, _memory=mem), handle
+
+    @classmethod
+    def map_staging(cls, handle: BufferHandle | str) -> CupyStagingMapping:
+        """Holder side: open a staging buffer's IPC handle (DeviceError if it is gone)."""
+        try:
+            size_hex, raw_hex = str(handle)[len(HANDLE_PREFIX) :].split("-", 1)
+            nbytes, raw = int(size_hex, 16), bytes.fromhex(raw_hex)
+        except ValueError:
+            raise DeviceError("not a CUDA staging handle") from None
+        if not str(handle).startswith(HANDLE_PREFIX) or len(raw) != 64:
+            raise DeviceError("not a CUDA staging handle")
+        try:
+            ptr = cupy.cuda.runtime.ipcOpenMemHandle(raw)
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise DeviceError(f"cannot map staging: {exc}") from None
+        return CupyStagingMapping(str(handle), ptr, nbytes)
+
+    @staticmethod
+    def unmap(mapping: CupyStagingMapping) -> None:
+        """Holder side: close the IPC mapping."""
+        mapping.close()
+
+    def revoke_staging(self, buf: CupyBuffer) -> None:
+        """Free the dedicated allocation: its handle can never be opened again. Idempotent."""
+        if buf.handle is None:
+            raise DeviceError("only staging buffers can be revoked; this one is private")
+        cupy.cuda.get_current_stream().synchronize()
+        buf._array = None
+        buf._memory = None  # cudaFree
+
+    def open_segments(
+        self, staging: CupyBuffer, out: CupyBuffer, params: ChannelParams, ctx: SegmentContext, count: int, nbytes: int
+    ) -> None:
+        """Authenticate and decrypt every segment on the GPU into the private buffer."""
+        if staging.handle is None:
+            raise DeviceError("open_segments reads from a staging buffer, got a private one")
+        if params.buffer_handle != staging.handle:
+            raise ChannelError("channel params name another staging buffer than this one")
+        if params.suite != AES_256_GCM:
+            raise ChannelError(f"the cupy backend decrypts {AES_256_GCM} only, not {params.suite}")
+        if type(nbytes) is not int or not 0 <= nbytes <= params.capacity or nbytes > out.nbytes:
+            raise ChannelError(f"claimed {nbytes} bytes, hop capacity is {params.capacity}")
+        expected = segment_count(nbytes, params.segment_size)
+        if count != expected or ctx.count != expected:
+            raise ChannelError(f"claimed {count} segments (context {ctx.count}), {nbytes} bytes make {expected}")
+        if staging_size(nbytes, params.segment_size) > staging.nbytes:
+            raise ChannelError("claimed segments do not fit the staging buffer")
+        src, dst = _live(staging, "staging"), _live(out, "output")
+        aads = [ctx.associated_data(i) for i in range(count)]
+        with GcmDecryptor(params.key) as dec:
+            ok = dec.decrypt_segments(params.nonce_prefix, src, dst, params.segment_size, nbytes, aads)
+            bad = first_bad_segment(ok)
+        if bad is not None:
+            dst.fill(0)
+            raise ChannelError(f"segment {bad} failed authentication; output scrubbed")
+
+    def scrub(self, buf: CupyBuffer) -> None:
+        """Zero the buffer on the device."""
+        _live(buf, "buffer").fill(0)
+
+    def verify_zero(self, buf: CupyBuffer) -> bool:
+        """True if the buffer reads zero (a device reduction; only a flag comes back)."""
+        return int(verify_zero_async(_live(buf, "buffer")).get()[0]) == 0
+
+    def release(self, buf: CupyBuffer) -> None:
+        """Free a buffer (revoking it first if it is staging). Idempotent."""
+        if buf.handle is not None and buf._memory is not None:
+            self.revoke_staging(buf)
+        buf._array = None
+
+    def measure(self, *parts: Any) -> bytes:
+        """BLAKE3 of each part on the GPU, combined with its dtype and shape into one measurement."""
+        pieces: list[Any] = []
+        digests = []
+        for p in parts:
+            arr = p._array if isinstance(p, CupyBuffer) else p
+            if isinstance(arr, cupy.ndarray):
+                flat = arr if arr.flags.c_contiguous else cupy.ascontiguousarray(arr)
+                pieces.append(f"{flat.dtype.str}{list(flat.shape)}".encode())
+                digests.append(blake3_digest_device(flat.reshape(-1).view(cupy.uint8)))
+                pieces.append(len(digests) - 1)
+            else:
+                pieces.append(b"bytes")
+                pieces.append(bytes(memoryview(p)))
+        words = cupy.stack(digests).get() if digests else None
+        resolved = [words[x].astype("<u4").tobytes() if isinstance(x, int) else x for x in pieces]
+        return tagged_hash(MODEL_DOMAIN, resolved)
+
+    def as_array(self, buf: CupyBuffer, dtype: Any) -> Any:
+        """A flat cupy view of a private buffer."""
+        if buf.handle is not None:
+            raise DeviceError("training reads private buffers only, not staging")
+        arr = _live(buf, "buffer")
+        itemsize = np.dtype(dtype).itemsize
+        return arr[: (buf.nbytes // itemsize) * itemsize].view(dtype)
+
+
+def _check_size(nbytes: int, minimum: int = 0) -> None:
+    if type(nbytes) is not int or nbytes < minimum:
+        raise DeviceError(f"buffer size must be an integer >= {minimum}, got {nbytes!r}")
