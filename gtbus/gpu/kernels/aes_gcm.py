@@ -179,22 +179,7 @@ class GcmDecryptor:
         ``seg_size`` must be a multiple of 16. Nothing is synchronised: the
         result is ready when the current stream is.
         """
-        if len(nonce_prefix) != NONCE_PREFIX_SIZE:
-            raise ValueError("nonce prefix must be 4 bytes")
-        if seg_size <= 0 or seg_size % 16:
-            raise ValueError("seg_size must be a positive multiple of 16")
-        n = len(aads)
-        expect = max(1, -(-nbytes // seg_size))
-        if n != expect:
-            raise ValueError(f"{n} AADs given but {nbytes} bytes in {seg_size}-byte segments make {expect}")
-        idx = np.arange(n, dtype=np.uint64)
-        clens = np.full(n, seg_size, dtype=np.uint64)
-        clens[-1] = nbytes - (n - 1) * seg_size
-        in_offs = idx * np.uint64(seg_size + TAG_SIZE)
-        out_offs = idx * np.uint64(seg_size)
-        j0 = np.zeros((n, 16), dtype=np.uint8)
-        j0[:, :4] = np.frombuffer(bytes(nonce_prefix), dtype=np.uint8)
-        j0[:, 4:12] = idx.astype(">u8").view(np.uint8).reshape(n, 8)
+        in_offs, out_offs, clens, j0 = hop_layout(nonce_prefix, seg_size, nbytes, len(aads))
         return self._run(staging, out, in_offs, out_offs, clens, j0, list(aads), nbytes)
 
     def decrypt_many(self, staging: Any, out: Any, specs: Sequence[SegmentSpec]) -> Any:
@@ -244,42 +229,14 @@ class GcmDecryptor:
         if int(clens.max()) >= (1 << 32) - 64:
             raise ValueError("segment too long for a 32-bit GCM counter")
 
-        # J0 = IV || 0^31 || 1; E(K, J0) masks the tag.
-        j0[:, 12:] = 0
-        j0[:, 15] = 1
-        ej0 = np.frombuffer(self._ecb.encryptor().update(j0.tobytes()), dtype=np.uint8)
-
-        aad_lens = np.asarray([len(a) for a in aads], dtype=np.uint64)
-        aad_offs = np.zeros(n, dtype=np.uint64)
-        if n > 1:
-            np.cumsum(aad_lens[:-1], out=aad_offs[1:])
-        aad_blob = b"".join(aads)
-        if len(aad_blob) >= (1 << 32):
-            raise ValueError("AAD too large")
-
-        desc = np.zeros((n, DESC_WORDS), dtype=np.uint32)
-        d64 = desc.view(np.uint64)
-        d64[:, 0] = in_offs
-        d64[:, 1] = out_offs
-        desc[:, 4] = clens
-        desc[:, 5] = aad_offs
-        desc[:, 6] = aad_lens
-        desc[:, 8:11] = j0[:, :12].copy().view("<u4")
-        desc[:, 12:16] = ej0.reshape(n, 16).view("<u4")
-        # One upload: descriptors, the zeroed per-segment GHASH accumulators, AADs.
-        acc_off = n * 64
-        aad_off = acc_off + n * 16
-        host = np.zeros(aad_off + len(aad_blob) + 16, dtype=np.uint8)
-        host[:acc_off] = desc.view(np.uint8).reshape(-1)
-        host[aad_off : aad_off + len(aad_blob)] = np.frombuffer(aad_blob, dtype=np.uint8)
-        meta = cp.asarray(host)
-        desc_d = meta[:acc_off]
-        segacc = meta[acc_off:aad_off]
-        aad_d = meta[aad_off:]
+        packed = pack_segments(self._ecb, in_offs, out_offs, clens, j0, aads)
+        meta = cp.asarray(packed.host)
+        desc_d = meta[: packed.acc_off]
+        segacc = meta[packed.acc_off : packed.aad_off]
+        aad_d = meta[packed.aad_off :]
 
         k = self._k
-        seq_max = int(((clens + np.uint64(15)) // np.uint64(16) + (aad_lens + np.uint64(15)) // np.uint64(16)).max()) + 1
-        g = _choose_groups(n, seq_max, k.grid)
+        g = _choose_groups(n, packed.seq_max, k.grid)
         lanes = GCM_THREADS * g
         htab, hpow = self._tables_for(lanes)
         nunits = n * g
@@ -310,6 +267,95 @@ class GcmDecryptor:
         ok = cp.empty(n, dtype=cp.uint8)
         k.finalize(((n + 127) // 128,), (128,), (staging, desc_d, segacc, ok, np.uint32(n)))
         return ok.view(cp.bool_)
+
+
+def hop_layout(
+    nonce_prefix: bytes, seg_size: int, nbytes: int, nseg: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Offsets, lengths and IVs of the hop layout (pure host work).
+
+    Returns (staging offsets, output offsets, ciphertext lengths, (n, 16)
+    uint8 array with each segment's IV in its first 12 bytes).
+    """
+    if len(nonce_prefix) != NONCE_PREFIX_SIZE:
+        raise ValueError("nonce prefix must be 4 bytes")
+    if seg_size <= 0 or seg_size % 16:
+        raise ValueError("seg_size must be a positive multiple of 16")
+    n = nseg
+    if n < 1:
+        raise ValueError("at least one segment (one AAD) is needed")
+    expect = max(1, -(-nbytes // seg_size))
+    if n != expect:
+        raise ValueError(f"{n} AADs given but {nbytes} bytes in {seg_size}-byte segments make {expect}")
+    idx = np.arange(n, dtype=np.uint64)
+    clens = np.full(n, seg_size, dtype=np.uint64)
+    clens[-1] = nbytes - (n - 1) * seg_size
+    in_offs = idx * np.uint64(seg_size + TAG_SIZE)
+    out_offs = idx * np.uint64(seg_size)
+    j0 = np.zeros((n, 16), dtype=np.uint8)
+    j0[:, :4] = np.frombuffer(bytes(nonce_prefix), dtype=np.uint8)
+    j0[:, 4:12] = idx.astype(">u8").view(np.uint8).reshape(n, 8)
+    return in_offs, out_offs, clens, j0
+
+
+@dataclass(frozen=True)
+class PackedSegments:
+    """Host image of one call's small inputs, uploaded in one copy.
+
+    ``host[:acc_off]``: n 64-byte descriptors (see ``SegDesc`` in the CUDA
+    source); ``host[acc_off:aad_off]``: n zeroed 16-byte GHASH accumulators;
+    ``host[aad_off:]``: the AADs back to back (plus 16 bytes of slack).
+    ``seq_max``: the longest GHASH sequence (AAD + ciphertext + length blocks).
+    """
+
+    host: np.ndarray
+    acc_off: int
+    aad_off: int
+    seq_max: int
+
+
+def pack_segments(
+    ecb: Any,
+    in_offs: np.ndarray,
+    out_offs: np.ndarray,
+    clens: np.ndarray,
+    j0: np.ndarray,
+    aads: Sequence[bytes],
+) -> PackedSegments:
+    """Build the descriptors (pure host work; ``ecb`` is a ``cryptography`` AES-ECB Cipher).
+
+    ``j0`` is an (n, 16) uint8 array whose first 12 bytes per row are the
+    IVs; it is completed in place to J0 = IV || 0^31 || 1 and E(K, J0) goes
+    into the descriptors.
+    """
+    n = len(aads)
+    j0[:, 12:] = 0
+    j0[:, 15] = 1
+    ej0 = np.frombuffer(ecb.encryptor().update(j0.tobytes()), dtype=np.uint8)
+    aad_lens = np.asarray([len(a) for a in aads], dtype=np.uint64)
+    aad_offs = np.zeros(n, dtype=np.uint64)
+    if n > 1:
+        np.cumsum(aad_lens[:-1], out=aad_offs[1:])
+    aad_blob = b"".join(aads)
+    if len(aad_blob) >= (1 << 32):
+        raise ValueError("AAD too large")
+    desc = np.zeros((n, DESC_WORDS), dtype=np.uint32)
+    d64 = desc.view(np.uint64)
+    d64[:, 0] = in_offs
+    d64[:, 1] = out_offs
+    desc[:, 4] = clens
+    desc[:, 5] = aad_offs
+    desc[:, 6] = aad_lens
+    desc[:, 8:11] = j0[:, :12].copy().view("<u4")
+    desc[:, 12:16] = ej0.reshape(n, 16).view("<u4")
+    acc_off = n * 64
+    aad_off = acc_off + n * 16
+    host = np.zeros(aad_off + len(aad_blob) + 16, dtype=np.uint8)
+    host[:acc_off] = desc.view(np.uint8).reshape(-1)
+    host[aad_off : aad_off + len(aad_blob)] = np.frombuffer(aad_blob, dtype=np.uint8)
+    sixteen = np.uint64(16)
+    seq = (clens + np.uint64(15)) // sixteen + (aad_lens + np.uint64(15)) // sixteen
+    return PackedSegments(host, acc_off, aad_off, int(seq.max()) + 1)
 
 
 def _choose_groups(nseg: int, seq_blocks: int, grid: int) -> int:
