@@ -56,18 +56,87 @@ def keygen(name: str, role: str, out_dir: Path, force: bool, platform: bool) -> 
     click.echo(f"ed25519 {ident.public.ed25519.hex()}")
 
 
+def _parse_time(value: str | None, what: str) -> float | None:
+    """Seconds since the epoch from a number, an ISO date-time, or HH:MM[:SS] today."""
+    if value is None:
+        return None
+    import datetime as dt
+
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return dt.datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        pass
+    try:
+        t = dt.time.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a time (seconds, ISO date-time or HH:MM[:SS])", param_hint=what) from None
+    return dt.datetime.combine(dt.date.today(), t).timestamp()
+
+
+def _parse_epochs(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    lo, sep, hi = value.partition(":")
+    try:
+        a = int(lo) if lo else 0
+        b = int(hi) if sep and hi else (a if not sep else 2**63)
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: use N or A:B", param_hint="--epoch") from None
+    return a, b
+
+
+def _step(items: list, show_detail) -> None:  # type: ignore[no-untyped-def]
+    """Interactive stepping: n(ext), p(revious), j EPOCH (jump), g INDEX (go), q(uit)."""
+    i = 0
+    while items:
+        click.echo(f"[{i + 1}/{len(items)}] " + show_detail(items[i]))
+        try:
+            cmd = input("n/p/j EPOCH/g INDEX/q> ").strip().split()
+        except EOFError:
+            return
+        if not cmd or cmd[0] in ("n", "next"):
+            i = min(i + 1, len(items) - 1)
+        elif cmd[0] in ("p", "prev", "previous"):
+            i = max(i - 1, 0)
+        elif cmd[0] in ("j", "jump") and len(cmd) == 2 and cmd[1].isdigit():
+            hit = next((k for k, e in enumerate(items) if e.header is not None and e.header.epoch >= int(cmd[1])), None)
+            if hit is None:
+                click.echo(f"no message at epoch {cmd[1]} or later")
+            else:
+                i = hit
+        elif cmd[0] in ("g", "go") and len(cmd) == 2 and cmd[1].isdigit():
+            i = min(max(int(cmd[1]) - 1, 0), len(items) - 1)
+        elif cmd[0] in ("q", "quit"):
+            return
+        else:
+            click.echo("commands: n, p, j EPOCH, g INDEX, q")
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--verify", is_flag=True, help="Check every signature and sequence; exit 1 naming the first bad record.")
+@click.option("--redrive", "redrive_node", metavar="NODE", help="Feed NODE's recorded inputs through its state machine; exit 1 at the first decision that differs.")
 @click.option("--node", "nodes", multiple=True, help="Only logs of this node (repeatable).")
 @click.option("--type", "types", multiple=True, help="Only this message type or family, e.g. token (repeatable).")
+@click.option("--since", help="Only records at or after this local time (seconds, ISO, or HH:MM[:SS]).")
+@click.option("--until", help="Only records at or before this local time.")
+@click.option("--epoch", "epoch_range", help="Only messages of token epoch N, or A:B.")
+@click.option("--step", is_flag=True, help="Step through the timeline interactively (n, p, j EPOCH, g INDEX, q).")
 @click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), help="Trusted public keys to verify against (default: the roster recorded in each log).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def replay(path: Path, verify: bool, nodes: tuple[str, ...], types: tuple[str, ...], keys_dir: Path | None, as_json: bool) -> None:
-    """Show or verify recorded message logs (a .gtlog file or a folder of them)."""
+def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str, ...], types: tuple[str, ...], since: str | None, until: str | None, epoch_range: str | None, step: bool, keys_dir: Path | None, as_json: bool) -> None:
+    """Show, verify, step through or re-drive recorded message logs (a .gtlog file or a folder).
+
+    Several nodes' logs are merged into one timeline ordered by causality: a
+    message is shown sent before it is shown received.
+    """
     from gtbus.recording import log_files
     from gtbus.replay.verify import verify_log
-    from gtbus.replay.view import entries, format_entry, select
+    from gtbus.replay.view import entries, format_detail, format_entry, in_window, select, timeline
 
     if verify:
         roster = Roster.from_dir(keys_dir) if keys_dir else None
@@ -89,10 +158,35 @@ def replay(path: Path, verify: bool, nodes: tuple[str, ...], types: tuple[str, .
         if bad:
             sys.exit(1)
         return
-    for e in select(entries(path), nodes=nodes, types=types):
+    if redrive_node is not None:
+        from gtbus.recording import read_log
+        from gtbus.replay.redrive import redrive
+
+        files = [p for p in log_files(path) if any(r.kind == "meta" and r.data.get("node") == redrive_node for r in read_log(p)[:1])]
+        if not files:
+            raise click.ClickException(f"no log of node {redrive_node!r} under {path}")
+        try:
+            name, diff = redrive(files[0], redrive_node)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        if as_json:
+            click.echo(json.dumps({"node": name, "log": str(files[0]), "difference": str(diff) if diff else None}))
+        elif diff is None:
+            click.echo(f"{name}: every decision re-driven from {files[0]} matches the log")
+        else:
+            click.echo(f"{name}: {files[0]}: {diff}", err=True)
+        if diff is not None:
+            sys.exit(1)
+        return
+    items = timeline(select(entries(path), nodes=nodes, types=types))
+    items = list(in_window(items, since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), epochs=_parse_epochs(epoch_range)))
+    if step:
+        _step(items, format_detail)
+        return
+    for e in items:
         if as_json:
             h = e.header
-            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None}, default=repr))
+            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None, "id": h.id.hex() if h else None}))
         else:
             click.echo(format_entry(e))
 

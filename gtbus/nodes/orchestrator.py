@@ -336,7 +336,9 @@ class Orchestrator:
     async def run(self) -> dict[str, Any]:
         """Setup, wait for holders, run every hop of the schedule; return the summary."""
         await self.setup()
+        self.rt.state_label = "waiting-for-holders"
         await self.wait_for_holders()
+        self.rt.state_label = "running"
         if self.schedule is None:
             self.schedule = Schedule(
                 {h: int(self.manifests[h]["chunk_count"]) for h in self.config.holders},
@@ -361,6 +363,7 @@ class Orchestrator:
                 self.on_hop(outcome)
         summary = self.summary()
         self.complete = True
+        self.rt.state_label = "complete"
         await self.rt.publish(RunComplete(summary))
         await self.rt.publish(Shutdown("run complete"))
         return summary

@@ -103,3 +103,88 @@ def format_entry(e: Entry) -> str:
         f"{ts} {e.node:<8} {arrow} {verdict:<10} {h.type:<16} {h.sender}->{h.recipient} "
         f"seq={h.seq} ep={h.epoch} {body_s}"
     )
+
+
+def timeline(items: Iterable[Entry]) -> list[Entry]:
+    """Merge several nodes' entries into one order consistent with causality.
+
+    Within a log, records keep their order; a message's receipt comes after its
+    sending (matched by message id). Among entries free to go next, the one with
+    the earliest local time goes first, so clocks only break ties and never
+    reorder cause and effect.
+    """
+    import heapq
+
+    per_log: dict[Path, list[Entry]] = {}
+    for e in items:
+        per_log.setdefault(e.path, []).append(e)
+    sent_at: dict[bytes, tuple[Path, int]] = {}
+    for path, es in per_log.items():
+        for i, e in enumerate(es):
+            if e.header is not None and e.record.data.get("dir") == "out":
+                sent_at[e.header.id] = (path, i)
+    pos = {path: 0 for path in per_log}
+    out: list[Entry] = []
+    emitted: set[tuple[Path, int]] = set()
+
+    def ready(path: Path) -> bool:
+        i = pos[path]
+        e = per_log[path][i]
+        if e.header is None or e.record.data.get("dir") != "in":
+            return True
+        src = sent_at.get(e.header.id)
+        return src is None or src in emitted
+
+    heap: list[tuple[float, str, Path]] = []
+    blocked: set[Path] = set()
+
+    def offer(path: Path) -> None:
+        if pos[path] < len(per_log[path]):
+            if ready(path):
+                heapq.heappush(heap, (per_log[path][pos[path]].time, str(path), path))
+            else:
+                blocked.add(path)
+
+    for path in per_log:
+        offer(path)
+    while heap or blocked:
+        if not heap:  # a receive whose send is missing from the logs given: take it by time
+            path = min(blocked, key=lambda p: per_log[p][pos[p]].time)
+            blocked.discard(path)
+        else:
+            _, _, path = heapq.heappop(heap)
+        e = per_log[path][pos[path]]
+        out.append(e)
+        emitted.add((path, pos[path]))
+        pos[path] += 1
+        offer(path)
+        for other in list(blocked):
+            if ready(other):
+                blocked.discard(other)
+                heapq.heappush(heap, (per_log[other][pos[other]].time, str(other), other))
+    return out
+
+
+def in_window(items: Iterable[Entry], *, since: float | None = None, until: float | None = None, epochs: tuple[int, int] | None = None) -> Iterator[Entry]:
+    """Keep entries within a local-time window and a token-epoch range (inclusive)."""
+    for e in items:
+        if since is not None and e.time < since:
+            continue
+        if until is not None and e.time > until:
+            continue
+        if epochs is not None:
+            if e.header is None or not epochs[0] <= e.header.epoch <= epochs[1]:
+                continue
+        yield e
+
+
+def format_detail(e: Entry) -> str:
+    """Several lines: the entry, its header fields and its whole body."""
+    lines = [format_entry(e)]
+    if e.header is not None:
+        h = e.header
+        lines.append(f"    id={h.id.hex()} parent={h.parent.hex() if h.parent else '-'} session={h.session.hex()[:16]} ts={h.ts:.3f} exp={h.exp:.3f}")
+    for k, v in (e.body or {}).items():
+        lines.append(f"    {k} = {_short(v)}")
+    lines.append(f"    log {e.path} record {e.record.index}, peer {e.record.data.get('peer')}, channel {e.record.data.get('ch')}")
+    return "\n".join(lines)
