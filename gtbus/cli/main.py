@@ -186,7 +186,7 @@ def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str,
     for e in items:
         if as_json:
             h = e.header
-            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None, "id": h.id.hex() if h else None}))
+            click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None, "id": h.id.hex() if h else None}, default=repr))
         else:
             click.echo(format_entry(e))
 
