@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -60,6 +61,12 @@ class HolderFaults:
     previous hop's staging handle before writing. ``stall``: sleep this many
     seconds after acking (to overrun the lease). ``exit_mid_provision``: kill
     this process (SIGKILL) after acking, half-way through writing.
+    ``stop_before_return``: once, with the chunk written and the return about
+    to leave, stop this process (SIGSTOP) right there, so a test can resume it
+    past its lease (a paused ex-holder whose return arrives late).
+    ``dump_to=PATH``: after each hop, copy the ciphertext this holder wrote
+    into staging to PATH. ``replay_from=PATH``: write the bytes of PATH
+    (another holder's ``dump_to``) into staging instead of sealing its chunk.
     """
 
     garbage: bool = False
@@ -67,6 +74,9 @@ class HolderFaults:
     map_old: bool = False
     stall: float = 0.0
     exit_mid_provision: bool = False
+    stop_before_return: bool = False
+    dump_to: str = ""
+    replay_from: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> "HolderFaults":
@@ -77,7 +87,10 @@ class HolderFaults:
             name = name.replace("-", "_")
             if name not in cls.__dataclass_fields__:
                 raise GtbusError(f"unknown fault {name!r}")
-            setattr(f, name, float(value) if name == "stall" else True)
+            kind = type(getattr(f, name))
+            if kind is str and not value:
+                raise GtbusError(f"fault {name} needs a value ({name}=...)")
+            setattr(f, name, float(value) if kind is float else value if kind is str else True)
         return f
 
 
@@ -191,6 +204,9 @@ class Holder:
                 summary = await self._write_ship(g, epoch, params, plain, ctx)
             if not self.machine.is_current(g.token_id, epoch):
                 return  # revoked while writing
+            if self.faults.stop_before_return:
+                self.faults.stop_before_return = False  # once: the retry should go through
+                os.kill(os.getpid(), signal.SIGSTOP)  # drill: resumes only on SIGCONT
             await self.rt.send(
                 TokenReturn(g.token_id, g.chunk_index, summary[0], summary[1], summary[2]), epoch=epoch
             )
@@ -224,11 +240,24 @@ class Holder:
                 old = self._last_staging
                 view[: len(old)] = old
                 summary = (ctx.count, len(plain), b"\0" * 32)
+            elif self.faults.replay_from:
+                try:
+                    with open(self.faults.replay_from, "rb") as fh:
+                        old = fh.read(len(view))
+                except OSError as exc:
+                    raise GtbusError(f"replay_from: {exc}") from None
+                view[: len(old)] = old
+                summary = (ctx.count, len(plain), b"\0" * 32)
             else:
                 s = SegmentSealer(params).seal_into(plain, view, ctx)
                 summary = (s.count, s.nbytes, s.ciphertext_digest)
             if self.faults.replay_previous:
                 self._last_staging = bytes(view[: staging_size(len(plain), params.segment_size)])
+            if self.faults.dump_to:
+                tmp = self.faults.dump_to + ".tmp"
+                with open(tmp, "wb") as fh:
+                    fh.write(view[: staging_size(len(plain), params.segment_size)])
+                os.replace(tmp, self.faults.dump_to)
             self._last_handle = params.buffer_handle
             return summary
         finally:

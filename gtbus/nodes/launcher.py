@@ -44,6 +44,7 @@ class LocalRun:
     bytes_per_holder: int = 256 * 1024
     data: Sequence[Path] | None = None  # one shard per holder; default: the demo corpus
     holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
+    orchestrator_fault: str = ""  # --fault spec of the orchestrator (tests and drills only)
     extra_orchestrator_args: Sequence[str] = ()
 
 
@@ -90,6 +91,8 @@ class LocalDeployment:
                "--platform-key", str(self.platform_key), "--mode", r.mode, "--rounds", str(r.rounds),
                "--chunk-tokens", str(r.chunk_tokens), "--steps", r.steps, "--lease", str(r.lease),
                "--json-out", str(self.summary_path), *self._common, *r.extra_orchestrator_args]
+        if r.orchestrator_fault:
+            cmd += ["--fault", r.orchestrator_fault]
         return cmd + (["--resume"] if resume else [])
 
     def holder_cmd(self, index: int) -> list[str]:

@@ -1,0 +1,61 @@
+"""kill -9 of the orchestrator mid-run, then `--resume` in the same run folder (DESIGN §7)."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from travel_kit import Travel, trained_keys
+
+from gtbus.recording import read_log
+from gtbus.replay.view import entries
+
+pytestmark = pytest.mark.slow
+
+
+def test_orchestrator_killed_mid_hop_resumes_without_reusing_epochs_or_chunks(travel) -> None:
+    # h2 stalls 0.5 s after acking: the orchestrator is killed while h2 holds the token.
+    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h2": "stall=0.5"}).start()
+    ack = t.wait_message("h2 acks its first grant", lambda m: m.type == "token.ack" and m.sender == "h2")
+    assert t.kill(t.orchestrator) == -signal.SIGKILL
+    before = t.grants()
+    run_id = next(m.body["run_id"] for m in t.messages() if m.type == "token.grant")
+    assert [g.epoch for g in before] == [1, ack.epoch] == [1, 2]
+    hops_before = t.hops()
+    assert [(h["epoch"], h["outcome"]) for h in hops_before] == [(1, "trained")]  # hop 2 was in flight
+
+    # Holders are restarted with it (a holder registers once per orchestrator process).
+    for name in t.holder_names:
+        t.kill(t.holder(name))
+    t.start_orchestrator(resume=True)
+    for name in t.holder_names:
+        t.restart_holder(name)
+    summary = t.finish()
+
+    # Across both lifetimes, every grant has a new epoch: the in-flight hop's epoch 2
+    # was reserved on disk before its grant left, so the resumed run starts above it.
+    log = t.log_of("orch")
+    grant_epochs = [
+        e.header.epoch for e in entries(log)
+        if e.header is not None and e.header.type == "token.grant" and e.record.data.get("dir") == "out"
+    ]
+    assert grant_epochs == sorted(set(grant_epochs)), grant_epochs
+    assert grant_epochs[:2] == [1, 2] and min(grant_epochs[2:]) > 2
+    assert sum(1 for r in read_log(log) if r.kind == "meta") == 2
+
+    # The schedule went on from the checkpoint: every chunk trained exactly once.
+    hops = t.hops()
+    assert hops[0] == hops_before[0]
+    keys = trained_keys(hops)
+    assert sorted(keys) == [(0, "h1", 0), (0, "h1", 1), (0, "h2", 0), (0, "h2", 1)]
+    assert len(keys) == len(set(keys))
+    assert all(h["epoch"] != 2 for h in hops)
+    assert [h["epoch"] for h in hops] == sorted({h["epoch"] for h in hops})
+    assert summary["run_id"] == run_id
+    assert summary["hops_trained"] == 4 and summary["skipped"] == []
+    assert summary["bytes_provisioned"] == 4 * 64 * 1024
+    assert summary["last_epoch"] == grant_epochs[-1]
+
+    # Both lifetimes' logs (and the holders' two each) still verify offline.
+    res = t.replay_verify()
+    assert res.returncode == 0, res.stdout + res.stderr

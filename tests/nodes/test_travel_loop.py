@@ -1,0 +1,63 @@
+"""The whole travel loop with real processes: orchestrator and holders on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from travel_kit import Travel, trained_keys
+
+from gtbus.gpu.host import SHM_DIR
+from gtbus.training.shards import Dataset
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
+    t: Travel = travel(holders=3, chunk_tokens=16384, bytes_per_holder=64 * 1024).start()
+    summary = t.finish()
+    hops = t.hops()
+
+    # Every chunk of every holder travelled once, in round-robin order, and trained.
+    chunk_bytes = {
+        (name, i): int(tokens.shape[0]) * 2
+        for name, shard in zip(t.holder_names, t.dep.shards)
+        for i, tokens in Dataset([shard]).chunks(16384)
+    }
+    assert len(chunk_bytes) == 12
+    assert [h["outcome"] for h in hops] == ["trained"] * len(chunk_bytes)
+    assert summary["hops"] == summary["hops_trained"] == len(chunk_bytes)
+    assert summary["outcomes"] == {"trained": len(chunk_bytes)}
+    assert summary["skipped"] == []
+    order = [(h["holder"], h["chunk"]) for h in hops]
+    assert order == [(n, c) for c in range(4) for n in ("h1", "h2", "h3")]
+    assert sorted(trained_keys(hops)) == sorted((0, n, c) for n, c in chunk_bytes)
+
+    # Bytes: each hop carried exactly its chunk, and the total is their sum.
+    for h in hops:
+        assert h["nbytes"] == chunk_bytes[(h["holder"], h["chunk"])]
+    assert summary["bytes_provisioned"] == sum(chunk_bytes.values())
+
+    # The model learned: held-out loss on the last chunk is below that on the first.
+    assert summary["last_loss"] < summary["first_loss"]
+
+    # Epochs are 1..n, one grant per hop, and each hop's model measurement moved
+    # (training changed the model between consecutive grants).
+    grants = t.grants()
+    assert [g.epoch for g in grants] == [h["epoch"] for h in hops] == list(range(1, len(hops) + 1))
+    assert len({g.model_hash for g in grants}) == len(grants)
+    assert summary["last_epoch"] == len(hops)
+
+    # Every hop's staging file was unlinked, and each hop had its own.
+    assert len({g.handle for g in grants}) == len(grants)
+    assert not [g.handle for g in grants if os.path.exists(os.path.join(SHM_DIR, g.handle))]
+
+    # The recorded messages verify offline: signatures, sequences, chains.
+    res = t.replay_verify()
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("ok ") == 4  # orchestrator + 3 holders
+
+    # Holders wrote what they said: every return names the granted chunk.
+    returns = [m for m in t.messages() if m.type == "token.return"]
+    assert len(returns) == len(hops) and all(m.verdict == "accepted" for m in returns)
+    assert not any(m.verdict.startswith("rejected") for m in t.messages())

@@ -1,0 +1,298 @@
+"""A local deployment under test: real processes, sockets, crypto and files.
+
+:class:`Travel` wraps :class:`gtbus.nodes.launcher.LocalDeployment` with what
+fault tests need: reading the orchestrator's message log while it runs,
+waiting for a message to appear in it, signalling node processes, opening the
+sealed grants (the test holds every key of its throwaway deployment) to learn
+each hop's staging handle and the model measurement the orchestrator reported,
+and the hop list of the final checkpoint.
+
+Nothing here measures time: waits poll the logs with a generous upper bound
+that only turns a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import numpy
+
+from gtbus.gpu.attestation import MeasurementReport, SignedReport
+from gtbus.gpu.host import SHM_DIR
+from gtbus.gpu.sealing import open_params
+from gtbus.nodes.launcher import LocalDeployment, LocalRun
+from gtbus.recording import LogFormatError
+from gtbus.replay.view import Entry, entries
+
+T = TypeVar("T")
+
+# Upper bound for any single wait: a hung run fails instead of blocking the suite.
+HANG = 90.0
+
+
+@dataclass(frozen=True)
+class GrantSeen:
+    """One token.grant as the orchestrator recorded it, with its sealed params opened."""
+
+    epoch: int
+    holder: str
+    chunk: int
+    handle: str
+    model_hash: bytes
+    t: float
+
+
+@dataclass(frozen=True)
+class Msg:
+    """One record of a message log, flattened for assertions."""
+
+    dir: str
+    verdict: str
+    type: str
+    sender: str
+    recipient: str
+    epoch: int
+    t: float
+    body: dict[str, Any]
+
+
+class Travel:
+    """One local run: an orchestrator and holders as OS processes on 127.0.0.1."""
+
+    def __init__(self, run_dir: Path, **options: Any) -> None:
+        options.setdefault("holders", 2)
+        options.setdefault("chunk_tokens", 32768)
+        options.setdefault("steps", "20")
+        options.setdefault("lease", 5.0)
+        options.setdefault("bytes_per_holder", 64 * 1024)
+        self.run_dir = run_dir
+        self.dep = LocalDeployment(LocalRun(run_dir=run_dir, **options))
+        self.lines: list[str] = []
+        self.orchestrators: list[subprocess.Popen[str]] = []
+        self._readers: list[threading.Thread] = []
+        self._secrets = {h.name: bytes(h.x25519_secret) for h in self.dep.dep.holders}
+        self._handles: set[str] = set()
+
+    # -- processes ---------------------------------------------------------------------------
+
+    @property
+    def holder_names(self) -> list[str]:
+        return [h.name for h in self.dep.dep.holders]
+
+    def start(self) -> "Travel":
+        """Start the orchestrator and every holder."""
+        self.start_orchestrator()
+        for i in range(len(self.holder_names)):
+            self.dep.start_holder(i)
+        return self
+
+    def start_orchestrator(self, *, resume: bool = False) -> subprocess.Popen[str]:
+        """Start (or restart) the orchestrator; its hop lines are collected in :attr:`lines`."""
+        p = self.dep.start_orchestrator(resume=resume)
+        self.orchestrators.append(p)
+        assert p.stdout is not None
+        stream = p.stdout
+
+        def drain() -> None:
+            for line in stream:
+                self.lines.append(line.rstrip())
+
+        t = threading.Thread(target=drain, daemon=True)
+        t.start()
+        self._readers.append(t)
+        return p
+
+    def restart_holder(self, name: str) -> subprocess.Popen[bytes]:
+        """Start holder ``name`` again (the old process must be gone)."""
+        return self.dep.start_holder(self.holder_names.index(name))
+
+    def holder(self, name: str) -> subprocess.Popen[bytes]:
+        return self.dep.holder_procs[name]
+
+    @property
+    def orchestrator(self) -> subprocess.Popen[str]:
+        assert self.dep.orchestrator is not None
+        return self.dep.orchestrator
+
+    def signal(self, proc: subprocess.Popen[Any], sig: int) -> None:
+        """Send ``sig`` to one process this test started (by its pid)."""
+        os.kill(proc.pid, sig)
+
+    def kill(self, proc: subprocess.Popen[Any]) -> int:
+        """SIGKILL one process this test started and reap it; its exit status."""
+        if proc.poll() is None:
+            proc.kill()
+        return proc.wait(timeout=30)
+
+    def finish(self, timeout: float = HANG) -> dict[str, Any]:
+        """Wait for the (last) orchestrator to exit 0 and return its summary."""
+        p = self.orchestrator
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"orchestrator still running after {timeout:.0f}s; hop lines: {self.lines}; stderr: {self.stderr()}") from None
+        for t in self._readers:
+            t.join(timeout=10)
+        assert rc == 0, f"orchestrator exited {rc}; stderr tail: {self.stderr()[-3000:]}"
+        # Holders leave on the run's shutdown event.
+        for name, h in self.dep.holder_procs.items():
+            try:
+                h.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"holder {name} did not exit after the run; stderr: {self.stderr(name)}") from None
+        return json.loads(self.dep.summary_path.read_text())
+
+    def stderr(self, node: str = "orchestrator") -> str:
+        p = self.run_dir / f"{node}.err"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def close(self) -> None:
+        """Kill whatever is still running (continuing stopped ones first) and remove leaked staging."""
+        procs: list[subprocess.Popen[Any]] = [*self.dep.holder_procs.values(), *self.orchestrators]
+        for p in procs:
+            if p.poll() is None:
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+            if p.stdout is not None:
+                p.stdout.close()
+        # An orchestrator killed with SIGKILL cannot unlink its hop's staging file.
+        try:
+            self.grants()
+        except Exception:
+            pass
+        for handle in self._handles:
+            try:
+                os.unlink(os.path.join(SHM_DIR, handle))
+            except FileNotFoundError:
+                pass
+
+    # -- logs --------------------------------------------------------------------------------
+
+    @property
+    def logs(self) -> Path:
+        return self.run_dir / "logs"
+
+    def log_of(self, node: str) -> Path:
+        return self.logs / f"{node}.gtlog"
+
+    def messages(self, node: str | None = None) -> list[Msg]:
+        """Every message record of ``node``'s log (default: the orchestrator's), in order."""
+        path = self.log_of(node or self.dep.dep.orchestrator.name)
+        if not path.exists():
+            return []
+        out = []
+        for e in _entries_now(path):
+            h = e.header
+            if h is None:
+                continue
+            d = e.record.data
+            out.append(Msg(str(d.get("dir")), str(d.get("verdict")), h.type, h.sender, h.recipient, h.epoch, e.time, e.body or {}))
+        return out
+
+    def grants(self) -> list[GrantSeen]:
+        """Every grant the orchestrator sent, in order, with staging handle and reported model hash."""
+        out = []
+        for m in self.messages():
+            if m.dir != "out" or m.type != "token.grant":
+                continue
+            b = m.body
+            params = open_params(b["sealed_params"], self._secrets[b["holder"]])
+            report = MeasurementReport.from_bytes(SignedReport.from_wire(b["report"]).body)
+            self._handles.add(params.buffer_handle)
+            out.append(GrantSeen(m.epoch, b["holder"], int(b["chunk_index"]), params.buffer_handle, report.model_hash, m.t))
+        return out
+
+    def wait_for(self, what: str, probe: Callable[[], T | None], timeout: float = HANG) -> T:
+        """Poll ``probe`` until it returns something truthy; fail (naming ``what``) if the run ends or hangs first."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                got = probe()
+            except LogFormatError:
+                got = None  # a record being appended right now: read again
+            if got:
+                return got
+            if self.orchestrator.poll() is not None:
+                try:
+                    got = probe()
+                except LogFormatError:
+                    got = None
+                if got:
+                    return got
+                raise AssertionError(f"orchestrator exited ({self.orchestrator.returncode}) before: {what}; stderr: {self.stderr()[-2000:]}")
+            if time.monotonic() > end:
+                raise AssertionError(f"gave up waiting for: {what}")
+            time.sleep(0.02)
+
+    def wait_message(self, what: str, pred: Callable[[Msg], bool], node: str | None = None) -> Msg:
+        """Wait until ``node``'s log (default: the orchestrator's) holds a record matching ``pred``."""
+        return self.wait_for(what, lambda: next((m for m in self.messages(node) if pred(m)), None))
+
+    # -- results -----------------------------------------------------------------------------
+
+    def checkpoint(self) -> tuple[dict[str, Any], dict[str, numpy.ndarray]]:
+        """The orchestrator's last checkpoint: (meta, arrays)."""
+        with numpy.load(self.run_dir / "checkpoints" / f"{self.dep.dep.orchestrator.name}.npz") as z:
+            meta = json.loads(bytes(z["__meta__"]).decode())
+            arrays = {k[2:]: numpy.array(z[k]) for k in z.files if k.startswith("p.")}
+        return meta, arrays
+
+    def hops(self) -> list[dict[str, Any]]:
+        """Every hop of the run (across orchestrator lifetimes), from the last checkpoint."""
+        return list(self.checkpoint()[0]["hops"])
+
+    def checkpoint_model_hash(self) -> bytes:
+        """The model measurement of the last checkpoint, as the orchestrator would report it."""
+        from gtbus.cli.nodes import make_device, make_trainer
+
+        meta, arrays = self.checkpoint()
+        state: dict[str, Any] = dict(arrays)
+        state.update(meta.get("scalars", {}))
+        device = make_device("host")
+        trainer = make_trainer("bytelm")
+        trainer.load(device.array_module)
+        trainer.load_state_dict(state)
+        return bytes(device.measure(*trainer.parameter_views()))
+
+    def replay_verify(self) -> subprocess.CompletedProcess[str]:
+        """`gtbus replay --verify` on the run's logs against the deployment's public keys."""
+        return subprocess.run(
+            [sys.executable, "-m", "gtbus", "replay", "--verify", "--keys", str(self.dep.keys), str(self.logs)],
+            capture_output=True, text=True, timeout=120,
+        )
+
+
+def _entries_now(path: Path) -> list[Entry]:
+    return list(entries(path))
+
+
+def trained_keys(hops: list[dict[str, Any]]) -> list[tuple[int, str, int]]:
+    """(round, holder, chunk) of every trained hop."""
+    return [(h["round"], h["holder"], h["chunk"]) for h in hops if h["outcome"] == "trained"]
+
+
+def by_epoch(hops: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    return {h["epoch"]: h for h in hops}
+
+
+def process_state(pid: int) -> str:
+    """The one-letter state of a process (R, S, T for stopped, ...) from /proc."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
