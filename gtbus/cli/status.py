@@ -8,11 +8,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 
-from gtbus.messages.identity import Roster, load_identity
+from gtbus.messages.identity import NodeIdentity, Roster, load_identity
 
 
 def render(state: dict[str, Any], started: float) -> str:
@@ -37,25 +37,61 @@ def render(state: dict[str, Any], started: float) -> str:
     return "\n".join(lines)
 
 
-@click.command()
-@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="An observer (or any roster member's) secret key.")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
-@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True)
-@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
-@click.option("--watch", is_flag=True, help="Keep a live view until the run completes (Ctrl-C to leave).")
-@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (with --watch: one line per change).")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
-@click.option("--refresh", type=float, default=1.0, show_default=True, help="With --watch: seconds between snapshot refreshes when no event came.")
-def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, as_json: bool, timeout: float, refresh: float) -> None:
-    """Show a running deployment's state, from a snapshot plus live events."""
+async def follow(
+    identity: NodeIdentity,
+    roster: Roster,
+    router: str,
+    pub: str,
+    show: Callable[[dict[str, Any]], None],
+    *,
+    watch: bool = False,
+    timeout: float = 5.0,
+    refresh: float = 1.0,
+) -> dict[str, Any]:
+    """Join the deployment as an observer: snapshot, then (with ``watch``) live events until completion."""
     from gtbus.errors import GtbusError
     from gtbus.nodes.observer import Observer
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import client_transport, orchestrator_of
 
-    identity = load_identity(key_path)
-    roster = Roster.from_dir(keys_dir)
-    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="gtbus-status-") as tmp:
+        rt = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=tmp, server=orchestrator_of(roster), heartbeat_interval=0)
+        obs = Observer(rt, on_change=show if watch else None)
+        await rt.start()
+        try:
+            try:
+                state = await obs.sync(timeout)
+            except asyncio.TimeoutError:
+                raise GtbusError(f"no answer from the orchestrator at {router} within {timeout:.0f}s") from None
+            show(state)
+            last_sync = time.monotonic()
+            missed = 0
+            while watch and not state.get("complete"):
+                try:
+                    await asyncio.wait_for(obs.changed.wait(), refresh)
+                    obs.changed.clear()
+                except asyncio.TimeoutError:
+                    pass
+                if time.monotonic() - last_sync >= refresh and not state.get("complete"):
+                    # Liveness travels only in snapshots: refresh it every so often.
+                    try:
+                        state = await obs.sync(timeout)
+                        last_sync = time.monotonic()
+                        missed = 0
+                        show(state)
+                    except asyncio.TimeoutError:
+                        missed += 1
+                        if missed >= 3:
+                            raise GtbusError(f"lost contact with the orchestrator at {router} before the run completed") from None
+                        continue
+                state = obs.follower.state or state
+            return state
+        finally:
+            await rt.close()
+
+
+def printer(as_json: bool, started: float) -> Callable[[dict[str, Any]], None]:
+    """How states are shown: JSON lines, or a block redrawn in place on a terminal."""
     tty = sys.stdout.isatty()
 
     def show(state: dict[str, Any]) -> None:
@@ -64,42 +100,24 @@ def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, a
         else:
             click.echo(("\x1b[H\x1b[2J" if tty else "") + render(state, started) + ("" if tty else "\n"))
 
-    async def main() -> None:
-        with tempfile.TemporaryDirectory(prefix="gtbus-status-") as tmp:
-            rt = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=tmp, server=orchestrator_of(roster), heartbeat_interval=0)
-            obs = Observer(rt, on_change=show if watch else None)
-            await rt.start()
-            try:
-                try:
-                    state = await obs.sync(timeout)
-                except asyncio.TimeoutError:
-                    raise GtbusError(f"no answer from the orchestrator at {router} within {timeout:.0f}s") from None
-                show(state)
-                last_sync = time.monotonic()
-                missed = 0
-                while watch and not state.get("complete"):
-                    try:
-                        await asyncio.wait_for(obs.changed.wait(), refresh)
-                        obs.changed.clear()
-                    except asyncio.TimeoutError:
-                        pass
-                    if time.monotonic() - last_sync >= refresh and not state.get("complete"):
-                        # Liveness travels only in snapshots: refresh it every so often.
-                        try:
-                            state = await obs.sync(timeout)
-                            last_sync = time.monotonic()
-                            missed = 0
-                            show(state)
-                        except asyncio.TimeoutError:
-                            missed += 1
-                            if missed >= 3:
-                                raise GtbusError(f"lost contact with the orchestrator at {router} before the run completed") from None
-                            continue
-                    state = obs.follower.state or state
-            finally:
-                await rt.close()
+    return show
 
+
+@click.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="An observer (or any roster member's) secret key.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True)
+@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
+@click.option("--watch", is_flag=True, help="Keep a live view until the run completes (Ctrl-C to leave).")
+@click.option("--json", "as_json", is_flag=True, help="Print the state as JSON (with --watch: one line per change).")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--refresh", type=float, default=1.0, show_default=True, help="With --watch: seconds between snapshot refreshes.")
+def status(key_path: Path, keys_dir: Path, router: str, pub: str, watch: bool, as_json: bool, timeout: float, refresh: float) -> None:
+    """Show a running deployment's state, from a snapshot plus live events."""
+    identity = load_identity(key_path)
+    roster = Roster.from_dir(keys_dir)
+    show = printer(as_json, time.time())
     try:
-        asyncio.run(main())
+        asyncio.run(follow(identity, roster, router, pub, show, watch=watch, timeout=timeout, refresh=refresh))
     except KeyboardInterrupt:
         pass

@@ -1,0 +1,257 @@
+"""Runbook files: one TOML file describes one deployment.
+
+A runbook names the hosts (this machine, or servers reached with OpenSSH),
+the nodes and their roles, endpoints, key and data paths, what holders pin,
+and the training settings. Example (``runbooks/local.toml`` is a full one)::
+
+    [deployment]
+    name = "local"
+    run_dir = "runs/local"          # on every host, relative to the host's workdir
+    keys = "runs/local/keys"         # the folder of every node's NAME.pub (and here, the secrets)
+    backend = "host"
+
+    [training]
+    mode = "travel"
+    rounds = 2
+    chunk_tokens = 65536
+    steps = "120"
+    lease = 10.0
+
+    [pins]
+    code = "auto"                    # or the hex printed by `gtbus measure`
+    platform_pub = "runs/local/platform/platform.platform.pub"
+
+    [hosts.gpu]
+    address = "local"                # or "user@server" (OpenSSH)
+    workdir = "."
+    python = ".venv/bin/python"
+
+    [nodes.orch]
+    role = "orchestrator"
+    host = "gpu"
+    key = "runs/local/keys/orch.key"
+    platform_key = "runs/local/platform/platform.platform.key"
+    router = "tcp://127.0.0.1:7700"
+    pub = "tcp://127.0.0.1:7701"
+
+    [nodes.h1]
+    role = "holder"
+    host = "gpu"
+    key = "runs/local/keys/h1.key"
+    data = ["runs/local/data/holder00.bin"]
+
+Paths are relative to the host's ``workdir``. Every problem found while
+loading is reported as one line naming the table and key.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from gtbus.errors import ConfigError
+from gtbus.messages.identity import Role, check_node_name
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where nodes run: this machine or an OpenSSH destination."""
+
+    name: str
+    address: str
+    workdir: str = "."
+    python: str = ".venv/bin/python"
+    ssh_options: tuple[str, ...] = ()
+
+    @property
+    def local(self) -> bool:
+        """True for this machine."""
+        return self.address in ("local", "localhost")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One node process of the deployment."""
+
+    name: str
+    role: Role
+    host: str
+    key: str
+    router: str = ""
+    pub: str = ""
+    platform_key: str = ""
+    data: tuple[str, ...] = ()
+    raw: bool = False
+    extra_args: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Runbook:
+    """A whole deployment, validated."""
+
+    path: Path
+    name: str
+    run_dir: str
+    keys: str
+    backend: str
+    trainer: str
+    training: dict[str, Any]
+    pin_code: str
+    platform_pub: str
+    hosts: dict[str, Host]
+    nodes: dict[str, Node]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def orchestrator(self) -> Node:
+        """The deployment's orchestrator node."""
+        return next(n for n in self.nodes.values() if n.role is Role.ORCHESTRATOR)
+
+    def nodes_by_role(self, role: Role) -> list[Node]:
+        """Nodes of ``role``, in file order."""
+        return [n for n in self.nodes.values() if n.role is role]
+
+
+_TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0}
+
+
+def _table(data: dict[str, Any], key: str, problems: list[str], *, required: bool = True) -> dict[str, Any]:
+    value = data.get(key)
+    if value is None:
+        if required:
+            problems.append(f"[{key}]: missing table")
+        return {}
+    if not isinstance(value, dict):
+        problems.append(f"[{key}]: must be a table")
+        return {}
+    return value
+
+
+def _str(t: dict[str, Any], key: str, where: str, problems: list[str], default: str | None = None) -> str:
+    value = t.get(key, default)
+    if value is None:
+        problems.append(f"{where}: missing key {key!r}")
+        return ""
+    if not isinstance(value, str) or not value:
+        problems.append(f"{where}: {key} must be a non-empty string")
+        return ""
+    return value
+
+
+def _endpoint(value: str, where: str, problems: list[str]) -> None:
+    u = urlparse(value)
+    if u.scheme != "tcp" or not u.hostname or u.port is None:
+        problems.append(f"{where}: endpoint {value!r} must look like tcp://HOST:PORT")
+    elif not 0 < u.port < 65536:
+        problems.append(f"{where}: port {u.port} out of range")
+
+
+def load_runbook(path: str | Path) -> Runbook:
+    """Parse and validate a runbook; ConfigError lists every problem, one per line."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such runbook") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    problems: list[str] = []
+    dep = _table(data, "deployment", problems)
+    training = {**_TRAINING_DEFAULTS, **_table(data, "training", problems, required=False)}
+    pins = _table(data, "pins", problems)
+    hosts_t = _table(data, "hosts", problems)
+    nodes_t = _table(data, "nodes", problems)
+    unknown = set(data) - {"deployment", "training", "pins", "hosts", "nodes"}
+    for k in sorted(unknown):
+        problems.append(f"[{k}]: unknown table")
+
+    backend = dep.get("backend", "host")
+    if backend not in ("host", "cupy"):
+        problems.append(f"[deployment]: backend must be host or cupy, not {backend!r}")
+    if training["mode"] not in ("travel", "ship"):
+        problems.append(f"[training]: mode must be travel or ship, not {training['mode']!r}")
+    for k in ("rounds", "chunk_tokens"):
+        if not isinstance(training[k], int) or training[k] < 1:
+            problems.append(f"[training]: {k} must be a positive integer")
+    if not isinstance(training["lease"], (int, float)) or training["lease"] <= 0:
+        problems.append("[training]: lease must be a positive number of seconds")
+    steps = str(training["steps"])
+    if steps != "pass" and not steps.isdigit():
+        problems.append("[training]: steps must be 'pass' or a number")
+
+    hosts: dict[str, Host] = {}
+    for name, t in hosts_t.items():
+        where = f"[hosts.{name}]"
+        if not isinstance(t, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        opts = t.get("ssh_options", [])
+        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+            problems.append(f"{where}: ssh_options must be a list of strings")
+            opts = []
+        hosts[name] = Host(name, _str(t, "address", where, problems), str(t.get("workdir", ".")), str(t.get("python", ".venv/bin/python")), tuple(opts))
+
+    nodes: dict[str, Node] = {}
+    for name, t in nodes_t.items():
+        where = f"[nodes.{name}]"
+        try:
+            check_node_name(name)
+        except ConfigError as exc:
+            problems.append(f"{where}: {exc}")
+            continue
+        if not isinstance(t, dict):
+            problems.append(f"{where}: must be a table")
+            continue
+        try:
+            role = Role(t.get("role", ""))
+        except ValueError:
+            problems.append(f"{where}: role must be one of {', '.join(r.value for r in Role)}")
+            continue
+        host = _str(t, "host", where, problems)
+        if host and host not in hosts:
+            problems.append(f"{where}: host {host!r} is not in [hosts]")
+        data_paths = t.get("data", [])
+        if not isinstance(data_paths, list) or not all(isinstance(d, str) for d in data_paths):
+            problems.append(f"{where}: data must be a list of paths")
+            data_paths = []
+        node = Node(
+            name=name, role=role, host=host, key=_str(t, "key", where, problems),
+            router=str(t.get("router", "")), pub=str(t.get("pub", "")), platform_key=str(t.get("platform_key", "")),
+            data=tuple(data_paths), raw=bool(t.get("raw", False)), extra_args=tuple(str(a) for a in t.get("extra_args", [])),
+        )
+        if role is Role.ORCHESTRATOR:
+            for k in ("router", "pub"):
+                if not getattr(node, k):
+                    problems.append(f"{where}: an orchestrator needs {k}")
+                else:
+                    _endpoint(getattr(node, k), where, problems)
+            if not node.platform_key:
+                problems.append(f"{where}: an orchestrator needs platform_key")
+        if role is Role.HOLDER and not node.data:
+            problems.append(f"{where}: a holder needs data")
+        nodes[name] = node
+    orchs = [n for n in nodes.values() if n.role is Role.ORCHESTRATOR]
+    if len(orchs) != 1:
+        problems.append(f"[nodes]: exactly one orchestrator needed, found {len(orchs)}")
+    if not any(n.role is Role.HOLDER for n in nodes.values()):
+        problems.append("[nodes]: no holder")
+    rb = Runbook(
+        path=p,
+        name=_str(dep, "name", "[deployment]", problems) if dep else "",
+        run_dir=_str(dep, "run_dir", "[deployment]", problems) if dep else "",
+        keys=_str(dep, "keys", "[deployment]", problems) if dep else "",
+        backend=str(backend),
+        trainer=str(dep.get("trainer", "bytelm")),
+        training=training,
+        pin_code=str(pins.get("code", "auto")),
+        platform_pub=_str(pins, "platform_pub", "[pins]", problems) if pins else "",
+        hosts=hosts,
+        nodes=nodes,
+        problems=problems,
+    )
+    if problems:
+        raise ConfigError(f"{p}: {len(problems)} problem(s):\n" + "\n".join(f"  {x}" for x in problems))
+    return rb
