@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 from travel_kit import Travel, by_epoch, process_state, trained_keys
 
+from gtbus.errors import DeviceError
 from gtbus.gpu.channel import TAG_SIZE
-from gtbus.gpu.host import SHM_DIR
+from gtbus.gpu.host import SHM_DIR, HostDevice
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +54,8 @@ def test_holder_killed_mid_provision_is_revoked_and_run_completes(travel) -> Non
     acks = [m for m in t.messages() if m.type == "token.ack" and m.sender == "h2"]
     assert [m.epoch for m in acks] == [2]
     # Its retry found no holder; the chunk is reported skipped, never trained.
-    assert all(h["outcome"] != "trained" for h in h2)
+    assert [h["outcome"] for h in h2] == ["revoked", "revoked"]
+    assert "grant not delivered" in h2[1]["detail"] and "not connected" in h2[1]["detail"]
     assert [0, "h2", 0] in summary["skipped"]
     # The others trained their chunks, once each.
     assert sorted(trained_keys(hops)) == [(0, "h1", 0), (0, "h3", 0)]
@@ -185,14 +187,17 @@ def test_garbage_and_replayed_segments_are_rejected_and_never_trained(travel, tm
     _staging_gone(t)
 
 
-def _shm_mappings(pid: int) -> list[str]:
-    """Paths under /dev/shm that process ``pid`` has mapped."""
-    out = []
+def _shared_mappings(pid: int) -> tuple[list[str], list[str]]:
+    """(paths under /dev/shm, anything mapped shared and writable) of process ``pid``."""
+    shm, writable = set(), set()
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         parts = line.split(None, 5)
-        if len(parts) == 6 and parts[5].startswith(SHM_DIR + "/"):
-            out.append(parts[5].split(" (deleted)")[0])
-    return sorted(set(out))
+        path = parts[5] if len(parts) == 6 else "(anonymous)"
+        if path.startswith(SHM_DIR + "/"):
+            shm.add(path)
+        if parts[1][1] == "w" and parts[1][3] == "s":
+            writable.add(path)
+    return sorted(shm), sorted(writable)
 
 
 def _needles(arrays: dict) -> list[bytes]:
@@ -222,11 +227,15 @@ def test_old_staging_cannot_be_mapped_and_the_model_is_never_exported(travel) ->
     current = next(g for g in grants if g.epoch == ack.epoch)
     earlier = [g for g in grants if g.epoch < ack.epoch]
     assert earlier
-    # The orchestrator maps nothing from /dev/shm but this hop's staging.
-    assert _shm_mappings(orch.pid) == [os.path.join(SHM_DIR, current.handle)]
-    # Earlier hops' staging files are gone: no process can open them again.
+    # The orchestrator maps nothing from /dev/shm, and nothing shared and writable
+    # at all, but this hop's staging: the model lives in private memory only.
+    staging = os.path.join(SHM_DIR, current.handle)
+    assert _shared_mappings(orch.pid) == ([staging], [staging])
+    # Earlier hops' staging files are gone: no process can map them again.
     for g in earlier:
         assert not os.path.exists(os.path.join(SHM_DIR, g.handle))
+        with pytest.raises(DeviceError, match="not exported"):
+            HostDevice.map_staging(g.handle)
     # The model's bytes are in no shared-memory file at all.
     _, arrays = t.checkpoint()
     needles = _needles(arrays)
