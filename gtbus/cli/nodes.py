@@ -17,22 +17,22 @@ from gtbus.messages.identity import Roster, load_identity
 
 def make_device(backend: str) -> Any:
     """The device backend by name."""
-    if backend == "host":
-        from gtbus.gpu.host import HostDevice
-
-        return HostDevice()
-    if backend == "cupy":
-        try:
-            from gtbus.gpu.cupy_backend import CupyDevice  # type: ignore[import-not-found]
-        except ImportError as exc:
-            raise ConfigError(f"backend cupy unavailable: {exc}") from None
-        return CupyDevice()
-    raise ConfigError(f"unknown backend {backend!r} (host or cupy)")
+    return device_class(backend)()
 
 
 def device_class(backend: str) -> Any:
-    """The device class (holders only need its map/unmap side)."""
-    return type(make_device(backend)) if backend != "host" else __import__("gtbus.gpu.host", fromlist=["HostDevice"]).HostDevice
+    """The device class: holders only use its map/unmap side, and need no device of their own."""
+    if backend == "host":
+        from gtbus.gpu.host import HostDevice
+
+        return HostDevice
+    if backend == "cupy":
+        try:
+            from gtbus.gpu.cupy_backend import CupyDevice
+        except ImportError as exc:
+            raise ConfigError(f"backend cupy unavailable: {exc}") from None
+        return CupyDevice
+    raise ConfigError(f"unknown backend {backend!r} (host or cupy)")
 
 
 def make_trainer(name: str, seed: int = 0) -> Any:
@@ -41,7 +41,12 @@ def make_trainer(name: str, seed: int = 0) -> Any:
         from gtbus.training.bytelm import ByteLM, ByteLMConfig
 
         return ByteLM(ByteLMConfig(seed=seed))
-    raise ConfigError(f"unknown trainer {name!r} (built in: bytelm)")
+    if name == "gpt2":
+        # GPT-2 124M (llm.c's run), trained with PyTorch on the hop buffer through DLPack.
+        from gtbus.training.pytorch import TorchTrainer, TorchTrainerConfig, gpt2_small
+
+        return TorchTrainer(gpt2_small, vocab=50257, config=TorchTrainerConfig(seed=seed))
+    raise ConfigError(f"unknown trainer {name!r} (built in: bytelm, gpt2)")
 
 
 def _hop_line(h: Any) -> str:

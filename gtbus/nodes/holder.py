@@ -227,36 +227,35 @@ class Holder:
             # Drill: an earlier hop's buffer must be gone. This raises DeviceError.
             self.device_cls.map_staging(self._last_handle)
         mapping = self.device_cls.map_staging(params.buffer_handle)
+        total = staging_size(len(plain), params.segment_size)
+        forged = (ctx.count, len(plain), b"\0" * 32)
         try:
-            view = mapping.view
             if self.faults.exit_mid_provision:
-                view[: len(plain) // 2] = os.urandom(len(plain) // 2)
+                mapping.write_raw(os.urandom(len(plain) // 2))
                 os.kill(os.getpid(), 9)
             if self.faults.garbage:
-                n = staging_size(len(plain), params.segment_size)
-                view[:n] = os.urandom(n)
-                summary = (ctx.count, len(plain), b"\0" * 32)
+                mapping.write_raw(os.urandom(total))
+                summary = forged
             elif self.faults.replay_previous and self._last_staging is not None:
-                old = self._last_staging
-                view[: len(old)] = old
-                summary = (ctx.count, len(plain), b"\0" * 32)
+                mapping.write_raw(self._last_staging[:total])
+                summary = forged
             elif self.faults.replay_from:
                 try:
                     with open(self.faults.replay_from, "rb") as fh:
-                        old = fh.read(len(view))
+                        old = fh.read(total)
                 except OSError as exc:
                     raise GtbusError(f"replay_from: {exc}") from None
-                view[: len(old)] = old
-                summary = (ctx.count, len(plain), b"\0" * 32)
+                mapping.write_raw(old)
+                summary = forged
             else:
-                s = SegmentSealer(params).seal_into(plain, view, ctx)
+                s = mapping.seal_into(plain, params, ctx)
                 summary = (s.count, s.nbytes, s.ciphertext_digest)
             if self.faults.replay_previous:
-                self._last_staging = bytes(view[: staging_size(len(plain), params.segment_size)])
+                self._last_staging = mapping.read_raw(total)
             if self.faults.dump_to:
                 tmp = self.faults.dump_to + ".tmp"
                 with open(tmp, "wb") as fh:
-                    fh.write(view[: staging_size(len(plain), params.segment_size)])
+                    fh.write(mapping.read_raw(total))
                 os.replace(tmp, self.faults.dump_to)
             self._last_handle = params.buffer_handle
             return summary
