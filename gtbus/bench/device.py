@@ -132,6 +132,38 @@ def protocol_runs(backend: str, chunk_tokens: int, hops: int, mode: str, root: P
     return summary
 
 
+def aead_scaling(nbytes: int = 256 * MIB, seg: int = MIB) -> list[tuple[int, float]]:
+    """AES-256-GCM ``encrypt_into`` GB/s on this CPU with 1, 2, 4, ... threads (the holder's bound)."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from gtbus.gpu.channel import SegmentCipher
+
+    cipher = SegmentCipher("aes-256-gcm", os.urandom(32))
+    src = memoryview(np.frombuffer(os.urandom(nbytes), dtype=np.uint8))
+    dst = memoryview(np.zeros(nbytes + (nbytes // seg) * 16, dtype=np.uint8))
+    count = nbytes // seg
+    out = []
+    threads = 1
+    while threads <= (os.cpu_count() or 1):
+        def work(lo: int, hi: int) -> None:
+            for i in range(lo, hi):
+                cipher.seal_segment(i.to_bytes(12, "big"), src[i * seg : (i + 1) * seg], b"aad", dst[i * (seg + 16) : (i + 1) * (seg + 16)])
+
+        with ThreadPoolExecutor(threads) as pool:
+            best = float("inf")
+            for _ in range(3):
+                t = time.perf_counter()
+                step = -(-count // threads)
+                list(pool.map(lambda lo: work(lo, min(count, lo + step)), range(0, count, step)))
+                best = min(best, time.perf_counter() - t)
+        out.append((threads, nbytes / best / 1e9))
+        threads *= 2
+    return out
+
+
 def gpt2_tokens_per_s(steps: int = 8) -> float | None:
     """GPT-2 124M training throughput on this GPU (tokens/s), or None without torch/cupy."""
     try:
@@ -179,6 +211,14 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         res.tables.append(t)
         res.data["provision"] = {"chunk_bytes": nbytes, **p, "baseline": base}
         say(t.text())
+
+        scaling = aead_scaling()
+        ts = Table("Holder CPU bound: AES-256-GCM encrypt_into (1 MiB segments, reused output) by threads", ["threads", "GB/s"])
+        for k, v in scaling:
+            ts.add(k, f"{v:.1f}")
+        res.tables.append(ts)
+        res.data["aead_scaling"] = scaling
+        say(ts.text())
 
         rate = gpt2_tokens_per_s() if gpt2 and backend == "cupy" else None
         t2 = Table("Transfer share per buffer size (travel; GPT-2 124M training time projected from measured throughput)",

@@ -56,7 +56,7 @@ from gtbus.gpu.kernels.scrub import verify_zero_async
 
 HANDLE_PREFIX: Final = "cuda-ipc-"
 MODEL_DOMAIN: Final = b"gtbus/model/cupy/v1"
-_BATCH_BYTES: Final = 32 << 20  # per pinned half-buffer: big enough to amortise a copy launch
+_GROUP_BYTES: Final = 4 << 20  # segments sealed before their copy is queued: amortises the launch
 
 
 @dataclass(eq=False)
@@ -81,20 +81,23 @@ def _live(buf: CupyBuffer, what: str) -> Any:
 
 
 class _PinnedPool:
-    """Two pinned host half-buffers per process, grown on demand and kept (pinning is slow)."""
+    """One pinned host buffer per process, as large as the largest hop, kept for the process's life.
+
+    Pinning is slow (about 0.4 s per GiB), so it is paid once, at
+    :meth:`CupyDevice.prepare_holder`, not per hop.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._halves: list[np.ndarray] = []
+        self._buf: np.ndarray | None = None
 
-    def get(self, nbytes: int) -> list[np.ndarray]:
+    def get(self, nbytes: int) -> np.ndarray:
         with self._lock:
-            if not self._halves or self._halves[0].nbytes < nbytes:
-                self._halves = []
-                for _ in range(2):
-                    mem = cupy.cuda.alloc_pinned_memory(nbytes)
-                    self._halves.append(np.frombuffer(mem, dtype=np.uint8, count=nbytes))
-            return self._halves
+            if self._buf is None or self._buf.nbytes < nbytes:
+                self._buf = None
+                mem = cupy.cuda.alloc_pinned_memory(max(nbytes, 1))
+                self._buf = np.frombuffer(mem, dtype=np.uint8, count=max(nbytes, 1))
+            return self._buf
 
 
 _PINNED = _PinnedPool()
@@ -135,7 +138,7 @@ class CupyStagingMapping:
         return self.array[:nbytes].get().tobytes()
 
     def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
-        """Seal every segment on all cores into pinned memory and copy it in, double-buffered."""
+        """Seal on every core into pinned memory; each core copies its groups in as soon as they are sealed."""
         if self._used:
             raise ChannelError("this hop's staging was already written; nonces would repeat")
         self._used = True
@@ -150,41 +153,36 @@ class CupyStagingMapping:
         if total > self.nbytes:
             raise ChannelError(f"staging holds {self.nbytes} bytes, {total} needed")
         stride = seg + TAG_SIZE
-        per_batch = max(1, _BATCH_BYTES // stride)
-        halves = _PINNED.get(per_batch * stride)
+        pinned = _PINNED.get(total)
+        base = pinned.ctypes.data
         cipher = SegmentCipher(params.suite, params.key)
         pool = _executor()
-        workers = max(1, pool._max_workers)  # noqa: SLF001 - the pool is ours
-        stream = cupy.cuda.Stream(non_blocking=True)
-        done = [None, None]
+        workers = max(1, min(pool._max_workers, count))  # noqa: SLF001 - the pool is ours
+        group = max(1, _GROUP_BYTES // stride)
+        dst = self._ptr
 
-        def seal_range(buf: np.ndarray, base: int, lo: int, hi: int) -> None:
-            mv = memoryview(buf)
-            for i in range(lo, hi):
-                p, _, ln = segment_bounds(i, n, seg)
-                o = (i - base) * stride
-                cipher.seal_segment(params.nonce(i), plaintext[p : p + ln], ctx.associated_data(i), mv[o : o + ln + TAG_SIZE])
+        def work(lo: int, hi: int) -> None:
+            # No barrier between cores: each seals a contiguous range and queues the
+            # copy of every group it finishes on its own stream, so sealing and
+            # host-to-device copies overlap all the way.
+            mv = memoryview(pinned)
+            stream = cupy.cuda.Stream(non_blocking=True)
+            for g in range(lo, hi, group):
+                g_hi = min(hi, g + group)
+                for i in range(g, g_hi):
+                    p, _, ln = segment_bounds(i, n, seg)
+                    o = i * stride
+                    cipher.seal_segment(params.nonce(i), plaintext[p : p + ln], ctx.associated_data(i), mv[o : o + ln + TAG_SIZE])
+                start = g * stride
+                size = (g_hi - 1 - g) * stride + segment_bounds(g_hi - 1, n, seg)[2] + TAG_SIZE
+                cupy.cuda.runtime.memcpyAsync(dst + start, base + start, size, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+            stream.synchronize()
 
-        for b, first in enumerate(range(0, count, per_batch)):
-            last = min(count, first + per_batch)
-            half = halves[b % 2]
-            if done[b % 2] is not None:
-                done[b % 2].synchronize()  # the copy that last read this half has finished
-            step = -(-(last - first) // workers)
-            futures = [pool.submit(seal_range, half, first, lo, min(last, lo + step)) for lo in range(first, last, step)]
-            for f in futures:
-                f.result()
-            nbytes = (last - 1 - first) * stride + segment_bounds(last - 1, n, seg)[2] + TAG_SIZE
-            cupy.cuda.runtime.memcpyAsync(
-                self._ptr + first * stride, half.ctypes.data, nbytes, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr
-            )
-            ev = cupy.cuda.Event(block=False, disable_timing=True)
-            ev.record(stream)
-            done[b % 2] = ev
-        stream.synchronize()
-        with stream:
-            digest = blake3_digest_device(self.array[:total]).get().astype("<u4").tobytes()
-        stream.synchronize()
+        step = -(-count // workers)
+        futures = [pool.submit(work, lo, min(count, lo + step)) for lo in range(0, count, step)]
+        for f in futures:
+            f.result()
+        digest = blake3_digest_device(self.array[:total]).get().astype("<u4").tobytes()
         return SealSummary(count=count, nbytes=n, ciphertext_digest=digest)
 
     def close(self) -> None:
@@ -227,6 +225,14 @@ class CupyDevice:
         raw = cupy.cuda.runtime.ipcGetMemHandle(mem.ptr)
         handle = BufferHandle(HANDLE_PREFIX + f"{nbytes:x}-" + bytes(raw).hex())
         return CupyBuffer(nbytes, handle=handle, _array=arr, _memory=mem), handle
+
+    @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Create this process's CUDA context, the pinned pool for ``capacity`` bytes and the sealing threads."""
+        cupy.cuda.Device(0).use()
+        cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
+        _PINNED.get(staging_size(capacity, 1 << 20) if capacity else 1)
+        _executor()
 
     @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> CupyStagingMapping:

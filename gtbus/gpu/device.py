@@ -84,6 +84,15 @@ class Device(Protocol):
         ...
 
     @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Holder side, once at start: make this process ready to write hops of ``capacity`` bytes.
+
+        Whatever is slow to set up (a CUDA context, a pinned host pool) is paid
+        here, not inside the first hop.
+        """
+        ...
+
+    @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> StagingMapping:
         """Holder side, any process: map a staging buffer by handle (DeviceError if revoked)."""
         ...

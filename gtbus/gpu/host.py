@@ -168,6 +168,10 @@ class HostDevice:
         return buf, handle
 
     @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Nothing to prepare: shared memory maps instantly."""
+
+    @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> HostStagingMapping:
         """Holder side, any process of the same user: map a staging buffer by handle."""
         if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):

@@ -213,8 +213,9 @@ class Orchestrator:
 
     # -- handlers ---------------------------------------------------------------------------
 
-    def _report(self, key: bytes | None, epoch: int) -> dict[str, Any]:
-        model_hash = self.device.measure(*self.trainer.parameter_views())
+    def _report(self, key: bytes | None, epoch: int, model_hash: bytes | None = None) -> dict[str, Any]:
+        if model_hash is None:
+            model_hash = self.device.measure(*self.trainer.parameter_views())
         rep = MeasurementReport(
             code_hash=self.code_hash,
             model_hash=model_hash,
@@ -400,7 +401,7 @@ class Orchestrator:
                 mode=cfg.mode,
                 lease_deadline=grant.deadline,
                 sealed_params=seal_params(params, holder_pub),
-                report=self._report(params.key, grant.epoch),
+                report=self._report(params.key, grant.epoch, model_before),
             )
             try:
                 await self.rt.send(msg, a.holder, epoch=grant.epoch)

@@ -48,7 +48,7 @@ def run_holder(payload: dict[str, object]) -> subprocess.CompletedProcess[bytes]
         input=msgpack.packb(payload),
         capture_output=True,
         cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))},
         timeout=60,
     )
 
@@ -128,7 +128,7 @@ def test_revoked_handle_cannot_be_mapped_from_another_process(dev: HostDevice) -
     dev.revoke_staging(staging)
     probe = subprocess.run(
         [sys.executable, "-c", f"from gtbus.gpu.host import HostDevice; HostDevice.map_staging({handle!r})"],
-        capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60,
+        capture_output=True, cwd=REPO, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))}, timeout=60,
     )
     assert probe.returncode != 0 and b"DeviceError" in probe.stderr and b"not exported" in probe.stderr
 
