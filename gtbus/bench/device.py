@@ -66,7 +66,7 @@ def _sync(dev: Any) -> None:
         dev.array_module.cuda.runtime.deviceSynchronize()
 
 
-def provision(dev: Any, holder: _Holder, nbytes: int, reps: int, seg: int = MIB) -> dict[str, float]:
+def provision(dev: Any, holder: _Holder, nbytes: int, reps: int, seg: int = 4 * MIB) -> dict[str, float]:
     """Median times of: staging allocation, holder map+seal+unmap, device open; end to end."""
     rows: list[dict[str, float]] = []
     for r in range(reps + 1):  # the first one warms caches and the holder's pinned pool
@@ -86,7 +86,8 @@ def provision(dev: Any, holder: _Holder, nbytes: int, reps: int, seg: int = MIB)
             dev.scrub(b)
             dev.release(b)
         if r:
-            rows.append({"alloc_s": t1 - t0, "holder_s": t2 - t1, "seal_s": answer["seal_s"], "open_s": t3 - t2,
+            rows.append({"alloc_s": t1 - t0, "holder_s": t2 - t1, "map_s": answer["map_s"], "seal_s": answer["seal_s"],
+                         "unmap_s": answer["unmap_s"], "open_s": t3 - t2,
                          "transfer_s": t3 - t1, "with_alloc_s": t3 - t0})
     return {k: statistics.median(x[k] for x in rows) for k in rows[0]}
 
@@ -186,7 +187,8 @@ def gpt2_tokens_per_s(steps: int = 8) -> float | None:
 
 
 def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int, sizes_mib: list[float], control_hops: int,
-                     ship_mib: float, gpt2: bool, say: Callable[[str], None]) -> Result:
+                     ship_mib: float, gpt2: bool, say: Callable[[str], None], segment_mib: float = 4.0,
+                     only_provisioning: bool = False) -> Result:
     """All figures; writes ``device-<backend>-<host>.md/.json``."""
     res = Result(name=f"device-{backend}", title=f"gtbus bench device ({backend} backend)", machine=machine_info())
     dev = make_device(backend)
@@ -197,8 +199,9 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
     holder = _Holder(backend, max(nbytes, int(max(sizes_mib, default=0) * MIB)))
     try:
         base = holder.baseline
-        p = provision(dev, holder, nbytes, reps)
-        t = Table(f"Encrypted travel provisioning of one {chunk_mib:g} MiB chunk (median of {reps})", ["figure", "seconds", "GB/s"])
+        seg = int(segment_mib * MIB)
+        p = provision(dev, holder, nbytes, reps, seg)
+        t = Table(f"Encrypted travel provisioning of one {chunk_mib:g} MiB chunk, {segment_mib:g} MiB segments (median of {reps})", ["figure", "seconds", "GB/s"])
         gb = nbytes / 1e9
         t.add("holder: map + seal (AES-256-GCM, all cores) + copy in + unmap", f"{p['holder_s']:.4f}", f"{gb / p['holder_s']:.1f}")
         t.add("device: authenticate + decrypt into private buffer", f"{p['open_s']:.4f}", f"{gb / p['open_s']:.1f}")
@@ -212,8 +215,8 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         res.data["provision"] = {"chunk_bytes": nbytes, **p, "baseline": base}
         say(t.text())
 
-        scaling = aead_scaling()
-        ts = Table("Holder CPU bound: AES-256-GCM encrypt_into (1 MiB segments, reused output) by threads", ["threads", "GB/s"])
+        scaling = aead_scaling(seg=seg)
+        ts = Table(f"Holder CPU bound: AES-256-GCM encrypt_into ({segment_mib:g} MiB segments, reused output) by threads", ["threads", "GB/s"])
         for k, v in scaling:
             ts.add(k, f"{v:.1f}")
         res.tables.append(ts)
@@ -226,7 +229,7 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         shares = []
         for mib in sizes_mib:
             n = int(mib * MIB)
-            pp = provision(dev, holder, n, max(1, reps // 2))
+            pp = provision(dev, holder, n, max(1, reps // 2), seg)
             train = (n // 2) / rate if rate else None
             share = pp["transfer_s"] / (pp["transfer_s"] + train) if train else None
             shares.append({"mib": mib, "transfer_s": pp["transfer_s"], "train_s": train, "share": share})
@@ -243,6 +246,11 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
     finally:
         holder.close()
 
+    if only_provisioning:
+        res.finish()
+        md, js = res.write(out_dir)
+        res.data["files"] = [str(md), str(js)]
+        return res
     sm = scrub_measure(dev, nbytes, 500 * 1000 * 1000)
     t3 = Table("Epilogue: scrub + verify-zero of the hop buffer, re-measure of a 0.5 GB model (median)", ["figure", "ms"])
     t3.add(f"scrub + verify zero, {chunk_mib:g} MiB", f"{sm['scrub_verify_s'] * 1e3:.3f}")

@@ -116,13 +116,34 @@ def _executor() -> ThreadPoolExecutor:
 class CupyStagingMapping:
     """Holder side: a hop's staging buffer mapped into this process through CUDA IPC."""
 
-    def __init__(self, handle: str, ptr: int, nbytes: int) -> None:
+    def __init__(self, handle: str, raw: bytes, nbytes: int) -> None:
         self.handle = handle
-        self._ptr = ptr
         self.nbytes = nbytes
-        mem = cupy.cuda.memory.UnownedMemory(ptr, nbytes, self)
-        self.array = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         self._used = False
+        self._array: Any = None
+        # Opening an IPC handle takes milliseconds: do it beside the sealing, which
+        # needs the device address only when its first copy is queued.
+        self._opening = _executor().submit(cupy.cuda.runtime.ipcOpenMemHandle, raw)
+        self._ptr_value = 0
+
+    @property
+    def _ptr(self) -> int:
+        if not self._ptr_value and self._opening is not None:
+            try:
+                self._ptr_value = self._opening.result()
+            except cupy.cuda.runtime.CUDARuntimeError as exc:
+                raise DeviceError(f"cannot map staging: {exc}") from None
+            finally:
+                self._opening = None
+        return self._ptr_value
+
+    @property
+    def array(self) -> Any:
+        """The staging buffer as a cupy array (drills and digests)."""
+        if self._array is None:
+            mem = cupy.cuda.memory.UnownedMemory(self._ptr, self.nbytes, self)
+            self._array = cupy.ndarray((self.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
+        return self._array
 
     @property
     def view(self) -> memoryview:
@@ -159,8 +180,6 @@ class CupyStagingMapping:
         pool = _executor()
         workers = max(1, min(pool._max_workers, count))  # noqa: SLF001 - the pool is ours
         group = max(1, _GROUP_BYTES // stride)
-        dst = self._ptr
-
         def work(lo: int, hi: int) -> None:
             # No barrier between cores: each seals a contiguous range and queues the
             # copy of every group it finishes on its own stream, so sealing and
@@ -175,7 +194,7 @@ class CupyStagingMapping:
                     cipher.seal_segment(params.nonce(i), plaintext[p : p + ln], ctx.associated_data(i), mv[o : o + ln + TAG_SIZE])
                 start = g * stride
                 size = (g_hi - 1 - g) * stride + segment_bounds(g_hi - 1, n, seg)[2] + TAG_SIZE
-                cupy.cuda.runtime.memcpyAsync(dst + start, base + start, size, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+                cupy.cuda.runtime.memcpyAsync(self._ptr + start, base + start, size, cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
             stream.synchronize()
 
         step = -(-count // workers)
@@ -187,10 +206,14 @@ class CupyStagingMapping:
 
     def close(self) -> None:
         """Unmap (idempotent)."""
-        if self._ptr:
-            self.array = None
-            cupy.cuda.runtime.ipcCloseMemHandle(self._ptr)
-            self._ptr = 0
+        try:
+            ptr = self._ptr
+        except DeviceError:
+            return
+        if ptr:
+            self._array = None
+            self._ptr_value = 0
+            cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
 
 class CupyDevice:
@@ -244,11 +267,7 @@ class CupyDevice:
             raise DeviceError("not a CUDA staging handle") from None
         if not str(handle).startswith(HANDLE_PREFIX) or len(raw) != 64:
             raise DeviceError("not a CUDA staging handle")
-        try:
-            ptr = cupy.cuda.runtime.ipcOpenMemHandle(raw)
-        except cupy.cuda.runtime.CUDARuntimeError as exc:
-            raise DeviceError(f"cannot map staging: {exc}") from None
-        return CupyStagingMapping(str(handle), ptr, nbytes)
+        return CupyStagingMapping(str(handle), raw, nbytes)
 
     @staticmethod
     def unmap(mapping: CupyStagingMapping) -> None:

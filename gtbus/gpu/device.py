@@ -94,7 +94,12 @@ class Device(Protocol):
 
     @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> StagingMapping:
-        """Holder side, any process: map a staging buffer by handle (DeviceError if revoked)."""
+        """Holder side, any process: map a staging buffer by handle.
+
+        DeviceError if the hop is over (revoked or released): at once on the host
+        backend, at the first use of the mapping on cupy, where IPC handles open
+        in the background while sealing starts.
+        """
         ...
 
     @staticmethod

@@ -225,8 +225,9 @@ class Holder:
 
     def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> tuple[int, int, bytes]:
         if self.faults.map_old and self._last_handle is not None:
-            # Drill: an earlier hop's buffer must be gone. This raises DeviceError.
-            self.device_cls.map_staging(self._last_handle)
+            # Drill: an earlier hop's buffer must be gone. This raises DeviceError
+            # (on cupy when the mapping is first used: IPC handles open lazily).
+            self.device_cls.map_staging(self._last_handle).read_raw(1)
         mapping = self.device_cls.map_staging(params.buffer_handle)
         total = staging_size(len(plain), params.segment_size)
         forged = (ctx.count, len(plain), b"\0" * 32)

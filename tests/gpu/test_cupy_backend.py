@@ -114,7 +114,7 @@ def test_holder_process_maps_by_ipc_and_writes_ciphertext() -> None:
     handle = params.buffer_handle
     dev.release(staging)
     # An earlier hop's handle maps nothing once the hop is over.
-    r2 = subprocess.run([sys.executable, "-c", f"from gtbus.gpu.cupy_backend import CupyDevice; CupyDevice.map_staging({handle!r})"],
+    r2 = subprocess.run([sys.executable, "-c", f"from gtbus.gpu.cupy_backend import CupyDevice; CupyDevice.map_staging({handle!r}).read_raw(1)"],
                         capture_output=True, timeout=120)
     assert r2.returncode != 0 and b"DeviceError" in r2.stderr
 
