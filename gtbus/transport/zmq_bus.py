@@ -1,0 +1,978 @@
+"""ZeroMQ transport: ROUTER + XPUB on the server, DEALER + SUB on clients.
+
+This is the only module of gtbus that imports zmq.
+
+Security model
+--------------
+* Every socket on TCP speaks CurveZMQ. The server side of each socket (the
+  orchestrator's ROUTER and XPUB) is a CURVE server; a ZAP handler (RFC 27)
+  that this module runs on ``inproc://zeromq.zap.01`` admits a connection only
+  if the client's CURVE public key is in the deployment's ``allowed`` map, and
+  tells libzmq the node name bound to that key as the connection's
+  ``User-Id``. Anything else (unknown key, other mechanism, other ZAP domain)
+  gets status 400 and is counted. ``ZAP_ENFORCE_DOMAIN`` is set, so a missing
+  handler fails closed instead of admitting everyone (CURVE without ZAP admits
+  any key).
+* Clients set their DEALER routing id to their node name. The ROUTER reads
+  each message's ``User-Id`` and drops (and counts) any message whose routing
+  id differs from it, so ``Delivery.peer`` is always the authenticated name.
+  Residual risk, by design of ZeroMQ routing: a deployment member holding a
+  valid key may *connect* under another member's routing id (it cannot send
+  as it); direct messages for that name then go to it until the real owner
+  reconnects (``ROUTER_HANDOVER``). Those messages are signed and sealed to
+  their recipient by the layer above, so this is a denial of service by an
+  insider, not a leak.
+* Plaintext (no CURVE) is allowed on ``inproc://`` and ``ipc://`` only, unless
+  ``insecure=True`` is passed; that exists for the raw-pyzmq benchmark
+  baseline and nothing else::
+
+      server = ZmqServer("orch", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", None, insecure=True)
+      client = ZmqClient("h1", *server.endpoints, None, insecure=True)
+
+CURVE keys
+----------
+Keys are passed around as **raw 32-byte Curve25519 keys** (``bytes``), the
+same bytes as ``bytes(nacl.public.PrivateKey)`` and
+``bytes(nacl.public.PrivateKey.public_key)``: libzmq's CURVE is libsodium's
+X25519, so an identity's PyNaCl box key is usable as is. This module converts
+to Z85 (40 ASCII characters) only when handing keys to libzmq; the ``allowed``
+map and the ZAP handler use raw public keys. :func:`curve_public_key`,
+:func:`generate_curve_keypair` and :func:`z85_key` are the helpers.
+
+Socket options (DESIGN §5) live in :class:`SocketTuning`. ``max_frame_bytes``
+(libzmq ``MAXMSGSIZE``) limits each *frame*; a peer that sends a larger frame
+is disconnected by libzmq and the message is lost, while everyone else is
+served on. Frames of 64 KiB or more are sent zero-copy (pyzmq's copy
+threshold); received frames are returned as ``bytes`` (one copy).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import weakref
+from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+from nacl.public import PrivateKey
+from zmq.utils import z85
+from zmq.utils.monitor import parse_monitor_message
+
+from gtbus.errors import ConfigError, PeerUnreachable, TransportError
+from gtbus.transport.base import (
+    Channel,
+    Delivery,
+    FrameSeq,
+    SubscribeHook,
+    Subscription,
+    TransportStats,
+)
+
+__all__ = [
+    "CURVE_KEY_BYTES",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ZAP_DOMAIN",
+    "CurveClientConfig",
+    "CurveServerConfig",
+    "SocketTuning",
+    "ZmqClient",
+    "ZmqServer",
+    "curve_public_key",
+    "generate_curve_keypair",
+    "z85_key",
+]
+
+log = logging.getLogger("gtbus.transport")
+
+CURVE_KEY_BYTES = 32
+ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+ZAP_DOMAIN = b"gtbus"
+#: 64 MiB of payload per frame plus headroom for the protocol's own framing.
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024 + 1024 * 1024
+_MAX_NAME_BYTES = 255
+_LOGGED_ONCE_LIMIT = 1024
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _check_raw_key(key: bytes, what: str) -> bytes:
+    if not isinstance(key, (bytes, bytearray)) or len(key) != CURVE_KEY_BYTES:
+        raise ConfigError(f"{what} must be {CURVE_KEY_BYTES} raw bytes (a Curve25519 key)")
+    return bytes(key)
+
+
+def curve_public_key(secret_key: bytes) -> bytes:
+    """Derive the raw 32-byte Curve25519 public key of a raw 32-byte secret key."""
+    secret = _check_raw_key(secret_key, "CURVE secret key")
+    return bytes(PrivateKey(secret).public_key)
+
+
+def generate_curve_keypair() -> tuple[bytes, bytes]:
+    """Return a fresh ``(secret, public)`` pair of raw 32-byte Curve25519 keys."""
+    sk = PrivateKey.generate()
+    return bytes(sk), bytes(sk.public_key)
+
+
+def z85_key(raw_key: bytes) -> bytes:
+    """Encode a raw 32-byte key as the 40-character Z85 text libzmq options take."""
+    return z85.encode(_check_raw_key(raw_key, "CURVE key"))
+
+
+@dataclass(frozen=True)
+class CurveServerConfig:
+    """The server's own CURVE key pair (raw 32-byte keys; the secret is never printed)."""
+
+    secret_key: bytes = field(repr=False)
+    public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_raw_key(self.public_key, "CURVE public key")
+        if curve_public_key(self.secret_key) != self.public_key:
+            raise ConfigError("CURVE public key does not belong to the secret key")
+
+    @classmethod
+    def from_secret(cls, secret_key: bytes) -> CurveServerConfig:
+        """Build from the secret key alone, deriving the public key."""
+        return cls(bytes(secret_key), curve_public_key(secret_key))
+
+
+@dataclass(frozen=True)
+class CurveClientConfig:
+    """A client's CURVE key pair and the server public key it pins (all raw 32 bytes)."""
+
+    secret_key: bytes = field(repr=False)
+    public_key: bytes
+    server_public_key: bytes
+
+    def __post_init__(self) -> None:
+        _check_raw_key(self.public_key, "CURVE public key")
+        _check_raw_key(self.server_public_key, "server CURVE public key")
+        if curve_public_key(self.secret_key) != self.public_key:
+            raise ConfigError("CURVE public key does not belong to the secret key")
+
+    @classmethod
+    def from_secret(cls, secret_key: bytes, server_public_key: bytes) -> CurveClientConfig:
+        """Build from the client's secret key and the server's public key."""
+        return cls(bytes(secret_key), curve_public_key(secret_key), bytes(server_public_key))
+
+
+# ------------------------------------------------------------------------ tuning
+
+
+@dataclass(frozen=True)
+class SocketTuning:
+    """Socket options applied to every socket (DESIGN §5). Times in milliseconds."""
+
+    #: how long close() waits to flush queued messages
+    linger_ms: int = 100
+    #: a CURVE handshake must finish within this (also bounds a slow ZAP reply)
+    handshake_ivl_ms: int = 5000
+    #: first reconnect delay, doubled up to ``reconnect_ivl_max_ms``
+    reconnect_ivl_ms: int = 100
+    reconnect_ivl_max_ms: int = 5000
+    #: libzmq MAXMSGSIZE: largest inbound frame; larger ones drop the connection
+    max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: ZMTP heartbeats: ping every ivl, drop the connection after timeout without traffic
+    heartbeat_ivl_ms: int = 1000
+    heartbeat_timeout_ms: int = 5000
+    #: tells the peer to drop us after this long without traffic
+    heartbeat_ttl_ms: int = 10000
+    #: queue limits in messages, per connection
+    sndhwm: int = 1000
+    rcvhwm: int = 1000
+    #: how long a direct send may wait for a full queue to drain before TransportError
+    send_timeout_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in (
+            "linger_ms",
+            "handshake_ivl_ms",
+            "reconnect_ivl_ms",
+            "reconnect_ivl_max_ms",
+            "heartbeat_ivl_ms",
+            "heartbeat_timeout_ms",
+            "heartbeat_ttl_ms",
+            "sndhwm",
+            "rcvhwm",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"socket option {name} must not be negative")
+        if self.max_frame_bytes <= 0:
+            raise ConfigError("max_frame_bytes must be positive")
+        if self.send_timeout_s <= 0:
+            raise ConfigError("send_timeout_s must be positive")
+
+
+DEFAULT_TUNING = SocketTuning()
+
+
+def _apply_tuning(sock: zmq.Socket[Any], t: SocketTuning, endpoint: str) -> None:
+    if "[" in endpoint:  # tcp://[::1]:port needs IPv6 enabled on the socket
+        sock.setsockopt(zmq.IPV6, 1)
+    sock.setsockopt(zmq.LINGER, t.linger_ms)
+    sock.setsockopt(zmq.HANDSHAKE_IVL, t.handshake_ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL, t.reconnect_ivl_ms)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, t.reconnect_ivl_max_ms)
+    sock.setsockopt(zmq.MAXMSGSIZE, t.max_frame_bytes)
+    sock.setsockopt(zmq.HEARTBEAT_IVL, t.heartbeat_ivl_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, t.heartbeat_timeout_ms)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, t.heartbeat_ttl_ms)
+    sock.setsockopt(zmq.SNDHWM, t.sndhwm)
+    sock.setsockopt(zmq.RCVHWM, t.rcvhwm)
+
+
+def _apply_curve_server(sock: zmq.Socket[Any], cfg: CurveServerConfig) -> None:
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, z85_key(cfg.secret_key))
+    sock.setsockopt(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+    # Fail closed: without a ZAP handler, refuse instead of admitting any key.
+    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+
+
+def _apply_curve_client(sock: zmq.Socket[Any], cfg: CurveClientConfig) -> None:
+    sock.setsockopt(zmq.CURVE_SERVERKEY, z85_key(cfg.server_public_key))
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, z85_key(cfg.public_key))
+    sock.setsockopt(zmq.CURVE_SECRETKEY, z85_key(cfg.secret_key))
+
+
+# ------------------------------------------------------------------------ errors
+
+_ERRNO_TEXT = {
+    errno.EADDRINUSE: "address already in use",
+    errno.EADDRNOTAVAIL: "address not available on this host",
+    errno.EINVAL: "invalid endpoint",
+    errno.ENODEV: "no such network interface",
+    errno.EACCES: "permission denied",
+    errno.ENOENT: "no such file or directory",
+    zmq.EPROTONOSUPPORT: "transport not supported",
+    zmq.ENOCOMPATPROTO: "transport not compatible with this socket type",
+}
+
+
+@contextlib.contextmanager
+def _map_errors(action: str, *, peer: str | None = None, config: bool = False) -> Iterator[None]:
+    """Turn zmq and OS errors into gtbus errors, once, with one clear line.
+
+    ``action`` starts the message (``"cannot bind tcp://..."``, ``"send to 'h1'"``);
+    ``config`` marks setup calls whose failure is the user's configuration.
+    """
+    try:
+        yield
+    except zmq.ZMQError as e:
+        if e.errno == zmq.EHOSTUNREACH and peer is not None:
+            raise PeerUnreachable(f"{action}: peer {peer!r} is not connected") from e
+        if e.errno in (zmq.ETERM, zmq.ENOTSOCK):
+            raise TransportError(f"{action}: transport is closed") from e
+        if e.errno == zmq.EAGAIN:
+            raise TransportError(f"{action}: timed out, the peer is not reading") from e
+        text = _ERRNO_TEXT.get(e.errno or 0, e.strerror or str(e))
+        if config:
+            raise ConfigError(f"{action}: {text}") from e
+        raise TransportError(f"{action}: {text}") from e
+    except OSError as e:
+        raise TransportError(f"{action}: {e.strerror or e}") from e
+
+
+def _check_name(name: str, what: str = "node name") -> bytes:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{what} must be a non-empty string")
+    raw = name.encode("utf-8")
+    if len(raw) > _MAX_NAME_BYTES or raw[0] == 0:
+        raise ConfigError(f"{what} {name!r} must be 1-{_MAX_NAME_BYTES} UTF-8 bytes, not starting with NUL")
+    return raw
+
+
+def _check_endpoint(endpoint: str, *, secure: bool, insecure: bool) -> None:
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep or not rest or scheme not in ("tcp", "ipc", "inproc"):
+        raise ConfigError(f"unsupported endpoint {endpoint!r}: use tcp://, ipc:// or inproc://")
+    if scheme == "tcp" and not secure and not insecure:
+        raise ConfigError(
+            f"refusing plaintext on {endpoint}: give a CURVE config "
+            "(insecure=True exists only for the raw benchmark baseline)"
+        )
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        value = frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
+    return value if isinstance(value, str) and value else None
+
+
+class _OnceLog:
+    """Log a given key once (bounded), so a flood of rejections is one line each."""
+
+    def __init__(self) -> None:
+        self._seen: set[object] = set()
+
+    def first(self, key: object) -> bool:
+        if key in self._seen or len(self._seen) >= _LOGGED_ONCE_LIMIT:
+            return False
+        self._seen.add(key)
+        return True
+
+
+async def _wait_any(futs: Sequence[asyncio.Future[Any]]) -> None:
+    """Wait until one of ``futs`` is done, leaving them alone if we are cancelled.
+
+    A pending recv future survives our caller's cancellation (``wait_for``) and
+    is reused by the next call, so no message is lost. Lighter than asyncio.wait,
+    which matters on the request/reply hot path.
+    """
+    if any(f.done() for f in futs):
+        return
+    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def wake(_: object) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    for f in futs:
+        f.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        for f in futs:
+            f.remove_done_callback(wake)
+
+
+async def _await_next(fut: asyncio.Future[Any], what: str) -> Any:
+    """Wait for ``fut`` (see :func:`_wait_any`) and return its result, errors mapped."""
+    await _wait_any((fut,))
+    if fut.cancelled():
+        raise TransportError(f"{what}: transport is closed")
+    exc = fut.exception()
+    if exc is not None:
+        with _map_errors(what):
+            raise exc
+    return fut.result()
+
+
+def _release_leaked(ctx: zmq.asyncio.Context | None, sockets: list[zmq.asyncio.Socket]) -> None:
+    """Last resort for a transport dropped without ``close()``: close its sockets now.
+
+    Otherwise pyzmq's ``Context.__del__`` may run later in the same GC pass, after
+    the sockets' weakrefs were cleared, and block forever in ``term()``.
+    """
+    for sock in sockets:
+        with contextlib.suppress(Exception):
+            sock.close(linger=0)
+    if ctx is not None:
+        with contextlib.suppress(Exception):
+            ctx.term()
+
+
+def _open_context(
+    given: zmq.asyncio.Context | None, owner: object, sockets: list[zmq.asyncio.Socket]
+) -> tuple[zmq.asyncio.Context, weakref.finalize]:  # type: ignore[type-arg]
+    """The context to use (ours unless given), with a finalizer that cleans up after a leak."""
+    ctx = given or zmq.asyncio.Context()
+    finalizer = weakref.finalize(owner, _release_leaked, None if given else ctx, sockets)
+    return ctx, finalizer
+
+
+def _background(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+    """Start a socket-serving task whose unexpected death is logged, not silent."""
+    task = asyncio.create_task(coro, name=name)
+
+    def report(t: asyncio.Task[None]) -> None:
+        if not t.cancelled() and t.exception() is not None:
+            exc = t.exception()
+            if isinstance(exc, zmq.ZMQError) and exc.errno in (zmq.ETERM, zmq.ENOTSOCK):
+                return  # socket closed under it: normal shutdown
+            log.error("transport task %s died: %r", name, exc)
+
+    task.add_done_callback(report)
+    return task
+
+
+async def _send_nowait(sock: zmq.asyncio.Socket, msg: Sequence[Any]) -> None:
+    # NOBLOCK through the asyncio socket (not a shadow) keeps pyzmq's edge-triggered
+    # event bookkeeping right for pending receives on the same socket.
+    await sock.send_multipart(msg, flags=zmq.NOBLOCK, copy=False)
+
+
+# ------------------------------------------------------------------------ server
+
+
+class ZmqServer:
+    """The orchestrator's transport: ROUTER for direct messages, XPUB for events.
+
+    ``curve`` is the server key pair; ``allowed`` maps each admitted client's raw
+    CURVE public key to its node name. ``curve=None`` gives plaintext, refused on
+    tcp:// unless ``insecure=True``. ``on_subscribe`` is called for every
+    (un)subscription on the XPUB (see :class:`Subscription`). ``context`` lets
+    inproc:// endpoints be shared with clients; a CURVE server needs a context
+    of its own (one ZAP handler per context), which it creates when none is given.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        router_endpoint: str,
+        pub_endpoint: str,
+        curve: CurveServerConfig | None,
+        allowed: Mapping[bytes, str] | None = None,
+        *,
+        insecure: bool = False,
+        tuning: SocketTuning = DEFAULT_TUNING,
+        on_subscribe: SubscribeHook | None = None,
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        _check_name(name)
+        if not zmq.has("curve") and curve is not None:
+            raise ConfigError("this libzmq was built without CURVE support")
+        if curve is None and allowed:
+            raise ConfigError("an allowed-keys map needs a CURVE config")
+        for ep in (router_endpoint, pub_endpoint):
+            _check_endpoint(ep, secure=curve is not None, insecure=insecure)
+        self._name = name
+        self._requested = (router_endpoint, pub_endpoint)
+        self._curve = curve
+        self._allowed: dict[bytes, str] = {}
+        self.set_allowed(allowed or {})
+        self._tuning = tuning
+        self._on_subscribe = on_subscribe
+        self._given_ctx = context
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []  # every socket opened, for _release_leaked
+        self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
+        self._router: zmq.asyncio.Socket | None = None
+        self._xpub: zmq.asyncio.Socket | None = None
+        self._zap: zmq.asyncio.Socket | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._endpoints: tuple[str, str] | None = None
+        self._recv_fut: asyncio.Future[Any] | None = None
+        self._recv_lock = asyncio.Lock()
+        self._closed = False
+        self._once = _OnceLog()
+        self.stats = TransportStats()
+
+    # -- properties
+
+    @property
+    def name(self) -> str:
+        """This node's name."""
+        return self._name
+
+    @property
+    def endpoints(self) -> tuple[str, str]:
+        """``(router_endpoint, pub_endpoint)`` as bound, with the real port numbers."""
+        if self._endpoints is None:
+            raise TransportError(f"server {self._name!r} is not started")
+        return self._endpoints
+
+    def set_allowed(self, allowed: Mapping[bytes, str]) -> None:
+        """Replace the admitted keys (raw public key -> node name); affects new connections only."""
+        checked: dict[bytes, str] = {}
+        for key, node in allowed.items():
+            _check_raw_key(key, f"allowed CURVE key of {node!r}")
+            _check_name(node)
+            checked[bytes(key)] = node
+        self._allowed = checked
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Start the ZAP handler, then bind ROUTER and XPUB (in that order: no unauthenticated window)."""
+        if self._closed:
+            raise TransportError(f"server {self._name!r} is closed")
+        if self._router is not None:
+            return
+        self._ctx, self._finalizer = _open_context(self._given_ctx, self, self._sockets)
+        try:
+            self._start_sockets()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    def _start_sockets(self) -> None:
+        assert self._ctx is not None
+        t = self._tuning
+        if self._curve is not None:
+            self._zap = self._socket(zmq.ROUTER)
+            self._zap.setsockopt(zmq.LINGER, 0)
+            try:
+                self._zap.bind(ZAP_ENDPOINT)
+            except zmq.ZMQError as e:
+                if e.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        "a ZAP handler already runs in this zmq context: give each CURVE ZmqServer its own context"
+                    ) from e
+                with _map_errors(f"cannot bind {ZAP_ENDPOINT}", config=True):
+                    raise
+            self._tasks.append(_background(self._serve_zap(), f"{self._name}-zap"))
+
+        router = self._router = self._socket(zmq.ROUTER)
+        _apply_tuning(router, t, self._requested[0])
+        router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        xpub = self._xpub = self._socket(zmq.XPUB)
+        _apply_tuning(xpub, t, self._requested[1])
+        xpub.setsockopt(zmq.XPUB_VERBOSE, 1)  # report every subscribe, so late joiners are seen
+        if self._curve is not None:
+            _apply_curve_server(router, self._curve)
+            _apply_curve_server(xpub, self._curve)
+        for sock, ep in ((router, self._requested[0]), (xpub, self._requested[1])):
+            with _map_errors(f"cannot bind {ep}", config=True):
+                sock.bind(ep)
+        self._endpoints = (
+            router.getsockopt_string(zmq.LAST_ENDPOINT),
+            xpub.getsockopt_string(zmq.LAST_ENDPOINT),
+        )
+        self._tasks.append(_background(self._serve_subscriptions(), f"{self._name}-xpub"))
+        log.debug("server %s bound %s", self._name, self._endpoints)
+
+    async def close(self) -> None:
+        """Close sockets (ROUTER and XPUB before the ZAP handler) and release the ports."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        for sock in (self._router, self._xpub):
+            if sock is not None:
+                sock.close(linger=self._tuning.linger_ms)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self._zap is not None:
+            self._zap.close(linger=0)
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None and ctx is not self._given_ctx:
+            await asyncio.to_thread(ctx.term)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._sockets.clear()
+
+    async def __aenter__(self) -> ZmqServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(kind)
+        self._sockets.append(sock)
+        return sock
+
+    # -- ZAP (RFC 27)
+
+    async def _serve_zap(self) -> None:
+        assert self._zap is not None
+        while True:
+            request = await self._zap.recv_multipart()
+            try:
+                reply = self._zap_reply(request)
+                if reply is not None:
+                    await _send_nowait(self._zap, reply)
+            except zmq.ZMQError as e:
+                # The handshake that asked simply times out (HANDSHAKE_IVL) and is refused;
+                # the handler must stay up for everyone else.
+                log.warning("zap: could not answer a request: %s", e)
+
+    def _zap_reply(self, request: list[bytes]) -> list[bytes] | None:
+        # [pipe id, delimiter, version, request id, domain, address, identity, mechanism, *credentials]
+        if len(request) < 8 or request[1] != b"":
+            log.warning("zap: malformed request (%d frames) ignored", len(request))
+            return None
+        pipe, _, version, request_id, domain, address, _identity, mechanism, *creds = request
+
+        def answer(status: bytes, text: bytes, user: bytes = b"") -> list[bytes]:
+            return [pipe, b"", b"1.0", request_id, status, text, user, b""]
+
+        peer_addr = address.decode("ascii", "replace")
+        if version != b"1.0":
+            self._reject("bad-version", peer_addr, b"")
+            return answer(b"500", b"unsupported ZAP version")
+        if domain != ZAP_DOMAIN:
+            self._reject("bad-domain", peer_addr, b"")
+            return answer(b"400", b"unknown domain")
+        if mechanism != b"CURVE" or len(creds) != 1 or len(creds[0]) != CURVE_KEY_BYTES:
+            self._reject("bad-mechanism", peer_addr, b"")
+            return answer(b"400", b"CURVE required")
+        key = creds[0]
+        node = self._allowed.get(key)
+        if node is None:
+            self._reject("unknown-key", peer_addr, key)
+            return answer(b"400", b"unknown CURVE key")
+        self.stats.auth_accepted += 1
+        return answer(b"200", b"OK", node.encode("utf-8"))
+
+    def _reject(self, reason: str, address: str, key: bytes) -> None:
+        self.stats.auth_rejected += 1
+        self.stats.extra[f"auth-{reason}"] = self.stats.extra.get(f"auth-{reason}", 0) + 1
+        if self._once.first(("zap", reason, key)):
+            shown = z85.encode(key).decode() if len(key) == CURVE_KEY_BYTES else "-"
+            log.warning("zap: refused connection from %s: %s (key %s)", address, reason, shown)
+
+    # -- events in: subscriptions
+
+    async def _serve_subscriptions(self) -> None:
+        assert self._xpub is not None
+        while True:
+            parts = await self._xpub.recv_multipart(copy=False)
+            data = parts[0].bytes
+            if len(parts) != 1 or not data or data[0] not in (0, 1):
+                self._drop_malformed("non-subscription message on the event socket")
+                continue
+            subscribed = data[0] == 1
+            peer = _user_id(parts[0])
+            # libzmq reports "last subscriber of a topic went away" without metadata,
+            # so an anonymous unsubscribe is genuine; an anonymous subscribe is not.
+            if self._curve is not None and peer is None and subscribed:
+                self._drop_malformed("subscription without an authenticated identity")
+                continue
+            self.stats.subscriptions += 1
+            if self._on_subscribe is not None:
+                try:
+                    self._on_subscribe(Subscription(peer, data[1:], subscribed))
+                except Exception:
+                    log.exception("on_subscribe hook of %s failed", self._name)
+
+    def _drop_malformed(self, why: str) -> None:
+        self.stats.malformed_dropped += 1
+        if self._once.first(("malformed", why)):
+            log.warning("server %s dropped a message: %s", self._name, why)
+
+    # -- direct messages
+
+    def _live_router(self, what: str) -> zmq.asyncio.Socket:
+        if self._closed:
+            raise TransportError(f"{what}: transport is closed")
+        if self._router is None:
+            raise TransportError(f"{what}: server {self._name!r} is not started")
+        return self._router
+
+    async def recv(self) -> Delivery:
+        """Wait for the next direct message whose sender is authenticated and consistent."""
+        async with self._recv_lock:
+            while True:
+                router = self._live_router("recv")
+                if self._recv_fut is None:
+                    self._recv_fut = cast("asyncio.Future[Any]", router.recv_multipart(copy=False))
+                fut = self._recv_fut
+                try:
+                    parts = await _await_next(fut, "recv")
+                finally:
+                    if fut.done():
+                        self._recv_fut = None
+                delivery = self._admit(parts)
+                if delivery is not None:
+                    self.stats.received += 1
+                    return delivery
+
+    def _admit(self, parts: list[zmq.Frame]) -> Delivery | None:
+        if len(parts) < 2:
+            self._drop_malformed("empty message")
+            return None
+        routing_id = parts[0].bytes
+        if self._curve is not None:
+            user = _user_id(parts[1])
+            if user is None:
+                self._drop_malformed("message without an authenticated identity")
+                return None
+            if routing_id != user.encode("utf-8"):
+                self.stats.spoofed_dropped += 1
+                claimed = routing_id.decode("utf-8", "backslashreplace")
+                if self._once.first(("spoof", user, routing_id)):
+                    log.warning(
+                        "server %s dropped a message from %r claiming routing id %r",
+                        self._name,
+                        user,
+                        claimed,
+                    )
+                return None
+            peer: str = user
+            authenticated: str | None = user
+        else:
+            # Plaintext: the routing id is whatever the client set; surrogateescape makes
+            # any bytes round-trip through send(peer).
+            peer = routing_id.decode("utf-8", "surrogateescape")
+            authenticated = None
+        return Delivery("direct", [p.bytes for p in parts[1:]], peer, authenticated)
+
+    async def send(self, peer: str, frames: FrameSeq) -> None:
+        """Send ``frames`` to connected client ``peer``; PeerUnreachable if it is not connected.
+
+        A full queue towards the peer is waited on (up to ``send_timeout_s``), then
+        TransportError.
+        """
+        what = f"send to {peer!r}"
+        router = self._live_router(what)
+        msg = [peer.encode("utf-8", "surrogateescape"), *frames]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._tuning.send_timeout_s
+        delay = 0.0005
+        while True:
+            try:
+                with _map_errors(what, peer=peer):
+                    await _send_nowait(router, msg)
+                break
+            except TransportError as e:
+                if isinstance(e, PeerUnreachable) or not isinstance(e.__cause__, zmq.Again):
+                    raise
+                if loop.time() >= deadline:
+                    raise
+            # ROUTER_MANDATORY says EAGAIN when this peer's queue is full; POLLOUT would
+            # report other peers' queues, so back off instead of waiting on it.
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.05)
+            router = self._live_router(what)
+        self.stats.sent += 1
+
+    async def publish(self, frames: FrameSeq) -> None:
+        """Publish ``frames`` to every subscriber; a subscriber whose queue is full misses it."""
+        if self._closed:
+            raise TransportError("publish: transport is closed")
+        if self._xpub is None:
+            raise TransportError(f"publish: server {self._name!r} is not started")
+        with _map_errors("publish"):
+            await _send_nowait(self._xpub, list(frames))
+        self.stats.published += 1
+
+
+# ------------------------------------------------------------------------ client
+
+_MONITOR_EVENTS = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+)
+
+
+class ZmqClient:
+    """A node's transport towards the server: DEALER for direct messages, SUB for events.
+
+    ``curve`` holds the client key pair and the pinned server public key;
+    ``curve=None`` gives plaintext (refused on tcp:// unless ``insecure=True``).
+    ``server_name`` is reported as ``Delivery.authenticated_as`` when CURVE is
+    on (the pinned key authenticates the server). ``topics`` are the event
+    prefixes to subscribe to (all by default).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        router_endpoint: str,
+        pub_endpoint: str,
+        curve: CurveClientConfig | None,
+        *,
+        server_name: str | None = None,
+        insecure: bool = False,
+        tuning: SocketTuning = DEFAULT_TUNING,
+        topics: Sequence[bytes] = (b"",),
+        context: zmq.asyncio.Context | None = None,
+    ) -> None:
+        self._routing_id = _check_name(name)
+        if not zmq.has("curve") and curve is not None:
+            raise ConfigError("this libzmq was built without CURVE support")
+        for ep in (router_endpoint, pub_endpoint):
+            _check_endpoint(ep, secure=curve is not None, insecure=insecure)
+            if ep.startswith("tcp://") and ep.endswith(":*"):
+                raise ConfigError(f"cannot connect to {ep}: give the server's real port")
+        self._name = name
+        self._endpoints = (router_endpoint, pub_endpoint)
+        self._curve = curve
+        self._server_name = server_name if curve is not None else None
+        self._tuning = tuning
+        self._topics = tuple(bytes(t) for t in topics)
+        self._given_ctx = context
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sockets: list[zmq.asyncio.Socket] = []  # every socket opened, for _release_leaked
+        self._finalizer: weakref.finalize | None = None  # type: ignore[type-arg]
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._sub: zmq.asyncio.Socket | None = None
+        self._monitors: list[zmq.asyncio.Socket] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._direct_fut: asyncio.Future[Any] | None = None
+        self._event_fut: asyncio.Future[Any] | None = None
+        self._prefer_event = False
+        self._recv_lock = asyncio.Lock()
+        self._connected = {"direct": asyncio.Event(), "event": asyncio.Event()}
+        self._closed = False
+        self._once = _OnceLog()
+        self.stats = TransportStats()
+
+    @property
+    def name(self) -> str:
+        """This node's name (also its DEALER routing id)."""
+        return self._name
+
+    @property
+    def connected(self) -> bool:
+        """True while both sockets have a completed handshake with the server."""
+        return all(e.is_set() for e in self._connected.values())
+
+    async def wait_connected(self, timeout: float | None = None) -> None:
+        """Wait until both sockets completed a handshake; TransportError on timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                for event in self._connected.values():
+                    await event.wait()
+        except TimeoutError:
+            raise TransportError(
+                f"client {self._name!r}: no handshake with {self._endpoints[0]} within {timeout}s"
+                + (" (server refused our CURVE key)" if self.stats.handshake_failures else "")
+            ) from None
+
+    async def start(self) -> None:
+        """Connect DEALER and SUB; libzmq reconnects on its own afterwards."""
+        if self._closed:
+            raise TransportError(f"client {self._name!r} is closed")
+        if self._dealer is not None:
+            return
+        self._ctx, self._finalizer = _open_context(self._given_ctx, self, self._sockets)
+        try:
+            self._start_sockets()
+        except BaseException:
+            await self._teardown()
+            raise
+
+    def _start_sockets(self) -> None:
+        assert self._ctx is not None
+        dealer = self._dealer = self._socket(zmq.DEALER)
+        sub = self._sub = self._socket(zmq.SUB)
+        for sock, ep in ((dealer, self._endpoints[0]), (sub, self._endpoints[1])):
+            _apply_tuning(sock, self._tuning, ep)
+            if self._curve is not None:
+                _apply_curve_client(sock, self._curve)
+        dealer.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        dealer.setsockopt(zmq.SNDTIMEO, int(self._tuning.send_timeout_s * 1000))
+        for topic in self._topics:
+            sub.setsockopt(zmq.SUBSCRIBE, topic)
+        for channel, sock in (("direct", dealer), ("event", sub)):
+            monitor = sock.get_monitor_socket(_MONITOR_EVENTS)
+            self._sockets.append(monitor)
+            self._monitors.append(monitor)
+            self._tasks.append(_background(self._watch(monitor, channel), f"{self._name}-{channel}-monitor"))
+        for sock, ep in ((dealer, self._endpoints[0]), (sub, self._endpoints[1])):
+            with _map_errors(f"cannot connect to {ep}", config=True):
+                sock.connect(ep)
+
+    async def _watch(self, monitor: zmq.asyncio.Socket, channel: str) -> None:
+        ready = self._connected[channel]
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                ready.set()
+            elif kind == zmq.EVENT_DISCONNECTED:
+                ready.clear()
+            else:
+                self.stats.handshake_failures += 1
+                if self._once.first(("handshake", channel, kind)):
+                    why = (
+                        f"server refused our CURVE key (status {event['value']})"
+                        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                        else "protocol error (wrong server key or mechanism?)"
+                    )
+                    log.warning(
+                        "client %s: handshake with %s failed: %s",
+                        self._name,
+                        event["endpoint"].decode(errors="replace"),
+                        why,
+                    )
+
+    async def close(self) -> None:
+        """Close the sockets; a pending recv wakes with TransportError."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._teardown()
+
+    async def _teardown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                with contextlib.suppress(zmq.ZMQError):
+                    sock.disable_monitor()
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self._monitors.clear()
+        for sock in (self._dealer, self._sub):
+            if sock is not None:
+                sock.close(linger=self._tuning.linger_ms)
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None and ctx is not self._given_ctx:
+            await asyncio.to_thread(ctx.term)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._sockets.clear()
+
+    async def __aenter__(self) -> ZmqClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(kind)
+        self._sockets.append(sock)
+        return sock
+
+    def _live(self, what: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        if self._closed:
+            raise TransportError(f"{what}: transport is closed")
+        if self._dealer is None or self._sub is None:
+            raise TransportError(f"{what}: client {self._name!r} is not started")
+        return self._dealer, self._sub
+
+    async def send(self, frames: FrameSeq) -> None:
+        """Send to the server; queued while disconnected, TransportError if the queue stays full."""
+        dealer, _ = self._live("send")
+        what = f"send to {self._endpoints[0]}"
+        fut = cast("asyncio.Future[Any]", dealer.send_multipart(list(frames), copy=False))
+        try:
+            await _await_next(fut, what)
+        except asyncio.CancelledError:
+            fut.cancel()  # our caller gave up: do not send it later behind its back
+            raise
+        self.stats.sent += 1
+
+    async def recv(self) -> Delivery:
+        """Wait for the next direct reply or event (both channels served fairly)."""
+        async with self._recv_lock:
+            while True:
+                dealer, sub = self._live("recv")
+                if self._direct_fut is None:
+                    self._direct_fut = cast("asyncio.Future[Any]", dealer.recv_multipart())
+                if self._event_fut is None:
+                    self._event_fut = cast("asyncio.Future[Any]", sub.recv_multipart())
+                await _wait_any((self._direct_fut, self._event_fut))
+                order: tuple[Channel, Channel] = ("event", "direct") if self._prefer_event else ("direct", "event")
+                for channel in order:
+                    fut = self._direct_fut if channel == "direct" else self._event_fut
+                    if fut is None or not fut.done():
+                        continue
+                    if channel == "direct":
+                        self._direct_fut = None
+                    else:
+                        self._event_fut = None
+                    self._prefer_event = channel == "direct"
+                    parts = await _await_next(fut, "recv")
+                    self.stats.received += 1
+                    return Delivery(channel, parts, None, self._server_name)

@@ -1,0 +1,297 @@
+"""ZmqServer / ZmqClient over real sockets on 127.0.0.1 with real CURVE keys."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+from nacl.public import PrivateKey
+from transport_helpers import Deployment, eventually, nothing_arrives, run
+
+from gtbus.errors import ConfigError, PeerUnreachable, TransportError
+from gtbus.transport import (
+    ClientTransport,
+    CurveClientConfig,
+    CurveServerConfig,
+    ServerTransport,
+    SocketTuning,
+    Subscription,
+    ZmqClient,
+    ZmqServer,
+    curve_public_key,
+    z85_key,
+)
+
+pytestmark = pytest.mark.timeout(20)
+
+ANY_PORT = "tcp://127.0.0.1:*"
+
+
+def make_server(dep: Deployment, **kw: object) -> ZmqServer:
+    router = kw.pop("router", ANY_PORT)
+    pub = kw.pop("pub", ANY_PORT)
+    return ZmqServer("orch", router, pub, dep.server_config(), dep.allowed(), **kw)  # type: ignore[arg-type]
+
+
+def make_client(
+    dep: Deployment, server: ZmqServer, name: str, key: PrivateKey | None = None, **kw: object
+) -> ZmqClient:
+    return ZmqClient(name, *server.endpoints, dep.client_config(name, key), server_name="orch", **kw)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(*transports: ZmqServer | ZmqClient) -> AsyncIterator[None]:
+    try:
+        for t in transports:
+            await t.start()
+        yield
+    finally:
+        for t in reversed(transports):
+            await t.close()
+
+
+def test_request_reply_and_publish_round_trip(deployment: Deployment) -> None:
+    async def main() -> None:
+        subs: list[Subscription] = []
+        server = make_server(deployment, on_subscribe=subs.append)
+        await server.start()
+        h1 = make_client(deployment, server, "h1")
+        assert isinstance(server, ServerTransport) and isinstance(h1, ClientTransport)
+        async with running(h1):
+            await h1.wait_connected(5)
+            await h1.send([b"magic", b"hello"])
+            got = await server.recv()
+            assert got.channel == "direct"
+            assert got.frames == [b"magic", b"hello"]
+            assert got.peer == "h1" and got.authenticated_as == "h1"
+
+            await server.send(got.peer, [b"reply", memoryview(b"view")])
+            reply = await h1.recv()
+            assert (reply.channel, reply.frames, reply.peer, reply.authenticated_as) == (
+                "direct",
+                [b"reply", b"view"],
+                None,
+                "orch",
+            )
+
+            await eventually(lambda: any(s.peer == "h1" and s.subscribed for s in subs), what="subscription")
+            await server.publish([b"event", b"42"])
+            event = await h1.recv()
+            assert (event.channel, event.frames) == ("event", [b"event", b"42"])
+        await server.close()
+        assert server.stats.auth_accepted >= 2  # DEALER and SUB both went through ZAP
+        assert server.stats.auth_rejected == 0
+
+    run(main())
+
+
+def test_unknown_curve_key_is_refused_and_others_are_served(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        await server.start()
+        stranger = PrivateKey.generate()  # valid CURVE key, not in the deployment
+        intruder = make_client(deployment, server, "h1", key=stranger)
+        h2 = make_client(deployment, server, "h2")
+        async with running(intruder, h2):
+            await intruder.send([b"let me in"])
+            with pytest.raises(TransportError, match="refused our CURVE key"):
+                await intruder.wait_connected(1.0)
+            assert intruder.stats.handshake_failures >= 1
+            assert server.stats.auth_rejected >= 1
+            assert server.stats.extra.get("auth-unknown-key", 0) >= 1
+
+            await h2.wait_connected(5)
+            await h2.send([b"legit"])
+            got = await server.recv()
+            assert (got.peer, got.frames) == ("h2", [b"legit"])
+            await server.publish([b"for members"])
+            assert (await h2.recv()).frames == [b"for members"]
+            await nothing_arrives(intruder.recv)
+            await nothing_arrives(server.recv)  # the intruder's queued message never arrives
+            with pytest.raises(PeerUnreachable):
+                await server.send("h1", [b"x"])
+        await server.close()
+
+    run(main())
+
+
+def test_routing_id_spoofing_is_dropped(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        await server.start()
+        # h2's genuine key, but claiming to be h1 (routing id "h1")
+        spoofer = ZmqClient("h1", *server.endpoints, deployment.client_config("h2"))
+        async with running(spoofer):
+            await spoofer.wait_connected(5)
+            await spoofer.send([b"i am h1"])
+            await nothing_arrives(server.recv)
+            assert server.stats.spoofed_dropped == 1
+        h1 = make_client(deployment, server, "h1")
+        async with running(h1):
+            await h1.send([b"really h1"])
+            got = await server.recv()
+            assert (got.peer, got.frames) == ("h1", [b"really h1"])
+        assert server.stats.spoofed_dropped == 1
+        await server.close()
+
+    run(main())
+
+
+def test_oversize_frame_is_dropped_and_server_keeps_serving(deployment: Deployment) -> None:
+    async def main() -> None:
+        tuning = SocketTuning(max_frame_bytes=1 << 20)
+        server = make_server(deployment, tuning=tuning)
+        await server.start()
+        h1 = make_client(deployment, server, "h1")
+        h2 = make_client(deployment, server, "h2")
+        async with running(h1, h2):
+            await h1.wait_connected(5)
+            await h2.wait_connected(5)
+            await h1.send([b"big", bytes(2 << 20)])
+            await nothing_arrives(server.recv)
+            await h2.send([b"small"])
+            got = await server.recv()
+            assert (got.peer, got.frames) == ("h2", [b"small"])
+            # the offender is disconnected, reconnects, and is served again afterwards
+            await h1.send([b"sorry"])
+            got = await asyncio.wait_for(server.recv(), 5)
+            assert (got.peer, got.frames) == ("h1", [b"sorry"])
+        await server.close()
+
+    run(main())
+
+
+def test_send_to_unknown_peer_raises_peer_unreachable(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        async with running(server):
+            with pytest.raises(PeerUnreachable, match="'nobody' is not connected"):
+                await server.send("nobody", [b"x"])
+
+    run(main())
+
+
+def test_client_reconnects_after_server_restart_on_same_port(deployment: Deployment) -> None:
+    async def main() -> None:
+        first = make_server(deployment)
+        await first.start()
+        router, pub = first.endpoints
+        h1 = make_client(deployment, first, "h1")
+        await h1.start()
+        await h1.send([b"before"])
+        assert (await first.recv()).frames == [b"before"]
+        await first.close()
+
+        subs: list[Subscription] = []
+        second = make_server(deployment, router=router, pub=pub, on_subscribe=subs.append)
+        async with running(second):
+            assert second.endpoints == (router, pub)
+            await h1.send([b"after"])  # queued in the DEALER until it reconnects
+            got = await asyncio.wait_for(second.recv(), 8)
+            assert (got.peer, got.frames) == ("h1", [b"after"])
+            await second.send("h1", [b"welcome back"])
+            assert (await h1.recv()).frames == [b"welcome back"]
+            await eventually(lambda: bool(subs), timeout=8, what="resubscription")
+            await second.publish([b"event"])
+            assert (await h1.recv()).frames == [b"event"]
+        await h1.close()
+
+    run(main(), timeout=15)
+
+
+def test_large_frame_round_trip(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        await server.start()
+        h1 = make_client(deployment, server, "h1")
+        blob = bytes(range(256)) * (16 * 1024 * 1024 // 256)  # 16 MiB
+        async with running(h1):
+            await h1.send([b"bulk", memoryview(blob)])
+            got = await server.recv()
+            assert got.frames[0] == b"bulk" and got.frames[1] == blob
+            await server.send("h1", [b"bulk", blob])
+            back = await h1.recv()
+            assert back.frames[1] == blob
+        await server.close()
+
+    run(main(), timeout=15)
+
+
+def test_recv_cancelled_loses_nothing_and_close_wakes_recv(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        await server.start()
+        h1 = make_client(deployment, server, "h1")
+        async with running(h1):
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(server.recv(), 0.05)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(h1.recv(), 0.05)
+            await h1.send([b"one"])
+            assert (await server.recv()).frames == [b"one"]
+            await server.send("h1", [b"two"])
+            assert (await h1.recv()).frames == [b"two"]
+
+            pending_server = asyncio.create_task(server.recv())
+            pending_client = asyncio.create_task(h1.recv())
+            await asyncio.sleep(0.05)
+            await server.close()
+            await h1.close()
+            with pytest.raises(TransportError, match="closed"):
+                await pending_server
+            with pytest.raises(TransportError, match="closed"):
+                await pending_client
+            with pytest.raises(TransportError, match="closed"):
+                await server.send("h1", [b"late"])
+            with pytest.raises(TransportError, match="closed"):
+                await h1.send([b"late"])
+
+    run(main())
+
+
+def test_configuration_errors_are_clear(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment)
+        async with running(server):
+            taken = server.endpoints[0]
+            clash = ZmqServer("other", taken, ANY_PORT, deployment.server_config(), deployment.allowed())
+            with pytest.raises(ConfigError, match=f"cannot bind {taken}: address already in use"):
+                await clash.start()
+            await clash.close()
+
+        with pytest.raises(ConfigError, match="refusing plaintext on tcp://"):
+            ZmqServer("orch", ANY_PORT, ANY_PORT, None)
+        with pytest.raises(ConfigError, match="refusing plaintext on tcp://"):
+            ZmqClient("h1", "tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", None)
+        with pytest.raises(ConfigError, match="unsupported endpoint"):
+            ZmqServer("orch", "udp://x", ANY_PORT, deployment.server_config(), {})
+        with pytest.raises(ConfigError, match="32 raw bytes"):
+            CurveServerConfig.from_secret(b"short")
+        with pytest.raises(ConfigError, match="does not belong"):
+            CurveClientConfig(bytes(32), bytes(32), bytes(32))
+        with pytest.raises(ConfigError, match="needs a CURVE config"):
+            ZmqServer("orch", "ipc:///tmp/x", "ipc:///tmp/y", None, deployment.allowed())
+        sk = deployment.clients["h1"]
+        assert curve_public_key(bytes(sk)) == bytes(sk.public_key)
+        assert len(z85_key(bytes(sk.public_key))) == 40
+        assert "secret_key" not in repr(deployment.client_config("h1"))
+
+    run(main())
+
+
+def test_insecure_plaintext_pair_for_the_raw_baseline() -> None:
+    async def main() -> None:
+        server = ZmqServer("orch", ANY_PORT, ANY_PORT, None, insecure=True)
+        async with running(server):
+            client = ZmqClient("bench", *server.endpoints, None, insecure=True)
+            async with running(client):
+                await client.send([b"ping"])
+                got = await server.recv()
+                assert (got.peer, got.authenticated_as) == ("bench", None)
+                await server.send("bench", [b"pong"])
+                assert (await client.recv()).frames == [b"pong"]
+
+    run(main())
