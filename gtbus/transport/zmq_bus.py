@@ -344,9 +344,8 @@ async def _wait_any(futs: Sequence[asyncio.Future[Any]]) -> None:
             f.remove_done_callback(wake)
 
 
-async def _await_next(fut: asyncio.Future[Any], what: str) -> Any:
-    """Wait for ``fut`` (see :func:`_wait_any`) and return its result, errors mapped."""
-    await _wait_any((fut,))
+def _take(fut: asyncio.Future[Any], what: str) -> Any:
+    """The result of a done socket future, errors mapped (cancelled means the socket closed)."""
     if fut.cancelled():
         raise TransportError(f"{what}: transport is closed")
     exc = fut.exception()
@@ -666,11 +665,9 @@ class ZmqServer:
                 if self._recv_fut is None:
                     self._recv_fut = cast("asyncio.Future[Any]", router.recv_multipart(copy=False))
                 fut = self._recv_fut
-                try:
-                    parts = await _await_next(fut, "recv")
-                finally:
-                    if fut.done():
-                        self._recv_fut = None
+                await _wait_any((fut,))  # if we are cancelled here, fut stays for the next call
+                self._recv_fut = None
+                parts = _take(fut, "recv")
                 delivery = self._admit(parts)
                 if delivery is not None:
                     self.stats.received += 1
@@ -947,10 +944,11 @@ class ZmqClient:
         what = f"send to {self._endpoints[0]}"
         fut = cast("asyncio.Future[Any]", dealer.send_multipart(list(frames), copy=False))
         try:
-            await _await_next(fut, what)
+            await _wait_any((fut,))
         except asyncio.CancelledError:
             fut.cancel()  # our caller gave up: do not send it later behind its back
             raise
+        _take(fut, what)
         self.stats.sent += 1
 
     async def recv(self) -> Delivery:
@@ -973,6 +971,6 @@ class ZmqClient:
                     else:
                         self._event_fut = None
                     self._prefer_event = channel == "direct"
-                    parts = await _await_next(fut, "recv")
+                    parts = _take(fut, "recv")
                     self.stats.received += 1
                     return Delivery(channel, parts, None, self._server_name)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -295,3 +297,31 @@ def test_insecure_plaintext_pair_for_the_raw_baseline() -> None:
                 assert (await client.recv()).frames == [b"pong"]
 
     run(main())
+
+
+LEAK_SCRIPT = """
+import asyncio, gc
+from gtbus.transport import *
+
+async def leak():
+    ssk, spk = generate_curve_keypair()
+    csk, cpk = generate_curve_keypair()
+    s = ZmqServer("orch", "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", CurveServerConfig.from_secret(ssk), {cpk: "h1"})
+    await s.start()
+    c = ZmqClient("h1", *s.endpoints, CurveClientConfig.from_secret(csk, spk))
+    await c.start()
+    await c.send([b"never read"])
+    await asyncio.sleep(0.05)
+
+for _ in range(2):
+    asyncio.run(leak())  # transports dropped without close()
+    gc.collect()
+print("ok")
+"""
+
+
+def test_transports_dropped_without_close_do_not_hang_gc() -> None:
+    # pyzmq's Context.__del__ can block forever in term() when the GC has already
+    # cleared its socket weakrefs; the transports' finalizer closes the sockets first.
+    done = subprocess.run([sys.executable, "-c", LEAK_SCRIPT], capture_output=True, text=True, timeout=15)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
