@@ -7,7 +7,7 @@ schedules (trio's ``trio.testing`` is the model).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtbus.messages.identity import NodeIdentity, Role, Roster, write_identity
@@ -47,19 +47,20 @@ class Deployment:
     orchestrator: NodeIdentity
     holders: list[NodeIdentity]
     observer: NodeIdentity
+    agents: list[NodeIdentity] = field(default_factory=list)
 
     @property
     def roster(self) -> Roster:
         """Every node's public identity."""
-        return Roster([self.orchestrator.public, *(h.public for h in self.holders), self.observer.public])
+        return Roster([self.orchestrator.public, *(h.public for h in self.holders), self.observer.public, *(a.public for a in self.agents)])
 
     def key_path(self, name: str) -> Path:
         """Path of a node's secret key file."""
         return self.key_dir / f"{name}.key"
 
 
-def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orchestrator: str = "orch") -> Deployment:
-    """Generate and write keys for an orchestrator, ``holders`` holders (h1, h2, ...) and an observer ("status")."""
+def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orchestrator: str = "orch", agents: int = 0) -> Deployment:
+    """Generate and write keys for an orchestrator, ``holders`` holders (h1, h2, ...), an observer ("status") and ``agents`` device agents."""
     d = Path(key_dir)
     orch = NodeIdentity.generate(orchestrator, Role.ORCHESTRATOR)
     write_identity(orch, d, overwrite=True)
@@ -70,4 +71,9 @@ def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orches
         hs.append(h)
     obs = NodeIdentity.generate("status", Role.OBSERVER)
     write_identity(obs, d, overwrite=True)
-    return Deployment(d, orch, hs, obs)
+    ags = []
+    for i in range(1, agents + 1):
+        a = NodeIdentity.generate(f"agent{i}", Role.AGENT)
+        write_identity(a, d, overwrite=True)
+        ags.append(a)
+    return Deployment(d, orch, hs, obs, ags)

@@ -163,6 +163,8 @@ def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str,
         from gtbus.replay.redrive import redrive
 
         files = [p for p in log_files(path) if any(r.kind == "meta" and r.data.get("node") == redrive_node for r in read_log(p)[:1])]
+        # A node with a second link keeps a second log; its main one is NODE.gtlog.
+        files.sort(key=lambda p: p.stem != redrive_node)
         if not files:
             raise click.ClickException(f"no log of node {redrive_node!r} under {path}")
         try:

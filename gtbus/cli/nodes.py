@@ -156,8 +156,11 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
 @click.option("--chunk-tokens", type=int, default=1 << 17, show_default=True)
+@click.option("--agent", "agent_name", default=None, help="For a holder on another server than the GPU: the device agent to write through.")
+@click.option("--agent-router", default=None, help="The device agent's request endpoint.")
+@click.option("--agent-pub", default=None, help="The device agent's event endpoint.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
-def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int, fault: str) -> None:
+def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int, agent_name: str | None, agent_router: str | None, agent_pub: str | None, fault: str) -> None:
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
     from gtbus.gpu.attestation import EmulatedVerifier
     from gtbus.gpu.platform_key import load_platform_public
@@ -175,14 +178,65 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
     verifier = EmulatedVerifier(load_platform_public(platform_pub), pinned)
     dataset = Dataset(list(data_paths), raw=raw, name=identity.name)
 
+    if agent_name and not (agent_router and agent_pub):
+        raise ConfigError("--agent needs --agent-router and --agent-pub")
+
     async def main() -> None:
         rt = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=run_dir, server=orchestrator_of(roster))
-        h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault), on_event=lambda s: click.echo(s, err=True))
+        via = None
+        if agent_name:
+            assert agent_router and agent_pub
+            via = NodeRuntime(identity, roster, client_transport(identity, roster, agent_router, agent_pub, server_name=agent_name),
+                              run_dir=run_dir, server=agent_name, log_name=f"{identity.name}-to-{agent_name}", heartbeat_interval=0)
+        h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault),
+                   on_event=lambda s: click.echo(s, err=True), agent=via)
         await rt.start()
+        if via is not None:
+            await via.start()
         try:
             await h.run()
         finally:
+            if via is not None:
+                await via.close()
             await rt.close()
+
+    asyncio.run(main())
+
+
+@click.command()
+@click.option("--key", "key_path", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The agent's secret key.")
+@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--router", default="tcp://127.0.0.1:7700", show_default=True, help="The orchestrator's request endpoint.")
+@click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True, help="The orchestrator's event endpoint.")
+@click.option("--listen-router", required=True, help="Where remote holders send their segments, e.g. tcp://0.0.0.0:7710.")
+@click.option("--listen-pub", required=True, help="The agent's event endpoint, e.g. tcp://0.0.0.0:7711.")
+@click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
+def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: str, listen_pub: str, run_dir: Path, backend: str) -> None:
+    """Run the device agent on the GPU host: remote holders stream ciphertext through it into device staging."""
+    from gtbus.nodes.agent import DeviceAgent
+    from gtbus.nodes.runtime import NodeRuntime
+    from gtbus.nodes.wiring import client_transport, orchestrator_of, server_transport
+
+    identity = load_identity(key_path)
+    roster = Roster.from_dir(keys_dir)
+
+    async def main() -> None:
+        up = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=run_dir, server=orchestrator_of(roster))
+        down = NodeRuntime(identity, roster, server_transport(identity, roster, listen_router, listen_pub), run_dir=run_dir,
+                           log_name=f"{identity.name}-holders", heartbeat_interval=0)
+        dev_cls = device_class(backend)
+        await asyncio.to_thread(dev_cls.prepare_holder, 0)
+        a = DeviceAgent(up, down, dev_cls)
+        await down.start()
+        await up.start()
+        click.echo(f"device agent {identity.name}: holders connect to {down.transport.endpoints[0]}", err=True)
+        try:
+            await a.run()
+            await asyncio.sleep(0.5)
+        finally:
+            await up.close()
+            await down.close()
 
     asyncio.run(main())
 
@@ -231,4 +285,4 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
         click.echo(f"{k:<20}{v}")
 
 
-COMMANDS = [orchestrator, holder, measure, demo]
+COMMANDS = [orchestrator, holder, agent, measure, demo]

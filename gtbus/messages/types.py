@@ -219,3 +219,50 @@ class Shutdown:
     """Nodes should exit after finishing in-flight work."""
 
     reason: str
+
+
+# --- remote holders: ship-to-device through the device agent ----------------------------------
+
+
+@message("agent.stage", senders=ORCH, fenced=True)
+@dataclass(frozen=True)
+class AgentStage:
+    """The orchestrator lets its device agent write this hop's staging for one remote holder.
+
+    ``sealed_handle`` (the staging capability) opens only with the agent's
+    X25519 key; the agent never sees the channel key, only ciphertext.
+    """
+
+    token_id: str
+    holder: str
+    sealed_handle: bytes
+    staging_bytes: int
+    segment_size: int
+
+
+@message("agent.ready", senders={Role.AGENT}, fenced=True)
+@dataclass(frozen=True)
+class AgentReady:
+    """The agent mapped the hop's staging and accepts the holder's segments."""
+
+    token_id: str
+
+
+@message("agent.done", senders=HOLDER, fenced=True)
+@dataclass(frozen=True)
+class AgentDone:
+    """A remote holder has streamed all its segments to the agent."""
+
+    token_id: str
+    segments: int
+    nbytes: int
+
+
+@message("agent.written", senders={Role.AGENT}, fenced=True)
+@dataclass(frozen=True)
+class AgentWritten:
+    """The agent wrote every segment into device staging and unmapped it."""
+
+    token_id: str
+    segments: int
+    nbytes: int

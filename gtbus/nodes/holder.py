@@ -34,6 +34,8 @@ from gtbus.gpu.device import Device
 from gtbus.gpu.sealing import open_params
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
+    AgentDone,
+    AgentWritten,
     Refusal,
     Register,
     RunComplete,
@@ -107,8 +109,11 @@ class Holder:
         chunk_tokens: int,
         faults: HolderFaults | None = None,
         on_event: Callable[[str], None] | None = None,
+        agent: NodeRuntime | None = None,
     ) -> None:
         self.rt = runtime
+        # A holder on another server than the GPU writes through the device agent there.
+        self.agent = agent
         self.dataset = dataset
         self.device_cls = device_cls
         self.verifier = verifier
@@ -133,6 +138,8 @@ class Holder:
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> Welcome:
         """Register the dataset manifest; verify the orchestrator's measurement (retries while it starts)."""
         manifest = self.dataset.manifest(self.chunk_tokens)
+        if self.agent is not None:
+            manifest["via"] = self.agent.server
         last: Exception | None = None
         for _ in range(attempts):
             try:
@@ -198,7 +205,9 @@ class Holder:
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
             if self.faults.stall:
                 await asyncio.sleep(self.faults.stall)
-            if g.mode == "travel":
+            if g.mode == "travel" and self.agent is not None:
+                summary = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
+            elif g.mode == "travel":
                 summary = await asyncio.to_thread(self._write_travel, params, plain, ctx)
             else:
                 summary = await self._write_ship(g, epoch, params, plain, ctx)
@@ -265,18 +274,26 @@ class Holder:
             self.device_cls.unmap(mapping)
 
     async def _write_ship(
-        self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext
+        self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext, via: NodeRuntime | None = None
     ) -> tuple[int, int, bytes]:
+        """Seal locally and stream the segments: to the orchestrator (ship) or the device agent (remote travel)."""
         size = staging_size(len(plain), params.segment_size)
         if self._ship_buffer is None or len(self._ship_buffer) < size:
             self._ship_buffer = bytearray(size)
         buf = memoryview(self._ship_buffer)[:size]
         s = await asyncio.to_thread(SegmentSealer(params).seal_into, plain, buf, ctx)
         stride = params.segment_size + TAG_SIZE
+        rt = via or self.rt
         for i in range(s.count):
+            if not self.machine.is_current(g.token_id, epoch):
+                break  # revoked while streaming
             _, _, n = segment_bounds(i, len(plain), params.segment_size)
             blob = bytes(buf[i * stride : i * stride + n + TAG_SIZE])
-            await self.rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
+            await rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
+        if via is not None:
+            acc = await via.request(AgentDone(g.token_id, s.count, s.nbytes), timeout=max(5.0, g.lease_deadline - time.time()), epoch=epoch)
+            if not isinstance(acc.message, AgentWritten):
+                raise GtbusError(f"device agent did not take the segments: {getattr(acc.message, 'reason', acc.spec.name)}")
         return s.count, s.nbytes, s.ciphertext_digest
 
     def _prefetch(self, index: int) -> None:
@@ -292,7 +309,8 @@ class Holder:
 
     async def run(self) -> None:
         """Prepare the device side once, register, then serve grants until the run completes."""
-        await asyncio.to_thread(self.device_cls.prepare_holder, self.chunk_tokens * 2)
+        if self.agent is None:
+            await asyncio.to_thread(self.device_cls.prepare_holder, self.chunk_tokens * 2)
         self._prefetch_soon(0)
         await self.register()
         self.rt.state_label = "registered"

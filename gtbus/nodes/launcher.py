@@ -46,6 +46,7 @@ class LocalRun:
     holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
     orchestrator_fault: str = ""  # --fault spec of the orchestrator (tests and drills only)
     extra_orchestrator_args: Sequence[str] = ()
+    remote_holders: Sequence[str] = ()  # these write through a device agent (ship-to-device), as if on another server
 
 
 class LocalDeployment:
@@ -58,7 +59,7 @@ class LocalDeployment:
         self.run = run
         run.run_dir.mkdir(parents=True, exist_ok=True)
         self.keys = run.run_dir / "keys"
-        self.dep = make_deployment(self.keys, run.holders)
+        self.dep = make_deployment(self.keys, run.holders, agents=1 if run.remote_holders else 0)
         self.platform_key, self.platform_pub = write_platform_key(run.run_dir / "platform", overwrite=True)
         if run.data is None:
             from gtbus.training.corpus import build_demo_corpus
@@ -69,6 +70,9 @@ class LocalDeployment:
         self.pin = self._pin()
         self.router = f"tcp://127.0.0.1:{free_port()}"
         self.pub = f"tcp://127.0.0.1:{free_port()}"
+        self.agent_router = f"tcp://127.0.0.1:{free_port()}"
+        self.agent_pub = f"tcp://127.0.0.1:{free_port()}"
+        self.agent_proc: subprocess.Popen[bytes] | None = None
         self.summary_path = run.run_dir / "summary.json"
         self.orchestrator: subprocess.Popen[str] | None = None
         self.holder_procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -101,7 +105,15 @@ class LocalDeployment:
         cmd = [sys.executable, "-m", "gtbus", "holder", "--key", str(self.dep.key_path(h.name)), "--platform-pub", str(self.platform_pub),
                "--pin-code", self.pin, "--data", str(self.shards[index]), "--chunk-tokens", str(self.run.chunk_tokens), *self._common]
         fault = self.run.holder_faults.get(h.name)
+        if h.name in self.run.remote_holders:
+            cmd += ["--agent", self.dep.agents[0].name, "--agent-router", self.agent_router, "--agent-pub", self.agent_pub]
         return cmd + (["--fault", fault] if fault else [])
+
+    def agent_cmd(self) -> list[str]:
+        """The command line of the device agent process."""
+        a = self.dep.agents[0]
+        return [sys.executable, "-m", "gtbus", "agent", "--key", str(self.dep.key_path(a.name)), "--listen-router", self.agent_router,
+                "--listen-pub", self.agent_pub, *self._common]
 
     def start_orchestrator(self, *, resume: bool = False) -> subprocess.Popen[str]:
         """Start (or restart) the orchestrator process; its stdout is a pipe of hop lines."""
@@ -119,8 +131,10 @@ class LocalDeployment:
         return p
 
     def start(self) -> None:
-        """Start the orchestrator and every holder."""
+        """Start the orchestrator, the device agent if any holder is remote, and every holder."""
         self.start_orchestrator()
+        if self.run.remote_holders:
+            self.agent_proc = subprocess.Popen(self.agent_cmd(), stdout=subprocess.DEVNULL, stderr=open(self.run.run_dir / "agent.err", "a"), env=self.env)
         for i in range(self.run.holders):
             self.start_holder(i)
 
@@ -145,6 +159,8 @@ class LocalDeployment:
     def stop(self, grace: float = 5.0) -> None:
         """Let holders exit on the run's shutdown; signal, then kill, whatever is left."""
         procs: list[subprocess.Popen[Any]] = list(self.holder_procs.values())
+        if self.agent_proc is not None:
+            procs.append(self.agent_proc)
         if self.orchestrator is not None:
             procs.append(self.orchestrator)
         end = time.monotonic() + grace

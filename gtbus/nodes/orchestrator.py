@@ -38,10 +38,12 @@ from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_count, staging_size, TAG_SIZE
 from gtbus.gpu.device import Device
 from gtbus.gpu.measure import measure_code
-from gtbus.gpu.sealing import seal_params
+from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.identity import Role
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
+    AgentReady,
+    AgentStage,
     Echo,
     EchoReply,
     HopRecord,
@@ -166,6 +168,8 @@ class Orchestrator:
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
         self.manifests: dict[str, dict[str, Any]] = {}
+        self.via: dict[str, str] = {}  # remote holder -> the device agent it writes through
+        self.agents: set[str] = set()
         self.registered = asyncio.Event()
         self.hops: list[HopOutcome] = []
         self.token = TokenMachine(last_epoch=self._reserved_epoch())
@@ -227,9 +231,24 @@ class Orchestrator:
         )
         return dict(self.platform.sign(rep).to_wire())
 
+    async def _stage_on_agent(self, agent: str, token_id: str, epoch: int, holder: str, handle: str, staging: Any, seg: int) -> None:
+        sealed = seal_bytes(handle.encode(), self.rt.roster[agent].x25519)
+        try:
+            acc = await self.rt.request(AgentStage(token_id, holder, sealed, staging.nbytes, seg), agent, timeout=self.config.lease, epoch=epoch)
+        except asyncio.TimeoutError:
+            raise TransportError(f"device agent {agent} did not answer the stage") from None
+        if not isinstance(acc.message, AgentReady) or acc.message.token_id != token_id:
+            raise TransportError(f"device agent {agent} refused the stage: {getattr(acc.message, 'reason', acc.spec.name)}")
+
     async def _on_register(self, acc: Accepted, delivery: Delivery) -> None:
         sender = acc.header.sender
         member = self.rt.roster.get(sender)
+        if member is not None and member.role is Role.AGENT:
+            self.agents.add(sender)
+            await self.rt.send(Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
+            self.log.info("device agent %s registered", sender)
+            self._check_registered()
+            return
         if member is None or member.role is not Role.HOLDER or sender not in self.config.holders:
             await self.rt.send(Refusal("not-a-holder", f"{sender} is not a holder of this run"), sender, parent=acc.header.id)
             return
@@ -241,6 +260,12 @@ class Orchestrator:
         except (KeyError, TypeError, ValueError) as exc:
             await self.rt.send(Refusal("bad-manifest", f"manifest refused: {exc}"), sender, parent=acc.header.id)
             return
+        via = m.get("via")
+        if via is not None and (not isinstance(via, str) or via not in self.rt.roster or self.rt.roster[via].role is not Role.AGENT):
+            await self.rt.send(Refusal("bad-manifest", f"manifest refused: {via!r} is not a device agent of this deployment"), sender, parent=acc.header.id)
+            return
+        if via is not None:
+            self.via[sender] = via
         self.manifests[sender] = dict(m)
         await self.rt.send(
             Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()),
@@ -248,7 +273,11 @@ class Orchestrator:
             parent=acc.header.id,
         )
         self.log.info("registered %s: %s chunks", sender, chunks)
-        if all(h in self.manifests for h in self.config.holders):
+        self._check_registered()
+
+    def _check_registered(self) -> None:
+        # Every holder is in, and every agent a remote holder writes through.
+        if all(h in self.manifests for h in self.config.holders) and set(self.via.values()) <= self.agents:
             self.registered.set()
 
     def _schedule_info(self) -> dict[str, Any]:
@@ -331,8 +360,8 @@ class Orchestrator:
         try:
             await asyncio.wait_for(self.registered.wait(), self.config.register_timeout)
         except asyncio.TimeoutError:
-            missing = sorted(set(self.config.holders) - set(self.manifests))
-            raise GtbusError(f"holders did not register within {self.config.register_timeout:.0f}s: {', '.join(missing)}") from None
+            missing = sorted(set(self.config.holders) - set(self.manifests)) + sorted(set(self.via.values()) - self.agents)
+            raise GtbusError(f"nodes did not register within {self.config.register_timeout:.0f}s: {', '.join(missing)}") from None
 
     async def run(self) -> dict[str, Any]:
         """Setup, wait for holders, run every hop of the schedule; return the summary."""
@@ -404,6 +433,11 @@ class Orchestrator:
                 report=self._report(params.key, grant.epoch, model_before),
             )
             try:
+                via = self.via.get(a.holder) if cfg.mode == "travel" else None
+                if via is not None:
+                    # A remote holder writes through the device agent on this host:
+                    # the agent must hold the staging mapping before the holder streams.
+                    await self._stage_on_agent(via, grant.token_id, grant.epoch, a.holder, str(handle), staging, seg)
                 await self.rt.send(msg, a.holder, epoch=grant.epoch)
             except TransportError as exc:
                 # The holder is not connected (killed, partitioned): take the token

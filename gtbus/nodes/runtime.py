@@ -52,6 +52,7 @@ class NodeRuntime:
         clock: Clock = SYSTEM_CLOCK,
         heartbeat_interval: float = 1.0,
         limits: Limits = DEFAULT_LIMITS,
+        log_name: str | None = None,
     ) -> None:
         self.identity = identity
         self.name = identity.name
@@ -62,10 +63,13 @@ class NodeRuntime:
         self.clock = clock
         self.heartbeat_interval = heartbeat_interval
         self.run_dir = Path(run_dir)
-        self.guard = ReplayGuard(clock, journal=self.run_dir / "state" / self.name / "replay.journal")
+        # A node with a second link (a device agent, a remote holder) runs a second
+        # runtime; ``log_name`` keeps its log and replay journal apart.
+        self.log_name = log_name or self.name
+        self.guard = ReplayGuard(clock, journal=self.run_dir / "state" / self.log_name / "replay.journal")
         self.pipeline = ReceivePipeline(self.name, roster, self.guard, limits)
         self.signer = MessageSigner(identity, clock)
-        self.recorder = Recorder(self.run_dir / "logs" / f"{self.name}{LOG_SUFFIX}", self.name, roster)
+        self.recorder = Recorder(self.run_dir / "logs" / f"{self.log_name}{LOG_SUFFIX}", self.name, roster)
         self.log = logging.getLogger(f"gtbus.node.{self.name}")
         self.last_heard: dict[str, float] = {}
         self.state_label = "starting"

@@ -36,9 +36,12 @@ def server_transport(
     )
 
 
-def client_transport(identity: NodeIdentity, roster: Roster, router: str, pub: str) -> ZmqClient:
-    """A node's DEALER + SUB with CURVE, pinning the orchestrator's key."""
-    server = roster[orchestrator_of(roster)]
+def client_transport(identity: NodeIdentity, roster: Roster, router: str, pub: str, *, server_name: str | None = None) -> ZmqClient:
+    """A node's DEALER + SUB with CURVE, pinning the server's key (the orchestrator's unless named)."""
+    name = server_name or orchestrator_of(roster)
+    if name not in roster:
+        raise ConfigError(f"no public key of {name!r} in the deployment")
+    server = roster[name]
     return ZmqClient(
         identity.name,
         router,

@@ -39,6 +39,12 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     host = "gpu"
     key = "runs/local/keys/h1.key"
     data = ["runs/local/data/holder00.bin"]
+    # agent = "agent1"              # a holder on another server writes through the GPU host's agent
+
+An ``agent`` node (role "agent") runs on the GPU host with ``router``/``pub``
+(where remote holders connect) and optional ``bind_router``/``bind_pub``;
+servers also accept ``bind_*`` when they bind another address than the one
+others connect to (``tcp://0.0.0.0:PORT``).
 
 Paths are relative to the host's ``workdir``. Every problem found while
 loading is reported as one line naming the table and key.
@@ -86,6 +92,9 @@ class Node:
     data: tuple[str, ...] = ()
     raw: bool = False
     extra_args: tuple[str, ...] = ()
+    agent: str = ""  # holders on another server than the GPU: the device agent they write through
+    bind_router: str = ""  # where a server node binds, when it differs from where others connect
+    bind_pub: str = ""
 
 
 @dataclass(frozen=True)
@@ -221,18 +230,28 @@ def load_runbook(path: str | Path) -> Runbook:
             name=name, role=role, host=host, key=_str(t, "key", where, problems),
             router=str(t.get("router", "")), pub=str(t.get("pub", "")), platform_key=str(t.get("platform_key", "")),
             data=tuple(data_paths), raw=bool(t.get("raw", False)), extra_args=tuple(str(a) for a in t.get("extra_args", [])),
+            agent=str(t.get("agent", "")), bind_router=str(t.get("bind_router", "")), bind_pub=str(t.get("bind_pub", "")),
         )
-        if role is Role.ORCHESTRATOR:
+        unknown_keys = set(t) - {"role", "host", "key", "router", "pub", "platform_key", "data", "raw", "extra_args", "agent", "bind_router", "bind_pub"}
+        for k in sorted(unknown_keys):
+            problems.append(f"{where}: unknown key {k!r}")
+        if role in (Role.ORCHESTRATOR, Role.AGENT):
             for k in ("router", "pub"):
                 if not getattr(node, k):
-                    problems.append(f"{where}: an orchestrator needs {k}")
+                    problems.append(f"{where}: an {role.value} needs {k}")
                 else:
                     _endpoint(getattr(node, k), where, problems)
-            if not node.platform_key:
-                problems.append(f"{where}: an orchestrator needs platform_key")
+            for k in ("bind_router", "bind_pub"):
+                if getattr(node, k):
+                    _endpoint(getattr(node, k), where, problems)
+        if role is Role.ORCHESTRATOR and not node.platform_key:
+            problems.append(f"{where}: an orchestrator needs platform_key")
         if role is Role.HOLDER and not node.data:
             problems.append(f"{where}: a holder needs data")
         nodes[name] = node
+    for n in nodes.values():
+        if n.agent and (n.agent not in nodes or nodes[n.agent].role is not Role.AGENT):
+            problems.append(f"[nodes.{n.name}]: agent {n.agent!r} is not an agent node of this runbook")
     orchs = [n for n in nodes.values() if n.role is Role.ORCHESTRATOR]
     if len(orchs) != 1:
         problems.append(f"[nodes]: exactly one orchestrator needed, found {len(orchs)}")

@@ -48,8 +48,10 @@ def node_argv(rb: Runbook, node: Node, pin_code: str) -> list[str]:
     """The command line that runs ``node`` on its host."""
     host = rb.hosts[node.host]
     orch = rb.orchestrator
+    # The orchestrator binds (bind_* if given); everyone else connects to its router/pub.
+    router, pub = (orch.bind_router or orch.router, orch.bind_pub or orch.pub) if node is orch else (orch.router, orch.pub)
     base = [host.python, "-m", "gtbus", "-v", node.role.value, "--key", node.key, "--keys", rb.keys, "--run-dir", rb.run_dir,
-            "--router", orch.router, "--pub", orch.pub, "--backend", rb.backend]
+            "--router", router, "--pub", pub, "--backend", rb.backend]
     t = rb.training
     if node.role is Role.ORCHESTRATOR:
         holders = ",".join(n.name for n in rb.nodes_by_role(Role.HOLDER))
@@ -60,8 +62,14 @@ def node_argv(rb: Runbook, node: Node, pin_code: str) -> list[str]:
         data: list[str] = []
         for d in node.data:
             data += ["--data", d]
+        via: list[str] = []
+        if node.agent:
+            ag = rb.nodes[node.agent]
+            via = ["--agent", ag.name, "--agent-router", ag.router, "--agent-pub", ag.pub]
         return base + ["--platform-pub", rb.platform_pub, "--pin-code", pin_code, "--chunk-tokens", str(t["chunk_tokens"]),
-                       *data, *(["--raw"] if node.raw else []), *node.extra_args]
+                       *data, *(["--raw"] if node.raw else []), *via, *node.extra_args]
+    if node.role is Role.AGENT:
+        return base + ["--listen-router", node.bind_router or node.router, "--listen-pub", node.bind_pub or node.pub, *node.extra_args]
     raise ConfigError(f"node {node.name}: role {node.role.value} is not started by runbooks")
 
 
@@ -126,7 +134,7 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
             problems.append(f"node {node.name}: public key {missing} missing on host {node.host}")
     orch = rb.orchestrator
     if not up and rb.hosts[orch.host].local:
-        for ep in (orch.router, orch.pub):
+        for ep in (orch.bind_router or orch.router, orch.bind_pub or orch.pub):
             prob = _port_problem(ep)
             if prob:
                 problems.append(f"node {orch.name}: {prob}")
@@ -159,7 +167,7 @@ def up(rb: Runbook, say: Callable[[str], None] = lambda s: None) -> dict[str, An
         raise ConfigError(f"deployment {rb.name} is already up (state {state_path(rb)}); run `gtbus runbook down` first")
     pin = resolve_pin(rb)
     started: dict[str, Any] = {"runbook": str(rb.path), "name": rb.name, "started": time.time(), "pin_code": pin, "nodes": {}}
-    order = [rb.orchestrator] + rb.nodes_by_role(Role.HOLDER)
+    order = [rb.orchestrator] + rb.nodes_by_role(Role.AGENT) + rb.nodes_by_role(Role.HOLDER)
     try:
         for node in order:
             argv = node_argv(rb, node, pin)
