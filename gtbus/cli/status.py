@@ -21,11 +21,20 @@ def render(state: dict[str, Any], started: float) -> str:
     lines = [
         f"run        {state.get('run_id', '?')}   {'complete' if state.get('complete') else 'running'}",
         f"token      owner {tok.get('owner', '?')}  epoch {tok.get('epoch', '?')}  phase {tok.get('phase', '?')}",
-        f"hops       {state.get('hops_trained', 0)} trained of {state.get('hops', 0)}   round {state.get('round', 0)}",
+        f"hops       {state.get('hops_trained', 0)} trained of {state.get('hops', 0)}   round {int(state.get('round', 0)) + 1} of {state.get('rounds', '?')}",
     ]
+    total = int(state.get("hops_total") or 0)
+    if total:
+        done = min(int(state.get("hops_trained", 0)), total)
+        width = 30
+        filled = round(width * done / total)
+        lines.append(f"progress   [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks trained ({100 * done / total:.0f} %)")
+    if tok.get("phase") in ("granted", "held") and state.get("hop_started"):
+        lines.append(f"this hop   {tok.get('owner')} has held the token for {max(0.0, time.time() - float(state['hop_started'])):.1f} s")
     nbytes = int(state.get("bytes", 0))
-    elapsed = max(time.time() - started, 1e-9)
-    lines.append(f"bytes      {nbytes:,}  ({nbytes / elapsed / 1e6:.1f} MB/s since this view started)" if nbytes else "bytes      0")
+    since = float(state.get("started") or started)
+    elapsed = max(time.time() - since, 1e-9)
+    lines.append(f"bytes      {nbytes:,} provisioned  ({nbytes / elapsed / 1e6:.2f} MB/s averaged over the run so far)" if nbytes else "bytes      0")
     loss = state.get("last_loss")
     lines.append(f"loss       {loss:.3f} nats/token (on the last chunk, before training on it)" if loss is not None else "loss       -")
     live = state.get("liveness", {})

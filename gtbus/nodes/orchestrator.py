@@ -184,6 +184,7 @@ class Orchestrator:
         self.last_eval: float | None = None
         self.started = time.time()
         self.complete = False
+        self._hop_started: float | None = None
         rt = runtime
         rt.on(Register, self._on_register)
         rt.on(Echo, self._on_echo)
@@ -305,6 +306,10 @@ class Orchestrator:
             "bytes": sum(h.nbytes for h in done),
             "last_loss": self.last_eval,
             "round": self.schedule.round if self.schedule else 0,
+            "rounds": self.config.rounds,
+            "hops_total": self.config.rounds * sum(int(m["chunk_count"]) for m in self.manifests.values()),
+            "hop_started": self._hop_started,
+            "started": self.started,
             "complete": self.complete,
         }
 
@@ -412,6 +417,7 @@ class Orchestrator:
         data = self.device.alloc(capacity)
         params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
         grant = self.token.grant(a.holder, time.time(), cfg.lease)
+        self._hop_started = time.time()
         self._reserve_epoch(grant.epoch)
         self.rt.guard.raise_fence(grant.epoch)
         out = HopOutcome(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
