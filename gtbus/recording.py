@@ -129,6 +129,7 @@ class Recorder:
         *,
         peer: str | None = None,
         channel: str = "direct",
+        blobs_digest: bytes | None = None,
     ) -> None:
         """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
         signed = [bytes(f) for f in frames[:4]]
@@ -149,7 +150,7 @@ class Recorder:
             rec["clipped"] = clipped
         blobs = frames[4:]
         if blobs:
-            rec["blob_digest"] = blob_digest(blobs)
+            rec["blob_digest"] = blobs_digest if blobs_digest is not None else blob_digest(blobs)
             rec["blob_sizes"] = [memoryview(b).nbytes for b in blobs]
         self._write(rec)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from gtbus.errors import RejectedMessage
-from gtbus.messages.envelope import BROADCAST, DEFAULT_LIMITS, Header, Limits, signing_input, split, unpackb_strict
+from gtbus.messages.envelope import BROADCAST, DEFAULT_LIMITS, Header, Limits, blob_digest, signing_input_digest, split, unpackb_strict
 from gtbus.messages.identity import Roster
 from gtbus.messages.primitives import Ed25519Verifier
 from gtbus.messages.registry import REGISTRY, MessageSpec, body_from_wire
@@ -36,6 +36,7 @@ class Accepted:
     message: Any
     spec: MessageSpec
     blobs: list[bytes]
+    blob_digest: bytes = b""  # what the signature covered for the blobs (the recorder stores it)
 
 
 class ReceivePipeline:
@@ -77,9 +78,8 @@ class ReceivePipeline:
             )
         if len(env.blobs) > spec.max_blobs:
             raise RejectedMessage("malformed", f"{spec.name} takes at most {spec.max_blobs} blobs")
-        if not self._verifiers[h.sender].verify(
-            signing_input(env.header_bytes, env.body_bytes, env.blobs), env.signature
-        ):
+        digest = blob_digest(env.blobs)
+        if not self._verifiers[h.sender].verify(signing_input_digest(env.header_bytes, env.body_bytes, digest), env.signature):
             raise RejectedMessage("bad-signature", f"{spec.name} from {h.sender}: signature does not verify")
         if h.recipient != self.me and not (h.recipient == BROADCAST and spec.broadcast):
             raise RejectedMessage("wrong-recipient", f"{spec.name} from {h.sender} is addressed to {h.recipient[:40]!r}")
@@ -87,4 +87,4 @@ class ReceivePipeline:
         self.guard.commit(h)
         body = unpackb_strict(env.body_bytes, self.limits)
         message = body_from_wire(spec, body)
-        return Accepted(header=h, message=message, spec=spec, blobs=env.blobs)
+        return Accepted(header=h, message=message, spec=spec, blobs=env.blobs, blob_digest=digest)

@@ -13,7 +13,8 @@ from gtbus.messages.envelope import (
     new_message_id,
     new_session_id,
     packb,
-    signing_input,
+    blob_digest,
+    signing_input_digest,
 )
 from gtbus.messages.identity import NodeIdentity
 from gtbus.messages.registry import body_to_wire, spec_of
@@ -32,6 +33,7 @@ class MessageSigner:
         self.ttl = ttl
         self.session = new_session_id(int(clock.time() * 1e9))
         self._seq: dict[str, int] = {}
+        self.last_blob_digest = b""
 
     def sign(
         self,
@@ -69,5 +71,6 @@ class MessageSigner:
         )
         header_bytes = packb(header.to_wire())
         body_bytes = packb(body_to_wire(msg))
-        signature = self.identity.sign(signing_input(header_bytes, body_bytes, blobs))
+        self.last_blob_digest = blob_digest(blobs)  # the recorder reuses it rather than hash bulk data twice
+        signature = self.identity.sign(signing_input_digest(header_bytes, body_bytes, self.last_blob_digest))
         return header, [MAGIC, header_bytes, body_bytes, signature, *blobs]

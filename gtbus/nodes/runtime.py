@@ -107,7 +107,7 @@ class NodeRuntime:
         if recipient is None:
             raise ValueError("a server node must name the recipient")
         header, frames = self.signer.sign(msg, recipient, epoch=epoch, parent=parent, blobs=blobs)
-        self.recorder.record("out", frames, "sent", peer=recipient, channel="direct")
+        self.recorder.record("out", frames, "sent", peer=recipient, channel="direct", blobs_digest=self.signer.last_blob_digest if blobs else None)
         if self.is_server:
             await self.transport.send(recipient, frames)  # type: ignore[call-arg]
         else:
@@ -152,7 +152,8 @@ class NodeRuntime:
                 self._logged_rejections.add(key)
                 self.log.warning("refused a message from %s: %s", delivery.peer or "unknown peer", exc)
             return None
-        self.recorder.record("in", delivery.frames, "accepted", peer=delivery.peer, channel=delivery.channel)
+        self.recorder.record("in", delivery.frames, "accepted", peer=delivery.peer, channel=delivery.channel,
+                             blobs_digest=acc.blob_digest if acc.blobs else None)
         self.last_heard[acc.header.sender] = self.clock.monotonic()
         return acc
 
