@@ -2,9 +2,83 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 
 @click.group()
 def bench() -> None:
     """Benchmarks (results go to bench/results/<name>-<host>.md and .json)."""
+
+
+_OUT = click.option(
+    "--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"), show_default=True,
+    help="Folder for the .md and .json results.",
+)
+
+
+@bench.command("bus")
+@click.option("--seconds", type=click.FloatRange(min=0.05), default=4.0, show_default=True, help="Seconds of round trips, and again of one-way sends, per variant.")
+@click.option("--payload", type=click.IntRange(min=0), default=64, show_default=True, help="Echo payload bytes.")
+@click.option("--slices", type=click.IntRange(min=1), default=4, show_default=True, help="Interleaved slices the seconds are split into.")
+@click.option("--profile/--no-profile", default=None, help="Profile the signed round trip (default: only if its median misses 300 us).")
+@click.option("--loop", type=click.Choice(["asyncio", "uvloop"]), default="asyncio", show_default=True, help="Event loop of both ends (uvloop only if installed; nodes run asyncio's).")
+@_OUT
+def bus(seconds: float, payload: int, slices: int, profile: bool | None, loop: str, out_dir: Path) -> None:
+    """Signed request/reply round trip and one-way throughput vs raw pyzmq, on loopback."""
+    from gtbus.bench.bus import run_bus_bench
+
+    res = run_bus_bench(out_dir, seconds=seconds, payload=payload, slices=slices, profile=profile, loop=loop, say=lambda s: click.echo(s, err=True))
+    click.echo(res.text())
+    click.echo("wrote " + ", ".join(res.data["files"]))
+
+
+@bench.command("travel")
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
+@click.option("--total-mib", type=click.FloatRange(min=0.01), default=24.0, show_default=True, help="Hop-buffer bytes of the whole dataset (uint16 tokens), split evenly over the holders.")
+@click.option("--caps", default=None, help="Comma-separated buffer caps: sizes like 32K, 1M, 4.5 (MiB when no unit), or 'uncapped' (one chunk per holder). Default: the talk's 4M,20M,100M,500M scaled by total/3072 MiB and rounded to a power of two, plus uncapped.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=3072, show_default=True, help="Training steps of a whole run, split over the hops in proportion to their bytes (the same in every row and mode).")
+@click.option("--holders", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--chunk-mib", type=click.FloatRange(min=0.001), default=512.0, show_default=True, help="Chunk size of the provisioning-throughput measurement.")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Repetitions of the provisioning measurement (median reported).")
+@click.option("--modes", default="ship,travel", show_default=True, help="Which modes to run.")
+@click.option("--keep-runs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep each run's folder (logs, keys, summaries) here instead of a temporary folder.")
+@_OUT
+def travel(backend: str, total_mib: float, caps: str | None, train_steps: int, holders: int, chunk_mib: float, reps: int, modes: str, keep_runs: Path | None, out_dir: Path) -> None:
+    """The talk's table: transfer vs training time per buffer cap, ship vs travel, same run; plus 512 MiB provisioning rate."""
+    from gtbus.bench.travel import run_travel_bench
+
+    res = run_travel_bench(
+        out_dir, backend=backend, total_mib=total_mib, caps=caps, train_steps=train_steps, holders=holders,
+        chunk_mib=chunk_mib, reps=reps, modes=[m.strip() for m in modes.split(",") if m.strip()], keep_runs=keep_runs,
+        say=lambda s: click.echo(s, err=True),
+    )
+    click.echo(res.text())
+    click.echo("wrote " + ", ".join(res.data["files"]))
+
+
+@bench.command("device")
+@click.option("--backend", type=click.Choice(["host", "cupy"]), default="cupy", show_default=True)
+@click.option("--chunk-mib", type=click.FloatRange(min=0.001), default=512.0, show_default=True)
+@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True)
+@click.option("--sizes", default="4,20,100,500", show_default=True, help="Buffer sizes (MiB) of the transfer-share table.")
+@click.option("--control-hops", type=click.IntRange(min=3), default=30, show_default=True)
+@click.option("--ship-mib", type=click.FloatRange(min=0.01), default=512.0, show_default=True, help="Chunk of the travel-vs-ship comparison.")
+@click.option("--gpt2/--no-gpt2", default=True, show_default=True, help="Measure GPT-2 124M throughput for the transfer share (needs torch).")
+@click.option("--segment-mib", type=click.FloatRange(min=1, max=4), default=4.0, show_default=True, help="AEAD segment size of the provisioning figures.")
+@click.option("--only-provisioning", is_flag=True, help="Stop after the provisioning and transfer-share tables.")
+@_OUT
+def device(backend: str, chunk_mib: float, reps: int, sizes: str, control_hops: int, ship_mib: float, gpt2: bool, segment_mib: float, only_provisioning: bool, out_dir: Path) -> None:
+    """Device figures: encrypted provisioning vs plain copy, transfer share, control overhead, epilogue, travel vs ship."""
+    from gtbus.bench.device import run_device_bench
+
+    try:
+        size_list = [float(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{sizes!r}: comma-separated MiB numbers", param_hint="--sizes") from None
+    res = run_device_bench(out_dir, backend=backend, chunk_mib=chunk_mib, reps=reps, sizes_mib=size_list, control_hops=control_hops,
+                           ship_mib=ship_mib, gpt2=gpt2, segment_mib=segment_mib, only_provisioning=only_provisioning,
+                           say=lambda s: click.echo(s, err=True))
+    click.echo(res.text())
+    click.echo("wrote " + ", ".join(res.data["files"]))
