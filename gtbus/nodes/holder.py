@@ -291,7 +291,12 @@ class Holder:
             blob = bytes(buf[i * stride : i * stride + n + TAG_SIZE])
             await rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
         if via is not None:
-            acc = await via.request(AgentDone(g.token_id, s.count, s.nbytes), timeout=max(5.0, g.lease_deadline - time.time()), epoch=epoch)
+            wait = max(5.0, g.lease_deadline - time.time())
+            try:
+                acc = await via.request(AgentDone(g.token_id, s.count, s.nbytes), timeout=wait, epoch=epoch)
+            except asyncio.TimeoutError:
+                # Cut off from the agent (partition): end this hop like any other failure.
+                raise GtbusError(f"device agent {via.server} did not confirm the segments within {wait:.0f}s") from None
             if not isinstance(acc.message, AgentWritten):
                 raise GtbusError(f"device agent did not take the segments: {getattr(acc.message, 'reason', acc.spec.name)}")
         return s.count, s.nbytes, s.ciphertext_digest
