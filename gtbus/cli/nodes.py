@@ -63,22 +63,31 @@ def orchestrator_fault_hook(spec: str) -> Any:
     """The orchestrator's failure injection (hidden ``--fault``): a ``tamper_hook`` or None.
 
     ``tamper-model-at-epoch=N`` flips one bit of the first parameter during hop
-    N, after the return and before the re-measure: the hop must be rolled back.
+    N, after the return and before the re-measure; ``tamper-code-at-epoch=N``
+    swaps the code of one trainer method at the same point. Either way the hop
+    must be rolled back.
     """
     if not spec:
         return None
     name, _, value = spec.strip().partition("=")
-    if name.replace("_", "-") != "tamper-model-at-epoch":
-        raise ConfigError(f"unknown orchestrator fault {name!r} (tamper-model-at-epoch=N)")
+    kind = name.replace("_", "-")
+    if kind not in ("tamper-model-at-epoch", "tamper-code-at-epoch"):
+        raise ConfigError(f"unknown orchestrator fault {name!r} (tamper-model-at-epoch=N or tamper-code-at-epoch=N)")
     try:
         at = int(value)
     except ValueError:
-        raise ConfigError(f"tamper-model-at-epoch needs an epoch number, not {value!r}") from None
+        raise ConfigError(f"{kind} needs an epoch number, not {value!r}") from None
 
     def tamper(orch: Any, assignment: Any) -> None:
-        if orch.token.epoch == at:
+        if orch.token.epoch != at:
+            return
+        if kind == "tamper-model-at-epoch":
             flat = orch.trainer.parameter_views()[0].reshape(-1).view("uint8")
             flat[0] ^= 1
+        else:
+            cls = type(orch.trainer)
+            fn = cls.evaluate
+            fn.__code__ = fn.__code__.replace(co_consts=fn.__code__.co_consts + ("tampered",))
 
     return tamper
 

@@ -274,6 +274,9 @@ class CupyDevice:
         """Holder side: close the IPC mapping."""
         mapping.close()
 
+    def discard_export(self, handle: BufferHandle | str) -> None:
+        """Nothing to do: device memory and its IPC exports end with the process that made them."""
+
     def revoke_staging(self, buf: CupyBuffer) -> None:
         """Free the dedicated allocation: its handle can never be opened again. Idempotent."""
         if buf.handle is None:

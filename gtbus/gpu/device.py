@@ -107,6 +107,10 @@ class Device(Protocol):
         """Holder side: drop a mapping made by :meth:`map_staging`."""
         ...
 
+    def discard_export(self, handle: BufferHandle | str) -> None:
+        """Remove a staging export left behind by a process that died mid-hop (nothing if gone)."""
+        ...
+
     def revoke_staging(self, buf: DeviceBuffer) -> None:
         """Unexport and free a staging buffer; its handle never maps again."""
         ...

@@ -201,6 +201,11 @@ class HostDevice:
         """Holder side: drop a mapping made by :meth:`map_staging`."""
         mapping.close()
 
+    def discard_export(self, handle: BufferHandle | str) -> None:
+        """Unlink a staging file a killed orchestrator left in /dev/shm (only well-formed gtbus handles)."""
+        if _HANDLE_RE.fullmatch(str(handle)):
+            _unlink_quietly(os.path.join(SHM_DIR, str(handle)))
+
     def revoke_staging(self, buf: HostBuffer) -> None:
         """Unlink the staging file and close our mapping. Idempotent."""
         if buf.handle is None:

@@ -35,6 +35,7 @@ from gtbus.gpu.sealing import open_params
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
     AgentDone,
+    Heartbeat,
     AgentWritten,
     Refusal,
     Register,
@@ -123,6 +124,8 @@ class Holder:
         self.machine = HolderMachine()
         self.log = logging.getLogger(f"gtbus.holder.{runtime.name}")
         self.run_id: str | None = None
+        self._server_session: bytes | None = None
+        self._reregistering: asyncio.Task[Welcome] | None = None
         self.done = asyncio.Event()
         self.hops_provisioned = 0
         self.refused: list[str] = []
@@ -131,6 +134,7 @@ class Holder:
         self._last_handle: str | None = None
         self._ship_buffer: bytearray | None = None
         runtime.on(TokenGrant, self._on_grant)
+        runtime.on(Heartbeat, self._on_server_heartbeat)
         runtime.on(TokenRevoke, self._on_revoke)
         runtime.on(RunComplete, self._on_complete)
         runtime.on(Shutdown, self._on_complete)
@@ -154,9 +158,20 @@ class Holder:
             welcome: Welcome = acc.message
             self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
             self.run_id = welcome.run_id
+            self._server_session = acc.header.session
             self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
             return welcome
         raise GtbusError(f"{self.rt.name}: orchestrator did not answer registration ({last!r})")
+
+    async def _on_server_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
+        # A newer session of the orchestrator is a restarted process (resume after a
+        # crash): it knows nothing of us until we register again.
+        if acc.header.sender != self.rt.server or self._server_session is None or acc.header.session <= self._server_session:
+            return
+        if self._reregistering is None or self._reregistering.done():
+            self._server_session = acc.header.session
+            self.on_event(f"{self.rt.name}: the orchestrator restarted; registering again")
+            self._reregistering = asyncio.create_task(self.register())
 
     async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
         self.done.set()

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+import types
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -141,6 +142,52 @@ def code_measurement(trainer: Trainer, device: Device) -> bytes:
     )
 
 
+def _code_bytes(code: types.CodeType) -> bytes:
+    # Not marshal: its output depends on reference counts, so a function that is
+    # running (the hop itself) would marshal differently from the same code idle.
+    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_flags, code.co_argcount, code.co_kwonlyargcount)).encode()]
+    for c in code.co_consts:
+        parts.append(_code_bytes(c) if isinstance(c, types.CodeType) else repr(c).encode())
+    return b"\0".join(parts)
+
+
+def _code_objects(module: Any) -> list[tuple[str, bytes]]:
+    out: list[tuple[str, bytes]] = []
+    for name, obj in sorted(vars(module).items()):
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+            out.append((name, _code_bytes(obj.__code__)))
+        elif inspect.isclass(obj) and obj.__module__ == module.__name__:
+            for attr, member in sorted(vars(obj).items()):
+                fn = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
+                if inspect.isfunction(fn):
+                    out.append((f"{name}.{attr}", _code_bytes(fn.__code__)))
+    return out
+
+
+def loaded_code(trainer: Trainer, device: Device) -> dict[str, bytes]:
+    """The code objects actually loaded in this process (trainer, hop shell, device backend), by name.
+
+    :func:`code_measurement` hashes the source files, which is what holders pin
+    and can review; this is what runs. It is compared before and after every
+    hop, so changing the loaded code (not a file on disk) is what it detects.
+    """
+    import gtbus.nodes.orchestrator as me
+
+    out: dict[str, bytes] = {}
+    for mod in (inspect.getmodule(type(trainer)), me, inspect.getmodule(type(device))):
+        if mod is not None:
+            for name, code in _code_objects(mod):
+                out[f"{mod.__name__}.{name}"] = code
+    return out
+
+
+def _changed(before: dict[str, bytes], now: dict[str, bytes]) -> str | None:
+    for name in sorted(set(before) | set(now)):
+        if before.get(name) != now.get(name):
+            return name
+    return None
+
+
 class Orchestrator:
     """Runs the schedule: one hop at a time, each with a fresh buffer and key."""
 
@@ -175,6 +222,7 @@ class Orchestrator:
         self.token = TokenMachine(last_epoch=self._reserved_epoch())
         self.schedule: Schedule | None = None
         self.code_hash = b""
+        self.loaded_code: dict[str, bytes] = {}
         self._hop_event = asyncio.Event()
         self._return: Accepted | None = None
         self._decline: str | None = None
@@ -185,6 +233,7 @@ class Orchestrator:
         self.started = time.time()
         self.complete = False
         self._hop_started: float | None = None
+        self.code_compromised: str | None = None
         rt = runtime
         rt.on(Register, self._on_register)
         rt.on(Echo, self._on_echo)
@@ -354,8 +403,10 @@ class Orchestrator:
 
     async def setup(self) -> None:
         """Load the model, measure it, resume from a checkpoint if asked, publish the measurement."""
+        self._discard_inflight()
         self.trainer.load(self.device.array_module)
         self.code_hash = code_measurement(self.trainer, self.device)
+        self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
             self._load_checkpoint()
         await self.rt.publish(MeasurementPublished(self._report(None, self.token.epoch)))
@@ -396,6 +447,11 @@ class Orchestrator:
             await self.rt.publish(HopRecord(outcome.epoch, outcome.holder, outcome.chunk, outcome.outcome, _jsonable(asdict(outcome))), epoch=outcome.epoch)
             if self.on_hop:
                 self.on_hop(outcome)
+            if self.code_compromised is not None:
+                # A checkpoint restores the model, not the code: nothing more is trained by this process.
+                reason = f"loaded code changed during hop {outcome.epoch} ({self.code_compromised}); the run stops"
+                await self.rt.publish(Shutdown(reason))
+                raise GtbusError(reason)
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
@@ -414,6 +470,8 @@ class Orchestrator:
         seg = min(cfg.segment_size, max(capacity, 1 << 20))
         t0 = time.perf_counter()
         staging, handle = (None, "ship") if cfg.mode == "ship" else self.device.alloc_hop_staging(staging_size(capacity, seg))
+        if staging is not None:
+            self._note_inflight(str(handle))
         data = self.device.alloc(capacity)
         params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
         grant = self.token.grant(a.holder, time.time(), cfg.lease)
@@ -488,9 +546,11 @@ class Orchestrator:
                 return out
             out.open_s = time.perf_counter() - t1
             model_now = self.device.measure(*self.trainer.parameter_views())
-            code_now = code_measurement(self.trainer, self.device)
-            if not hmac.compare_digest(model_now, model_before) or not hmac.compare_digest(code_now, self.code_hash):
-                what = "model" if model_now != model_before else "code"
+            code_changed = _changed(self.loaded_code, loaded_code(self.trainer, self.device))
+            if not hmac.compare_digest(model_now, model_before) or code_changed is not None:
+                what = "model" if model_now != model_before else f"code ({code_changed})"
+                if code_changed is not None:
+                    self.code_compromised = code_changed
                 out.outcome, out.detail = "rolled-back", f"{what} changed during the hop; restored the last checkpoint"
                 self.log.error("hop %d: %s", grant.epoch, out.detail)
                 self.token.revoke()
@@ -523,6 +583,7 @@ class Orchestrator:
             self._epilogue(None if revoked else staging, data, params)
             if revoked:
                 self.device.release(staging)
+            self._note_inflight(None)
             out.epilogue_s = time.perf_counter() - t3
             if self.token.phase is not Phase.IDLE:
                 self.token.finish()
@@ -583,6 +644,27 @@ class Orchestrator:
             finally:
                 self.device.release(buf)
         del params  # the key goes with the params object; nothing else holds it
+
+    def _note_inflight(self, handle: str | None) -> None:
+        # The handle of the hop in flight, so a restart after kill -9 can remove an
+        # export the dead process could not (host backend: a /dev/shm file).
+        path = self.state_dir / "inflight-staging"
+        if handle is None:
+            path.unlink(missing_ok=True)
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(handle)
+
+    def _discard_inflight(self) -> None:
+        path = self.state_dir / "inflight-staging"
+        try:
+            handle = path.read_text().strip()
+        except FileNotFoundError:
+            return
+        self.device.discard_export(handle)
+        path.unlink(missing_ok=True)
+        self.log.info("removed the staging export of a hop interrupted by a restart")
 
     # -- checkpoints --------------------------------------------------------------------------
 

@@ -291,3 +291,17 @@ def test_model_changed_during_a_hop_is_rolled_back_to_the_checkpoint(travel) -> 
     assert summary["outcomes"] == {"rolled-back": 1, "trained": 2}
     assert summary["skipped"] == []
     _staging_gone(t)
+
+
+def test_code_changed_during_a_hop_rolls_back_and_stops_the_run(travel) -> None:
+    # The orchestrator swaps the code of a trainer method during hop 2, after the return.
+    t: Travel = travel(holders=2, chunk_tokens=65536, orchestrator_fault="tamper-code-at-epoch=2").start()
+    rc = t.orchestrator.wait(timeout=120)
+    assert rc != 0
+    err = t.stderr()
+    assert "loaded code changed during hop 2 (gtbus.training.bytelm.ByteLM.evaluate); the run stops" in err
+    hops = by_epoch(t.hops())
+    assert hops[1]["outcome"] == "trained"
+    assert hops[2]["outcome"] == "rolled-back" and "code (gtbus.training.bytelm.ByteLM.evaluate) changed" in hops[2]["detail"]
+    assert 3 not in hops  # nothing after the tampered hop
+    _staging_gone(t)
