@@ -143,8 +143,11 @@ class _Lines:
         self.q.put(None)
 
     def next(self, deadline: float) -> str | None:
-        """The next line; None at end of output; TimeoutError past ``deadline`` (monotonic)."""
-        return self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+        """The next line; None at end of output; fails the test past ``deadline`` (monotonic)."""
+        try:
+            return self.q.get(timeout=max(0.01, deadline - time.monotonic()))
+        except queue.Empty:
+            raise AssertionError("gtbus runbook status printed nothing more before the deadline") from None
 
 
 def _hops(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -162,11 +165,12 @@ def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Pa
     assert r.returncode == 0, r.stdout + r.stderr
     watch: subprocess.Popen[str] | None = None
     try:
+        status_err = tmp_path / "status.err"
         watch = subprocess.Popen([sys.executable, "-m", "gtbus", "runbook", "status", str(rb), "--watch", "--json", "--timeout", "10"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=open(status_err, "w"), text=True)
         lines = _Lines(watch)
         first = lines.next(time.monotonic() + 60)
-        assert first is not None, watch.stderr.read() if watch.stderr else ""
+        assert first is not None, status_err.read_text()
         procs = {p["name"]: p for p in json.loads(first)["processes"]}
         assert set(procs) == {"orch", "agent1", "h1", "h2", "h3"} and all(p["alive"] for p in procs.values())
         assert {procs[n]["host"] for n in procs} == {"gpu", "hola", "holb"}
@@ -193,7 +197,7 @@ def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Pa
                 healed_at = time.monotonic()
         if cut_at and not healed_at:
             lab.heal("hola")
-        assert watch.wait(timeout=10) == 0, watch.stderr.read() if watch.stderr else ""
+        assert watch.wait(timeout=10) == 0, status_err.read_text()
         assert cut_epoch, "never saw the token granted to h2"
         assert healed_at, "the run completed before the partition was healed"
         assert last.get("complete") is True
@@ -207,7 +211,7 @@ def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Pa
     finally:
         if watch is not None and watch.poll() is None:
             watch.kill()
-        lab.heal("hola")
+        lab.exec("hola", "ip", "link", "set", "eth0", "up", check=False)
         d = _gtbus("runbook", "down", str(rb), "--grace", "3")
     assert d.returncode == 0, d.stderr
     for server in ("gpu", "hola", "holb"):
