@@ -11,7 +11,7 @@ hop trained from an ignored return) is pointed at exactly.
   the log must show the matching reply (``token.ack`` or ``token.decline``
   for that token and epoch, or none for an ignored grant) before the next grant.
 * Orchestrator (:class:`~gtbus.protocol.token.TokenMachine`): every grant must
-  take the next fresh epoch (never reused, also across restarts); every
+  take the next epoch (a restart may skip ahead, never back); every
   accepted return, ack or decline is judged by the machine, and the hop record
   published for that epoch must agree (a hop trained only from an accepted
   return; an ignored return changes nothing).
@@ -129,7 +129,10 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
         h, b = item.header, item.body
         if item.out and h.type == "token.grant":
             if machine is None:
-                machine = TokenMachine(str(b["token_id"]), last_epoch=highest)
+                # After a restart the orchestrator starts above everything it reserved,
+                # which may skip numbers; it must never go back to one already issued.
+                first = h.epoch - 1 if h.epoch > highest else highest
+                machine = TokenMachine(str(b["token_id"]), last_epoch=first)
             if machine.phase is not Phase.IDLE:
                 return Difference(item.rec.index, f"token.grant epoch {h.epoch} while the token is {machine.phase.value} (owner {machine.owner})")
             g = machine.grant(str(b["holder"]), float(item.rec.data.get("t", 0.0)), max(1e-6, float(b["lease_deadline"]) - h.ts))

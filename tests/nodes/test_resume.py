@@ -77,3 +77,10 @@ def test_holders_that_keep_running_register_again_with_the_resumed_orchestrator(
     assert sorted(keys) == [(0, "h1", 0), (0, "h1", 1), (0, "h2", 0), (0, "h2", 1)]
     assert summary["hops_trained"] == 4
     assert t.replay_verify().returncode == 0
+    # The resumed process started above the epochs reserved on disk: re-driving the
+    # token machine over both lifetimes finds no reused epoch.
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "gtbus", "replay", str(t.run_dir / "logs"), "--redrive", "orch"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
