@@ -395,6 +395,13 @@ def run_travel_bench(
             ratio = f"{by[(i, 'ship')]['transfer_s'] / by[(i, 'travel')]['transfer_s']:.1f}x"
         cells += [str(row["hops"]), str(row["steps_per_hop"]), ratio]
         t.add(*cells)
+    trains = [r["train_s"] for r in runs if r["train_s"] > 0]
+    if trains and max(trains) > 1.3 * min(trains):
+        t.notes.append(
+            f"training s ranges {min(trains):.1f}-{max(trains):.1f} s over runs with the same step budget: besides the per-hop "
+            f"evaluations, other work on this machine (load {machine['load_at_start']} at start, {machine['load_at_end']} at end) "
+            "slowed some runs; the Tx columns are short and less affected, so compare those"
+        )
     t.notes.append("talk (llm.c, GPT-2, H100 CC): ship tx 47.6 % at 4M down to 0.59 % uncapped; travel 0.08 % at every cap. DESIGN goal: travel <= 0.05 % at every cap")
     res.tables.append(t)
 
