@@ -173,7 +173,7 @@ class ShipSegment:
 @message("token.revoke", senders=ORCH, fenced=True)
 @dataclass(frozen=True)
 class TokenRevoke:
-    """The orchestrator takes the token back (lease expired, bad return); the holder must stop."""
+    """The orchestrator takes the token back (lease expired, bad return); the holder (and a device agent) must stop."""
 
     token_id: str
     reason: str

@@ -15,7 +15,9 @@ agent's X25519 key), and a server that remote holders connect to. Rules:
 * a newer stage replaces an older one (its mapping is dropped), and anything
   for an older epoch is refused by the replay guard's fence;
 * ``agent.done`` is answered with ``agent.written`` only when every segment
-  arrived; the mapping is closed before answering.
+  arrived; the mapping is closed before answering;
+* a ``token.revoke`` for the staged hop drops its mapping at once, and
+  anything later for that epoch is stale.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from gtbus.gpu.channel import TAG_SIZE
 from gtbus.gpu.device import Device
 from gtbus.gpu.sealing import open_bytes
 from gtbus.messages.pipeline import Accepted
-from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, Register, RunComplete, ShipSegment, Shutdown, Welcome
+from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, Register, RunComplete, ShipSegment, Shutdown, TokenRevoke, Welcome
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.transport.base import Delivery
 
@@ -60,6 +62,7 @@ class DeviceAgent:
         self.written = 0
         self.log = logging.getLogger(f"gtbus.agent.{upstream.name}")
         upstream.on(AgentStage, self._on_stage)
+        upstream.on(TokenRevoke, self._on_revoke)
         upstream.on(RunComplete, self._on_complete)
         upstream.on(Shutdown, self._on_complete)
         downstream.on(ShipSegment, self._on_segment)
@@ -85,6 +88,13 @@ class DeviceAgent:
             except DeviceError:
                 pass
             self.stage = None
+
+    async def _on_revoke(self, acc: Accepted, delivery: Delivery) -> None:
+        st = self.stage
+        if st is not None and st.token_id == acc.message.token_id and st.epoch == acc.header.epoch:
+            self.log.info("hop %d revoked: dropping its staging mapping", st.epoch)
+            self._drop_stage()
+            self.down.guard.raise_fence(acc.header.epoch + 1)  # late segments of that hop are stale now
 
     async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
         self._drop_stage()

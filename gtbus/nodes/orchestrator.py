@@ -587,6 +587,13 @@ class Orchestrator:
             out.outcome = "trained"
             return out
         finally:
+            via = self.via.get(a.holder) if cfg.mode == "travel" else None
+            if via is not None and out.outcome in ("pending", "revoked", "declined"):
+                # The agent may still hold this hop's mapping: it must drop it before the staging goes.
+                try:
+                    await self.rt.send(TokenRevoke(grant.token_id, out.detail or "hop ended"), via, epoch=grant.epoch)
+                except GtbusError as exc:
+                    self.log.info("revoke not delivered to agent %s: %s", via, exc)
             t3 = time.perf_counter()
             self._epilogue(None if revoked else staging, data, params)
             if revoked:

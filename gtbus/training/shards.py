@@ -73,6 +73,7 @@ def write_shard(path: str | os.PathLike[str], tokens: Any) -> Path:
     payload = numpy.ascontiguousarray(array.astype(TOKEN_DTYPE, copy=False))
     # Write beside the target and rename, so a reader never sees half a shard.
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
     except OSError as err:
         raise ShardError(f"{path}: cannot write: {err.strerror}") from None

@@ -17,7 +17,7 @@ import pytest
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, SegmentSealer, segment_count, staging_size, TAG_SIZE
 from gtbus.gpu.host import HostDevice
 from gtbus.gpu.sealing import seal_bytes
-from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, ShipSegment
+from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, ShipSegment, TokenRevoke
 from gtbus.nodes.agent import DeviceAgent
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
 from gtbus.nodes.runtime import NodeRuntime
@@ -71,6 +71,21 @@ def test_agent_writes_only_the_staged_holders_segments(tmp_path: Path) -> None:
             assert bytes(dev.as_array(out, "u1")[:nbytes]) == plain
             assert agent.stage is None and agent.written == 1
             dev.release(staging)
+
+            # A revoked hop: the agent drops the mapping at once; late segments are stale.
+            staging2, handle2 = dev.alloc_hop_staging(staging_size(nbytes, SEG))
+            ready = await orch.request(AgentStage("tok", "h1", seal_bytes(str(handle2).encode(), a.public.x25519), staging2.nbytes, SEG), a.name, epoch=6)
+            assert isinstance(ready.message, AgentReady) and agent.stage is not None
+            await orch.send(TokenRevoke("tok", "lease expired"), a.name, epoch=6)
+            for _ in range(50):
+                if agent.stage is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert agent.stage is None
+            await h1.send(ShipSegment("tok", 0, ctx.count), epoch=6, blobs=[blobs[0]])
+            await asyncio.sleep(0.05)
+            assert down.rejected["stale-epoch"] == 2
+            dev.release(staging2)
         finally:
             for rt in (h1, h2, up, down, orch):
                 await rt.close()
