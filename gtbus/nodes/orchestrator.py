@@ -21,10 +21,12 @@ shell that performs them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import inspect
 import json
 import logging
+import threading
 import os
 import time
 import types
@@ -116,6 +118,7 @@ class HopOutcome:
     provision_s: float = 0.0
     open_s: float = 0.0
     train_s: float = 0.0
+    eval_s: float = 0.0  # held-out evaluations before and after training (not part of train_s)
     epilogue_s: float = 0.0
     loss_first: float | None = None
     loss_last: float | None = None
@@ -235,6 +238,11 @@ class Orchestrator:
         self.started = time.time()
         self.complete = False
         self._hop_started: float | None = None
+        self._spare_private: Any = None
+        self._live_exports: set[str] = set()
+        self._exports_lock = threading.Lock()
+        self._next_staging: tuple[int, Any] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gtbus-staging")
         self.code_compromised: str | None = None
         rt = runtime
         rt.on(Register, self._on_register)
@@ -460,6 +468,7 @@ class Orchestrator:
                 reason = f"loaded code changed during hop {outcome.epoch} ({self.code_compromised}); the run stops"
                 await self.rt.publish(Shutdown(reason))
                 raise GtbusError(reason)
+        self.release_spares()
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
@@ -477,10 +486,10 @@ class Orchestrator:
         capacity = cfg.chunk_tokens * TOKEN_BYTES
         seg = min(cfg.segment_size, max(capacity, 1 << 20))
         t0 = time.perf_counter()
-        staging, handle = (None, "ship") if cfg.mode == "ship" else self.device.alloc_hop_staging(staging_size(capacity, seg))
+        staging, handle = (None, "ship") if cfg.mode == "ship" else self._take_staging(staging_size(capacity, seg))
         if staging is not None:
-            self._note_inflight(str(handle))
-        data = self.device.alloc(capacity)
+            self._track_export(str(handle), True)
+        data = self._take_private(capacity)
         params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
         grant = self.token.grant(a.holder, time.time(), cfg.lease)
         self._hop_started = time.time()
@@ -569,17 +578,23 @@ class Orchestrator:
                 self.token.revoke()
                 return out
             tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
-            t2 = time.perf_counter()
+            # While this hop trains, the next hop's fresh staging is allocated beside it.
+            self._prepare_next_staging(staging_size(capacity, seg) if cfg.mode == "travel" else 0)
             try:
+                t2 = time.perf_counter()
                 out.eval_before = self.trainer.evaluate(tokens)
+                t3 = time.perf_counter()
                 report = self.trainer.train_on(tokens, cfg.steps_per_hop)
+                t4 = time.perf_counter()
                 out.eval_after = self.trainer.evaluate(tokens)
+                t5 = time.perf_counter()
             except GtbusError as exc:
                 out.outcome, out.detail = "rejected", f"training refused the buffer: {exc}"
                 self.token.revoke()
                 self._restore_model()
                 return out
-            out.train_s = time.perf_counter() - t2
+            out.train_s = t4 - t3
+            out.eval_s = (t3 - t2) + (t5 - t4)
             out.loss_first, out.loss_last = report.loss_first, report.loss_last
             if self.first_eval is None:
                 self.first_eval = out.eval_before
@@ -598,7 +613,8 @@ class Orchestrator:
             self._epilogue(None if revoked else staging, data, params)
             if revoked:
                 self.device.release(staging)
-            self._note_inflight(None)
+            if staging is not None:
+                self._track_export(str(handle), False)
             out.epilogue_s = time.perf_counter() - t3
             if self.token.phase is not Phase.IDLE:
                 self.token.finish()
@@ -651,33 +667,86 @@ class Orchestrator:
             raise DeviceError("hop buffer did not read zero after scrub")
 
     def _epilogue(self, staging: Any, data: Any, params: ChannelParams) -> None:
-        for buf in (staging, data):
-            if buf is None:
-                continue
+        if staging is not None:
             try:
-                self._scrub(buf)
+                self._scrub(staging)
             finally:
-                self.device.release(buf)
+                self.device.release(staging)
+        # The private buffer was never exported: once scrubbed and verified zero it
+        # serves the next hop (a fresh one costs a page fault per 4 KiB on the host).
+        try:
+            self._scrub(data)
+        except DeviceError:
+            self.device.release(data)
+            raise
+        self._spare_private = data
         del params  # the key goes with the params object; nothing else holds it
 
-    def _note_inflight(self, handle: str | None) -> None:
-        # The handle of the hop in flight, so a restart after kill -9 can remove an
-        # export the dead process could not (host backend: a /dev/shm file).
-        path = self.state_dir / "inflight-staging"
-        if handle is None:
-            path.unlink(missing_ok=True)
-            return
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(handle)
+    def _take_private(self, nbytes: int) -> Any:
+        buf, self._spare_private = self._spare_private, None
+        if buf is not None and buf.nbytes == nbytes:
+            return buf
+        if buf is not None:
+            self.device.release(buf)
+        return self.device.alloc(nbytes)
+
+    def _prepare_next_staging(self, nbytes: int) -> None:
+        # Only ever a buffer that no grant has named: it is exported for the first
+        # time in the next hop's grant, so "fresh per hop" still holds.
+        if nbytes and self._next_staging is None:
+
+            def alloc() -> tuple[Any, Any]:
+                buf, handle = self.device.alloc_hop_staging(nbytes)
+                self._track_export(str(handle), True)
+                return buf, handle
+
+            self._next_staging = (nbytes, self._pool.submit(alloc))
+
+    def _take_staging(self, nbytes: int) -> tuple[Any, Any]:
+        pending, self._next_staging = self._next_staging, None
+        if pending is not None:
+            size, fut = pending
+            got = fut.result()
+            if size == nbytes:
+                return got
+            self.device.release(got[0])
+            self._track_export(str(got[1]), False)
+        return self.device.alloc_hop_staging(nbytes)
+
+    def release_spares(self) -> None:
+        """Release the reusable private buffer and any staging prepared for a hop that never came."""
+        if self._spare_private is not None:
+            self.device.release(self._spare_private)
+            self._spare_private = None
+        if self._next_staging is not None:
+            _, fut = self._next_staging
+            self._next_staging = None
+            buf, handle = fut.result()
+            self.device.release(buf)
+            self._track_export(str(handle), False)
+
+    def _track_export(self, handle: str, live: bool) -> None:
+        # Every staging export that exists right now (this hop's, and the next one's
+        # being prepared), so a restart after kill -9 can remove what the dead
+        # process could not (host backend: /dev/shm files).
+        with self._exports_lock:  # the next hop's staging is allocated on another thread
+            (self._live_exports.add if live else self._live_exports.discard)(handle)
+            path = self.state_dir / "inflight-staging"
+            if not self._live_exports:
+                path.unlink(missing_ok=True)
+                return
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write("\n".join(sorted(self._live_exports)))
 
     def _discard_inflight(self) -> None:
         path = self.state_dir / "inflight-staging"
         try:
-            handle = path.read_text().strip()
+            handles = path.read_text().split()
         except FileNotFoundError:
             return
-        self.device.discard_export(handle)
+        for handle in handles:
+            self.device.discard_export(handle)
         path.unlink(missing_ok=True)
         self.log.info("removed the staging export of a hop interrupted by a restart")
 
@@ -740,6 +809,7 @@ class Orchestrator:
         trained = [h for h in self.hops if h.outcome == "trained"]
         transfer = sum(h.transfer_s for h in trained)
         train = sum(h.train_s for h in trained)
+        evals = sum(h.eval_s for h in trained)
         nbytes = sum(h.nbytes for h in trained)
         return {
             "run_id": self.run_id,
@@ -755,6 +825,7 @@ class Orchestrator:
             "bytes_provisioned": nbytes,
             "transfer_s": transfer,
             "train_s": train,
+            "eval_s": evals,
             "transfer_share": transfer / (transfer + train) if (transfer + train) > 0 else 0.0,
             "provision_gbps": nbytes / transfer / 1e9 if transfer > 0 else 0.0,
             "last_epoch": self.token.epoch,

@@ -135,7 +135,12 @@ class NodeRuntime:
                 await self.transport.send(header.recipient, frames)  # type: ignore[call-arg]
             else:
                 await self.transport.send(frames)  # type: ignore[call-arg]
-            return await asyncio.wait_for(fut, timeout)
+            # A timer on the future instead of asyncio.wait_for: no extra task per request.
+            timer = loop.call_later(timeout, lambda: fut.done() or fut.set_exception(asyncio.TimeoutError()))
+            try:
+                return await fut
+            finally:
+                timer.cancel()
         finally:
             self._pending.pop(header.id, None)
 
