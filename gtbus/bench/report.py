@@ -29,8 +29,15 @@ __all__ = ["Table", "Result", "machine_info", "host_tag", "latency_stats", "load
 
 
 def host_tag() -> str:
-    """The short hostname, reduced to characters safe in a file name."""
+    """The short hostname, plus the GPU model when one is seen, reduced to characters safe in a file name.
+
+    Machines of different cards may share a hostname; results must not overwrite each other.
+    """
     name = socket.gethostname().split(".")[0] or "host"
+    gpu = _gpu_name()
+    if gpu:
+        model = next((w for w in gpu.replace("NVIDIA", "").split() if any(c.isdigit() for c in w)), gpu)
+        name = f"{name}-{model}"
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name)
 
 
