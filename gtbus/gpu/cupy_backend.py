@@ -231,6 +231,17 @@ class CupyDevice:
         uuid_s = bytes(uuid).hex() if isinstance(uuid, (bytes, bytearray)) else str(uuid)
         self.card = gpu
         self.device_id = f"cuda:{socket.gethostname()}:{gpu}:{uuid_s[:16]}:{os.getpid()}:{secrets.token_hex(8)}"
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        # Compile (or load from cupy's cache) every kernel now: a first compile takes
+        # seconds and must not land inside a hop's transfer time.
+        from gtbus.gpu.kernels.aes_gcm import decrypt_segments
+
+        dummy = cupy.zeros(64, dtype=cupy.uint8)
+        decrypt_segments(bytes(32), bytes(4), dummy, cupy.zeros(16, dtype=cupy.uint8), 16, 0, [b""])
+        blake3_digest_device(dummy).get()
+        verify_zero_async(dummy).get()
 
     def alloc(self, nbytes: int) -> CupyBuffer:
         """A zeroed private buffer (pooled; never exported)."""
