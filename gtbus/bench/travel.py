@@ -423,7 +423,6 @@ def run_travel_bench(
             ["step", "seconds", "GB/s"],
         )
         ms = prov["median_s"]
-        gb = prov["chunk_bytes"] / 1e9
         pv.add("holder: map staging by handle", f"{ms['map_s']:.4f}", "-")
         pv.add("holder: seal into staging (incl. ciphertext digest)", f"{ms['seal_s']:.4f}", f"{prov['seal_gbps']:.2f}")
         pv.add("holder: unmap", f"{ms['unmap_s']:.4f}", "-")

@@ -32,7 +32,8 @@ from gtbus.gpu.channel import TAG_SIZE
 from gtbus.gpu.device import Device
 from gtbus.gpu.sealing import open_bytes
 from gtbus.messages.pipeline import Accepted
-from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, Register, RunComplete, ShipSegment, Shutdown, TokenRevoke, Welcome
+from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, RunComplete, ShipSegment, Shutdown, TokenRevoke
+from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.transport.base import Delivery
 
@@ -70,16 +71,7 @@ class DeviceAgent:
 
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> None:
         """Announce this agent to the orchestrator (retries while it starts)."""
-        for _ in range(attempts):
-            try:
-                acc = await self.up.request(Register({"agent": True}, "gtbus/0.1"), timeout=timeout)
-            except asyncio.TimeoutError:
-                continue
-            if isinstance(acc.message, Welcome):
-                return
-            if isinstance(acc.message, Refusal):
-                raise ChannelError(f"agent registration refused: {acc.message.reason}")
-        raise ChannelError("orchestrator did not answer the agent's registration")
+        await register_with(self.up, {"agent": True}, attempts=attempts, timeout=timeout)
 
     def _drop_stage(self) -> None:
         if self.stage is not None:

@@ -23,7 +23,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import numpy
 
@@ -37,8 +37,6 @@ from gtbus.messages.types import (
     AgentDone,
     Heartbeat,
     AgentWritten,
-    Refusal,
-    Register,
     RunComplete,
     ShipSegment,
     Shutdown,
@@ -49,6 +47,7 @@ from gtbus.messages.types import (
     TokenRevoke,
     Welcome,
 )
+from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.protocol.holder import Action, HolderMachine
 from gtbus.training.shards import Dataset
@@ -144,24 +143,13 @@ class Holder:
         manifest = self.dataset.manifest(self.chunk_tokens)
         if self.agent is not None:
             manifest["via"] = self.agent.server
-        last: Exception | None = None
-        for _ in range(attempts):
-            try:
-                acc = await self.rt.request(Register(manifest, "gtbus/0.1"), timeout=timeout)
-            except asyncio.TimeoutError as exc:
-                last = exc
-                continue
-            if isinstance(acc.message, Refusal):
-                raise GtbusError(f"registration refused: {acc.message.reason}")
-            if not isinstance(acc.message, Welcome):
-                raise GtbusError(f"unexpected answer to registration: {acc.spec.name}")
-            welcome: Welcome = acc.message
-            self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
-            self.run_id = welcome.run_id
-            self._server_session = acc.header.session
-            self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
-            return welcome
-        raise GtbusError(f"{self.rt.name}: orchestrator did not answer registration ({last!r})")
+        acc = await register_with(self.rt, manifest, attempts=attempts, timeout=timeout)
+        welcome: Welcome = acc.message
+        self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
+        self.run_id = welcome.run_id
+        self._server_session = acc.header.session
+        self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
+        return welcome
 
     async def _on_server_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
         # A newer session of the orchestrator is a restarted process (resume after a

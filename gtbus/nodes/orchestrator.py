@@ -30,7 +30,7 @@ import threading
 import os
 import time
 import types
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -38,7 +38,7 @@ import numpy
 
 from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
-from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_count, staging_size, TAG_SIZE
+from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, staging_size, TAG_SIZE
 from gtbus.gpu.device import Device
 from gtbus.gpu.measure import measure_code
 from gtbus.gpu.sealing import seal_bytes, seal_params

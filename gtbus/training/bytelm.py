@@ -147,7 +147,6 @@ class ByteLM:
 
     def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS) -> TrainReport:
         """Train on random windows of ``tokens`` for ``steps`` minibatches (or one pass over the buffer)."""
-        xp = self.xp
         cfg = self.config
         check_token_buffer(tokens, vocab=VOCAB, min_len=cfg.context + 1)
         n_offsets = tokens.shape[0] - cfg.context

@@ -84,9 +84,12 @@ def test_bad_input_is_one_line_naming_the_problem(tmp_path: Path) -> None:
         (("build", str(tmp_path / "nope"), "--out", str(tmp_path / "o.bin")), "nope: no such file or directory"),
         (("build", "--out", str(tmp_path / "o.bin")), "no SOURCES"),
         (("build", "--demo-corpus", "x", "--out", str(tmp_path)), "takes no SOURCES"),
-        (("build", str(tmp_path / "junk.bin"), "--out", str(tmp_path / "missing" / "o.bin")), "cannot write"),
+        (("build", str(tmp_path / "junk.bin"), "--out", str(tmp_path / "junk.bin" / "o.bin")), "cannot write"),
     ]
     for args, needle in cases:
         code, out = _run(*args)
         assert code == 1, (args, out)
         assert needle in _error_line(out), (args, out)
+    # A missing output folder is created, as `mkdir -p` would.
+    code, out = _run("build", str(tmp_path / "junk.bin"), "--out", str(tmp_path / "new" / "dir" / "o.bin"))
+    assert code == 0 and (tmp_path / "new" / "dir" / "o.bin").exists(), out
