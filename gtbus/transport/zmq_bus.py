@@ -55,7 +55,7 @@ import logging
 import weakref
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import zmq
 import zmq.asyncio
@@ -320,39 +320,106 @@ class _OnceLog:
         return True
 
 
-async def _wait_any(futs: Sequence[asyncio.Future[Any]]) -> None:
-    """Wait until one of ``futs`` is done, leaving them alone if we are cancelled.
+# Hot-path socket I/O. pyzmq's asyncio sockets build a future (and walk enum flags)
+# for every send and receive; on the signed round trip that was the largest cost
+# of this module. The direct-message sockets are instead driven by hand: a plain
+# (shadow) socket used with NOBLOCK, and one reader callback per socket on
+# libzmq's notification FD that wakes whoever waits.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
+_RCVMORE = int(zmq.RCVMORE)
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
+_POLLOUT = int(zmq.POLLOUT)
+_COPY_THRESHOLD = zmq.COPY_THRESHOLD  # frames this big or bigger are sent zero-copy
+_bsend = zmq.backend.Socket.send
+_brecv = zmq.backend.Socket.recv
+_bget = zmq.backend.Socket.get
 
-    A pending recv future survives our caller's cancellation (``wait_for``) and
-    is reused by the next call, so no message is lost. Lighter than asyncio.wait,
-    which matters on the request/reply hot path.
+
+class _Wakeup:
+    """The futures a transport's callers wait on: one reader (recv holds a lock), any writers."""
+
+    __slots__ = ("readable", "writable")
+
+    def __init__(self) -> None:
+        self.readable: asyncio.Future[None] | None = None
+        self.writable: list[asyncio.Future[None]] = []  # only while a queue is full: rare
+
+    def wake(self, events: int) -> None:
+        if events & _POLLIN:
+            w = self.readable
+            if w is not None and not w.done():
+                w.set_result(None)
+        if events & _POLLOUT and self.writable:
+            for w in self.writable:
+                if not w.done():
+                    w.set_result(None)
+
+    def wake_all(self) -> None:
+        self.wake(_POLLIN | _POLLOUT)
+
+
+class _Pipe:
+    """Non-blocking send/receive on one zmq socket, woken by the event loop.
+
+    libzmq's FD is edge-triggered and its signal is consumed by *any* operation
+    on the socket (a send may swallow the news of an incoming message), so the
+    rules are: check ``ZMQ_EVENTS`` before waiting, let the reader callback
+    re-check it (which also clears the FD), and re-check after every send. A
+    receiver cancelled while waiting loses nothing: messages stay in libzmq
+    until someone reads them, and libzmq's queue limits keep applying.
     """
-    if any(f.done() for f in futs):
-        return
-    waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
-    def wake(_: object) -> None:
-        if not waiter.done():
-            waiter.set_result(None)
+    __slots__ = ("fd", "loop", "sock", "waiters")
 
-    for f in futs:
-        f.add_done_callback(wake)
-    try:
-        await waiter
-    finally:
-        for f in futs:
-            f.remove_done_callback(wake)
+    def __init__(self, sock: zmq.asyncio.Socket, waiters: _Wakeup) -> None:
+        # A plain socket over the same libzmq socket; the asyncio wrapper's own
+        # future machinery is never used for this socket.
+        self.sock: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
+        self.fd: int = self.sock.getsockopt(zmq.FD)
+        self.waiters = waiters
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(self.fd, self._on_fd)
 
+    def _on_fd(self) -> None:
+        try:
+            events = _bget(self.sock, _EVENTS)
+        except zmq.ZMQError:
+            events = _POLLIN | _POLLOUT  # closed under us: wake everyone, they will see it
+        self.waiters.wake(events)
 
-def _take(fut: asyncio.Future[Any], what: str) -> Any:
-    """The result of a done socket future, errors mapped (cancelled means the socket closed)."""
-    if fut.cancelled():
-        raise TransportError(f"{what}: transport is closed")
-    exc = fut.exception()
-    if exc is not None:
-        with _map_errors(what):
-            raise exc
-    return fut.result()
+    def events(self) -> int:
+        return _bget(self.sock, _EVENTS)  # type: ignore[no-any-return]
+
+    def recv_nowait(self, copy: bool = True) -> list[Any] | None:
+        """One whole multipart message, or None if none is waiting."""
+        sock = self.sock
+        if not _bget(sock, _EVENTS) & _POLLIN:
+            return None
+        parts = [_brecv(sock, _NOBLOCK, copy)]
+        while _bget(sock, _RCVMORE):
+            parts.append(_brecv(sock, _NOBLOCK, copy))
+        return parts
+
+    def send_nowait(self, frames: Sequence[Any]) -> None:
+        """Send a multipart message now (zmq.Again if it cannot be queued), then re-arm readers."""
+        sock = self.sock
+        last = len(frames) - 1
+        for i, f in enumerate(frames):
+            n = len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+            _bsend(sock, f, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, n < _COPY_THRESHOLD)
+        self.after_send()
+
+    def after_send(self) -> None:
+        # The send may have consumed the FD's signal of an incoming message.
+        if self.waiters.readable is not None and _bget(self.sock, _EVENTS) & _POLLIN:
+            self.waiters.wake(_POLLIN)
+
+    def detach(self) -> None:
+        """Stop watching the FD (before the socket closes: the number may be reused)."""
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.fd)
 
 
 def _release_leaked(ctx: zmq.asyncio.Context | None, sockets: list[zmq.asyncio.Socket]) -> None:
@@ -449,7 +516,8 @@ class ZmqServer:
         self._zap: zmq.asyncio.Socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._endpoints: tuple[str, str] | None = None
-        self._recv_fut: asyncio.Future[Any] | None = None
+        self._pipe: _Pipe | None = None  # the ROUTER's hot path
+        self._waiters = _Wakeup()
         self._recv_lock = asyncio.Lock()
         self._closed = False
         self._once = _OnceLog()
@@ -527,6 +595,7 @@ class ZmqServer:
             router.getsockopt_string(zmq.LAST_ENDPOINT),
             xpub.getsockopt_string(zmq.LAST_ENDPOINT),
         )
+        self._pipe = _Pipe(router, self._waiters)
         self._tasks.append(_background(self._serve_subscriptions(), f"{self._name}-xpub"))
         log.debug("server %s bound %s", self._name, self._endpoints)
 
@@ -538,6 +607,9 @@ class ZmqServer:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        if self._pipe is not None:
+            self._pipe.detach()
+        self._waiters.wake_all()  # a pending recv wakes and finds the transport closed
         for sock in (self._router, self._xpub):
             if sock is not None:
                 sock.close(linger=self._tuning.linger_ms)
@@ -650,24 +722,28 @@ class ZmqServer:
 
     # -- direct messages
 
-    def _live_router(self, what: str) -> zmq.asyncio.Socket:
+    def _live_router(self, what: str) -> _Pipe:
         if self._closed:
             raise TransportError(f"{what}: transport is closed")
-        if self._router is None:
+        if self._pipe is None:
             raise TransportError(f"{what}: server {self._name!r} is not started")
-        return self._router
+        return self._pipe
 
     async def recv(self) -> Delivery:
         """Wait for the next direct message whose sender is authenticated and consistent."""
         async with self._recv_lock:
+            waiters = self._waiters
             while True:
-                router = self._live_router("recv")
-                if self._recv_fut is None:
-                    self._recv_fut = cast("asyncio.Future[Any]", router.recv_multipart(copy=False))
-                fut = self._recv_fut
-                await _wait_any((fut,))  # if we are cancelled here, fut stays for the next call
-                self._recv_fut = None
-                parts = _take(fut, "recv")
+                pipe = self._live_router("recv")
+                with _map_errors("recv"):
+                    parts = pipe.recv_nowait(copy=False)
+                if parts is None:
+                    waiter = waiters.readable = pipe.loop.create_future()
+                    try:
+                        await waiter  # cancelled here: nothing was taken off the socket
+                    finally:
+                        waiters.readable = None
+                    continue
                 delivery = self._admit(parts)
                 if delivery is not None:
                     self.stats.received += 1
@@ -709,28 +785,43 @@ class ZmqServer:
         A full queue towards the peer is waited on (up to ``send_timeout_s``), then
         TransportError.
         """
-        what = f"send to {peer!r}"
-        router = self._live_router(what)
+        pipe = self._pipe
+        if self._closed or pipe is None:
+            self._live_router(f"send to {peer!r}")  # raises
+            return
         msg = [peer.encode("utf-8", "surrogateescape"), *frames]
+        try:
+            pipe.send_nowait(msg)
+        except zmq.ZMQError as e:
+            await self._send_slow(peer, msg, e)
+        self.stats.sent += 1
+
+    async def _send_slow(self, peer: str, msg: list[Any], first: zmq.ZMQError) -> None:
+        """The first try did not go out: map the error, or wait for room in the peer's queue."""
+        what = f"send to {peer!r}"
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._tuning.send_timeout_s
         delay = 0.0005
+        error: zmq.ZMQError | None = first
         while True:
             try:
                 with _map_errors(what, peer=peer):
-                    await _send_nowait(router, msg)
-                break
+                    if error is not None:
+                        raise error
+                    self._live_router(what).send_nowait(msg)
+                return
             except TransportError as e:
                 if isinstance(e, PeerUnreachable) or not isinstance(e.__cause__, zmq.Again):
                     raise
                 if loop.time() >= deadline:
                     raise
+            finally:
+                error = None
             # ROUTER_MANDATORY says EAGAIN when this peer's queue is full; POLLOUT would
             # report other peers' queues, so back off instead of waiting on it.
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.05)
-            router = self._live_router(what)
-        self.stats.sent += 1
+            self._live_router(what)
 
     async def publish(self, frames: FrameSeq) -> None:
         """Publish ``frames`` to every subscriber; a subscriber whose queue is full misses it."""
@@ -798,8 +889,9 @@ class ZmqClient:
         self._sub: zmq.asyncio.Socket | None = None
         self._monitors: list[zmq.asyncio.Socket] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._direct_fut: asyncio.Future[Any] | None = None
-        self._event_fut: asyncio.Future[Any] | None = None
+        self._direct: _Pipe | None = None  # DEALER and SUB, driven by hand (see _Pipe)
+        self._event: _Pipe | None = None
+        self._waiters = _Wakeup()  # shared by both sockets (only the DEALER ever reports POLLOUT)
         self._prefer_event = False
         self._recv_lock = asyncio.Lock()
         self._connected = {"direct": asyncio.Event(), "event": asyncio.Event()}
@@ -862,6 +954,8 @@ class ZmqClient:
         for sock, ep in ((dealer, self._endpoints[0]), (sub, self._endpoints[1])):
             with _map_errors(f"cannot connect to {ep}", config=True):
                 sock.connect(ep)
+        self._direct = _Pipe(dealer, self._waiters)
+        self._event = _Pipe(sub, self._waiters)
 
     async def _watch(self, monitor: zmq.asyncio.Socket, channel: str) -> None:
         ready = self._connected[channel]
@@ -895,6 +989,10 @@ class ZmqClient:
         await self._teardown()
 
     async def _teardown(self) -> None:
+        for pipe in (self._direct, self._event):
+            if pipe is not None:
+                pipe.detach()
+        self._waiters.wake_all()  # a pending recv or send wakes and finds the transport closed
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -931,46 +1029,79 @@ class ZmqClient:
         self._sockets.append(sock)
         return sock
 
-    def _live(self, what: str) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+    def _live(self, what: str) -> tuple[_Pipe, _Pipe]:
         if self._closed:
             raise TransportError(f"{what}: transport is closed")
-        if self._dealer is None or self._sub is None:
+        if self._direct is None or self._event is None:
             raise TransportError(f"{what}: client {self._name!r} is not started")
-        return self._dealer, self._sub
+        return self._direct, self._event
 
     async def send(self, frames: FrameSeq) -> None:
         """Send to the server; queued while disconnected, TransportError if the queue stays full."""
-        dealer, _ = self._live("send")
-        what = f"send to {self._endpoints[0]}"
-        fut = cast("asyncio.Future[Any]", dealer.send_multipart(list(frames), copy=False))
+        direct = self._direct
+        if self._closed or direct is None:
+            self._live(f"send to {self._endpoints[0]}")  # raises
+            return
         try:
-            await _wait_any((fut,))
-        except asyncio.CancelledError:
-            fut.cancel()  # our caller gave up: do not send it later behind its back
-            raise
-        _take(fut, what)
+            direct.send_nowait(frames)
+        except zmq.ZMQError as e:
+            await self._send_slow(frames, e)
         self.stats.sent += 1
+
+    async def _send_slow(self, frames: FrameSeq, first: zmq.ZMQError) -> None:
+        """The DEALER's queue is full: wait for room up to ``send_timeout_s``, then TransportError."""
+        what = f"send to {self._endpoints[0]}"
+        if not isinstance(first, zmq.Again):
+            with _map_errors(what):
+                raise first
+        loop = asyncio.get_running_loop()
+        waiters = self._waiters
+        try:
+            async with asyncio.timeout(self._tuning.send_timeout_s):
+                while True:
+                    direct, _ = self._live(what)
+                    if direct.events() & _POLLOUT:
+                        try:
+                            with _map_errors(what):
+                                direct.send_nowait(frames)
+                            return
+                        except TransportError as e:
+                            if not isinstance(e.__cause__, zmq.Again):
+                                raise
+                    waiter = loop.create_future()
+                    waiters.writable.append(waiter)
+                    try:
+                        await waiter  # cancelled here: the message was never queued
+                    finally:
+                        waiters.writable.remove(waiter)
+        except TimeoutError:
+            raise TransportError(f"{what}: timed out, the peer is not reading") from first
 
     async def recv(self) -> Delivery:
         """Wait for the next direct reply or event (both channels served fairly)."""
         async with self._recv_lock:
+            waiters = self._waiters
             while True:
-                dealer, sub = self._live("recv")
-                if self._direct_fut is None:
-                    self._direct_fut = cast("asyncio.Future[Any]", dealer.recv_multipart())
-                if self._event_fut is None:
-                    self._event_fut = cast("asyncio.Future[Any]", sub.recv_multipart())
-                await _wait_any((self._direct_fut, self._event_fut))
-                order: tuple[Channel, Channel] = ("event", "direct") if self._prefer_event else ("direct", "event")
-                for channel in order:
-                    fut = self._direct_fut if channel == "direct" else self._event_fut
-                    if fut is None or not fut.done():
-                        continue
-                    if channel == "direct":
-                        self._direct_fut = None
+                direct, event = self._live("recv")
+                with _map_errors("recv"):
+                    if self._prefer_event:
+                        parts = event.recv_nowait()
+                        channel: Channel = "event"
+                        if parts is None:
+                            parts = direct.recv_nowait()
+                            channel = "direct"
                     else:
-                        self._event_fut = None
+                        parts = direct.recv_nowait()
+                        channel = "direct"
+                        if parts is None:
+                            parts = event.recv_nowait()
+                            channel = "event"
+                if parts is not None:
                     self._prefer_event = channel == "direct"
-                    parts = _take(fut, "recv")
                     self.stats.received += 1
                     return Delivery(channel, parts, None, self._server_name)
+                waiter = waiters.readable = direct.loop.create_future()
+                try:
+                    await waiter  # cancelled here: nothing was taken off the sockets
+                finally:
+                    waiters.readable = None
