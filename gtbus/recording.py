@@ -59,6 +59,8 @@ MAX_RECORD = 64 << 20
 REJECTED_FRAME_KEEP = 64 << 10
 CHAIN = 16
 _CHAIN0 = bytes(CHAIN)
+_LEN_PACK = _LEN.pack
+_blake3 = blake3.blake3
 
 
 def _chain(prev: bytes, payload: bytes) -> bytes:
@@ -91,6 +93,9 @@ class Recorder:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._prev = _CHAIN0
+        # One packer per recorder: the same bytes as msgpack.packb(..., use_bin_type=True)
+        # without building a packer per record (a recorder is used by one thread, like its chain).
+        self._pack = msgpack.Packer(use_bin_type=True).pack
         if self.path.exists() and self.path.stat().st_size > 0:
             # Continue the chain after the last whole record; a record cut short
             # by a crash is dropped so the file stays well-framed.
@@ -117,9 +122,9 @@ class Recorder:
         )
 
     def _write(self, record: dict[str, Any]) -> None:
-        data = msgpack.packb(record, use_bin_type=True)
-        self._prev = _chain(self._prev, data)
-        os.write(self._fd, _LEN.pack(len(data)) + data + self._prev)
+        data = self._pack(record)
+        self._prev = prev = _blake3(self._prev + data).digest(CHAIN)  # = _chain(self._prev, data)
+        os.write(self._fd, b"".join((_LEN_PACK(len(data)), data, prev)))
 
     def record(
         self,
@@ -132,7 +137,7 @@ class Recorder:
         blobs_digest: bytes | None = None,
     ) -> None:
         """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
-        signed = [bytes(f) for f in frames[:4]]
+        signed = [f if type(f) is bytes else bytes(f) for f in frames[:4]]
         clipped = None
         if verdict.startswith("rejected") and any(len(f) > REJECTED_FRAME_KEEP for f in signed):
             clipped = [len(f) for f in signed]
@@ -148,8 +153,8 @@ class Recorder:
         }
         if clipped is not None:
             rec["clipped"] = clipped
-        blobs = frames[4:]
-        if blobs:
+        if len(frames) > 4:
+            blobs = frames[4:]
             rec["blob_digest"] = blobs_digest if blobs_digest is not None else blob_digest(blobs)
             rec["blob_sizes"] = [memoryview(b).nbytes for b in blobs]
         self._write(rec)

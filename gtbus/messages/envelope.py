@@ -86,7 +86,10 @@ class Header:
 
     def to_wire(self) -> dict[str, Any]:
         """The header as a plain map."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {name: getattr(self, name) for name in _HEADER_FIELDS}
+
+
+_HEADER_FIELDS = tuple(f.name for f in fields(Header))
 
 
 _HEADER_TYPES: dict[str, tuple[type, ...]] = {
@@ -102,6 +105,11 @@ _HEADER_TYPES: dict[str, tuple[type, ...]] = {
     "epoch": (int,),
     "parent": (bytes, type(None)),
 }
+_HEADER_KEYS = frozenset(_HEADER_TYPES)
+# The same check as isinstance(value, types) and not bool, by exact type: msgpack
+# only ever returns exact built-in types (and bool, which is refused everywhere).
+_HEADER_EXACT = tuple((key, frozenset(types_)) for key, types_ in _HEADER_TYPES.items())
+assert set(_HEADER_FIELDS) == _HEADER_KEYS
 
 
 def new_session_id(now_ns: int | None = None) -> bytes:
@@ -149,6 +157,8 @@ def unpackb_strict(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
 
 def blob_digest(blobs: Sequence[bytes | memoryview]) -> bytes:
     """BLAKE3 over the count and length-prefixed blobs (what the signature covers for bulk data)."""
+    if not blobs:
+        return _NO_BLOBS_DIGEST
     big = sum(memoryview(b).nbytes for b in blobs) >= 1 << 20
     # Bulk segments: let BLAKE3 use every core (it is on the ship and remote paths' critical path).
     h = blake3.blake3(max_threads=blake3.blake3.AUTO) if big else blake3.blake3()
@@ -160,6 +170,9 @@ def blob_digest(blobs: Sequence[bytes | memoryview]) -> bytes:
     return h.digest()
 
 
+_NO_BLOBS_DIGEST = blake3.blake3(struct.pack(">I", 0)).digest()  # a constant: most messages carry no blobs
+
+
 def signing_input(header: bytes, body: bytes, blobs: Sequence[bytes | memoryview]) -> bytes:
     """The exact bytes an envelope signature covers."""
     return signing_input_digest(header, body, blob_digest(blobs))
@@ -167,9 +180,10 @@ def signing_input(header: bytes, body: bytes, blobs: Sequence[bytes | memoryview
 
 def signing_input_digest(header: bytes, body: bytes, blobs_digest: bytes) -> bytes:
     """:func:`signing_input` given the blob digest (how a log without its blobs is verified)."""
-    return b"".join(
-        (SIG_DOMAIN, struct.pack(">I", len(header)), header, struct.pack(">I", len(body)), body, blobs_digest)
-    )
+    return b"".join((SIG_DOMAIN, _U32(len(header)), header, _U32(len(body)), body, blobs_digest))
+
+
+_U32 = struct.Struct(">I").pack
 
 
 @dataclass(frozen=True)
@@ -207,13 +221,13 @@ def parse_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
     raw = unpackb_strict(data, limits)
     if not isinstance(raw, dict):
         raise RejectedMessage("bad-header", "header is not a map")
-    if set(raw) != set(_HEADER_TYPES):
-        missing = sorted(set(_HEADER_TYPES) - set(raw))
-        extra = sorted(map(str, set(raw) - set(_HEADER_TYPES)))
+    if raw.keys() != _HEADER_KEYS:
+        missing = sorted(_HEADER_KEYS - set(raw))
+        extra = sorted(map(str, set(raw) - _HEADER_KEYS))
         raise RejectedMessage("bad-header", f"header keys wrong (missing {missing}, extra {extra})")
-    for key, types_ in _HEADER_TYPES.items():
+    for key, exact in _HEADER_EXACT:
         value = raw[key]
-        if isinstance(value, bool) or not isinstance(value, types_):
+        if type(value) not in exact:
             raise RejectedMessage("bad-header", f"header field {key!r} has wrong type {type(value).__name__}")
     if raw["v"] != VERSION:
         raise RejectedMessage("bad-version", f"protocol version {raw['v']}, this node speaks {VERSION}")
@@ -221,10 +235,15 @@ def parse_header(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Header:
         raise RejectedMessage("bad-header", "id and session must be 16 bytes")
     if raw["seq"] < 0 or raw["epoch"] < 0:
         raise RejectedMessage("bad-header", "negative seq or epoch")
-    if not (math.isfinite(raw["ts"]) and math.isfinite(raw["exp"])):
+    ts = raw["ts"] = float(raw["ts"])
+    exp = raw["exp"] = float(raw["exp"])
+    if not (_isfinite(ts) and _isfinite(exp)):
         # NaN compares false both ways: exp=NaN would never expire in the replay guard.
         raise RejectedMessage("bad-header", "ts and exp must be finite")
-    return Header(**{k: (float(v) if k in ("ts", "exp") else v) for k, v in raw.items()})
+    return Header(**raw)
+
+
+_isfinite = math.isfinite
 
 
 def split(frames: Sequence[bytes], limits: Limits = DEFAULT_LIMITS) -> Envelope:
@@ -234,11 +253,11 @@ def split(frames: Sequence[bytes], limits: Limits = DEFAULT_LIMITS) -> Envelope:
         raise RejectedMessage("bad-magic", f"magic frame {bytes(frames[0][:8])!r}")
     if len(frames[3]) != SIG_LEN:
         raise RejectedMessage("malformed", f"signature frame of {len(frames[3])} bytes")
-    header = parse_header(bytes(frames[1]), limits)
+    header_bytes = bytes(frames[1])
     return Envelope(
-        header=header,
-        header_bytes=bytes(frames[1]),
-        body_bytes=bytes(frames[2]),
-        signature=bytes(frames[3]),
-        blobs=[f if isinstance(f, bytes) else bytes(f) for f in frames[4:]],
+        parse_header(header_bytes, limits),
+        header_bytes,
+        bytes(frames[2]),
+        bytes(frames[3]),
+        [f if isinstance(f, bytes) else bytes(f) for f in frames[4:]],
     )

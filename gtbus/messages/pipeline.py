@@ -67,24 +67,25 @@ class ReceivePipeline:
         spec = REGISTRY.get(h.type)
         if spec is None:
             raise RejectedMessage("unknown-type", f"type {h.type[:40]!r} is not declared")
-        member = self.roster.get(h.sender)
+        sender = h.sender
+        member = self.roster.get(sender)
         if member is None:
-            raise RejectedMessage("unknown-sender", f"sender {h.sender[:40]!r} is not in the deployment")
+            raise RejectedMessage("unknown-sender", f"sender {sender[:40]!r} is not in the deployment")
         if member.role not in spec.senders:
-            raise RejectedMessage("wrong-role", f"a {member.role.value} ({h.sender}) may not send {spec.name}")
-        if authenticated_as is not None and authenticated_as != h.sender:
+            raise RejectedMessage("wrong-role", f"a {member.role.value} ({sender}) may not send {spec.name}")
+        if authenticated_as is not None and authenticated_as != sender:
             raise RejectedMessage(
-                "wrong-peer", f"signed as {h.sender} but the connection belongs to {authenticated_as}"
+                "wrong-peer", f"signed as {sender} but the connection belongs to {authenticated_as}"
             )
-        if len(env.blobs) > spec.max_blobs:
+        blobs = env.blobs
+        if len(blobs) > spec.max_blobs:
             raise RejectedMessage("malformed", f"{spec.name} takes at most {spec.max_blobs} blobs")
-        digest = blob_digest(env.blobs)
-        if not self._verifiers[h.sender].verify(signing_input_digest(env.header_bytes, env.body_bytes, digest), env.signature):
-            raise RejectedMessage("bad-signature", f"{spec.name} from {h.sender}: signature does not verify")
+        digest = blob_digest(blobs)
+        if not self._verifiers[sender].verify(signing_input_digest(env.header_bytes, env.body_bytes, digest), env.signature):
+            raise RejectedMessage("bad-signature", f"{spec.name} from {sender}: signature does not verify")
         if h.recipient != self.me and not (h.recipient == BROADCAST and spec.broadcast):
-            raise RejectedMessage("wrong-recipient", f"{spec.name} from {h.sender} is addressed to {h.recipient[:40]!r}")
+            raise RejectedMessage("wrong-recipient", f"{spec.name} from {sender} is addressed to {h.recipient[:40]!r}")
         self.guard.check(h, fenced=spec.fenced)
-        self.guard.commit(h)
-        body = unpackb_strict(env.body_bytes, self.limits)
-        message = body_from_wire(spec, body)
-        return Accepted(header=h, message=message, spec=spec, blobs=env.blobs, blob_digest=digest)
+        self.guard.commit(h)  # journalled before anything acts on the message
+        message = body_from_wire(spec, unpackb_strict(env.body_bytes, self.limits))
+        return Accepted(h, message, spec, blobs, digest)

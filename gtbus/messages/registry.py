@@ -40,6 +40,8 @@ class MessageSpec:
 
 REGISTRY: dict[str, MessageSpec] = {}
 _BY_CLASS: dict[type, MessageSpec] = {}
+#: per declared type: (field names, ((name, check, widen int to float), ...)), built once at declaration
+_COMPILED: dict[str, tuple[frozenset[str], tuple[tuple[str, Callable[[Any], bool], bool], ...]]] = {}
 
 M = TypeVar("M")
 
@@ -75,6 +77,7 @@ def message(
         )
         REGISTRY[name] = spec
         _BY_CLASS[cls] = spec
+        _COMPILED[name] = _compile_spec(spec)
         return cls
 
     return wrap
@@ -130,6 +133,36 @@ def _value_ok(value: Any, tp: Any) -> bool:
     return False
 
 
+def _compile(tp: Any) -> Callable[[Any], bool]:
+    """A check equivalent to ``_value_ok(value, tp)``, with the typing work done once."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        return lambda v: isinstance(v, bool)
+    if tp is int:
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
+    if tp is float:
+        return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if tp in (str, bytes):
+        return lambda v: isinstance(v, tp)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        check = _compile(inner)
+        return lambda v: isinstance(v, list) and all(check(x) for x in v)
+    if origin is dict:
+        return lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)
+    if origin in (typing.Union, types.UnionType):
+        alts = tuple((lambda v: v is None) if a is type(None) else _compile(a) for a in typing.get_args(tp))
+        return lambda v: any(c(v) for c in alts)
+    return lambda v: False
+
+
+def _compile_spec(spec: MessageSpec) -> tuple[frozenset[str], tuple[tuple[str, Callable[[Any], bool], bool], ...]]:
+    return (
+        frozenset(fname for fname, _ in spec.fields),
+        tuple((fname, _compile(ftype), ftype is float) for fname, ftype in spec.fields),
+    )
+
+
 def body_to_wire(msg: object) -> dict[str, Any]:
     """A message's fields as a plain dict for msgpack."""
     spec = spec_of(msg)
@@ -140,11 +173,26 @@ def body_from_wire(spec: MessageSpec, body: Any) -> Any:
     """Build a message from a decoded body, refusing missing, extra or mistyped fields."""
     if not isinstance(body, dict):
         raise RejectedMessage("bad-body", f"{spec.name}: body is not a map")
+    compiled = _COMPILED.get(spec.name)
+    if compiled is not None and REGISTRY.get(spec.name) is spec and body.keys() == compiled[0]:
+        # Fast path (exactly the declared keys): the same checks, prepared at declaration.
+        kwargs: dict[str, Any] = {}
+        for fname, check, widen in compiled[1]:
+            value = body[fname]
+            if not check(value):
+                raise RejectedMessage("bad-body", f"{spec.name}: field {fname!r} has wrong type {type(value).__name__}")
+            if widen and isinstance(value, int):
+                value = float(value)
+            kwargs[fname] = value
+        try:
+            return spec.cls(**kwargs)
+        except (TypeError, ValueError) as exc:  # __post_init__ validation
+            raise RejectedMessage("bad-body", f"{spec.name}: {exc}") from None
     expected = {fname for fname, _ in spec.fields}
     extra = set(body) - expected
     if extra:
         raise RejectedMessage("bad-body", f"{spec.name}: unknown field(s) {sorted(map(str, extra))}")
-    kwargs: dict[str, Any] = {}
+    kwargs = {}
     for fname, ftype in spec.fields:
         if fname not in body:
             raise RejectedMessage("bad-body", f"{spec.name}: missing field {fname!r}")

@@ -39,6 +39,7 @@ from gtbus.errors import ConfigError, RejectedMessage
 from gtbus.messages.envelope import Header
 
 StreamKey = tuple[str, str]
+_U16 = struct.Struct(">H").pack
 
 
 @dataclass
@@ -74,6 +75,7 @@ class ReplayGuard:
         self._marks: dict[StreamKey, _Mark] = {}
         self._fence = 0
         self._fd: int | None = None
+        self._pack = msgpack.Packer(use_bin_type=True).pack  # = msgpack.packb(..., use_bin_type=True)
         self._journal = Path(journal) if journal is not None else None
         if self._journal is not None:
             self._load_and_compact(self._journal)
@@ -106,10 +108,14 @@ class ReplayGuard:
             raise RejectedMessage("replay", f"old session of {header.sender}")
 
     def commit(self, header: Header) -> None:
-        """Record ``header`` as seen (call only after :meth:`check` and signature verification)."""
-        key = (header.sender, header.recipient)
-        self._marks[key] = _Mark(header.session, header.seq)
-        self._append(("m", header.sender, header.recipient, header.session, header.seq))
+        """Record ``header`` as seen (call only after :meth:`check` and signature verification).
+
+        The journal record is written (one ``os.write``) before this returns, so before
+        the message is acted on: a crash after it cannot make the message fresh again.
+        """
+        sender, recipient, session, seq = header.sender, header.recipient, header.session, header.seq
+        self._marks[(sender, recipient)] = _Mark(session, seq)
+        self._append(("m", sender, recipient, session, seq))
 
     def raise_fence(self, epoch: int) -> None:
         """Refuse fenced messages with an epoch below ``epoch`` from now on (never lowers)."""
@@ -126,8 +132,8 @@ class ReplayGuard:
     def _append(self, record: tuple[object, ...]) -> None:
         if self._fd is None:
             return
-        data = msgpack.packb(record, use_bin_type=True)
-        os.write(self._fd, struct.pack(">H", len(data)) + data)
+        data = self._pack(record)
+        os.write(self._fd, _U16(len(data)) + data)
 
     def _load_and_compact(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import msgpack
+
 from gtbus.clock import SYSTEM_CLOCK, Clock
 from gtbus.messages.envelope import (
     BROADCAST,
@@ -12,11 +14,11 @@ from gtbus.messages.envelope import (
     Header,
     new_message_id,
     new_session_id,
-    packb,
     blob_digest,
     signing_input_digest,
 )
 from gtbus.messages.identity import NodeIdentity
+from gtbus.messages.primitives import Ed25519Signer
 from gtbus.messages.registry import body_to_wire, spec_of
 
 
@@ -34,6 +36,10 @@ class MessageSigner:
         self.session = new_session_id(int(clock.time() * 1e9))
         self._seq: dict[str, int] = {}
         self.last_blob_digest = b""
+        # The same key as identity.sign, held as libsodium's 64-byte secret (no object layer per message).
+        self._ed25519 = Ed25519Signer(bytes(identity.signing_key))
+        # envelope.packb's encoding, one packer per signer (a signer is used by one thread, like its counters)
+        self._pack = msgpack.Packer(use_bin_type=True).pack
 
     def sign(
         self,
@@ -56,21 +62,22 @@ class MessageSigner:
         seq = self._seq.get(recipient, 0) + 1
         self._seq[recipient] = seq
         now = self.clock.time()
-        header = Header(
-            v=VERSION,
-            id=new_message_id(),
-            type=spec.name,
-            sender=self.identity.name,
-            recipient=recipient,
-            session=self.session,
-            seq=seq,
-            ts=now,
-            exp=now + (self.ttl if ttl is None else ttl),
-            epoch=epoch,
-            parent=parent,
-        )
-        header_bytes = packb(header.to_wire())
-        body_bytes = packb(body_to_wire(msg))
+        wire = {  # Header's fields, in its order: what Header.to_wire() gives
+            "v": VERSION,
+            "id": new_message_id(),
+            "type": spec.name,
+            "sender": self.identity.name,
+            "recipient": recipient,
+            "session": self.session,
+            "seq": seq,
+            "ts": now,
+            "exp": now + (self.ttl if ttl is None else ttl),
+            "epoch": epoch,
+            "parent": parent,
+        }
+        header = Header(**wire)
+        header_bytes = self._pack(wire)
+        body_bytes = self._pack(body_to_wire(msg))
         self.last_blob_digest = blob_digest(blobs)  # the recorder reuses it rather than hash bulk data twice
-        signature = self.identity.sign(signing_input_digest(header_bytes, body_bytes, self.last_blob_digest))
+        signature = self._ed25519.sign(signing_input_digest(header_bytes, body_bytes, self.last_blob_digest))
         return header, [MAGIC, header_bytes, body_bytes, signature, *blobs]

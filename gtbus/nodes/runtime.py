@@ -190,8 +190,17 @@ class NodeRuntime:
                     return
                 raise
             acc = self.handle_delivery(delivery)
-            if acc is not None:
-                await self._dispatch(acc, delivery)
+            if acc is None:
+                continue
+            # A reply to a pending request is handed over here, without a coroutine per
+            # message; everything else goes through _dispatch as before.
+            parent = acc.header.parent
+            if parent is not None and parent in self._pending:
+                fut = self._pending.pop(parent)
+                if not fut.done():
+                    fut.set_result(acc)
+                continue
+            await self._dispatch(acc, delivery)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:

@@ -364,57 +364,82 @@ class _Pipe:
     """Non-blocking send/receive on one zmq socket, woken by the event loop.
 
     libzmq's FD is edge-triggered and its signal is consumed by *any* operation
-    on the socket (a send may swallow the news of an incoming message), so the
-    rules are: check ``ZMQ_EVENTS`` before waiting, let the reader callback
-    re-check it (which also clears the FD), and re-check after every send. A
-    receiver cancelled while waiting loses nothing: messages stay in libzmq
-    until someone reads them, and libzmq's queue limits keep applying.
+    on the socket that processes libzmq's commands (``ZMQ_EVENTS``, a send, a
+    receive): a send may swallow the news of an incoming message. So every such
+    operation here records what it learnt in ``state``: 0 the socket was seen
+    empty (new messages will signal the FD), 1 it may hold a message (look
+    before waiting), 2 it was seen readable. The reader callback re-checks
+    ``ZMQ_EVENTS`` (which also clears the FD); a send re-checks when a reader is
+    waiting. ``ZMQ_EVENTS`` and ``RCVMORE`` are not read through
+    ``Socket.get``, which builds an enum per call; a received frame's ``more``
+    says the same. A receiver cancelled while waiting loses nothing: messages
+    stay in libzmq until someone reads them, and libzmq's queue limits apply.
     """
 
-    __slots__ = ("fd", "loop", "sock", "waiters")
+    __slots__ = ("fd", "loop", "sock", "state", "waiters")
 
     def __init__(self, sock: zmq.asyncio.Socket, waiters: _Wakeup) -> None:
         # A plain socket over the same libzmq socket; the asyncio wrapper's own
         # future machinery is never used for this socket.
         self.sock: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
         self.fd: int = self.sock.getsockopt(zmq.FD)
+        self.state = 1
         self.waiters = waiters
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._on_fd)
 
-    def _on_fd(self) -> None:
+    def poll(self) -> int:
+        """``ZMQ_EVENTS`` now; records readability and wakes a waiting reader if there is a message."""
         try:
-            events = _bget(self.sock, _EVENTS)
+            events: int = _bget(self.sock, _EVENTS)
         except zmq.ZMQError:
-            events = _POLLIN | _POLLOUT  # closed under us: wake everyone, they will see it
-        self.waiters.wake(events)
+            self.waiters.wake_all()  # closed under us: wake everyone, they will see it
+            return 0
+        if events & _POLLIN:
+            self.state = 2
+            self.waiters.wake(_POLLIN)
+        else:
+            self.state = 0
+        return events
 
-    def events(self) -> int:
-        return _bget(self.sock, _EVENTS)  # type: ignore[no-any-return]
+    def _on_fd(self) -> None:
+        events = self.poll()
+        if events & _POLLOUT and self.waiters.writable:
+            self.waiters.wake(_POLLOUT)
 
-    def recv_nowait(self, copy: bool = True) -> list[Any] | None:
-        """One whole multipart message, or None if none is waiting."""
+    def recv_nowait(self, frames: bool = False) -> list[Any] | None:
+        """One whole multipart message (bytes, or zmq.Frame objects), or None if none is waiting."""
         sock = self.sock
-        if not _bget(sock, _EVENTS) & _POLLIN:
-            return None
-        parts = [_brecv(sock, _NOBLOCK, copy)]
-        while _bget(sock, _RCVMORE):
-            parts.append(_brecv(sock, _NOBLOCK, copy))
-        return parts
+        while True:
+            state = self.state
+            if state == 0 or (state == 1 and not self.poll() & _POLLIN):
+                return None  # state is 0 now: a new message will signal the FD
+            try:
+                f = _brecv(sock, _NOBLOCK, False)
+                break
+            except zmq.Again:  # seen readable, but gone (a peer's pipe was dropped): look again
+                self.state = 1
+        self.state = 1  # there may be more
+        parts = [f]
+        while f.more:  # the rest of a multipart message is always there with its first frame
+            f = _brecv(sock, _NOBLOCK, False)
+            parts.append(f)
+        return parts if frames else [p.bytes for p in parts]
 
     def send_nowait(self, frames: Sequence[Any]) -> None:
         """Send a multipart message now (zmq.Again if it cannot be queued), then re-arm readers."""
         sock = self.sock
         last = len(frames) - 1
-        for i, f in enumerate(frames):
-            n = len(f) if isinstance(f, bytes) else memoryview(f).nbytes
-            _bsend(sock, f, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, n < _COPY_THRESHOLD)
-        self.after_send()
-
-    def after_send(self) -> None:
-        # The send may have consumed the FD's signal of an incoming message.
-        if self.waiters.readable is not None and _bget(self.sock, _EVENTS) & _POLLIN:
-            self.waiters.wake(_POLLIN)
+        try:
+            for i, f in enumerate(frames):
+                n = len(f) if isinstance(f, bytes) else memoryview(f).nbytes
+                _bsend(sock, f, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, n < _COPY_THRESHOLD)
+        finally:
+            # The send may have consumed the FD's signal of an incoming message.
+            if self.waiters.readable is not None:
+                self.poll()
+            elif self.state == 0:
+                self.state = 1
 
     def detach(self) -> None:
         """Stop watching the FD (before the socket closes: the number may be reused)."""
@@ -736,7 +761,7 @@ class ZmqServer:
             while True:
                 pipe = self._live_router("recv")
                 with _map_errors("recv"):
-                    parts = pipe.recv_nowait(copy=False)
+                    parts = pipe.recv_nowait(frames=True)
                 if parts is None:
                     waiter = waiters.readable = pipe.loop.create_future()
                     try:
@@ -1060,7 +1085,7 @@ class ZmqClient:
             async with asyncio.timeout(self._tuning.send_timeout_s):
                 while True:
                     direct, _ = self._live(what)
-                    if direct.events() & _POLLOUT:
+                    if direct.poll() & _POLLOUT:
                         try:
                             with _map_errors(what):
                                 direct.send_nowait(frames)
