@@ -46,12 +46,17 @@ An ``agent`` node (role "agent") runs on the GPU host with ``router``/``pub``
 servers also accept ``bind_*`` when they bind another address than the one
 others connect to (``tcp://0.0.0.0:PORT``).
 
-Paths are relative to the host's ``workdir``. Every problem found while
-loading is reported as one line naming the table and key.
+Paths are relative to the host's ``workdir``. ``${NAME}`` in any string is
+replaced by the environment variable NAME when the runbook is loaded (hosts,
+addresses and folders that differ per site; ``runbooks/netns-lab.toml`` uses
+it). Every problem found while loading is reported as one line naming the
+table and key.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +163,28 @@ def _endpoint(value: str, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: port {u.port} out of range")
 
 
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _expand(value: Any, where: str, problems: list[str]) -> Any:
+    """Replace ``${NAME}`` in every string with the environment variable NAME (a problem if unset)."""
+    if isinstance(value, dict):
+        return {k: _expand(v, f"{where}.{k}" if where else k, problems) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v, where, problems) for v in value]
+    if isinstance(value, str) and "${" in value:
+
+        def sub(m: re.Match[str]) -> str:
+            name = m.group(1)
+            if name not in os.environ:
+                problems.append(f"{where}: environment variable {name} is not set")
+                return ""
+            return os.environ[name]
+
+        return _VAR.sub(sub, value)
+    return value
+
+
 def load_runbook(path: str | Path) -> Runbook:
     """Parse and validate a runbook; ConfigError lists every problem, one per line."""
     p = Path(path)
@@ -168,6 +195,7 @@ def load_runbook(path: str | Path) -> Runbook:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{p}: not valid TOML ({exc})") from None
     problems: list[str] = []
+    data = _expand(data, "", problems)
     dep = _table(data, "deployment", problems)
     training = {**_TRAINING_DEFAULTS, **_table(data, "training", problems, required=False)}
     pins = _table(data, "pins", problems)

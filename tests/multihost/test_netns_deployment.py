@@ -33,10 +33,13 @@ import numpy
 import pytest
 from netns_lab import NetnsLab
 
+from gtbus.runbook.config import load_runbook
+
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 
-LEASE = 3.0
+LEASE = 3.0  # what runbooks/netns-lab.toml sets
 CHUNK_TOKENS = 16384
+RUNBOOK = Path(__file__).resolve().parents[2] / "runbooks" / "netns-lab.toml"
 CHUNKS_PER_HOLDER = 8
 MAX_ATTEMPTS = 2  # RunConfig.max_attempts: the orchestrator's schedule policy
 
@@ -45,7 +48,7 @@ def _gtbus(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
     return subprocess.run([sys.executable, "-m", "gtbus", *args], capture_output=True, text=True, timeout=timeout)
 
 
-def _prepare(tmp: Path, lab: NetnsLab) -> Path:
+def _prepare(tmp: Path, lab: NetnsLab, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Keys and data made with the CLI, as an operator would; the runbook of the three servers."""
     keys = tmp / "run" / "keys"
     for name, role in (("orch", "orchestrator"), ("agent1", "agent"), ("h1", "holder"), ("h2", "holder"), ("h3", "holder"), ("status", "observer")):
@@ -54,78 +57,22 @@ def _prepare(tmp: Path, lab: NetnsLab) -> Path:
     assert _gtbus("keygen", "platform", "--platform", "--out", str(tmp / "run" / "platform")).returncode == 0
     r = _gtbus("data", "build", "--demo-corpus", "--holders", "3", "--bytes-per-holder", str(CHUNK_TOKENS * CHUNKS_PER_HOLDER), "--out", str(tmp / "run" / "data"))
     assert r.returncode == 0, r.stderr
-    gpu = lab.addr("gpu")
-    hosts = "".join(
-        f'\n[hosts.{h}]\naddress = "netns:{lab.ns(h)}"\nworkdir = "{tmp}"\npython = "{sys.executable}"\n' for h in ("gpu", "hola", "holb")
-    )
-    text = f"""
-[deployment]
-name = "netns{lab.suffix}"
-run_dir = "run"
-keys = "run/keys"
-backend = "host"
-
-[training]
-rounds = 1
-chunk_tokens = {CHUNK_TOKENS}
-steps = "5"
-lease = {LEASE}
-
-[pins]
-code = "auto"
-platform_pub = "run/platform/platform.platform.pub"
-{hosts}
-[hosts.ops]
-address = "local"
-workdir = "{tmp}"
-python = "{sys.executable}"
-
-[nodes.orch]
-role = "orchestrator"
-host = "gpu"
-key = "run/keys/orch.key"
-platform_key = "run/platform/platform.platform.key"
-router = "tcp://{gpu}:7700"
-pub = "tcp://{gpu}:7701"
-bind_router = "tcp://0.0.0.0:7700"
-bind_pub = "tcp://0.0.0.0:7701"
-
-[nodes.agent1]
-role = "agent"
-host = "gpu"
-key = "run/keys/agent1.key"
-router = "tcp://{gpu}:7710"
-pub = "tcp://{gpu}:7711"
-
-[nodes.h1]
-role = "holder"
-host = "gpu"
-key = "run/keys/h1.key"
-data = ["run/data/holder00.bin"]
-
-[nodes.h2]
-role = "holder"
-host = "hola"
-key = "run/keys/h2.key"
-data = ["run/data/holder01.bin"]
-agent = "agent1"
-extra_args = ["--fault", "stall=1.0"]
-
-[nodes.h3]
-role = "holder"
-host = "holb"
-key = "run/keys/h3.key"
-data = ["run/data/holder02.bin"]
-agent = "agent1"
-
-[nodes.status]
-role = "observer"
-host = "ops"
-key = "run/keys/status.key"
-"""
-    path = tmp / "three-servers.toml"
-    path.write_text(text)
-    return path
+    # The deployment is the runbook shipped in the repo; only what differs per lab
+    # (namespace names, the bridge address, this test's folder) comes from the environment.
+    env = {
+        "GTBUS_LAB_NAME": f"netns{lab.suffix}",
+        "GTBUS_LAB_GPU_NS": lab.ns("gpu"),
+        "GTBUS_LAB_HOLA_NS": lab.ns("hola"),
+        "GTBUS_LAB_HOLB_NS": lab.ns("holb"),
+        "GTBUS_LAB_GPU_ADDR": lab.addr("gpu"),
+        "GTBUS_LAB_DIR": str(tmp),
+        "GTBUS_PYTHON": sys.executable,
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)  # the gtbus commands below inherit them
+    rb = load_runbook(RUNBOOK)
+    assert rb.training["lease"] == LEASE and rb.training["chunk_tokens"] == CHUNK_TOKENS
+    return RUNBOOK
 
 
 class _Lines:
@@ -156,8 +103,8 @@ def _hops(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     return meta["hops"], meta["schedule"]
 
 
-def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Path, lab: NetnsLab) -> None:
-    rb = _prepare(tmp_path, lab)
+def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Path, lab: NetnsLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    rb = _prepare(tmp_path, lab, monkeypatch)
     r = _gtbus("runbook", "check", str(rb))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "4 hosts, 6 nodes" in r.stdout
@@ -216,7 +163,7 @@ def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Pa
     assert d.returncode == 0, d.stderr
     for server in ("gpu", "hola", "holb"):
         assert subprocess.run(["ip", "netns", "pids", lab.ns(server)], capture_output=True, text=True).stdout.split() == [], f"{server} still runs processes"
-    assert not (tmp_path / ".state" / f"netns{lab.suffix}.json").exists()
+    assert not (RUNBOOK.parent / ".state" / f"netns{lab.suffix}.json").exists()
 
     hops, schedule = _hops(tmp_path / "run")
     by_epoch = {h["epoch"]: h for h in hops}

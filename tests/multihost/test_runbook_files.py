@@ -17,11 +17,29 @@ RUNBOOKS = sorted((Path(__file__).resolve().parents[2] / "runbooks").glob("*.tom
 
 
 def test_the_shipped_runbooks_are_found() -> None:
-    assert {p.name for p in RUNBOOKS} >= {"local.toml", "three-servers.toml"}
+    assert {p.name for p in RUNBOOKS} >= {"local.toml", "three-servers.toml", "netns-lab.toml"}
+
+
+def test_unset_variables_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gtbus.errors import ConfigError
+
+    for k in LAB_ENV:
+        monkeypatch.delenv(k, raising=False)
+    with pytest.raises(ConfigError) as exc:
+        load_runbook(next(p for p in RUNBOOKS if p.name == "netns-lab.toml"))
+    assert "hosts.gpu.address: environment variable GTBUS_LAB_GPU_NS is not set" in str(exc.value)
+
+
+LAB_ENV = {  # what tests/multihost/test_netns_deployment.py sets for runbooks/netns-lab.toml
+    "GTBUS_LAB_NAME": "lab", "GTBUS_LAB_GPU_NS": "gpu", "GTBUS_LAB_HOLA_NS": "hola", "GTBUS_LAB_HOLB_NS": "holb",
+    "GTBUS_LAB_GPU_ADDR": "10.77.1.1", "GTBUS_LAB_DIR": "/tmp", "GTBUS_PYTHON": sys.executable,
+}
 
 
 @pytest.mark.parametrize("path", RUNBOOKS, ids=lambda p: p.name)
-def test_runbook_loads_and_its_holders_can_reach_the_device(path: Path) -> None:
+def test_runbook_loads_and_its_holders_can_reach_the_device(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in LAB_ENV.items():
+        monkeypatch.setenv(k, v)
     rb = load_runbook(path)  # raises ConfigError listing every schema problem
     orch = rb.orchestrator
     holders = rb.nodes_by_role(Role.HOLDER)
