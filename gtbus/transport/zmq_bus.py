@@ -634,6 +634,7 @@ class ZmqServer:
     async def _teardown(self) -> None:
         if self._pipe is not None:
             self._pipe.detach()
+            self._pipe = None  # a plain shadow socket must never touch a closed libzmq socket
         self._waiters.wake_all()  # a pending recv wakes and finds the transport closed
         for sock in (self._router, self._xpub):
             if sock is not None:
@@ -1017,6 +1018,7 @@ class ZmqClient:
         for pipe in (self._direct, self._event):
             if pipe is not None:
                 pipe.detach()
+        self._direct = self._event = None  # a plain shadow socket must never touch a closed libzmq socket
         self._waiters.wake_all()  # a pending recv or send wakes and finds the transport closed
         for task in self._tasks:
             task.cancel()
