@@ -28,7 +28,6 @@ from gtbus.errors import PeerUnreachable, RejectedMessage, TransportError
 from gtbus.messages.envelope import BROADCAST, Header, Limits, DEFAULT_LIMITS
 from gtbus.messages.identity import NodeIdentity, Roster
 from gtbus.messages.pipeline import Accepted, ReceivePipeline
-from gtbus.messages.registry import spec_of
 from gtbus.messages.replay_guard import ReplayGuard
 from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import Heartbeat
