@@ -51,8 +51,12 @@ def test_holder_killed_mid_provision_is_revoked_and_run_completes(travel) -> Non
     assert "lease expired" in h2[0]["detail"]
     revokes = [m for m in t.messages() if m.dir == "out" and m.type == "token.revoke"]
     assert [(m.recipient, m.epoch) for m in revokes][:1] == [("h2", 2)]
+    # h2 sent its ack (its own log says so) before it died; whether libzmq got it onto the
+    # wire before the SIGKILL is a race the protocol does not depend on: the lease decides.
+    sent = [m for m in t.messages("h2") if m.dir == "out" and m.type == "token.ack"]
+    assert [m.epoch for m in sent] == [2]
     acks = [m for m in t.messages() if m.type == "token.ack" and m.sender == "h2"]
-    assert [m.epoch for m in acks] == [2]
+    assert [m.epoch for m in acks] in ([2], [])
     # Its retry found no holder; the chunk is reported skipped, never trained.
     assert [h["outcome"] for h in h2] == ["revoked", "revoked"]
     assert "grant not delivered" in h2[1]["detail"] and "not connected" in h2[1]["detail"]
