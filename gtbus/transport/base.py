@@ -35,9 +35,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal, Protocol, TypeVar, runtime_checkable
+
+_T = TypeVar("_T", bound="AsyncStartClose")
 
 __all__ = [
+    "AsyncStartClose",
     "Channel",
     "ClientTransport",
     "Delivery",
@@ -190,3 +193,20 @@ class ClientTransport(Protocol):
     async def close(self) -> None:
         """Disconnect and release resources. Idempotent."""
         ...
+
+
+class AsyncStartClose:
+    """``async with transport:`` starts it and closes it, for every implementation."""
+
+    async def start(self) -> None:  # pragma: no cover - every transport defines it
+        raise NotImplementedError
+
+    async def close(self) -> None:  # pragma: no cover - every transport defines it
+        raise NotImplementedError
+
+    async def __aenter__(self: _T) -> _T:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()

@@ -38,6 +38,7 @@ from typing import Literal
 
 from gtbus.errors import ConfigError, PeerUnreachable, TransportError
 from gtbus.transport.base import (
+    AsyncStartClose,
     Delivery,
     FrameSeq,
     SubscribeHook,
@@ -165,7 +166,7 @@ class MemoryNetwork:
             server._subscription(Subscription(client.name, topic, subscribed))
 
 
-class MemoryServer:
+class MemoryServer(AsyncStartClose):
     """Server side of a :class:`MemoryNetwork`; create it with ``network.server(name)``."""
 
     def __init__(self, net: MemoryNetwork, name: str, on_subscribe: SubscribeHook | None) -> None:
@@ -204,13 +205,6 @@ class MemoryServer:
             return
         self.closed = True
         self._inbox.put_nowait(_CLOSED)
-
-    async def __aenter__(self) -> MemoryServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _check(self, what: str) -> None:
         if self.closed:
@@ -272,7 +266,7 @@ class MemoryServer:
             loop.call_soon(hook, sub)
 
 
-class MemoryClient:
+class MemoryClient(AsyncStartClose):
     """Client side of a :class:`MemoryNetwork`; create it with ``network.client(name)``."""
 
     def __init__(self, net: MemoryNetwork, name: str, server_name: str, topics: tuple[bytes, ...]) -> None:
@@ -306,13 +300,6 @@ class MemoryClient:
         self._net._announce(self, subscribed=False)
         self.closed = True
         self._inbox.put_nowait(_CLOSED)
-
-    async def __aenter__(self) -> MemoryClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
 
     def _check(self, what: str) -> None:
         if self.closed:

@@ -65,6 +65,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from gtbus.errors import ConfigError, PeerUnreachable, TransportError
 from gtbus.transport.base import (
+    AsyncStartClose,
     Channel,
     Delivery,
     FrameSeq,
@@ -494,7 +495,32 @@ async def _send_nowait(sock: zmq.asyncio.Socket, msg: Sequence[Any]) -> None:
 # ------------------------------------------------------------------------ server
 
 
-class ZmqServer:
+class _ZmqEndpoint(AsyncStartClose):
+    """What ZmqServer and ZmqClient share: their sockets and the context they end."""
+
+    _ctx: zmq.asyncio.Context | None
+    _given_ctx: zmq.asyncio.Context | None
+    _sockets: list[Any]
+    _finalizer: Any
+
+    def _socket(self, kind: int) -> zmq.asyncio.Socket:
+        assert self._ctx is not None
+        sock = self._ctx.socket(kind)
+        self._sockets.append(sock)
+        return sock
+
+    async def _release_context(self) -> None:
+        # Terminate only a context we made (a given one is shared), off the event loop:
+        # term blocks until every socket is closed.
+        ctx, self._ctx = self._ctx, None
+        if ctx is not None and ctx is not self._given_ctx:
+            await asyncio.to_thread(ctx.term)
+        if self._finalizer is not None:
+            self._finalizer.detach()
+        self._sockets.clear()
+
+
+class ZmqServer(_ZmqEndpoint):
     """The orchestrator's transport: ROUTER for direct messages, XPUB for events.
 
     ``curve`` is the server key pair; ``allowed`` maps each admitted client's raw
@@ -647,25 +673,7 @@ class ZmqServer:
         self._tasks.clear()
         if self._zap is not None:
             self._zap.close(linger=0)
-        ctx, self._ctx = self._ctx, None
-        if ctx is not None and ctx is not self._given_ctx:
-            await asyncio.to_thread(ctx.term)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._sockets.clear()
-
-    async def __aenter__(self) -> ZmqServer:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        assert self._ctx is not None
-        sock = self._ctx.socket(kind)
-        self._sockets.append(sock)
-        return sock
+        await self._release_context()
 
     # -- ZAP (RFC 27)
 
@@ -871,7 +879,7 @@ _MONITOR_EVENTS = (
 )
 
 
-class ZmqClient:
+class ZmqClient(_ZmqEndpoint):
     """A node's transport towards the server: DEALER for direct messages, SUB for events.
 
     ``curve`` holds the client key pair and the pinned server public key;
@@ -1036,25 +1044,7 @@ class ZmqClient:
         for sock in (self._dealer, self._sub):
             if sock is not None:
                 sock.close(linger=self._tuning.linger_ms)
-        ctx, self._ctx = self._ctx, None
-        if ctx is not None and ctx is not self._given_ctx:
-            await asyncio.to_thread(ctx.term)
-        if self._finalizer is not None:
-            self._finalizer.detach()
-        self._sockets.clear()
-
-    async def __aenter__(self) -> ZmqClient:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
-
-    def _socket(self, kind: int) -> zmq.asyncio.Socket:
-        assert self._ctx is not None
-        sock = self._ctx.socket(kind)
-        self._sockets.append(sock)
-        return sock
+        await self._release_context()
 
     def _live(self, what: str) -> tuple[_Pipe, _Pipe]:
         if self._closed:
