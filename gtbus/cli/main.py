@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -24,6 +25,24 @@ class GtbusGroup(click.Group):
             return super().invoke(ctx)
         except GtbusError as exc:
             raise click.ClickException(str(exc)) from None
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Run the command; a bad option or argument is one ``Error:`` line too, not a usage page."""
+        if kwargs.get("standalone_mode", True) is False:
+            return super().main(*args, **kwargs)
+        try:
+            rv = super().main(*args, standalone_mode=False, **kwargs)
+        except click.UsageError as exc:
+            cmd = exc.ctx.command_path if exc.ctx is not None else "gtbus"
+            click.echo(f"Error: {exc.format_message()} (see `{cmd} --help`)", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except (click.Abort, KeyboardInterrupt):
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
 @click.group(cls=GtbusGroup)
