@@ -6,14 +6,16 @@ schedules (trio's ``trio.testing`` is the model).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable, Coroutine, TypeVar
 
 from gtbus.messages.identity import NodeIdentity, Role, Roster, write_identity
 from gtbus.transport.memory import MemoryNetwork
 
-__all__ = ["FakeClock", "MemoryNetwork", "Deployment", "make_deployment"]
+__all__ = ["FakeClock", "MemoryNetwork", "Deployment", "make_deployment", "run_async", "eventually"]
 
 
 class FakeClock:
@@ -77,3 +79,25 @@ def make_deployment(key_dir: str | os.PathLike[str], holders: int = 3, *, orches
         write_identity(a, d, overwrite=True)
         ags.append(a)
     return Deployment(d, orch, hs, obs, ags)
+
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
+    """Run one test coroutine on a fresh event loop, failing it after ``timeout`` seconds."""
+
+    async def bounded() -> T:
+        return await asyncio.wait_for(coro, timeout)
+
+    return asyncio.run(bounded())
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition", interval: float = 0.005) -> None:
+    """Poll ``check`` until it is true; AssertionError naming ``what`` after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(interval)

@@ -32,30 +32,13 @@ from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.wiring import client_transport, server_transport
 from gtbus.recording import LogRecord, read_log
 from gtbus.testing import Deployment, make_deployment
+from gtbus.testing import eventually
+from gtbus.testing import run_async as run  # noqa: F401  (re-exported for the bus tests)
 from gtbus.transport.base import Delivery
 
 T = TypeVar("T")
 
 EPHEMERAL = "tcp://127.0.0.1:*"
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
-    """Run one test coroutine on a fresh loop, failing it after ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``check`` until it is true; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def craft(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from nacl.public import PrivateKey
 
+from gtbus.testing import eventually, run_async
 from gtbus.transport import CurveClientConfig, CurveServerConfig
 
 T = TypeVar("T")
@@ -32,25 +33,6 @@ class Deployment:
         return CurveClientConfig.from_secret(bytes(sk), bytes(self.server.public_key))
 
 
-def run(coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
-    """Run one test coroutine on a fresh loop, failing it after ``timeout`` seconds."""
-
-    async def bounded() -> T:
-        return await asyncio.wait_for(coro, timeout)
-
-    return asyncio.run(bounded())
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
-    """Poll ``check`` until true; fail after ``timeout``."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def nothing_arrives(recv: Callable[[], Awaitable[Any]], within: float = 0.3) -> None:
     """Assert that ``recv`` yields nothing for ``within`` seconds."""
     try:
@@ -58,3 +40,11 @@ async def nothing_arrives(recv: Callable[[], Awaitable[Any]], within: float = 0.
     except TimeoutError:
         return
     raise AssertionError(f"unexpected delivery {got!r}")
+
+
+def run(coro, timeout: float = 10.0):  # type: ignore[no-untyped-def]
+    """Transport tests are bounded at 10 s each."""
+    return run_async(coro, timeout)
+
+
+__all__ = ["Deployment", "eventually", "nothing_arrives", "run"]
