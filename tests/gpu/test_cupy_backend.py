@@ -13,12 +13,9 @@ import textwrap
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
-        pytest.skip("no CUDA device", allow_module_level=True)
-except cupy.cuda.runtime.CUDARuntimeError:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
+from cuda_guard import cupy_or_skip
+
+cupy = cupy_or_skip()
 
 from gtbus.errors import ChannelError, DeviceError  # noqa: E402
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, SegmentSealer, segment_count, staging_size  # noqa: E402

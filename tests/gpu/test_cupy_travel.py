@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() < 1:  # pragma: no cover
-        pytest.skip("no CUDA device", allow_module_level=True)
-except cupy.cuda.runtime.CUDARuntimeError:  # pragma: no cover
-    pytest.skip("no CUDA device", allow_module_level=True)
+from cuda_guard import cupy_or_skip
+
+cupy = cupy_or_skip()
 
 from gtbus.nodes.launcher import LocalDeployment, LocalRun  # noqa: E402
 
