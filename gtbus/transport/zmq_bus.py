@@ -503,6 +503,32 @@ class _ZmqEndpoint(AsyncStartClose):
     _sockets: list[Any]
     _finalizer: Any
 
+    _role: str  # "server" or "client", for messages
+    _name: str
+    _closed: bool
+
+    def _running(self) -> bool:
+        raise NotImplementedError
+
+    def _start_sockets(self) -> None:
+        raise NotImplementedError
+
+    async def _teardown(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Open the context and the sockets (server: ZAP handler first, then bind; client: connect)."""
+        if self._closed:
+            raise TransportError(f"{self._role} {self._name!r} is closed")
+        if self._running():
+            return
+        self._ctx, self._finalizer = _open_context(self._given_ctx, self, self._sockets)
+        try:
+            self._start_sockets()
+        except BaseException:
+            await self._teardown()
+            raise
+
     def _socket(self, kind: int) -> zmq.asyncio.Socket:
         assert self._ctx is not None
         sock = self._ctx.socket(kind)
@@ -530,6 +556,8 @@ class ZmqServer(_ZmqEndpoint):
     inproc:// endpoints be shared with clients; a CURVE server needs a context
     of its own (one ZAP handler per context), which it creates when none is given.
     """
+
+    _role = "server"
 
     def __init__(
         self,
@@ -599,18 +627,8 @@ class ZmqServer(_ZmqEndpoint):
 
     # -- lifecycle
 
-    async def start(self) -> None:
-        """Start the ZAP handler, then bind ROUTER and XPUB (in that order: no unauthenticated window)."""
-        if self._closed:
-            raise TransportError(f"server {self._name!r} is closed")
-        if self._router is not None:
-            return
-        self._ctx, self._finalizer = _open_context(self._given_ctx, self, self._sockets)
-        try:
-            self._start_sockets()
-        except BaseException:
-            await self._teardown()
-            raise
+    def _running(self) -> bool:
+        return self._router is not None
 
     def _start_sockets(self) -> None:
         assert self._ctx is not None
@@ -889,6 +907,8 @@ class ZmqClient(_ZmqEndpoint):
     prefixes to subscribe to (all by default).
     """
 
+    _role = "client"
+
     def __init__(
         self,
         name: str,
@@ -955,18 +975,8 @@ class ZmqClient(_ZmqEndpoint):
                 + (" (server refused our CURVE key)" if self.stats.handshake_failures else "")
             ) from None
 
-    async def start(self) -> None:
-        """Connect DEALER and SUB; libzmq reconnects on its own afterwards."""
-        if self._closed:
-            raise TransportError(f"client {self._name!r} is closed")
-        if self._dealer is not None:
-            return
-        self._ctx, self._finalizer = _open_context(self._given_ctx, self, self._sockets)
-        try:
-            self._start_sockets()
-        except BaseException:
-            await self._teardown()
-            raise
+    def _running(self) -> bool:
+        return self._dealer is not None
 
     def _start_sockets(self) -> None:
         assert self._ctx is not None
