@@ -92,6 +92,21 @@ class NodeRuntime:
 
     # -- sending ---------------------------------------------------------------------------
 
+    def _recipient(self, to: str | None) -> str:
+        recipient = to if to is not None else self.server
+        if recipient is None:
+            raise ValueError("a server node must name the recipient")
+        return recipient
+
+    async def _transmit(self, header: Header, frames: list[bytes | memoryview], has_blobs: bool) -> None:
+        # Recorded before it leaves: a crash loses at most this record, never a sent message's.
+        self.recorder.record("out", frames, "sent", peer=header.recipient, channel="direct",
+                             blobs_digest=self.signer.last_blob_digest if has_blobs else None)
+        if self.is_server:
+            await self.transport.send(header.recipient, frames)  # type: ignore[call-arg]
+        else:
+            await self.transport.send(frames)  # type: ignore[call-arg]
+
     async def send(
         self,
         msg: object,
@@ -102,15 +117,8 @@ class NodeRuntime:
         blobs: Sequence[bytes | memoryview] = (),
     ) -> Header:
         """Sign, record and send a direct message (clients always send to the server)."""
-        recipient = to if to is not None else self.server
-        if recipient is None:
-            raise ValueError("a server node must name the recipient")
-        header, frames = self.signer.sign(msg, recipient, epoch=epoch, parent=parent, blobs=blobs)
-        self.recorder.record("out", frames, "sent", peer=recipient, channel="direct", blobs_digest=self.signer.last_blob_digest if blobs else None)
-        if self.is_server:
-            await self.transport.send(recipient, frames)  # type: ignore[call-arg]
-        else:
-            await self.transport.send(frames)  # type: ignore[call-arg]
+        header, frames = self.signer.sign(msg, self._recipient(to), epoch=epoch, parent=parent, blobs=blobs)
+        await self._transmit(header, frames, bool(blobs))
         return header
 
     async def publish(self, msg: object, *, epoch: int = 0) -> Header:
@@ -126,14 +134,10 @@ class NodeRuntime:
         """Send ``msg`` and wait for the message whose parent is its id."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Accepted] = loop.create_future()
-        header, frames = self.signer.sign(msg, to if to is not None else self.server or "", epoch=epoch)
-        self._pending[header.id] = fut
+        header, frames = self.signer.sign(msg, self._recipient(to), epoch=epoch)
+        self._pending[header.id] = fut  # before sending: the reply may come back at once
         try:
-            self.recorder.record("out", frames, "sent", peer=header.recipient, channel="direct")
-            if self.is_server:
-                await self.transport.send(header.recipient, frames)  # type: ignore[call-arg]
-            else:
-                await self.transport.send(frames)  # type: ignore[call-arg]
+            await self._transmit(header, frames, False)
             # A timer on the future instead of asyncio.wait_for: no extra task per request.
             timer = loop.call_later(timeout, lambda: fut.done() or fut.set_exception(asyncio.TimeoutError()))
             try:
