@@ -39,6 +39,22 @@ class Accepted:
     blob_digest: bytes = b""  # what the signature covered for the blobs (the recorder stores it)
 
 
+def declared_sender(h: Header, roster: Roster) -> MessageSpec:
+    """Steps 3 of the receive order: the type is declared, the sender known, its role allowed to send it.
+
+    Shared with offline log verification, so a log is judged by the same rules as the wire.
+    """
+    spec = REGISTRY.get(h.type)
+    if spec is None:
+        raise RejectedMessage("unknown-type", f"type {h.type[:40]!r} is not declared")
+    member = roster.get(h.sender)
+    if member is None:
+        raise RejectedMessage("unknown-sender", f"sender {h.sender[:40]!r} is not in the deployment")
+    if member.role not in spec.senders:
+        raise RejectedMessage("wrong-role", f"a {member.role.value} ({h.sender}) may not send {spec.name}")
+    return spec
+
+
 class ReceivePipeline:
     """Checks incoming frames for one node, in the order the module docstring gives."""
 
@@ -64,15 +80,8 @@ class ReceivePipeline:
     def _accept(self, frames: Sequence[bytes], authenticated_as: str | None) -> Accepted:
         env = split(frames, self.limits)
         h = env.header
-        spec = REGISTRY.get(h.type)
-        if spec is None:
-            raise RejectedMessage("unknown-type", f"type {h.type[:40]!r} is not declared")
+        spec = declared_sender(h, self.roster)
         sender = h.sender
-        member = self.roster.get(sender)
-        if member is None:
-            raise RejectedMessage("unknown-sender", f"sender {sender[:40]!r} is not in the deployment")
-        if member.role not in spec.senders:
-            raise RejectedMessage("wrong-role", f"a {member.role.value} ({sender}) may not send {spec.name}")
         if authenticated_as is not None and authenticated_as != sender:
             raise RejectedMessage(
                 "wrong-peer", f"signed as {sender} but the connection belongs to {authenticated_as}"

@@ -16,7 +16,7 @@ from gtbus.errors import RejectedMessage
 from gtbus.messages.envelope import Header, Limits, blob_digest, signing_input_digest, split
 from gtbus.messages.identity import Roster
 from gtbus.messages.primitives import Ed25519Verifier
-from gtbus.messages.registry import REGISTRY
+from gtbus.messages.pipeline import declared_sender
 from gtbus.recording import LogRecord, read_log, roster_of
 
 # Logs hold what the node accepted under its own limits; verification only needs sanity bounds.
@@ -68,14 +68,8 @@ def verify_record_signature(rec: LogRecord, roster: Roster) -> Header:
         raise RejectedMessage("malformed", f"{len(frames)} signed frames recorded, expected 4")
     env = split(frames, _LOG_LIMITS)
     h = env.header
-    spec = REGISTRY.get(h.type)
-    if spec is None:
-        raise RejectedMessage("unknown-type", f"type {h.type!r}")
-    member = roster.get(h.sender)
-    if member is None:
-        raise RejectedMessage("unknown-sender", f"sender {h.sender!r} not in the roster")
-    if member.role not in spec.senders:
-        raise RejectedMessage("wrong-role", f"a {member.role.value} may not send {spec.name}")
+    declared_sender(h, roster)
+    member = roster[h.sender]
     digest = rec.data.get("blob_digest")
     if digest is None:
         digest = blob_digest(())
