@@ -166,13 +166,14 @@ class MemoryNetwork:
             server._subscription(Subscription(client.name, topic, subscribed))
 
 
-class MemoryServer(AsyncStartClose):
-    """Server side of a :class:`MemoryNetwork`; create it with ``network.server(name)``."""
+class _MemoryEndpoint(AsyncStartClose):
+    """What both ends of a :class:`MemoryNetwork` share: name, inbox, state, counters."""
 
-    def __init__(self, net: MemoryNetwork, name: str, on_subscribe: SubscribeHook | None) -> None:
+    _role = "endpoint"
+
+    def __init__(self, net: MemoryNetwork, name: str) -> None:
         self._net = net
         self._name = name
-        self._on_subscribe = on_subscribe
         self._inbox: asyncio.Queue[Delivery | _Closed] = asyncio.Queue()
         self.started = False
         self.closed = False
@@ -182,6 +183,32 @@ class MemoryServer(AsyncStartClose):
     def name(self) -> str:
         """This node's name."""
         return self._name
+
+    def _check(self, what: str) -> None:
+        if self.closed:
+            raise TransportError(f"{what}: transport is closed")
+        if not self.started:
+            raise TransportError(f"{what}: {self._role} {self._name!r} is not started")
+
+    async def recv(self) -> Delivery:
+        """Wait for the next message delivered to this end."""
+        self._check("recv")
+        item = await self._inbox.get()
+        if isinstance(item, _Closed):
+            self._inbox.put_nowait(item)  # wake other waiters too
+            raise TransportError("recv: transport is closed")
+        self.stats.received += 1
+        return item
+
+
+class MemoryServer(_MemoryEndpoint):
+    """Server side of a :class:`MemoryNetwork`; create it with ``network.server(name)``."""
+
+    _role = "server"
+
+    def __init__(self, net: MemoryNetwork, name: str, on_subscribe: SubscribeHook | None) -> None:
+        super().__init__(net, name)
+        self._on_subscribe = on_subscribe
 
     @property
     def endpoints(self) -> tuple[str, str]:
@@ -205,22 +232,6 @@ class MemoryServer(AsyncStartClose):
             return
         self.closed = True
         self._inbox.put_nowait(_CLOSED)
-
-    def _check(self, what: str) -> None:
-        if self.closed:
-            raise TransportError(f"{what}: transport is closed")
-        if not self.started:
-            raise TransportError(f"{what}: server {self._name!r} is not started")
-
-    async def recv(self) -> Delivery:
-        """Wait for the next direct message from any client."""
-        self._check("recv")
-        item = await self._inbox.get()
-        if isinstance(item, _Closed):
-            self._inbox.put_nowait(item)  # wake other waiters too
-            raise TransportError("recv: transport is closed")
-        self.stats.received += 1
-        return item
 
     async def send(self, peer: str, frames: FrameSeq) -> None:
         """Send to client ``peer``; PeerUnreachable unless it is started and attached here."""
@@ -266,23 +277,15 @@ class MemoryServer(AsyncStartClose):
             loop.call_soon(hook, sub)
 
 
-class MemoryClient(AsyncStartClose):
+class MemoryClient(_MemoryEndpoint):
     """Client side of a :class:`MemoryNetwork`; create it with ``network.client(name)``."""
 
+    _role = "client"
+
     def __init__(self, net: MemoryNetwork, name: str, server_name: str, topics: tuple[bytes, ...]) -> None:
-        self._net = net
-        self._name = name
+        super().__init__(net, name)
         self.server_name = server_name
         self.topics = topics
-        self._inbox: asyncio.Queue[Delivery | _Closed] = asyncio.Queue()
-        self.started = False
-        self.closed = False
-        self.stats = TransportStats()
-
-    @property
-    def name(self) -> str:
-        """This node's name."""
-        return self._name
 
     async def start(self) -> None:
         """Attach to the server (announcing subscriptions if it is up)."""
@@ -301,12 +304,6 @@ class MemoryClient(AsyncStartClose):
         self.closed = True
         self._inbox.put_nowait(_CLOSED)
 
-    def _check(self, what: str) -> None:
-        if self.closed:
-            raise TransportError(f"{what}: transport is closed")
-        if not self.started:
-            raise TransportError(f"{what}: client {self._name!r} is not started")
-
     async def send(self, frames: FrameSeq) -> None:
         """Send to the server; held in its inbox until it starts, lost if it is closed or gone."""
         self._check("send")
@@ -319,16 +316,6 @@ class MemoryClient(AsyncStartClose):
             self._net._count_drop("no-server")
             return
         server._deliver(Delivery("direct", carried, self._name, self._name))
-
-    async def recv(self) -> Delivery:
-        """Wait for the next direct reply or event."""
-        self._check("recv")
-        item = await self._inbox.get()
-        if isinstance(item, _Closed):
-            self._inbox.put_nowait(item)
-            raise TransportError("recv: transport is closed")
-        self.stats.received += 1
-        return item
 
     def _deliver(self, delivery: Delivery) -> None:
         if not self.closed:
