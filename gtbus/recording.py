@@ -18,11 +18,11 @@ header, body, signature: the signed bytes) and, for messages with bulk blobs,
 ``blob_digest`` and ``blob_sizes`` in place of the blobs. The signature covers
 the blob digest, not the blobs, so a log without gigabytes of ciphertext still
 verifies offline. A *rejected* message is not expected to verify, and a peer
-chooses its size: each of its frames is kept up to ``REJECTED_FRAME_KEEP``
-bytes, and ``clipped`` then holds the frames' real sizes. (Kept whole, one
-refused frame near the transport's 65 MiB limit made a record over
-``MAX_RECORD``: the log no longer read back, and a restarted node truncated it
-there, dropping every later record.) Sealed channel parameters are part of the
+chooses its size and rate: it is kept as ``digest`` (see :func:`refused_digest`),
+``sizes`` (each frame's length) and the reason in ``verdict``, with ``frames``
+empty. (Kept whole, a junk flood from one key grew a log by ~50 MiB in 2 s,
+and one refused frame near the transport's limit made a record over
+``MAX_RECORD`` that no longer read back.) Sealed channel parameters are part of the
 signed body and are recorded sealed, never opened.
 
 Writing: each record is one ``os.write`` on an ``O_APPEND`` descriptor, made
@@ -55,8 +55,6 @@ LOG_MAGIC = b"GTLOG1\n"
 LOG_SUFFIX = ".gtlog"
 _LEN = struct.Struct(">I")
 MAX_RECORD = 64 << 20
-#: bytes kept of each frame of a rejected message (see the module docstring)
-REJECTED_FRAME_KEEP = 64 << 10
 CHAIN = 16
 _CHAIN0 = bytes(CHAIN)
 _LEN_PACK = _LEN.pack
@@ -84,6 +82,15 @@ class LogRecord:
     def frames(self) -> list[bytes]:
         """The signed frames (magic, header, body, signature)."""
         return list(self.data.get("frames", []))
+
+
+def refused_digest(frames: Sequence[bytes | memoryview]) -> bytes:
+    """BLAKE3 over the length-prefixed frames of a refused message (what its log record keeps)."""
+    h = _blake3()
+    for f in frames:
+        h.update(_LEN_PACK(memoryview(f).nbytes))
+        h.update(f)
+    return h.digest()
 
 
 class Recorder:
@@ -137,11 +144,10 @@ class Recorder:
         blobs_digest: bytes | None = None,
     ) -> None:
         """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
+        if verdict.startswith("rejected"):
+            self.record_refused(frames, verdict, peer=peer, channel=channel)
+            return
         signed = [f if type(f) is bytes else bytes(f) for f in frames[:4]]
-        clipped = None
-        if verdict.startswith("rejected") and any(len(f) > REJECTED_FRAME_KEEP for f in signed):
-            clipped = [len(f) for f in signed]
-            signed = [f[:REJECTED_FRAME_KEEP] for f in signed]
         rec: dict[str, Any] = {
             "kind": "msg",
             "dir": direction,
@@ -151,13 +157,39 @@ class Recorder:
             "ch": channel,
             "frames": signed,
         }
-        if clipped is not None:
-            rec["clipped"] = clipped
         if len(frames) > 4:
             blobs = frames[4:]
             rec["blob_digest"] = blobs_digest if blobs_digest is not None else blob_digest(blobs)
             rec["blob_sizes"] = [memoryview(b).nbytes for b in blobs]
         self._write(rec)
+
+    def record_refused(
+        self,
+        frames: Sequence[bytes | memoryview],
+        verdict: str,
+        *,
+        peer: str | None = None,
+        channel: str = "direct",
+    ) -> None:
+        """Append a refused inbound message as its digest, frame sizes and reason only.
+
+        A refused message was not judged authentic and its sender chose its size:
+        keeping it whole lets one peer grow every log at the rate it can send.
+        The digest still ties the record to a capture of the same bytes.
+        """
+        self._write(
+            {
+                "kind": "msg",
+                "dir": "in",
+                "t": time.time(),
+                "verdict": verdict if verdict.startswith("rejected") else f"rejected:{verdict}",
+                "peer": peer,
+                "ch": channel,
+                "frames": [],
+                "digest": refused_digest(frames),
+                "sizes": [memoryview(f).nbytes for f in frames],
+            }
+        )
 
     def close(self) -> None:
         """Close the log."""

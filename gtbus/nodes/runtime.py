@@ -154,7 +154,7 @@ class NodeRuntime:
         try:
             acc = self.pipeline.accept(delivery.frames, delivery.authenticated_as)
         except RejectedMessage as exc:
-            self.recorder.record("in", delivery.frames[:4], f"rejected:{exc.reason}", peer=delivery.peer, channel=delivery.channel)
+            self.recorder.record_refused(delivery.frames, f"rejected:{exc.reason}", peer=delivery.peer, channel=delivery.channel)
             key = (exc.reason, delivery.peer or "?")
             if key not in self._logged_rejections:
                 self._logged_rejections.add(key)

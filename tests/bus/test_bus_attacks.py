@@ -20,7 +20,7 @@ from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import Echo, ShipSegment, TokenReturn
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.wiring import client_transport
-from gtbus.recording import REJECTED_FRAME_KEEP
+from gtbus.recording import refused_digest
 from gtbus.replay.verify import verify_log
 from gtbus.testing import FakeClock
 from gtbus.transport.zmq_bus import DEFAULT_MAX_FRAME_BYTES
@@ -40,9 +40,11 @@ async def refused(
     assert last.data["verdict"] == f"rejected:{reason}"
     assert last.data["dir"] == "in"
     assert last.data["peer"] == via
-    sent = [bytes(f) for f in frames[:4]]
-    assert last.frames == [f[:REJECTED_FRAME_KEEP] for f in sent]
-    assert last.data.get("clipped") == ([len(f) for f in sent] if any(len(f) > REJECTED_FRAME_KEEP for f in sent) else None)
+    # Refused messages are kept as digest, sizes and reason: never whole (a peer picks their size).
+    sent = [bytes(f) for f in frames]
+    assert last.frames == []
+    assert last.data["sizes"] == [len(f) for f in sent]
+    assert last.data["digest"] == refused_digest(sent)
     if not marks_move:
         assert guard.marks() == marks
     assert guard.fence == fence
@@ -197,7 +199,7 @@ def test_bit_flip_in_every_frame(tmp_path: Path) -> None:
                     verdict = await bus.inject(bad)
                     assert verdict.startswith("rejected:"), (i, pos, verdict)
                     reasons[i].add(verdict.removeprefix("rejected:"))
-                    assert msg_records(bus.orch_log)[-1].frames == bad[:4]
+                    assert msg_records(bus.orch_log)[-1].data["digest"] == refused_digest(bad)
             assert reasons[0] == {"bad-magic"}
             assert "bad-signature" in reasons[1]
             assert reasons[1] <= {"bad-signature", "bad-msgpack", "bad-header", "bad-version", "unknown-type", "unknown-sender", "wrong-role", "wrong-peer", "decode-bomb"}
