@@ -19,8 +19,8 @@ header, body, signature: the signed bytes) and, for messages with bulk blobs,
 the blob digest, not the blobs, so a log without gigabytes of ciphertext still
 verifies offline. A *rejected* message is not expected to verify, and a peer
 chooses its size and rate: it is kept as ``digest`` (see :func:`refused_digest`),
-``sizes`` (each frame's length) and the reason in ``verdict``, with ``frames``
-empty. (Kept whole, a junk flood from one key grew a log by ~50 MiB in 2 s,
+``sizes`` (each frame's length) and the reason in ``verdict``; ``frames`` keeps
+only magic and header, each cut at 1 KiB, so replay can still say what it claimed. (Kept whole, a junk flood from one key grew a log by ~50 MiB in 2 s,
 and one refused frame near the transport's limit made a record over
 ``MAX_RECORD`` that no longer read back.) Sealed channel parameters are part of the
 signed body and are recorded sealed, never opened.
@@ -56,6 +56,8 @@ LOG_SUFFIX = ".gtlog"
 _LEN = struct.Struct(">I")
 MAX_RECORD = 64 << 20
 CHAIN = 16
+# Bytes kept of a refused message's magic and header frames (the header limit, Limits.max_header).
+_REFUSED_KEEP = 1024
 _CHAIN0 = bytes(CHAIN)
 _LEN_PACK = _LEN.pack
 _blake3 = blake3.blake3
@@ -185,7 +187,10 @@ class Recorder:
                 "verdict": verdict if verdict.startswith("rejected") else f"rejected:{verdict}",
                 "peer": peer,
                 "ch": channel,
-                "frames": [],
+                # The first two frames (magic, header) are at most a few hundred bytes
+                # (the pipeline refuses headers over Limits.max_header): enough to show
+                # who claimed to send what, without storing what the peer sized.
+                "frames": [bytes(f[:_REFUSED_KEEP]) for f in frames[:2]],
                 "digest": refused_digest(frames),
                 "sizes": [memoryview(f).nbytes for f in frames],
             }

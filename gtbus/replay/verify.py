@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtbus.errors import RejectedMessage
-from gtbus.messages.envelope import Header, Limits, blob_digest, signing_input_digest, split
+from gtbus.messages.envelope import Header, Limits, blob_digest, parse_header, signing_input_digest, split
 from gtbus.messages.identity import Roster
 from gtbus.messages.primitives import Ed25519Verifier
 from gtbus.messages.pipeline import declared_sender
@@ -56,7 +56,10 @@ def signed_frames(rec: LogRecord) -> list[bytes]:
 def header_of(rec: LogRecord) -> Header | None:
     """A record's parsed header, or None when the recorded frames are damaged."""
     try:
-        return split(signed_frames(rec), _LOG_LIMITS).header
+        frames = signed_frames(rec)
+        if len(frames) == 2:  # a refused message: only magic and header were kept
+            return parse_header(frames[1], _LOG_LIMITS)
+        return split(frames, _LOG_LIMITS).header
     except RejectedMessage:
         return None
 

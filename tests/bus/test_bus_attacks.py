@@ -42,7 +42,7 @@ async def refused(
     assert last.data["peer"] == via
     # Refused messages are kept as digest, sizes and reason: never whole (a peer picks their size).
     sent = [bytes(f) for f in frames]
-    assert last.frames == []
+    assert last.frames == [f[:1024] for f in sent[:2]]
     assert last.data["sizes"] == [len(f) for f in sent]
     assert last.data["digest"] == refused_digest(sent)
     if not marks_move:
