@@ -6,17 +6,28 @@ Rules:
   go over every chunk of every holder once: round-robin over holders, chunk by
   chunk (h1 c0, h2 c0, h3 c0, h1 c1, ...).
 * A chunk is trained at most once per round. A hop that failed (lease expired,
-  holder gone, segments did not authenticate, model tampered) puts its chunk
-  back at the end of the round, up to ``max_attempts`` tries; after that the
-  chunk is skipped for this round and reported.
-* The whole state is plain data (:meth:`Schedule.to_state`), saved in every
-  checkpoint, so a resumed orchestrator continues where it stopped.
+  segments did not authenticate, model tampered) puts its chunk back at the
+  end of the round, up to ``max_attempts`` tries; after that the chunk is
+  skipped for this round and reported.
+* A hop that never reached its holder (not connected: killed, partitioned,
+  paused past its heartbeats) is *deferred*: its chunk goes to the end of the
+  round without using up an attempt, so a brief outage loses nothing.
+* A holder the caller says is unavailable (backing off after an undelivered
+  grant) is passed over: its chunks wait at the end of the round, and the
+  others go on. When only unavailable holders have work left, :meth:`next`
+  returns None while :attr:`finished` is still False: the caller waits.
+* The state never grows with a holder's chunk count: the round's order is
+  implied (a cursor over holders x chunks), and only chunks put back by a
+  failure or deferral are listed (:meth:`Schedule.to_state`, saved in every
+  checkpoint, so a resumed orchestrator continues where it stopped).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+_ALWAYS: Callable[[str], bool] = lambda holder: True  # noqa: E731
 
 
 @dataclass(frozen=True)
@@ -29,90 +40,154 @@ class Assignment:
 
 
 class Schedule:
-    """Round-robin over holders and their chunks, with retries, for ``rounds`` rounds."""
+    """Round-robin over holders and their chunks, with retries and deferrals, for ``rounds`` rounds."""
 
     def __init__(self, chunks: Mapping[str, int], rounds: int, *, max_attempts: int = 2) -> None:
         if rounds < 1:
             raise ValueError("rounds must be at least 1")
+        if max_attempts < 1:
+            raise ValueError("max_attempts must be at least 1")
+        for holder, n in chunks.items():
+            if type(n) is not int or n < 0:
+                raise ValueError(f"chunk count of {holder} must be a non-negative int, got {n!r}")
         self.chunks = dict(sorted(chunks.items()))
+        self._holders = list(self.chunks)
         self.rounds = rounds
         self.max_attempts = max_attempts
         self.round = 0
-        self.queue: list[tuple[str, int]] = self._order()
-        self.done: set[tuple[str, int]] = set()
+        # The round's order is (chunk k, holder i) for k = 0.., i over holders with
+        # more than k chunks: the cursor is the next pair not yet handed out.
+        self._k = 0
+        self._i = 0
+        self._most = max(self.chunks.values(), default=0)
+        self.requeued: list[tuple[str, int]] = []  # put back this round, in order
         self.attempts: dict[tuple[str, int], int] = {}
         self.skipped: list[tuple[int, str, int]] = []
+        self._settle_cursor()
 
-    def _order(self) -> list[tuple[str, int]]:
-        most = max(self.chunks.values(), default=0)
-        return [(h, k) for k in range(most) for h, n in self.chunks.items() if k < n]
+    # -- the implied order ------------------------------------------------------------------
 
-    def drop_holder(self, holder: str) -> None:
-        """Stop scheduling ``holder`` (it left or was removed)."""
-        self.queue = [item for item in self.queue if item[0] != holder]
+    def _settle_cursor(self) -> None:
+        # Move the cursor onto the next pair that exists (a holder with fewer chunks has none at k).
+        while self._k < self._most:
+            while self._i < len(self._holders):
+                if self._k < self.chunks[self._holders[self._i]]:
+                    return
+                self._i += 1
+            self._k += 1
+            self._i = 0
 
-    def next(self) -> Assignment | None:
-        """The next hop, or None when every round is done."""
+    def _at_cursor(self) -> tuple[str, int] | None:
+        if self._k >= self._most:
+            return None
+        return self._holders[self._i], self._k
+
+    def _advance(self) -> None:
+        self._i += 1
+        self._settle_cursor()
+
+    # -- the caller's view ------------------------------------------------------------------
+
+    @property
+    def finished(self) -> bool:
+        """True when every round is done (nothing left, no round to start)."""
+        return self._at_cursor() is None and not self.requeued and self.round + 1 >= self.rounds
+
+    def next(self, available: Callable[[str], bool] = _ALWAYS) -> Assignment | None:
+        """The next hop for a holder that is ``available``; None when none is (see :attr:`finished`).
+
+        Stable: until the hop is settled (:meth:`complete`, :meth:`fail`,
+        :meth:`defer`) the same assignment comes back, as long as its holder
+        stays available.
+        """
         while True:
-            while self.queue:
-                holder, chunk = self.queue[0]
-                if (holder, chunk) in self.done:
-                    self.queue.pop(0)
-                    continue
-                return Assignment(self.round, holder, chunk)
-            if self.round + 1 >= self.rounds:
+            head = self._at_cursor()
+            while head is not None:
+                if available(head[0]):
+                    return Assignment(self.round, *head)
+                # Passed over: it waits at the end of this round; nothing is lost.
+                self.requeued.append(head)
+                self._advance()
+                head = self._at_cursor()
+            for holder, chunk in self.requeued:
+                if available(holder):
+                    return Assignment(self.round, holder, chunk)
+            if self.requeued or self.round + 1 >= self.rounds:
                 return None
-            self.round += 1
-            self.queue = self._order()
-            self.done = set()
-            self.attempts = {}
+            self._start_round(self.round + 1)
+
+    def _start_round(self, r: int) -> None:
+        self.round = r
+        self._k = self._i = 0
+        self.requeued = []
+        self.attempts = {}
+        self._settle_cursor()
+
+    def _take(self, a: Assignment) -> tuple[str, int]:
+        if a.round != self.round:
+            raise ValueError(f"assignment of round {a.round}, schedule is in round {self.round}")
+        key = (a.holder, a.chunk)
+        if self._at_cursor() == key:
+            self._advance()
+        elif key in self.requeued:
+            self.requeued.remove(key)
+        else:
+            raise ValueError(f"{a.holder} chunk {a.chunk} is not pending in round {a.round}")
+        return key
 
     def complete(self, a: Assignment) -> None:
         """The hop trained its chunk."""
-        self._check(a)
-        key = (a.holder, a.chunk)
-        self.done.add(key)
-        if self.queue and self.queue[0] == key:
-            self.queue.pop(0)
+        self._take(a)
 
     def fail(self, a: Assignment) -> bool:
         """The hop failed; True if the chunk will be retried this round."""
-        self._check(a)
-        key = (a.holder, a.chunk)
-        if self.queue and self.queue[0] == key:
-            self.queue.pop(0)
+        key = self._take(a)
         n = self.attempts.get(key, 0) + 1
         self.attempts[key] = n
         if n < self.max_attempts:
-            self.queue.append(key)
+            self.requeued.append(key)
             return True
         self.skipped.append((a.round, a.holder, a.chunk))
         return False
 
-    def _check(self, a: Assignment) -> None:
-        if a.round != self.round:
-            raise ValueError(f"assignment of round {a.round}, schedule is in round {self.round}")
+    def defer(self, a: Assignment) -> None:
+        """The hop never reached its holder: try the chunk again at the end of the round, no attempt used."""
+        self.requeued.append(self._take(a))
+
+    def pending_holders(self) -> list[str]:
+        """Holders with work left in this round (sorted), for naming who a run is waiting for."""
+        left = {h for h, _ in self.requeued}
+        head = self._at_cursor()
+        if head is not None:
+            left.update(h for h, n in self.chunks.items() if n > self._k)
+        return sorted(left)
 
     def to_state(self) -> dict[str, Any]:
-        """Plain data for a checkpoint."""
+        """Plain data for a checkpoint (its size depends on failures, not on chunk counts)."""
         return {
             "chunks": self.chunks,
             "rounds": self.rounds,
             "max_attempts": self.max_attempts,
             "round": self.round,
-            "queue": [list(x) for x in self.queue],
-            "done": sorted(list(x) for x in self.done),
+            "cursor": [self._k, self._i],
+            "requeued": [list(x) for x in self.requeued],
             "attempts": [[h, c, n] for (h, c), n in self.attempts.items()],
             "skipped": [list(x) for x in self.skipped],
         }
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> "Schedule":
-        """Rebuild a schedule saved with :meth:`to_state`."""
-        s = cls(state["chunks"], state["rounds"], max_attempts=state["max_attempts"])
-        s.round = state["round"]
-        s.queue = [(h, int(c)) for h, c in state["queue"]]
-        s.done = {(h, int(c)) for h, c in state["done"]}
-        s.attempts = {(h, int(c)): int(n) for h, c, n in state["attempts"]}
-        s.skipped = [(int(r), h, int(c)) for r, h, c in state["skipped"]]
+        """Rebuild a schedule saved with :meth:`to_state` (ValueError if it is not one)."""
+        try:
+            s = cls(state["chunks"], state["rounds"], max_attempts=state["max_attempts"])
+            s.round = int(state["round"])
+            s._k, s._i = (int(x) for x in state["cursor"])
+            s.requeued = [(str(h), int(c)) for h, c in state["requeued"]]
+            s.attempts = {(str(h), int(c)): int(n) for h, c, n in state["attempts"]}
+            s.skipped = [(int(r), str(h), int(c)) for r, h, c in state["skipped"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a saved schedule: {exc!r}") from None
+        if not 0 <= s.round < s.rounds or s._k < 0 or not 0 <= s._i <= len(s._holders):
+            raise ValueError("not a saved schedule: cursor out of range")
+        s._settle_cursor()
         return s
