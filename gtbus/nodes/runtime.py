@@ -90,6 +90,18 @@ class NodeRuntime:
         """Rejections by reason."""
         return self.pipeline.rejected
 
+    def note_refused(self, reason: str, peer: str) -> None:
+        """Count (and log once per reason and peer) a message a handler refused after the pipeline accepted it.
+
+        The pipeline judges authenticity; a handler judges whether the message fits
+        the run's mode and phase. Both kinds of refusal land in :attr:`rejected`.
+        """
+        self.pipeline.rejected[reason] += 1
+        key = (reason, peer)
+        if key not in self._logged_rejections:
+            self._logged_rejections.add(key)
+            self.log.warning("refused a message from %s: %s", peer, reason)
+
     # -- sending ---------------------------------------------------------------------------
 
     def _recipient(self, to: str | None) -> str:
