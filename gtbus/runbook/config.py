@@ -51,6 +51,16 @@ replaced by the environment variable NAME when the runbook is loaded (hosts,
 addresses and folders that differ per site; ``runbooks/netns-lab.toml`` uses
 it). Every problem found while loading is reported as one line naming the
 table and key.
+
+Values are data, never code: every host command is an argv list (see
+:mod:`gtbus.runbook.hosts`), and the schema also refuses values that could only
+be mistakes or attacks. Deployment, host and node names follow the node-name
+rule (the deployment's name names its state file, so no ``../``); ``trainer``
+is one of the built-in trainers; ``python`` is an absolute or a plain relative
+path (no spaces, quotes or shell characters); ``address`` is ``local``,
+``netns:NAME`` or an ssh destination that never starts with ``-``;
+``ssh_options`` are ``-o Key=Value`` pairs (and ``-p``, ``-i``, ``-J``,
+``-F``, ``-4``, ``-6``), never a key that runs a command.
 """
 
 from __future__ import annotations
@@ -65,6 +75,7 @@ from urllib.parse import urlparse
 
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
+from gtbus.training.trainer import TRAINER_NAMES
 
 
 @dataclass(frozen=True)
@@ -163,6 +174,81 @@ def _endpoint(value: str, where: str, problems: list[str]) -> None:
         problems.append(f"{where}: port {u.port} out of range")
 
 
+def _name(value: str, where: str, problems: list[str]) -> bool:
+    """Check ``value`` against the node-name rule (the one in :func:`check_node_name`)."""
+    try:
+        check_node_name(value)
+    except ConfigError as exc:
+        problems.append(f"{where}: {exc}")
+        return False
+    return True
+
+
+# An absolute or a plain relative path: run as one argv entry, but still refused if it
+# could only be a mistake or an attack (spaces, quotes, ';', '$', a leading '-').
+_PYTHON = re.compile(r"^(?!-)[A-Za-z0-9_.+/-]+$")
+# ssh destinations ("user@host", "host", "ssh://user@host:22", "user@[::1]") and netns names: never a leading '-'.
+_SSH_DEST = re.compile(r"^(?!-)[A-Za-z0-9_.@:/%+\[\]-]+$")
+_NETNS = re.compile(r"^(?!-)[A-Za-z0-9_.-]{1,64}$")
+# ssh options a runbook may pass; an option that runs a local command belongs in ~/.ssh/config, if anywhere.
+_SSH_FLAGS = {"-4", "-6"}
+_SSH_WITH_VALUE = {"-o", "-p", "-i", "-J", "-F"}
+_SSH_COMMAND_KEYS = {"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "remotecommand"}
+
+
+def _host(name: str, t: dict[str, Any], problems: list[str]) -> Host | None:
+    """Validate one ``[hosts.NAME]`` table."""
+    where = f"[hosts.{name}]"
+    if not _name(name, where, problems):
+        return None
+    for k in sorted(set(t) - {"address", "workdir", "python", "ssh_options"}):
+        problems.append(f"{where}: unknown key {k!r}")
+    address = _str(t, "address", where, problems)
+    if address and address not in ("local", "localhost"):
+        if address.startswith("netns:"):
+            if not _NETNS.match(address[len("netns:"):]):
+                problems.append(f"{where}: address {address!r}: a netns name is 1-64 of A-Z, a-z, 0-9, '_', '.', '-', not starting with '-'")
+        elif not _SSH_DEST.match(address):
+            problems.append(f"{where}: address {address!r} must be local, netns:NAME or an ssh destination like user@server (no spaces, not starting with '-')")
+    workdir = _str(t, "workdir", where, problems, ".")
+    python = _str(t, "python", where, problems, ".venv/bin/python")
+    if python and not _PYTHON.match(python):
+        problems.append(f"{where}: python {python!r} must be an absolute or a plain relative path (A-Z, a-z, 0-9, '_', '.', '+', '-', '/'; not starting with '-')")
+    opts = t.get("ssh_options", [])
+    if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
+        problems.append(f"{where}: ssh_options must be a list of strings")
+        opts = []
+    problem = _ssh_options_problem(opts)
+    if problem:
+        problems.append(f"{where}: ssh_options: {problem}")
+    return Host(name, address, workdir, python, tuple(opts))
+
+
+def _ssh_options_problem(opts: list[str]) -> str | None:
+    """Why ``opts`` are not plain ssh options, or None."""
+    i = 0
+    while i < len(opts):
+        opt = opts[i]
+        if opt in _SSH_FLAGS:
+            i += 1
+            continue
+        flag, value = (opt[:2], opt[2:]) if opt[:2] in _SSH_WITH_VALUE and len(opt) > 2 else (opt, None)
+        if flag not in _SSH_WITH_VALUE:
+            return f"{opt!r} is not one of {', '.join(sorted(_SSH_FLAGS | _SSH_WITH_VALUE))}"
+        if value is None:
+            if i + 1 >= len(opts):
+                return f"{flag} needs a value"
+            value = opts[i + 1]
+            i += 1
+        i += 1
+        key = re.split(r"[=\s]", value.strip(), maxsplit=1)[0]
+        if flag == "-o" and key.lower() in _SSH_COMMAND_KEYS:
+            return f"-o {key} runs a command; set it in ~/.ssh/config if you must"
+        if value.startswith("-") or any(c in value for c in "\n\r\0"):
+            return f"value {value!r} of {flag} must not start with '-' or hold a line break"
+    return None
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -221,23 +307,17 @@ def load_runbook(path: str | Path) -> Runbook:
 
     hosts: dict[str, Host] = {}
     for name, t in hosts_t.items():
-        where = f"[hosts.{name}]"
         if not isinstance(t, dict):
-            problems.append(f"{where}: must be a table")
+            problems.append(f"[hosts.{name}]: must be a table")
             continue
-        opts = t.get("ssh_options", [])
-        if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
-            problems.append(f"{where}: ssh_options must be a list of strings")
-            opts = []
-        hosts[name] = Host(name, _str(t, "address", where, problems), str(t.get("workdir", ".")), str(t.get("python", ".venv/bin/python")), tuple(opts))
+        host_or_none = _host(name, t, problems)
+        if host_or_none is not None:
+            hosts[name] = host_or_none
 
     nodes: dict[str, Node] = {}
     for name, t in nodes_t.items():
         where = f"[nodes.{name}]"
-        try:
-            check_node_name(name)
-        except ConfigError as exc:
-            problems.append(f"{where}: {exc}")
+        if not _name(name, where, problems):
             continue
         if not isinstance(t, dict):
             problems.append(f"{where}: must be a table")
@@ -254,10 +334,16 @@ def load_runbook(path: str | Path) -> Runbook:
         if not isinstance(data_paths, list) or not all(isinstance(d, str) for d in data_paths):
             problems.append(f"{where}: data must be a list of paths")
             data_paths = []
+        extra_args = t.get("extra_args", [])
+        if not isinstance(extra_args, list) or not all(isinstance(a, str) for a in extra_args):
+            problems.append(f"{where}: extra_args must be a list of strings")
+            extra_args = []
+        if not isinstance(t.get("raw", False), bool):
+            problems.append(f"{where}: raw must be true or false")
         node = Node(
             name=name, role=role, host=host, key=_str(t, "key", where, problems),
             router=str(t.get("router", "")), pub=str(t.get("pub", "")), platform_key=str(t.get("platform_key", "")),
-            data=tuple(data_paths), raw=bool(t.get("raw", False)), extra_args=tuple(str(a) for a in t.get("extra_args", [])),
+            data=tuple(data_paths), raw=t.get("raw", False) is True, extra_args=tuple(extra_args),
             agent=str(t.get("agent", "")), bind_router=str(t.get("bind_router", "")), bind_pub=str(t.get("bind_pub", "")),
         )
         unknown_keys = set(t) - {"role", "host", "key", "router", "pub", "platform_key", "data", "raw", "extra_args", "agent", "bind_router", "bind_pub"}
@@ -285,13 +371,21 @@ def load_runbook(path: str | Path) -> Runbook:
         problems.append(f"[nodes]: exactly one orchestrator needed, found {len(orchs)}")
     if not any(n.role is Role.HOLDER for n in nodes.values()):
         problems.append("[nodes]: no holder")
+    name = _str(dep, "name", "[deployment]", problems) if dep else ""
+    if name:
+        _name(name, "[deployment]: name", problems)
+    trainer = dep.get("trainer", "bytelm")
+    if trainer not in TRAINER_NAMES:
+        problems.append(f"[deployment]: trainer must be one of {', '.join(TRAINER_NAMES)}, not {trainer!r}")
+    for k in sorted(set(dep) - {"name", "run_dir", "keys", "backend", "trainer"}):
+        problems.append(f"[deployment]: unknown key {k!r}")
     rb = Runbook(
         path=p,
-        name=_str(dep, "name", "[deployment]", problems) if dep else "",
+        name=name,
         run_dir=_str(dep, "run_dir", "[deployment]", problems) if dep else "",
         keys=_str(dep, "keys", "[deployment]", problems) if dep else "",
         backend=str(backend),
-        trainer=str(dep.get("trainer", "bytelm")),
+        trainer=str(trainer),
         training=training,
         pin_code=str(pins.get("code", "auto")),
         platform_pub=_str(pins, "platform_pub", "[pins]", problems) if pins else "",
@@ -299,6 +393,8 @@ def load_runbook(path: str | Path) -> Runbook:
         nodes=nodes,
         problems=problems,
     )
+    if len(problems) == 1:
+        raise ConfigError(f"{p}: {problems[0]}")
     if problems:
         raise ConfigError(f"{p}: {len(problems)} problem(s):\n" + "\n".join(f"  {x}" for x in problems))
     return rb

@@ -20,23 +20,34 @@ from urllib.parse import urlparse
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role
 from gtbus.runbook.config import Node, Runbook
-from gtbus.runbook.hosts import HostShell
+from gtbus.runbook.hosts import READABLE_MODE, UNREADABLE, HostShell
 
 
 def state_path(rb: Runbook) -> Path:
-    """Where ``up`` records what it started."""
-    return rb.path.parent / ".state" / f"{rb.name}.json"
+    """Where ``up`` records what it started (the schema keeps ``rb.name`` a plain node-style name)."""
+    folder = rb.path.parent / ".state"
+    p = folder / f"{rb.name}.json"
+    if p.parent != folder:  # the schema refuses such names; a hand-built Runbook must not escape either
+        raise ConfigError(f"deployment name {rb.name!r} would put its state file outside {folder}")
+    return p
 
 
 def read_state(rb: Runbook) -> dict[str, Any] | None:
     """The state file of a deployment that is up, or None."""
     p = state_path(rb)
     try:
-        return json.loads(p.read_text())
+        st = json.loads(p.read_text())
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{p}: unreadable state file ({exc}); remove it if nothing runs") from None
+    nodes = st.get("nodes") if isinstance(st, dict) else None
+    if not isinstance(nodes, dict) or not all(
+        isinstance(n, dict) and type(n.get("pid")) is int and n["pid"] > 1 and isinstance(n.get("role"), str) and isinstance(n.get("host"), str)
+        for n in nodes.values()
+    ):
+        raise ConfigError(f"{p}: state file does not name nodes with pid, role and host; remove it if nothing runs")
+    return st
 
 
 def shell(rb: Runbook, node: Node) -> HostShell:
@@ -79,7 +90,7 @@ def resolve_pin(rb: Runbook) -> str:
         return rb.pin_code
     orch = rb.orchestrator
     host = rb.hosts[orch.host]
-    r = shell(rb, orch).run(f"{host.python} -m gtbus measure --backend {rb.backend} --trainer {rb.trainer}", timeout=120)
+    r = shell(rb, orch).run([host.python, "-m", "gtbus", "measure", "--backend", rb.backend, "--trainer", rb.trainer], timeout=120)
     if not r.ok or len(r.out.strip()) != 64:
         raise ConfigError(f"host {host.name}: `gtbus measure` failed: {(r.err or r.out).strip()[-200:]}")
     return r.out.strip()
@@ -108,7 +119,7 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
     problems: list[str] = []
     reachable: dict[str, bool] = {}
     for name, host in rb.hosts.items():
-        r = HostShell(host).run(f"{host.python} -c 'import gtbus' && echo ok", timeout=30)
+        r = HostShell(host).run([host.python, "-c", "import gtbus"], timeout=30)
         reachable[name] = r.ok
         if not r.ok:
             problems.append(f"host {name} ({host.address}): unreachable or gtbus not importable with {host.python}: {(r.err or r.out).strip()[-160:]}")
@@ -123,14 +134,13 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
             files.append((rb.platform_pub, "pinned platform public key", False))
             files += [(d, "data file", False) for d in node.data]
         for path, what, secret in files:
-            r = sh.run(f"test -r {_q(path)} && stat -c %a {_q(path)}")
+            r = sh.sh(READABLE_MODE, path)
             if not r.ok:
                 problems.append(f"node {node.name}: {what} {path} missing or unreadable on host {node.host}")
             elif secret and r.out.strip()[-2:] != "00":
                 problems.append(f"node {node.name}: {what} {path} has mode {r.out.strip()}; must be readable by its owner only (chmod 600)")
-        names = " ".join(_q(f"{rb.keys}/{n}.pub") for n in rb.nodes)
-        r = sh.run(f"for f in {names}; do test -r \"$f\" || echo \"$f\"; done")
-        for missing in r.out.split():
+        r = sh.sh(UNREADABLE, *(f"{rb.keys}/{n}.pub" for n in rb.nodes))
+        for missing in r.out.splitlines():
             problems.append(f"node {node.name}: public key {missing} missing on host {node.host}")
     orch = rb.orchestrator
     if not up and rb.hosts[orch.host].local:
@@ -139,12 +149,6 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
             if prob:
                 problems.append(f"node {orch.name}: {prob}")
     return problems
-
-
-def _q(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 # -- up / status / down ---------------------------------------------------------------------------

@@ -1,11 +1,25 @@
 """Running commands on a runbook's hosts: this machine, an OpenSSH server, or a network namespace.
 
-Every host action is a POSIX ``sh`` script run in the host's workdir, so the
-same checks and commands work the same way wherever the host is:
+Rules this module keeps:
 
-* ``local``: ``sh -c SCRIPT`` here;
-* ``user@server``: ``ssh -o BatchMode=yes [options] user@server 'cd WORKDIR && SCRIPT'``;
-* ``netns:NAME``: ``ip netns exec NAME sh -c SCRIPT`` (Linux network
+* **No shell text is ever built from a value.** Every host action is an argv
+  list. It runs in the host's workdir through one fixed wrapper
+  (``cd -- "$1" && shift && exec "$@"``) that receives the workdir and the argv
+  as positional parameters, so a path, a python, a trainer name or an address
+  from a runbook is always one argument, never code.
+* The few actions that need the shell (start detached with a log, look at a
+  file's mode, signal a process group) are fixed ``sh`` programs written in
+  this module (:data:`SPAWN`, ...); their values are positional parameters too.
+* Where the command crosses a second shell (the remote login shell of ``ssh``),
+  it is quoted with :func:`shlex.join`, and ``--`` ends ssh's options before the
+  destination, so neither the destination nor the command can be read as an
+  ssh option.
+
+How each kind of host runs ``argv``:
+
+* ``local``: ``sh -c WRAPPER gtbus-host WORKDIR ARGV...`` here;
+* ``user@server``: ``ssh -o BatchMode=yes [options] -- user@server 'sh -c WRAPPER gtbus-host WORKDIR ARGV...'``;
+* ``netns:NAME``: ``ip netns exec NAME sh -c WRAPPER gtbus-host WORKDIR ARGV...`` (Linux network
   namespaces standing in for separate servers in tests and drills).
 """
 
@@ -13,15 +27,33 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gtbus.errors import ConfigError
 from gtbus.runbook.config import Host
 
+# The one wrapper every host command passes through: $1 is the workdir, the rest is the argv.
+IN_WORKDIR = 'cd -- "$1" || exit 125; shift; exec "$@"'
+
+# Fixed sh programs; values arrive as "$1", "$2", ... only.
+SPAWN = 'log=$1; shift; mkdir -p -- "$(dirname -- "$log")" && { setsid "$@" >>"$log" 2>&1 </dev/null & echo $!; }'
+"""Start ``$2...`` detached in its own session, output appended to ``$1``; print its pid."""
+READABLE_MODE = 'test -r "$1" && stat -c %a -- "$1"'
+"""Print the octal mode of ``$1`` if it is readable."""
+UNREADABLE = 'for f; do test -r "$f" || printf "%s\\n" "$f"; done'
+"""Print each argument that is not a readable file, one a line."""
+ALIVE = 'kill -0 "$1" 2>/dev/null'
+"""Exit 0 if process ``$1`` exists."""
+SIGNAL = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2" 2>/dev/null'
+"""Send signal ``$1`` to the process group of ``$2`` (else to ``$2`` alone)."""
+
+SIGNALS = ("TERM", "KILL")
+
 
 @dataclass(frozen=True)
 class Result:
-    """What a host script did."""
+    """What a host command did."""
 
     rc: int
     out: str
@@ -34,37 +66,40 @@ class Result:
 
 
 class HostShell:
-    """Runs sh scripts on one host."""
+    """Runs argv lists (and this module's fixed sh programs) on one host, in its workdir."""
 
     def __init__(self, host: Host, *, connect_timeout: int = 5) -> None:
         self.host = host
         self.connect_timeout = connect_timeout
 
-    def argv(self, script: str) -> list[str]:
-        """The local command line that runs ``script`` on the host, in its workdir."""
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """The local command line that runs ``argv`` on the host, in its workdir."""
+        on_host = ["sh", "-c", IN_WORKDIR, "gtbus-host", self.host.workdir, *argv]
         a = self.host.address
-        wrapped = f"cd {shlex.quote(self.host.workdir)} && {script}"
         if self.host.local:
-            return ["sh", "-c", wrapped]
+            return on_host
         if a.startswith("netns:"):
-            return ["ip", "netns", "exec", a[len("netns:") :], "sh", "-c", wrapped]
-        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", *self.host.ssh_options, a, wrapped]
+            return ["ip", "netns", "exec", a[len("netns:") :], *on_host]
+        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", *self.host.ssh_options,
+                "--", a, shlex.join(on_host)]
 
-    def run(self, script: str, *, timeout: float = 60.0) -> Result:
-        """Run ``script`` and wait for it."""
+    def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> Result:
+        """Run ``argv`` on the host and wait for it."""
         try:
-            p = subprocess.run(self.argv(script), capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Result(124, "", f"timed out after {timeout:.0f}s")
         except FileNotFoundError as exc:
             raise ConfigError(f"host {self.host.name}: cannot run {exc.filename!r}") from None
         return Result(p.returncode, p.stdout, p.stderr)
 
+    def sh(self, program: str, *args: str, timeout: float = 60.0) -> Result:
+        """Run one of this module's fixed sh programs with ``args`` as its positional parameters."""
+        return self.run(["sh", "-c", program, "gtbus-sh", *args], timeout=timeout)
+
     def spawn(self, argv: list[str], log: str) -> int:
         """Start ``argv`` detached (own session, output to ``log``); return its pid on the host."""
-        cmd = shlex.join(argv)
-        script = f"mkdir -p $(dirname {shlex.quote(log)}) && (setsid {cmd} >>{shlex.quote(log)} 2>&1 </dev/null & echo $!)"
-        r = self.run(script, timeout=30)
+        r = self.sh(SPAWN, log, *argv, timeout=30)
         pid = r.out.strip().splitlines()[-1] if r.out.strip() else ""
         if not r.ok or not pid.isdigit():
             raise ConfigError(f"host {self.host.name}: could not start {argv[3] if len(argv) > 3 else argv[0]}: {r.err.strip() or r.out.strip()}")
@@ -72,8 +107,10 @@ class HostShell:
 
     def alive(self, pid: int) -> bool:
         """Whether process ``pid`` still runs on the host."""
-        return self.run(f"kill -0 {int(pid)} 2>/dev/null").ok
+        return self.sh(ALIVE, str(int(pid))).ok
 
     def signal(self, pid: int, sig: str) -> bool:
-        """Send a signal (TERM, KILL, ...) to ``pid``'s process group; True if delivered."""
-        return self.run(f"kill -{sig} -- -{int(pid)} 2>/dev/null || kill -{sig} {int(pid)} 2>/dev/null").ok
+        """Send a signal (TERM or KILL) to ``pid``'s process group; True if delivered."""
+        if sig not in SIGNALS:
+            raise ConfigError(f"signal {sig!r} is not one of {', '.join(SIGNALS)}")
+        return self.sh(SIGNAL, sig, str(int(pid))).ok

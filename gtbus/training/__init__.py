@@ -26,12 +26,13 @@ from gtbus.training.shards import (
     read_shard_header,
     write_shard,
 )
-from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer, TrainReport, WorkloadError
+from gtbus.training.trainer import ONE_PASS, TRAINER_NAMES, StepBudget, Trainer, TrainReport, WorkloadError
 
 __all__ = [
     "ONE_PASS",
     "SHARD_MAGIC",
     "SHARD_VERSION",
+    "TRAINER_NAMES",
     "VOCAB",
     "ByteLM",
     "ByteLMConfig",

@@ -41,6 +41,9 @@ ONE_PASS: Final = "pass"
 
 StepBudget = int | Literal["pass"]
 
+#: The workloads ``gtbus orchestrator --trainer`` and runbooks know by name.
+TRAINER_NAMES: Final = ("bytelm", "gpt2")
+
 
 class WorkloadError(GtbusError):
     """A hop buffer or checkpoint does not fit the workload (too short, tokens out of vocabulary, wrong shapes)."""
