@@ -4,12 +4,20 @@ File format (one file per node process, append-only)::
 
     b"GTLOG1\\n"                                  magic
     u32 length || msgpack map || chain[16]        the first record: kind "meta" (node, roster, start time)
-    u32 length || msgpack map || chain[16]        each later record: kind "msg" (or "meta" after a restart)
+    u32 length || msgpack map || chain[16]        each later record: "msg", "checkpoint", or "meta" after a restart
 
 ``chain`` is BLAKE3(previous chain || map)[:16] (the first record chains from 16
 zero bytes), so a flipped byte anywhere in a log, signed or local, is found
-at the first record it touches, and records cannot be dropped or reordered
-without it showing.
+at the first record it touches. The chain has no key: anyone who edits a log
+on purpose can compute it again. What makes dropping, reordering or editing
+records detectable is the **checkpoint**: the recorder signs the chain head with
+the node's own Ed25519 key (domain ``gtbus/log-checkpoint/v1``, with the node
+name, the record index and whether the log is being closed) right after each
+meta record, every :data:`CHECKPOINT_EVERY` records or :data:`CHECKPOINT_SECONDS`
+(whichever comes first, checked when a record is written) and when the log is
+closed (``final``). Records after the last checkpoint (a crash leaves up to
+that many) are an *unsigned tail*: verification reports them as such, never as
+proven.
 
 A ``msg`` record holds ``dir`` ("in" / "out"), ``t`` (local receive or send
 time), ``verdict`` ("sent", "accepted" or "rejected:<reason>"), ``peer`` (the
@@ -25,37 +33,57 @@ and one refused frame near the transport's limit made a record over
 ``MAX_RECORD`` that no longer read back.) Sealed channel parameters are part of the
 signed body and are recorded sealed, never opened.
 
-Writing: each record is one ``os.write`` on an ``O_APPEND`` descriptor, made
-before a message is sent and right after one is judged. A process crash then
-loses at most the record being written, and the cost (a few microseconds) stays
-off the signed round trip. (A thread-backed async write per record, as
-aiofiles does, would have been the largest cost on that path, and batching
-would lose queued records in a crash.) Reading for replay and status is async,
-with aiofiles.
+Reading trusts nothing in the file: records are read one at a time (never the
+whole file), a length over :data:`MAX_RECORD` is refused before it is read, the
+structure of each record is counted before it is decoded (at most
+:data:`_MAX_ITEMS` values, nested at most :data:`_MAX_DEPTH` deep, no ext
+types), and the decoded record must match its kind's schema field by field.
+Anything else is one :class:`LogFormatError` naming the file, record and byte.
+
+Writing: each record is one ``os.write`` on an ``O_APPEND`` descriptor (created
+0600, never through a symlink: :mod:`gtbus.private_files`), made before a
+message is sent and right after one is judged. A process crash then loses at
+most the record being written, and the cost (a few microseconds; a checkpoint's
+signature about 20 us, once per 256 records or second) stays off the signed
+round trip. (A thread-backed async write per record, as aiofiles does, would
+have been the largest cost on that path, and batching would lose queued
+records in a crash.)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
-import aiofiles
 import blake3
 import msgpack
 
 from gtbus.errors import ConfigError
-from gtbus.messages.envelope import blob_digest
-from gtbus.messages.identity import PublicIdentity, Roster
+from gtbus.messages.envelope import DEFAULT_LIMITS, blob_digest
+from gtbus.messages.identity import NodeIdentity, PublicIdentity, Roster, check_node_name
+from gtbus.private_files import open_private_append
 
 LOG_MAGIC = b"GTLOG1\n"
 LOG_SUFFIX = ".gtlog"
 _LEN = struct.Struct(">I")
-MAX_RECORD = 64 << 20
 CHAIN = 16
+# The largest record a recorder writes: a message's signed frames (body up to the
+# pipeline's limit, header 1 KiB) with its local metadata, or a roster of a few
+# thousand members. A longer length prefix is refused before anything is read.
+MAX_RECORD = DEFAULT_LIMITS.max_body + (1 << 20)
+# A record's structure is counted before msgpack builds it: a few dozen values in a
+# message record, seven per roster member. Without this, a record of nested or many
+# empty arrays costs gigabytes of Python objects (or a RecursionError downstream).
+_MAX_ITEMS = 64 * 1024
+_MAX_DEPTH = 3  # record map -> roster list -> member map
+CHECKPOINT_EVERY = 256
+CHECKPOINT_SECONDS = 1.0
+CHECKPOINT_DOMAIN = b"gtbus/log-checkpoint/v1\x00"
 # Bytes kept of a refused message's magic and header frames (the header limit, Limits.max_header).
 _REFUSED_KEEP = 1024
 _CHAIN0 = bytes(CHAIN)
@@ -69,9 +97,15 @@ def _chain(prev: bytes, payload: bytes) -> bytes:
     return h.digest(CHAIN)
 
 
+def checkpoint_message(node: str, index: int, head: bytes, final: bool) -> bytes:
+    """What a checkpoint signs: the node, the checkpoint's record index, the chain head before it, and ``final``."""
+    n = node.encode()
+    return CHECKPOINT_DOMAIN + bytes([len(n)]) + n + struct.pack(">Q", index) + head + (b"\x01" if final else b"\x00")
+
+
 @dataclass(frozen=True)
 class LogRecord:
-    """One record read back from a log."""
+    """One record read back from a log; ``data`` matched its kind's schema when it was read."""
 
     index: int
     offset: int
@@ -79,6 +113,7 @@ class LogRecord:
     data: dict[str, Any]
     length: int = 0
     chain: bytes = b""
+    prev: bytes = b""  # the chain value of the record before (what a checkpoint signs)
 
     @property
     def frames(self) -> list[bytes]:
@@ -96,29 +131,56 @@ def refused_digest(frames: Sequence[bytes | memoryview]) -> bytes:
 
 
 class Recorder:
-    """Appends a node's messages to its log file."""
+    """Appends a node's messages to its log file, and signs checkpoints of it with the node's key.
 
-    def __init__(self, path: str | os.PathLike[str], node: str, roster: Roster) -> None:
+    Without ``identity`` (benchmarks, tools) no checkpoint is written and the
+    whole log verifies only as an unsigned tail.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        node: str,
+        roster: Roster,
+        *,
+        identity: NodeIdentity | None = None,
+        checkpoint_every: int = CHECKPOINT_EVERY,
+        checkpoint_seconds: float = CHECKPOINT_SECONDS,
+    ) -> None:
+        if identity is not None and identity.name != node:
+            raise ConfigError(f"log of {node!r} cannot be signed with the key of {identity.name!r}")
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.node = node
+        self._identity = identity
+        self._every = max(1, checkpoint_every)
+        self._seconds = checkpoint_seconds
         self._prev = _CHAIN0
+        self._count = 0  # records in the file
+        self._unsigned = 0  # records since the last checkpoint
+        self._last_checkpoint = time.monotonic()
         # One packer per recorder: the same bytes as msgpack.packb(..., use_bin_type=True)
         # without building a packer per record (a recorder is used by one thread, like its chain).
         self._pack = msgpack.Packer(use_bin_type=True).pack
-        if self.path.exists() and self.path.stat().st_size > 0:
-            # Continue the chain after the last whole record; a record cut short
-            # by a crash is dropped so the file stays well-framed.
-            data = self.path.read_bytes()
-            good = len(LOG_MAGIC)
-            for rec in _parse(data, self.path, tolerate_tail=True):
-                good = rec.offset + 4 + rec.length + CHAIN
-                self._prev = rec.chain
-            if good < len(data):
-                os.truncate(self.path, good)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
-        else:
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            os.write(self._fd, LOG_MAGIC)
+        self._fd = open_private_append(self.path)
+        try:
+            size = os.fstat(self._fd).st_size
+            if size == 0:
+                os.write(self._fd, LOG_MAGIC)
+            else:
+                # Continue the chain after the last whole record; a record cut short
+                # by a crash is dropped so the file stays well-framed. Whole records
+                # after the last checkpoint are vouched for by this process's first one.
+                good = len(LOG_MAGIC)
+                with open(self.path, "rb") as fh:
+                    for rec in _records(fh, self.path, tolerate_tail=True):
+                        good = rec.offset + 4 + rec.length + CHAIN
+                        self._prev = rec.chain
+                        self._count = rec.index + 1
+                if good < size:
+                    os.ftruncate(self._fd, good)
+        except BaseException:
+            os.close(self._fd)
+            raise
         # A restart appends a new meta record: a log may hold several process lifetimes.
         self._write(
             {
@@ -129,11 +191,30 @@ class Recorder:
                 "roster": [m.to_json() for m in roster],
             }
         )
+        # Signed at once: it vouches for the roster this lifetime verifies against.
+        self.checkpoint()
 
     def _write(self, record: dict[str, Any]) -> None:
         data = self._pack(record)
         self._prev = prev = _blake3(self._prev + data).digest(CHAIN)  # = _chain(self._prev, data)
         os.write(self._fd, b"".join((_LEN_PACK(len(data)), data, prev)))
+        self._count += 1
+        self._unsigned += 1
+
+    def _written(self) -> None:
+        # After a message record: sign the head every N records or T seconds.
+        if self._unsigned >= self._every or time.monotonic() - self._last_checkpoint >= self._seconds:
+            self.checkpoint()
+
+    def checkpoint(self, *, final: bool = False) -> None:
+        """Append a checkpoint: the chain head signed with the node's key (nothing without a key)."""
+        if self._identity is None or self._fd < 0:
+            return
+        index = self._count
+        sig = self._identity.sign(checkpoint_message(self.node, index, self._prev, final))
+        self._write({"kind": "checkpoint", "t": time.time(), "n": index, "head": self._prev, "final": final, "sig": sig})
+        self._unsigned = 0
+        self._last_checkpoint = time.monotonic()
 
     def record(
         self,
@@ -164,6 +245,7 @@ class Recorder:
             rec["blob_digest"] = blobs_digest if blobs_digest is not None else blob_digest(blobs)
             rec["blob_sizes"] = [memoryview(b).nbytes for b in blobs]
         self._write(rec)
+        self._written()
 
     def record_refused(
         self,
@@ -195,76 +277,232 @@ class Recorder:
                 "sizes": [memoryview(f).nbytes for f in frames],
             }
         )
+        self._written()
 
     def close(self) -> None:
-        """Close the log."""
+        """Sign a final checkpoint and close the log (a second call does nothing)."""
         if self._fd >= 0:
+            self.checkpoint(final=True)
             os.close(self._fd)
             self._fd = -1
 
 
 class LogFormatError(ConfigError):
-    """A log file is not a gtbus log or its framing is broken at a given record."""
+    """A log file is not a gtbus log, its framing is broken, or a record does not match its schema."""
 
 
-def _parse(data: bytes, path: Path, *, tolerate_tail: bool = False) -> Iterator[LogRecord]:
-    if not data.startswith(LOG_MAGIC):
+# -- reading ---------------------------------------------------------------------------------------
+
+# Bytes that follow a msgpack type byte, for the fixed-size scalars.
+_FIXED = {0xC0: 0, 0xC2: 0, 0xC3: 0, 0xCA: 4, 0xCB: 8, 0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8, 0xD0: 1, 0xD1: 2, 0xD2: 4, 0xD3: 8}
+# Length-prefixed strings and binaries: size of the length field.
+_SIZED = {0xC4: 1, 0xC5: 2, 0xC6: 4, 0xD9: 1, 0xDA: 2, 0xDB: 4}
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}  # array16/32, map16/32: (length size, values per entry)
+
+
+def _check_structure(data: bytes) -> str | None:
+    """Walk msgpack ``data`` without building it: None if it is one value of at most
+    _MAX_ITEMS values nested at most _MAX_DEPTH deep with no ext types, else why not."""
+    pos, n, items = 0, len(data), 0
+    pending = [1]  # values still to read at each open depth
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        items += 1
+        if items > _MAX_ITEMS:
+            return f"more than {_MAX_ITEMS} values"
+        if pos >= n:
+            return "truncated msgpack"
+        b = data[pos]
+        pos += 1
+        count = -1
+        if b <= 0x7F or b >= 0xE0:
+            continue
+        if 0x80 <= b <= 0x8F:
+            count = 2 * (b & 0x0F)
+        elif 0x90 <= b <= 0x9F:
+            count = b & 0x0F
+        elif 0xA0 <= b <= 0xBF:
+            pos += b & 0x1F
+        elif b in _FIXED:
+            pos += _FIXED[b]
+        elif b in _SIZED:
+            w = _SIZED[b]
+            pos += w + int.from_bytes(data[pos : pos + w], "big")
+        elif b in _CONTAINERS:
+            w, per = _CONTAINERS[b]
+            count = per * int.from_bytes(data[pos : pos + w], "big")
+            pos += w
+        else:
+            return f"msgpack type 0x{b:02x} not allowed in a log"
+        if count >= 0:
+            if len(pending) > _MAX_DEPTH:
+                return f"nested deeper than {_MAX_DEPTH}"
+            if count > _MAX_ITEMS:
+                return f"a container of {count} values"
+            pending.append(count)
+    if pos != n:
+        return "bytes after the record's value" if pos < n else "truncated msgpack"
+    return None
+
+
+def _is_str(v: Any) -> bool:
+    return type(v) is str
+
+
+def _is_bytes(v: Any) -> bool:
+    return type(v) is bytes
+
+
+def _is_opt_str(v: Any) -> bool:
+    return v is None or type(v) is str
+
+
+def _is_time(v: Any) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)
+
+
+def _is_count(v: Any) -> bool:
+    return type(v) is int and 0 <= v < 1 << 63
+
+
+def _is_counts(v: Any) -> bool:
+    return type(v) is list and len(v) <= DEFAULT_LIMITS.max_frames and all(_is_count(x) for x in v)
+
+
+def _is_frames(v: Any) -> bool:
+    return type(v) is list and len(v) <= 4 and all(type(f) is bytes for f in v)
+
+
+def _is_roster(v: Any) -> bool:
+    return type(v) is list and all(type(m) is dict and all(type(k) is str and type(x) is str for k, x in m.items()) for m in v)
+
+
+# Per kind: field -> (required, check). Unknown fields are refused: a log holds what the recorder writes, nothing else.
+_SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool]]]] = {
+    "meta": {"kind": (True, _is_str), "node": (True, _is_str), "t": (True, _is_time), "pid": (True, _is_count), "roster": (True, _is_roster)},
+    "msg": {
+        "kind": (True, _is_str),
+        "dir": (True, lambda v: v in ("in", "out")),
+        "t": (True, _is_time),
+        "verdict": (True, lambda v: _is_str(v) and len(v) <= 1024),
+        "peer": (True, _is_opt_str),
+        "ch": (True, _is_str),
+        "frames": (True, _is_frames),
+        "blob_digest": (False, _is_bytes),
+        "blob_sizes": (False, _is_counts),
+        "digest": (False, _is_bytes),
+        "sizes": (False, _is_counts),
+    },
+    "checkpoint": {
+        "kind": (True, _is_str),
+        "t": (True, _is_time),
+        "n": (True, _is_count),
+        "head": (True, lambda v: _is_bytes(v) and len(v) == CHAIN),
+        "final": (True, lambda v: type(v) is bool),
+        "sig": (True, lambda v: _is_bytes(v) and len(v) == 64),
+    },
+}
+
+
+def _check_schema(rec: Any) -> str | None:
+    """None if ``rec`` is a record of a known kind with exactly its fields, each of the right type; else why not."""
+    if type(rec) is not dict:
+        return "not a log record (not a map)"
+    schema = _SCHEMA.get(rec.get("kind")) if all(type(k) is str for k in rec) else None
+    if schema is None:
+        return "not a log record (unknown kind)"
+    for name, value in rec.items():
+        spec = schema.get(name)
+        if spec is None:
+            return f"unexpected field {name!r}"
+        if not spec[1](value):
+            return f"field {name!r} is not what a {rec['kind']} record holds"
+    missing = [name for name, (required, _) in schema.items() if required and name not in rec]
+    if missing:
+        return f"missing field {missing[0]!r}"
+    if rec["kind"] == "meta":
+        try:
+            check_node_name(rec["node"])
+        except ConfigError as exc:
+            return str(exc)
+    return None
+
+
+def _decode(payload: bytes) -> Any:
+    return msgpack.unpackb(
+        payload, raw=False, strict_map_key=True, max_str_len=DEFAULT_LIMITS.max_str, max_bin_len=MAX_RECORD,
+        max_array_len=_MAX_ITEMS, max_map_len=_MAX_ITEMS, max_ext_len=0,
+    )
+
+
+def _records(fh: BinaryIO, path: Path, *, tolerate_tail: bool = False) -> Iterator[LogRecord]:
+    """Read records one by one from an open log; with ``tolerate_tail`` a cut-short last record ends the log quietly."""
+    if fh.read(len(LOG_MAGIC)) != LOG_MAGIC:
         raise LogFormatError(f"{path}: not a gtbus message log (bad magic)")
     pos = len(LOG_MAGIC)
     index = 0
     prev = _CHAIN0
-    while pos < len(data):
+    while True:
         where = f"{path}: record {index} at byte {pos}"
-        if pos + 4 > len(data):
+        prefix = fh.read(4)
+        if not prefix:
+            return
+        if len(prefix) < 4:
             if tolerate_tail:
                 return
             raise LogFormatError(f"{where}: truncated length prefix")
-        (n,) = _LEN.unpack_from(data, pos)
-        end = pos + 4 + n + CHAIN
-        if n > MAX_RECORD or end > len(data):
+        (n,) = _LEN.unpack(prefix)
+        if n > MAX_RECORD:
+            if tolerate_tail:
+                return
+            raise LogFormatError(f"{where}: length {n} is over the {MAX_RECORD}-byte record limit")
+        rest = fh.read(n + CHAIN)
+        if len(rest) < n + CHAIN:
             if tolerate_tail:
                 return
             raise LogFormatError(f"{where}: length {n} runs past the end of the file")
-        payload = data[pos + 4 : pos + 4 + n]
-        chain = data[pos + 4 + n : end]
+        payload, chain = rest[:n], rest[n:]
         if _chain(prev, payload) != chain:
-            if tolerate_tail and end == len(data):
+            if tolerate_tail and not fh.read(1):
                 return
             raise LogFormatError(f"{where}: chain digest mismatch (record altered, dropped or reordered)")
-        try:
-            rec = msgpack.unpackb(payload, raw=False, strict_map_key=False)
-        except Exception as exc:
-            raise LogFormatError(f"{where}: undecodable ({exc})") from None
-        if not isinstance(rec, dict) or rec.get("kind") not in ("meta", "msg"):
-            raise LogFormatError(f"{where}: not a log record")
-        yield LogRecord(index=index, offset=pos, kind=rec["kind"], data=rec, length=n, chain=chain)
+        why = _check_structure(payload)
+        if why is None:
+            try:
+                rec = _decode(payload)
+            except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, UnicodeDecodeError) as exc:
+                why = f"undecodable ({exc})"
+            else:
+                why = _check_schema(rec)
+        if why is not None:
+            raise LogFormatError(f"{where}: {why}")
+        yield LogRecord(index=index, offset=pos, kind=rec["kind"], data=rec, length=n, chain=chain, prev=prev)
         prev = chain
-        pos = end
+        pos += 4 + n + CHAIN
         index += 1
 
 
-def read_log(path: str | os.PathLike[str]) -> list[LogRecord]:
-    """Every record of a log file (LogFormatError naming the record if the framing is broken)."""
+def iter_log(path: str | os.PathLike[str]) -> Iterator[LogRecord]:
+    """The records of a log file, read one at a time (LogFormatError naming the first bad one)."""
     p = Path(path)
     try:
-        data = p.read_bytes()
+        fh = open(p, "rb")
     except FileNotFoundError:
         raise ConfigError(f"{p}: no such log file") from None
     except IsADirectoryError:
         raise ConfigError(f"{p}: is a directory, not a log file") from None
-    return list(_parse(data, p))
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read: {exc.strerror}") from None
+    with fh:
+        yield from _records(fh, p)
 
 
-async def aread_log(path: str | os.PathLike[str]) -> AsyncIterator[LogRecord]:
-    """Async variant of :func:`read_log` (aiofiles), for the live status view."""
-    p = Path(path)
-    try:
-        async with aiofiles.open(p, "rb") as fh:
-            data = await fh.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: no such log file") from None
-    for rec in _parse(data, p):
-        yield rec
+def read_log(path: str | os.PathLike[str]) -> list[LogRecord]:
+    """Every record of a log file (LogFormatError naming the record if the framing is broken)."""
+    return list(iter_log(path))
 
 
 def log_files(path: str | os.PathLike[str]) -> list[Path]:
@@ -280,9 +518,9 @@ def log_files(path: str | os.PathLike[str]) -> list[Path]:
     return [p]
 
 
-def roster_of(records: Sequence[LogRecord], path: Path) -> Roster:
-    """The roster a log recorded in its first meta record."""
-    for rec in records:
-        if rec.kind == "meta":
-            return Roster(PublicIdentity.from_json(m, source=f"{path} roster") for m in rec.data.get("roster", []))
-    raise LogFormatError(f"{path}: no meta record")
+def roster_of(rec: LogRecord, path: Path) -> Roster:
+    """The roster a meta record recorded (KeyFileError naming the record if a member does not verify)."""
+    if rec.kind != "meta":
+        raise LogFormatError(f"{path}: record {rec.index} is not a meta record")
+    source = f"{path}: record {rec.index} roster"
+    return Roster(PublicIdentity.from_json(m, source=source) for m in rec.data["roster"])

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from gtbus.console import configure_logging, printable
 from gtbus.errors import GtbusError
 from gtbus.messages.identity import NodeIdentity, Role, Roster, write_identity
 
@@ -24,7 +25,8 @@ class GtbusGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GtbusError as exc:
-            raise click.ClickException(str(exc)) from None
+            # An error may quote a peer's value or a crafted file's: one escaped line.
+            raise click.ClickException(printable(exc)) from None
 
     def main(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Run the command; a bad option or argument is one ``Error:`` line too, not a usage page."""
@@ -34,10 +36,10 @@ class GtbusGroup(click.Group):
             rv = super().main(*args, standalone_mode=False, **kwargs)
         except click.UsageError as exc:
             cmd = exc.ctx.command_path if exc.ctx is not None else "gtbus"
-            click.echo(f"Error: {exc.format_message()} (see `{cmd} --help`)", err=True)
+            click.echo(f"Error: {printable(exc.format_message())} (see `{cmd} --help`)", err=True)
             sys.exit(exc.exit_code)
         except click.ClickException as exc:
-            exc.show()
+            click.echo(f"Error: {printable(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except (click.Abort, KeyboardInterrupt):
             click.echo("Aborted.", err=True)
@@ -51,8 +53,7 @@ def main(verbose: int) -> None:
     """gtbus: confidential collaborative training where the GPU travels to the data."""
     import logging
 
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    configure_logging(logging.WARNING - 10 * min(verbose, 2))
 
 
 @main.command()
@@ -108,6 +109,14 @@ def _parse_epochs(value: str | None) -> tuple[int, int] | None:
     return a, b
 
 
+def _proof(rep: Any) -> str:
+    """What the signed checkpoints prove of a verified log, for its ``ok`` line."""
+    if rep.unsigned_tail:
+        return (f"; unsigned tail of {rep.unsigned_tail} records (no signed checkpoint covers them: checked, "
+                f"but records there could have been dropped or added)")
+    return "; signed and closed" if rep.closed else "; signed, not closed (a crash, or cut at a checkpoint)"
+
+
 def _step(items: list, show_detail) -> None:  # type: ignore[no-untyped-def]
     """Interactive stepping: n(ext), p(revious), j EPOCH (jump), g INDEX (go), q(uit)."""
     i = 0
@@ -145,9 +154,9 @@ def _step(items: list, show_detail) -> None:  # type: ignore[no-untyped-def]
 @click.option("--until", help="Only records at or before this local time.")
 @click.option("--epoch", "epoch_range", help="Only messages of token epoch N, or A:B.")
 @click.option("--step", is_flag=True, help="Step through the timeline interactively (n, p, j EPOCH, g INDEX, q).")
-@click.option("--keys", "keys_dir", type=click.Path(file_okay=False, path_type=Path), help="Trusted public keys to verify against (default: the roster recorded in each log).")
+@click.option("--keys", "keys_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Trusted public keys to verify against, repeatable (default: the roster in each log's first record).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str, ...], types: tuple[str, ...], since: str | None, until: str | None, epoch_range: str | None, step: bool, keys_dir: Path | None, as_json: bool) -> None:
+def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str, ...], types: tuple[str, ...], since: str | None, until: str | None, epoch_range: str | None, step: bool, keys_dirs: tuple[Path, ...], as_json: bool) -> None:
     """Show, verify, step through or re-drive recorded message logs (a .gtlog file or a folder).
 
     Several nodes' logs are merged into one timeline ordered by causality: a
@@ -158,44 +167,43 @@ def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str,
     from gtbus.replay.view import entries, format_detail, format_entry, in_window, select, timeline
 
     if verify:
-        roster = Roster.from_dir(keys_dir) if keys_dir else None
+        rosters = [Roster.from_dir(d) for d in keys_dirs] or None
         bad = 0
         reports = []
         for p in log_files(path):
-            rep = verify_log(p, roster)
+            rep = verify_log(p, rosters)
             if nodes and rep.node and rep.node not in nodes:
                 continue
             reports.append(rep)
             if not rep.ok:
                 bad += 1
                 if not as_json:
-                    click.echo(f"FAIL {rep.error}", err=True)
+                    click.echo(f"FAIL {printable(rep.error)}", err=True)
             elif not as_json:
-                click.echo(f"ok   {p} node={rep.node} verified={rep.checked} rejected-on-receipt={rep.rejected_records}")
+                click.echo(printable(f"ok   {p} node={rep.node} verified={rep.checked} rejected-on-receipt={rep.rejected_records}{_proof(rep)}"))
         if as_json:
-            click.echo(json.dumps([{"path": str(r.path), "node": r.node, "ok": r.ok, "verified": r.checked, "rejected": r.rejected_records, "error": r.error} for r in reports], indent=1))
+            click.echo(json.dumps([{"path": str(r.path), "node": r.node, "ok": r.ok, "verified": r.checked, "rejected": r.rejected_records,
+                                    "records": r.records, "proven": r.proven, "unsigned_tail": r.unsigned_tail, "closed": r.closed,
+                                    "error": r.error} for r in reports], indent=1))
         if bad:
             sys.exit(1)
         return
     if redrive_node is not None:
-        from gtbus.recording import read_log
+        from gtbus.recording import iter_log
         from gtbus.replay.redrive import redrive
 
-        files = [p for p in log_files(path) if any(r.kind == "meta" and r.data.get("node") == redrive_node for r in read_log(p)[:1])]
+        files = [p for p in log_files(path) if (first := next(iter_log(p), None)) is not None and first.data.get("node") == redrive_node]
         # A node with a second link keeps a second log; its main one is NODE.gtlog.
         files.sort(key=lambda p: p.stem != redrive_node)
         if not files:
             raise click.ClickException(f"no log of node {redrive_node!r} under {path}")
-        try:
-            name, diff = redrive(files[0], redrive_node)
-        except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+        name, diff = redrive(files[0], redrive_node)
         if as_json:
             click.echo(json.dumps({"node": name, "log": str(files[0]), "difference": str(diff) if diff else None}))
         elif diff is None:
             click.echo(f"{name}: every decision re-driven from {files[0]} matches the log")
         else:
-            click.echo(f"{name}: {files[0]}: {diff}", err=True)
+            click.echo(printable(f"{name}: {files[0]}: {diff}"), err=True)
         if diff is not None:
             sys.exit(1)
         return

@@ -10,8 +10,10 @@ from typing import Any
 
 import click
 
+from gtbus.console import printable
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Roster, load_identity
+from gtbus.private_files import private_dir, write_private
 
 
 def make_device(backend: str) -> Any:
@@ -50,7 +52,7 @@ def make_trainer(name: str, seed: int = 0) -> Any:
 
 def _hop_line(h: Any) -> str:
     rate = h.nbytes / h.transfer_s / 1e6 if h.transfer_s > 0 else 0.0
-    loss = f"loss {h.eval_before:.3f} -> {h.eval_after:.3f}" if h.eval_after is not None else h.detail
+    loss = f"loss {h.eval_before:.3f} -> {h.eval_after:.3f}" if h.eval_after is not None else printable(h.detail)
     return (
         f"hop {h.epoch:>3}  round {h.round}  {h.holder:<6} chunk {h.chunk:<3} {h.mode:<6} "
         f"{h.nbytes / 1024:>8.0f} KiB  provision {h.transfer_s * 1e3:>7.1f} ms ({rate:>7.1f} MB/s)  "
@@ -118,6 +120,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
     from gtbus.nodes.wiring import server_transport
 
     identity = load_identity(key_path)
+    private_dir(run_dir)  # logs, state and checkpoints: this user only
     roster = Roster.from_dir(keys_dir)
     platform = load_platform_signer(platform_key)
     names = [h.strip() for h in holders.split(",") if h.strip()] or [m.name for m in roster.by_role(Role.HOLDER)]
@@ -144,7 +147,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 
     summary = asyncio.run(main())
     if json_out:
-        json_out.write_text(json.dumps(summary, indent=1))
+        write_private(json_out, json.dumps(summary, indent=1))
     click.echo(
         f"run {summary['run_id']}: {summary['hops_trained']}/{summary['hops']} hops trained, "
         f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}, transfer share {summary['transfer_share'] * 100:.3f} %"
@@ -178,6 +181,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
     from gtbus.training.shards import Dataset
 
     identity = load_identity(key_path)
+    private_dir(run_dir)  # logs, state and checkpoints: this user only
     roster = Roster.from_dir(keys_dir)
     try:
         pinned = bytes.fromhex(pin_code)
@@ -227,6 +231,7 @@ def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: 
     from gtbus.nodes.wiring import client_transport, orchestrator_of, server_transport
 
     identity = load_identity(key_path)
+    private_dir(run_dir)  # logs, state and checkpoints: this user only
     roster = Roster.from_dir(keys_dir)
 
     async def main() -> None:

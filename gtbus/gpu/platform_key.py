@@ -12,22 +12,21 @@ import os
 import stat
 from pathlib import Path
 
-from gtbus.errors import KeyFileError
+from gtbus.errors import ConfigError, KeyFileError
 from gtbus.gpu.attestation import PlatformSigner
+from gtbus.private_files import write_private
 
 
 def write_platform_key(out_dir: str | os.PathLike[str], name: str = "platform", *, overwrite: bool = False) -> tuple[Path, Path]:
     """Generate a platform key; write the secret seed (0600) and the public key."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     key_path, pub_path = out / f"{name}.platform.key", out / f"{name}.platform.pub"
-    if key_path.exists() and not overwrite:
-        raise KeyFileError(f"{key_path}: already exists (refusing to overwrite keys)")
     seed = os.urandom(32)
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(seed.hex() + "\n")
-    pub_path.write_text(PlatformSigner(seed).public_key.hex() + "\n")
+    try:  # 0600 from creation, renamed into place: never a looser mode, never through a symlink
+        write_private(key_path, seed.hex() + "\n", overwrite=overwrite)
+        write_private(pub_path, PlatformSigner(seed).public_key.hex() + "\n", mode=0o644)
+    except ConfigError as exc:
+        raise KeyFileError(f"{exc} (refusing to overwrite keys)" if "already exists" in str(exc) else str(exc)) from None
     return key_path, pub_path
 
 

@@ -32,7 +32,8 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
-from gtbus.errors import KeyFileError
+from gtbus.errors import ConfigError, KeyFileError
+from gtbus.private_files import write_private
 
 _BINDING_DOMAIN = b"gtbus/identity/v1\x00"
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -213,22 +214,19 @@ class NodeIdentity:
 
 
 def write_identity(identity: NodeIdentity, out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write ``NAME.key`` (mode 0600, created so it is never readable by others) and ``NAME.pub``."""
+    """Write ``NAME.key`` (0600 from its creation, never through a symlink) and ``NAME.pub``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     key_path = out / f"{identity.name}.key"
     pub_path = out / f"{identity.name}.pub"
-    if not overwrite and (key_path.exists() or pub_path.exists()):
+    if not overwrite and (os.path.lexists(key_path) or os.path.lexists(pub_path)):
         raise KeyFileError(f"{key_path}: already exists (refusing to overwrite keys)")
-    # Create with 0600 from the start: chmod after writing would leave a window.
-    tmp = key_path.with_suffix(".key.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(identity.to_json(), fh, indent=1)
-        fh.write("\n")
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, key_path)
-    pub_path.write_text(json.dumps(identity.public.to_json(), indent=1) + "\n")
+    # A fresh 0600 file renamed over the old one: --force over a 0644 key or a
+    # planted NAME.key.tmp symlink can neither loosen the mode nor redirect the secret.
+    try:
+        write_private(key_path, json.dumps(identity.to_json(), indent=1) + "\n", overwrite=overwrite)
+        write_private(pub_path, json.dumps(identity.public.to_json(), indent=1) + "\n", overwrite=overwrite, mode=0o644)
+    except ConfigError as exc:
+        raise KeyFileError(str(exc)) from None
     return key_path, pub_path
 
 

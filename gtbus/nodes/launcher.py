@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from gtbus.errors import GtbusError
+from gtbus.private_files import append_private, private_dir
 
 
 def free_port() -> int:
@@ -57,7 +58,7 @@ class LocalDeployment:
         from gtbus.testing import make_deployment
 
         self.run = run
-        run.run_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(run.run_dir)
         self.keys = run.run_dir / "keys"
         self.dep = make_deployment(self.keys, run.holders, agents=1 if run.remote_holders else 0)
         self.platform_key, self.platform_pub = write_platform_key(run.run_dir / "platform", overwrite=True)
@@ -118,7 +119,7 @@ class LocalDeployment:
     def start_orchestrator(self, *, resume: bool = False) -> subprocess.Popen[str]:
         """Start (or restart) the orchestrator process; its stdout is a pipe of hop lines."""
         self.orchestrator = subprocess.Popen(
-            self.orchestrator_cmd(resume=resume), stdout=subprocess.PIPE, stderr=open(self.run.run_dir / "orchestrator.err", "a"),
+            self.orchestrator_cmd(resume=resume), stdout=subprocess.PIPE, stderr=append_private(self.run.run_dir / "orchestrator.err"),
             text=True, env=self.env,
         )
         return self.orchestrator
@@ -126,7 +127,7 @@ class LocalDeployment:
     def start_holder(self, index: int) -> subprocess.Popen[bytes]:
         """Start holder ``index``; its stderr goes to RUN/<name>.err."""
         name = self.dep.holders[index].name
-        p = subprocess.Popen(self.holder_cmd(index), stdout=subprocess.DEVNULL, stderr=open(self.run.run_dir / f"{name}.err", "a"), env=self.env)
+        p = subprocess.Popen(self.holder_cmd(index), stdout=subprocess.DEVNULL, stderr=append_private(self.run.run_dir / f"{name}.err"), env=self.env)
         self.holder_procs[name] = p
         return p
 
@@ -134,7 +135,7 @@ class LocalDeployment:
         """Start the orchestrator, the device agent if any holder is remote, and every holder."""
         self.start_orchestrator()
         if self.run.remote_holders:
-            self.agent_proc = subprocess.Popen(self.agent_cmd(), stdout=subprocess.DEVNULL, stderr=open(self.run.run_dir / "agent.err", "a"), env=self.env)
+            self.agent_proc = subprocess.Popen(self.agent_cmd(), stdout=subprocess.DEVNULL, stderr=append_private(self.run.run_dir / "agent.err"), env=self.env)
         for i in range(self.run.holders):
             self.start_holder(i)
 

@@ -67,6 +67,7 @@ from gtbus.messages.types import (
     Welcome,
 )
 from gtbus.nodes.runtime import NodeRuntime
+from gtbus.private_files import private_dir, replace_privately, write_private
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.token import Phase, TokenMachine
 from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
@@ -214,8 +215,7 @@ class Orchestrator:
         self.on_hop = on_hop
         self.tamper_hook = tamper_hook  # failure injection for tests only
         self.log = logging.getLogger(f"gtbus.orchestrator.{runtime.name}")
-        self.state_dir = config.run_dir / "state" / runtime.name
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.state_dir = private_dir(config.run_dir / "state" / runtime.name)
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
         self.manifests: dict[str, dict[str, Any]] = {}
@@ -272,13 +272,7 @@ class Orchestrator:
         if epoch <= self._reserved_upto:
             return
         upto = epoch + EPOCH_BLOCK - 1
-        path = self.state_dir / "epoch"
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
-            fh.write(f"{upto}\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        write_private(self.state_dir / "epoch", f"{upto}\n")  # synced, 0600, atomic
         self._reserved_upto = upto
 
     # -- handlers ---------------------------------------------------------------------------
@@ -753,7 +747,6 @@ class Orchestrator:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         state = self.trainer.state_dict()
         arrays = {f"p.{k}": numpy.asarray(v) for k, v in state.items() if hasattr(v, "shape")}
         scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
@@ -766,11 +759,8 @@ class Orchestrator:
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
         }
-        tmp = self.checkpoint_path.with_suffix(".tmp.npz")
-        numpy.savez(tmp, __meta__=numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8), **arrays)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.checkpoint_path)
+        with replace_privately(self.checkpoint_path) as fh:  # 0600 from creation, synced, renamed into place
+            numpy.savez(fh, __meta__=numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8), **arrays)
 
     def _read_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
         try:

@@ -68,7 +68,7 @@ class NodeRuntime:
         self.guard = ReplayGuard(clock, journal=self.run_dir / "state" / self.log_name / "replay.journal")
         self.pipeline = ReceivePipeline(self.name, roster, self.guard, limits)
         self.signer = MessageSigner(identity, clock)
-        self.recorder = Recorder(self.run_dir / "logs" / f"{self.log_name}{LOG_SUFFIX}", self.name, roster)
+        self.recorder = Recorder(self.run_dir / "logs" / f"{self.log_name}{LOG_SUFFIX}", self.name, roster, identity=identity)
         self.log = logging.getLogger(f"gtbus.node.{self.name}")
         self.last_heard: dict[str, float] = {}
         self.state_label = "starting"

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgpack
-
+from gtbus.console import printable
+from gtbus.errors import ConfigError
 from gtbus.messages.envelope import Header
 from gtbus.protocol.holder import Action, HolderMachine
 from gtbus.protocol.token import Phase, TokenMachine
 from gtbus.recording import LogRecord, read_log
-from gtbus.replay.verify import header_of
+from gtbus.replay.verify import header_of, message_of
 
 
 @dataclass(frozen=True)
@@ -43,30 +43,34 @@ class Difference:
         return f"record {self.record}: {self.message}"
 
 
+class RedriveError(ConfigError):
+    """A log that cannot be re-driven (a record the node sent or accepted does not decode as its type)."""
+
+
 @dataclass(frozen=True)
 class _Msg:
     rec: LogRecord
     header: Header
-    body: dict[str, Any]
+    body: Any  # the declared message class of header.type
     out: bool
     accepted: bool
 
 
 def _messages(records: list[LogRecord]) -> list[_Msg | LogRecord]:
+    """Meta records and the node's sent or accepted messages, each decoded as its declared class."""
     items: list[_Msg | LogRecord] = []
     for rec in records:
         if rec.kind == "meta":
             items.append(rec)
             continue
+        if rec.kind != "msg" or rec.data["verdict"] not in ("sent", "accepted"):
+            continue  # checkpoints; refused messages changed no decision
         h = header_of(rec)
-        if h is None:
-            continue
-        try:
-            body = msgpack.unpackb(rec.frames[2], raw=False, strict_map_key=False)
-        except Exception:
-            body = {}
-        verdict = str(rec.data.get("verdict", ""))
-        items.append(_Msg(rec, h, body if isinstance(body, dict) else {}, rec.data.get("dir") == "out", verdict in ("sent", "accepted")))
+        body = message_of(rec, h) if h is not None else None
+        if h is None or body is None:
+            # The node only sent or accepted messages that decoded: this record was altered.
+            raise RedriveError(f"record {rec.index}: a {rec.data['verdict']} message whose frames do not decode as its declared type")
+        items.append(_Msg(rec, h, body, rec.data["dir"] == "out", True))
     return items
 
 
@@ -78,24 +82,24 @@ def redrive_holder(records: list[LogRecord], node: str) -> Difference | None:
         if isinstance(item, LogRecord) or item.out or not item.accepted or item.header.type != "token.grant":
             continue
         h, b = item.header, item.body
-        if b.get("holder") != node:
+        if b.holder != node:
             continue
-        decision = machine.on_grant(str(b["token_id"]), h.epoch, float(b["lease_deadline"]), float(item.rec.data.get("t", 0.0)))
-        reply = _reply_to_grant(items[k + 1 :], str(b["token_id"]), h.epoch)
+        decision = machine.on_grant(b.token_id, h.epoch, b.lease_deadline, float(item.rec.data["t"]))
+        reply = _reply_to_grant(items[k + 1 :], b.token_id, h.epoch)
         want = {Action.PROVISION: "token.ack", Action.ACK_AGAIN: "token.ack", Action.DECLINE: "token.decline", Action.IGNORE: None}[decision.action]
         if decision.action is Action.PROVISION and reply == "token.decline":
             # A holder may still decline after checking the sealed params and the measurement.
-            machine.failed(str(b["token_id"]), h.epoch)
+            machine.failed(b.token_id, h.epoch)
             continue
         if reply != want:
             why = f" ({decision.reason})" if decision.reason else ""
             shown = reply or "no reply"
             return Difference(item.rec.index, f"token.grant epoch {h.epoch}: the state machine decides {decision.action.value}{why}, the log shows {shown}")
         if decision.action is Action.PROVISION:
-            if _returned(items[k + 1 :], str(b["token_id"]), h.epoch):
-                machine.returned(str(b["token_id"]), h.epoch)
+            if _returned(items[k + 1 :], b.token_id, h.epoch):
+                machine.returned(b.token_id, h.epoch)
             else:
-                machine.failed(str(b["token_id"]), h.epoch)
+                machine.failed(b.token_id, h.epoch)
     return None
 
 
@@ -105,14 +109,14 @@ def _reply_to_grant(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> 
             return None  # the process restarted before replying
         if not item.out and item.header.type == "token.grant" and item.accepted:
             return None
-        if item.out and item.header.type in ("token.ack", "token.decline") and item.header.epoch == epoch and item.body.get("token_id") == token_id:
+        if item.out and item.header.type in ("token.ack", "token.decline") and item.header.epoch == epoch and item.body.token_id == token_id:
             return item.header.type
     return None
 
 
 def _returned(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> bool:
     return any(
-        isinstance(i, _Msg) and i.out and i.header.type == "token.return" and i.header.epoch == epoch and i.body.get("token_id") == token_id
+        isinstance(i, _Msg) and i.out and i.header.type == "token.return" and i.header.epoch == epoch and i.body.token_id == token_id
         for i in rest
     )
 
@@ -132,10 +136,10 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
                 # After a restart the orchestrator starts above everything it reserved,
                 # which may skip numbers; it must never go back to one already issued.
                 first = h.epoch - 1 if h.epoch > highest else highest
-                machine = TokenMachine(str(b["token_id"]), last_epoch=first)
+                machine = TokenMachine(b.token_id, last_epoch=first)
             if machine.phase is not Phase.IDLE:
                 return Difference(item.rec.index, f"token.grant epoch {h.epoch} while the token is {machine.phase.value} (owner {machine.owner})")
-            g = machine.grant(str(b["holder"]), float(item.rec.data.get("t", 0.0)), max(1e-6, float(b["lease_deadline"]) - h.ts))
+            g = machine.grant(b.holder, float(item.rec.data["t"]), max(1e-6, b.lease_deadline - h.ts))
             if h.epoch != g.epoch:
                 what = "reuses an epoch" if h.epoch <= highest else "skips ahead"
                 return Difference(item.rec.index, f"token.grant {what}: the state machine issues epoch {g.epoch}, the log shows {h.epoch}")
@@ -145,7 +149,7 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
             continue
         if not item.out and item.accepted and h.type in ("token.ack", "token.return", "token.decline"):
             judge = {"token.ack": machine.on_ack, "token.return": machine.on_return, "token.decline": machine.on_decline}[h.type]
-            verdict = judge(h.sender, h.epoch, str(b.get("token_id", "")))
+            verdict = judge(h.sender, h.epoch, b.token_id)
             if h.type == "token.return":
                 accepted_return[h.epoch] = accepted_return.get(h.epoch, False) or verdict.accepted
             continue
@@ -153,7 +157,7 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
             machine.revoke()
             continue
         if item.out and h.type == "hop.record":
-            trained = b.get("outcome") == "trained"
+            trained = b.outcome == "trained"
             if trained and not accepted_return.get(h.epoch, False):
                 return Difference(item.rec.index, f"hop.record epoch {h.epoch} says trained, but the state machine accepted no return for that epoch")
             if h.epoch == machine.epoch and machine.phase is not Phase.IDLE:
@@ -164,14 +168,19 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
 
 
 def redrive(path: str | Path, node: str | None = None) -> tuple[str, Difference | None]:
-    """Re-drive the log at ``path``; returns (node, first difference or None)."""
+    """Re-drive the log at ``path``; returns (node, first difference or None).
+
+    Raises ConfigError (one line naming the log) for a log that cannot be re-driven.
+    """
     records = read_log(path)
     meta = next((r for r in records if r.kind == "meta"), None)
-    name = node or (str(meta.data.get("node")) if meta else Path(path).stem)
-    roles = {m.get("name"): m.get("role") for m in (meta.data.get("roster", []) if meta else [])}
+    name = node or (meta.data["node"] if meta else Path(path).stem)
+    roles = {m.get("name"): m.get("role") for m in (meta.data["roster"] if meta else [])}
     role = roles.get(name)
-    if role == "holder":
-        return name, redrive_holder(records, name)
-    if role == "orchestrator":
-        return name, redrive_orchestrator(records, name)
-    raise ValueError(f"{path}: no state machine to re-drive for {name!r} (role {role})")
+    machines = {"holder": redrive_holder, "orchestrator": redrive_orchestrator}
+    if role not in machines:
+        raise RedriveError(f"{path}: no state machine to re-drive for {printable(name)!r} (role {printable(role)})")
+    try:
+        return name, machines[role](records, name)
+    except RedriveError as exc:
+        raise RedriveError(f"{path}: {exc}") from None

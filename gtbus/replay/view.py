@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import msgpack
-
 from gtbus.messages.envelope import Header
-from gtbus.recording import LogRecord, log_files, read_log
-from gtbus.replay.verify import header_of
+from gtbus.console import printable
+from gtbus.recording import LogRecord, iter_log, log_files
+from gtbus.replay.verify import body_of, header_of
 
 
 @dataclass(frozen=True)
@@ -34,25 +33,20 @@ class Entry:
 
     @property
     def body(self) -> dict[str, Any] | None:
-        """The decoded body (for display only; it was checked when the node received it)."""
-        frames = self.record.data.get("frames")
-        if not isinstance(frames, list) or len(frames) < 3 or not isinstance(frames[2], bytes):
-            return None
-        try:
-            body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
-        except Exception:
-            return None
-        return body if isinstance(body, dict) else None
+        """The decoded body (for display only), under the wire's msgpack limits."""
+        return body_of(self.record)
 
 
 def entries(path: str | Path) -> Iterator[Entry]:
     """Every message record in a log file or a folder of logs, in file order."""
     for p in log_files(path):
         node = p.stem
-        for rec in read_log(p):
+        for rec in iter_log(p):
             if rec.kind == "meta":
-                node = str(rec.data.get("node", node))
+                node = rec.data["node"]
                 continue
+            if rec.kind != "msg":
+                continue  # checkpoints: verify's business
             yield Entry(node=node, path=p, record=rec, header=header_of(rec))
 
 
@@ -73,14 +67,21 @@ def select(
         yield e
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, depth: int = 0) -> str:
+    # Bounded whatever the body holds: two levels, six items, 80 characters of a string.
     if isinstance(value, bytes):
         return value[:8].hex() + ("…" if len(value) > 8 else "") + f"({len(value)}B)" if len(value) > 8 else value.hex()
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}={_short(v)}" for k, v in list(value.items())[:6]) + ("…" if len(value) > 6 else "") + "}"
+    if isinstance(value, (dict, list)):
+        if depth >= 2:
+            return "{…}" if isinstance(value, dict) else "[…]"
+        items = list(value.items())[:6] if isinstance(value, dict) else list(enumerate(value[:6]))
+        inner = ", ".join(f"{_short(k, 2)}={_short(v, depth + 1)}" if isinstance(value, dict) else _short(v, depth + 1) for k, v in items)
+        more = "…" if len(value) > 6 else ""
+        return "{" + inner + more + "}" if isinstance(value, dict) else "[" + inner + more + "]"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return str(value)
+    text = str(value)
+    return text if len(text) <= 80 else text[:80] + "…"
 
 
 def format_entry(e: Entry) -> str:
@@ -90,16 +91,19 @@ def format_entry(e: Entry) -> str:
     except (OverflowError, OSError, ValueError):  # a local time no clock gives
         ts = "??:??:??.???"
     d = e.record.data
-    arrow = "<-" if d.get("dir") == "in" else "->"
-    verdict = str(d.get("verdict", ""))
+    arrow = "<-" if d["dir"] == "in" else "->"
+    verdict = d["verdict"]
     if e.header is None:
-        return f"{ts} {e.node:<8} {arrow} {verdict:<10} (damaged frames)"
+        return printable(f"{ts} {e.node:<8} {arrow} {verdict:<10} (damaged frames)")
     h = e.header
     body = e.body
     body_s = " ".join(f"{k}={_short(v)}" for k, v in (body or {}).items())
     if "blob_sizes" in d:
         body_s += f" blobs={d['blob_sizes']}"
-    return (
+    if "sizes" in d:  # a refused message: what it claimed, and how large it was
+        body_s += f" refused-frames={d['sizes'][:8]} digest={_short(d.get('digest', b''))}"
+    # Everything on the line may come from a peer (names, types, a decline reason): escaped, one line.
+    return printable(
         f"{ts} {e.node:<8} {arrow} {verdict:<10} {h.type:<16} {h.sender}->{h.recipient} "
         f"seq={h.seq} ep={h.epoch} {body_s}"
     )
@@ -187,4 +191,4 @@ def format_detail(e: Entry) -> str:
     for k, v in (e.body or {}).items():
         lines.append(f"    {k} = {_short(v)}")
     lines.append(f"    log {e.path} record {e.record.index}, peer {e.record.data.get('peer')}, channel {e.record.data.get('ch')}")
-    return "\n".join(lines)
+    return "\n".join(lines[:1] + [printable(line) for line in lines[1:]])
