@@ -344,13 +344,15 @@ class SegmentOpener:
         self._cipher = SegmentCipher(params.suite, params.key)
 
     def open_into(
-        self, staging: Buffer, out: Buffer, ctx: SegmentContext, count: int, nbytes: int
+        self, staging: Buffer, out: Buffer, ctx: SegmentContext, count: int, nbytes: int, *, private_copy: bool = False
     ) -> None:
         """Decrypt all ``count`` segments into ``out[:nbytes]``.
 
         The claims (count, nbytes, context, capacity, buffer sizes) are checked
         before anything is decrypted. If any segment fails, ``out`` is zeroed
         and :class:`ChannelError` names the lowest failing index.
+        ``private_copy``: copy each segment out of staging before opening it
+        (for staging that parties without the key can write; see below).
         """
         seg = self.params.segment_size
         src = _byte_view(staging, "staging")
@@ -367,25 +369,32 @@ class SegmentOpener:
         if dst.readonly or len(dst) < nbytes:
             raise ChannelError(f"output must be writable and hold {nbytes} bytes")
 
-        # Segments are authenticated and decrypted straight out of staging,
-        # with no private bounce copy. The only writer that could race the
-        # device is a process mapping this hop's staging, which needs the
-        # sealed handle, i.e. the holder, who has the key and can produce any
-        # authenticated plaintext anyway. A backend whose staging is writable
-        # by parties without the key must copy each segment in first.
+        # Without ``private_copy`` segments are authenticated and decrypted
+        # straight out of staging: right where only the key's holder can write
+        # it, who can produce any authenticated plaintext anyway. A backend
+        # whose staging is writable by parties without the key (the device
+        # agent, for one) must ask for the private copy.
         cipher, nonce = self._cipher, self.params.nonce
         first_bad: list[int] = []  # guarded by lock; lowest failing index so far
         lock = threading.Lock()
 
         def open_range(lo: int, hi: int) -> None:
+            copy = memoryview(bytearray(seg + TAG_SIZE)) if private_copy else None
             for i in range(lo, hi):
                 # Segments past a known failure cannot change the verdict;
                 # segments before it still must run to find the lowest one.
                 if first_bad and i > first_bad[0]:
                     return
                 p, s, n = segment_bounds(i, nbytes, seg)
+                sealed = src[s : s + n + TAG_SIZE]
+                if copy is not None:
+                    # The AEAD reads its input twice (tag, then plaintext): from
+                    # shared memory a concurrent writer could change the bytes in
+                    # between. A private copy makes both reads see the same bytes.
+                    copy[: n + TAG_SIZE] = sealed
+                    sealed = copy[: n + TAG_SIZE]
                 try:
-                    cipher.open_segment(nonce(i), src[s : s + n + TAG_SIZE], ctx.associated_data(i), dst[p : p + n])
+                    cipher.open_segment(nonce(i), sealed, ctx.associated_data(i), dst[p : p + n])
                 except ChannelError:
                     with lock:
                         if not first_bad or i < first_bad[0]:

@@ -42,7 +42,7 @@ from gtbus.gpu.channel import (
     segment_count,
     staging_size,
 )
-from gtbus.gpu.device import BufferHandle
+from gtbus.gpu.device import BufferHandle, check_staging_write
 from gtbus.gpu.measure import tagged_hash
 
 try:  # cupy is an optional extra; importing this module without it fails clearly
@@ -151,7 +151,8 @@ class CupyStagingMapping:
         raise DeviceError("a CUDA staging buffer has no host view; write it with seal_into")
 
     def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Copy raw bytes into the staging buffer (drills only: bypasses the channel)."""
+        """Copy raw bytes into the staging buffer at ``offset`` (drills and the device agent: bypasses the channel)."""
+        check_staging_write(self.nbytes, offset, len(data))
         self.array[offset : offset + len(data)].set(np.frombuffer(data, dtype=np.uint8))
 
     def read_raw(self, nbytes: int) -> bytes:
@@ -221,6 +222,7 @@ class CupyDevice:
 
     name: str = "cupy"
     array_module: ModuleType = cupy
+    exports_outlive_process: bool = False
 
     def __init__(self, device: int = 0) -> None:
         self._dev = cupy.cuda.Device(device)

@@ -8,6 +8,12 @@ buffers and hands them back. The rules a backend keeps:
 - A hop's staging buffer is fresh: allocated for that one hop, exported under a
   new unguessable handle, and revoked when the hop ends so that the handle can
   never be mapped again. Staging only ever holds ciphertext.
+- Nothing the device maps can be shrunk, grown or replaced by a holder. A
+  holder may write anything into its own staging at any time, keep its mapping
+  past the hop, or never map it at all; the worst outcome of any of these is
+  that its own hop is refused. The device never faults, stalls or sizes
+  anything on what a holder did to staging, and authenticates exactly the
+  bytes it decrypts even while a holder writes.
 - Plaintext appears only in private buffers, and only after every segment has
   authenticated (:meth:`Device.open_segments`).
 - At the end of a hop the data buffer is scrubbed, verified to read zero, and
@@ -22,10 +28,20 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any, NewType, Protocol, runtime_checkable
 
+from gtbus.errors import DeviceError
 from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext
 
 BufferHandle = NewType("BufferHandle", str)
 """Backend-specific name of an exported staging buffer; knowing it is the capability to map it."""
+
+
+def check_staging_write(staging_bytes: int, offset: object, length: int) -> int:
+    """``offset`` if ``length`` bytes written there lie inside the staging buffer, else DeviceError."""
+    # The offset may come from a peer (the device agent's segment index): it is
+    # checked against the mapping's real size, not against what anyone claimed.
+    if type(offset) is not int or not 0 <= offset <= staging_bytes - length:
+        raise DeviceError(f"{length} bytes at offset {offset!r} do not fit {staging_bytes} bytes of staging")
+    return offset
 
 
 @runtime_checkable
@@ -46,12 +62,20 @@ class DeviceBuffer(Protocol):
 class StagingMapping(Protocol):
     """The holder's writable mapping of one hop's staging buffer."""
 
+    @property
+    def nbytes(self) -> int:
+        """Size of the mapped staging buffer."""
+        ...
+
     def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
         """Seal the plaintext segment by segment into the staging buffer (once per hop)."""
         ...
 
     def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Write raw bytes, bypassing the channel (failure drills only)."""
+        """Write raw bytes at ``offset``, bypassing the channel (drills; the device agent).
+
+        DeviceError unless ``offset`` and ``data`` lie wholly inside the staging buffer.
+        """
         ...
 
     def read_raw(self, nbytes: int) -> bytes:
@@ -74,6 +98,13 @@ class Device(Protocol):
 
     array_module: ModuleType
     """``numpy`` or ``cupy``: the module that works on :meth:`as_array` views."""
+
+    exports_outlive_process: bool
+    """True if a staging export can outlive the process that made it.
+
+    Only then must a node record its live handles, so that a restart after a
+    crash can remove them (:meth:`discard_export`).
+    """
 
     def alloc(self, nbytes: int) -> DeviceBuffer:
         """A zeroed private buffer; it can never be exported."""
@@ -108,7 +139,11 @@ class Device(Protocol):
         ...
 
     def discard_export(self, handle: BufferHandle | str) -> None:
-        """Remove a staging export left behind by a process that died mid-hop (nothing if gone)."""
+        """Remove a staging export left behind by a process that died mid-hop (nothing if gone).
+
+        Needed only where :attr:`exports_outlive_process`; elsewhere it removes
+        what older versions may have left, or does nothing.
+        """
         ...
 
     def revoke_staging(self, buf: DeviceBuffer) -> None:

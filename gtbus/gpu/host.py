@@ -1,28 +1,42 @@
-"""The host backend: the device emulated with numpy and POSIX shared memory.
+"""The host backend: the device emulated with numpy and sealed anonymous memory.
 
 Private buffers are ordinary numpy arrays in the orchestrator's address space;
-nothing can map them from outside. A hop's staging buffer is a ``/dev/shm``
-file with a fresh 128-bit random name, created ``O_EXCL`` with mode 0600 and
-mapped shared. The name is the capability to write the hop: it travels only
-inside the sealed grant, and :meth:`HostDevice.revoke_staging` unlinks it so it
-can never be opened again. (A holder that kept its mapping still sees the old
-pages, which only ever hold its own ciphertext; the next hop gets a new file.)
+nothing can map them from outside. A hop's staging buffer is an anonymous
+``memfd`` (no name in ``/dev/shm`` or anywhere else) sealed with
+``F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`` before anyone else can reach it,
+and mapped shared here. No process holding it can change its size, add or
+remove seals, or swap it for another file, so the orchestrator's mapping can
+never fault (SIGBUS) on what a holder does: the worst a holder can do to its
+staging is write into it, which fails its own hop's authentication.
 
-Mode 0600 means holders must run as the orchestrator's user. Holders under
-other users would need the file descriptor passed over a Unix socket instead.
+The memfd reaches the granted holder only as a descriptor, over a Unix socket
+(:mod:`gtbus.gpu.fd_passing`), against a single-use ticket. The handle carries
+the broker's address and the ticket; it travels only inside the sealed grant.
+:meth:`HostDevice.revoke_staging` withdraws the ticket, so once a hop is over
+no process can obtain a new mapping of its staging. (A holder that kept its
+mapping still sees the old pages, which only ever hold its own ciphertext,
+scrubbed; the next hop gets a new memfd.) Memfds and the broker end with the
+process: a killed orchestrator leaves nothing behind.
 
-``multiprocessing.shared_memory`` is deliberately not used: its resource
-tracker unlinks segments and warns across unrelated processes.
+The broker serves this user only (``SO_PEERCRED``), so holders run as the
+orchestrator's user, as they did with the ``/dev/shm`` files this replaces.
+
+Staging is writable by a party without the hop key (the device agent writes
+remote holders' ciphertext), so :meth:`HostDevice.open_segments` copies each
+segment privately before it authenticates and decrypts it: the bytes the tag
+covers are the bytes decrypted, whatever is written to staging meanwhile.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
 import secrets
 import socket
 import stat
+import threading
 import weakref
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -32,21 +46,25 @@ import numpy as np
 
 from gtbus.errors import ChannelError, DeviceError
 from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext, SegmentOpener, SegmentSealer
-from gtbus.gpu.device import BufferHandle
+from gtbus.gpu.device import BufferHandle, check_staging_write
+from gtbus.gpu.fd_passing import ADDRESS_PREFIX, FdBroker, NotOnOffer, fetch_fd
 from gtbus.gpu.measure import measure_model
 
+HANDLE_PREFIX: Final = "gtbus-memfd:"
+_HANDLE_RE: Final = re.compile(r"gtbus-memfd:(" + ADDRESS_PREFIX + r"[0-9a-f]{32}):([0-9a-f]{64})")
+STAGING_SEALS: Final = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""Seals on every staging memfd: its size is fixed and no one can add or remove a seal."""
+# Staging files of gtbus versions before the sealed memfd; a restart still removes them.
 SHM_DIR: Final = "/dev/shm"
-HANDLE_PREFIX: Final = "gtbus-hop-"
-_HANDLE_RE: Final = re.compile(r"gtbus-hop-[0-9a-f]{32}")
-_OPEN_FLAGS: Final = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+_LEGACY_HANDLE_RE: Final = re.compile(r"gtbus-hop-[0-9a-f]{32}")
 # Populate page tables at map time: one batched kernel walk is several times
 # cheaper than a page fault per 4 KiB on the hot write/decrypt path.
 _MAP_FLAGS: Final = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _short(handle: str) -> str:
-    # The handle is a live capability until revoked: never log it whole.
-    return handle[: len(HANDLE_PREFIX) + 8] + "..."
+    # The handle holds a live ticket until revoked: never log it whole.
+    return handle[: len(HANDLE_PREFIX) + len(ADDRESS_PREFIX) + 8] + "..."
 
 
 @dataclass(eq=False)
@@ -91,7 +109,8 @@ class HostStagingMapping:
         return SegmentSealer(params).seal_into(plaintext, self.view, ctx)
 
     def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Copy raw bytes into the staging buffer (drills only: bypasses the channel)."""
+        """Copy raw bytes into the staging buffer at ``offset`` (drills and the device agent: bypasses the channel)."""
+        check_staging_write(self.nbytes, offset, len(data))
         self.view[offset : offset + len(data)] = data
 
     def read_raw(self, nbytes: int) -> bytes:
@@ -127,17 +146,47 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+def _sealed_memfd(nbytes: int) -> int:
+    """A new anonymous file of exactly ``nbytes``, sealed so no holder of it can change its size."""
+    fd = os.memfd_create("gtbus-hop", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, nbytes)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, STAGING_SEALS)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class HostDevice:
     """The device emulated on the CPU; implements :class:`gtbus.gpu.device.Device`."""
 
     name: str = "host"
     array_module: ModuleType = np
+    exports_outlive_process: bool = False
 
     def __init__(self) -> None:
         # Hostname and pid say which address space holds the model; the random
         # instance tag keeps a restarted process (or a recycled pid) from
         # matching reports made for an earlier one.
         self.device_id = f"host:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(8)}"
+        self._broker: FdBroker | None = None
+        self._broker_lock = threading.Lock()  # the next hop's staging is allocated on another thread
+
+    def _staging_broker(self) -> FdBroker:
+        # Started with the first staging buffer and stopped with the device, so a
+        # device that never exports (a holder's, a test's) runs no thread.
+        with self._broker_lock:
+            if self._broker is None:
+                self._broker = FdBroker()
+                weakref.finalize(self, self._broker.close)
+            return self._broker
+
+    def close(self) -> None:
+        """Stop handing out staging: every ticket still on offer is withdrawn (idempotent)."""
+        with self._broker_lock:
+            if self._broker is not None:
+                self._broker.close()
 
     def alloc(self, nbytes: int) -> HostBuffer:
         """A zeroed private buffer (never exportable)."""
@@ -145,26 +194,24 @@ class HostDevice:
         return HostBuffer(nbytes=nbytes, _array=np.zeros(nbytes, dtype=np.uint8))
 
     def alloc_hop_staging(self, nbytes: int) -> tuple[HostBuffer, BufferHandle]:
-        """A fresh shared staging file for one hop, mapped here, and its handle."""
+        """A fresh sealed memfd for one hop, mapped here and put on offer; its handle names the ticket."""
         _check_size(nbytes, minimum=1)
-        handle = BufferHandle(HANDLE_PREFIX + secrets.token_hex(16))
-        path = os.path.join(SHM_DIR, handle)
+        broker = self._staging_broker()
         try:
-            fd = os.open(path, _OPEN_FLAGS | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = _sealed_memfd(nbytes)
         except OSError as exc:
-            raise DeviceError(f"cannot create staging in {SHM_DIR}: {exc.strerror}") from None
+            raise DeviceError(f"cannot allocate {nbytes} bytes of staging: {exc.strerror}") from None
         try:
-            os.ftruncate(fd, nbytes)
             mapping = mmap.mmap(fd, nbytes, flags=_MAP_FLAGS)
+            ticket = broker.offer(fd)
         except OSError as exc:
-            _unlink_quietly(path)
             raise DeviceError(f"cannot allocate {nbytes} bytes of staging: {exc.strerror}") from None
         finally:
-            os.close(fd)
+            os.close(fd)  # the mapping and the broker's duplicate keep the memory
+        handle = BufferHandle(f"{HANDLE_PREFIX}{broker.address}:{ticket.hex()}")
         buf = HostBuffer(nbytes=nbytes, handle=handle, _mmap=mapping)
-        # If the buffer is dropped or the process exits without revoking, the
-        # name must still disappear from /dev/shm.
-        buf._finalizer = weakref.finalize(buf, _unlink_quietly, path)
+        # If the buffer is dropped without being revoked, its ticket must still go.
+        buf._finalizer = weakref.finalize(buf, broker.withdraw, ticket)
         return buf, handle
 
     @classmethod
@@ -173,20 +220,22 @@ class HostDevice:
 
     @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> HostStagingMapping:
-        """Holder side, any process of the same user: map a staging buffer by handle."""
-        if not isinstance(handle, str) or not _HANDLE_RE.fullmatch(handle):
+        """Holder side, any process of the orchestrator's user: fetch the hop's memfd by handle and map it."""
+        match = _HANDLE_RE.fullmatch(handle) if isinstance(handle, str) else None
+        if match is None:
             raise DeviceError("not a host staging handle")
-        path = os.path.join(SHM_DIR, handle)
         try:
-            fd = os.open(path, _OPEN_FLAGS)
-        except FileNotFoundError:
-            raise DeviceError(f"staging {_short(handle)} is not exported (revoked or never issued)") from None
-        except OSError as exc:
-            raise DeviceError(f"cannot open staging {_short(handle)}: {exc.strerror}") from None
+            fd = fetch_fd(match[1], bytes.fromhex(match[2]))
+        except NotOnOffer:
+            raise DeviceError(f"staging {_short(handle)} is not exported (revoked or never issued), or was mapped once already") from None
+        except DeviceError as exc:
+            raise DeviceError(f"staging {_short(handle)} is not exported: {exc}") from None
         try:
             st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-                raise DeviceError(f"staging {_short(handle)} is not a private file of this user")
+            # Refuse anything but the sealed memfd a device makes: then this
+            # mapping cannot fault on a size change either.
+            if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GET_SEALS) & STAGING_SEALS != STAGING_SEALS:
+                raise DeviceError(f"staging {_short(handle)} is not a sealed staging buffer")
             if st.st_size <= 0:
                 raise DeviceError(f"staging {_short(handle)} is empty")
             mapping = mmap.mmap(fd, st.st_size, flags=_MAP_FLAGS)
@@ -202,15 +251,18 @@ class HostDevice:
         mapping.close()
 
     def discard_export(self, handle: BufferHandle | str) -> None:
-        """Unlink a staging file a killed orchestrator left in /dev/shm (only well-formed gtbus handles)."""
-        if _HANDLE_RE.fullmatch(str(handle)):
+        """Unlink a ``/dev/shm`` staging file an earlier gtbus version left behind.
+
+        Memfd staging needs nothing: it ends with the process that made it.
+        """
+        if _LEGACY_HANDLE_RE.fullmatch(str(handle)):
             _unlink_quietly(os.path.join(SHM_DIR, str(handle)))
 
     def revoke_staging(self, buf: HostBuffer) -> None:
-        """Unlink the staging file and close our mapping. Idempotent."""
+        """Withdraw the staging ticket and close our mapping. Idempotent."""
         if buf.handle is None:
             raise DeviceError("only staging buffers can be revoked; this one is private")
-        # Unlink first: from here on no new mapping can be made, whatever happens next.
+        # Withdraw first: from here on no new mapping can be made, whatever happens next.
         if buf._finalizer is not None:
             buf._finalizer()
         if buf._mmap is not None:
@@ -218,7 +270,7 @@ class HostDevice:
                 buf._mmap.close()
             except BufferError:
                 raise DeviceError(
-                    f"staging {_short(buf.handle)} is unlinked but views of it are still alive"
+                    f"staging {_short(buf.handle)} is withdrawn but views of it are still alive"
                 ) from None
             buf._mmap = None
 
@@ -239,7 +291,7 @@ class HostDevice:
         mapping = _live_mmap(staging)
         array = _private_array(out, "output")
         # The opener's views are gone when open_into returns, so revoke can close the mapping.
-        SegmentOpener(params).open_into(mapping, array, ctx, count, nbytes)
+        SegmentOpener(params).open_into(mapping, array, ctx, count, nbytes, private_copy=True)
 
     def scrub(self, buf: HostBuffer) -> None:
         """Overwrite the whole buffer with zeros."""

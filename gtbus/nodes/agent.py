@@ -97,10 +97,17 @@ class DeviceAgent:
         self._drop_stage()
         try:
             handle = open_bytes(m.sealed_handle, bytes(self.up.identity.x25519_secret), "sealed staging handle").decode()
-            mapping = self.device_cls.map_staging(handle)
+            # Fetching the staging may wait on the device's broker: not on the event loop.
+            mapping = await asyncio.to_thread(self.device_cls.map_staging, handle)
         except (ChannelError, DeviceError, UnicodeDecodeError) as exc:
             await self.up.send(Refusal("agent-stage", f"cannot stage: {exc}"), parent=acc.header.id, epoch=acc.header.epoch)
             return
+        if mapping.nbytes < m.staging_bytes:
+            self.device_cls.unmap(mapping)
+            await self.up.send(Refusal("agent-stage", f"staging holds {mapping.nbytes} bytes, {m.staging_bytes} announced"),
+                               parent=acc.header.id, epoch=acc.header.epoch)
+            return
+        self._drop_stage()  # another stage may have landed while this one was fetched
         self.stage = _Stage(m.token_id, acc.header.epoch, m.holder, mapping, m.segment_size + TAG_SIZE, m.staging_bytes)
         self.down.guard.raise_fence(acc.header.epoch)
         await self.up.send(AgentReady(m.token_id), parent=acc.header.id, epoch=acc.header.epoch)
@@ -124,7 +131,12 @@ class DeviceAgent:
         if m.count != st.count or not 0 <= m.index < m.count or m.index in st.received or len(blob) > st.stride or off + len(blob) > st.staging_bytes:
             self.log.warning("refused segment %d from %s: outside the staged hop", m.index, acc.header.sender)
             return
-        await asyncio.to_thread(st.mapping.write_raw, blob, off)
+        try:
+            # write_raw checks the offset against the mapping's real size as well.
+            await asyncio.to_thread(st.mapping.write_raw, blob, off)
+        except DeviceError as exc:
+            self.log.warning("refused segment %d from %s: %s", m.index, acc.header.sender, exc)
+            return
         st.received.add(m.index)
 
     async def _on_done(self, acc: Accepted, delivery: Delivery) -> None:

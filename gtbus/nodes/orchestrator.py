@@ -722,7 +722,10 @@ class Orchestrator:
     def _track_export(self, handle: str, live: bool) -> None:
         # Every staging export that exists right now (this hop's, and the next one's
         # being prepared), so a restart after kill -9 can remove what the dead
-        # process could not (host backend: /dev/shm files).
+        # process could not. Only where exports outlive us: a handle names a live
+        # capability, and a file of them would hand it to anyone who reads it.
+        if not getattr(self.device, "exports_outlive_process", True):
+            return
         with self._exports_lock:  # the next hop's staging is allocated on another thread
             (self._live_exports.add if live else self._live_exports.discard)(handle)
             path = self.state_dir / "inflight-staging"

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
-import stat
 import struct
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import blake3
@@ -18,7 +19,8 @@ from nacl.public import PrivateKey
 from gtbus.errors import ChannelError, DeviceError
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentSealer, segment_count, staging_size
 from gtbus.gpu.device import Device, DeviceBuffer
-from gtbus.gpu.host import SHM_DIR, HostBuffer, HostDevice
+from gtbus.gpu.fd_passing import fetch_fd
+from gtbus.gpu.host import HANDLE_PREFIX, SHM_DIR, STAGING_SEALS, HostBuffer, HostDevice
 from gtbus.gpu.measure import measure_code, measure_model
 from gtbus.gpu.sealing import seal_params
 
@@ -96,28 +98,61 @@ def test_holder_in_another_process_writes_and_device_decrypts(dev: HostDevice) -
     dev.revoke_staging(staging)
 
 
-def test_staging_is_a_fresh_private_file_with_an_unguessable_name(dev: HostDevice) -> None:
+def test_staging_is_a_fresh_sealed_memfd_with_no_name(dev: HostDevice) -> None:
+    before = shm_names()
     a, handle_a = dev.alloc_hop_staging(100)
     b, handle_b = dev.alloc_hop_staging(100)
     assert handle_a != handle_b and a.handle == handle_a
+    assert shm_names() == before, "staging must have no name anyone could open, truncate or replace"
     for handle in (handle_a, handle_b):
-        assert handle.startswith("gtbus-hop-") and len(handle) == len("gtbus-hop-") + 32
-        st = os.stat(os.path.join(SHM_DIR, handle))
-        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_size == 100
+        assert handle.startswith(HANDLE_PREFIX)
+        with HostDevice.map_staging(handle) as mapping:
+            assert mapping.nbytes == 100
     assert handle_a not in repr(a)
     dev.release(a)
     dev.release(b)
 
 
+def test_a_holder_cannot_change_the_size_of_its_staging(dev: HostDevice) -> None:
+    # Whatever the holder does with the descriptor it was given, the device's
+    # mapping keeps its size: reading every byte of it cannot fault.
+    staging, handle = dev.alloc_hop_staging(1 << 16)
+    address, ticket = handle[len(HANDLE_PREFIX) :].split(":")
+    fd = fetch_fd(address, bytes.fromhex(ticket))
+    try:
+        assert fcntl.fcntl(fd, fcntl.F_GET_SEALS) & STAGING_SEALS == STAGING_SEALS
+        for size in (0, 100, 1 << 20):
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size)
+        with pytest.raises(PermissionError):
+            os.pwrite(fd, b"x", 1 << 16)  # writing past the end would grow it
+        with pytest.raises(PermissionError):
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE)  # nor can seals be added
+        os.pwrite(fd, b"holder bytes", 0)  # writing inside it is allowed: that is the hop
+        assert os.fstat(fd).st_size == 1 << 16
+    finally:
+        os.close(fd)
+    assert not dev.verify_zero(staging)
+    dev.scrub(staging)
+    assert dev.verify_zero(staging)
+    dev.release(staging)
+
+
+def test_staging_is_handed_out_once(dev: HostDevice) -> None:
+    staging, handle = dev.alloc_hop_staging(64)
+    HostDevice.map_staging(handle).close()
+    with pytest.raises(DeviceError, match="not exported"):
+        HostDevice.map_staging(handle)  # a replayed ticket, a second fetcher
+    dev.release(staging)
+
+
 def test_revoked_handle_cannot_be_mapped_again(dev: HostDevice) -> None:
     staging, handle = dev.alloc_hop_staging(64)
-    with HostDevice.map_staging(handle) as mapping:
-        mapping.view[:3] = b"abc"
     dev.revoke_staging(staging)
-    assert handle not in shm_names()
     with pytest.raises(DeviceError, match="not exported") as info:
-        HostDevice.map_staging(handle)
+        HostDevice.map_staging(handle)  # revoked before anyone fetched it
     assert handle not in str(info.value), "error messages must not carry a whole capability"
+    assert handle.split(":")[-1] not in str(info.value)
     dev.revoke_staging(staging)  # idempotent
     with pytest.raises(DeviceError, match="revoked"):
         dev.scrub(staging)
@@ -133,7 +168,13 @@ def test_revoked_handle_cannot_be_mapped_from_another_process(dev: HostDevice) -
     assert probe.returncode != 0 and b"DeviceError" in probe.stderr and b"not exported" in probe.stderr
 
 
-@pytest.mark.parametrize("handle", ["../etc/passwd", "gtbus-hop-" + "g" * 32, "gtbus-hop-" + "a" * 31, "", 7])
+@pytest.mark.parametrize("handle", [
+    "../etc/passwd", "gtbus-hop-" + "a" * 32, "", 7, None,
+    HANDLE_PREFIX + "gtbus-fd-" + "a" * 32 + ":" + "b" * 63,
+    HANDLE_PREFIX + "gtbus-fd-" + "a" * 32 + ":" + "g" * 64,
+    HANDLE_PREFIX + "../" + "a" * 32 + ":" + "b" * 64,
+    HANDLE_PREFIX + "gtbus-fd-" + "a" * 32 + ":" + "b" * 64 + "\n",
+])
 def test_malformed_handles_are_refused(handle: object) -> None:
     with pytest.raises(DeviceError, match="not a host staging handle"):
         HostDevice.map_staging(handle)  # type: ignore[arg-type]
@@ -154,10 +195,43 @@ def test_private_buffers_expose_no_handle(dev: HostDevice) -> None:
     dev.release(staging)
 
 
-def test_dropped_staging_is_unlinked(dev: HostDevice) -> None:
+def test_dropped_staging_is_withdrawn(dev: HostDevice) -> None:
     staging, handle = dev.alloc_hop_staging(64)
     del staging
-    assert handle not in shm_names()
+    with pytest.raises(DeviceError, match="not exported"):
+        HostDevice.map_staging(handle)
+
+
+def test_a_closed_device_hands_out_nothing(dev: HostDevice) -> None:
+    staging, handle = dev.alloc_hop_staging(64)
+    dev.close()
+    with pytest.raises(DeviceError, match="not exported"):
+        HostDevice.map_staging(handle)
+    dev.scrub(staging)  # its own mapping still works until the hop releases it
+    dev.release(staging)
+
+
+def test_agent_writes_outside_the_staging_are_refused(dev: HostDevice) -> None:
+    staging, handle = dev.alloc_hop_staging(64)
+    with HostDevice.map_staging(handle) as mapping:
+        mapping.write_raw(b"x" * 64, 0)
+        for offset, data in ((1, b"x" * 64), (64, b"x"), (-1, b"x"), (1 << 62, b"x"), (True, b"x"), (0, b"x" * 65)):
+            with pytest.raises(DeviceError, match="do not fit 64 bytes"):
+                mapping.write_raw(data, offset)  # type: ignore[arg-type]
+    dev.release(staging)
+
+
+def test_legacy_shm_staging_is_discarded_and_nothing_else(dev: HostDevice, tmp_path: Path) -> None:
+    legacy = "gtbus-hop-" + os.urandom(16).hex()
+    path = os.path.join(SHM_DIR, legacy)
+    open(path, "wb").close()
+    dev.discard_export(legacy)
+    assert not os.path.exists(path)
+    keep = tmp_path / "keep"
+    keep.write_bytes(b"x")
+    for handle in ("../" + str(keep), str(keep), HANDLE_PREFIX + "x"):
+        dev.discard_export(handle)
+    assert keep.exists()
 
 
 def test_unmap_with_live_views_is_refused_then_succeeds(dev: HostDevice) -> None:
@@ -200,7 +274,44 @@ def test_failed_open_leaves_the_data_buffer_zero(dev: HostDevice) -> None:
     else:
         pytest.fail("a flipped byte must not authenticate")
     assert dev.verify_zero(out)
-    assert handle not in shm_names()
+
+
+def test_a_writer_racing_the_device_gets_a_refusal_or_changes_nothing(dev: HostDevice) -> None:
+    # Someone maps the staging and keeps flipping one ciphertext byte while the
+    # device opens it. Each open either refuses or yields exactly the sealed
+    # plaintext: the tag is checked over the very bytes that are decrypted.
+    n, seg = 8 << 20, 1 << 20
+    plain = os.urandom(n)
+    outcomes = set()
+    for epoch in range(6):
+        staging, handle = dev.alloc_hop_staging(staging_size(n, seg))
+        params = ChannelParams.generate(handle, n, segment_size=seg)
+        ctx = SegmentContext("r", epoch, "h", segment_count(n, seg))
+        mapping = HostDevice.map_staging(handle)
+        SegmentSealer(params).seal_into(plain, mapping.view, ctx)
+        stop = threading.Event()
+
+        def flip(view: memoryview = mapping.view) -> None:
+            at = 5 * (seg + 16) + 1000
+            while not stop.is_set():
+                view[at] ^= 0x01
+
+        writer = threading.Thread(target=flip)
+        writer.start()
+        out = dev.alloc(n)
+        try:
+            dev.open_segments(staging, out, params, ctx, ctx.count, n)
+            assert dev.as_array(out, np.uint8).tobytes() == plain
+            outcomes.add("opened")
+        except ChannelError:
+            assert dev.verify_zero(out)
+            outcomes.add("refused")
+        finally:
+            stop.set()
+            writer.join()
+            mapping.close()
+            dev.release(staging)
+    assert outcomes
 
 
 def test_scrub_and_verify_zero(dev: HostDevice) -> None:

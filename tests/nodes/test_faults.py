@@ -34,8 +34,14 @@ def _no_chunk_trained_twice(hops: list[dict]) -> None:
 
 
 def _staging_gone(t: Travel) -> None:
-    left = [g.epoch for g in t.grants() if os.path.exists(os.path.join(SHM_DIR, g.handle))]
-    assert not left, f"staging of hops {left} still in {SHM_DIR}"
+    left = []
+    for g in t.grants():
+        try:
+            HostDevice.unmap(HostDevice.map_staging(g.handle))
+            left.append(g.epoch)
+        except DeviceError:
+            pass
+    assert not left, f"staging of hops {left} can still be mapped"
 
 
 def test_holder_killed_mid_provision_is_revoked_and_run_completes(travel) -> None:
@@ -232,12 +238,11 @@ def test_old_staging_cannot_be_mapped_and_the_model_is_never_exported(travel) ->
     earlier = [g for g in grants if g.epoch < ack.epoch]
     assert earlier
     # The orchestrator maps nothing from /dev/shm, and nothing shared and writable
-    # at all, but this hop's staging: the model lives in private memory only.
-    staging = os.path.join(SHM_DIR, current.handle)
-    assert _shared_mappings(orch.pid) == ([staging], [staging])
-    # Earlier hops' staging files are gone: no process can map them again.
+    # at all, but this hop's staging (an anonymous memfd): the model lives in
+    # private memory only.
+    assert _shared_mappings(orch.pid) == ([], ["/memfd:gtbus-hop (deleted)"])
+    # Earlier hops' staging is withdrawn: no process can map it again.
     for g in earlier:
-        assert not os.path.exists(os.path.join(SHM_DIR, g.handle))
         with pytest.raises(DeviceError, match="not exported"):
             HostDevice.map_staging(g.handle)
     # The model's bytes are in no shared-memory file at all.

@@ -27,7 +27,6 @@ from typing import Any, Callable, TypeVar
 import numpy
 
 from gtbus.gpu.attestation import MeasurementReport, SignedReport
-from gtbus.gpu.host import SHM_DIR
 from gtbus.gpu.sealing import open_params
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
 from gtbus.recording import LogFormatError
@@ -80,7 +79,6 @@ class Travel:
         self.orchestrators: list[subprocess.Popen[str]] = []
         self._readers: list[threading.Thread] = []
         self._secrets = {h.name: bytes(h.x25519_secret) for h in self.dep.dep.holders}
-        self._handles: set[str] = set()
 
     # -- processes ---------------------------------------------------------------------------
 
@@ -172,16 +170,8 @@ class Travel:
                 pass
             if p.stdout is not None:
                 p.stdout.close()
-        # An orchestrator killed with SIGKILL cannot unlink its hop's staging file.
-        try:
-            self.grants()
-        except Exception:
-            pass
-        for handle in self._handles:
-            try:
-                os.unlink(os.path.join(SHM_DIR, handle))
-            except FileNotFoundError:
-                pass
+        # Nothing to clean up after a killed orchestrator: hop staging is an
+        # anonymous memfd and goes with the process.
 
     # -- logs --------------------------------------------------------------------------------
 
@@ -215,7 +205,6 @@ class Travel:
             b = m.body
             params = open_params(b["sealed_params"], self._secrets[b["holder"]])
             report = MeasurementReport.from_bytes(SignedReport.from_wire(b["report"]).body)
-            self._handles.add(params.buffer_handle)
             out.append(GrantSeen(m.epoch, b["holder"], int(b["chunk_index"]), params.buffer_handle, report.model_hash, m.t))
         return out
 
