@@ -41,7 +41,12 @@ def printable(value: object) -> str:
 
 
 class EscapingFormatter(logging.Formatter):
-    """A formatter whose message part is :func:`printable`; a traceback keeps its lines, each escaped."""
+    """A formatter whose message part is :func:`printable`.
+
+    A traceback keeps its lines, each escaped and marked with ``  | ``: an
+    exception's text may quote a peer's value with newlines in it, and no line
+    of it may read as a log record of its own.
+    """
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
         saved = record.message
@@ -52,10 +57,14 @@ class EscapingFormatter(logging.Formatter):
             record.message = saved
 
     def formatException(self, ei: Any) -> str:  # noqa: N802 (logging's name)
-        return "\n".join(printable(line) for line in super().formatException(ei).split("\n"))
+        return _marked(super().formatException(ei))
 
     def formatStack(self, stack_info: str) -> str:  # noqa: N802 (logging's name)
-        return "\n".join(printable(line) for line in stack_info.split("\n"))
+        return _marked(stack_info)
+
+
+def _marked(text: str) -> str:
+    return "\n".join("  | " + printable(line) for line in text.splitlines())
 
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"

@@ -201,7 +201,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
             via = NodeRuntime(identity, roster, client_transport(identity, roster, agent_router, agent_pub, server_name=agent_name),
                               run_dir=run_dir, server=agent_name, log_name=f"{identity.name}-to-{agent_name}", heartbeat_interval=0)
         h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault),
-                   on_event=lambda s: click.echo(s, err=True), agent=via)
+                   on_event=lambda s: click.echo(printable(s), err=True), agent=via)
         await rt.start()
         if via is not None:
             await via.start()

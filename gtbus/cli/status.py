@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import click
 
+from gtbus.console import printable
 from gtbus.messages.identity import NodeIdentity, Roster, load_identity
 
 
@@ -43,7 +44,7 @@ def render(state: dict[str, Any], started: float) -> str:
     last = state.get("last_hop")
     if last:
         lines.append(f"last hop   epoch {last['epoch']} {last['holder']} chunk {last['chunk']}: {last['outcome']}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)  # names and outcomes come from peers: one escaped line each
 
 
 async def follow(

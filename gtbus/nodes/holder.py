@@ -69,6 +69,8 @@ class HolderFaults:
     ``dump_to=PATH``: after each hop, copy the ciphertext this holder wrote
     into staging to PATH. ``replay_from=PATH``: write the bytes of PATH
     (another holder's ``dump_to``) into staging instead of sealing its chunk.
+    ``decline_with=TEXT``: decline every grant with TEXT as the reason (a hostile
+    holder's text: newlines, terminal escapes).
     """
 
     garbage: bool = False
@@ -79,6 +81,7 @@ class HolderFaults:
     stop_before_return: bool = False
     dump_to: str = ""
     replay_from: str = ""
+    decline_with: str = ""
 
     @classmethod
     def parse(cls, spec: str) -> "HolderFaults":
@@ -182,8 +185,8 @@ class Holder:
         if decision.action is Action.ACK_AGAIN:
             await self.rt.send(TokenAck(g.token_id), epoch=epoch)
             return
-        if decision.action is Action.DECLINE:
-            await self.rt.send(TokenDecline(g.token_id, decision.reason), epoch=epoch)
+        if decision.action is Action.DECLINE or self.faults.decline_with:
+            await self.rt.send(TokenDecline(g.token_id, self.faults.decline_with or decision.reason), epoch=epoch)
             return
         try:
             params = open_params(g.sealed_params, bytes(self.rt.identity.x25519_secret))
