@@ -42,7 +42,12 @@ def render(state: dict[str, Any], started: float) -> str:
     if live:
         lines.append("liveness   " + "  ".join(f"{n}: {s:.1f}s ago" for n, s in sorted(live.items())))
     last = state.get("last_hop")
-    if last:
+    report = state.get("last_report")  # only observers get reports: per-hop losses never reach holders
+    if report and (not last or report["epoch"] >= last["epoch"]):
+        before, after = report.get("eval_before"), report.get("eval_after")
+        loss_text = f"   loss {before:.3f} -> {after:.3f}" if before is not None and after is not None else ""
+        lines.append(f"last hop   epoch {report['epoch']} {report['holder']} chunk {report['chunk']}: {report['outcome']}{loss_text}")
+    elif last:
         lines.append(f"last hop   epoch {last['epoch']} {last['holder']} chunk {last['chunk']}: {last['outcome']}")
     return "\n".join(printable(line) for line in lines)  # names and outcomes come from peers: one escaped line each
 

@@ -95,10 +95,18 @@ class SnapshotRequest:
     since: int
 
 
+#: What a snapshot tells a holder or agent: the run's public progress. An observer's
+#: snapshot adds the loss of the last chunk (evaluated on a holder's data).
+SNAPSHOT_PUBLIC_FIELDS = frozenset({
+    "run_id", "token", "holders", "liveness", "hops", "hops_trained", "bytes", "round", "rounds", "hops_total",
+    "hop_started", "started", "complete",
+})
+
+
 @message("snapshot", senders=ORCH)
 @dataclass(frozen=True)
 class Snapshot:
-    """State at ``event_seq``; apply only events with a higher sequence after it."""
+    """State at ``event_seq``; apply only events with a higher sequence after it (a holder's: public fields only)."""
 
     state: dict[str, Any]
     event_seq: int
@@ -193,10 +201,18 @@ class TokenState:
     phase: str
 
 
+#: What every node may learn of a hop: the schedule shows who held the token, for which
+#: chunk and whether the chunk comes back later, and every chunk but a holder's last is
+#: ``chunk_tokens`` long. Losses, timings and refusal details stay out: they are computed
+#: from the holder's data (DESIGN §7, "what a holder receives tells it nothing about
+#: other holders' data").
+HOP_PUBLIC_FIELDS = frozenset({"round", "mode", "nbytes"})
+
+
 @message("hop.record", senders=ORCH, broadcast=True)
 @dataclass(frozen=True)
 class HopRecord:
-    """What one hop did: holder, bytes, timings, loss, and the measurements before and after."""
+    """The public line of one hop, broadcast: holder, chunk, outcome; ``record`` holds only :data:`HOP_PUBLIC_FIELDS`."""
 
     epoch: int
     holder: str
@@ -205,10 +221,30 @@ class HopRecord:
     record: dict[str, Any]
 
 
+@message("hop.report", senders=ORCH)
+@dataclass(frozen=True)
+class HopReport:
+    """What one hop did in full (timings, losses, detail): sent only to the hop's holder and to observers, never broadcast."""
+
+    epoch: int
+    holder: str
+    chunk_index: int
+    outcome: str
+    record: dict[str, Any]
+
+
+#: The part of the run's summary every node may see; the losses (evaluated on holders'
+#: chunks) and the orchestrator's paths go to observers only, in a direct run.complete.
+RUN_PUBLIC_FIELDS = frozenset({
+    "run_id", "mode", "device", "hops", "hops_trained", "outcomes", "bytes_provisioned", "transfer_s", "train_s",
+    "eval_s", "transfer_share", "provision_gbps", "last_epoch", "skipped",
+})
+
+
 @message("run.complete", senders=ORCH, broadcast=True)
 @dataclass(frozen=True)
 class RunComplete:
-    """The schedule is done; ``summary`` is the run's table."""
+    """The schedule is done; broadcast, ``summary`` holds :data:`RUN_PUBLIC_FIELDS`; sent to an observer, the whole table."""
 
     summary: dict[str, Any]
 

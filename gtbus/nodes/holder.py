@@ -37,6 +37,7 @@ from gtbus.messages.types import (
     AgentDone,
     Heartbeat,
     AgentWritten,
+    HopReport,
     RunComplete,
     ShipSegment,
     Shutdown,
@@ -140,6 +141,7 @@ class Holder:
         runtime.on(TokenRevoke, self._on_revoke)
         runtime.on(RunComplete, self._on_complete)
         runtime.on(Shutdown, self._on_complete)
+        runtime.on(HopReport, self._on_hop_report)
 
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> Welcome:
         """Register the dataset manifest; verify the orchestrator's measurement (retries while it starts)."""
@@ -166,6 +168,15 @@ class Holder:
 
     async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
         self.done.set()
+
+    async def _on_hop_report(self, acc: Accepted, delivery: Delivery) -> None:
+        # Only ever our own hop's (the orchestrator sends no one else's); a stray one is ignored.
+        r: HopReport = acc.message
+        if r.holder != self.rt.name or acc.header.sender != self.rt.server:
+            return
+        before, after = r.record.get("eval_before"), r.record.get("eval_after")
+        loss = f", loss {before:.3f} -> {after:.3f}" if isinstance(before, float) and isinstance(after, float) else ""
+        self.on_event(f"{self.rt.name}: hop {r.epoch} (chunk {r.chunk_index}): {r.outcome}{loss}")
 
     async def _on_revoke(self, acc: Accepted, delivery: Delivery) -> None:
         if self.machine.on_revoke(acc.message.token_id, acc.header.epoch):

@@ -2,6 +2,9 @@
 
 It joins late by design: subscribe, ask the orchestrator for a snapshot, then
 apply broadcast events newer than it (:class:`~gtbus.protocol.follower.EventFollower`).
+Asking for a snapshot also makes the orchestrator send it the per-hop reports
+(losses, details) directly: those are never broadcast, so holders do not see
+each other's.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ import asyncio
 from typing import Any, Callable
 
 from gtbus.messages.pipeline import Accepted
-from gtbus.messages.types import Heartbeat, HopRecord, RunComplete, Snapshot, SnapshotRequest, TokenState
+from gtbus.messages.types import Heartbeat, HopRecord, HopReport, RunComplete, Snapshot, SnapshotRequest, TokenState
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.protocol.follower import EventFollower
 from gtbus.transport.base import Delivery
@@ -24,13 +27,19 @@ class Observer:
         self.follower = EventFollower()
         self.on_change = on_change
         self.changed = asyncio.Event()
-        for cls in (TokenState, HopRecord, RunComplete, Heartbeat):
+        for cls in (TokenState, HopRecord, HopReport, RunComplete, Heartbeat):
             runtime.on(cls, self._on_event)
 
     async def _on_event(self, acc: Accepted, delivery: Delivery) -> None:
-        if acc.header.recipient != "*" or acc.header.sender != self.rt.server:
+        if acc.header.sender != self.rt.server:
             return
-        if self.follower.on_event(acc.header.seq, acc.message) and self.follower.state is not None:
+        if acc.header.recipient == "*":
+            changed = self.follower.on_event(acc.header.seq, acc.message)
+        elif isinstance(acc.message, (HopReport, RunComplete)):
+            changed = self.follower.on_report(acc.message)
+        else:
+            return
+        if changed and self.follower.state is not None:
             self.changed.set()
             if self.on_change:
                 self.on_change(self.follower.state)

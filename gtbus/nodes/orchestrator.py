@@ -49,11 +49,15 @@ from gtbus.messages.types import (
     AgentStage,
     Echo,
     EchoReply,
+    HOP_PUBLIC_FIELDS,
     HopRecord,
+    HopReport,
     MeasurementPublished,
     Refusal,
     Register,
+    RUN_PUBLIC_FIELDS,
     RunComplete,
+    SNAPSHOT_PUBLIC_FIELDS,
     ShipSegment,
     Shutdown,
     Snapshot,
@@ -244,6 +248,8 @@ class Orchestrator:
         self._next_staging: tuple[int, Any] | None = None
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gtbus-staging")
         self.code_compromised: str | None = None
+        # Observers that asked for a snapshot: they (and the hop's holder) get the per-hop metrics.
+        self.followers: set[str] = set()
         rt = runtime
         rt.on(Register, self._on_register)
         rt.on(Echo, self._on_echo)
@@ -352,10 +358,10 @@ class Orchestrator:
     async def _on_echo(self, acc: Accepted, delivery: Delivery) -> None:
         await self.rt.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
 
-    def snapshot_state(self) -> dict[str, Any]:
-        """Everything a late joiner or `gtbus status` needs to know now."""
+    def snapshot_state(self, *, metrics: bool = True) -> dict[str, Any]:
+        """Everything a late joiner or `gtbus status` needs to know now (``metrics=False``: the public part, for holders)."""
         done = [h for h in self.hops if h.outcome == "trained"]
-        return {
+        state = {
             "run_id": self.run_id,
             "token": {"id": self.token.token_id, "owner": self.token.owner or self.rt.name, "epoch": self.token.epoch, "phase": self.token.phase.value},
             "holders": sorted(self.manifests),
@@ -364,6 +370,7 @@ class Orchestrator:
             "hops_trained": len(done),
             "bytes": sum(h.nbytes for h in done),
             "last_loss": self.last_eval,
+            "last_loss_epoch": next((h.epoch for h in reversed(done) if h.eval_before is not None), None),
             "round": self.schedule.round if self.schedule else 0,
             "rounds": self.config.rounds,
             "hops_total": self.config.rounds * sum(int(m["chunk_count"]) for m in self.manifests.values()),
@@ -371,10 +378,29 @@ class Orchestrator:
             "started": self.started,
             "complete": self.complete,
         }
+        return state if metrics else {k: v for k, v in state.items() if k in SNAPSHOT_PUBLIC_FIELDS}
 
     async def _on_snapshot_request(self, acc: Accepted, delivery: Delivery) -> None:
         seq = self.rt.signer._seq.get("*", 0)
-        await self.rt.send(Snapshot(self.snapshot_state(), seq), acc.header.sender, parent=acc.header.id)
+        observer = self.rt.roster[acc.header.sender].role is Role.OBSERVER
+        if observer and len(self.followers) < 64:  # bounded: at most a handful of observer keys exist
+            self.followers.add(acc.header.sender)
+        await self.rt.send(Snapshot(self.snapshot_state(metrics=observer), seq), acc.header.sender, parent=acc.header.id)
+
+    async def _tell(self, msg: object, to: list[str], *, epoch: int = 0) -> None:
+        """Send ``msg`` directly to each of ``to`` that is connected; an observer that is gone stops following."""
+        for name in dict.fromkeys(to):
+            try:
+                await self.rt.send(msg, name, epoch=epoch)
+            except TransportError:
+                self.followers.discard(name)
+
+    async def _publish_hop(self, out: HopOutcome) -> None:
+        """Everyone learns the hop's public line; its holder and the observers learn its metrics."""
+        record = _jsonable(asdict(out))
+        public = {k: v for k, v in record.items() if k in HOP_PUBLIC_FIELDS}
+        await self.rt.publish(HopRecord(out.epoch, out.holder, out.chunk, out.outcome, public), epoch=out.epoch)
+        await self._tell(HopReport(out.epoch, out.holder, out.chunk, out.outcome, record), [out.holder, *sorted(self.followers)], epoch=out.epoch)
 
     def _token_message(self, acc: Accepted) -> tuple[str, int, str]:
         return acc.header.sender, acc.header.epoch, acc.message.token_id
@@ -454,7 +480,7 @@ class Orchestrator:
                 outcome.detail += " (will retry)" if retry else " (skipped this round)"
             self.hops.append(outcome)
             self._save_checkpoint()
-            await self.rt.publish(HopRecord(outcome.epoch, outcome.holder, outcome.chunk, outcome.outcome, _jsonable(asdict(outcome))), epoch=outcome.epoch)
+            await self._publish_hop(outcome)
             if self.on_hop:
                 self.on_hop(outcome)
             if self.code_compromised is not None:
@@ -466,7 +492,8 @@ class Orchestrator:
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
-        await self.rt.publish(RunComplete(summary))
+        await self._tell(RunComplete(summary), sorted(self.followers))
+        await self.rt.publish(RunComplete({k: v for k, v in summary.items() if k in RUN_PUBLIC_FIELDS}))
         await self.rt.publish(Shutdown("run complete"))
         return summary
 

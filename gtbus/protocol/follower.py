@@ -9,6 +9,10 @@ Rules:
   events with a sequence at or below ``S`` are already in it and are dropped;
   those above ``S`` are applied on top.
 * A new snapshot (after a reconnect) replaces the state and the cut-off.
+* Reports (``hop.report`` and the whole ``run.complete``) come directly, only
+  to observers, outside the broadcast's sequence: they are applied by epoch
+  (a report older than the loss already shown changes nothing), after the
+  snapshot if they arrive before it.
 
 No I/O: the node shell feeds in (sequence, message) pairs and snapshots.
 """
@@ -18,7 +22,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from gtbus.messages.types import Heartbeat, HopRecord, RunComplete, TokenState
+from gtbus.messages.types import Heartbeat, HopRecord, HopReport, RunComplete, TokenState
 
 
 class EventFollower:
@@ -29,6 +33,7 @@ class EventFollower:
         self.snapshot_seq: int | None = None
         self.applied_seq = 0
         self._pending: list[tuple[int, object]] = []
+        self._pending_reports: list[HopReport | RunComplete] = []
 
     @property
     def synced(self) -> bool:
@@ -45,15 +50,29 @@ class EventFollower:
         self.applied_seq = seq
         return _apply(self.state, msg)
 
+    def on_report(self, msg: HopReport | RunComplete) -> bool:
+        """Feed one report sent directly to this observer; True if it changed the state."""
+        if self.state is None:
+            self._pending_reports.append(msg)
+            return False
+        return _apply_report(self.state, msg)
+
     def on_snapshot(self, state: dict[str, Any], event_seq: int) -> None:
         """Install a snapshot taken at ``event_seq`` and apply buffered events newer than it."""
+        previous = self.state or {}
         self.state = copy.deepcopy(state)
         self.state.setdefault("complete", False)
+        for kept in ("last_report", "summary"):  # direct reports are not part of a snapshot: keep what came
+            if kept in previous:
+                self.state.setdefault(kept, previous[kept])
         self.snapshot_seq = event_seq
         self.applied_seq = event_seq
         pending, self._pending = self._pending, []
         for seq, msg in sorted(pending, key=lambda p: p[0]):
             self.on_event(seq, msg)
+        reports, self._pending_reports = self._pending_reports, []
+        for report in reports:
+            self.on_report(report)
 
 
 def _apply(state: dict[str, Any], msg: object) -> bool:
@@ -65,15 +84,33 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
         if msg.outcome == "trained":
             state["hops_trained"] = int(state.get("hops_trained", 0)) + 1
             state["bytes"] = int(state.get("bytes", 0)) + int(msg.record.get("nbytes", 0))
-            if msg.record.get("eval_before") is not None:
-                state["last_loss"] = float(msg.record["eval_before"])
         state["last_hop"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome}
         return True
     if isinstance(msg, RunComplete):
         state["complete"] = True
-        state["summary"] = msg.summary
+        state["summary"] = {**msg.summary, **state.get("summary", {})}  # the whole table may have come first
         return True
     if isinstance(msg, Heartbeat):
         state["orchestrator_state"] = msg.state
         return False
     return False
+
+
+def _loss(value: object) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _apply_report(state: dict[str, Any], msg: HopReport | RunComplete) -> bool:
+    if isinstance(msg, RunComplete):
+        state["complete"] = True
+        state["summary"] = {**state.get("summary", {}), **msg.summary}
+        return True
+    r = msg.record
+    state["last_report"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome,
+                            "eval_before": _loss(r.get("eval_before")), "eval_after": _loss(r.get("eval_after")),
+                            "detail": str(r.get("detail", ""))}
+    before = _loss(r.get("eval_before"))
+    shown = state.get("last_loss_epoch")
+    if msg.outcome == "trained" and before is not None and (shown is None or msg.epoch > int(shown)):
+        state["last_loss"], state["last_loss_epoch"] = before, msg.epoch
+    return True

@@ -124,7 +124,8 @@ def check_token_buffer(tokens: Any, *, vocab: int, min_len: int) -> None:
             f"token buffer holds {tokens.shape[0]} tokens, need at least {min_len}"
         )
     # One reduction over the buffer; a token past the vocabulary would
-    # otherwise index out of bounds on the device (silently, on a GPU).
-    top = int(tokens.max())
-    if top >= vocab:
-        raise WorkloadError(f"token {top} is outside the vocabulary of {vocab}")
+    # otherwise index out of bounds on the device (silently, on a GPU). The
+    # message names the class of problem, never the value: it is the holder's
+    # plaintext, and this text travels in hop records and revokes.
+    if int(tokens.max()) >= vocab:
+        raise WorkloadError(f"a token outside the vocabulary of {vocab} (ids 0..{vocab - 1})")

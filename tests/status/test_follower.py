@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from gtbus.messages.types import HopRecord, RunComplete, TokenState
+from gtbus.messages.types import HopRecord, HopReport, RunComplete, TokenState
 from gtbus.protocol.follower import EventFollower
 
 
 def _hop(epoch: int, holder: str = "h1", outcome: str = "trained", nbytes: int = 100) -> HopRecord:
-    return HopRecord(epoch, holder, 0, outcome, {"nbytes": nbytes, "eval_before": 2.5 - epoch * 0.1})
+    return HopRecord(epoch, holder, 0, outcome, {"nbytes": nbytes})
+
+
+def _report(epoch: int, holder: str = "h1", outcome: str = "trained") -> HopReport:
+    return HopReport(epoch, holder, 0, outcome, {"nbytes": 100, "eval_before": 2.5 - epoch * 0.1, "eval_after": 2.4 - epoch * 0.1, "detail": ""})
 
 
 def test_events_before_snapshot_are_buffered_then_filtered_by_sequence() -> None:
@@ -50,3 +54,30 @@ def test_a_new_snapshot_replaces_state() -> None:
     f.on_snapshot({"hops": 9}, event_seq=20)
     assert f.state is not None and f.state["hops"] == 9
     assert not f.on_event(15, _hop(3))
+
+
+def test_reports_set_the_loss_by_epoch_and_wait_for_the_snapshot() -> None:
+    f = EventFollower()
+    assert not f.on_report(_report(3))  # before the snapshot: kept, applied after it
+    f.on_snapshot({"last_loss": 9.0, "last_loss_epoch": 2}, event_seq=0)
+    assert f.state is not None and f.state["last_loss"] == 2.2 and f.state["last_loss_epoch"] == 3
+    assert f.on_report(_report(1))  # older than what is shown: the loss stays
+    assert f.state["last_loss"] == 2.2 and f.state["last_report"]["epoch"] == 1
+    f.on_report(_report(4, outcome="rejected"))  # a refused hop trained nothing: no loss from it
+    assert f.state["last_loss_epoch"] == 3
+    f.on_snapshot({"hops": 5}, event_seq=9)  # a refreshed snapshot keeps the last direct report
+    assert f.state["last_report"]["epoch"] == 4
+
+
+def test_the_whole_summary_survives_the_public_one_in_either_order() -> None:
+    full = {"hops": 7, "last_loss": 1.5}
+    for first, second in ((full, {"hops": 7}), ({"hops": 7}, full)):
+        f = EventFollower()
+        f.on_snapshot({}, event_seq=0)
+        if first is full:
+            f.on_report(RunComplete(first))
+            f.on_event(1, RunComplete(second))
+        else:
+            f.on_event(1, RunComplete(first))
+            f.on_report(RunComplete(second))
+        assert f.state is not None and f.state["complete"] and f.state["summary"] == full

@@ -42,6 +42,11 @@ def test_status_snapshot_and_watch_until_complete(tmp_path: Path) -> None:
         assert states[-1]["hops_trained"] == summary["hops_trained"]
         assert states[-1]["bytes"] == summary["bytes_provisioned"]
         assert any(set(st.get("liveness", {})) >= {"h1", "h2"} for st in states)
+        # Per-hop losses reach the observer (directly: they are never broadcast to holders).
+        reports = [st["last_report"] for st in states if "last_report" in st]
+        assert reports and all(r["eval_before"] is not None for r in reports if r["outcome"] == "trained")
+        assert {r["holder"] for r in reports} <= {"h1", "h2"}
+        assert states[-1]["last_loss"] is not None
     finally:
         if watch.poll() is None:
             watch.kill()

@@ -154,7 +154,7 @@ def test_bytes_and_uint16_tokens_train_the_same() -> None:
     ("tokens", "needle"),
     [
         (numpy.zeros(16, dtype=numpy.uint8), "at least 17"),
-        (numpy.full(100, 256, dtype=numpy.uint16), "token 256 is outside"),
+        (numpy.full(100, 256, dtype=numpy.uint16), "a token outside the vocabulary of 256"),
         (numpy.zeros((10, 10), dtype=numpy.uint8), "1-D"),
         (numpy.zeros(100, dtype=numpy.float32), "uint8 or uint16"),
         (numpy.zeros(100, dtype=numpy.int16), "uint8 or uint16"),
@@ -199,3 +199,15 @@ def test_config_is_validated() -> None:
     with pytest.raises(ValueError):
         ByteLMConfig(dtype="float16")
     assert ByteLMConfig().parameter_count() == 256 * 32 + 512 * 384 + 384 + 384 * 256 + 256
+
+
+@pytest.mark.parametrize("value", [300, 50255, 65535])
+def test_a_refused_buffer_is_described_without_its_values(value: int) -> None:
+    """The refusal travels in hop reports and revokes: it names the problem, never a token of the holder's data."""
+    model = ByteLM(ByteLMConfig(hidden=32), numpy)
+    tokens = numpy.full(100, 7, dtype=numpy.uint16)
+    tokens[50] = value
+    for run in (lambda: model.train_on(tokens, 1), lambda: model.evaluate(tokens)):
+        with pytest.raises(WorkloadError) as exc:
+            run()
+        assert str(value) not in str(exc.value) and "vocabulary of 256" in str(exc.value)
