@@ -20,6 +20,12 @@ process: a killed orchestrator leaves nothing behind.
 
 The broker serves this user only (``SO_PEERCRED``), so holders run as the
 orchestrator's user, as they did with the ``/dev/shm`` files this replaces.
+Same-user processes could otherwise reach a process's descriptors and memory
+through ``/proc/PID/fd`` and ``/proc/PID/mem`` (one holder writing another
+hop's staging, or reading the device's plaintext): a process that exports
+staging, and a holder once it prepares to write, makes itself non-dumpable
+(``PR_SET_DUMPABLE`` 0), which closes those to everyone but root, as a real
+GPU's memory is closed to its host.
 
 Staging is writable by a party without the hop key (the device agent writes
 remote holders' ciphertext), so :meth:`HostDevice.open_segments` copies each
@@ -29,6 +35,7 @@ covers are the bytes decrypted, whatever is written to staging meanwhile.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -146,6 +153,17 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
+_PR_SET_DUMPABLE: Final = 4
+
+
+def _close_proc_entries() -> None:
+    """Make this process non-dumpable: its ``/proc`` fds, maps and memory open to root only."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise DeviceError(f"cannot keep other processes out of this one's memory: {os.strerror(err)}")
+
+
 def _sealed_memfd(nbytes: int) -> int:
     """A new anonymous file of exactly ``nbytes``, sealed so no holder of it can change its size."""
     fd = os.memfd_create("gtbus-hop", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -178,6 +196,7 @@ class HostDevice:
         # device that never exports (a holder's, a test's) runs no thread.
         with self._broker_lock:
             if self._broker is None:
+                _close_proc_entries()
                 self._broker = FdBroker()
                 weakref.finalize(self, self._broker.close)
             return self._broker
@@ -216,7 +235,8 @@ class HostDevice:
 
     @classmethod
     def prepare_holder(cls, capacity: int) -> None:
-        """Nothing to prepare: shared memory maps instantly."""
+        """Keep other processes out of this holder's plaintext and staging (shared memory maps instantly)."""
+        _close_proc_entries()
 
     @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> HostStagingMapping:

@@ -396,3 +396,71 @@ def test_large_measurement_uses_the_same_encoding() -> None:
     assert measure_model([big]) == manual
 
 
+
+
+NOBODY = 65534
+
+
+def _become_nobody() -> None:  # pragma: no cover - runs in a forked child
+    os.setgid(NOBODY)
+    os.setuid(NOBODY)
+
+
+def _probe_proc_as_nobody(pid: int) -> str:
+    """From a forked child running as NOBODY: can it list ``/proc/PID/fd`` and open ``/proc/PID/mem``?"""
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - child
+        try:
+            _become_nobody()
+            seen = []
+            for probe in (lambda: os.listdir(f"/proc/{pid}/fd"), lambda: open(f"/proc/{pid}/mem", "rb").close()):
+                try:
+                    probe()
+                    seen.append("open")
+                except PermissionError:
+                    seen.append("closed")
+            os.write(w, " ".join(seen).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        out = fh.read().decode()
+    os.waitpid(child, 0)
+    return out
+
+
+def test_a_process_that_exports_staging_is_closed_to_its_own_user(dev: HostDevice) -> None:
+    # Same-user processes (other holders) must not reach the device through
+    # /proc: not its descriptors (another hop's staging), not its memory.
+    import ctypes
+
+    dev.alloc_hop_staging(64)
+    assert ctypes.CDLL(None).prctl(3, 0, 0, 0, 0) == 0  # PR_GET_DUMPABLE
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a device and a prober as one unprivileged user")
+    to_child, from_parent = os.pipe()
+    to_parent, from_child = os.pipe()
+    device = os.fork()
+    if device == 0:  # pragma: no cover - child: a device process of user NOBODY
+        try:
+            _become_nobody()
+            ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)  # undo the kernel's reset on setuid: start open, like any process
+            os.write(from_child, b"r")
+            os.read(to_child, 1)
+            HostDevice().alloc_hop_staging(64)
+            os.write(from_child, b"e")
+            os.read(to_child, 1)
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(to_parent, 1) == b"r"
+        assert _probe_proc_as_nobody(device) == "open open"  # the control: an ordinary process is open to its user
+        os.write(from_parent, b"g")
+        assert os.read(to_parent, 1) == b"e"
+        assert _probe_proc_as_nobody(device) == "closed closed"
+    finally:
+        os.write(from_parent, b"x")
+        os.waitpid(device, 0)
+        for fd in (to_child, from_parent, to_parent, from_child):
+            os.close(fd)
