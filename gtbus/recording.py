@@ -411,7 +411,8 @@ def _check_schema(rec: Any) -> str | None:
     """None if ``rec`` is a record of a known kind with exactly its fields, each of the right type; else why not."""
     if type(rec) is not dict:
         return "not a log record (not a map)"
-    schema = _SCHEMA.get(rec.get("kind")) if all(type(k) is str for k in rec) else None
+    kind = rec.get("kind")
+    schema = _SCHEMA.get(kind) if type(kind) is str and all(type(k) is str for k in rec) else None
     if schema is None:
         return "not a log record (unknown kind)"
     for name, value in rec.items():
