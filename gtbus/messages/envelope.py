@@ -44,19 +44,44 @@ SIG_LEN = 64
 BROADCAST = "*"
 
 
+#: The largest bulk blob a message carries: one AEAD segment of a ship or remote
+#: hop, ``gpu.channel.MAX_SEGMENT_SIZE`` (4 MiB) plus its 16-byte tag. (This
+#: layer sits below ``gpu``; a test holds the two equal.)
+MAX_BLOB = (4 << 20) + 16
+#: The most blobs any declared message type takes (``ship.segment``: one; a test
+#: holds this equal to the registry's largest ``max_blobs``).
+MAX_BLOBS = 1
+_MAX_HEADER = 1024
+_MAX_BODY = 1 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
-    """Size limits checked before anything is parsed."""
+    """Size limits checked before anything is parsed.
 
-    max_frames: int = 4 + 4
-    max_header: int = 1024
-    max_body: int = 1 << 20
-    max_blob: int = 4 << 20 | 4096
-    max_total: int = 64 << 20
+    The defaults are exactly what the protocol needs: magic, header, body and
+    signature, plus at most :data:`MAX_BLOBS` segments of :data:`MAX_BLOB`
+    bytes. The zmq transport sets ``MAXMSGSIZE`` to :attr:`largest_frame` and
+    drops a message over ``max_frames`` or ``max_total`` while reading it.
+    """
+
+    max_frames: int = 4 + MAX_BLOBS
+    max_header: int = _MAX_HEADER
+    max_body: int = _MAX_BODY
+    max_blob: int = MAX_BLOB
+    max_total: int = len(MAGIC) + _MAX_HEADER + _MAX_BODY + SIG_LEN + MAX_BLOBS * MAX_BLOB
     max_str: int = 1 << 16
     max_bin: int = 1 << 20
     max_array: int = 4096
     max_map: int = 256
+
+    @property
+    def largest_frame(self) -> int:
+        """The largest single frame these limits let through (what ``MAXMSGSIZE`` should be)."""
+        frames = [len(MAGIC), self.max_header, self.max_body, SIG_LEN]
+        if self.max_frames > 4:
+            frames.append(self.max_blob)
+        return min(max(frames), self.max_total)
 
 
 DEFAULT_LIMITS = Limits()

@@ -30,6 +30,17 @@ class Heartbeat:
     uptime: float
 
 
+#: Echo payloads are for liveness checks and latency benchmarks, not for bulk: a peer
+#: may not make the server hold, record and send back more than this per echo.
+ECHO_MAX_PAYLOAD = 4096
+ECHO_MAX_NOTE = 256
+
+
+def _check_echo(payload: bytes, note: str) -> None:
+    if len(payload) > ECHO_MAX_PAYLOAD or len(note) > ECHO_MAX_NOTE:
+        raise ValueError(f"echo payload over {ECHO_MAX_PAYLOAD} bytes or note over {ECHO_MAX_NOTE} characters")
+
+
 @message("echo", senders=ANY_ROLE)
 @dataclass(frozen=True)
 class Echo:
@@ -37,6 +48,9 @@ class Echo:
 
     payload: bytes
     note: str
+
+    def __post_init__(self) -> None:
+        _check_echo(self.payload, self.note)
 
 
 @message("echo.reply", senders=ANY_ROLE)
@@ -46,6 +60,9 @@ class EchoReply:
 
     payload: bytes
     note: str
+
+    def __post_init__(self) -> None:
+        _check_echo(self.payload, self.note)
 
 
 @message("refusal", senders=ANY_ROLE)

@@ -8,8 +8,13 @@ It owns one transport, one :class:`~gtbus.messages.ReceivePipeline`, one
   message's class (looked up in a dict keyed by declared classes only);
 * outgoing: message -> signer -> recorder -> transport.
 
-A rejected message is counted, logged once per (reason, sender) and recorded
-with its verdict; it never stops the loop. A handler that raises is logged and
+A server node (the orchestrator, a device agent) gives every peer a budget
+(:mod:`gtbus.transport.budget`): a message over its peer's message or byte
+budget is refused before the pipeline looks at it. A rejected message is
+counted, logged once per (reason, sender) and recorded with its verdict (as a
+digest, sizes and reason), at most ten records a second per peer, the next
+record saying how many were left out; it never stops the loop. A handler
+that raises is logged and
 the loop goes on. Application heartbeats are sent from the event loop itself,
 so they prove the node is scheduling work, not merely that its socket is open.
 """
@@ -26,13 +31,14 @@ from typing import Any, Awaitable, Callable, Sequence
 from gtbus.clock import SYSTEM_CLOCK, Clock
 from gtbus.errors import PeerUnreachable, RejectedMessage, TransportError
 from gtbus.messages.envelope import BROADCAST, Header, Limits, DEFAULT_LIMITS
-from gtbus.messages.identity import NodeIdentity, Roster
+from gtbus.messages.identity import NodeIdentity, Role, Roster
 from gtbus.messages.pipeline import Accepted, ReceivePipeline
 from gtbus.messages.replay_guard import ReplayGuard
 from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import Heartbeat
 from gtbus.recording import LOG_SUFFIX, Recorder
 from gtbus.transport.base import ClientTransport, Delivery, ServerTransport
+from gtbus.transport.budget import PeerBudgets, role_budgets
 
 Handler = Callable[[Accepted, Delivery], Awaitable[None]]
 
@@ -52,6 +58,7 @@ class NodeRuntime:
         heartbeat_interval: float = 1.0,
         limits: Limits = DEFAULT_LIMITS,
         log_name: str | None = None,
+        budgets: PeerBudgets | None = None,
     ) -> None:
         self.identity = identity
         self.name = identity.name
@@ -75,6 +82,10 @@ class NodeRuntime:
         self._handlers: dict[type, list[Handler]] = {}
         self._pending: dict[bytes, asyncio.Future[Accepted]] = {}
         self._logged_rejections: set[tuple[str, str]] = set()
+        # Servers face many peers and budget each (by role); a client's only peer is its server.
+        if budgets is None and self.is_server:
+            budgets = PeerBudgets(role_budgets(self._role_of), clock)
+        self.budgets = budgets
         self._tasks: list[asyncio.Task[Any]] = []
         self._started = time.monotonic()
         self._closed = False
@@ -84,6 +95,10 @@ class NodeRuntime:
     def on(self, cls: type, handler: Handler) -> None:
         """Call ``handler`` for every accepted message of declared class ``cls`` (in registration order)."""
         self._handlers.setdefault(cls, []).append(handler)
+
+    def _role_of(self, name: str) -> Role | None:
+        member = self.roster.get(name)
+        return member.role if member is not None else None
 
     @property
     def rejected(self) -> Counter[str]:
@@ -162,12 +177,18 @@ class NodeRuntime:
     # -- receiving -------------------------------------------------------------------------
 
     def handle_delivery(self, delivery: Delivery) -> Accepted | None:
-        """Run one delivery through the pipeline and record it; None if it was refused."""
+        """Run one delivery through the budget and the pipeline and record it; None if it was refused."""
+        peer = delivery.peer or "?"
+        budgets = self.budgets
+        if budgets is not None and not budgets.admit(peer, sum(map(len, delivery.frames))):
+            self.note_refused("over-budget", peer)
+            self._record_refused(delivery, peer, "rejected:over-budget")
+            return None
         try:
             acc = self.pipeline.accept(delivery.frames, delivery.authenticated_as)
         except RejectedMessage as exc:
-            self.recorder.record_refused(delivery.frames, f"rejected:{exc.reason}", peer=delivery.peer, channel=delivery.channel)
-            key = (exc.reason, delivery.peer or "?")
+            self._record_refused(delivery, peer, f"rejected:{exc.reason}")
+            key = (exc.reason, peer)
             if key not in self._logged_rejections:
                 self._logged_rejections.add(key)
                 self.log.warning("refused a message from %s: %s", delivery.peer or "unknown peer", exc)
@@ -176,6 +197,16 @@ class NodeRuntime:
                              blobs_digest=acc.blob_digest if acc.blobs else None)
         self.last_heard[acc.header.sender] = self.clock.monotonic()
         return acc
+
+    def _record_refused(self, delivery: Delivery, peer: str, verdict: str) -> None:
+        """Record a refused message, within its peer's record budget (``+N``: N left out before it)."""
+        if self.budgets is not None:
+            skipped = self.budgets.record_refusal(peer)
+            if skipped is None:
+                return
+            if skipped:
+                verdict = f"{verdict}+{skipped}"
+        self.recorder.record_refused(delivery.frames, verdict, peer=delivery.peer, channel=delivery.channel)
 
     async def _dispatch(self, acc: Accepted, delivery: Delivery) -> None:
         parent = acc.header.parent
@@ -256,5 +287,10 @@ class NodeRuntime:
             except (asyncio.CancelledError, TransportError):
                 pass
         await self.transport.close()
+        if self.budgets is not None:
+            for peer, n in sorted(self.budgets.refused().items()):
+                self.log.warning("refused %d messages from %s over its budget", n, peer)
+            for peer, n in sorted(self.budgets.unrecorded().items()):
+                self.log.warning("%d refused messages from %s were counted but not recorded", n, peer)
         self.recorder.close()
         self.guard.close()

@@ -110,8 +110,10 @@ class TransportStats:
     auth_rejected: int = 0
     #: connections admitted by the ZAP handler
     auth_accepted: int = 0
-    #: messages dropped because the claimed routing id differs from the authenticated name
+    #: messages dropped because their connection's routing id is bound to another key
     spoofed_dropped: int = 0
+    #: messages drained and dropped unread for more frames or bytes than the transport allows
+    oversize_dropped: int = 0
     #: messages dropped because they carried no authenticated identity, or were malformed
     malformed_dropped: int = 0
     #: subscription messages seen on the event socket

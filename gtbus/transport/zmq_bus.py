@@ -13,15 +13,31 @@ Security model
   gets status 400 and is counted. ``ZAP_ENFORCE_DOMAIN`` is set, so a missing
   handler fails closed instead of admitting everyone (CURVE without ZAP admits
   any key).
-* Clients set their DEALER routing id to their node name. The ROUTER reads
-  each message's ``User-Id`` and drops (and counts) any message whose routing
-  id differs from it, so ``Delivery.peer`` is always the authenticated name.
-  Residual risk, by design of ZeroMQ routing: a deployment member holding a
-  valid key may *connect* under another member's routing id (it cannot send
-  as it); direct messages for that name then go to it until the real owner
-  reconnects (``ROUTER_HANDOVER``). Those messages are signed and sealed to
-  their recipient by the layer above, so this is a denial of service by an
-  insider, not a leak.
+* A route belongs to the key that authenticated it. With CURVE, a client's
+  DEALER routing id is 16 random bytes of its own (never its name, never
+  shown to anyone), and the server keeps its own map from each authenticated
+  ``User-Id`` to the routing id of the connection that last spoke under that
+  key. ``send(peer)`` goes to that route only, so a member that connects
+  under another member's name, or connects first to pre-empt it, receives
+  nothing of the victim's: the name it chose is not a route. A reconnect of the
+  same client reuses its routing id (``ROUTER_HANDOVER`` lets it take over its
+  own half-dead connection); a restarted client gets a new one, learnt from
+  its first message. A routing id that speaks under a key other than the one
+  it was bound to is dropped and counted, and the route is forgotten.
+* libzmq (4.3.5) aborts the process (``Assertion failed: ok
+  (socket_base.cpp)``) when a ROUTER's auto-generated routing id for a client
+  that set none collides with an id another client chose, and the
+  auto-generated ids start from C ``rand()`` with its default seed: predictable.
+  :func:`_seed_auto_routing_ids` seeds it from ``os.urandom`` before every
+  ROUTER is made, so a member holding a valid key can only guess (about one in
+  2**31 per connection, each one a CURVE handshake the ZAP handler counts).
+* Inbound messages are read frame by frame: a message with more frames or
+  bytes than :class:`SocketTuning` allows (the envelope's
+  :class:`~gtbus.messages.envelope.Limits`) is drained without copying a byte
+  and dropped (counted as ``oversize_dropped``). libzmq itself delivers a
+  multipart message only when its last frame has arrived and has no limit on
+  the frame count, so until then it holds what the peer sent; ``MAXMSGSIZE``
+  (the largest frame the pipeline accepts) bounds each frame, not the count.
 * Plaintext (no CURVE) is allowed on ``inproc://`` and ``ipc://`` only, unless
   ``insecure=True`` is passed; that exists for the raw-pyzmq benchmark
   baseline and nothing else::
@@ -42,7 +58,9 @@ map and the ZAP handler use raw public keys. :func:`curve_public_key`,
 Socket options (DESIGN §5) live in :class:`SocketTuning`. ``max_frame_bytes``
 (libzmq ``MAXMSGSIZE``) limits each *frame*; a peer that sends a larger frame
 is disconnected by libzmq and the message is lost, while everyone else is
-served on. Frames of 64 KiB or more are sent zero-copy (pyzmq's copy
+served on. Its default, ``max_frames`` and ``max_message_bytes`` are the
+envelope's :data:`~gtbus.messages.envelope.DEFAULT_LIMITS`: what the receive
+pipeline accepts, no more. Frames of 64 KiB or more are sent zero-copy (pyzmq's copy
 threshold); received frames are returned as ``bytes`` (one copy).
 """
 
@@ -50,8 +68,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import logging
+import os
 import weakref
 from collections.abc import Coroutine, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +84,7 @@ from zmq.utils import z85
 from zmq.utils.monitor import parse_monitor_message
 
 from gtbus.errors import ConfigError, PeerUnreachable, TransportError
+from gtbus.messages.envelope import DEFAULT_LIMITS
 from gtbus.transport.base import (
     AsyncStartClose,
     Channel,
@@ -93,9 +114,14 @@ log = logging.getLogger("gtbus.transport")
 CURVE_KEY_BYTES = 32
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = b"gtbus"
-#: 64 MiB of payload per frame plus headroom for the protocol's own framing.
-DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024 + 1024 * 1024
+#: The largest frame the receive pipeline accepts (one ship segment with its tag).
+DEFAULT_MAX_FRAME_BYTES = DEFAULT_LIMITS.largest_frame
 _MAX_NAME_BYTES = 255
+#: libzmq checks MAXMSGSIZE against a frame as it is on the wire, which under CURVE is a
+#: MESSAGE command: 8 bytes of name, an 8-byte nonce, a flags byte and a 16-byte MAC.
+_CURVE_FRAME_OVERHEAD = 8 + 8 + 1 + 16
+#: Random bytes of a client's routing id under CURVE (see the security model above).
+ROUTING_ID_BYTES = 16
 _LOGGED_ONCE_LIMIT = 1024
 
 
@@ -179,6 +205,10 @@ class SocketTuning:
     reconnect_ivl_max_ms: int = 5000
     #: libzmq MAXMSGSIZE: largest inbound frame; larger ones drop the connection
     max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    #: most frames of one inbound message (after the ROUTER's routing id); more: drained and dropped
+    max_frames: int = DEFAULT_LIMITS.max_frames
+    #: most bytes of one inbound message, all frames together; more: drained and dropped
+    max_message_bytes: int = DEFAULT_LIMITS.max_total
     #: ZMTP heartbeats: ping every ivl, drop the connection after timeout without traffic
     heartbeat_ivl_ms: int = 1000
     heartbeat_timeout_ms: int = 5000
@@ -204,8 +234,9 @@ class SocketTuning:
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"socket option {name} must not be negative")
-        if self.max_frame_bytes <= 0:
-            raise ConfigError("max_frame_bytes must be positive")
+        for name in ("max_frame_bytes", "max_frames", "max_message_bytes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"socket option {name} must be positive")
         if self.send_timeout_s <= 0:
             raise ConfigError("send_timeout_s must be positive")
 
@@ -220,7 +251,7 @@ def _apply_tuning(sock: zmq.Socket[Any], t: SocketTuning, endpoint: str) -> None
     sock.setsockopt(zmq.HANDSHAKE_IVL, t.handshake_ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL, t.reconnect_ivl_ms)
     sock.setsockopt(zmq.RECONNECT_IVL_MAX, t.reconnect_ivl_max_ms)
-    sock.setsockopt(zmq.MAXMSGSIZE, t.max_frame_bytes)
+    sock.setsockopt(zmq.MAXMSGSIZE, t.max_frame_bytes + _CURVE_FRAME_OVERHEAD)
     sock.setsockopt(zmq.HEARTBEAT_IVL, t.heartbeat_ivl_ms)
     sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, t.heartbeat_timeout_ms)
     sock.setsockopt(zmq.HEARTBEAT_TTL, t.heartbeat_ttl_ms)
@@ -308,6 +339,27 @@ def _user_id(frame: zmq.Frame) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+def _seed_auto_routing_ids() -> None:
+    """Seed C ``rand()``, where libzmq draws a ROUTER's first auto-generated routing id.
+
+    Unseeded, the ids are the same in every process, so a client could pick the
+    id libzmq will give the next client that sets none, and the collision
+    aborts the process inside libzmq (see the security model above).
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        libc.srand(ctypes.c_uint(int.from_bytes(os.urandom(4), "big")))
+    except (OSError, AttributeError) as e:  # no C library to seed: say so, run on
+        log.warning("could not seed libzmq's routing ids: %s", e)
+
+
+def _new_routing_id() -> bytes:
+    """A client's secret routing id: random, never starting with NUL (libzmq reserves those)."""
+    rid = bytearray(os.urandom(ROUTING_ID_BYTES))
+    rid[0] = rid[0] | 1
+    return bytes(rid)
+
+
 class _OnceLog:
     """Log a given key once (bounded), so a flood of rejections is one line each."""
 
@@ -361,6 +413,16 @@ class _Wakeup:
         self.wake(_POLLIN | _POLLOUT)
 
 
+class _Oversize(Exception):
+    """A received message had more frames or bytes than allowed; it was drained, not kept."""
+
+    def __init__(self, head: list[Any], frames: int, size: int) -> None:
+        super().__init__(f"{frames} frames, {size} bytes")
+        self.head = head  # its first two frames (a ROUTER's: routing id and first frame)
+        self.frames = frames
+        self.size = size
+
+
 class _Pipe:
     """Non-blocking send/receive on one zmq socket, woken by the event loop.
 
@@ -377,15 +439,17 @@ class _Pipe:
     stay in libzmq until someone reads them, and libzmq's queue limits apply.
     """
 
-    __slots__ = ("fd", "loop", "sock", "state", "waiters")
+    __slots__ = ("fd", "loop", "max_bytes", "max_frames", "sock", "state", "waiters")
 
-    def __init__(self, sock: zmq.asyncio.Socket, waiters: _Wakeup) -> None:
+    def __init__(self, sock: zmq.asyncio.Socket, waiters: _Wakeup, max_frames: int, max_bytes: int) -> None:
         # A plain socket over the same libzmq socket; the asyncio wrapper's own
         # future machinery is never used for this socket.
         self.sock: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
         self.fd: int = self.sock.getsockopt(zmq.FD)
         self.state = 1
         self.waiters = waiters
+        self.max_frames = max_frames
+        self.max_bytes = max_bytes
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(self.fd, self._on_fd)
 
@@ -409,7 +473,12 @@ class _Pipe:
             self.waiters.wake(_POLLOUT)
 
     def recv_nowait(self, frames: bool = False) -> list[Any] | None:
-        """One whole multipart message (bytes, or zmq.Frame objects), or None if none is waiting."""
+        """One whole multipart message (bytes, or zmq.Frame objects), or None if none is waiting.
+
+        A message over ``max_frames`` or ``max_bytes`` is read to its end frame by
+        frame, keeping nothing but its first two frames, and raises
+        :class:`_Oversize`: nothing it carried is copied.
+        """
         sock = self.sock
         while True:
             state = self.state
@@ -422,8 +491,21 @@ class _Pipe:
                 self.state = 1
         self.state = 1  # there may be more
         parts = [f]
-        while f.more:  # the rest of a multipart message is always there with its first frame
+        size = len(f)
+        more = f.more
+        max_frames, max_bytes = self.max_frames, self.max_bytes
+        while more:  # the rest of a multipart message is always there with its first frame
             f = _brecv(sock, _NOBLOCK, False)
+            more = f.more
+            size += len(f)
+            if len(parts) >= max_frames or size > max_bytes:
+                count = len(parts) + 1
+                while more:  # drain: each frame is released as soon as it is read
+                    f = _brecv(sock, _NOBLOCK, False)
+                    more = f.more
+                    size += len(f)
+                    count += 1
+                raise _Oversize(parts[:2], count, size)
             parts.append(f)
         return parts if frames else [p.bytes for p in parts]
 
@@ -596,6 +678,10 @@ class ZmqServer(_ZmqEndpoint):
         self._tasks: list[asyncio.Task[None]] = []
         self._endpoints: tuple[str, str] | None = None
         self._pipe: _Pipe | None = None  # the ROUTER's hot path
+        # Under CURVE: authenticated name -> routing id of the connection that last spoke
+        # under that key, and back. Bounded by the admitted keys.
+        self._routes: dict[str, bytes] = {}
+        self._route_owner: dict[bytes, str] = {}
         self._waiters = _Wakeup()
         self._recv_lock = asyncio.Lock()
         self._closed = False
@@ -647,6 +733,7 @@ class ZmqServer(_ZmqEndpoint):
                     raise
             self._tasks.append(_background(self._serve_zap(), f"{self._name}-zap"))
 
+        _seed_auto_routing_ids()
         router = self._router = self._socket(zmq.ROUTER)
         _apply_tuning(router, t, self._requested[0])
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -664,7 +751,8 @@ class ZmqServer(_ZmqEndpoint):
             router.getsockopt_string(zmq.LAST_ENDPOINT),
             xpub.getsockopt_string(zmq.LAST_ENDPOINT),
         )
-        self._pipe = _Pipe(router, self._waiters)
+        # The routing id frame comes first: one frame and up to 255 bytes more.
+        self._pipe = _Pipe(router, self._waiters, t.max_frames + 1, t.max_message_bytes + _MAX_NAME_BYTES)
         self._tasks.append(_background(self._serve_subscriptions(), f"{self._name}-xpub"))
         log.debug("server %s bound %s", self._name, self._endpoints)
 
@@ -787,8 +875,12 @@ class ZmqServer(_ZmqEndpoint):
             waiters = self._waiters
             while True:
                 pipe = self._live_router("recv")
-                with _map_errors("recv"):
-                    parts = pipe.recv_nowait(frames=True)
+                try:
+                    with _map_errors("recv"):
+                        parts = pipe.recv_nowait(frames=True)
+                except _Oversize as big:
+                    self._drop_oversize(big)
+                    continue
                 if parts is None:
                     waiter = waiters.readable = pipe.loop.create_future()
                     try:
@@ -811,16 +903,7 @@ class ZmqServer(_ZmqEndpoint):
             if user is None:
                 self._drop_malformed("message without an authenticated identity")
                 return None
-            if routing_id != user.encode("utf-8"):
-                self.stats.spoofed_dropped += 1
-                claimed = routing_id.decode("utf-8", "backslashreplace")
-                if self._once.first(("spoof", user, routing_id)):
-                    log.warning(
-                        "server %s dropped a message from %r claiming routing id %r",
-                        self._name,
-                        user,
-                        claimed,
-                    )
+            if self._routes.get(user) != routing_id and not self._bind_route(user, routing_id):
                 return None
             peer: str = user
             authenticated: str | None = user
@@ -830,6 +913,44 @@ class ZmqServer(_ZmqEndpoint):
             peer = routing_id.decode("utf-8", "surrogateescape")
             authenticated = None
         return Delivery("direct", [p.bytes for p in parts[1:]], peer, authenticated)
+
+    def _bind_route(self, user: str, routing_id: bytes) -> bool:
+        """``user``'s key spoke on ``routing_id``: make it the route to ``user``, unless another key owns it."""
+        owner = self._route_owner.get(routing_id)
+        if owner is not None and owner != user:
+            # Only a client that knew another's secret routing id gets here: refuse
+            # it and forget the route, so nothing more of the owner's goes there.
+            self.stats.spoofed_dropped += 1
+            del self._route_owner[routing_id]
+            if self._routes.get(owner) == routing_id:
+                del self._routes[owner]
+            if self._once.first(("spoof", user, owner)):
+                log.warning("server %s dropped a message from %r on the route of %r and forgot that route",
+                            self._name, user, owner)
+            return False
+        old = self._routes.get(user)
+        if old is not None:
+            self._route_owner.pop(old, None)  # a restarted client: its old connection is stale
+        self._routes[user] = routing_id
+        self._route_owner[routing_id] = user
+        return True
+
+    def _drop_oversize(self, big: _Oversize) -> None:
+        self.stats.oversize_dropped += 1
+        who = "?"
+        if big.head:
+            rid = big.head[0].bytes
+            if self._curve is None:
+                who = rid.decode("utf-8", "backslashreplace")
+            elif len(big.head) > 1:
+                who = _user_id(big.head[1]) or self._route_owner.get(rid, "?")
+        if self._once.first(("oversize", who)):
+            log.warning("server %s dropped a message from %r of %s (limits: %d frames, %d bytes)",
+                        self._name, who, big, self._tuning.max_frames, self._tuning.max_message_bytes)
+
+    def route_of(self, peer: str) -> bytes | None:
+        """The routing id ``peer``'s key last spoke on (None if it has not, or in plaintext)."""
+        return self._routes.get(peer)
 
     async def send(self, peer: str, frames: FrameSeq) -> None:
         """Send ``frames`` to connected client ``peer``; PeerUnreachable if it is not connected.
@@ -841,7 +962,13 @@ class ZmqServer(_ZmqEndpoint):
         if self._closed or pipe is None:
             self._live_router(f"send to {peer!r}")  # raises
             return
-        msg = [peer.encode("utf-8", "surrogateescape"), *frames]
+        if self._curve is not None:
+            route = self._routes.get(peer)
+            if route is None:
+                raise PeerUnreachable(f"send to {peer!r}: peer {peer!r} is not connected")
+        else:
+            route = peer.encode("utf-8", "surrogateescape")
+        msg = [route, *frames]
         try:
             pipe.send_nowait(msg)
         except zmq.ZMQError as e:
@@ -904,7 +1031,10 @@ class ZmqClient(_ZmqEndpoint):
     ``curve=None`` gives plaintext (refused on tcp:// unless ``insecure=True``).
     ``server_name`` is reported as ``Delivery.authenticated_as`` when CURVE is
     on (the pinned key authenticates the server). ``topics`` are the event
-    prefixes to subscribe to (all by default).
+    prefixes to subscribe to (all by default). The DEALER's routing id is
+    secret random bytes under CURVE and the node name in plaintext;
+    ``routing_id`` overrides it (``b""``: none), for tests that play a hostile
+    client; the server never routes by a name a client chose.
     """
 
     _role = "client"
@@ -921,8 +1051,14 @@ class ZmqClient(_ZmqEndpoint):
         tuning: SocketTuning = DEFAULT_TUNING,
         topics: Sequence[bytes] = (b"",),
         context: zmq.asyncio.Context | None = None,
+        routing_id: bytes | None = None,
     ) -> None:
-        self._routing_id = _check_name(name)
+        raw_name = _check_name(name)
+        if routing_id is not None and len(routing_id) > _MAX_NAME_BYTES:
+            raise ConfigError(f"routing id must be at most {_MAX_NAME_BYTES} bytes")
+        if routing_id is None:
+            routing_id = _new_routing_id() if curve is not None else raw_name
+        self._routing_id = routing_id  # b"": none (libzmq's ROUTER makes one up)
         if not zmq.has("curve") and curve is not None:
             raise ConfigError("this libzmq was built without CURVE support")
         for ep in (router_endpoint, pub_endpoint):
@@ -955,7 +1091,7 @@ class ZmqClient(_ZmqEndpoint):
 
     @property
     def name(self) -> str:
-        """This node's name (also its DEALER routing id)."""
+        """This node's name (its DEALER routing id only in plaintext)."""
         return self._name
 
     @property
@@ -986,7 +1122,8 @@ class ZmqClient(_ZmqEndpoint):
             _apply_tuning(sock, self._tuning, ep)
             if self._curve is not None:
                 _apply_curve_client(sock, self._curve)
-        dealer.setsockopt(zmq.ROUTING_ID, self._routing_id)
+        if self._routing_id:
+            dealer.setsockopt(zmq.ROUTING_ID, self._routing_id)
         dealer.setsockopt(zmq.SNDTIMEO, int(self._tuning.send_timeout_s * 1000))
         for topic in self._topics:
             sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -998,8 +1135,9 @@ class ZmqClient(_ZmqEndpoint):
         for sock, ep in ((dealer, self._endpoints[0]), (sub, self._endpoints[1])):
             with _map_errors(f"cannot connect to {ep}", config=True):
                 sock.connect(ep)
-        self._direct = _Pipe(dealer, self._waiters)
-        self._event = _Pipe(sub, self._waiters)
+        t = self._tuning
+        self._direct = _Pipe(dealer, self._waiters, t.max_frames, t.max_message_bytes)
+        self._event = _Pipe(sub, self._waiters, t.max_frames, t.max_message_bytes)
 
     async def _watch(self, monitor: zmq.asyncio.Socket, channel: str) -> None:
         ready = self._connected[channel]
@@ -1110,19 +1248,13 @@ class ZmqClient(_ZmqEndpoint):
             waiters = self._waiters
             while True:
                 direct, event = self._live("recv")
-                with _map_errors("recv"):
-                    if self._prefer_event:
-                        parts = event.recv_nowait()
-                        channel: Channel = "event"
-                        if parts is None:
-                            parts = direct.recv_nowait()
-                            channel = "direct"
-                    else:
-                        parts = direct.recv_nowait()
-                        channel = "direct"
-                        if parts is None:
-                            parts = event.recv_nowait()
-                            channel = "event"
+                try:
+                    parts, channel = self._next_parts(direct, event)
+                except _Oversize as big:
+                    self.stats.oversize_dropped += 1
+                    if self._once.first(("oversize",)):
+                        log.warning("client %s dropped a message from the server of %s", self._name, big)
+                    continue
                 if parts is not None:
                     self._prefer_event = channel == "direct"
                     self.stats.received += 1
@@ -1132,3 +1264,12 @@ class ZmqClient(_ZmqEndpoint):
                     await waiter  # cancelled here: nothing was taken off the sockets
                 finally:
                     waiters.readable = None
+
+    def _next_parts(self, direct: _Pipe, event: _Pipe) -> tuple[list[bytes] | None, Channel]:
+        """The next waiting message of either socket (fairly: the other one first next time)."""
+        first, second = (event, direct) if self._prefer_event else (direct, event)
+        with _map_errors("recv"):
+            parts = first.recv_nowait()
+            if parts is not None:
+                return parts, "event" if first is event else "direct"
+            return second.recv_nowait(), "event" if second is event else "direct"

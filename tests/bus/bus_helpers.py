@@ -35,6 +35,16 @@ from gtbus.testing import Deployment, make_deployment
 from gtbus.testing import eventually
 from gtbus.testing import run_async as run  # noqa: F401  (re-exported for the bus tests)
 from gtbus.transport.base import Delivery
+from gtbus.transport.budget import Budget, PeerBudgets
+
+_UNBOUNDED = Budget(float("inf"), float("inf"), float("inf"), float("inf"))
+
+
+def unbounded_budgets() -> PeerBudgets:
+    """Budgets that admit and record everything: for tests of the pipeline's judgement message by message."""
+    from gtbus.clock import SYSTEM_CLOCK
+
+    return PeerBudgets(lambda _: _UNBOUNDED, SYSTEM_CLOCK, records_per_s=float("inf"), record_burst=float("inf"))
 
 T = TypeVar("T")
 
@@ -95,7 +105,10 @@ def msg_records(log_path: Path) -> list[LogRecord]:
 class LiveBus:
     """An orchestrator runtime and holder runtimes on real CURVE sockets, in this loop."""
 
-    def __init__(self, tmp: Path, *, holders: int = 2) -> None:
+    def __init__(self, tmp: Path, *, holders: int = 2, budgets: PeerBudgets | None = None) -> None:
+        # The bus tests judge one message at a time and read each record back; budgets
+        # are tested on their own (test_bus_budgets.py), with their own clock.
+        self.budgets = budgets or unbounded_budgets()
         self.tmp = Path(tmp)
         self.dep: Deployment = make_deployment(self.tmp / "keys", holders)
         self.roster = self.dep.roster
@@ -122,6 +135,7 @@ class LiveBus:
             server_transport(ident, self.roster, *self.endpoints),
             run_dir=self.run_dir,
             heartbeat_interval=0,
+            budgets=self.budgets,
         )
         rt.on(Echo, self._echo_handler(rt))
         await rt.start()
@@ -183,8 +197,12 @@ class LiveBus:
         return self.run_dir / "logs" / f"{self.dep.orchestrator.name}.gtlog"
 
     def judged(self) -> int:
-        """Messages the orchestrator's pipeline has judged so far (accepted or refused)."""
-        return self.o.pipeline.accepted + sum(self.o.rejected.values())
+        """Messages the orchestrator has judged so far: accepted, refused, or dropped by its transport as oversize."""
+        return self.o.pipeline.accepted + sum(self.o.rejected.values()) + self.oversize()
+
+    def oversize(self) -> int:
+        """Messages the orchestrator's transport drained and dropped for their frame count or size."""
+        return self.o.transport.stats.oversize_dropped
 
     # -- acting --------------------------------------------------------------------------
 
@@ -207,9 +225,11 @@ class LiveBus:
     async def inject(self, frames: Sequence[bytes], via: str = "h1", timeout: float = 5.0) -> str:
         """Send raw frames over ``via``'s connection; return the orchestrator's verdict.
 
-        ``"accepted"``, or ``"rejected:<reason>"`` with exactly one counter moved.
+        ``"accepted"``, ``"rejected:<reason>"`` with exactly one counter moved, or
+        ``"dropped:transport-oversize"`` (too many frames or bytes: never judged, never recorded).
         """
         before_acc = self.o.pipeline.accepted
+        before_big = self.oversize()
         before = Counter(self.o.rejected)
         n = self.judged()
         await self.h(via).transport.send(list(frames))
@@ -217,6 +237,8 @@ class LiveBus:
         assert self.judged() == n + 1, "more than one message judged"
         if self.o.pipeline.accepted > before_acc:
             return "accepted"
+        if self.oversize() > before_big:
+            return "dropped:transport-oversize"
         moved = Counter(self.o.rejected)
         moved.subtract(before)
         (reason,) = [r for r, c in moved.items() if c]
@@ -261,3 +283,9 @@ def junk(rng: Any, i: int) -> list[bytes]:
     if kind == 3:
         return [os.urandom(8) for _ in range(rng.randrange(1, 12))]
     return [MAGIC, packb({"v": 1, "junk": i}), b"", os.urandom(64)]
+
+
+def signed_echo(bus: LiveBus, via: str = "h1", payload: bytes = b"captured") -> list[bytes]:
+    """A valid Echo from ``via``'s own signer (same session as its runtime, next sequence)."""
+    _, frames = bus.h(via).signer.sign(Echo(payload, "x"), bus.dep.orchestrator.name)
+    return [bytes(f) for f in frames]

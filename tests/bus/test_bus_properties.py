@@ -92,19 +92,20 @@ def test_random_multiparts_never_crash_the_node(tmp_path: Path) -> None:
             nonlocal sent
             verdict = loop.call(bus.inject(frames), timeout=10)
             sent += 1
-            assert verdict.startswith("rejected:"), verdict
+            assert verdict.startswith(("rejected:", "dropped:transport-oversize")), verdict
             assert o.guard.marks() == marks
             assert o.guard.fence == fence
             assert o.pipeline.accepted == 0
             assert all(not t.done() for t in o._tasks), "the receive loop died"
 
         prop()
-        assert sum(o.rejected.values()) == sent
+        dropped = bus.oversize()  # more frames than any message has: drained by the transport, never judged
+        assert sum(o.rejected.values()) + dropped == sent
         loop.call(bus.echo())
         assert o.pipeline.accepted == 1
         report = verify_log(bus.orch_log)
         assert report.ok, report.error
-        assert report.rejected_records == sent
+        assert report.rejected_records == sent - dropped
         assert verdicts(bus.orch_log)[-2:] == ["accepted", "sent"]
     finally:
         loop.call(bus.close())
