@@ -63,3 +63,23 @@ def test_filters_by_node_type_time_and_epoch(tmp_path: Path) -> None:
     assert epoch1 and all(e.header is not None and e.header.epoch == 1 for e in epoch1)
     late = list(in_window(entries(logs), since=1005.0))
     assert late and all(e.time >= 1005.0 for e in late)
+
+
+def test_a_refused_message_is_shown_by_what_it_claimed_and_its_sizes(tmp_path: Path) -> None:
+    """A refused record keeps magic and header (cut), digest and sizes: replay shows one escaped line of them."""
+    from gtbus.replay.view import format_detail, format_entry
+    from gtbus.replay.verify import verify_log
+
+    dep = make_deployment(tmp_path / "keys", holders=1)
+    log = tmp_path / "orch.gtlog"
+    rec = Recorder(log, "orch", dep.roster, identity=dep.orchestrator)
+    _, frames = MessageSigner(dep.holders[0]).sign(Echo(b"x", "hi\n\x1b[2J"), "orch")
+    rec.record_refused([*frames[:3], b"\0" * 64, b"junk" * 1000], "rejected:bad-signature", peer="h1")
+    rec.close()
+    (e,) = list(entries(log))
+    line = format_entry(e)
+    assert "rejected:bad-signature" in line and "echo" in line and "h1->orch" in line
+    assert "refused-frames=[" in line and "4000" in line and "digest=" in line
+    assert "\n" not in format_detail(e).split("\n", 1)[0] and "\x1b" not in format_detail(e)
+    rep = verify_log(log)
+    assert rep.ok and rep.rejected_records == 1 and rep.checked == 0 and rep.closed
