@@ -217,7 +217,8 @@ class SocketTuning:
     #: queue limits in messages, per connection
     sndhwm: int = 1000
     rcvhwm: int = 1000
-    #: how long a direct send may wait for a full queue to drain before TransportError
+    #: how long a client's send may wait for a full queue to drain before TransportError
+    #: (the server never waits: a peer that does not read must not stall the others)
     send_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -955,8 +956,8 @@ class ZmqServer(_ZmqEndpoint):
     async def send(self, peer: str, frames: FrameSeq) -> None:
         """Send ``frames`` to connected client ``peer``; PeerUnreachable if it is not connected.
 
-        A full queue towards the peer is waited on (up to ``send_timeout_s``), then
-        TransportError.
+        A full queue towards the peer (``sndhwm`` messages it has not read) is
+        TransportError at once, never a wait.
         """
         pipe = self._pipe
         if self._closed or pipe is None:
@@ -972,35 +973,18 @@ class ZmqServer(_ZmqEndpoint):
         try:
             pipe.send_nowait(msg)
         except zmq.ZMQError as e:
-            await self._send_slow(peer, msg, e)
+            self._send_failed(peer, e)
         self.stats.sent += 1
 
-    async def _send_slow(self, peer: str, msg: list[Any], first: zmq.ZMQError) -> None:
-        """The first try did not go out: map the error, or wait for room in the peer's queue."""
+    def _send_failed(self, peer: str, error: zmq.ZMQError) -> None:
+        """Map a refused send. A full queue is not waited on: the sender is often the receive
+        loop, and a peer that stops reading its replies must not stall everyone else's."""
         what = f"send to {peer!r}"
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._tuning.send_timeout_s
-        delay = 0.0005
-        error: zmq.ZMQError | None = first
-        while True:
-            try:
-                with _map_errors(what, peer=peer):
-                    if error is not None:
-                        raise error
-                    self._live_router(what).send_nowait(msg)
-                return
-            except TransportError as e:
-                if isinstance(e, PeerUnreachable) or not isinstance(e.__cause__, zmq.Again):
-                    raise
-                if loop.time() >= deadline:
-                    raise
-            finally:
-                error = None
-            # ROUTER_MANDATORY says EAGAIN when this peer's queue is full; POLLOUT would
-            # report other peers' queues, so back off instead of waiting on it.
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 0.05)
-            self._live_router(what)
+        if error.errno == zmq.EAGAIN:
+            self.stats.extra["send-queue-full"] = self.stats.extra.get("send-queue-full", 0) + 1
+            raise TransportError(f"{what}: its queue of {self._tuning.sndhwm} messages is full (it is not reading)") from error
+        with _map_errors(what, peer=peer):
+            raise error
 
     async def publish(self, frames: FrameSeq) -> None:
         """Publish ``frames`` to every subscriber; a subscriber whose queue is full misses it."""

@@ -450,3 +450,27 @@ def test_transports_dropped_without_close_do_not_hang_gc() -> None:
     # cleared its socket weakrefs; the transports' finalizer closes the sockets first.
     done = subprocess.run([sys.executable, "-c", LEAK_SCRIPT], capture_output=True, text=True, timeout=15)
     assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr[-2000:]
+
+
+def test_a_client_that_stops_reading_gets_an_error_not_a_stalled_server(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment, tuning=SocketTuning(sndhwm=8, rcvhwm=8))
+        await server.start()
+        mute = make_client(deployment, server, "h1", tuning=SocketTuning(sndhwm=8, rcvhwm=8))
+        h2 = make_client(deployment, server, "h2")
+        async with running(mute, h2):
+            await mute.send([b"hi"])
+            assert (await server.recv()).peer == "h1"
+            chunk = bytes(64 << 10)
+            with pytest.raises(TransportError, match="not reading"):
+                for _ in range(5000):  # kernel buffers hold some; the queue fills well before this
+                    await server.send("h1", [chunk])
+            assert server.stats.extra["send-queue-full"] == 1
+            await h2.send([b"still served?"])
+            got = await server.recv()
+            assert got.peer == "h2"
+            await server.send("h2", [b"yes"])
+            assert (await h2.recv()).frames == [b"yes"]
+        await server.close()
+
+    run(main(), timeout=15)
