@@ -15,7 +15,8 @@ how the granted holder gets one. Rules it keeps:
   uid the broker does not serve is answered ``NO`` whatever it sends.
 - The broker never waits on a peer: every socket is non-blocking, a peer gets
   :data:`DEADLINE_S` to send its request, at most :data:`MAX_PEERS` peers are
-  served at once (more are closed at accept), and a request is a fixed
+  served at once (a new one makes the oldest go, after whatever it sent was
+  served, so idle peers cannot lock the granted holder out), and a request is a fixed
   :data:`REQUEST_SIZE` bytes, so nothing it reads grows with what a peer sends.
 - One thread serves the socket. :meth:`FdBroker.close` stops it and closes
   every descriptor still on offer.
@@ -48,6 +49,7 @@ DEADLINE_S: Final = 2.0
 MAX_PEERS: Final = 16
 """Peers being served at once; a holder fetches once per hop, so this is far above need."""
 FETCH_TIMEOUT_S: Final = 5.0
+_FETCH_ATTEMPTS: Final = 8
 
 _OK: Final = b"OK"
 _NO: Final = b"NO"
@@ -88,7 +90,9 @@ class FdBroker:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             self._listener.bind("\0" + self.address)
-            self._listener.listen(MAX_PEERS)
+            # A deep backlog: a burst of connections waits to be accepted (and
+            # turned away or served) instead of being refused by the kernel.
+            self._listener.listen(socket.SOMAXCONN)
         except OSError as exc:
             self._listener.close()
             raise DeviceError(f"cannot start the staging descriptor broker: {exc.strerror}") from None
@@ -178,12 +182,18 @@ class FdBroker:
             sock.setblocking(False)
             if _peer_uid(sock) not in self._uids:
                 self._answer(sock, _NO, None, "peer runs as a uid this device does not serve")
-            elif len(peers) >= MAX_PEERS:
-                self._answer(sock, _NO, None, f"more than {MAX_PEERS} peers at once")
-            else:
-                peer = _Peer(sock, time.monotonic() + DEADLINE_S)
-                peers[sock] = peer
-                sel.register(sock, selectors.EVENT_READ)
+                continue
+            if len(peers) >= MAX_PEERS:
+                # Full: the oldest peer goes, not the newest, so peers that sit idle
+                # cannot lock the granted holder out; whatever it sent is served first.
+                oldest = next(iter(peers.values()))
+                self._read(sel, peers, oldest)
+                if oldest.sock in peers:
+                    self._hang_up(sel, peers, oldest, f"more than {MAX_PEERS} peers at once; the oldest makes room")
+            peer = _Peer(sock, time.monotonic() + DEADLINE_S)
+            peers[sock] = peer
+            sel.register(sock, selectors.EVENT_READ)
+            self._read(sel, peers, peer)  # a holder sends its request right after connecting
 
     def _read(self, sel: selectors.BaseSelector, peers: dict[socket.socket, _Peer], peer: _Peer) -> None:
         try:
@@ -243,6 +253,25 @@ def fetch_fd(address: str, ticket: bytes, *, timeout: float = FETCH_TIMEOUT_S) -
     """Fetch the descriptor offered under ``ticket`` from the broker at ``address`` (DeviceError if refused)."""
     if len(ticket) != TICKET_SIZE:
         raise DeviceError("not a descriptor ticket")
+    end = time.monotonic() + timeout
+    # A broker crowded by other peers may hang up before reading our request
+    # (it makes room by its oldest peer): that is no answer, so ask again.
+    for attempt in range(_FETCH_ATTEMPTS):
+        msg, fds, truncated = _ask(address, ticket, max(0.001, end - time.monotonic()), timeout)
+        if msg or fds or time.monotonic() + 0.01 * attempt >= end:
+            break
+        time.sleep(0.01 * attempt)  # let the crowd thin out (this runs off the event loop)
+    if msg == _OK and len(fds) == 1 and not truncated:
+        return fds[0]
+    for fd in fds:
+        os.close(fd)
+    if not msg:
+        raise DeviceError(f"the staging broker hung up {_FETCH_ATTEMPTS} times without an answer")
+    raise NotOnOffer("not on offer")
+
+
+def _ask(address: str, ticket: bytes, timeout: float, total: float) -> tuple[bytes, list[int], bool]:
+    """One request: (answer word, descriptors received, whether control data was cut)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
         sock.settimeout(timeout)
         try:
@@ -250,14 +279,19 @@ def fetch_fd(address: str, ticket: bytes, *, timeout: float = FETCH_TIMEOUT_S) -
             # Only our own user's broker may hand us memory to write our ciphertext into.
             if _peer_uid(sock) != os.getuid():
                 raise DeviceError("the staging broker runs as another user")
-            sock.sendall(MAGIC + ticket)
+            try:
+                sock.sendall(MAGIC + ticket)
+            except BrokenPipeError:
+                pass  # it answered (or hung up) before reading: the answer is still there to read
             # Not socket.recv_fds: it drops its flags argument (3.11), and a
             # descriptor received without MSG_CMSG_CLOEXEC leaks into children.
             msg, ancdata, flags, _ = sock.recvmsg(len(_OK), socket.CMSG_SPACE(_FD.size), socket.MSG_CMSG_CLOEXEC)
         except ConnectionRefusedError:
             raise DeviceError("no staging broker at that address (its device is gone)") from None
+        except BlockingIOError:
+            return b"", [], False  # its backlog is full: no answer, ask again
         except TimeoutError:
-            raise DeviceError(f"the staging broker did not answer within {timeout:g}s") from None
+            raise DeviceError(f"the staging broker did not answer within {total:g}s") from None
         except OSError as exc:
             raise DeviceError(f"cannot fetch staging: {exc.strerror or exc}") from None
     fds = [
@@ -266,8 +300,4 @@ def fetch_fd(address: str, ticket: bytes, *, timeout: float = FETCH_TIMEOUT_S) -
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
         for (fd,) in _FD.iter_unpack(data[: len(data) - len(data) % _FD.size])
     ]
-    if msg == _OK and len(fds) == 1 and not flags & socket.MSG_CTRUNC:
-        return fds[0]
-    for fd in fds:
-        os.close(fd)
-    raise NotOnOffer("not on offer")
+    return msg, fds, bool(flags & socket.MSG_CTRUNC)

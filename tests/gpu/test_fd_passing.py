@@ -36,8 +36,8 @@ def _same_file(fd: int, content: bytes) -> bool:
 
 def _raw_peer(broker: FdBroker) -> socket.socket:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
     s.connect("\0" + broker.address)
+    s.settimeout(5)
     return s
 
 
@@ -102,18 +102,20 @@ def test_garbage_and_silence_do_not_stop_the_broker(broker: FdBroker, monkeypatc
     os.close(fd)
 
 
-def test_more_peers_than_the_bound_are_turned_away(broker: FdBroker) -> None:
+def test_idle_peers_cannot_lock_the_ticket_holder_out(broker: FdBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fd_passing, "DEADLINE_S", 0.5)  # the idle peers left at the end are hung up on sooner
     ticket = _offered(broker)
-    # Accepted in the order they connected: the idle ones fill every slot first.
-    idle = [_raw_peer(broker) for _ in range(MAX_PEERS)]
-    extra = _raw_peer(broker)
-    assert extra.recv(16) == b"NO"  # turned away at once, not queued behind the idle ones
+    # Twice as many idle peers as there are slots, all connected first: each new
+    # one makes the oldest go, and the ticket holder still gets its descriptor.
+    idle = [_raw_peer(broker) for _ in range(2 * MAX_PEERS)]
+    fd = fetch_fd(broker.address, ticket)
+    os.close(fd)
+    hung_up = [s for s in idle if s.recv(16) == b""]  # the oldest ones, made room for
+    assert len(hung_up) >= MAX_PEERS
     for s in idle:
         s.close()
-    extra.close()
-    _wait_until("the broker to notice the idle peers left", lambda: broker.refused == MAX_PEERS + 1)
-    fd = fetch_fd(broker.address, ticket)  # the slots free again
-    os.close(fd)
+    _wait_until("the broker to notice the idle peers left", lambda: broker.refused == 2 * MAX_PEERS)
+    assert broker.served == 1
 
 
 def test_a_peer_of_another_user_is_refused(broker: FdBroker) -> None:
