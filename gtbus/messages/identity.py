@@ -50,7 +50,7 @@ class Role(str, Enum):
 
 def check_node_name(name: str) -> str:
     """Return ``name`` if it is a valid node name, else raise KeyFileError naming it."""
-    if not isinstance(name, str) or not _NAME_RE.match(name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):  # fullmatch: "$" alone lets "h1\n" through
         raise KeyFileError(
             f"invalid node name {name!r}: use 1-63 of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
         )

@@ -80,15 +80,14 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
         state["token"] = {"id": msg.token_id, "owner": msg.owner, "epoch": msg.epoch, "phase": msg.phase}
         return True
     if isinstance(msg, HopRecord):
-        state["hops"] = int(state.get("hops", 0)) + 1
+        state["hops"] = _count(state.get("hops")) + 1
         if msg.outcome == "trained":
-            state["hops_trained"] = int(state.get("hops_trained", 0)) + 1
-            state["bytes"] = int(state.get("bytes", 0)) + int(msg.record.get("nbytes", 0))
+            state["hops_trained"] = _count(state.get("hops_trained")) + 1
+            state["bytes"] = _count(state.get("bytes")) + _count(msg.record.get("nbytes"))
         state["last_hop"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome}
         return True
     if isinstance(msg, RunComplete):
-        state["complete"] = True
-        state["summary"] = {**msg.summary, **state.get("summary", {})}  # the whole table may have come first
+        _complete(state, msg.summary, whole=False)
         return True
     if isinstance(msg, Heartbeat):
         state["orchestrator_state"] = msg.state
@@ -96,14 +95,28 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
     return False
 
 
+# Values inside records and snapshots are free-form dicts: a wrong type counts as absent, never raises.
+def _count(value: object) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
 def _loss(value: object) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if type(value) is float:
+        return value
+    return float(value) if type(value) is int and abs(value) < 1 << 64 else None
+
+
+def _complete(state: dict[str, Any], summary: dict[str, Any], *, whole: bool) -> None:
+    """The run is over: merge the broadcast (public) or the observer's whole summary, whichever came first."""
+    prior = state.get("summary")
+    prior = prior if isinstance(prior, dict) else {}
+    state["complete"] = True
+    state["summary"] = {**prior, **summary} if whole else {**summary, **prior}
 
 
 def _apply_report(state: dict[str, Any], msg: HopReport | RunComplete) -> bool:
     if isinstance(msg, RunComplete):
-        state["complete"] = True
-        state["summary"] = {**state.get("summary", {}), **msg.summary}
+        _complete(state, msg.summary, whole=True)
         return True
     r = msg.record
     state["last_report"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome,
@@ -111,6 +124,6 @@ def _apply_report(state: dict[str, Any], msg: HopReport | RunComplete) -> bool:
                             "detail": str(r.get("detail", ""))}
     before = _loss(r.get("eval_before"))
     shown = state.get("last_loss_epoch")
-    if msg.outcome == "trained" and before is not None and (shown is None or msg.epoch > int(shown)):
+    if msg.outcome == "trained" and before is not None and (type(shown) is not int or msg.epoch > shown):
         state["last_loss"], state["last_loss_epoch"] = before, msg.epoch
     return True

@@ -184,12 +184,13 @@ def _name(value: str, where: str, problems: list[str]) -> bool:
     return True
 
 
+# (Each is used with fullmatch: "$" would let a trailing newline through.)
 # An absolute or a plain relative path: run as one argv entry, but still refused if it
 # could only be a mistake or an attack (spaces, quotes, ';', '$', a leading '-').
-_PYTHON = re.compile(r"^(?!-)[A-Za-z0-9_.+/-]+$")
+_PYTHON = re.compile(r"(?!-)[A-Za-z0-9_.+/-]+")
 # ssh destinations ("user@host", "host", "ssh://user@host:22", "user@[::1]") and netns names: never a leading '-'.
-_SSH_DEST = re.compile(r"^(?!-)[A-Za-z0-9_.@:/%+\[\]-]+$")
-_NETNS = re.compile(r"^(?!-)[A-Za-z0-9_.-]{1,64}$")
+_SSH_DEST = re.compile(r"(?!-)[A-Za-z0-9_.@:/%+\[\]-]+")
+_NETNS = re.compile(r"(?!-)[A-Za-z0-9_.-]{1,64}")
 # ssh options a runbook may pass; an option that runs a local command belongs in ~/.ssh/config, if anywhere.
 _SSH_FLAGS = {"-4", "-6"}
 _SSH_WITH_VALUE = {"-o", "-p", "-i", "-J", "-F"}
@@ -206,13 +207,13 @@ def _host(name: str, t: dict[str, Any], problems: list[str]) -> Host | None:
     address = _str(t, "address", where, problems)
     if address and address not in ("local", "localhost"):
         if address.startswith("netns:"):
-            if not _NETNS.match(address[len("netns:"):]):
+            if not _NETNS.fullmatch(address[len("netns:"):]):
                 problems.append(f"{where}: address {address!r}: a netns name is 1-64 of A-Z, a-z, 0-9, '_', '.', '-', not starting with '-'")
-        elif not _SSH_DEST.match(address):
+        elif not _SSH_DEST.fullmatch(address):
             problems.append(f"{where}: address {address!r} must be local, netns:NAME or an ssh destination like user@server (no spaces, not starting with '-')")
     workdir = _str(t, "workdir", where, problems, ".")
     python = _str(t, "python", where, problems, ".venv/bin/python")
-    if python and not _PYTHON.match(python):
+    if python and not _PYTHON.fullmatch(python):
         problems.append(f"{where}: python {python!r} must be an absolute or a plain relative path (A-Z, a-z, 0-9, '_', '.', '+', '-', '/'; not starting with '-')")
     opts = t.get("ssh_options", [])
     if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -22,12 +23,15 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gtbus.cli.main import main
 from gtbus.errors import ConfigError
 from gtbus.runbook.config import Host, load_runbook
 from gtbus.runbook.control import state_path
 from gtbus.runbook.hosts import IN_WORKDIR, HostShell
+from gtbus.training import TRAINER_NAMES
 
 CANARY = "CANARY"
 
@@ -39,7 +43,7 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return json.dumps(v)  # JSON string escapes are TOML basic-string escapes
+    return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")  # JSON string escapes are TOML basic-string escapes (TOML escapes DEL too)
 
 
 def _toml(tables: dict[str, dict[str, Any]]) -> str:
@@ -220,9 +224,14 @@ def test_a_crafted_state_file_signals_nothing(tmp_path: Path, nodes: Any) -> Non
     p.parent.mkdir()
     p.write_text(json.dumps({"name": "hostile", "nodes": nodes}))
     for command in ("status", "down"):
-        r = _gtbus("runbook", command, str(rb), cwd=tmp_path)
-        lines = r.stderr.strip().splitlines()
-        assert r.returncode == 1 and len(lines) == 1 and "state file does not name nodes" in lines[0], r.stderr
+        if nodes and isinstance(nodes, dict) and nodes["orch"] != "nope" and nodes["orch"]["pid"] == -1:
+            proc = _gtbus("runbook", command, str(rb), cwd=tmp_path)  # the dangerous one as its own process too
+            rc, err = proc.returncode, proc.stderr
+        else:
+            r = CliRunner().invoke(main, ["runbook", command, str(rb)])
+            rc, err = r.exit_code, r.stderr
+        lines = err.strip().splitlines()
+        assert rc == 1 and len(lines) == 1 and "state file does not name nodes" in lines[0], err
     assert p.exists()  # left for the operator to look at
 
 
@@ -232,3 +241,40 @@ def test_state_path_refuses_an_escaping_name_even_unvalidated(tmp_path: Path) ->
     rb = dataclasses.replace(load_runbook(_runbook(tmp_path)), name="../../x")
     with pytest.raises(ConfigError, match="outside"):
         state_path(rb)
+
+
+# -- every value, any text -------------------------------------------------------------------------
+
+_FIELDS = {  # runbook key -> (the field the one error line names, what an accepted value must satisfy)
+    "hosts.this.python": ("[hosts.this]: python", lambda v: not v.startswith("-") and not any(c.isspace() or c in "$`;&|'\"\\" for c in v)),
+    "hosts.this.address": ("[hosts.this]: address", lambda v: not v.startswith("-") and not v.startswith("netns:-") and not any(c.isspace() for c in v)),
+    "deployment.name": ("[deployment]: name", lambda v: re.fullmatch(r"[a-z0-9][a-z0-9_.-]{0,62}", v) is not None),
+    "deployment.trainer": ("[deployment]: trainer", lambda v: v in TRAINER_NAMES),
+}
+_hostile_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=24) | st.sampled_from(
+    ["-oProxyCommand=x", "../../x", "a b", "$(id)", "`id`", "x;y", "netns:-all", "-", "bytelm\n", "/usr/bin/python3", "user@host"])
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=st.sampled_from(sorted(_FIELDS)), value=_hostile_text)
+def test_any_text_is_refused_in_one_line_naming_its_field_or_is_safe(tmp_path: Path, key: str, value: str) -> None:
+    field, safe = _FIELDS[key]
+    rb = _runbook(tmp_path, **{key: value})
+    try:
+        load_runbook(rb)
+    except ConfigError as exc:
+        lines = str(exc).splitlines()
+        assert len(lines) == 1 and field in lines[0], str(exc)
+        return
+    assert safe(value), f"{key} = {value!r} was accepted"
+
+
+@settings(max_examples=200, deadline=None)
+@given(workdir=_hostile_text, argv=st.lists(_hostile_text, min_size=1, max_size=4), address=_hostile_text)
+def test_the_remote_command_always_parses_back_to_the_argv(workdir: str, argv: list[str], address: str) -> None:
+    """Whatever the values (even a hand-built Host no schema checked), ssh sees one quoted command after ``-- DEST``."""
+    ssh = HostShell(Host("h", "user@" + address if not address.startswith("netns:") else address + "x", workdir)).argv(argv)
+    if ssh[0] != "ssh":
+        return  # a netns or local address: no remote shell in between
+    assert ssh[-3] == "--" and ssh[-2].startswith("user@")
+    assert shlex.split(ssh[-1]) == ["sh", "-c", IN_WORKDIR, "gtbus-host", workdir, *argv]

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from gtbus.messages.types import HopRecord, HopReport, RunComplete, TokenState
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gtbus.messages.types import Heartbeat, HopRecord, HopReport, RunComplete, TokenState
 from gtbus.protocol.follower import EventFollower
 
 
@@ -81,3 +86,42 @@ def test_the_whole_summary_survives_the_public_one_in_either_order() -> None:
             f.on_event(1, RunComplete(first))
             f.on_report(RunComplete(second))
         assert f.state is not None and f.state["complete"] and f.state["summary"] == full
+
+
+# Field values as a peer could put them in a signed body: huge, negative, wrong types, nested.
+_any = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats() | st.text(max_size=20) | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=4,
+)
+_keys = st.sampled_from(["nbytes", "eval_before", "eval_after", "detail", "hops", "hops_trained", "bytes", "last_loss_epoch", "summary", "x"])
+_record = st.dictionaries(_keys, _any, max_size=6)
+_int = st.integers(-(1 << 63), (1 << 64) - 1)
+_text = st.text(max_size=12)
+_messages = st.one_of(
+    st.builds(HopRecord, _int, _text, _int, st.sampled_from(["trained", "rejected", "x"]) | _text, _record),
+    st.builds(HopReport, _int, _text, _int, st.sampled_from(["trained", "rejected"]) | _text, _record),
+    st.builds(RunComplete, _record),
+    st.builds(TokenState, _text, _text, _int, _text),
+    st.builds(Heartbeat, _text, st.floats()),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(snapshot=_record, events=st.lists(st.tuples(st.booleans(), _int, _messages), max_size=12))
+def test_any_field_values_leave_a_usable_state(snapshot: dict[str, Any], events: list[tuple[bool, int, object]]) -> None:
+    """Whatever values the records carry, following never raises and the counters stay counts."""
+    f = EventFollower()
+    for i, (direct, seq, msg) in enumerate(events):
+        if i == len(events) // 2:
+            f.on_snapshot(snapshot, event_seq=seq)
+        if direct and isinstance(msg, (HopReport, RunComplete)):
+            f.on_report(msg)
+        else:
+            f.on_event(seq, msg)
+    f.on_snapshot(snapshot, event_seq=0)
+    assert f.state is not None
+    for k in ("hops", "hops_trained", "bytes"):
+        assert k not in f.state or f.state[k] == snapshot.get(k) or (type(f.state[k]) is int and f.state[k] >= 0)
+    if "last_loss" in f.state and f.state.get("last_report"):
+        assert f.state["last_loss"] is None or isinstance(f.state["last_loss"], (int, float)) or f.state["last_loss"] == snapshot.get("last_loss")
