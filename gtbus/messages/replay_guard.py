@@ -37,6 +37,7 @@ import msgpack
 from gtbus.clock import SYSTEM_CLOCK, Clock
 from gtbus.errors import ConfigError, RejectedMessage
 from gtbus.messages.envelope import Header
+from gtbus.private_files import open_private_append, write_private
 
 StreamKey = tuple[str, str]
 _U16 = struct.Struct(">H").pack
@@ -136,23 +137,13 @@ class ReplayGuard:
         os.write(self._fd, _U16(len(data)) + data)
 
     def _load_and_compact(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():
             self._replay_journal(path.read_bytes(), path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            self._fd = fd
-            if self._fence:
-                self._append(("f", self._fence))
-            for (sender, rcpt), m in self._marks.items():
-                self._append(("m", sender, rcpt, m.session, m.seq))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-            self._fd = None
-        os.replace(tmp, path)
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        records: list[tuple[object, ...]] = [("f", self._fence)] if self._fence else []
+        records += [("m", sender, rcpt, m.session, m.seq) for (sender, rcpt), m in self._marks.items()]
+        # Compacted into a fresh 0600 file renamed into place (never through a planted symlink).
+        write_private(path, b"".join(_U16(len(d)) + d for d in map(self._pack, records)))
+        self._fd = open_private_append(path)
 
     def _replay_journal(self, data: bytes, path: Path) -> None:
         pos = 0

@@ -225,3 +225,19 @@ def test_hostile_decline_reason_is_shown_escaped_and_run_files_are_private(trave
                *(run / "state").rglob("epoch")]
     assert len(private) >= 7
     assert {str(p.relative_to(run)): mode(p) for p in private} == {str(p.relative_to(run)): 0o600 for p in private}
+
+
+def test_replay_journal_is_rewritten_0600_and_never_through_a_symlink(tmp_path: Path) -> None:
+    from gtbus.messages.replay_guard import ReplayGuard
+    from gtbus.testing import FakeClock
+
+    journal = tmp_path / "state" / "replay.journal"
+    ReplayGuard(FakeClock(), journal=journal).close()
+    os.chmod(journal, 0o644)
+    ReplayGuard(FakeClock(), journal=journal).close()
+    assert mode(journal) == 0o600
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"v")
+    (tmp_path / "state" / "replay.journal.tmp").symlink_to(victim)  # the old fixed temporary name
+    ReplayGuard(FakeClock(), journal=journal).close()
+    assert victim.read_bytes() == b"v" and not journal.is_symlink()
