@@ -15,6 +15,18 @@
 * The device authenticates and decrypts all segments into the private buffer
   with the AES-256-GCM kernel (:mod:`gtbus.gpu.kernels.aes_gcm`), measures
   with the BLAKE3 kernel, and scrubs/verifies zero on the device.
+
+What a holder can do to its staging here: write into it (its own hop then
+fails authentication). It cannot resize it (the size is the device's own
+``staging.nbytes``, never the handle's), and the device bounds every claim
+against that. One gap is left, to be closed where a GPU can test it: CUDA
+calls ``cudaFree`` of an allocation that another process still has open
+through ``cudaIpcOpenMemHandle`` undefined behaviour, and the device cannot
+make a holder close its mapping before the hop ends. The fix is staging from
+the VMM API (``cuMemCreate``, exported as a POSIX descriptor and handed over
+by :mod:`gtbus.gpu.fd_passing` as the host backend does), whose physical
+memory lives until its last importer lets go: a holder that keeps its mapping
+then keeps only its own pages.
 """
 
 from __future__ import annotations
