@@ -109,9 +109,11 @@ def orchestrator_fault_hook(spec: str) -> Any:
 @click.option("--lease", type=float, default=10.0, show_default=True, help="Seconds a holder may keep the token.")
 @click.option("--holders", default="", help="Comma-separated holders of this run (default: every holder in --keys).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
+@click.option("--max-chunks", type=int, default=1 << 16, show_default=True, help="Most chunks one holder may register (bounds schedule and checkpoint).")
+@click.option("--absent-timeout", type=float, default=60.0, show_default=True, help="Seconds to wait when no holder with work left can be reached, then stop.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests (tamper-model-at-epoch=N).")
-def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, json_out: Path | None, fault: str) -> None:
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, json_out: Path | None, fault: str) -> None:
     """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
@@ -131,6 +133,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
     cfg = RunConfig(
         run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
         steps_per_hop=steps if steps == "pass" else int(steps), resume=resume,
+        trainer=trainer_name, max_chunks=max_chunks, absent_timeout=absent_timeout,
     )
 
     async def main() -> dict[str, Any]:
@@ -166,12 +169,13 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 @click.option("--pub", default="tcp://127.0.0.1:7701", show_default=True)
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=Path), required=True)
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
-@click.option("--chunk-tokens", type=int, default=1 << 17, show_default=True)
+@click.option("--chunk-tokens", type=int, default=None, help="Expect this chunk size (default: take the run's, announced at registration).")
+@click.option("--orchestrator-timeout", type=float, default=120.0, show_default=True, help="Give up (exit 1) after this many seconds without a word from the orchestrator.")
 @click.option("--agent", "agent_name", default=None, help="For a holder on another server than the GPU: the device agent to write through.")
 @click.option("--agent-router", default=None, help="The device agent's request endpoint.")
 @click.option("--agent-pub", default=None, help="The device agent's event endpoint.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
-def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int, agent_name: str | None, agent_router: str | None, agent_pub: str | None, fault: str) -> None:
+def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, fault: str) -> None:
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
     from gtbus.gpu.attestation import EmulatedVerifier
     from gtbus.gpu.platform_key import load_platform_public
@@ -201,6 +205,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
             via = NodeRuntime(identity, roster, client_transport(identity, roster, agent_router, agent_pub, server_name=agent_name),
                               run_dir=run_dir, server=agent_name, log_name=f"{identity.name}-to-{agent_name}", heartbeat_interval=0)
         h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault),
+                   orchestrator_timeout=orchestrator_timeout,
                    on_event=lambda s: click.echo(printable(s), err=True), agent=via)
         await rt.start()
         if via is not None:

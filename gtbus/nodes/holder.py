@@ -110,8 +110,9 @@ class Holder:
         device_cls: type[Device],
         verifier: Verifier,
         *,
-        chunk_tokens: int,
+        chunk_tokens: int | None = None,
         faults: HolderFaults | None = None,
+        orchestrator_timeout: float = 120.0,
         on_event: Callable[[str], None] | None = None,
         agent: NodeRuntime | None = None,
     ) -> None:
@@ -121,7 +122,12 @@ class Holder:
         self.dataset = dataset
         self.device_cls = device_cls
         self.verifier = verifier
-        self.chunk_tokens = chunk_tokens
+        # The run's chunk size, announced in the Welcome; a value given here is only
+        # what this holder expects (registration fails with one line if the run differs).
+        self.expected_chunk_tokens = chunk_tokens
+        self.chunk_tokens = chunk_tokens or 0
+        self.orchestrator_timeout = orchestrator_timeout
+        self._prepared = asyncio.Event()
         self.faults = faults or HolderFaults()
         self.on_event = on_event or (lambda line: None)
         self.machine = HolderMachine()
@@ -145,16 +151,30 @@ class Holder:
 
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> Welcome:
         """Register the dataset manifest; verify the orchestrator's measurement (retries while it starts)."""
-        manifest = self.dataset.manifest(self.chunk_tokens)
+        manifest = self.dataset.manifest()
         if self.agent is not None:
             manifest["via"] = self.agent.server
         acc = await register_with(self.rt, manifest, attempts=attempts, timeout=timeout)
         welcome: Welcome = acc.message
         self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
+        self.chunk_tokens = self._run_chunk_tokens(welcome)
         self.run_id = welcome.run_id
         self._server_session = acc.header.session
         self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
         return welcome
+
+    def _run_chunk_tokens(self, welcome: Welcome) -> int:
+        value = welcome.schedule.get("chunk_tokens")
+        if type(value) is not int or not 1 <= value <= 1 << 31:
+            raise GtbusError(f"{self.rt.name}: the orchestrator announced no usable chunk size ({type(value).__name__})")
+        if self.expected_chunk_tokens is not None and value != self.expected_chunk_tokens:
+            raise GtbusError(
+                f"{self.rt.name}: this run uses chunks of {value} tokens, not --chunk-tokens {self.expected_chunk_tokens}; "
+                "drop the option to take the run's"
+            )
+        if self.chunk_tokens and value != self.chunk_tokens:
+            raise GtbusError(f"{self.rt.name}: the orchestrator came back with chunks of {value} tokens, not {self.chunk_tokens}; start a new run")
+        return value
 
     async def _on_server_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
         # A newer session of the orchestrator is a restarted process (resume after a
@@ -216,6 +236,7 @@ class Holder:
 
     async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams) -> None:
         try:
+            await self._prepared.wait()
             tokens = self.dataset.chunk(g.chunk_index, self.chunk_tokens)
             plain = memoryview(numpy.ascontiguousarray(tokens, dtype="<u2")).cast("B")
             count = segment_count(len(plain), params.segment_size)
@@ -330,10 +351,27 @@ class Holder:
         loop.run_in_executor(None, self._prefetch, index)
 
     async def run(self) -> None:
-        """Prepare the device side once, register, then serve grants until the run completes."""
+        """Register, prepare the device side once, then serve grants until the run completes.
+
+        GtbusError if the orchestrator says nothing (no heartbeat, no message) for
+        ``orchestrator_timeout`` seconds: a holder does not wait forever for a run
+        that is gone. (A restarted orchestrator is re-registered with as soon as
+        its heartbeats arrive.)
+        """
+        await self.register()
         if self.agent is None:
             await asyncio.to_thread(self.device_cls.prepare_holder, self.chunk_tokens * 2)
+        self._prepared.set()
         self._prefetch_soon(0)
-        await self.register()
         self.rt.state_label = "registered"
-        await self.done.wait()
+        clock = self.rt.clock
+        while not self.done.is_set():
+            assert self.rt.server is not None
+            last = self.rt.last_heard.get(self.rt.server, clock.monotonic())
+            left = self.orchestrator_timeout - (clock.monotonic() - last)
+            if left <= 0:
+                raise GtbusError(f"{self.rt.name}: no word from the orchestrator for {self.orchestrator_timeout:.0f}s; giving up")
+            try:
+                await asyncio.wait_for(self.done.wait(), min(left, 1.0))
+            except asyncio.TimeoutError:
+                pass

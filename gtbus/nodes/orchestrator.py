@@ -38,7 +38,7 @@ import numpy
 
 from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
-from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, staging_size, TAG_SIZE
+from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_bounds, segment_count, staging_size, TAG_SIZE
 from gtbus.gpu.device import Device
 from gtbus.gpu.measure import measure_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
@@ -72,6 +72,7 @@ from gtbus.messages.types import (
 )
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.private_files import private_dir, replace_privately, write_private
+from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.token import Phase, TokenMachine
 from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
@@ -98,6 +99,16 @@ class RunConfig:
     max_attempts: int = 2
     resume: bool = False
     run_id: str = ""
+    trainer: str = "bytelm"  # the workload's name, to name the remedy when data does not fit it
+    # Most chunks one holder may bring: bounds every schedule, checkpoint and
+    # table that a holder's manifest would otherwise size.
+    max_chunks: int = 1 << 16
+    # A holder that cannot be reached is retried after a backoff doubling from
+    # backoff_min to backoff_max; when no holder with work left has been heard
+    # from for absent_timeout seconds, the run stops with a named reason.
+    backoff_min: float = 0.25
+    backoff_max: float = 8.0
+    absent_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("travel", "ship"):
@@ -106,6 +117,22 @@ class RunConfig:
             raise ConfigError("chunk_tokens must be at least 64")
         if self.lease <= 0:
             raise ConfigError("lease must be positive")
+        if not 1 <= self.max_chunks <= 1 << 24:
+            raise ConfigError("max_chunks must be between 1 and 16777216")
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ConfigError("backoff_min must be positive and at most backoff_max")
+        if self.absent_timeout <= 0:
+            raise ConfigError("absent_timeout must be positive")
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of one hop buffer (a whole chunk of uint16 tokens)."""
+        return self.chunk_tokens * TOKEN_BYTES
+
+    @property
+    def segment(self) -> int:
+        """AEAD segment size of every hop."""
+        return min(self.segment_size, max(self.capacity, 1 << 20))
 
 
 @dataclass
@@ -222,7 +249,7 @@ class Orchestrator:
         self.state_dir = private_dir(config.run_dir / "state" / runtime.name)
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
-        self.manifests: dict[str, dict[str, Any]] = {}
+        self.manifests: dict[str, AdmittedManifest] = {}
         self.via: dict[str, str] = {}  # remote holder -> the device agent it writes through
         self.agents: set[str] = set()
         self.registered = asyncio.Event()
@@ -235,7 +262,14 @@ class Orchestrator:
         self._hop_event = asyncio.Event()
         self._return: Accepted | None = None
         self._decline: str | None = None
-        self._ship_segments: dict[int, bytes] = {}
+        # Ship mode: this hop's ciphertext lands in one buffer sized by the run's
+        # capacity (never by a peer's claim); which segments arrived, by index.
+        self._ship_buf: bytearray | None = None
+        self._ship_got: set[int] = set()
+        self._ship_expect: tuple[int, int] = (0, 0)  # (segments, bytes) the granted chunk must have
+        # Holders that could not be reached: monotonic times of the last failure and of the
+        # first failure since they were last reached, and the current backoff.
+        self._away: dict[str, tuple[float, float, float]] = {}
         self._current_epoch = 0
         self.first_eval: float | None = None
         self.last_eval: float | None = None
@@ -318,28 +352,35 @@ class Orchestrator:
         if member is None or member.role is not Role.HOLDER or sender not in self.config.holders:
             await self.rt.send(Refusal("not-a-holder", f"{sender} is not a holder of this run"), sender, parent=acc.header.id)
             return
-        m = acc.message.manifest
         try:
-            chunks = int(m["chunk_count"])
-            if int(m["chunk_tokens"]) != self.config.chunk_tokens or chunks < 0:
-                raise ValueError(f"chunk_tokens {m['chunk_tokens']} differs from the run's {self.config.chunk_tokens}")
-        except (KeyError, TypeError, ValueError) as exc:
-            await self.rt.send(Refusal("bad-manifest", f"manifest refused: {exc}"), sender, parent=acc.header.id)
+            m = admit(acc.message.manifest, self._run_shape(), previous=self.manifests.get(sender) if self.schedule is not None else None)
+        except ManifestRefused as exc:
+            self.rt.note_refused(exc.code, sender)
+            self.log.warning("refused the registration of %s: %s", sender, exc)
+            await self.rt.send(Refusal(exc.code, f"registration refused: {exc}"), sender, parent=acc.header.id)
             return
-        via = m.get("via")
-        if via is not None and (not isinstance(via, str) or via not in self.rt.roster or self.rt.roster[via].role is not Role.AGENT):
-            await self.rt.send(Refusal("bad-manifest", f"manifest refused: {via!r} is not a device agent of this deployment"), sender, parent=acc.header.id)
+        if self.schedule is not None and self.schedule.chunks.get(sender, m.chunk_count) != m.chunk_count:
+            await self.rt.send(Refusal("manifest-changed", "registration refused: other data than this run was scheduled with; start a new run for new data"), sender, parent=acc.header.id)
+            return
+        via = m.via
+        if via is not None and (via not in self.rt.roster or self.rt.roster[via].role is not Role.AGENT):
+            await self.rt.send(Refusal("bad-manifest", "registration refused: 'via' is not a device agent of this deployment"), sender, parent=acc.header.id)
             return
         if via is not None:
             self.via[sender] = via
-        self.manifests[sender] = dict(m)
+        self.manifests[sender] = m
+        self._away.pop(sender, None)
         await self.rt.send(
             Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()),
             sender,
             parent=acc.header.id,
         )
-        self.log.info("registered %s: %s chunks", sender, chunks)
+        self.log.info("registered %s: %d chunks", sender, m.chunk_count)
         self._check_registered()
+
+    def _run_shape(self) -> RunShape:
+        cfg = self.config
+        return RunShape(cfg.chunk_tokens, cfg.max_chunks, int(self.trainer.vocab), cfg.trainer)
 
     def _check_registered(self) -> None:
         # Every holder is in, and every agent a remote holder writes through.
@@ -373,7 +414,7 @@ class Orchestrator:
             "last_loss_epoch": next((h.epoch for h in reversed(done) if h.eval_before is not None), None),
             "round": self.schedule.round if self.schedule else 0,
             "rounds": self.config.rounds,
-            "hops_total": self.config.rounds * sum(int(m["chunk_count"]) for m in self.manifests.values()),
+            "hops_total": self.config.rounds * sum(m.chunk_count for m in self.manifests.values()),
             "hop_started": self._hop_started,
             "started": self.started,
             "complete": self.complete,
@@ -427,13 +468,36 @@ class Orchestrator:
 
     async def _on_ship_segment(self, acc: Accepted, delivery: Delivery) -> None:
         sender, epoch, token_id = self._token_message(acc)
+        why = self._ship_segment_misfit(acc, sender, epoch, token_id)
+        if why is not None:
+            self.rt.note_refused(why, sender)
+            return
+        seg: ShipSegment = acc.message
+        stride = self.config.segment + TAG_SIZE
+        assert self._ship_buf is not None
+        self._ship_buf[seg.index * stride : seg.index * stride + len(acc.blobs[0])] = acc.blobs[0]
+        self._ship_got.add(seg.index)
+
+    def _ship_segment_misfit(self, acc: Accepted, sender: str, epoch: int, token_id: str) -> str | None:
+        # Every number in a ship.segment is checked against what this hop's grant
+        # fixed (mode, holder, epoch, the chunk's segment count and sizes) before a
+        # byte is stored: nothing a holder claims sizes anything.
+        if self.config.mode != "ship" or self._ship_buf is None:
+            return "ship-segment-outside-a-ship-hop"
         if sender != self.token.owner or epoch != self.token.epoch or token_id != self.token.token_id:
-            return
-        if self.token.phase not in (Phase.GRANTED, Phase.HELD) or len(acc.blobs) != 1:
-            return
-        if acc.message.index in self._ship_segments or len(self._ship_segments) >= acc.message.count:
-            return
-        self._ship_segments[acc.message.index] = acc.blobs[0]
+            return "ship-segment-of-another-hop"
+        if self.token.phase not in (Phase.GRANTED, Phase.HELD):
+            return "ship-segment-after-the-return"
+        seg = acc.message
+        count, nbytes = self._ship_expect
+        if type(seg.index) is not int or type(seg.count) is not int or seg.count != count or not 0 <= seg.index < count:
+            return "ship-segment-index-or-count-out-of-range"
+        if seg.index in self._ship_got:
+            return "ship-segment-duplicate"
+        _, _, n = segment_bounds(seg.index, nbytes, self.config.segment)
+        if len(acc.blobs) != 1 or memoryview(acc.blobs[0]).nbytes != n + TAG_SIZE:
+            return "ship-segment-wrong-size"
+        return None
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -463,18 +527,27 @@ class Orchestrator:
         self.rt.state_label = "running"
         if self.schedule is None:
             self.schedule = Schedule(
-                {h: int(self.manifests[h]["chunk_count"]) for h in self.config.holders},
+                {h: self.manifests[h].chunk_count for h in self.config.holders},
                 self.config.rounds,
                 max_attempts=self.config.max_attempts,
             )
         self._eval_tokens = None
         while True:
-            a = self.schedule.next()
+            a = self.schedule.next(self._reachable)
             if a is None:
-                break
+                if self.schedule.finished:
+                    break
+                await self._wait_for_a_holder()
+                continue
             outcome = await self.hop(a)
+            if outcome.outcome != "undelivered":
+                self._away.pop(a.holder, None)
             if outcome.outcome == "trained":
                 self.schedule.complete(a)
+            elif outcome.outcome == "undelivered":
+                self.schedule.defer(a)
+                self._back_off(a.holder)
+                outcome.detail += " (deferred: retried when the holder is back)"
             else:
                 retry = self.schedule.fail(a)
                 outcome.detail += " (will retry)" if retry else " (skipped this round)"
@@ -497,6 +570,64 @@ class Orchestrator:
         await self.rt.publish(Shutdown("run complete"))
         return summary
 
+    # -- liveness -----------------------------------------------------------------------------
+
+    def _reachable(self, holder: str) -> bool:
+        """May ``holder`` be granted now? Not while it backs off after an undelivered grant,
+        unless it was heard from since (it reconnected)."""
+        away = self._away.get(holder)
+        if away is None:
+            return True
+        failed_at, _, backoff = away
+        now = self.rt.clock.monotonic()
+        heard_since = self.rt.last_heard.get(holder, -1.0) > failed_at
+        return now >= failed_at + backoff or (heard_since and now >= failed_at + self.config.backoff_min)
+
+    def _back_off(self, holder: str) -> None:
+        cfg = self.config
+        previous = self._away.get(holder)
+        now = self.rt.clock.monotonic()
+        if previous is None:
+            self._away[holder] = (now, now, cfg.backoff_min)
+        else:
+            self._away[holder] = (now, previous[1], min(previous[2] * 2, cfg.backoff_max))
+
+    def _gone(self, holder: str) -> bool:
+        """Unreachable, and not heard from, for ``absent_timeout`` seconds."""
+        away = self._away.get(holder)
+        if away is None:
+            return False
+        quiet_since = max(away[1], self.rt.last_heard.get(holder, -1.0))
+        return self.rt.clock.monotonic() - quiet_since >= self.config.absent_timeout
+
+    async def _wait_for_a_holder(self) -> None:
+        """Only holders that cannot be reached have work left: wait for one, bounded.
+
+        A holder away for ``absent_timeout`` loses its chunks for this round (skipped
+        and reported; later rounds try it again). If no holder of the run at all has
+        been heard from for that long, the run stops with the reason (resumable)
+        instead of skipping its way through the schedule.
+        """
+        assert self.schedule is not None
+        waiting = self.schedule.pending_holders()
+        self.rt.state_label = "waiting-for-holders"
+        self.log.warning("no holder with work left can be reached (%s); waiting up to %.0fs", ", ".join(waiting), self.config.absent_timeout)
+        clock, timeout = self.rt.clock, self.config.absent_timeout
+        while not any(self._reachable(h) for h in waiting):
+            if all(self._gone(h) for h in waiting):
+                heard = [h for h in self.config.holders if clock.monotonic() - self.rt.last_heard.get(h, -timeout) < timeout]
+                if not heard:
+                    reason = f"no holder was reachable for {timeout:.0f}s ({', '.join(waiting)} have work left); the run stops here and continues with --resume"
+                    self._save_checkpoint()
+                    await self.rt.publish(Shutdown(reason))
+                    raise GtbusError(reason)
+                for h in waiting:
+                    skipped = self.schedule.give_up(h)
+                    self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.schedule.round)
+                break
+            await asyncio.sleep(min(0.05, self.config.backoff_min))
+        self.rt.state_label = "running"
+
     async def _publish_state(self) -> None:
         t = self.token
         await self.rt.publish(TokenState(t.token_id, t.owner or self.rt.name, t.epoch, t.phase.value), epoch=t.epoch)
@@ -504,8 +635,11 @@ class Orchestrator:
     async def hop(self, a: Assignment) -> HopOutcome:
         """One complete hop for assignment ``a``; never raises for a holder's misbehaviour."""
         cfg = self.config
-        capacity = cfg.chunk_tokens * TOKEN_BYTES
-        seg = min(cfg.segment_size, max(capacity, 1 << 20))
+        capacity, seg = cfg.capacity, cfg.segment
+        # What the granted chunk must come back as, from the admitted manifest:
+        # a return claiming anything else is refused before it sizes any work.
+        expect_bytes = self.manifests[a.holder].chunk_tokens_of(a.chunk, cfg.chunk_tokens) * TOKEN_BYTES
+        expect = (segment_count(expect_bytes, seg), expect_bytes)
         t0 = time.perf_counter()
         staging, handle = (None, "ship") if cfg.mode == "ship" else self._take_staging(staging_size(capacity, seg))
         if staging is not None:
@@ -518,7 +652,10 @@ class Orchestrator:
         self.rt.guard.raise_fence(grant.epoch)
         out = HopOutcome(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
         self._return, self._decline = None, None
-        self._ship_segments = {}
+        if cfg.mode == "ship":
+            if self._ship_buf is None:
+                self._ship_buf = bytearray(staging_size(capacity, seg))
+            self._ship_got, self._ship_expect = set(), expect
         self._hop_event.clear()
         model_before = self.device.measure(*self.trainer.parameter_views())
         revoked = False
@@ -542,9 +679,9 @@ class Orchestrator:
                     await self._stage_on_agent(via, grant.token_id, grant.epoch, a.holder, str(handle), staging, seg)
                 await self.rt.send(msg, a.holder, epoch=grant.epoch)
             except TransportError as exc:
-                # The holder is not connected (killed, partitioned): take the token
-                # back now instead of letting the whole run fail.
-                out.outcome, out.detail = "revoked", f"grant not delivered: {exc}"
+                # The holder is not connected (killed, partitioned, reconnecting): take
+                # the token back now; the run loop defers the chunk and backs off.
+                out.outcome, out.detail = "undelivered", f"grant not delivered: {exc}"
                 self.log.warning("hop %d: %s", grant.epoch, out.detail)
                 self.token.revoke()
                 return out
@@ -564,6 +701,10 @@ class Orchestrator:
             try:
                 if ret.chunk_index != a.chunk:
                     raise ChannelError(f"returned chunk {ret.chunk_index}, granted chunk {a.chunk}")
+                if (ret.segments, ret.nbytes) != expect:
+                    raise ChannelError(
+                        f"returned {ret.nbytes} bytes in {ret.segments} segments; chunk {a.chunk} is {expect[1]} bytes in {expect[0]} segments"
+                    )
                 ctx = SegmentContext(self.run_id, grant.epoch, a.holder, ret.segments)
                 if cfg.mode == "travel":
                     assert staging is not None
@@ -594,10 +735,6 @@ class Orchestrator:
                 self.token.revoke()
                 self._restore_model()
                 return out
-            if ret.nbytes % TOKEN_BYTES:
-                out.outcome, out.detail = "rejected", f"{ret.nbytes} bytes is not a whole number of tokens"
-                self.token.revoke()
-                return out
             tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
             # While this hop trains, the next hop's fresh staging is allocated beside it.
             self._prepare_next_staging(staging_size(capacity, seg) if cfg.mode == "travel" else 0)
@@ -624,7 +761,7 @@ class Orchestrator:
             return out
         finally:
             via = self.via.get(a.holder) if cfg.mode == "travel" else None
-            if via is not None and out.outcome in ("pending", "revoked", "declined"):
+            if via is not None and out.outcome in ("pending", "revoked", "declined", "undelivered"):
                 # The agent may still hold this hop's mapping: it must drop it before the staging goes.
                 try:
                     await self.rt.send(TokenRevoke(grant.token_id, out.detail or "hop ended"), via, epoch=grant.epoch)
@@ -666,21 +803,21 @@ class Orchestrator:
     def _open_shipped(self, params: ChannelParams, ctx: SegmentContext, ret: TokenReturn, data: Any) -> None:
         # Conventional path: ciphertext arrived over the network into host memory;
         # it is decrypted on the CPU into host memory, then copied to the device.
-        if len(self._ship_segments) != ret.segments or set(self._ship_segments) != set(range(ret.segments)):
-            raise ChannelError(f"received {len(self._ship_segments)} of {ret.segments} shipped segments")
-        staging = bytearray(staging_size(ret.nbytes, params.segment_size))
-        stride = params.segment_size + TAG_SIZE
-        for i, blob in self._ship_segments.items():
-            staging[i * stride : i * stride + len(blob)] = blob
-        self._ship_segments = {}
-        plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
+        staging = self._ship_buf
+        assert staging is not None
         try:
-            SegmentOpener(params).open_into(staging, plain, ctx, ret.segments, ret.nbytes)
-            view = self.device.as_array(data, numpy.uint8)
-            view[: ret.nbytes] = self.device.array_module.asarray(plain[: ret.nbytes])
+            if len(self._ship_got) != ret.segments:
+                raise ChannelError(f"received {len(self._ship_got)} of {ret.segments} shipped segments")
+            plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
+            try:
+                SegmentOpener(params).open_into(staging, plain, ctx, ret.segments, ret.nbytes)
+                view = self.device.as_array(data, numpy.uint8)
+                view[: ret.nbytes] = self.device.array_module.asarray(plain[: ret.nbytes])
+            finally:
+                plain.fill(0)
         finally:
-            plain.fill(0)
-            staging[:] = bytes(len(staging))
+            numpy.frombuffer(staging, dtype=numpy.uint8).fill(0)
+            self._ship_got = set()
 
     def _scrub(self, buf: Any) -> None:
         self.device.scrub(buf)

@@ -15,7 +15,9 @@ Rules:
 * A holder the caller says is unavailable (backing off after an undelivered
   grant) is passed over: its chunks wait at the end of the round, and the
   others go on. When only unavailable holders have work left, :meth:`next`
-  returns None while :attr:`finished` is still False: the caller waits.
+  returns None while :attr:`finished` is still False: the caller waits, and
+  may :meth:`give_up` on a holder that stays away (its chunks are skipped for
+  this round and reported, never silently dropped).
 * The state never grows with a holder's chunk count: the round's order is
   implied (a cursor over holders x chunks), and only chunks put back by a
   failure or deferral are listed (:meth:`Schedule.to_state`, saved in every
@@ -153,6 +155,13 @@ class Schedule:
     def defer(self, a: Assignment) -> None:
         """The hop never reached its holder: try the chunk again at the end of the round, no attempt used."""
         self.requeued.append(self._take(a))
+
+    def give_up(self, holder: str) -> list[Assignment]:
+        """Skip ``holder``'s chunks that were put back this round (it stayed away); what was skipped."""
+        mine = [(h, c) for h, c in self.requeued if h == holder]
+        self.requeued = [item for item in self.requeued if item[0] != holder]
+        self.skipped.extend((self.round, h, c) for h, c in mine)
+        return [Assignment(self.round, h, c) for h, c in mine]
 
     def pending_holders(self) -> list[str]:
         """Holders with work left in this round (sorted), for naming who a run is waiting for."""

@@ -95,6 +95,8 @@ class ByteLMConfig:
 class ByteLM:
     """The built-in :class:`~gtbus.training.trainer.Trainer`: byte-level MLP language model with Adam."""
 
+    vocab: int = VOCAB
+
     def __init__(self, config: ByteLMConfig | None = None, xp: ModuleType | None = None) -> None:
         self.config = config or ByteLMConfig()
         self._xp: ModuleType | None = None

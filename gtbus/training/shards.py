@@ -156,6 +156,7 @@ class Dataset:
         for array in self._arrays:
             self._starts.append(self._starts[-1] + array.shape[0])
         self._digest: bytes | None = None
+        self._max_token: int | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -183,25 +184,44 @@ class Dataset:
     def digest(self) -> bytes:
         """BLAKE3 (32 bytes) of the whole token stream as uint16 little-endian; computed once."""
         if self._digest is None:
-            hasher = blake3.blake3()
-            for array in self._arrays:
-                if array.dtype == TOKEN_DTYPE:
-                    hasher.update(memoryview(numpy.ascontiguousarray(array)).cast("B"))
-                    continue
-                for start in range(0, array.shape[0], _WIDEN_BLOCK):
-                    block = array[start : start + _WIDEN_BLOCK].astype(TOKEN_DTYPE)
-                    hasher.update(memoryview(block).cast("B"))
-            self._digest = hasher.digest()
+            self._scan()
+        assert self._digest is not None
         return self._digest
 
-    def manifest(self, chunk_tokens: int) -> dict[str, Any]:
-        """What a holder registers with: name, counts and the digest commitment (msgpack- and JSON-able)."""
+    @property
+    def max_token(self) -> int:
+        """The largest token id in the stream (-1 when it is empty); computed once, with the digest."""
+        if self._max_token is None:
+            self._scan()
+        assert self._max_token is not None
+        return self._max_token
+
+    def _scan(self) -> None:
+        # One pass over the data for both: the digest commitment and the largest id
+        # (what the orchestrator needs to refuse a misfit at registration).
+        hasher = blake3.blake3()
+        top = -1
+        for array in self._arrays:
+            for start in range(0, array.shape[0], _WIDEN_BLOCK):
+                block = array[start : start + _WIDEN_BLOCK]
+                if block.shape[0]:
+                    top = max(top, int(block.max()))
+                if block.dtype != TOKEN_DTYPE:
+                    block = block.astype(TOKEN_DTYPE)
+                hasher.update(memoryview(numpy.ascontiguousarray(block)).cast("B"))
+        self._digest, self._max_token = hasher.digest(), top
+
+    def manifest(self) -> dict[str, Any]:
+        """What a holder registers with: name, size, token width, largest id and the digest commitment.
+
+        The chunk size is the run's (the orchestrator derives the chunk count),
+        so a holder never has to guess it.
+        """
         return {
             "name": self.name,
             "total_tokens": self.total_tokens,
-            "chunk_tokens": chunk_tokens,
-            "chunk_count": self.chunk_count(chunk_tokens),
             "token_dtype": "uint16",
+            "max_token": self.max_token,
             "digest_alg": "blake3",
             "digest": self.digest().hex(),
         }

@@ -70,6 +70,9 @@ class TrainReport:
 class Trainer(Protocol):
     """A training workload the orchestrator can drive, measure and checkpoint."""
 
+    vocab: int
+    """Token ids this workload accepts are ``0 .. vocab-1`` (registration refuses data beyond it)."""
+
     def load(self, xp: ModuleType) -> None:
         """Allocate the model and optimizer state on array module ``xp`` (numpy or cupy)."""
         ...

@@ -46,7 +46,8 @@ def _staging_gone(t: Travel) -> None:
 
 def test_holder_killed_mid_provision_is_revoked_and_run_completes(travel) -> None:
     # h2 acks, writes half its chunk into staging, then SIGKILLs itself.
-    t: Travel = travel(holders=3, chunk_tokens=65536, lease=LEASE, holder_faults={"h2": "exit_mid_provision"}).start()
+    t: Travel = travel(holders=3, chunk_tokens=65536, lease=LEASE, holder_faults={"h2": "exit_mid_provision"},
+                       extra_orchestrator_args=("--absent-timeout", "2")).start()
     summary = t.finish()
     assert t.holder("h2").returncode == -signal.SIGKILL
 
@@ -63,10 +64,13 @@ def test_holder_killed_mid_provision_is_revoked_and_run_completes(travel) -> Non
     assert [m.epoch for m in sent] == [2]
     acks = [m for m in t.messages() if m.type == "token.ack" and m.sender == "h2"]
     assert [m.epoch for m in acks] in ([2], [])
-    # Its retry found no holder; the chunk is reported skipped, never trained.
-    assert [h["outcome"] for h in h2] == ["revoked", "revoked"]
+    # Its retries found no holder: deferred with backoff (no attempt used up) until it had
+    # been away for --absent-timeout, then the chunk is reported skipped, never trained.
+    outcomes = [h["outcome"] for h in h2]
+    assert outcomes[0] == "revoked" and len(outcomes) >= 2 and set(outcomes[1:]) == {"undelivered"}
     assert "grant not delivered" in h2[1]["detail"] and "not connected" in h2[1]["detail"]
     assert [0, "h2", 0] in summary["skipped"]
+    assert "h2 unreachable for 2s: skipped its 1 remaining chunks of round 0" in t.stderr()
     # The others trained their chunks, once each.
     assert sorted(trained_keys(hops)) == [(0, "h1", 0), (0, "h3", 0)]
     _no_chunk_trained_twice(hops)

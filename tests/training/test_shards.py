@@ -141,17 +141,26 @@ def test_chunk_inside_one_shard_is_a_view_of_the_file(tmp_path: Path) -> None:
 
 def test_manifest_is_msgpackable_and_commits_to_blake3_of_the_tokens(tmp_path: Path) -> None:
     paths, stream = _three_shards(tmp_path)
-    manifest = Dataset(paths, name="h0").manifest(1000)
+    manifest = Dataset(paths, name="h0").manifest()
     assert msgpack.unpackb(msgpack.packb(manifest)) == manifest
     assert manifest == {
         "name": "h0",
         "total_tokens": 3501,
-        "chunk_tokens": 1000,
-        "chunk_count": 4,
         "token_dtype": "uint16",
+        "max_token": int(stream.max()),
         "digest_alg": "blake3",
         "digest": blake3.blake3(stream.astype("<u2").tobytes()).hexdigest(),
     }
+
+
+def test_max_token_is_the_largest_id_over_every_file_raw_and_empty(tmp_path: Path) -> None:
+    paths, stream = _three_shards(tmp_path)
+    assert Dataset(paths).max_token == int(stream.max())
+    raw = tmp_path / "raw.txt"
+    raw.write_bytes(b"abc\xfe")
+    assert Dataset([raw], raw=True).max_token == 0xFE
+    empty = write_shard(tmp_path / "empty.bin", numpy.zeros(0, dtype=numpy.uint16))
+    assert Dataset([empty]).max_token == -1
 
 
 def test_digest_changes_with_any_token(tmp_path: Path) -> None:
