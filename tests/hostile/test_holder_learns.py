@@ -50,7 +50,7 @@ pytestmark = pytest.mark.slow
 
 CHUNK = 4096
 SECRET = 50255  # a GPT-2 token id in h2's data: a value of its plaintext
-RSS_CAP = 400 << 20  # the orchestrator idles at ~110 MiB here
+RSS_CAP = 256 << 20  # measured ~72 MiB mid-run here; the cap leaves room for a loaded CI machine
 LIAR = Path(__file__).with_name("understating_holder.py")
 
 
@@ -123,6 +123,7 @@ def test_a_holder_learns_nothing_of_another_holders_data(travel: Any, tmp_path: 
     trained = {(h, c) for _, h, c in trained_keys(t.hops())}
     assert trained == {("h1", 0), ("h1", 1), ("h2", 0)}, t.hops()
     assert summary["hops_trained"] == 3
+    print(f"orchestrator peak RSS mid-run: {rss / 2**20:.0f} MiB (cap {RSS_CAP >> 20} MiB)")
     assert rss < RSS_CAP, f"orchestrator peak RSS {rss >> 20} MiB"
 
     # What each holder received: its own reports only, public broadcasts, no value of h2's data.
