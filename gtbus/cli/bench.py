@@ -20,7 +20,7 @@ _OUT = click.option(
 
 @bench.command("bus")
 @click.option("--seconds", type=click.FloatRange(min=0.05), default=4.0, show_default=True, help="Seconds of round trips, and again of one-way sends, per variant.")
-@click.option("--payload", type=click.IntRange(min=0), default=64, show_default=True, help="Echo payload bytes.")
+@click.option("--payload", type=click.IntRange(min=0, max=4096), default=64, show_default=True, help="Echo payload bytes (an echo carries at most 4096).")
 @click.option("--slices", type=click.IntRange(min=1), default=4, show_default=True, help="Interleaved slices the seconds are split into.")
 @click.option("--profile/--no-profile", default=None, help="Profile the signed round trip (default: only if its median misses 300 us).")
 @click.option("--loop", type=click.Choice(["asyncio", "uvloop"]), default="asyncio", show_default=True, help="Event loop of both ends (uvloop only if installed; nodes run asyncio's).")
@@ -30,6 +30,18 @@ def bus(seconds: float, payload: int, slices: int, profile: bool | None, loop: s
     from gtbus.bench.bus import run_bus_bench
 
     res = run_bus_bench(out_dir, seconds=seconds, payload=payload, slices=slices, profile=profile, loop=loop, say=lambda s: click.echo(s, err=True))
+    click.echo(res.text())
+    click.echo("wrote " + ", ".join(res.data["files"]))
+
+
+@bench.command("flood")
+@click.option("--seconds", type=click.FloatRange(min=1.0), default=60.0, show_default=True, help="Seconds of the baseline window, and again of the flood.")
+@_OUT
+def flood(seconds: float, out_dir: Path) -> None:
+    """One observer key floods a real orchestrator (junk, echoes): log growth and peak RSS vs the same run unflooded."""
+    from gtbus.bench.flood import run_flood_bench
+
+    res = run_flood_bench(out_dir, seconds=seconds, say=lambda s: click.echo(s, err=True))
     click.echo(res.text())
     click.echo("wrote " + ", ".join(res.data["files"]))
 

@@ -52,7 +52,7 @@ class Budget:
 ROLE_BUDGETS: dict[Role, Budget] = {
     Role.HOLDER: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
     Role.AGENT: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
-    Role.OBSERVER: Budget(messages_per_s=50, message_burst=100, bytes_per_s=256 << 10, byte_burst=1 << 20),
+    Role.OBSERVER: Budget(messages_per_s=20, message_burst=40, bytes_per_s=64 << 10, byte_burst=256 << 10),
     Role.ORCHESTRATOR: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
 }
 #: For a sender the roster does not know (refused by the pipeline anyway).

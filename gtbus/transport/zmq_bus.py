@@ -217,6 +217,10 @@ class SocketTuning:
     #: queue limits in messages, per connection
     sndhwm: int = 1000
     rcvhwm: int = 1000
+    #: the server's ROUTER receive queue per client, in messages: what one client can make the
+    #: server hold is about this many times ``max_message_bytes`` (a full queue stops reading
+    #: its socket); enough to keep a ship hop's segments streaming
+    server_rcvhwm: int = 16
     #: how long a client's send may wait for a full queue to drain before TransportError
     #: (the server never waits: a peer that does not read must not stall the others)
     send_timeout_s: float = 5.0
@@ -232,6 +236,7 @@ class SocketTuning:
             "heartbeat_ttl_ms",
             "sndhwm",
             "rcvhwm",
+            "server_rcvhwm",
         ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"socket option {name} must not be negative")
@@ -737,6 +742,7 @@ class ZmqServer(_ZmqEndpoint):
         _seed_auto_routing_ids()
         router = self._router = self._socket(zmq.ROUTER)
         _apply_tuning(router, t, self._requested[0])
+        router.setsockopt(zmq.RCVHWM, t.server_rcvhwm)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         xpub = self._xpub = self._socket(zmq.XPUB)
