@@ -47,7 +47,9 @@ def make_trainer(name: str, seed: int = 0) -> Any:
         from gtbus.training.pytorch import TorchTrainer, TorchTrainerConfig, gpt2_small
 
         return TorchTrainer(gpt2_small, vocab=50257, config=TorchTrainerConfig(seed=seed))
-    raise ConfigError(f"unknown trainer {name!r} (built in: bytelm, gpt2)")
+    from gtbus.training.trainer import TRAINER_NAMES
+
+    raise ConfigError(f"unknown trainer {name!r} (built in: {', '.join(TRAINER_NAMES)})")
 
 
 def _hop_line(h: Any) -> str:
