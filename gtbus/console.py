@@ -5,8 +5,10 @@ body field) may hold a newline that forges a second log line, an ESC that
 drives the operator's terminal, or a bidi override that reorders what is
 read. Everything gtbus shows (log lines, hop lines, replay output, the status
 view, ``Error:`` lines) goes through :func:`printable`, which writes every
-such character as a visible escape (``\\n``, ``\\x1b``, ``\\u202e``) and a
-backslash as ``\\\\``, so an escaped text cannot imitate an escape either.
+such character as a visible escape (``\\n``, ``\\x1b``, ``\\u202e``). A
+backslash is left as it is: a peer can write text that *looks* like one of
+these escapes, but never a character that acts (many messages quote values
+with ``repr``, whose escapes would otherwise be doubled).
 Logging gets it from :class:`EscapingFormatter`, installed by
 :func:`configure_logging` wherever gtbus sets up logging.
 """
@@ -19,8 +21,8 @@ import sys
 from typing import Any, TextIO
 
 # C0, DEL, C1, and the Unicode format / separator characters that move or hide text.
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff\ufff9-\ufffb]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _escape(m: re.Match[str]) -> str:
