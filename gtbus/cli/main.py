@@ -146,7 +146,7 @@ def _step(items: list, show_detail) -> None:  # type: ignore[no-untyped-def]
 
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
-@click.option("--verify", is_flag=True, help="Check every signature and sequence; exit 1 naming the first bad record.")
+@click.option("--verify", is_flag=True, help="Check every signature, sequence and signed checkpoint; exit 1 naming the first bad record. Records after the last checkpoint are reported as an unsigned tail.")
 @click.option("--redrive", "redrive_node", metavar="NODE", help="Feed NODE's recorded inputs through its state machine; exit 1 at the first decision that differs.")
 @click.option("--node", "nodes", multiple=True, help="Only logs of this node (repeatable).")
 @click.option("--type", "types", multiple=True, help="Only this message type or family, e.g. token (repeatable).")
