@@ -47,6 +47,7 @@ class LocalRun:
     holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
     orchestrator_fault: str = ""  # --fault spec of the orchestrator (tests and drills only)
     extra_orchestrator_args: Sequence[str] = ()
+    extra_holder_args: Sequence[str] = ()  # given to every holder
     remote_holders: Sequence[str] = ()  # these write through a device agent (ship-to-device), as if on another server
 
 
@@ -108,6 +109,7 @@ class LocalDeployment:
         fault = self.run.holder_faults.get(h.name)
         if h.name in self.run.remote_holders:
             cmd += ["--agent", self.dep.agents[0].name, "--agent-router", self.agent_router, "--agent-pub", self.agent_pub]
+        cmd += list(self.run.extra_holder_args)
         return cmd + (["--fault", fault] if fault else [])
 
     def agent_cmd(self) -> list[str]:

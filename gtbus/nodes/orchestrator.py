@@ -357,14 +357,14 @@ class Orchestrator:
         except ManifestRefused as exc:
             self.rt.note_refused(exc.code, sender)
             self.log.warning("refused the registration of %s: %s", sender, exc)
-            await self.rt.send(Refusal(exc.code, f"registration refused: {exc}"), sender, parent=acc.header.id)
+            await self.rt.send(Refusal(exc.code, str(exc)), sender, parent=acc.header.id)
             return
         if self.schedule is not None and self.schedule.chunks.get(sender, m.chunk_count) != m.chunk_count:
-            await self.rt.send(Refusal("manifest-changed", "registration refused: other data than this run was scheduled with; start a new run for new data"), sender, parent=acc.header.id)
+            await self.rt.send(Refusal("manifest-changed", "other data than this run was scheduled with; start a new run for new data"), sender, parent=acc.header.id)
             return
         via = m.via
         if via is not None and (via not in self.rt.roster or self.rt.roster[via].role is not Role.AGENT):
-            await self.rt.send(Refusal("bad-manifest", "registration refused: 'via' is not a device agent of this deployment"), sender, parent=acc.header.id)
+            await self.rt.send(Refusal("bad-manifest", "'via' is not a device agent of this deployment"), sender, parent=acc.header.id)
             return
         if via is not None:
             self.via[sender] = via
