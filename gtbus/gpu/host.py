@@ -84,10 +84,11 @@ class HostBuffer:
     _array: np.ndarray | None = field(default=None, repr=False)
     _mmap: mmap.mmap | None = field(default=None, repr=False)
     _finalizer: weakref.finalize | None = field(default=None, repr=False)
+    _scrubbed: bool = field(default=False, repr=False)  # staging only: zeroed and let go of
 
     @property
     def released(self) -> bool:
-        """True once the buffer has been released (or revoked)."""
+        """True once the buffer has been released (or revoked, or, if staging, scrubbed)."""
         return self._array is None and self._mmap is None
 
 
@@ -285,14 +286,7 @@ class HostDevice:
         # Withdraw first: from here on no new mapping can be made, whatever happens next.
         if buf._finalizer is not None:
             buf._finalizer()
-        if buf._mmap is not None:
-            try:
-                buf._mmap.close()
-            except BufferError:
-                raise DeviceError(
-                    f"staging {_short(buf.handle)} is withdrawn but views of it are still alive"
-                ) from None
-            buf._mmap = None
+        _close_mapping(buf)
 
     def open_segments(
         self,
@@ -314,18 +308,28 @@ class HostDevice:
         SegmentOpener(params).open_into(mapping, array, ctx, count, nbytes, private_copy=True)
 
     def scrub(self, buf: HostBuffer) -> None:
-        """Overwrite the whole buffer with zeros."""
+        """Overwrite the whole buffer with zeros; staging is then let go of (idempotent for staging)."""
         if buf.handle is None:
             _private_array(buf, "buffer").fill(0)
             return
-        view = np.frombuffer(_live_mmap(buf), dtype=np.uint8)
+        if buf._scrubbed:
+            return
+        mapping = _live_mmap(buf)
+        view = np.frombuffer(mapping, dtype=np.uint8)
         view.fill(0)
         del view
+        # The holder may keep writing these pages for as long as it keeps its own
+        # mapping. From here on they are not the device's: nothing written there
+        # can reach the device again, or fail a check of the device's.
+        _close_mapping(buf)
+        buf._scrubbed = True
 
     def verify_zero(self, buf: HostBuffer) -> bool:
-        """True if every byte reads zero."""
+        """True if every byte the device can read of the buffer is zero (of scrubbed staging: none)."""
         if buf.handle is None:
             return not _private_array(buf, "buffer").any()
+        if buf._scrubbed:
+            return True
         view = np.frombuffer(_live_mmap(buf), dtype=np.uint8)
         result = not view.any()
         del view
@@ -365,5 +369,14 @@ def _private_array(buf: HostBuffer, what: str) -> np.ndarray:
 
 def _live_mmap(buf: HostBuffer) -> mmap.mmap:
     if buf._mmap is None:
-        raise DeviceError("staging buffer was already revoked")
+        raise DeviceError("staging buffer was already scrubbed" if buf._scrubbed else "staging buffer was already revoked")
     return buf._mmap
+
+
+def _close_mapping(buf: HostBuffer) -> None:
+    if buf._mmap is not None:
+        try:
+            buf._mmap.close()
+        except BufferError:
+            raise DeviceError(f"staging {_short(str(buf.handle))} is still viewed here; drop the views first") from None
+        buf._mmap = None

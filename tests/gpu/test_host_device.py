@@ -330,6 +330,22 @@ def test_scrub_and_verify_zero(dev: HostDevice) -> None:
     dev.release(staging)
 
 
+def test_scrubbed_staging_is_let_go_of_so_a_holder_still_writing_cannot_fail_the_device(dev: HostDevice) -> None:
+    staging, handle = dev.alloc_hop_staging(4096)
+    mapping = HostDevice.map_staging(handle)  # kept past the hop, as a hostile holder would
+    mapping.view[:] = b"\x01" * 4096
+    dev.scrub(staging)
+    assert mapping.view[:4096] == bytes(4096)  # the device zeroed the shared pages
+    mapping.view[:] = b"\x02" * 4096  # ... and the holder writes on
+    assert dev.verify_zero(staging)  # the device reads none of it any more
+    dev.scrub(staging)  # idempotent
+    with pytest.raises(DeviceError, match="scrubbed"):
+        dev.open_segments(staging, dev.alloc(16), ChannelParams.generate(handle, 0), SegmentContext("r", 1, "h", 1), 1, 0)
+    dev.revoke_staging(staging)
+    dev.release(staging)
+    mapping.close()
+
+
 def test_released_buffers_refuse_use(dev: HostDevice) -> None:
     buf = dev.alloc(16)
     dev.release(buf)

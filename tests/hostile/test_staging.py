@@ -106,6 +106,7 @@ async def _hop_record(t: Travel, epoch: int) -> dict[str, Any]:
     found: list[Any] = []
 
     def probe() -> bool:
+        assert t.orchestrator.poll() is None, f"the orchestrator exited: {t.stderr()[-400:]}"
         found[:] = [m for m in t.messages() if m.dir == "out" and m.type == "hop.record" and m.epoch == epoch]
         return bool(found)
 
@@ -181,3 +182,56 @@ def test_a_holder_cannot_shrink_grow_or_replace_its_staging_and_only_its_hop_is_
     err = t.stderr()
     assert "SIGBUS" not in err and "Fatal Python error" not in err
     assert t.replay_verify().returncode == 0
+
+
+def test_a_holder_writing_its_staging_during_the_epilogue_cannot_stop_the_run(travel: Any, tmp_path: Any) -> None:
+    # h2 writes a genuine chunk (it holds the key), returns, and keeps writing
+    # non-zero bytes into the mapping it kept while the device scrubs and checks
+    # that staging. The device's check must not be something a holder can fail:
+    # the run goes on.
+    import threading
+
+    import numpy as np
+
+    from gtbus.gpu.channel import SegmentContext, SegmentSealer
+
+    t: Travel = travel(holders=2, chunk_tokens=CHUNK, mode="travel", lease=60.0, steps="5", bytes_per_holder=2 * CHUNK)
+    orchestrator = t.start_orchestrator()
+    t.dep.start_holder(0)
+    outcomes: list[str] = []
+
+    async def scenario() -> None:
+        async with ScriptedHolder(t, "h2", tmp_path / "h2") as h2:
+            assert isinstance(await h2.register(honest_manifest(2 * CHUNK)), Welcome)
+            for _ in range(2):
+                g, epoch, params = await h2.next_grant()
+                await h2.send(TokenAck(g.token_id), epoch)
+                mapping = HostDevice.map_staging(params.buffer_handle)
+                plain = np.random.default_rng(epoch).integers(0, 256, CHUNK, dtype="<u2").view(np.uint8)
+                ctx = SegmentContext(g.run_id, epoch, "h2", segment_count(plain.nbytes, params.segment_size))
+                s = SegmentSealer(params).seal_into(plain, mapping.view, ctx)
+                stop = threading.Event()
+
+                def scribble(view: memoryview = mapping.view) -> None:
+                    while not stop.is_set():
+                        for i in range(0, len(view), 512):
+                            view[i] = 0xA5
+
+                writer = threading.Thread(target=scribble)
+                writer.start()
+                try:
+                    await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest), epoch)
+                    record = await _hop_record(t, epoch)
+                finally:
+                    stop.set()
+                    writer.join()
+                    mapping.close()
+                outcomes.append(record["outcome"])
+                assert orchestrator.poll() is None, "the orchestrator died of a holder writing its own staging"
+            await _decline_until_the_run_ends(t, h2, orchestrator)
+
+    run_async(scenario(), timeout=120)
+    summary = t.finish()
+    assert len(outcomes) == 2
+    assert summary["hops_trained"] >= 2  # h1's two chunks, and h2's where its scribbling came after the device read it
+    assert "did not read zero" not in t.stderr()
