@@ -194,3 +194,38 @@ def test_concurrent_fetchers_of_one_ticket_get_it_once(broker: FdBroker) -> None
 def test_module_constants_keep_requests_small() -> None:
     assert REQUEST_SIZE == len(MAGIC) + TICKET_SIZE <= 64
     assert fd_passing.DEADLINE_S < fd_passing.FETCH_TIMEOUT_S
+
+
+def test_any_bytes_from_any_number_of_peers_leave_the_broker_serving() -> None:
+    # Random requests (any length, any content, cut off anywhere): each peer gets
+    # NO or a hang-up, never a descriptor, and the ticket holder is served after.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    broker = FdBroker()
+    ticket = _offered(broker)
+    try:
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.lists(st.binary(max_size=3 * REQUEST_SIZE), min_size=1, max_size=4))
+        def peers_send(requests: list[bytes]) -> None:
+            socks = []
+            for data in requests:
+                s = _raw_peer(broker)
+                try:
+                    s.sendall(data)
+                except BrokenPipeError:
+                    pass
+                s.shutdown(socket.SHUT_WR)  # and then no more: a complete request or a cut one
+                socks.append(s)
+            for s in socks:
+                answer, fds, _, _ = socket.recv_fds(s, 16, 1)
+                assert answer in (b"NO", b"") and fds == []
+                s.close()
+
+        peers_send()
+        fd = fetch_fd(broker.address, ticket)
+        assert _same_file(fd, b"staging")
+        os.close(fd)
+    finally:
+        broker.close()
