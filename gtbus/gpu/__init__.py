@@ -8,7 +8,7 @@ Layering, bottom up:
 - ``measure``: BLAKE3 measurements of model and code.
 - ``attestation``: signed measurement reports and the verifier interface.
 - ``device``: the :class:`Device` protocol every backend implements.
-- ``host``: the numpy + POSIX shared memory backend (runs everywhere).
+- ``host``: the numpy + sealed memfd backend (runs everywhere; staging passed over a Unix socket).
 
 The cupy backend is not imported here, so ``import gtbus.gpu`` never needs CUDA.
 """
