@@ -31,11 +31,11 @@ from typing import Any, Callable
 from gtbus.bench.report import Result, Table, machine_info
 from gtbus.errors import TransportError
 from gtbus.messages.envelope import MAGIC
-from gtbus.messages.identity import Role, Roster, load_identity
+from gtbus.messages.identity import NodeIdentity, Role, Roster, load_identity
 from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import ECHO_MAX_PAYLOAD, Echo
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
-from gtbus.nodes.wiring import client_transport
+from gtbus.nodes.wiring import client_transport, orchestrator_of
 from gtbus.transport.budget import ROLE_BUDGETS
 
 #: Goals: what one flooding key may add to the orchestrator, per second of flood.
@@ -87,47 +87,80 @@ def _oversized_echo(payload: bytes) -> Echo:
     return echo
 
 
-async def _flood(dep: LocalDeployment, seconds: float) -> tuple[int, int, dict[str, int]]:
-    """Send junk and echoes from the observer's key for ``seconds``; (messages, bytes, per kind)."""
-    roster = Roster.from_dir(dep.keys)
-    me = load_identity(dep.dep.key_path(dep.dep.observer.name))
-    orch = dep.dep.orchestrator.name
-    transport = client_transport(me, roster, dep.router, dep.pub)
-    signer = MessageSigner(me)
-    rng = random.Random(1)
-    # Made before the window, so the flood goes at the speed of the socket, not of this
-    # process's signing: the attacker is not bound to the orchestrator's box.
-    junk = [[MAGIC, rng.randbytes(1024), rng.randbytes(30), rng.randbytes(64)] for _ in range(64)]
-    big = [[bytes(f) for f in signer.sign(_oversized_echo(bytes(1 << 20)), orch)[1]] for _ in range(8)]
-    echoes: list[list[Any]] = []
-    kinds = {"junk": 0, "echo-4KiB": 0, "echo-1MiB": 0}
-    sent = nbytes = 0
-    await transport.start()
-    try:
-        await transport.wait_connected(10)
-        end = time.monotonic() + seconds
-        i = 0
-        while time.monotonic() < end:
-            kind = ("junk", "echo-4KiB", "echo-1MiB")[i % 3]
-            i += 1
-            if kind == "junk":
-                frames: list[Any] = junk[i % len(junk)]
-            elif kind == "echo-4KiB":
-                if not echoes:  # signed in batches, in sequence order
-                    echoes = [signer.sign(Echo(bytes(ECHO_MAX_PAYLOAD), "flood"), orch)[1] for _ in range(256)][::-1]
-                frames = echoes.pop()
-            else:
-                frames = big[i % len(big)]
+class Flood:
+    """One key's flood: junk, the largest echoes, oversized echoes, in turn; it never reads a reply.
+
+    Built from gtbus's own classes (the node's client transport, its signer), so
+    what it signs is as authentic as an honest node's. Used by ``gtbus bench
+    flood`` and the hostile-peer tests.
+    """
+
+    KINDS = ("junk", "echo-4KiB", "echo-1MiB")
+
+    def __init__(self, identity: NodeIdentity, roster: Roster, router: str, pub: str) -> None:
+        self.transport = client_transport(identity, roster, router, pub)
+        self.server = orchestrator_of(roster)
+        self.signer = MessageSigner(identity)
+        rng = random.Random(1)
+        # Made before sending, so the flood goes at the speed of the socket, not of this
+        # process's signing: an attacker is not bound to the orchestrator's box.
+        self._junk = [[MAGIC, rng.randbytes(1024), rng.randbytes(30), rng.randbytes(64)] for _ in range(64)]
+        self._big = [[bytes(f) for f in self.signer.sign(_oversized_echo(bytes(1 << 20)), self.server)[1]] for _ in range(8)]
+        self._echoes: list[list[Any]] = []
+        self._i = 0
+        self.sent = 0
+        self.sent_bytes = 0
+        self.kinds = dict.fromkeys(self.KINDS, 0)
+
+    async def __aenter__(self) -> "Flood":
+        await self.transport.start()
+        await self.transport.wait_connected(10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.transport.close()
+
+    def _next(self) -> tuple[str, list[Any]]:
+        kind = self.KINDS[self._i % 3]
+        self._i += 1
+        if kind == "junk":
+            return kind, self._junk[self._i % len(self._junk)]
+        if kind == "echo-4KiB":
+            if not self._echoes:  # signed in batches, sent in sequence order
+                batch = [self.signer.sign(Echo(bytes(ECHO_MAX_PAYLOAD), "flood"), self.server)[1] for _ in range(256)]
+                self._echoes = batch[::-1]
+            return kind, self._echoes.pop()
+        return kind, self._big[self._i % len(self._big)]
+
+    async def send(self, frames: list[Any], kind: str = "raw") -> None:
+        """Send one message as is; counted under ``kind``."""
+        await self.transport.send(frames)
+        self.sent += 1
+        self.sent_bytes += sum(memoryview(f).nbytes for f in frames)
+        self.kinds[kind] = self.kinds.get(kind, 0) + 1
+
+    async def run(self, *, seconds: float | None = None, count: int | None = None) -> None:
+        """Flood for ``seconds``, or ``count`` messages, whichever is given (as fast as the socket takes them)."""
+        end = time.monotonic() + seconds if seconds is not None else None
+        n = 0
+        while (end is None or time.monotonic() < end) and (count is None or n < count):
+            kind, frames = self._next()
+            n += 1
             try:
-                await asyncio.wait_for(transport.send(frames), max(0.01, end - time.monotonic()))
+                if end is None:
+                    await self.send(frames, kind)
+                else:
+                    await asyncio.wait_for(self.send(frames, kind), max(0.01, end - time.monotonic()))
             except (TimeoutError, TransportError):  # the window ended while the queue was full
                 continue
-            sent += 1
-            nbytes += sum(memoryview(f).nbytes for f in frames)
-            kinds[kind] += 1
-    finally:
-        await transport.close()
-    return sent, nbytes, kinds
+
+
+async def _flood(dep: LocalDeployment, seconds: float) -> tuple[int, int, dict[str, int]]:
+    """Flood from the observer's key for ``seconds``; (messages, bytes, per kind)."""
+    me = load_identity(dep.dep.key_path(dep.dep.observer.name))
+    async with Flood(me, Roster.from_dir(dep.keys), dep.router, dep.pub) as flood:
+        await flood.run(seconds=seconds)
+    return flood.sent, flood.sent_bytes, flood.kinds
 
 
 def _hops(dep: LocalDeployment) -> int:

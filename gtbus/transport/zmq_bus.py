@@ -952,8 +952,10 @@ class ZmqServer(_ZmqEndpoint):
             elif len(big.head) > 1:
                 who = _user_id(big.head[1]) or self._route_owner.get(rid, "?")
         if self._once.first(("oversize", who)):
-            log.warning("server %s dropped a message from %r of %s (limits: %d frames, %d bytes)",
-                        self._name, who, big, self._tuning.max_frames, self._tuning.max_message_bytes)
+            rid = len(big.head[0]) if big.head else 0  # the ROUTER's routing id frame is not the peer's
+            log.warning("server %s dropped a message from %r of %d frames, %d bytes (limits: %d frames, %d bytes)",
+                        self._name, who, big.frames - 1, big.size - rid, self._tuning.max_frames,
+                        self._tuning.max_message_bytes)
 
     def route_of(self, peer: str) -> bytes | None:
         """The routing id ``peer``'s key last spoke on (None if it has not, or in plaintext)."""
