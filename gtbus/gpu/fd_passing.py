@@ -237,16 +237,21 @@ class FdBroker:
         if word == _OK:
             self.served += 1
         else:
-            self.refused += 1
-            log.info("staging broker refused a peer: %s", why)
+            self._note_refusal(f"refused a peer: {why}")
         sock.close()
 
     def _hang_up(self, sel: selectors.BaseSelector, peers: dict[socket.socket, _Peer], peer: _Peer, why: str) -> None:
         sel.unregister(peer.sock)
         del peers[peer.sock]
-        self.refused += 1
-        log.info("staging broker hung up on a peer: %s", why)
+        self._note_refusal(f"hung up on a peer: {why}")
         peer.sock.close()
+
+    def _note_refusal(self, what: str) -> None:
+        # A peer picks how often it is refused: log the 1st, 2nd, 4th, 8th... only,
+        # so a flood of connections grows the log by a few lines, not one per peer.
+        self.refused += 1
+        if self.refused & (self.refused - 1) == 0:
+            log.info("staging broker %s (%d refused so far)", what, self.refused)
 
 
 def fetch_fd(address: str, ticket: bytes, *, timeout: float = FETCH_TIMEOUT_S) -> int:

@@ -229,3 +229,15 @@ def test_any_bytes_from_any_number_of_peers_leave_the_broker_serving() -> None:
         os.close(fd)
     finally:
         broker.close()
+
+
+def test_a_flood_of_refused_peers_grows_the_log_by_a_few_lines(broker: FdBroker, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="gtbus.gpu.fd_passing")
+    for _ in range(300):
+        with _raw_peer(broker) as s:
+            s.sendall(os.urandom(REQUEST_SIZE))
+            assert s.recv(16) == b"NO"
+    _wait_until("every refusal counted", lambda: broker.refused == 300)
+    lines = [r for r in caplog.records if r.name == "gtbus.gpu.fd_passing"]
+    assert 1 <= len(lines) <= 9  # 1, 2, 4, ..., 256
+    assert all("refused so far" in r.getMessage() for r in lines)
