@@ -31,6 +31,9 @@ Staging is writable by a party without the hop key (the device agent writes
 remote holders' ciphertext), so :meth:`HostDevice.open_segments` copies each
 segment privately before it authenticates and decrypts it: the bytes the tag
 covers are the bytes decrypted, whatever is written to staging meanwhile.
+Scrubbing staging zeroes it and then lets go of it: a holder may go on
+writing its pages through the mapping it kept, but the device never reads
+them again, so no check of the device's can be failed that way.
 """
 
 from __future__ import annotations
