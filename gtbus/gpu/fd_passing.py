@@ -86,7 +86,7 @@ class FdBroker:
         self.served = 0
         """Descriptors handed out."""
         self.refused = 0
-        """Peers answered ``NO`` or hung up on (bad uid, ticket, request, deadline, too many peers)."""
+        """Peers answered ``NO`` or hung up on (bad uid, ticket or request, past the deadline, or made room for)."""
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             self._listener.bind("\0" + self.address)
