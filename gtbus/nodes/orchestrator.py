@@ -774,6 +774,10 @@ class Orchestrator:
             if staging is not None:
                 self._track_export(str(handle), False)
             out.epilogue_s = time.perf_counter() - t3
+            if self.token.phase in (Phase.GRANTED, Phase.HELD):
+                # Unwinding (cancelled: shutdown, Ctrl-C) while a holder has the token:
+                # take it back before finishing, so the real error is not masked.
+                self.token.revoke()
             if self.token.phase is not Phase.IDLE:
                 self.token.finish()
             await self._publish_state()
