@@ -1,0 +1,117 @@
+"""Seeded faults: drawn up front from the seed, applied at their step, all cleared when the window ends.
+
+Kinds: crash and restart of any node (the orchestrator restarts as
+``--resume`` does, from its disk), pause (a node stops running and receiving,
+then goes on: a SIGSTOP past the lease), partition and heal of one link,
+clock skew of one node, message faults for the whole window (drop,
+duplicate, delay, which reorders), and tampering with the model while a
+holder holds the token. When the window ends every fault is undone: links
+heal, clocks agree, paused nodes run, crashed nodes restart. From then on
+the run must end (the ``no-progress`` invariant).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Mapping, Protocol
+
+from gtbus.protocol.token import Phase
+from gtbus.testing.sim.config import ORCHESTRATOR, SimConfig
+from gtbus.testing.sim.world import World
+
+KINDS: Final = ("crash", "pause", "partition", "skew", "tamper")
+
+
+class Restartable(Protocol):
+    """A node that can crash and start again."""
+
+    name: str
+    up: bool
+
+    def start(self) -> None:
+        """Start again."""
+
+    def crash(self) -> None:
+        """Die now."""
+
+
+def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any]) -> int:
+    """Schedule this seed's faults within ``cfg.fault_window``; how many were planned."""
+    if not cfg.faults:
+        return 0
+    rng, window, lease = world.rng, cfg.fault_window, cfg.lease
+    world.p_drop = rng.choice((0.0, 0.0, 0.02, 0.1))
+    world.p_dup = rng.choice((0.0, 0.0, 0.05, 0.2))
+    world.p_delay = rng.choice((0.0, 0.1, 0.3))
+    world.max_delay = 2 * lease
+    names = sorted(nodes)
+    count = rng.randint(0, 10)
+    for _ in range(count):
+        t = rng.uniform(0.0, window)
+        kind = rng.choice(KINDS)
+        who = rng.choice(names)
+        if kind == "crash":
+            world.at(t, _crash, world, nodes[who], rng.uniform(0.02, 2.0) if rng.random() < 0.7 else rng.uniform(2.0, 8.0))
+        elif kind == "pause":
+            world.at(t, _pause, world, who, rng.uniform(0.05, 2.5 * lease))
+        elif kind == "partition":
+            other = rng.choice([n for n in names if n != who])
+            world.at(t, _cut, world, who, other, rng.uniform(0.05, 3 * lease) if rng.random() < 0.7 else rng.uniform(3.0, 8.0))
+        elif kind == "skew":
+            world.at(t, _skew, world, who, rng.uniform(-2 * lease, 2 * lease), rng.uniform(0.1, 3.0))
+        else:
+            world.at(t, _tamper, world, nodes[ORCHESTRATOR], rng.getrandbits(64))
+    world.at(window, end_faults, world, nodes)
+    return count
+
+
+def _crash(world: World, node: Restartable, down_for: float) -> None:
+    if node.up:
+        world.note("fault: crash", node.name)
+        node.crash()
+        world.after(down_for, _restart, world, node)
+
+
+def _restart(world: World, node: Restartable) -> None:
+    if not node.up:
+        world.note("fault: restart", node.name)
+        node.start()
+
+
+def _pause(world: World, who: str, dt: float) -> None:
+    world.note("fault: pause", (who, round(dt, 3)))
+    world.paused_until[who] = max(world.paused_until.get(who, 0.0), world.now + dt)
+
+
+def _cut(world: World, a: str, b: str, dt: float) -> None:
+    link = frozenset((a, b))
+    world.note("fault: partition", (a, b, round(dt, 3)))
+    world.cut.add(link)
+    world.after(dt, _heal, world, link)
+
+
+def _heal(world: World, link: frozenset[str]) -> None:
+    world.cut.discard(link)
+
+
+def _skew(world: World, who: str, offset: float, dt: float) -> None:
+    world.note("fault: skew", (who, round(offset, 3)))
+    world.skew[who] = offset
+    world.after(dt, world.skew.pop, who, None)
+
+
+def _tamper(world: World, orch: Any, digest: int) -> None:
+    # Only while a holder holds the token: between hops the orchestrator owns the device.
+    if orch.up and orch.hop is not None and orch.token.phase in (Phase.GRANTED, Phase.HELD) and orch.device.model is not None:
+        world.note("fault: model tampered", orch.hop.epoch)
+        orch.device.model = digest
+
+
+def end_faults(world: World, nodes: Mapping[str, Any]) -> None:
+    """Undo every fault: message faults off, links healed, clocks agree, nodes running."""
+    world.note("faults end")
+    world.p_drop = world.p_dup = world.p_delay = 0.0
+    world.cut.clear()
+    world.skew.clear()
+    world.paused_until.clear()
+    for name in sorted(nodes):
+        _restart(world, nodes[name])

@@ -1,0 +1,174 @@
+"""Hostile holders (the classes of issue [1 of 7]): a valid key, a chosen misbehaviour.
+
+Each behaviour is a way a holder with a valid key may lie. The run must go
+on, and nothing it wrote wrongly may be trained: the invariants say so after
+every step. :data:`BEHAVIOURS` names them (``gtbus sim`` draws from it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+from gtbus.messages.types import TokenAck, TokenDecline, TokenReturn
+from gtbus.testing.sim.device import Segment
+from gtbus.testing.sim.holder import SimHolder
+from gtbus.testing.sim.orchestrator import GrantBody
+from gtbus.testing.sim.world import Envelope
+
+_HUGE: Final = 1 << 63
+
+#: behaviour -> what the holder does.
+BEHAVIOURS: Final = {
+    "garbage": "writes random bytes instead of ciphertext",
+    "replay-other": "writes ciphertext another holder wrote in an earlier hop",
+    "wrong-values": "returns huge, negative or wrong-typed counts, or a body with a field missing or extra",
+    "other-epoch": "sends acks, returns and declines for other epochs and tokens before its own return",
+    "write-after-return": "keeps writing its staging after the return",
+    "truncate": "drops its last segment from staging and claims them all",
+    "squat": "acks, returns and declines for hops granted to others, and maps old staging handles",
+    "stall": "acks and never returns",
+    "decline-junk": "declines every grant with a reason full of escapes",
+    "bad-manifest": "registers a misfit manifest, then changes its dataset mid-run",
+    "duplicate-return": "sends its return three times",
+}
+
+
+class HostileHolder(SimHolder):
+    """A holder that does one thing of :data:`BEHAVIOURS` (on about two hops in three)."""
+
+    behaviour: str = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._old_handles: list[int] = []
+
+    def _now_hostile(self) -> bool:
+        return self.world.rng.random() < 0.67
+
+    def manifest(self) -> dict[str, Any]:
+        m = super().manifest()
+        if self.behaviour == "bad-manifest":
+            pick = self.world.rng.randrange(4)
+            if pick == 0:
+                m["total_tokens"] = _HUGE
+            elif pick == 1:
+                m["token_dtype"] = "int64"
+            elif pick == 2 and self.welcomed is not None:
+                m["total_tokens"] += 1  # changed data mid-run
+            else:
+                m["max_token"] = -1
+            if self.world.rng.random() < 0.5:
+                self.world.on_node(self.name, 0.01, self._honest_register, self.incarnation)
+        return m
+
+    def _honest_register(self, inc: int) -> None:
+        if self._live(inc):
+            self.send("register", SimHolder.manifest(self))
+
+    def receive(self, env: Envelope) -> None:
+        if env.kind == "grant" and self.up:
+            g: GrantBody = env.body
+            b = self.behaviour
+            if b == "decline-junk" and g.holder == self.name:
+                self.send("decline", TokenDecline(g.token_id, "\x1b[2J\r\nok\x00" * 8), env.epoch)
+                return
+            if b == "squat" and g.holder == self.name:
+                self._squat(g, env.epoch)
+            if b == "other-epoch" and g.holder == self.name and self._now_hostile():
+                self._other_epochs(g, env.epoch)
+        if env.kind == "welcome" and self.behaviour == "bad-manifest" and self.world.rng.random() < 0.3:
+            self.world.on_node(self.name, 0.05, self._register_changed, self.incarnation)
+        super().receive(env)
+
+    def _register_changed(self, inc: int) -> None:
+        if self._live(inc):
+            m = SimHolder.manifest(self)
+            m["total_tokens"] = m["total_tokens"] + 1
+            self.send("register", m)
+
+    def _squat(self, g: GrantBody, epoch: int) -> None:
+        # Its own grant told it the token id and the epoch: it claims the next few hops.
+        for e in (epoch + 1, epoch + 2):
+            self.world.on_node(self.name, 0.003, self.send, "return", TokenReturn(g.token_id, 0, 1, 2, b""), e)
+            self.world.on_node(self.name, 0.004, self.send, "ack", TokenAck(g.token_id), e)
+            self.world.on_node(self.name, 0.005, self.send, "decline", TokenDecline(g.token_id, "mine"), e)
+        for old in self._old_handles:
+            if self.device.map(old, self.name) is not None:  # must never succeed
+                self.device.write(old, Segment(0, epoch, self.name, 0, 1, 0, self.name), self.name)
+        self._old_handles.append(g.staging)
+
+    def _other_epochs(self, g: GrantBody, epoch: int) -> None:
+        ret = TokenReturn(g.token_id, g.chunk_index, *self.chunk_shape(g.chunk_index), b"")
+        self.send("return", ret, epoch - 1)
+        self.send("return", ret, epoch + 1)
+        self.send("return", TokenReturn("t-forged", g.chunk_index, ret.segments, ret.nbytes, b""), epoch)
+        self.send("decline", TokenDecline(g.token_id, "old"), epoch - 1)
+        self.send("ack", TokenAck("t-forged"), epoch)
+
+    def _segments(self, g: GrantBody, epoch: int) -> list[Segment]:
+        segs = super()._segments(g, epoch)
+        b = self.behaviour
+        if b == "garbage" and self._now_hostile():
+            i = self.world.rng.randrange(len(segs))
+            segs[i] = Segment(self.world.rng.getrandbits(32), epoch, self.name, i, len(segs), 0, self.name)
+        elif b == "replay-other" and self._now_hostile():
+            captured = [s for s in self.device.captured if s.writer != self.name]
+            if captured:
+                old = self.world.rng.choice(captured)
+                i = min(old.index, len(segs) - 1)
+                segs[i] = old
+        return segs
+
+    def _after_write(self, g: GrantBody, epoch: int) -> None:
+        b = self.behaviour
+        if b == "truncate" and self._now_hostile():
+            n, _ = self.chunk_shape(g.chunk_index)
+            self.device.map(g.staging, self.name)
+            self.device.truncate(g.staging, self.name, n - 1)
+            self.device.unmap(g.staging, self.name)
+        elif b == "write-after-return" and self._now_hostile():
+            for dt in (0.0005, 0.002, 0.01, 0.5):
+                self.world.on_node(self.name, dt, self._scribble, g, epoch)
+
+    def _scribble(self, g: GrantBody, epoch: int) -> None:
+        if self.device.map(g.staging, self.name) is not None:
+            self.device.write(g.staging, Segment(0, epoch, self.name, 0, 1, 0, self.name), self.name)
+            self.device.unmap(g.staging, self.name)
+
+    def _send_return(self, g: GrantBody, epoch: int, ret: TokenReturn) -> None:
+        b = self.behaviour
+        if b == "stall":
+            if not self._now_hostile():
+                super()._send_return(g, epoch, ret)
+            return
+        if b == "wrong-values" and self._now_hostile():
+            body: dict[str, Any] = {"token_id": g.token_id, "chunk_index": ret.chunk_index, "segments": ret.segments,
+                                    "nbytes": ret.nbytes, "ciphertext_digest": b""}
+            pick = self.world.rng.randrange(7)
+            if pick == 0:
+                body["segments"] = _HUGE
+            elif pick == 1:
+                body["nbytes"] = -1
+            elif pick == 2:
+                body["chunk_index"] = "0"
+            elif pick == 3:
+                del body["nbytes"]
+            elif pick == 4:
+                body["extra"] = 1
+            elif pick == 5:
+                body["chunk_index"] = ret.chunk_index + 1
+            else:
+                body["segments"] = 1.5
+            self.send("return", body, epoch)
+            return
+        super()._send_return(g, epoch, ret)
+        if b == "duplicate-return":
+            self.send("return", ret, epoch)
+            self.world.on_node(self.name, 0.003, self.send, "return", ret, epoch)
+
+
+def hostile_holder(behaviour: str) -> type[HostileHolder]:
+    """A holder class doing ``behaviour`` (KeyError naming it if it is not one of :data:`BEHAVIOURS`)."""
+    if behaviour not in BEHAVIOURS:
+        raise KeyError(f"unknown hostile behaviour {behaviour!r}")
+    return type(f"Hostile_{behaviour.replace('-', '_')}", (HostileHolder,), {"behaviour": behaviour})

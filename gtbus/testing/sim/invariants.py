@@ -1,0 +1,162 @@
+"""What must hold in every simulated run, checked as it happens and after every step.
+
+Each invariant has a name (the ``Violation.name`` a failing seed prints), and
+each is shown able to fire by a test that drives a deliberately broken
+machine (``tests/sim/test_invariants_fire.py``):
+
+* ``epoch-reused``: no token epoch is granted twice, across restarts too;
+* ``two-owners``: at most one holder holds a mapping of live staging under a live key;
+* ``chunk-trained-twice``: a chunk is trained at most once per round, along the
+  model's own history (a restart from a checkpoint rewinds that history);
+* ``trained-unauthenticated``: every segment trained was written by the granted
+  holder, under that hop's key and epoch, and carries that holder's data;
+* ``unscrubbed-before-grant``: before any grant, every earlier staging buffer is
+  scrubbed and released and every earlier hop key dropped;
+* ``model-changed-without-training``: the model is trained only from a digest
+  reached by training on accepted chunks (or restored from one), and is such a
+  digest whenever a hop starts or a checkpoint is saved;
+* ``no-progress``: once faults stop, the run finishes or stops with a named
+  reason within a bounded simulated time.
+
+The checker learns of the device's operations through :class:`DeviceWatch`;
+it keeps only what it needs, so checking costs little per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Final
+
+from gtbus.testing.sim.device import INITIAL_MODEL, Opened, SimDevice, Staging, chunk_tag
+
+EPOCH_REUSED: Final = "epoch-reused"
+TWO_OWNERS: Final = "two-owners"
+CHUNK_TWICE: Final = "chunk-trained-twice"
+UNAUTHENTICATED: Final = "trained-unauthenticated"
+UNSCRUBBED: Final = "unscrubbed-before-grant"
+MODEL_UNACCOUNTED: Final = "model-changed-without-training"
+NO_PROGRESS: Final = "no-progress"
+
+#: Every invariant's name, in the order the module docstring gives them.
+INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS)
+
+
+@dataclass(frozen=True)
+class Violation:
+    """An invariant that failed: which, when (simulated seconds), and what was seen."""
+
+    name: str
+    at: float
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.name} at t={self.at:.4f}: {self.detail}"
+
+
+class InvariantChecker:
+    """Watches the device and the run; collects violations (the first one stops the run)."""
+
+    def __init__(self) -> None:
+        self.violations: list[Violation] = []
+        self.now = 0.0
+        self.epochs: set[int] = set()
+        # The model's history: digest -> (the digest it was trained from, (round, holder, chunk)).
+        self.lineage: dict[int, tuple[int, tuple[int, str, int]] | None] = {INITIAL_MODEL: None}
+        self.trained_hops = 0
+
+    def fail(self, name: str, detail: str) -> None:
+        """Record a violation."""
+        self.violations.append(Violation(name, self.now, detail))
+
+    # -- DeviceWatch ----------------------------------------------------------------------------
+
+    def staged(self, device: SimDevice, staging: Staging) -> None:
+        """A grant is about to leave with this staging: fresh epoch, everything earlier scrubbed."""
+        if staging.epoch in self.epochs:
+            self.fail(EPOCH_REUSED, f"epoch {staging.epoch} granted again (to {staging.holder})")
+        self.epochs.add(staging.epoch)
+        for other in device.stagings.values():
+            if other is not staging and not (other.scrubbed and other.released):
+                self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while staging of epoch {other.epoch} is not scrubbed and released")
+                break
+        stale = device.keys - {staging.key}
+        if stale:
+            self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while {len(stale)} earlier hop key(s) are still live")
+        if device.model is not None and device.model not in self.lineage:
+            self.fail(MODEL_UNACCOUNTED, f"hop of epoch {staging.epoch} starts from a model no training produced")
+
+    def trained(self, device: SimDevice, opened: Opened, key: tuple[int, str, int], before: int) -> None:
+        """Training happened: authenticated, once per round, from an accounted model."""
+        s = opened.staging
+        rnd, holder, chunk = key
+        for seg in opened.segments:
+            if seg.writer != s.holder or seg.key != s.key or seg.epoch != s.epoch or seg.holder != s.holder:
+                self.fail(UNAUTHENTICATED, f"epoch {s.epoch}: trained segment {seg.index} written by {seg.writer} (granted {s.holder})")
+                break
+            if seg.content != chunk_tag(s.holder, chunk):
+                self.fail(UNAUTHENTICATED, f"epoch {s.epoch}: trained segment {seg.index} is not {s.holder}'s chunk {chunk}")
+                break
+        if before not in self.lineage:
+            self.fail(MODEL_UNACCOUNTED, f"epoch {s.epoch}: trained from a model no training produced")
+        else:
+            d: int | None = before
+            while d is not None:
+                entry = self.lineage.get(d)
+                if entry is None:
+                    break
+                d, done = entry
+                if done[0] != rnd:
+                    break
+                if done == key:
+                    self.fail(CHUNK_TWICE, f"{holder} chunk {chunk} trained twice in round {rnd} (epoch {s.epoch})")
+                    break
+        after = device.model
+        assert after is not None
+        if after not in self.lineage:
+            self.lineage[after] = (before, key)
+        self.trained_hops += 1
+
+    def restored(self, device: SimDevice, model: int) -> None:
+        """A checkpoint's model was loaded: it must be one training produced."""
+        if model not in self.lineage:
+            self.fail(MODEL_UNACCOUNTED, "restored a model no training produced")
+
+    # -- after every step -----------------------------------------------------------------------
+
+    def check_step(self, device: SimDevice) -> None:
+        """The per-step checks: one owner."""
+        owners: set[str] = set()
+        for s in device.stagings.values():
+            if s.exported and s.mapped_by and s.key in device.keys:
+                owners |= s.mapped_by
+        if len(owners) > 1:
+            self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
+
+    def checkpointed(self, model: int | None) -> None:
+        """A checkpoint is being saved with this model."""
+        if model is not None and model not in self.lineage:
+            self.fail(MODEL_UNACCOUNTED, "checkpoint saved a model no training produced")
+
+    def check_end(self, finished: bool, stopped: str | None, waited: float) -> None:
+        """Liveness: faults stopped ``waited`` simulated seconds ago; the run must have ended."""
+        if not finished and not stopped:
+            self.fail(NO_PROGRESS, f"neither finished nor stopped with a reason {waited:.1f}s after faults stopped")
+
+    def check_final_model(self, model: int | None, expected: set[tuple[int, str, int]]) -> None:
+        """A finished run's model is the chain of exactly the chunks its schedule trained, each once."""
+        got: list[tuple[int, str, int]] = []
+        d = model
+        while d is not None:
+            entry = self.lineage.get(d)
+            if entry is None:
+                if d != INITIAL_MODEL:
+                    self.fail(MODEL_UNACCOUNTED, "the final model is not a chain of trainings")
+                    return
+                break
+            d, key = entry
+            got.append(key)
+        if len(got) != len(set(got)) or set(got) != expected:
+            lost = sorted(expected - set(got))[:3]
+            extra = sorted(set(got) - expected)[:3]
+            self.fail(MODEL_UNACCOUNTED, f"the final model is not the run's trainings (missing {lost}, unexpected {extra})")
+

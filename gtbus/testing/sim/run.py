@@ -1,0 +1,186 @@
+"""Run one seed, or many: build the deployment, plan its faults, step it, check it.
+
+A run ends when the orchestrator finishes or stops with a reason, when an
+invariant fails, or when the liveness bound after the fault window passes
+(then ``no-progress`` fails). Its :class:`SeedResult` carries the line that
+reproduces it and the last events before the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from gtbus.protocol.schedule import Schedule
+from gtbus.protocol.token import TokenMachine
+from gtbus.testing.sim.agent import SimAgent, SimObserver
+from gtbus.testing.sim.config import SimConfig, draw_config
+from gtbus.testing.sim.device import SimDevice
+from gtbus.testing.sim.faults import plan_faults
+from gtbus.testing.sim.holder import SimHolder
+from gtbus.testing.sim.hostile import hostile_holder
+from gtbus.testing.sim.invariants import InvariantChecker, Violation
+from gtbus.testing.sim.orchestrator import OrchestratorDisk, SimOrchestrator
+from gtbus.testing.sim.world import World
+
+MAX_STEPS = 200_000  # far above any run's need; a guard against a run that never ends
+
+
+@dataclass
+class Machines:
+    """Which classes play each part: the real ones, or a test's deliberately broken double."""
+
+    orchestrator: type[SimOrchestrator] = SimOrchestrator
+    device: type[SimDevice] = SimDevice
+    holder: type[SimHolder] = SimHolder
+    token: Callable[..., TokenMachine] = TokenMachine
+    schedule: Callable[..., Schedule] = Schedule
+
+
+@dataclass
+class SeedResult:
+    """What one seed did."""
+
+    seed: int
+    config: SimConfig
+    hops: int
+    trained: int
+    finished: bool
+    stopped: str | None
+    sim_time: float
+    steps: int
+    faults: int
+    violations: list[Violation]
+    trace: list[str] = field(default_factory=list)
+    flags: str = ""
+    outcomes: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0  # orchestrator restarts (resumed from its disk)
+
+    @property
+    def ok(self) -> bool:
+        """No invariant failed."""
+        return not self.violations
+
+    @property
+    def repro(self) -> str:
+        """The one line that runs this seed again."""
+        return f"gtbus sim --seed {self.seed}{self.flags}"
+
+
+def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
+             config: SimConfig | None = None) -> SeedResult:
+    """Simulate the deployment of ``seed`` under its faults; every invariant checked after every step."""
+    m = machines or Machines()
+    world = World(seed)
+    cfg = config or draw_config(world.rng, faults=faults, hostile=hostile)
+    checker = InvariantChecker()
+    device = m.device(exports_outlive_process=cfg.exports_outlive_process)
+    device.watch = checker
+    orch = m.orchestrator(world, cfg, device, checker, OrchestratorDisk(), token_factory=m.token, schedule_factory=m.schedule)
+    nodes: dict[str, Any] = {orch.name: orch}
+    for h in cfg.holders:
+        cls = hostile_holder(cfg.hostile[h]) if h in cfg.hostile else m.holder
+        nodes[h] = cls(world, cfg, device, h)
+    if cfg.remote:
+        agent = SimAgent(world, device)
+        nodes[agent.name] = agent
+    observer = SimObserver(world)
+    nodes[observer.name] = observer
+    for n in nodes.values():
+        world.add(n)
+    for name in sorted(nodes):
+        world.at(world.rng.uniform(0.0, 0.01), nodes[name].start)
+    planned = plan_faults(world, cfg, nodes)
+    deadline = cfg.fault_window + cfg.liveness_bound()
+    step, check = world.step, checker.check_step
+    while not orch.finished and orch.stopped is None and step():
+        checker.now = world.now
+        check(device)
+        if checker.violations or world.now > deadline or world.steps >= MAX_STEPS:
+            break
+    checker.now = world.now
+    if not checker.violations:
+        checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
+    if not checker.violations and orch.finished and orch.schedule is not None:
+        checker.check_final_model(device.model, expected_trainings(orch.schedule))
+    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile")
+    result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
+                        world.now, world.steps, planned, list(checker.violations), flags=flags)
+    for _, outcome in orch.hops:
+        result.outcomes[outcome] = result.outcomes.get(outcome, 0) + 1
+    result.restarts = orch.incarnation - 1
+    if checker.violations:
+        result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
+    return result
+
+
+def expected_trainings(schedule: Schedule) -> set[tuple[int, str, int]]:
+    """Every (round, holder, chunk) a finished schedule trained: all of them but the skipped."""
+    skipped = {tuple(x) for x in schedule.skipped}
+    return {(r, h, c) for r in range(schedule.rounds) for h, n in schedule.chunks.items() for c in range(n)} - skipped
+
+
+@dataclass
+class SeedsSummary:
+    """Many seeds: totals, speed, and the failing ones."""
+
+    seeds: int
+    hops: int
+    trained: int
+    violations: int
+    seconds: float
+    failures: list[SeedResult]
+    finished: int
+    stopped: dict[str, int]
+    outcomes: dict[str, int] = field(default_factory=dict)
+    restarts: int = 0
+
+    @property
+    def hops_per_s(self) -> float:
+        """Simulated hops (grants) per second of wall time."""
+        return self.hops / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """What ``gtbus sim --json`` prints."""
+        return {
+            "seeds": self.seeds,
+            "hops": self.hops,
+            "hops_trained": self.trained,
+            "violations": self.violations,
+            "hops_per_s": round(self.hops_per_s, 1),
+            "seconds": round(self.seconds, 3),
+            "finished": self.finished,
+            "stopped": self.stopped,
+            "outcomes": dict(sorted(self.outcomes.items())),
+            "orchestrator_restarts": self.restarts,
+            "failing": [{"seed": r.seed, "repro": r.repro, "violations": [str(v) for v in r.violations]} for r in self.failures],
+        }
+
+
+def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
+              on_result: Callable[[SeedResult], None] | None = None) -> SeedsSummary:
+    """Run seeds ``first`` .. ``first + count - 1``."""
+    t0 = time.perf_counter()
+    hops = trained = finished = 0
+    failures: list[SeedResult] = []
+    stopped: dict[str, int] = {}
+    outcomes: dict[str, int] = {}
+    restarts = 0
+    for seed in range(first, first + count):
+        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines)
+        hops += r.hops
+        trained += r.trained
+        finished += r.finished
+        if r.stopped:
+            why = r.stopped.split(" within ")[0].split(" for ")[0]
+            stopped[why] = stopped.get(why, 0) + 1
+        restarts += r.restarts
+        for k, v in r.outcomes.items():
+            outcomes[k] = outcomes.get(k, 0) + v
+        if not r.ok:
+            failures.append(r)
+        if on_result is not None:
+            on_result(r)
+    return SeedsSummary(count, hops, trained, sum(len(r.violations) for r in failures), time.perf_counter() - t0, failures, finished, stopped,
+                        outcomes, restarts)
