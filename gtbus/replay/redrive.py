@@ -10,23 +10,51 @@ hop trained from an ignored return) is pointed at exactly.
   ``token.grant`` the machine decides provision / ack again / ignore / decline;
   the log must show the matching reply (``token.ack`` or ``token.decline``
   for that token and epoch, or none for an ignored grant) before the next grant.
-* Orchestrator (:class:`~gtbus.protocol.token.TokenMachine`): every grant must
-  take the next epoch (a restart may skip ahead, never back); every
-  accepted return, ack or decline is judged by the machine, and the hop record
-  published for that epoch must agree (a hop trained only from an accepted
-  return; an ignored return changes nothing).
+* Orchestrator (:class:`~gtbus.protocol.hop.HopMachine` driving the
+  :class:`~gtbus.protocol.token.TokenMachine`): every grant starts a hop and
+  must take the next epoch (a restart may skip ahead, never back); every
+  accepted ack, return or decline goes through the hop machine; the hop record
+  published for the epoch is the end of the hop, and the machine must decide
+  the same outcome: trained, rejected or rolled back only from an accepted
+  return of the granted chunk; declined only from an accepted decline; revoked
+  only once the lease ran out (by the record's time); undelivered only before
+  a return. Every revoke the machine decides (to the holder, to its device
+  agent) must be in the log. What only the device knows (did the segments
+  authenticate, did the re-measure match) is taken from the record; the chunk's
+  size is taken from the return (the admitted manifest is checked live).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gtbus.console import printable
 from gtbus.errors import ConfigError
 from gtbus.messages.envelope import Header
+from gtbus.messages.types import HopRecord
 from gtbus.protocol.holder import Action, HolderMachine
+from gtbus.protocol.hop import (
+    Acked,
+    Begin,
+    Declined,
+    HopAction,
+    HopEvent,
+    HopMachine,
+    HopOutcome,
+    HopPhase,
+    LeaseExpired,
+    Remeasured,
+    Returned,
+    Scrubbed,
+    SegmentsOpened,
+    SegmentsRefused,
+    SendRevoke,
+    Trained,
+    Undelivered,
+)
+from gtbus.protocol.schedule import Assignment
 from gtbus.protocol.token import Phase, TokenMachine
 from gtbus.recording import LogRecord, read_log
 from gtbus.replay.verify import header_of, message_of
@@ -121,50 +149,128 @@ def _returned(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> bool:
     )
 
 
+def _return_sizes(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> tuple[int, int]:
+    """(bytes, segment size) of the first accepted return of the hop, so it fits; (0, 1) when none.
+
+    The admitted manifest that fixes a chunk's size is not re-derived from the
+    log: the size rule is checked live, and re-driving takes the size the return
+    names. The segment size is the smallest that cuts its bytes into its segments.
+    """
+    for i in rest:
+        if isinstance(i, LogRecord):
+            break
+        if not i.out and i.header.type == "token.return" and i.header.epoch == epoch and i.body.token_id == token_id:
+            nbytes, segments = i.body.nbytes, i.body.segments
+            if type(nbytes) is int and type(segments) is int and nbytes > 0 and segments > 0:
+                return nbytes, -(-nbytes // segments)
+            break
+    return 0, 1
+
+
+# What the device said, as far as a hop record shows it (fed to a hop whose return was accepted).
+_DEVICE_SAYS: dict[str, tuple[HopEvent, ...]] = {
+    HopOutcome.TRAINED.value: (SegmentsOpened(), Remeasured(b""), Trained()),
+    HopOutcome.ROLLED_BACK.value: (SegmentsOpened(), Remeasured(b"changed")),
+    HopOutcome.REJECTED.value: (SegmentsRefused("as the log shows"),),
+}
+
+
+def _settle_hop(hop: HopMachine, record: HopRecord, at: float) -> tuple[str | None, list[HopAction]]:
+    """Drive ``hop`` to the end its record shows; (why the machine disagrees or None, its actions)."""
+    actions: list[HopAction] = []
+
+    def feed(ev: HopEvent) -> bool:
+        step = hop.handle(ev)
+        actions.extend(step.actions)
+        return step.verdict.accepted
+
+    shown = record.outcome
+    if hop.phase in (HopPhase.GRANTING, HopPhase.AWAITING):
+        if shown == HopOutcome.UNDELIVERED.value:
+            feed(Undelivered("as the log shows"))
+        elif shown == HopOutcome.REVOKED.value and not feed(LeaseExpired(at)):
+            return f"hop.record epoch {hop.epoch} says revoked at {at:.3f}, but its lease ran until {hop.wake_at:.3f}", actions
+        elif shown in _DEVICE_SAYS:
+            return f"hop.record epoch {hop.epoch} says {shown}, but the state machine accepted no return for that epoch", actions
+    elif hop.phase is HopPhase.OPENING:
+        for ev in _DEVICE_SAYS.get(shown, ()):
+            feed(ev)
+    decided = hop.outcome.value if hop.outcome is not None else f"nothing yet (phase {hop.phase.value})"
+    if decided != shown:
+        return f"hop.record epoch {hop.epoch}: the state machine decides {decided}, the log shows {shown}", actions
+    feed(Scrubbed())
+    return None, actions
+
+
 def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | None:
-    """Re-drive the orchestrator's token decisions; None when every decision matches the log."""
-    machine: TokenMachine | None = None
+    """Re-drive the orchestrator's hops through the hop and token machines; None when every decision matches the log."""
+    token: TokenMachine | None = None
+    hop: HopMachine | None = None
+    actions: list[HopAction] = []  # the current hop's actions so far
+    revoked_to: dict[int, set[str]] = {}  # epoch -> recipients of the token.revoke messages logged for it
     highest = 0
-    accepted_return: dict[int, bool] = {}
-    for item in _messages(records):
+    staged: dict[int, str] = {}  # epoch -> the device agent asked to stage that hop
+    items = _messages(records)
+    for k, item in enumerate(items):
         if isinstance(item, LogRecord):
-            machine = None  # a restart: a new machine continues above every epoch issued so far
+            token = hop = None  # a restart: a new token continues above every epoch issued so far
             continue
         h, b = item.header, item.body
         if item.out and h.type == "token.grant":
-            if machine is None:
+            if token is None:
                 # After a restart the orchestrator starts above everything it reserved,
                 # which may skip numbers; it must never go back to one already issued.
-                first = h.epoch - 1 if h.epoch > highest else highest
-                machine = TokenMachine(b.token_id, last_epoch=first)
-            if machine.phase is not Phase.IDLE:
-                return Difference(item.rec.index, f"token.grant epoch {h.epoch} while the token is {machine.phase.value} (owner {machine.owner})")
-            g = machine.grant(b.holder, float(item.rec.data["t"]), max(1e-6, b.lease_deadline - h.ts))
-            if h.epoch != g.epoch:
+                token = TokenMachine(b.token_id, last_epoch=h.epoch - 1 if h.epoch > highest else highest)
+            if token.phase is not Phase.IDLE:
+                return Difference(item.rec.index, f"token.grant epoch {h.epoch} while the token is {token.phase.value} (owner {token.owner})")
+            nbytes, seg = _return_sizes(items[k + 1 :], b.token_id, h.epoch)
+            lease = max(1e-6, b.lease_deadline - h.ts)
+            hop = HopMachine(token, Assignment(0, b.holder, b.chunk_index), chunk_bytes=nbytes, segment_size=seg, lease=lease, via=staged.pop(h.epoch, None))
+            actions = list(hop.handle(Begin(h.ts, b"")).actions)
+            if h.epoch != hop.epoch:
                 what = "reuses an epoch" if h.epoch <= highest else "skips ahead"
-                return Difference(item.rec.index, f"token.grant {what}: the state machine issues epoch {g.epoch}, the log shows {h.epoch}")
+                return Difference(item.rec.index, f"token.grant {what}: the state machine issues epoch {hop.epoch}, the log shows {h.epoch}")
             highest = max(highest, h.epoch)
             continue
-        if machine is None:
+        if not item.out and item.accepted and h.type in _WIRE and hop is not None:
+            actions.extend(hop.handle(_WIRE[h.type](h, b)).actions)
             continue
-        if not item.out and item.accepted and h.type in ("token.ack", "token.return", "token.decline"):
-            judge = {"token.ack": machine.on_ack, "token.return": machine.on_return, "token.decline": machine.on_decline}[h.type]
-            verdict = judge(h.sender, h.epoch, b.token_id)
-            if h.type == "token.return":
-                accepted_return[h.epoch] = accepted_return.get(h.epoch, False) or verdict.accepted
+        if item.out and h.type == "agent.stage":
+            staged[h.epoch] = h.recipient
             continue
-        if item.out and h.type == "token.revoke" and machine.phase in (Phase.GRANTED, Phase.HELD, Phase.RETURNED):
-            machine.revoke()
+        if item.out and h.type == "token.revoke":
+            revoked_to.setdefault(h.epoch, set()).add(h.recipient)
             continue
         if item.out and h.type == "hop.record":
-            trained = b.outcome == "trained"
-            if trained and not accepted_return.get(h.epoch, False):
-                return Difference(item.rec.index, f"hop.record epoch {h.epoch} says trained, but the state machine accepted no return for that epoch")
-            if h.epoch == machine.epoch and machine.phase is not Phase.IDLE:
-                if machine.phase in (Phase.GRANTED, Phase.HELD):
-                    machine.revoke()
-                machine.finish()
+            if b.outcome == HopOutcome.UNDELIVERED.value and h.epoch > highest and (hop is None or hop.done):
+                # A grant that never left (its device agent refused or was gone before the
+                # grant was sent) still took its epoch: re-drive it as such a hop.
+                token = token or TokenMachine(last_epoch=h.epoch - 1)
+                hop = HopMachine(token, Assignment(0, b.holder, b.chunk_index), chunk_bytes=0, segment_size=1, lease=1.0, via=staged.pop(h.epoch, None))
+                actions = list(hop.handle(Begin(h.ts, b"")).actions)
+                if h.epoch != hop.epoch:
+                    return Difference(item.rec.index, f"hop.record skips ahead: the state machine issues epoch {hop.epoch}, the log shows {h.epoch}")
+                highest = h.epoch
+            if hop is None or h.epoch != hop.epoch or hop.done:
+                if b.outcome == HopOutcome.TRAINED.value:
+                    return Difference(item.rec.index, f"hop.record epoch {h.epoch} says trained, but the state machine accepted no return for that epoch")
+                continue
+            why, more = _settle_hop(hop, b, h.ts)
+            actions.extend(more)
+            if why is None:
+                missing = sorted({a.to for a in actions if isinstance(a, SendRevoke)} - revoked_to.pop(h.epoch, set()))
+                if missing:
+                    why = f"hop epoch {hop.epoch}: the state machine revokes the token at {', '.join(missing)}; the log shows no token.revoke to it"
+            if why is not None:
+                return Difference(item.rec.index, why)
     return None
+
+
+_WIRE: dict[str, Callable[[Header, Any], HopEvent]] = {
+    "token.ack": lambda h, b: Acked(h.sender, h.epoch, b.token_id),
+    "token.return": lambda h, b: Returned(h.sender, h.epoch, b.token_id, b.chunk_index, b.segments, b.nbytes),
+    "token.decline": lambda h, b: Declined(h.sender, h.epoch, b.token_id, b.reason),
+}
 
 
 def redrive(path: str | Path, node: str | None = None) -> tuple[str, Difference | None]:
