@@ -235,3 +235,60 @@ def test_a_holder_writing_its_staging_during_the_epilogue_cannot_stop_the_run(tr
     assert len(outcomes) == 2
     assert summary["hops_trained"] >= 2  # h1's two chunks, and h2's where its scribbling came after the device read it
     assert "did not read zero" not in t.stderr()
+
+
+def test_a_remote_holder_cannot_write_outside_its_staging_through_the_agent(travel: Any, tmp_path: Any) -> None:
+    # h2 is "on another server": it streams through the device agent, which maps
+    # the hop's staging for it. Every offset and size h2 sends is checked against
+    # the staging the agent really mapped; nothing lands outside it, the agent
+    # lives, and nothing of h2's is trained.
+    from gtbus.messages.identity import Roster
+    from gtbus.messages.types import AgentDone, Refusal, ShipSegment
+    from gtbus.nodes.runtime import NodeRuntime
+    from gtbus.nodes.wiring import client_transport
+
+    t: Travel = travel(holders=2, chunk_tokens=CHUNK, mode="travel", lease=60.0, steps="5", bytes_per_holder=2 * CHUNK,
+                       remote_holders=("h2",))
+    orchestrator = t.start_orchestrator()
+    agent = t.start_agent()
+    t.dep.start_holder(0)
+    agent_name = t.dep.dep.agents[0].name
+    answers: list[Any] = []
+
+    async def scenario() -> None:
+        async with ScriptedHolder(t, "h2", tmp_path / "h2") as h2:
+            roster = Roster.from_dir(t.dep.keys)
+            link = NodeRuntime(h2.identity, roster, client_transport(h2.identity, roster, t.dep.agent_router, t.dep.agent_pub, server_name=agent_name),
+                               run_dir=tmp_path / "h2", server=agent_name, log_name=f"h2-to-{agent_name}", heartbeat_interval=0)
+            await link.start()
+            try:
+                assert isinstance(await h2.register({**honest_manifest(2 * CHUNK), "via": agent_name}), Welcome)
+                g, epoch, params = await h2.next_grant()
+                await h2.send(TokenAck(g.token_id), epoch)
+                count = segment_count(2 * CHUNK, params.segment_size)
+                staged = staging_size(2 * CHUNK, params.segment_size)
+                stride = params.segment_size + 16
+                for index, claimed, size in [
+                    (0, count, staged + 4096),  # longer than the whole staging
+                    (count - 1, count, stride),  # a full stride past the end of the last segment
+                    (10**9, count, 64),  # an index far past the hop
+                    (2**62, 2**63 - 1, 64),  # huge values
+                    (0, count + 1, 64),  # another count than the hop's
+                ]:
+                    await link.send(ShipSegment(g.token_id, index, claimed), epoch=epoch, blobs=[os.urandom(size)])
+                acc = await link.request(AgentDone(g.token_id, count, 2 * CHUNK), timeout=30, epoch=epoch)
+                answers.append(acc.message)
+                assert agent.poll() is None, "the agent died of a remote holder's values"
+                rss = peak_rss_bytes(agent.pid)
+                assert rss < RSS_CAP, f"agent peak RSS {rss >> 20} MiB"
+                await h2.send(TokenDecline(g.token_id, "scripted"), epoch)
+                await _decline_until_the_run_ends(t, h2, orchestrator)
+            finally:
+                await link.close()
+
+    run_async(scenario(), timeout=120)
+    summary = t.finish()
+    assert isinstance(answers[0], Refusal) and "received 0 of" in answers[0].reason, answers
+    assert sorted(trained_keys(t.hops())) == [(0, "h1", 0), (0, "h1", 1)]
+    assert summary["hops_trained"] == 2
+    assert t.stderr("agent").count("refused segment") >= 4

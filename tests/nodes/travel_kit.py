@@ -29,6 +29,7 @@ import numpy
 from gtbus.gpu.attestation import MeasurementReport, SignedReport
 from gtbus.gpu.sealing import open_params
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
+from gtbus.private_files import append_private
 from gtbus.recording import LogFormatError
 from gtbus.replay.view import Entry, entries
 
@@ -109,6 +110,12 @@ class Travel:
         self._readers.append(t)
         return p
 
+    def start_agent(self) -> subprocess.Popen[bytes]:
+        """Start the device agent of a run with ``remote_holders``; its stderr goes to RUN/agent.err."""
+        d = self.dep
+        d.agent_proc = subprocess.Popen(d.agent_cmd(), stdout=subprocess.DEVNULL, stderr=append_private(self.run_dir / "agent.err"), env=d.env)
+        return d.agent_proc
+
     def restart_holder(self, name: str) -> subprocess.Popen[bytes]:
         """Start holder ``name`` again (the old process must be gone)."""
         return self.dep.start_holder(self.holder_names.index(name))
@@ -154,8 +161,9 @@ class Travel:
         return p.read_text(errors="replace") if p.exists() else ""
 
     def close(self) -> None:
-        """Kill whatever is still running (continuing stopped ones first) and remove leaked staging."""
-        procs: list[subprocess.Popen[Any]] = [*self.dep.holder_procs.values(), *self.orchestrators]
+        """Kill whatever is still running (continuing stopped ones first)."""
+        agent = [self.dep.agent_proc] if self.dep.agent_proc is not None else []
+        procs: list[subprocess.Popen[Any]] = [*self.dep.holder_procs.values(), *agent, *self.orchestrators]
         for p in procs:
             if p.poll() is None:
                 try:
