@@ -64,7 +64,8 @@ class Staging:
     exported: bool = True
     scrubbed: bool = True
     released: bool = False
-    mapped_by: set[str] = field(default_factory=set)
+    mapped_by: set[str] = field(default_factory=set)  # mappings open now
+    mappers: set[str] = field(default_factory=set)  # everyone who mapped it: they may map again while it is exported
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,7 @@ class SimDevice:
         if s is None or not s.exported:
             return None
         s.mapped_by.add(who)
+        s.mappers.add(who)
         return s
 
     def unmap(self, sid: int, who: str) -> None:

@@ -5,7 +5,8 @@ each is shown able to fire by a test that drives a deliberately broken
 machine (``tests/sim/test_invariants_fire.py``):
 
 * ``epoch-reused``: no token epoch is granted twice, across restarts too;
-* ``two-owners``: at most one holder holds a mapping of live staging under a live key;
+* ``two-owners``: at most one holder can write live staging (it mapped an
+  export that is still exported, and the hop's key is live);
 * ``chunk-trained-twice``: a chunk is trained at most once per round, along the
   model's own history (a restart from a checkpoint rewinds that history);
 * ``trained-unauthenticated``: every segment trained was written by the granted
@@ -127,8 +128,8 @@ class InvariantChecker:
         """The per-step checks: one owner."""
         owners: set[str] = set()
         for s in device.stagings.values():
-            if s.exported and s.mapped_by and s.key in device.keys:
-                owners |= s.mapped_by
+            if s.exported and s.mappers and s.key in device.keys:
+                owners |= s.mappers
         if len(owners) > 1:
             self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
 

@@ -90,9 +90,10 @@ class SimOrchestrator:
 
     name = ORCHESTRATOR
     #: Re-measure the model at the end of every hop, not only before training. The
-    #: shipped ``Orchestrator.hop`` (and this class with False) checks only on the
+    #: shipped ``Orchestrator.hop`` (:class:`TrainingOnlyRemeasure`) checks only on the
     #: training path, so a model changed while a holder held the token survives a
-    #: hop that ends revoked, declined or rejected, and is checkpointed (seed 15).
+    #: hop that ends revoked, declined or rejected, and is checkpointed and trained
+    #: on: ``gtbus sim --seed 6 --remeasure before-training``.
     remeasure_every_hop = True
 
     def __init__(
@@ -459,3 +460,9 @@ class SimOrchestrator:
     def _publish(self, kind: str, body: Any) -> None:
         self.world.send(self.name, OBSERVER, kind, body)
 
+
+
+class TrainingOnlyRemeasure(SimOrchestrator):
+    """The shipped rule: the model is re-measured only before training (found wanting: seed 6)."""
+
+    remeasure_every_hop = False

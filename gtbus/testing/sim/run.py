@@ -36,6 +36,7 @@ class Machines:
     holder: type[SimHolder] = SimHolder
     token: Callable[..., TokenMachine] = TokenMachine
     schedule: Callable[..., Schedule] = Schedule
+    flags: str = ""  # the ``gtbus sim`` options that choose these machines (for the repro line)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
         checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
     if not checker.violations and orch.finished and orch.schedule is not None:
         checker.check_final_model(device.model, expected_trainings(orch.schedule))
-    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile")
+    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + m.flags
     result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
                         world.now, world.steps, planned, list(checker.violations), flags=flags)
     for _, outcome in orch.hops:

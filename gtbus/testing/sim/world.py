@@ -7,8 +7,10 @@ Rules:
 * Events are ``(time, seq, callback)``; ``seq`` breaks ties in the order they
   were scheduled, so nothing depends on hashing or dict order.
 * A node's clock is the world's plus its skew (a fault may set one).
-* The network delivers :class:`Envelope` objects after a latency. Faults may
-  drop, duplicate or delay one (delays reorder), and cut links (partition).
+* The network delivers :class:`Envelope` objects after a latency, in order on
+  each link (one TCP connection each). Faults may drop, duplicate or delay one
+  (a delayed message is overtaken: that is how messages reorder), and cut
+  links (partition).
   A receiver refuses a message id it has seen (the replay guard; its marks
   survive restarts, as the real journal does).
 * Sending to a node that is down is *undelivered* for the orchestrator's
@@ -67,6 +69,7 @@ class World:
         self.cut: set[frozenset[str]] = set()
         self.seen: dict[str, set[int]] = {}
         self.held: dict[str, list[Envelope]] = {}  # DEALER queues towards a node that is down
+        self._link_clock: dict[tuple[str, str], float] = {}  # last in-order arrival per link
         self.trace: deque[tuple[float, str, Any]] = deque(maxlen=TRACE_LEN)
         self.steps = 0
         # Message faults, as probabilities per message (the fault plan sets them).
@@ -142,10 +145,15 @@ class World:
         if self.p_drop and rng.random() < self.p_drop:
             self.note("drop", (kind, src, dst, epoch))
             return True
-        delay = 0.001 + rng.random() * 0.004
+        arrival = self.now + 0.001 + rng.random() * 0.004
         if self.p_delay and rng.random() < self.p_delay:
-            delay += rng.random() * self.max_delay
-        self.after(delay, self._deliver, env)
+            arrival += rng.random() * self.max_delay  # held up: later messages overtake it
+        else:
+            link = (src, dst)
+            arrival = max(arrival, self._link_clock.get(link, 0.0) + 1e-6)
+            self._link_clock[link] = arrival
+        delay = arrival - self.now
+        self.at(arrival, self._deliver, env)
         if self.p_dup and rng.random() < self.p_dup:
             self.after(delay + rng.random() * 0.01, self._deliver, env)
         return True

@@ -1,0 +1,91 @@
+"""``gtbus sim``: the whole deployment simulated in one process, deterministically from seeds, under faults.
+
+A failing seed prints the one line that runs it again and the events that led
+there; the exit status is 1 when any invariant failed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from gtbus.console import printable
+
+#: How many of a failing seed's last events are printed.
+TRACE_SHOWN = 25
+
+
+def _describe(r: object) -> str:
+    from gtbus.testing.sim import SeedResult
+
+    assert isinstance(r, SeedResult)
+    cfg = r.config
+    end = "finished" if r.finished else f"stopped: {r.stopped}" if r.stopped else "did not end"
+    hostile = ", ".join(f"{h} {b}" for h, b in sorted(cfg.hostile.items())) or "none"
+    return (
+        f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {r.faults} faults, hostile: {hostile}; "
+        f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps)"
+    )
+
+
+def _report_failure(r: object) -> None:
+    from gtbus.testing.sim import SeedResult
+
+    assert isinstance(r, SeedResult)
+    click.echo(f"FAIL {r.repro}", err=True)
+    for v in r.violations:
+        click.echo(f"  {printable(str(v))}", err=True)
+    click.echo(f"  last {min(TRACE_SHOWN, len(r.trace))} events:", err=True)
+    for line in r.trace[-TRACE_SHOWN:]:
+        click.echo(f"    {printable(line)}", err=True)
+
+
+@click.command()
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="Run this one seed and describe it.")
+@click.option("--seeds", "count", type=click.IntRange(min=1), default=None, help="Run this many seeds (from --first).")
+@click.option("--first", type=click.IntRange(min=0), default=0, show_default=True, help="First seed of --seeds.")
+@click.option("--no-faults", is_flag=True, help="No crashes, pauses, partitions, skew or message faults.")
+@click.option("--no-hostile", is_flag=True, help="Every holder honest.")
+@click.option(
+    "--remeasure",
+    type=click.Choice(["every-hop", "before-training"]),
+    default="every-hop",
+    show_default=True,
+    help="When the orchestrator re-measures the model: at the end of every hop, or only before training (the shipped rule, which loses to a model changed in a hop that is then revoked).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON (seeds, hops, violations, hops_per_s, ...).")
+def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, remeasure: str, as_json: bool) -> None:
+    """Simulate whole deployments (orchestrator, holders, device agent, observer) from seeds, checking every invariant after every step."""
+    from gtbus.testing.sim import Machines, run_seed, run_seeds
+    from gtbus.testing.sim.orchestrator import TrainingOnlyRemeasure
+
+    machines = Machines(orchestrator=TrainingOnlyRemeasure, flags=" --remeasure before-training") if remeasure == "before-training" else Machines()
+
+    if seed is not None and count is not None:
+        raise click.UsageError("give --seed or --seeds, not both")
+    faults, hostile = not no_faults, not no_hostile
+    if seed is not None:
+        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines)
+        if as_json:
+            click.echo(json.dumps({"seed": r.seed, "hops": r.hops, "hops_trained": r.trained, "finished": r.finished, "stopped": r.stopped,
+                                   "violations": [str(v) for v in r.violations], "repro": r.repro}))
+        else:
+            click.echo(_describe(r))
+        if not r.ok:
+            _report_failure(r)
+            sys.exit(1)
+        return
+    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile, machines=machines)
+    for r in summary.failures:
+        _report_failure(r)
+    if as_json:
+        click.echo(json.dumps(summary.to_json()))
+    else:
+        click.echo(
+            f"{summary.seeds} seeds, {summary.hops} hops ({summary.trained} trained), {summary.violations} violations, "
+            f"{summary.hops_per_s:,.0f} hops/s, {summary.seconds:.1f}s; finished {summary.finished}, stopped {sum(summary.stopped.values())}"
+        )
+    if summary.failures:
+        sys.exit(1)
