@@ -29,6 +29,11 @@ DESIGN section 6):
   or code is ROLLED_BACK (the model restored from the last checkpoint); changed
   code also stops the run, since a checkpoint restores the model, not the code.
   A trainer that refuses the buffer is REJECTED and the model restored.
+* A hop that ends without training (declined, revoked, undelivered, or
+  rejected before the trainer saw it) is re-measured too before its scrub: a
+  model or code changed while a holder held the token is restored from the
+  last checkpoint (the detail says so) and never checkpointed as the run's
+  model; changed code stops the run. The outcome stays what was decided.
 * Every hop has exactly one :class:`HopOutcome`; it decides the schedule's
   verdict (:class:`Settlement`): TRAINED completes the chunk, UNDELIVERED
   defers it, everything else fails it (retried per policy). An ABORTED hop (the
@@ -55,7 +60,7 @@ Public API (what the orchestrator shell, ``replay --redrive`` and the simulator 
     m.handle(Acked(sender, epoch, token_id)), Returned(...), Declined(...)
     m.handle(LeaseExpired(now))                  # when now >= m.wake_at
     m.handle(SegmentsOpened()) / SegmentsRefused(reason)
-    m.handle(Remeasured(model_digest, code_changed=None))
+    m.handle(Remeasured(model_digest, code_changed=None))  # also after a hop that did not train
     m.handle(Trained(loss_first, loss_last, eval_before, eval_after)) / TrainingRefused(reason)
     m.handle(Scrubbed(ok=True))
     m.handle(Aborted("cancelled"))               # the run is unwinding
@@ -118,6 +123,7 @@ class HopPhase(str, Enum):
     GRANTING = "granting"  # SendGrant issued; delivery not known yet
     AWAITING = "awaiting"  # the grant reached the holder: waiting for its return
     OPENING = "opening"  # the return fits the grant: segments being authenticated
+    VERIFYING = "verifying"  # ended without training: model and code measured again before the scrub
     REMEASURING = "remeasuring"  # plaintext on the device: model and code measured again
     TRAINING = "training"
     SCRUBBING = "scrubbing"  # epilogue: buffers scrubbed and released, key dropped
@@ -390,6 +396,7 @@ TRANSITIONS: dict[HopPhase, dict[type, str]] = {
     HopPhase.OPENING: {SegmentsOpened: "_opened", SegmentsRefused: "_open_refused", Aborted: "_abort"},
     HopPhase.REMEASURING: {Remeasured: "_remeasured", Aborted: "_abort"},
     HopPhase.TRAINING: {Trained: "_trained", TrainingRefused: "_training_refused", Aborted: "_abort"},
+    HopPhase.VERIFYING: {Remeasured: "_verified"},  # decided: an abort changes nothing now
     HopPhase.SCRUBBING: {Scrubbed: "_scrubbed"},
     HopPhase.DONE: {},
 }
@@ -397,9 +404,10 @@ TRANSITIONS: dict[HopPhase, dict[type, str]] = {
 # The phases a handler may move to (documentation and the exhaustive tests).
 NEXT_PHASES: dict[HopPhase, frozenset[HopPhase]] = {
     HopPhase.READY: frozenset({HopPhase.GRANTING, HopPhase.SCRUBBING}),
-    HopPhase.GRANTING: frozenset({HopPhase.GRANTING, HopPhase.AWAITING, HopPhase.OPENING, HopPhase.SCRUBBING}),
-    HopPhase.AWAITING: frozenset({HopPhase.AWAITING, HopPhase.OPENING, HopPhase.SCRUBBING}),
-    HopPhase.OPENING: frozenset({HopPhase.REMEASURING, HopPhase.SCRUBBING}),
+    HopPhase.GRANTING: frozenset({HopPhase.GRANTING, HopPhase.AWAITING, HopPhase.OPENING, HopPhase.VERIFYING, HopPhase.SCRUBBING}),
+    HopPhase.AWAITING: frozenset({HopPhase.AWAITING, HopPhase.OPENING, HopPhase.VERIFYING, HopPhase.SCRUBBING}),
+    HopPhase.OPENING: frozenset({HopPhase.REMEASURING, HopPhase.VERIFYING, HopPhase.SCRUBBING}),
+    HopPhase.VERIFYING: frozenset({HopPhase.SCRUBBING}),
     HopPhase.REMEASURING: frozenset({HopPhase.TRAINING, HopPhase.SCRUBBING}),
     HopPhase.TRAINING: frozenset({HopPhase.SCRUBBING}),
     HopPhase.SCRUBBING: frozenset({HopPhase.DONE}),
@@ -487,12 +495,15 @@ class HopMachine:
     # -- outcomes --------------------------------------------------------------------------------
 
     def _end(self, outcome: HopOutcome, detail: str, *first: HopAction) -> Step:
-        """Decide the outcome and start the epilogue; ``first`` runs before the scrub."""
+        """Decide the outcome and start the epilogue; ``first`` runs before the re-measure or the scrub."""
         self.outcome, self.detail = outcome, detail
         if self.token.phase in (Phase.GRANTED, Phase.HELD, Phase.RETURNED):
             self.token.revoke()  # only a TRAINED hop keeps its return until the finish
-        self.phase = HopPhase.SCRUBBING
-        return Step(ACCEPT, (*first, Scrub()))
+        if outcome is HopOutcome.ABORTED or any(isinstance(a, RestoreModel) for a in first):
+            self.phase = HopPhase.SCRUBBING  # nothing is settled, or the model is restored anyway
+            return Step(ACCEPT, (*first, Scrub()))
+        self.phase = HopPhase.VERIFYING
+        return Step(ACCEPT, (*first, Remeasure()))
 
     def _revokes(self, reason: str, *, holder: bool) -> tuple[SendRevoke, ...]:
         # The device agent may still hold this hop's staging mapping: it must drop it
@@ -609,6 +620,15 @@ class HopMachine:
         self.code_changed = ev.code_changed
         what = "model" if not model_ok else f"code ({ev.code_changed})"
         return self._end(HopOutcome.ROLLED_BACK, f"{what} changed during the hop; restored the last checkpoint", RestoreModel())
+
+    def _verified(self, ev: Remeasured) -> Step:
+        self.phase = HopPhase.SCRUBBING
+        if hmac.compare_digest(ev.model_digest, self.model_digest) and ev.code_changed is None:
+            return Step(ACCEPT, (Scrub(),))
+        self.code_changed = ev.code_changed
+        what = "model" if ev.code_changed is None else f"code ({ev.code_changed})"
+        self.detail += f" ({what} changed during the hop: restored the last checkpoint)"
+        return Step(ACCEPT, (RestoreModel(), Scrub()))
 
     def _trained(self, ev: Trained) -> Step:
         self.trained = ev

@@ -195,6 +195,8 @@ def _settle_hop(hop: HopMachine, record: HopRecord, at: float) -> tuple[str | No
     elif hop.phase is HopPhase.OPENING:
         for ev in _DEVICE_SAYS.get(shown, ()):
             feed(ev)
+    if hop.phase is HopPhase.VERIFYING:
+        feed(Remeasured(b""))  # a model restored after a hop that did not train is in no record
     decided = hop.outcome.value if hop.outcome is not None else f"nothing yet (phase {hop.phase.value})"
     if decided != shown:
         return f"hop.record epoch {hop.epoch}: the state machine decides {decided}, the log shows {shown}", actions

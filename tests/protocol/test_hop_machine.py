@@ -98,13 +98,14 @@ def fitting(cls: type, m: HopMachine) -> Any:
 
 
 PATH = [Begin, Delivered, Returned, SegmentsOpened, Remeasured, Trained, Scrubbed]
-PHASE_ORDER = list(HopPhase)
+TRAINED_PATH = [HopPhase.READY, HopPhase.GRANTING, HopPhase.AWAITING, HopPhase.OPENING, HopPhase.REMEASURING, HopPhase.TRAINING, HopPhase.SCRUBBING, HopPhase.DONE]
 
 
 def machine_in(phase: HopPhase, **kw: Any) -> HopMachine:
-    """A machine brought to ``phase`` along the trained path."""
+    """A machine brought to ``phase`` along the trained path (VERIFYING: a lease that ran out)."""
     m = new_machine(**kw)
-    for cls in PATH[: PHASE_ORDER.index(phase)]:
+    path = [Begin, Delivered, LeaseExpired] if phase is HopPhase.VERIFYING else PATH[: TRAINED_PATH.index(phase)]
+    for cls in path:
         assert m.handle(fitting(cls, m)).verdict.accepted
     assert m.phase is phase
     return m
@@ -116,27 +117,28 @@ EXPECTED: dict[tuple[HopPhase, type], tuple[HopPhase, list[type]]] = {
     (S.READY, Begin): (S.GRANTING, [NewEpoch, SendGrant]),
     (S.READY, Aborted): (S.SCRUBBING, [Scrub]),
     (S.GRANTING, Delivered): (S.AWAITING, [PublishTokenState]),
-    (S.GRANTING, Undelivered): (S.SCRUBBING, [Scrub]),
+    (S.GRANTING, Undelivered): (S.VERIFYING, [Remeasure]),
     (S.GRANTING, Acked): (S.AWAITING, []),
     (S.GRANTING, Returned): (S.OPENING, [OpenSegments]),
-    (S.GRANTING, Declined): (S.SCRUBBING, [SendRevoke, Scrub]),
+    (S.GRANTING, Declined): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.GRANTING, SegmentShipped): (S.GRANTING, []),  # not a ship hop: ignored, see test_ship_*
-    (S.GRANTING, LeaseExpired): (S.SCRUBBING, [SendRevoke, Scrub]),
+    (S.GRANTING, LeaseExpired): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.GRANTING, Aborted): (S.SCRUBBING, [Scrub]),
     (S.AWAITING, Acked): (S.AWAITING, []),
     (S.AWAITING, Returned): (S.OPENING, [OpenSegments]),
-    (S.AWAITING, Declined): (S.SCRUBBING, [SendRevoke, Scrub]),
+    (S.AWAITING, Declined): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.AWAITING, SegmentShipped): (S.AWAITING, []),
-    (S.AWAITING, LeaseExpired): (S.SCRUBBING, [SendRevoke, Scrub]),
+    (S.AWAITING, LeaseExpired): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.AWAITING, Aborted): (S.SCRUBBING, [Scrub]),
     (S.OPENING, SegmentsOpened): (S.REMEASURING, [Remeasure]),
-    (S.OPENING, SegmentsRefused): (S.SCRUBBING, [Scrub]),
+    (S.OPENING, SegmentsRefused): (S.VERIFYING, [Remeasure]),
     (S.OPENING, Aborted): (S.SCRUBBING, [Scrub]),
     (S.REMEASURING, Remeasured): (S.TRAINING, [Train]),
     (S.REMEASURING, Aborted): (S.SCRUBBING, [Scrub]),
     (S.TRAINING, Trained): (S.SCRUBBING, [Scrub]),
     (S.TRAINING, TrainingRefused): (S.SCRUBBING, [RestoreModel, Scrub]),
     (S.TRAINING, Aborted): (S.SCRUBBING, [Scrub]),
+    (S.VERIFYING, Remeasured): (S.SCRUBBING, [Scrub]),
     (S.SCRUBBING, Scrubbed): (S.DONE, [PublishTokenState, Settle, Checkpoint, PublishRecord]),
 }
 ALLOWED = [(p, e) for p, row in TRANSITIONS.items() for e in row]
@@ -209,6 +211,9 @@ def test_trained_hop_actions_in_order() -> None:
 
 
 def finish(m: HopMachine) -> list[Any]:
+    """Answer the re-measure (unchanged) if the hop asks for one, then the scrub."""
+    if m.phase is HopPhase.VERIFYING:
+        assert m.handle(Remeasured(DIGEST)).actions == (Scrub(),)
     assert m.phase is HopPhase.SCRUBBING
     return list(m.handle(Scrubbed()).actions)
 
@@ -234,7 +239,7 @@ def test_failed_hops(events: list[Any], outcome: HopOutcome, detail: str, revoke
     m = new_machine()
     acts = run(m, Begin(NOW, DIGEST), *events)
     assert [a.to for a in acts if isinstance(a, SendRevoke)] == revoked_to
-    assert acts[-1] == Scrub() and not any(isinstance(a, Train) for a in acts)
+    assert acts[-1] == Remeasure() and not any(isinstance(a, Train) for a in acts)
     assert (m.outcome, m.detail) == (outcome, detail)
     assert m.token.phase is Phase.REVOKED  # not idle, nobody owns it... until the scrub
     assert finish(m) == [PublishTokenState(), Settle(outcome, SETTLEMENT[outcome]), Checkpoint(), PublishRecord()]
@@ -271,6 +276,26 @@ def test_changed_code_is_rolled_back_and_stops_the_run() -> None:
     end = finish(m)
     assert end[-1] == StopRun("loaded code changed during hop 1 (gtbus.training.bytelm.ByteLM.evaluate); the run stops")
     assert Settle(HopOutcome.ROLLED_BACK, Settlement.FAIL) in end
+
+
+@pytest.mark.parametrize("phase", [S.GRANTING, S.AWAITING])
+def test_model_changed_during_a_hop_that_did_not_train_is_restored(phase: HopPhase) -> None:
+    # Found by gtbus sim --seed 6: a revoked hop checkpointed a model changed while the holder had the token.
+    m = machine_in(phase)
+    assert run(m, LeaseExpired(NOW + LEASE))[-1] == Remeasure()
+    assert run(m, Remeasured(b"\x12" * 32)) == [RestoreModel(), Scrub()]
+    assert m.outcome is HopOutcome.REVOKED
+    assert m.detail == "lease expired before the return (model changed during the hop: restored the last checkpoint)"
+    end = finish(m)
+    assert Settle(HopOutcome.REVOKED, Settlement.FAIL) in end and not any(isinstance(a, StopRun) for a in end)
+    assert end.index(Settle(HopOutcome.REVOKED, Settlement.FAIL)) < end.index(Checkpoint())
+
+
+def test_code_changed_during_a_declined_hop_stops_the_run() -> None:
+    m = machine_in(S.AWAITING)
+    run(m, fitting(Declined, m))
+    assert run(m, Remeasured(DIGEST, "gtbus.nodes.hop_runner.HopRunner._train")) == [RestoreModel(), Scrub()]
+    assert finish(m)[-1] == StopRun("loaded code changed during hop 1 (gtbus.nodes.hop_runner.HopRunner._train); the run stops")
 
 
 def test_trainer_refusal_restores_the_model() -> None:
@@ -352,7 +377,7 @@ def test_hostile_field_values_are_refused_not_raised() -> None:
     for chunk, segments, nbytes in [("2", SEGMENTS, CHUNK_BYTES), (2, 1 << 62, CHUNK_BYTES), (2, SEGMENTS, -1), (2, 0, 0), (-1, SEGMENTS, CHUNK_BYTES), (2, None, None)]:
         m = machine_in(HopPhase.AWAITING)
         step = m.handle(Returned("h1", 1, "tok", chunk, segments, nbytes))  # type: ignore[arg-type]
-        assert step.verdict.accepted and step.actions == (Scrub(),)
+        assert step.verdict.accepted and step.actions == (Remeasure(),)
         assert m.outcome is HopOutcome.REJECTED and m.detail.startswith("segments refused: ")
 
 
@@ -381,7 +406,7 @@ def test_ship_segments_are_checked_against_the_grant() -> None:
     assert ship(m, 1, sender="h2") == "ship-segment-of-another-hop"
     assert m.shipped == {0}
     step = m.handle(fitting(Returned, m))
-    assert step.actions == (Scrub(),) and m.detail == "segments refused: received 1 of 3 shipped segments"
+    assert step.actions == (Remeasure(),) and m.detail == "segments refused: received 1 of 3 shipped segments"
     assert ship(m, 1) == "ship-segment-after-the-return"
 
 
@@ -398,11 +423,11 @@ def test_travel_through_an_agent_tells_the_agent() -> None:
     assert run(m, Begin(NOW, DIGEST))[-1] == SendGrant(m.grant, A.chunk, "agent")
     acts = run(m, Undelivered("device agent agent refused the stage: busy"))
     reason = "grant not delivered: device agent agent refused the stage: busy"
-    assert acts == [SendRevoke("agent", reason), Scrub()]
+    assert acts == [SendRevoke("agent", reason), Remeasure()]
     m = machine_in(HopPhase.AWAITING, via="agent")
-    assert run(m, fitting(Declined, m)) == [SendRevoke("h1", "measurement not pinned"), SendRevoke("agent", "measurement not pinned"), Scrub()]
+    assert run(m, fitting(Declined, m)) == [SendRevoke("h1", "measurement not pinned"), SendRevoke("agent", "measurement not pinned"), Remeasure()]
     m = machine_in(HopPhase.AWAITING, via="agent")
-    assert run(m, fitting(Returned, m), SegmentsRefused("x")) == [OpenSegments(1, "h1", SEGMENTS, CHUNK_BYTES), Scrub()]
+    assert run(m, fitting(Returned, m), SegmentsRefused("x")) == [OpenSegments(1, "h1", SEGMENTS, CHUNK_BYTES), Remeasure()]
 
 
 # -- random event sequences -------------------------------------------------------------------
