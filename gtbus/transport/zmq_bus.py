@@ -36,8 +36,15 @@ Security model
   :class:`~gtbus.messages.envelope.Limits`) is drained without copying a byte
   and dropped (counted as ``oversize_dropped``). libzmq itself delivers a
   multipart message only when its last frame has arrived and has no limit on
-  the frame count, so until then it holds what the peer sent; ``MAXMSGSIZE``
-  (the largest frame the pipeline accepts) bounds each frame, not the count.
+  the frame count (``MAXMSGSIZE``, the largest frame the pipeline accepts,
+  bounds each frame); until then it holds what the peer sent. So the server
+  watches each TCP connection (:mod:`gtbus.transport.conn_guard`): bytes the
+  kernel received from it since its last whole message, past its queue of
+  ``server_rcvhwm`` messages plus one (one, before its first message), get
+  the connection shut down, and libzmq drops the unfinished message. A
+  connection must speak within ``first_message_s``, a key keeps at most two
+  connections per socket, and the ZAP handler admits a key's handshakes at
+  ``handshake_per_s`` (burst ``handshake_burst``).
 * Plaintext (no CURVE) is allowed on ``inproc://`` and ``ipc://`` only, unless
   ``insecure=True`` is passed; that exists for the raw-pyzmq benchmark
   baseline and nothing else::
@@ -85,6 +92,8 @@ from zmq.utils.monitor import parse_monitor_message
 
 from gtbus.errors import ConfigError, PeerUnreachable, TransportError
 from gtbus.messages.envelope import DEFAULT_LIMITS
+from gtbus.transport.budget import TokenBucket
+from gtbus.transport.conn_guard import ConnectionGuard, Kick, TcpConnections
 from gtbus.transport.base import (
     AsyncStartClose,
     Channel,
@@ -221,6 +230,13 @@ class SocketTuning:
     #: server hold is about this many times ``max_message_bytes`` (a full queue stops reading
     #: its socket); enough to keep a ship hop's segments streaming
     server_rcvhwm: int = 16
+    #: a key may open this many connections at once, then one a second more (CURVE handshakes)
+    handshake_burst: int = 16
+    handshake_per_s: float = 2.0
+    #: how often the server compares each connection's received bytes with its messages
+    guard_interval_s: float = 0.05
+    #: a new connection must send its first message within this
+    first_message_s: float = 10.0
     #: how long a client's send may wait for a full queue to drain before TransportError
     #: (the server never waits: a peer that does not read must not stall the others)
     send_timeout_s: float = 5.0
@@ -391,6 +407,7 @@ _EVENTS = int(zmq.EVENTS)
 _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _COPY_THRESHOLD = zmq.COPY_THRESHOLD  # frames this big or bigger are sent zero-copy
+_SRCFD = int(zmq.SRCFD)  # a received frame's source connection (deprecated in libzmq, still served)
 _bsend = zmq.backend.Socket.send
 _brecv = zmq.backend.Socket.recv
 _bget = zmq.backend.Socket.get
@@ -574,6 +591,25 @@ def _background(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None
     return task
 
 
+async def _stop_watching(
+    tasks: list[asyncio.Task[None]], sockets: Sequence[zmq.asyncio.Socket | None], monitors: list[zmq.asyncio.Socket]
+) -> None:
+    """Cancel the tasks reading socket monitors, then detach the monitors from ``sockets`` and close them."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    tasks.clear()
+    for sock in sockets:
+        if sock is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+    for monitor in monitors:
+        monitor.close(linger=0)
+    monitors.clear()
+
+
 async def _send_nowait(sock: zmq.asyncio.Socket, msg: Sequence[Any]) -> None:
     # NOBLOCK through the asyncio socket (not a shadow) keeps pyzmq's edge-triggered
     # event bookkeeping right for pending receives on the same socket.
@@ -688,6 +724,11 @@ class ZmqServer(_ZmqEndpoint):
         # under that key, and back. Bounded by the admitted keys.
         self._routes: dict[str, bytes] = {}
         self._route_owner: dict[bytes, str] = {}
+        # Under CURVE on tcp://: per socket, the rules and the kernel's view of its connections.
+        self._guards: dict[str, tuple[ConnectionGuard, TcpConnections]] = {}
+        self._guard_tasks: list[asyncio.Task[None]] = []
+        self._guard_monitors: list[zmq.asyncio.Socket] = []
+        self._handshakes: dict[bytes, TokenBucket] = {}  # per admitted key: bounded by the allowed map
         self._waiters = _Wakeup()
         self._recv_lock = asyncio.Lock()
         self._closed = False
@@ -761,7 +802,74 @@ class ZmqServer(_ZmqEndpoint):
         # The routing id frame comes first: one frame and up to 255 bytes more.
         self._pipe = _Pipe(router, self._waiters, t.max_frames + 1, t.max_message_bytes + _MAX_NAME_BYTES)
         self._tasks.append(_background(self._serve_subscriptions(), f"{self._name}-xpub"))
+        if self._curve is not None:
+            self._start_guards()
         log.debug("server %s bound %s", self._name, self._endpoints)
+
+    # -- what one connection may make us hold (see gtbus.transport.conn_guard)
+
+    def _start_guards(self) -> None:
+        assert self._router is not None and self._xpub is not None and self._endpoints is not None
+        t = self._tuning
+        # The ROUTER may hold its queue of whole messages plus one unfinished; before its
+        # first message a connection may hold one. The XPUB only ever gets subscriptions.
+        limits = {
+            "router": ((t.server_rcvhwm + 2) * t.max_message_bytes, 2 * t.max_message_bytes),
+            "xpub": (1 << 20, 1 << 20),
+        }
+        for label, sock, endpoint in (("router", self._router, self._endpoints[0]), ("xpub", self._xpub, self._endpoints[1])):
+            if not endpoint.startswith("tcp://"):
+                continue
+            limit, first = limits[label]
+            guard = ConnectionGuard(limit, first, first_within=t.first_message_s)
+            self._guards[label] = (guard, TcpConnections(int(endpoint.rsplit(":", 1)[1])))
+            monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+            self._sockets.append(monitor)
+            self._guard_monitors.append(monitor)
+            self._guard_tasks.append(_background(self._watch_connections(monitor, label), f"{self._name}-{label}-conns"))
+        if self._guards:
+            self._guard_tasks.append(_background(self._police(), f"{self._name}-guard"))
+
+    async def _watch_connections(self, monitor: zmq.asyncio.Socket, label: str) -> None:
+        guard, conns = self._guards[label]
+        loop = asyncio.get_running_loop()
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())
+            fd = int(event["value"])
+            if event["event"] == zmq.EVENT_ACCEPTED:
+                if conns.watch(fd):
+                    guard.accepted(fd, loop.time())
+            else:
+                guard.closed(fd)
+                conns.forget(fd)
+
+    async def _police(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self._tuning.guard_interval_s)
+            for label, (guard, conns) in self._guards.items():
+                for kick in guard.check(loop.time(), conns):
+                    self._kick(label, kick)
+
+    def _delivered(self, label: str, frame: zmq.Frame, key: str | None) -> None:
+        """A message came out of ``label``'s socket: its connection is in good standing."""
+        guarded = self._guards.get(label)
+        if guarded is None:
+            return
+        try:
+            fd = frame.get(_SRCFD)
+        except zmq.ZMQError:
+            return
+        kick = guarded[0].delivered(fd, key)
+        if kick is not None:
+            self._kick(label, kick)
+
+    def _kick(self, label: str, kick: Kick) -> None:
+        self._guards[label][1].shut(kick.fd)
+        self.stats.extra["connections-shut"] = self.stats.extra.get("connections-shut", 0) + 1
+        what = kick.reason.split(" ", 1)[0] if kick.reason[0].isdigit() else kick.reason
+        if self._once.first(("kick", label, what)):
+            log.warning("server %s shut a connection to its %s: %s", self._name, label, kick.reason)
 
     async def close(self) -> None:
         """Close sockets (ROUTER and XPUB before the ZAP handler) and release the ports."""
@@ -775,6 +883,10 @@ class ZmqServer(_ZmqEndpoint):
             self._pipe.detach()
             self._pipe = None  # a plain shadow socket must never touch a closed libzmq socket
         self._waiters.wake_all()  # a pending recv wakes and finds the transport closed
+        await _stop_watching(self._guard_tasks, (self._router, self._xpub) if self._guards else (), self._guard_monitors)
+        for _, conns in self._guards.values():
+            conns.close()
+        self._guards.clear()
         for sock in (self._router, self._xpub):
             if sock is not None:
                 sock.close(linger=self._tuning.linger_ms)
@@ -828,6 +940,12 @@ class ZmqServer(_ZmqEndpoint):
         if node is None:
             self._reject("unknown-key", peer_addr, key)
             return answer(b"400", b"unknown CURVE key")
+        t = self._tuning
+        now = asyncio.get_running_loop().time()
+        bucket = self._handshakes.setdefault(key, TokenBucket(t.handshake_per_s, t.handshake_burst, now))
+        if not bucket.take(1, now):
+            self._reject("connection-rate", peer_addr, key)
+            return answer(b"400", b"too many connections")
         self.stats.auth_accepted += 1
         return answer(b"200", b"OK", node.encode("utf-8"))
 
@@ -850,6 +968,7 @@ class ZmqServer(_ZmqEndpoint):
                 continue
             subscribed = data[0] == 1
             peer = _user_id(parts[0])
+            self._delivered("xpub", parts[0], peer)
             # libzmq reports "last subscriber of a topic went away" without metadata,
             # so an anonymous unsubscribe is genuine; an anonymous subscribe is not.
             if self._curve is not None and peer is None and subscribed:
@@ -910,6 +1029,7 @@ class ZmqServer(_ZmqEndpoint):
             if user is None:
                 self._drop_malformed("message without an authenticated identity")
                 return None
+            self._delivered("router", parts[1], user)
             if self._routes.get(user) != routing_id and not self._bind_route(user, routing_id):
                 return None
             peer: str = user
@@ -951,6 +1071,7 @@ class ZmqServer(_ZmqEndpoint):
                 who = rid.decode("utf-8", "backslashreplace")
             elif len(big.head) > 1:
                 who = _user_id(big.head[1]) or self._route_owner.get(rid, "?")
+                self._delivered("router", big.head[1], _user_id(big.head[1]))
         if self._once.first(("oversize", who)):
             rid = len(big.head[0]) if big.head else 0  # the ROUTER's routing id frame is not the peer's
             log.warning("server %s dropped a message from %r of %d frames, %d bytes (limits: %d frames, %d bytes)",
@@ -1168,19 +1289,7 @@ class ZmqClient(_ZmqEndpoint):
                 pipe.detach()
         self._direct = self._event = None  # a plain shadow socket must never touch a closed libzmq socket
         self._waiters.wake_all()  # a pending recv or send wakes and finds the transport closed
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        self._tasks.clear()
-        for sock in (self._dealer, self._sub):
-            if sock is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    sock.disable_monitor()
-        for monitor in self._monitors:
-            monitor.close(linger=0)
-        self._monitors.clear()
+        await _stop_watching(self._tasks, (self._dealer, self._sub), self._monitors)
         for sock in (self._dealer, self._sub):
             if sock is not None:
                 sock.close(linger=self._tuning.linger_ms)

@@ -96,3 +96,27 @@ def test_one_key_flooding_is_refused_over_budget_and_the_run_trains_every_hop(tr
     assert standing + (int(unrecorded.group(1)) if unrecorded else 0) >= refused_over_budget
     assert len(refused) < refused_over_budget  # records are gated: far fewer than refusals
     assert flood.kinds["echo-1MiB"] == 200
+
+
+def test_a_message_that_never_ends_gets_its_connection_shut_not_held_whole(travel: Any, tmp_path: Path) -> None:
+    """libzmq holds a multipart message until its last frame; the guard shuts such a connection first."""
+    t: Travel = travel(holders=2, chunk_tokens=4096, lease=30.0, steps="5", bytes_per_holder=2 * 4096)
+    t.start_orchestrator()
+    me = load_identity(t.dep.dep.key_path(t.dep.dep.observer.name))
+    endless = [bytes(MAX_BLOB)] * 128  # 512 MiB in one message (the same buffer, sent zero-copy)
+
+    async def scenario() -> None:
+        async with Flood(me, Roster.from_dir(t.dep.keys), t.dep.router, t.dep.pub) as flood:
+            await flood.send(endless, "endless")
+            await asyncio.to_thread(t.wait_for, "the orchestrator to shut the connection",
+                                    lambda: "shut a connection to its router" in t.stderr())
+
+    run_async(scenario(), timeout=90)
+    rss = peak_rss_bytes(t.orchestrator.pid)
+    print(f"orchestrator peak RSS {rss >> 20} MiB after a 512 MiB message (cap {RSS_CAP >> 20} MiB)")
+    assert rss < RSS_CAP
+    for i in range(2):
+        t.dep.start_holder(i)
+    t.finish()
+    hops = t.hops()
+    assert len(trained_keys(hops)) == len(hops) == 4, hops
