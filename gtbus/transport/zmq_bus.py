@@ -231,8 +231,8 @@ class SocketTuning:
     #: its socket); enough to keep a ship hop's segments streaming
     server_rcvhwm: int = 16
     #: a key may open this many connections at once, then one a second more (CURVE handshakes)
-    handshake_burst: int = 16
-    handshake_per_s: float = 2.0
+    handshake_burst: int = 8
+    handshake_per_s: float = 1.0
     #: how often the server compares each connection's received bytes with its messages
     guard_interval_s: float = 0.05
     #: a new connection must send its first message within this
@@ -814,7 +814,7 @@ class ZmqServer(_ZmqEndpoint):
         # The ROUTER may hold its queue of whole messages plus one unfinished; before its
         # first message a connection may hold one. The XPUB only ever gets subscriptions.
         limits = {
-            "router": ((t.server_rcvhwm + 2) * t.max_message_bytes, 2 * t.max_message_bytes),
+            "router": ((t.server_rcvhwm + 2) * t.max_message_bytes, t.max_message_bytes),
             "xpub": (1 << 20, 1 << 20),
         }
         for label, sock, endpoint in (("router", self._router, self._endpoints[0]), ("xpub", self._xpub, self._endpoints[1])):
