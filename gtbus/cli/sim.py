@@ -30,7 +30,8 @@ def _describe(r: object) -> str:
     )
 
 
-def _report_failure(r: object) -> None:
+def report_failure(r: object) -> None:
+    """Print a failing seed: its repro line, its violations, its last events (on stderr)."""
     from gtbus.testing.sim import SeedResult
 
     assert isinstance(r, SeedResult)
@@ -48,38 +49,28 @@ def _report_failure(r: object) -> None:
 @click.option("--first", type=click.IntRange(min=0), default=0, show_default=True, help="First seed of --seeds.")
 @click.option("--no-faults", is_flag=True, help="No crashes, pauses, partitions, skew or message faults.")
 @click.option("--no-hostile", is_flag=True, help="Every holder honest.")
-@click.option(
-    "--remeasure",
-    type=click.Choice(["every-hop", "before-training"]),
-    default="every-hop",
-    show_default=True,
-    help="When the orchestrator re-measures the model: at the end of every hop, or only before training (the shipped rule, which loses to a model changed in a hop that is then revoked).",
-)
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON (seeds, hops, violations, hops_per_s, ...).")
-def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, remeasure: str, as_json: bool) -> None:
+def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, as_json: bool) -> None:
     """Simulate whole deployments (orchestrator, holders, device agent, observer) from seeds, checking every invariant after every step."""
-    from gtbus.testing.sim import Machines, run_seed, run_seeds
-    from gtbus.testing.sim.orchestrator import TrainingOnlyRemeasure
-
-    machines = Machines(orchestrator=TrainingOnlyRemeasure, flags=" --remeasure before-training") if remeasure == "before-training" else Machines()
+    from gtbus.testing.sim import run_seed, run_seeds
 
     if seed is not None and count is not None:
         raise click.UsageError("give --seed or --seeds, not both")
     faults, hostile = not no_faults, not no_hostile
     if seed is not None:
-        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines)
+        r = run_seed(seed, faults=faults, hostile=hostile)
         if as_json:
             click.echo(json.dumps({"seed": r.seed, "hops": r.hops, "hops_trained": r.trained, "finished": r.finished, "stopped": r.stopped,
                                    "violations": [str(v) for v in r.violations], "repro": r.repro}))
         else:
             click.echo(_describe(r))
         if not r.ok:
-            _report_failure(r)
+            report_failure(r)
             sys.exit(1)
         return
-    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile, machines=machines)
+    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile)
     for r in summary.failures:
-        _report_failure(r)
+        report_failure(r)
     if as_json:
         click.echo(json.dumps(summary.to_json()))
     else:

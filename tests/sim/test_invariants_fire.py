@@ -13,12 +13,22 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from broken_machines import (
+    DoubleGrantOrchestrator,
+    DriftingDevice,
+    ForgetfulOrchestrator,
+    KeyKeepingDevice,
+    NoRemeasureOrchestrator,
+    RepeatingSchedule,
+    ReusingToken,
+    StuckOrchestrator,
+    TrustingDevice,
+    UnscrubbingDevice,
+    UnverifiedHop,
+)
 
-from gtbus.protocol.schedule import Assignment, Schedule
-from gtbus.protocol.token import Grant, TokenMachine
 from gtbus.testing.sim import Machines, run_seed
 from gtbus.testing.sim.config import SimConfig
-from gtbus.testing.sim.device import Opened, SimDevice, Staging
 from gtbus.testing.sim.invariants import (
     CHUNK_TWICE,
     EPOCH_REUSED,
@@ -29,7 +39,6 @@ from gtbus.testing.sim.invariants import (
     UNAUTHENTICATED,
     UNSCRUBBED,
 )
-from gtbus.testing.sim.orchestrator import GrantBody, SimOrchestrator, _Hop
 
 
 def quiet(hostile: dict[str, str] | None = None, **kw: Any) -> SimConfig:
@@ -48,105 +57,6 @@ def first_failing(machines: Machines, seeds: range) -> Any:
         if not r.ok:
             return r
     raise AssertionError(f"no seed in {seeds} caught the broken machine")
-
-
-# -- doubles ---------------------------------------------------------------------------------------
-
-
-class ReusingToken(TokenMachine):
-    """Issues epoch 1 again for its second grant."""
-
-    def grant(self, holder: str, now: float, lease: float) -> Grant:
-        g = super().grant(holder, now, lease)
-        if g.epoch == 2:
-            self.epoch = 1
-            return Grant(g.token_id, 1, holder, g.deadline)
-        return g
-
-
-class ForgetfulOrchestrator(SimOrchestrator):
-    """Never writes its epoch reservation to disk: a restart starts from the checkpoint's epoch."""
-
-    def _reserve_epoch(self, epoch: int) -> None:
-        self.reserved_upto = epoch
-
-
-class DoubleGrantOrchestrator(SimOrchestrator):
-    """Sends each grant (handle and key) to the granted holder and to the next one as well."""
-
-    def _send_grant(self, hop: _Hop) -> None:
-        super()._send_grant(hop)
-        others = [h for h in self.cfg.holders if h != hop.a.holder]
-        body = GrantBody(hop.token_id, others[0], hop.a.chunk, hop.deadline, hop.key, hop.staging.sid)
-        self.world.send(self.name, others[0], "grant", body, hop.epoch)
-
-
-class RepeatingSchedule(Schedule):
-    """Puts a completed chunk back at the end of the round once (as if its completion were lost)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._repeated: set[tuple[str, int]] = set()
-
-    def complete(self, a: Assignment) -> None:
-        if (a.holder, a.chunk) in self._repeated:
-            super().complete(a)
-        else:
-            self._repeated.add((a.holder, a.chunk))
-            self.defer(a)
-
-
-class TrustingDevice(SimDevice):
-    """Opens segments without authenticating them (takes whatever staging holds)."""
-
-    def open_segments(self, staging: Staging, key: int, epoch: int, holder: str, total: int) -> Opened | str:
-        segs = tuple(staging.segments[i] for i in range(total) if i in staging.segments)
-        return Opened(staging, segs) if len(segs) == total else "segment missing"
-
-
-class UnscrubbingDevice(SimDevice):
-    """Its release keeps the buffer and its contents (no scrub, export still tracked)."""
-
-    def scrub(self, staging: Staging) -> None:
-        pass
-
-    def release(self, staging: Staging) -> None:
-        self.revoke_export(staging)
-        staging.released = True
-
-
-class KeyKeepingDevice(SimDevice):
-    """Never forgets a hop key."""
-
-    def drop_key(self, key: int) -> None:
-        pass
-
-
-class DriftingDevice(SimDevice):
-    """Scrubbing disturbs the model (a kernel writing out of bounds)."""
-
-    def scrub(self, staging: Staging) -> None:
-        super().scrub(staging)
-        if self.model is not None and staging.epoch == 2:
-            self.model ^= 1
-
-
-class NoRemeasureOrchestrator(SimOrchestrator):
-    """Trains without comparing the model with its measurement at the grant."""
-
-    remeasure_every_hop = False
-
-    def _returned(self, hop: _Hop, ret: Any) -> None:
-        hop.model_before = self.device.measure()
-        super()._returned(hop, ret)
-
-
-class StuckOrchestrator(SimOrchestrator):
-    """Stops granting after the first hop that did not train."""
-
-    def _next_hop(self, inc: int) -> None:
-        if all(o == "trained" for _, o in self.hops):
-            super()._next_hop(inc)
 
 
 # -- one test per invariant --------------------------------------------------------------------------
@@ -212,6 +122,14 @@ def test_model_tampered_and_trained_fires() -> None:
     r = first_failing(Machines(orchestrator=NoRemeasureOrchestrator), range(400))
     assert names(r) == {MODEL_UNACCOUNTED}, r.violations
     assert any("model tampered" in line for line in r.trace)
+
+
+def test_model_changed_in_a_revoked_hop_fires() -> None:
+    """The first bug the simulator found (fixed in HopMachine since): the same seed passes with the real machine."""
+    r = first_failing(Machines(hop=UnverifiedHop), range(400))
+    assert names(r) == {MODEL_UNACCOUNTED}, r.violations
+    assert any("model tampered" in line for line in r.trace)
+    assert run_seed(r.seed).ok
 
 
 def test_no_progress_fires() -> None:

@@ -102,7 +102,7 @@ def _skew(world: World, who: str, offset: float, dt: float) -> None:
 def _tamper(world: World, orch: Any, digest: int) -> None:
     # Only while a holder holds the token (its grant sent): otherwise the orchestrator owns the device.
     if orch.up and orch.hop is not None and not orch.hop.waiting_agent and orch.token.phase in (Phase.GRANTED, Phase.HELD) and orch.device.model is not None:
-        world.note("fault: model tampered", orch.hop.epoch)
+        world.note("fault: model tampered", orch.hop.machine.epoch)
         orch.device.model = digest
 
 

@@ -1,15 +1,13 @@
-"""The simulated orchestrator: the real token machine, schedule and admission, and the hop's rules.
+"""The simulated orchestrator: the real hop, token, schedule and admission machines, and a shell.
 
-The decisions are the real sans-I/O machines': :class:`TokenMachine` (who
-owns the token, fencing), :class:`Schedule` (which chunk next, retries,
-deferrals), :func:`admit` (manifests). The hop itself follows
-``gtbus/nodes/orchestrator.py``'s ``Orchestrator.hop`` step for step, as
-events instead of awaits: reserve the epoch on disk before the grant leaves,
-stage on the agent for a remote holder, grant, wait for the return (or a
-decline, or the lease), check the return against the admitted manifest, open
-the segments, scrub and revoke the staging, re-measure the model, train; the
-epilogue scrubs, releases, drops the key, finishes the token, settles the
-schedule and checkpoints.
+The decisions are the real sans-I/O machines': :class:`HopMachine` (one hop:
+grant, ack/return/decline/lease, open, re-measure, train, scrub, settle),
+:class:`TokenMachine` (who owns the token, fencing), :class:`Schedule`
+(which chunk next, retries, deferrals), :func:`admit` (manifests). This
+shell does what they say as the real orchestrator's does, on the simulated
+network and device: it reserves epochs on disk, exports a fresh staging
+buffer and key per grant (staged on the device agent first for a remote
+holder), times the lease on its own clock, and feeds the answers back.
 
 Its disk (:class:`OrchestratorDisk`) survives a crash: the epoch reservation,
 the list of in-flight staging exports, the checkpoint. A restart resumes from
@@ -19,17 +17,47 @@ it, as ``--resume`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Callable
 
 from gtbus.gpu.channel import segment_count
 from gtbus.messages.registry import REGISTRY, RejectedMessage, body_from_wire
-from gtbus.messages.types import TokenReturn
 from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
 from gtbus.protocol.schedule import Assignment, Schedule
-from gtbus.protocol.token import Phase, TokenMachine
+from gtbus.protocol.hop import (
+    Acked,
+    Begin,
+    Checkpoint,
+    Declined,
+    Delivered,
+    HopAction,
+    HopEvent,
+    HopMachine,
+    HopOutcome,
+    LeaseExpired,
+    NewEpoch,
+    OpenSegments,
+    PublishRecord,
+    PublishTokenState,
+    Remeasure,
+    Remeasured,
+    RestoreModel,
+    Returned,
+    Scrub,
+    Scrubbed,
+    SegmentsOpened,
+    SegmentsRefused,
+    SendGrant,
+    SendRevoke,
+    Settle,
+    Settlement,
+    StopRun,
+    Train,
+    Trained,
+    Undelivered,
+)
+from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.config import AGENT, CHUNK_TOKENS, OBSERVER, ORCHESTRATOR, SEGMENT_BYTES, TOKEN_BYTES, SimConfig
-from gtbus.testing.sim.device import INITIAL_MODEL, SimDevice, Staging
+from gtbus.testing.sim.device import INITIAL_MODEL, Opened, SimDevice, Staging
 from gtbus.testing.sim.invariants import InvariantChecker
 from gtbus.testing.sim.world import Envelope, World
 
@@ -37,17 +65,6 @@ EPOCH_BLOCK = 64  # as the real orchestrator reserves epochs on disk
 RUN_SHAPE = RunShape(chunk_tokens=CHUNK_TOKENS, max_chunks=64, vocab=256)
 # The wire types of what a holder sends about the token, by the simulation's kind.
 _SPECS = {"ack": REGISTRY["token.ack"], "return": REGISTRY["token.return"], "decline": REGISTRY["token.decline"]}
-
-
-class Outcome(str, Enum):
-    """How a hop ended (the real orchestrator's outcome strings)."""
-
-    TRAINED = "trained"
-    UNDELIVERED = "undelivered"
-    DECLINED = "declined"
-    REVOKED = "revoked"
-    REJECTED = "rejected"
-    ROLLED_BACK = "rolled-back"
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,15 +90,13 @@ class OrchestratorDisk:
 
 @dataclass
 class _Hop:
-    a: Assignment
-    token_id: str
-    epoch: int
-    deadline: float
-    staging: Staging
-    key: int
-    expect: tuple[int, int]
+    """The shell's side of one hop: the machine, and what the shell holds for it."""
+
+    machine: HopMachine
     model_before: int | None
-    via: str | None
+    staging: Staging | None = None
+    grant: GrantBody | None = None
+    opened: Opened | None = None
     waiting_agent: bool = False
 
 
@@ -89,12 +104,6 @@ class SimOrchestrator:
     """The orchestrator node of the simulation."""
 
     name = ORCHESTRATOR
-    #: Re-measure the model at the end of every hop, not only before training. The
-    #: shipped ``Orchestrator.hop`` (:class:`TrainingOnlyRemeasure`) checks only on the
-    #: training path, so a model changed while a holder held the token survives a
-    #: hop that ends revoked, declined or rejected, and is checkpointed and trained
-    #: on: ``gtbus sim --seed 6 --remeasure before-training``.
-    remeasure_every_hop = True
 
     def __init__(
         self,
@@ -106,6 +115,7 @@ class SimOrchestrator:
         *,
         token_factory: Callable[..., TokenMachine] = TokenMachine,
         schedule_factory: Callable[..., Schedule] = Schedule,
+        hop_factory: Callable[..., HopMachine] = HopMachine,
     ) -> None:
         self.world = world
         self.cfg = cfg
@@ -114,6 +124,7 @@ class SimOrchestrator:
         self.disk = disk
         self.token_factory = token_factory
         self.schedule_factory = schedule_factory
+        self.hop_factory = hop_factory
         self.up = False
         self.incarnation = 0
         self.finished = False
@@ -231,43 +242,19 @@ class SimOrchestrator:
                 return None
         return body
 
-    def _on_ack(self, env: Envelope) -> None:
-        msg = self._token_message(env)
-        if msg is not None:
-            self.token.on_ack(env.src, env.epoch, msg.token_id)
-
-    def _on_decline(self, env: Envelope) -> None:
+    def _on_token_message(self, env: Envelope) -> None:
         msg = self._token_message(env)
         hop = self.hop
-        if msg is None or hop is None or hop.waiting_agent:
-            return
-        if self.token.on_decline(env.src, env.epoch, msg.token_id).accepted:
-            self._revoke_holder(hop, Outcome.DECLINED)
+        if msg is None or hop is None:
+            return  # between hops the token is idle: nothing a holder says about it counts
+        if env.kind == "ack":
+            event: HopEvent = Acked(env.src, env.epoch, msg.token_id)
+        elif env.kind == "return":
+            event = Returned(env.src, env.epoch, msg.token_id, msg.chunk_index, msg.segments, msg.nbytes)
+        else:
+            event = Declined(env.src, env.epoch, msg.token_id, msg.reason)
+        self._drive(hop, event)
 
-    def _on_return(self, env: Envelope) -> None:
-        msg = self._token_message(env)
-        hop = self.hop
-        if msg is None or hop is None or hop.waiting_agent:
-            return
-        if not self.token.on_return(env.src, env.epoch, msg.token_id).accepted:
-            return
-        self._returned(hop, msg)
-
-    def _on_ready(self, env: Envelope) -> None:
-        hop = self.hop
-        if hop is None or not hop.waiting_agent or env.body != hop.token_id:
-            return
-        hop.waiting_agent = False
-        self._send_grant(hop)
-
-    _handlers: dict[str, Callable[["SimOrchestrator", Envelope], None]] = {
-        "register": _on_register,
-        "snapshot-request": _on_snapshot_request,
-        "ack": _on_ack,
-        "decline": _on_decline,
-        "return": _on_return,
-        "agent-ready": _on_ready,
-    }
 
     # -- the run loop --------------------------------------------------------------------------
 
@@ -332,121 +319,154 @@ class SimOrchestrator:
             return
         self.world.on_node(self.name, min(0.05, self.cfg.backoff_min), self._wait_for_a_holder, inc)
 
-    # -- one hop -------------------------------------------------------------------------------
+    # -- one hop: the real HopMachine decides, this shell does --------------------------------
 
     def _start_hop(self, a: Assignment) -> None:
-        w, cfg = self.world, self.cfg
-        expect_bytes = self.manifests[a.holder].chunk_tokens_of(a.chunk, CHUNK_TOKENS) * TOKEN_BYTES
-        expect = (segment_count(expect_bytes, SEGMENT_BYTES), expect_bytes)
-        capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
-        grant = self.token.grant(a.holder, w.clock(self.name), cfg.lease)
-        self._reserve_epoch(grant.epoch)
-        key, sid = w.fresh_id(), w.fresh_id()
-        if self.device.exports_outlive_process:
-            self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
-        staging = self.device.alloc_staging(sid, grant.epoch, a.holder, key, capacity)
-        via = self.manifests[a.holder].via
-        hop = _Hop(a, grant.token_id, grant.epoch, grant.deadline, staging, key, expect, self.device.measure(), via)
+        manifest = self.manifests[a.holder]
+        chunk_bytes = manifest.chunk_tokens_of(a.chunk, CHUNK_TOKENS) * TOKEN_BYTES
+        machine = self.hop_factory(self.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease, via=manifest.via)
+        hop = _Hop(machine, self.device.measure())
         self.hop = hop
-        w.note("grant", (grant.epoch, a.holder, a.round, a.chunk))
-        # The lease runs on this node's clock: its timer fires when that clock reads the deadline.
-        w.on_node(self.name, grant.deadline - w.clock(self.name), self._lease_check, self.incarnation, grant.epoch)
-        if via is not None:
-            hop.waiting_agent = True
-            if not w.send(self.name, via, "agent-stage", (grant.token_id, grant.epoch, a.holder, sid), grant.epoch, mandatory=True):
-                self._end_hop(hop, Outcome.UNDELIVERED, f"device agent {via} not connected")
-            return
-        self._send_grant(hop)
+        self._drive(hop, Begin(self.world.clock(self.name), _digest(hop.model_before)))
+
+    def _drive(self, hop: _Hop, event: HopEvent) -> None:
+        """Feed one event to the hop's machine and do what it says, in order (answers are fed back at once)."""
+        step = hop.machine.handle(event)
+        if not step.verdict.accepted:
+            self.world.note("hop ignored", (type(event).__name__, step.verdict.reason[:60]))
+        for action in step.actions:
+            if self.hop is not hop:
+                return  # the process died, or the hop ended, while executing
+            answer = self._do(hop, action)
+            if answer is not None:
+                self._drive(hop, answer)
+        if hop.machine.done and self.hop is hop:
+            self.hop = None
+            self.world.on_node(self.name, 0.002, self._next_hop, self.incarnation)
+
+    def _do(self, hop: _Hop, action: HopAction) -> HopEvent | None:
+        m, w, device = hop.machine, self.world, self.device
+        if isinstance(action, NewEpoch):
+            self._reserve_epoch(action.epoch)
+        elif isinstance(action, SendGrant):
+            return self._send_grant(hop, action)
+        elif isinstance(action, PublishTokenState):
+            self._publish("token-state", (self.token.epoch, self.token.owner, self.token.phase.value))
+        elif isinstance(action, SendRevoke):
+            w.send(self.name, action.to, "revoke", self.token.token_id, m.epoch)
+        elif isinstance(action, OpenSegments):
+            assert hop.staging is not None
+            opened = device.open_segments(hop.staging, hop.staging.key, action.epoch, action.holder, action.segments)
+            device.scrub(hop.staging)
+            device.revoke_export(hop.staging)
+            if isinstance(opened, str):
+                return SegmentsRefused(opened)
+            hop.opened = opened
+            return SegmentsOpened()
+        elif isinstance(action, Remeasure):
+            return Remeasured(_digest(self._measured(hop)))
+        elif isinstance(action, Train):
+            assert hop.opened is not None
+            a = m.assignment
+            device.train(hop.opened, (a.round, a.holder, a.chunk))
+            return Trained()
+        elif isinstance(action, RestoreModel):
+            self._restore_model()
+        elif isinstance(action, Scrub):
+            self._epilogue(hop)
+            return Scrubbed()
+        elif isinstance(action, Settle):
+            self._settle(hop, action.outcome, action.settlement)
+        elif isinstance(action, Checkpoint):
+            self._save_checkpoint()
+        elif isinstance(action, PublishRecord):
+            self._publish("hop", (m.epoch, m.assignment.holder, m.outcome.value if m.outcome else None))
+        elif isinstance(action, StopRun):
+            self._stop(action.reason)
+        return None
+
+    def _measured(self, hop: _Hop) -> int | None:
+        """What re-measuring the model reads."""
+        return self.device.measure()
 
     def _reserve_epoch(self, epoch: int) -> None:
         if epoch > self.reserved_upto:
             self.reserved_upto = epoch + EPOCH_BLOCK - 1
             self.disk.reserved_epoch = self.reserved_upto
 
-    def _send_grant(self, hop: _Hop) -> None:
-        body = GrantBody(hop.token_id, hop.a.holder, hop.a.chunk, hop.deadline, hop.key, hop.staging.sid)
-        if not self.world.send(self.name, hop.a.holder, "grant", body, hop.epoch, mandatory=True):
-            self._end_hop(hop, Outcome.UNDELIVERED, "grant not delivered")
-            return
-        self._publish("token-state", (hop.epoch, hop.a.holder, self.token.phase.value))
+    def _send_grant(self, hop: _Hop, action: SendGrant) -> HopEvent | None:
+        """Export a fresh staging buffer and key for the grant; stage on the agent first for a remote holder."""
+        w, g = self.world, action.grant
+        key, sid = w.fresh_id(), w.fresh_id()
+        if self.device.exports_outlive_process:
+            self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
+        capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
+        hop.staging = self.device.alloc_staging(sid, g.epoch, g.holder, key, capacity)
+        hop.grant = GrantBody(g.token_id, g.holder, action.chunk, g.deadline, key, sid)
+        w.note("grant", (g.epoch, g.holder, hop.machine.assignment.round, action.chunk))
+        # The lease runs on this node's clock: its timer fires when that clock reads the deadline.
+        w.on_node(self.name, g.deadline - w.clock(self.name), self._lease_check, self.incarnation, hop)
+        if action.via is not None:
+            hop.waiting_agent = True
+            if not w.send(self.name, action.via, "agent-stage", (g.token_id, g.epoch, g.holder, sid), g.epoch, mandatory=True):
+                return Undelivered(f"device agent {action.via} not connected")
+            return None
+        return self._grant_to_holder(hop)
 
-    def _lease_check(self, inc: int, epoch: int) -> None:
+    def _grant_to_holder(self, hop: _Hop) -> HopEvent:
+        assert hop.grant is not None
+        if not self.world.send(self.name, hop.grant.holder, "grant", hop.grant, hop.machine.epoch, mandatory=True):
+            return Undelivered(f"{hop.grant.holder} not connected")
+        return Delivered()
+
+    def _on_ready(self, env: Envelope) -> None:
         hop = self.hop
-        if not self._live(inc) or hop is None or hop.epoch != epoch:
+        if hop is None or not hop.waiting_agent or hop.grant is None or env.body != hop.grant.token_id:
+            return
+        hop.waiting_agent = False
+        self._drive(hop, self._grant_to_holder(hop))
+
+    def _lease_check(self, inc: int, hop: _Hop) -> None:
+        if not self._live(inc) or self.hop is not hop:
             return
         if hop.waiting_agent:
             # The agent's stage request timed out (the real request's timeout is the lease).
-            self._end_hop(hop, Outcome.UNDELIVERED, "device agent did not answer the stage")
+            hop.waiting_agent = False
+            self._drive(hop, Undelivered("device agent did not answer the stage"))
             return
-        if self.token.expired(self.world.clock(self.name)):
-            self._revoke_holder(hop, Outcome.REVOKED)
-        elif self.token.phase in (Phase.GRANTED, Phase.HELD):
+        self._drive(hop, LeaseExpired(self.world.clock(self.name)))
+        wake = hop.machine.wake_at
+        if self.hop is hop and wake is not None:
             # This clock was set back since the grant: look again when it reads the deadline.
-            self.world.on_node(self.name, hop.deadline - self.world.clock(self.name) + 1e-6, self._lease_check, inc, epoch)
-
-    def _revoke_holder(self, hop: _Hop, outcome: Outcome) -> None:
-        if self.token.phase in (Phase.GRANTED, Phase.HELD):
-            self.token.revoke()
-        self.world.send(self.name, hop.a.holder, "revoke", hop.token_id, hop.epoch)
-        self._end_hop(hop, outcome, "")
-
-    def _returned(self, hop: _Hop, ret: TokenReturn) -> None:
-        device = self.device
-        if ret.chunk_index != hop.a.chunk or (ret.segments, ret.nbytes) != hop.expect:
-            self.token.revoke()
-            self._end_hop(hop, Outcome.REJECTED, "return does not match the granted chunk")
-            return
-        opened = device.open_segments(hop.staging, hop.key, hop.epoch, hop.a.holder, ret.segments)
-        device.scrub(hop.staging)
-        device.revoke_export(hop.staging)
-        if isinstance(opened, str):
-            self.token.revoke()
-            self._end_hop(hop, Outcome.REJECTED, f"segments refused: {opened}")
-            return
-        if device.measure() != hop.model_before:
-            self.token.revoke()
-            self._restore_model()
-            self._end_hop(hop, Outcome.ROLLED_BACK, "model changed during the hop; restored the last checkpoint")
-            return
-        device.train(opened, (hop.a.round, hop.a.holder, hop.a.chunk))
-        self._end_hop(hop, Outcome.TRAINED, "")
+            self.world.on_node(self.name, wake - self.world.clock(self.name) + 1e-6, self._lease_check, inc, hop)
 
     def _restore_model(self) -> None:
         ck = self.disk.checkpoint
         self.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
 
-    def _end_hop(self, hop: _Hop, outcome: Outcome, detail: str) -> None:
-        """The epilogue and the run loop's settling of the hop."""
-        w, device = self.world, self.device
-        if self.remeasure_every_hop and outcome not in (Outcome.TRAINED, Outcome.ROLLED_BACK) and device.measure() != hop.model_before:
-            self._restore_model()
-            detail += " (model changed during the hop: restored the last checkpoint)"
-        if hop.via is not None and outcome in (Outcome.REVOKED, Outcome.DECLINED, Outcome.UNDELIVERED):
-            w.send(self.name, hop.via, "revoke", hop.token_id, hop.epoch)
-        device.scrub(hop.staging)
-        device.release(hop.staging)
-        device.drop_key(hop.key)
-        self.disk.inflight.discard(hop.staging.sid)
-        if self.token.phase in (Phase.GRANTED, Phase.HELD):
-            self.token.revoke()
-        if self.token.phase is not Phase.IDLE:
-            self.token.finish()
-        self.hop = None
+    def _epilogue(self, hop: _Hop) -> None:
+        """Scrub and release the staging, drop the key."""
+        device = self.device
+        if hop.staging is not None:
+            device.scrub(hop.staging)
+            device.release(hop.staging)
+            device.drop_key(hop.staging.key)
+            self.disk.inflight.discard(hop.staging.sid)
+
+    def _settle(self, hop: _Hop, outcome: HopOutcome, settlement: Settlement) -> None:
+        a = hop.machine.assignment
         assert self.schedule is not None
-        if outcome is not Outcome.UNDELIVERED:
-            self.away.pop(hop.a.holder, None)
-        if outcome is Outcome.TRAINED:
-            self.schedule.complete(hop.a)
-        elif outcome is Outcome.UNDELIVERED:
-            self.schedule.defer(hop.a)
-            self._back_off(hop.a.holder)
+        if settlement is not Settlement.DEFER:
+            self.away.pop(a.holder, None)
+        if settlement is Settlement.COMPLETE:
+            self.schedule.complete(a)
+        elif settlement is Settlement.DEFER:
+            self.schedule.defer(a)
+            self._back_off(a.holder)
         else:
-            self.schedule.fail(hop.a)
-        self.hops.append((hop.epoch, outcome.value))
-        w.note("hop", (hop.epoch, hop.a.holder, hop.a.chunk, outcome.value, detail))
-        self._save_checkpoint()
-        self._publish("hop", (hop.epoch, hop.a.holder, outcome.value))
-        w.on_node(self.name, 0.002, self._next_hop, self.incarnation)
+            self.schedule.fail(a)
+        self.hops.append((hop.machine.epoch, outcome.value))
+        self.world.note("hop", (hop.machine.epoch, a.holder, a.chunk, outcome.value, hop.machine.detail[:60]))
 
     def _save_checkpoint(self) -> None:
         model = self.device.measure()
@@ -460,9 +480,15 @@ class SimOrchestrator:
     def _publish(self, kind: str, body: Any) -> None:
         self.world.send(self.name, OBSERVER, kind, body)
 
+    _handlers: dict[str, Callable[["SimOrchestrator", Envelope], None]] = {
+        "register": _on_register,
+        "snapshot-request": _on_snapshot_request,
+        "ack": _on_token_message,
+        "decline": _on_token_message,
+        "return": _on_token_message,
+        "agent-ready": _on_ready,
+    }
 
 
-class TrainingOnlyRemeasure(SimOrchestrator):
-    """The shipped rule: the model is re-measured only before training (found wanting: seed 6)."""
-
-    remeasure_every_hop = False
+def _digest(model: int | None) -> bytes:
+    return (model if model is not None else 0).to_bytes(8, "big")

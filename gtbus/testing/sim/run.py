@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gtbus.protocol.hop import HopMachine
 from gtbus.protocol.schedule import Schedule
 from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.agent import SimAgent, SimObserver
@@ -36,7 +37,7 @@ class Machines:
     holder: type[SimHolder] = SimHolder
     token: Callable[..., TokenMachine] = TokenMachine
     schedule: Callable[..., Schedule] = Schedule
-    flags: str = ""  # the ``gtbus sim`` options that choose these machines (for the repro line)
+    hop: Callable[..., HopMachine] = HopMachine
 
 
 @dataclass
@@ -78,7 +79,8 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     checker = InvariantChecker()
     device = m.device(exports_outlive_process=cfg.exports_outlive_process)
     device.watch = checker
-    orch = m.orchestrator(world, cfg, device, checker, OrchestratorDisk(), token_factory=m.token, schedule_factory=m.schedule)
+    orch = m.orchestrator(world, cfg, device, checker, OrchestratorDisk(), token_factory=m.token, schedule_factory=m.schedule,
+                          hop_factory=m.hop)
     nodes: dict[str, Any] = {orch.name: orch}
     for h in cfg.holders:
         cls = hostile_holder(cfg.hostile[h]) if h in cfg.hostile else m.holder
@@ -105,7 +107,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
         checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
     if not checker.violations and orch.finished and orch.schedule is not None:
         checker.check_final_model(device.model, expected_trainings(orch.schedule))
-    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + m.flags
+    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile")
     result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
                         world.now, world.steps, planned, list(checker.violations), flags=flags)
     for _, outcome in orch.hops:

@@ -1,0 +1,122 @@
+"""Deliberately broken machines: each breaks one rule of the real ones the way a bug would.
+
+Used by ``test_invariants_fire.py`` to show that every invariant of the
+simulator can fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from gtbus.protocol.hop import HopMachine, HopPhase, Remeasured, Scrub, Step
+from gtbus.protocol.schedule import Assignment, Schedule
+from gtbus.protocol.token import ACCEPT, Grant, TokenMachine
+from gtbus.testing.sim.device import Opened, SimDevice, Staging
+from gtbus.testing.sim.orchestrator import SimOrchestrator, _Hop
+
+
+
+class ReusingToken(TokenMachine):
+    """Issues epoch 1 again for its second grant."""
+
+    def grant(self, holder: str, now: float, lease: float) -> Grant:
+        g = super().grant(holder, now, lease)
+        if g.epoch == 2:
+            self.epoch = 1
+            return Grant(g.token_id, 1, holder, g.deadline)
+        return g
+
+
+class ForgetfulOrchestrator(SimOrchestrator):
+    """Never writes its epoch reservation to disk: a restart starts from the checkpoint's epoch."""
+
+    def _reserve_epoch(self, epoch: int) -> None:
+        self.reserved_upto = epoch
+
+
+class DoubleGrantOrchestrator(SimOrchestrator):
+    """Sends each grant (handle and key) to the granted holder and to the next one as well."""
+
+    def _grant_to_holder(self, hop: _Hop) -> Any:
+        answer = super()._grant_to_holder(hop)
+        g = hop.grant
+        assert g is not None
+        other = next(h for h in self.cfg.holders if h != g.holder)
+        self.world.send(self.name, other, "grant", replace(g, holder=other), hop.machine.epoch)
+        return answer
+
+
+class RepeatingSchedule(Schedule):
+    """Puts a completed chunk back at the end of the round once (as if its completion were lost)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._repeated: set[tuple[str, int]] = set()
+
+    def complete(self, a: Assignment) -> None:
+        if (a.holder, a.chunk) in self._repeated:
+            super().complete(a)
+        else:
+            self._repeated.add((a.holder, a.chunk))
+            self.defer(a)
+
+
+class TrustingDevice(SimDevice):
+    """Opens segments without authenticating them (takes whatever staging holds)."""
+
+    def open_segments(self, staging: Staging, key: int, epoch: int, holder: str, total: int) -> Opened | str:
+        segs = tuple(staging.segments[i] for i in range(total) if i in staging.segments)
+        return Opened(staging, segs) if len(segs) == total else "segment missing"
+
+
+class UnscrubbingDevice(SimDevice):
+    """Its release keeps the buffer and its contents (no scrub, export still tracked)."""
+
+    def scrub(self, staging: Staging) -> None:
+        pass
+
+    def release(self, staging: Staging) -> None:
+        self.revoke_export(staging)
+        staging.released = True
+
+
+class KeyKeepingDevice(SimDevice):
+    """Never forgets a hop key."""
+
+    def drop_key(self, key: int) -> None:
+        pass
+
+
+class DriftingDevice(SimDevice):
+    """Scrubbing disturbs the model (a kernel writing out of bounds)."""
+
+    def scrub(self, staging: Staging) -> None:
+        super().scrub(staging)
+        if self.model is not None and staging.epoch == 2:
+            self.model ^= 1
+
+
+class UnverifiedHop(HopMachine):
+    """The hop machine before the simulator's first finding: a hop that ends without
+    training ignores what its re-measure found (a model changed while a holder held
+    the token was checkpointed and trained on)."""
+
+    def _verified(self, ev: Remeasured) -> Step:
+        self.phase = HopPhase.SCRUBBING
+        return Step(ACCEPT, (Scrub(),))
+
+
+class NoRemeasureOrchestrator(SimOrchestrator):
+    """Reports the model it measured at the grant instead of measuring again."""
+
+    def _measured(self, hop: _Hop) -> int | None:
+        return hop.model_before
+
+
+class StuckOrchestrator(SimOrchestrator):
+    """Stops granting after the first hop that did not train."""
+
+    def _next_hop(self, inc: int) -> None:
+        if all(o == "trained" for _, o in self.hops):
+            super()._next_hop(inc)
