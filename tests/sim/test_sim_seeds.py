@@ -24,6 +24,7 @@ def test_many_seeds_keep_every_invariant() -> None:
     assert s.seeds == SEEDS and s.finished + sum(s.stopped.values()) == SEEDS
     # The faults are real: hops were lost every way there is, and orchestrators resumed.
     assert {"trained", "revoked", "declined", "rejected", "undelivered", "rolled-back"} <= set(s.outcomes)
+    assert s.modes == {"travel", "ship"}
     assert s.restarts > 0
 
 
@@ -48,6 +49,15 @@ def test_a_hostile_holder_loses_only_its_own_hops(behaviour: str) -> None:
     assert r.ok and r.finished, (r.violations, r.trace)
     honest = 2 * (2 + 2)  # h1 and h3: two chunks each, two rounds
     assert r.trained >= honest
+
+
+@pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
+def test_a_hostile_holder_in_ship_mode_loses_only_its_own_hops(behaviour: str) -> None:
+    cfg = SimConfig(holders=["h1", "h2", "h3"], remote=[], tokens={"h1": 128, "h2": 192, "h3": 128}, rounds=2, mode="ship",
+                    faults=False, hostile={"h2": behaviour})
+    r = run_seed(13, config=cfg)
+    assert r.ok and r.finished, (r.violations, r.trace)
+    assert r.trained >= 2 * (2 + 2)
 
 
 @pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))

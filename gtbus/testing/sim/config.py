@@ -24,9 +24,10 @@ class SimConfig:
     """One deployment: who holds how much, run settings, and the fault window."""
 
     holders: list[str]
-    remote: list[str]  # holders that write through the device agent
+    remote: list[str]  # holders that write through the device agent (travel mode)
     tokens: dict[str, int]  # each holder's dataset size, in tokens
     rounds: int = 1
+    mode: str = "travel"  # or "ship": segments cross the network to the orchestrator
     lease: float = 1.0
     max_attempts: int = 2
     backoff_min: float = 0.25
@@ -41,7 +42,12 @@ class SimConfig:
     @property
     def nodes(self) -> list[str]:
         """Every node that can crash, pause or be cut off."""
-        return [ORCHESTRATOR, *self.holders, *([AGENT] if self.remote else []), OBSERVER]
+        return [ORCHESTRATOR, *self.holders, *([AGENT] if self.via_agent else []), OBSERVER]
+
+    @property
+    def via_agent(self) -> list[str]:
+        """Holders that write through the device agent (only travel mode has one)."""
+        return self.remote if self.mode == "travel" else []
 
     @property
     def total_hops(self) -> int:
@@ -59,7 +65,7 @@ class SimConfig:
 
 
 def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True) -> SimConfig:
-    """A deployment drawn from ``rng``: 2-4 holders (maybe one remote), 1-3 chunks each, 1-2 rounds."""
+    """A deployment drawn from ``rng``: 2-4 holders (maybe one remote), 1-3 chunks each, 1-2 rounds, travel or ship."""
     from gtbus.testing.sim.hostile import BEHAVIOURS
 
     n = rng.randint(2, 4)
@@ -71,6 +77,7 @@ def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True
         remote=remote,
         tokens=tokens,
         rounds=rng.randint(1, 2),
+        mode="ship" if rng.random() < 0.25 else "travel",
         exports_outlive_process=rng.random() < 0.5,
         faults=faults,
         fault_window=rng.uniform(0.2, 3.0 if rng.random() < 0.7 else 10.0) if faults else 0.0,

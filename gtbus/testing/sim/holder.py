@@ -5,7 +5,8 @@ orchestrator process), heartbeats, and on a grant asks the machine what to
 do: provision (ack, map the staging, write the chunk's segments under the
 hop's key, unmap, return), ack again, ignore, or decline. A local holder
 writes the device's staging itself; a remote one streams its segments to the
-device agent and returns once the agent says all were written. A revoke for
+device agent and returns once the agent says all were written; in ship mode
+every holder sends its segments to the orchestrator, then returns. A revoke for
 the hop in progress stops it; writes check the hop is still current first.
 
 :mod:`hostile` subclasses it; its hooks are the ``_segments``,
@@ -16,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from gtbus.gpu.channel import segment_count
-from gtbus.messages.types import TokenAck, TokenDecline, TokenReturn
+from gtbus.gpu.channel import TAG_SIZE, segment_bounds, segment_count
+from gtbus.messages.types import ShipSegment, TokenAck, TokenDecline, TokenReturn
 from gtbus.protocol.holder import Action, HolderMachine
 from gtbus.testing.sim.config import AGENT, CHUNK_TOKENS, ORCHESTRATOR, SEGMENT_BYTES, TOKEN_BYTES, SimConfig
 from gtbus.testing.sim.device import Segment, SimDevice, chunk_tag
@@ -36,7 +37,7 @@ class SimHolder(Registrant):
         self.cfg = cfg
         self.device = device
         self.name = name
-        self.remote = name in cfg.remote
+        self.remote = name in cfg.via_agent
         self.up = False
         self.incarnation = 0
         self.done = False
@@ -137,6 +138,11 @@ class SimHolder(Registrant):
         if not self._live(inc) or not self.machine.is_current(g.token_id, epoch):
             return
         segs = self._segments(g, epoch)
+        if g.mode == "ship":
+            for seg, shipped in zip(segs, self._shipped(g, epoch, segs)):
+                self.send("ship-segment", (shipped, seg, self._shipped_size(g, seg.index)), epoch)
+            self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)
+            return
         if self.remote:
             for seg in segs:
                 self.world.send(self.name, AGENT, "ship-segment", (g.token_id, seg.index, len(segs), seg), epoch)
@@ -151,6 +157,15 @@ class SimHolder(Registrant):
         self.device.unmap(g.staging, self.name)
         self._after_write(g, epoch)
         self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)
+
+    def _shipped(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[Any]:
+        """Hook: the ``ship.segment`` bodies for ``segs`` (index and count)."""
+        return [ShipSegment(g.token_id, seg.index, len(segs)) for seg in segs]
+
+    def _shipped_size(self, g: GrantBody, index: int) -> int:
+        """Bytes of ciphertext and tag of segment ``index`` of the granted chunk."""
+        _, nbytes = self.chunk_shape(g.chunk_index)
+        return segment_bounds(index, nbytes, SEGMENT_BYTES)[2] + TAG_SIZE
 
     def _on_written(self, env: Envelope) -> None:
         g = self.granted

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Final
 
-from gtbus.messages.types import TokenAck, TokenDecline, TokenReturn
+from gtbus.messages.types import ShipSegment, TokenAck, TokenDecline, TokenReturn
 from gtbus.testing.sim.device import Segment
 from gtbus.testing.sim.holder import SimHolder
 from gtbus.testing.sim.orchestrator import GrantBody
@@ -30,6 +30,7 @@ BEHAVIOURS: Final = {
     "decline-junk": "declines every grant with a reason full of escapes",
     "bad-manifest": "registers a misfit manifest, then changes its dataset mid-run",
     "duplicate-return": "sends its return three times",
+    "bad-segments": "ship mode: segments with indices, counts and sizes out of range, duplicated, or mistyped",
 }
 
 
@@ -165,6 +166,32 @@ class HostileHolder(SimHolder):
         if b == "duplicate-return":
             self.send("return", ret, epoch)
             self.world.on_node(self.name, 0.003, self.send, "return", ret, epoch)
+
+
+    def _shipped(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[Any]:
+        bodies = super()._shipped(g, epoch, segs)
+        if self.behaviour != "bad-segments" or not self._now_hostile():
+            return bodies
+        rng, n = self.world.rng, len(segs)
+        i = rng.randrange(n)
+        pick = rng.randrange(5)
+        if pick == 0:
+            bodies[i] = ShipSegment(g.token_id, n + rng.choice((0, 1, _HUGE)), n)
+        elif pick == 1:
+            bodies[i] = ShipSegment(g.token_id, -1, n)
+        elif pick == 2:
+            bodies[i] = ShipSegment(g.token_id, i, n + 1)
+        elif pick == 3:
+            bodies[i] = {"token_id": g.token_id, "index": str(i), "count": n}
+        else:
+            bodies[i] = ShipSegment(g.token_id, (i + 1) % n, n)  # a duplicate index; one is missing
+        return bodies
+
+    def _shipped_size(self, g: GrantBody, index: int) -> int:
+        size = super()._shipped_size(g, index)
+        if self.behaviour == "bad-segments" and self.world.rng.random() < 0.2:
+            return self.world.rng.choice((0, size + 1, size - 1, 1 << 40))
+        return size
 
 
 def hostile_holder(behaviour: str) -> type[HostileHolder]:

@@ -45,6 +45,7 @@ from gtbus.protocol.hop import (
     Scrub,
     Scrubbed,
     SegmentsOpened,
+    SegmentShipped,
     SegmentsRefused,
     SendGrant,
     SendRevoke,
@@ -57,14 +58,15 @@ from gtbus.protocol.hop import (
 )
 from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.config import AGENT, CHUNK_TOKENS, OBSERVER, ORCHESTRATOR, SEGMENT_BYTES, TOKEN_BYTES, SimConfig
-from gtbus.testing.sim.device import INITIAL_MODEL, Opened, SimDevice, Staging
+from gtbus.testing.sim.device import INITIAL_MODEL, Opened, Segment, SimDevice, Staging
 from gtbus.testing.sim.invariants import InvariantChecker
 from gtbus.testing.sim.world import Envelope, World
 
 EPOCH_BLOCK = 64  # as the real orchestrator reserves epochs on disk
 RUN_SHAPE = RunShape(chunk_tokens=CHUNK_TOKENS, max_chunks=64, vocab=256)
 # The wire types of what a holder sends about the token, by the simulation's kind.
-_SPECS = {"ack": REGISTRY["token.ack"], "return": REGISTRY["token.return"], "decline": REGISTRY["token.decline"]}
+_SPECS = {"ack": REGISTRY["token.ack"], "return": REGISTRY["token.return"], "decline": REGISTRY["token.decline"],
+          "ship-segment": REGISTRY["ship.segment"]}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +78,8 @@ class GrantBody:
     chunk_index: int
     lease_deadline: float
     key: int  # sealed to the holder in the real grant
-    staging: int  # the staging handle, likewise
+    staging: int  # the staging handle, likewise ("ship" mode: a handle nobody can map)
+    mode: str = "travel"
 
 
 @dataclass
@@ -177,13 +180,13 @@ class SimOrchestrator:
         # Holders (re-)register when they hear of a new orchestrator process: said until all have.
         if not self._live(inc) or self.running:
             return
-        for n in [*self.cfg.holders, *([AGENT] if self.cfg.remote else [])]:
+        for n in [*self.cfg.holders, *([AGENT] if self.cfg.via_agent else [])]:
             self.world.send(self.name, n, "hello", inc)
         self.world.on_node(self.name, 1.0, self._hello, inc)
 
     def _register_deadline(self, inc: int) -> None:
         if self._live(inc) and not self.running:
-            missing = sorted(set(self.cfg.holders) - set(self.manifests)) + sorted({AGENT} - self.agents if self.cfg.remote else set())
+            missing = sorted(set(self.cfg.holders) - set(self.manifests)) + sorted({AGENT} - self.agents if self.cfg.via_agent else set())
             self._stop(f"nodes did not register within {self.cfg.register_timeout:.0f}s: {', '.join(missing)}")
 
     def _stop(self, reason: str) -> None:
@@ -241,6 +244,24 @@ class SimOrchestrator:
                 self.world.note("refused body", (env.kind, env.src, str(exc)[:60]))
                 return None
         return body
+
+    def _on_ship_segment(self, env: Envelope) -> None:
+        hop = self.hop
+        body = env.body
+        if hop is None or not isinstance(body, tuple) or len(body) != 3:
+            return
+        shipped, seg, size = body
+        if isinstance(shipped, dict):
+            try:
+                shipped = body_from_wire(_SPECS["ship-segment"], shipped)
+            except RejectedMessage as exc:
+                self.world.note("refused body", (env.kind, env.src, str(exc)[:60]))
+                return
+        # The blob's length is what the real node measures; the machine checks index, count and size.
+        event = SegmentShipped(env.src, env.epoch, shipped.token_id, shipped.index, shipped.count, size)
+        if self._drive(hop, event) and hop.staging is not None and isinstance(seg, Segment):
+            hop.staging.segments[shipped.index] = seg
+            hop.staging.scrubbed = False
 
     def _on_token_message(self, env: Envelope) -> None:
         msg = self._token_message(env)
@@ -324,25 +345,27 @@ class SimOrchestrator:
     def _start_hop(self, a: Assignment) -> None:
         manifest = self.manifests[a.holder]
         chunk_bytes = manifest.chunk_tokens_of(a.chunk, CHUNK_TOKENS) * TOKEN_BYTES
-        machine = self.hop_factory(self.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease, via=manifest.via)
+        machine = self.hop_factory(self.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease,
+                                   ship=self.cfg.mode == "ship", via=manifest.via)
         hop = _Hop(machine, self.device.measure())
         self.hop = hop
         self._drive(hop, Begin(self.world.clock(self.name), _digest(hop.model_before)))
 
-    def _drive(self, hop: _Hop, event: HopEvent) -> None:
-        """Feed one event to the hop's machine and do what it says, in order (answers are fed back at once)."""
+    def _drive(self, hop: _Hop, event: HopEvent) -> bool:
+        """Feed one event to the hop's machine and do what it says, in order (answers are fed back at once); whether it counted."""
         step = hop.machine.handle(event)
         if not step.verdict.accepted:
             self.world.note("hop ignored", (type(event).__name__, step.verdict.reason[:60]))
         for action in step.actions:
             if self.hop is not hop:
-                return  # the process died, or the hop ended, while executing
+                break  # the process died, or the hop ended, while executing
             answer = self._do(hop, action)
             if answer is not None:
                 self._drive(hop, answer)
         if hop.machine.done and self.hop is hop:
             self.hop = None
             self.world.on_node(self.name, 0.002, self._next_hop, self.incarnation)
+        return step.verdict.accepted
 
     def _do(self, hop: _Hop, action: HopAction) -> HopEvent | None:
         m, w, device = hop.machine, self.world, self.device
@@ -402,7 +425,10 @@ class SimOrchestrator:
             self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
         capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
         hop.staging = self.device.alloc_staging(sid, g.epoch, g.holder, key, capacity)
-        hop.grant = GrantBody(g.token_id, g.holder, action.chunk, g.deadline, key, sid)
+        if hop.machine.ship:
+            # Ship mode: the ciphertext lands in this process's memory, never exported.
+            self.device.revoke_export(hop.staging)
+        hop.grant = GrantBody(g.token_id, g.holder, action.chunk, g.deadline, key, sid, self.cfg.mode)
         w.note("grant", (g.epoch, g.holder, hop.machine.assignment.round, action.chunk))
         # The lease runs on this node's clock: its timer fires when that clock reads the deadline.
         w.on_node(self.name, g.deadline - w.clock(self.name), self._lease_check, self.incarnation, hop)
@@ -486,6 +512,7 @@ class SimOrchestrator:
         "ack": _on_token_message,
         "decline": _on_token_message,
         "return": _on_token_message,
+        "ship-segment": _on_ship_segment,
         "agent-ready": _on_ready,
     }
 

@@ -85,7 +85,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     for h in cfg.holders:
         cls = hostile_holder(cfg.hostile[h]) if h in cfg.hostile else m.holder
         nodes[h] = cls(world, cfg, device, h)
-    if cfg.remote:
+    if cfg.via_agent:
         agent = SimAgent(world, device)
         nodes[agent.name] = agent
     observer = SimObserver(world)
@@ -138,6 +138,7 @@ class SeedsSummary:
     stopped: dict[str, int]
     outcomes: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
+    modes: set[str] = field(default_factory=set)
 
     @property
     def hops_per_s(self) -> float:
@@ -170,6 +171,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
     stopped: dict[str, int] = {}
     outcomes: dict[str, int] = {}
     restarts = 0
+    modes: set[str] = set()
     for seed in range(first, first + count):
         r = run_seed(seed, faults=faults, hostile=hostile, machines=machines)
         hops += r.hops
@@ -179,6 +181,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
             why = r.stopped.split(" within ")[0].split(" for ")[0]
             stopped[why] = stopped.get(why, 0) + 1
         restarts += r.restarts
+        modes.add(r.config.mode)
         for k, v in r.outcomes.items():
             outcomes[k] = outcomes.get(k, 0) + v
         if not r.ok:
@@ -186,4 +189,4 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
         if on_result is not None:
             on_result(r)
     return SeedsSummary(count, hops, trained, sum(len(r.violations) for r in failures), time.perf_counter() - t0, failures, finished, stopped,
-                        outcomes, restarts)
+                        outcomes, restarts, modes)
