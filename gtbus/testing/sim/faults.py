@@ -1,7 +1,8 @@
 """Seeded faults: drawn up front from the seed, applied at their step, all cleared when the window ends.
 
 Kinds: crash and restart of any node (the orchestrator restarts as
-``--resume`` does, from its disk), pause (a node stops running and receiving,
+``--resume`` does, from its disk; it may also die between two actions of a
+hop, e.g. after reserving an epoch or after training, before the checkpoint), pause (a node stops running and receiving,
 then goes on: a SIGSTOP past the lease), partition and heal of one link,
 clock skew of one node, message faults for the whole window (drop,
 duplicate, delay, which reorders), and tampering with the model while a
@@ -18,7 +19,7 @@ from gtbus.protocol.token import Phase
 from gtbus.testing.sim.config import ORCHESTRATOR, SimConfig
 from gtbus.testing.sim.world import World
 
-KINDS: Final = ("crash", "pause", "partition", "skew", "tamper")
+KINDS: Final = ("crash", "pause", "partition", "skew", "tamper", "crash-mid-hop")
 
 
 class Restartable(Protocol):
@@ -58,8 +59,10 @@ def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any]) -> int:
             world.at(t, _cut, world, who, other, rng.uniform(0.05, 3 * lease) if rng.random() < 0.7 else rng.uniform(3.0, 8.0))
         elif kind == "skew":
             world.at(t, _skew, world, who, rng.uniform(-2 * lease, 2 * lease), rng.uniform(0.1, 3.0))
-        else:
+        elif kind == "tamper":
             world.at(t, _tamper, world, nodes[ORCHESTRATOR], rng.getrandbits(64))
+        else:
+            world.at(t, _crash_mid_hop, world, nodes[ORCHESTRATOR], rng.randint(1, 8), rng.uniform(0.02, 2.0))
     world.at(window, end_faults, world, nodes)
     return count
 
@@ -75,6 +78,12 @@ def _restart(world: World, node: Restartable) -> None:
     if not node.up:
         world.note("fault: restart", node.name)
         node.start()
+
+
+def _crash_mid_hop(world: World, orch: Any, actions: int, down_for: float) -> None:
+    # The orchestrator dies just before the ``actions``-th hop action it executes from now.
+    orch.crash_countdown = actions
+    orch.crash_hook = lambda: _crash(world, orch, down_for)
 
 
 def _pause(world: World, who: str, dt: float) -> None:
@@ -113,5 +122,7 @@ def end_faults(world: World, nodes: Mapping[str, Any]) -> None:
     world.cut.clear()
     world.skew.clear()
     world.paused_until.clear()
+    orch = nodes[ORCHESTRATOR]
+    orch.crash_countdown, orch.crash_hook = 0, None
     for name in sorted(nodes):
         _restart(world, nodes[name])

@@ -133,6 +133,10 @@ class SimOrchestrator:
         self.finished = False
         self.stopped: str | None = None
         self.hops: list[tuple[int, str]] = []  # (epoch, outcome) of this incarnation
+        # A fault may kill the process between two actions of a hop (after the epoch is
+        # reserved and before the grant, after training and before the checkpoint, ...).
+        self.crash_countdown = 0
+        self.crash_hook: Callable[[], None] | None = None
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -357,7 +361,12 @@ class SimOrchestrator:
         if not step.verdict.accepted:
             self.world.note("hop ignored", (type(event).__name__, step.verdict.reason[:60]))
         for action in step.actions:
-            if self.hop is not hop:
+            if self.crash_countdown and self.crash_hook is not None:
+                self.crash_countdown -= 1
+                if not self.crash_countdown:
+                    self.world.note("fault: crash before", type(action).__name__)
+                    self.crash_hook()
+            if self.hop is not hop or not self.up:
                 break  # the process died, or the hop ended, while executing
             answer = self._do(hop, action)
             if answer is not None:
