@@ -77,7 +77,7 @@ _LOOPBACK = "tcp://127.0.0.1:*"
 
 
 def _deployment(root: Path) -> Any:
-    from gtbus.testing import make_deployment
+    from gtbus.messages.deployment_keys import make_deployment
 
     return make_deployment(root / "keys", holders=1)
 
