@@ -237,15 +237,14 @@ class SimOrchestrator:
         self.followers.add(env.src)
         self.world.send(self.name, env.src, "snapshot", (self.token.epoch, self.token.phase.value))
 
-    def _token_message(self, env: Envelope) -> Any:
+    def _decoded(self, env: Envelope, kind: str, body: Any) -> Any:
         # The receive pipeline: a body with a field of the wrong type, a missing or an extra
         # field is refused before any handler runs (what body_from_wire does to the wire map).
-        body = env.body
         if isinstance(body, dict):
             try:
-                return body_from_wire(_SPECS[env.kind], body)
+                return body_from_wire(_SPECS[kind], body)
             except RejectedMessage as exc:
-                self.world.note("refused body", (env.kind, env.src, str(exc)[:60]))
+                self.world.note("refused body", (kind, env.src, str(exc)[:60]))
                 return None
         return body
 
@@ -255,12 +254,9 @@ class SimOrchestrator:
         if hop is None or not isinstance(body, tuple) or len(body) != 3:
             return
         shipped, seg, size = body
-        if isinstance(shipped, dict):
-            try:
-                shipped = body_from_wire(_SPECS["ship-segment"], shipped)
-            except RejectedMessage as exc:
-                self.world.note("refused body", (env.kind, env.src, str(exc)[:60]))
-                return
+        shipped = self._decoded(env, "ship-segment", shipped)
+        if shipped is None:
+            return
         # The blob's length is what the real node measures; the machine checks index, count and size.
         event = SegmentShipped(env.src, env.epoch, shipped.token_id, shipped.index, shipped.count, size)
         if self._drive(hop, event) and hop.staging is not None and isinstance(seg, Segment):
@@ -268,7 +264,7 @@ class SimOrchestrator:
             hop.staging.scrubbed = False
 
     def _on_token_message(self, env: Envelope) -> None:
-        msg = self._token_message(env)
+        msg = self._decoded(env, env.kind, env.body)
         hop = self.hop
         if msg is None or hop is None:
             return  # between hops the token is idle: nothing a holder says about it counts
