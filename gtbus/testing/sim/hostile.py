@@ -7,6 +7,7 @@ every step. :data:`BEHAVIOURS` names them (``gtbus sim`` draws from it).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Final
 
 from gtbus.messages.types import ShipSegment, TokenAck, TokenDecline, TokenReturn
@@ -31,6 +32,7 @@ BEHAVIOURS: Final = {
     "bad-manifest": "registers a misfit manifest, then changes its dataset mid-run",
     "duplicate-return": "sends its return three times",
     "bad-segments": "ship mode: segments with indices, counts and sizes out of range, duplicated, or mistyped",
+    "wrong-role": "sends what only the orchestrator or the agent may: revokes and grants to other holders, agent answers",
 }
 
 
@@ -75,6 +77,8 @@ class HostileHolder(SimHolder):
                 return
             if b == "squat" and g.holder == self.name:
                 self._squat(g, env.epoch)
+            if b == "wrong-role" and g.holder == self.name:
+                self._wrong_role(g, env.epoch)
             if b == "other-epoch" and g.holder == self.name and self._now_hostile():
                 self._other_epochs(g, env.epoch)
         if env.kind == "welcome" and self.behaviour == "bad-manifest" and self.world.rng.random() < 0.3:
@@ -97,6 +101,16 @@ class HostileHolder(SimHolder):
             if self.device.map(old, self.name) is not None:  # must never succeed
                 self.device.write(old, Segment(0, epoch, self.name, 0, 1, 0, self.name), self.name)
         self._old_handles.append(g.staging)
+
+    def _wrong_role(self, g: GrantBody, epoch: int) -> None:
+        w = self.world
+        for other in self.cfg.holders:
+            if other != self.name:
+                w.send(self.name, other, "revoke", g.token_id, epoch + 1)
+                w.send(self.name, other, "grant", replace(g, holder=other), epoch + 1)
+                w.send(self.name, other, "agent-written", g.token_id, epoch + 1)
+        self.send("agent-ready", g.token_id, epoch + 1)
+        self.send("welcome", 0)
 
     def _other_epochs(self, g: GrantBody, epoch: int) -> None:
         ret = TokenReturn(g.token_id, g.chunk_index, *self.chunk_shape(g.chunk_index), b"")

@@ -16,7 +16,8 @@ from gtbus.protocol.hop import HopMachine
 from gtbus.protocol.schedule import Schedule
 from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.agent import SimAgent, SimObserver
-from gtbus.testing.sim.config import SimConfig, draw_config
+from gtbus.messages.identity import Role
+from gtbus.testing.sim.config import AGENT, OBSERVER, ORCHESTRATOR, SimConfig, draw_config
 from gtbus.testing.sim.device import SimDevice
 from gtbus.testing.sim.faults import plan_faults
 from gtbus.testing.sim.holder import SimHolder
@@ -25,7 +26,8 @@ from gtbus.testing.sim.invariants import InvariantChecker, Violation
 from gtbus.testing.sim.orchestrator import OrchestratorDisk, SimOrchestrator
 from gtbus.testing.sim.world import World
 
-MAX_STEPS = 200_000  # far above any run's need; a guard against a run that never ends
+MAX_STEPS = 200_000
+_ROLES = {ORCHESTRATOR: Role.ORCHESTRATOR, AGENT: Role.AGENT, OBSERVER: Role.OBSERVER}  # far above any run's need; a guard against a run that never ends
 
 
 @dataclass
@@ -91,7 +93,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     observer = SimObserver(world)
     nodes[observer.name] = observer
     for n in nodes.values():
-        world.add(n)
+        world.add(n, _ROLES.get(n.name, Role.HOLDER))
     for name in sorted(nodes):
         world.at(world.rng.uniform(0.0, 0.01), nodes[name].start)
     planned = plan_faults(world, cfg, nodes)

@@ -13,6 +13,8 @@ Rules:
   links (partition).
   A receiver refuses a message id it has seen (the replay guard; its marks
   survive restarts, as the real journal does).
+* A message whose sender's role may not send its type (the registry's
+  ``senders``) is refused on receipt, as the receive pipeline does.
 * Sending to a node that is down is *undelivered* for the orchestrator's
   ROUTER (``ROUTER_MANDATORY``: the real send raises); a DEALER's message to
   a down orchestrator waits in its queue and arrives when it is back, as
@@ -25,10 +27,24 @@ import heapq
 import random
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Final, Protocol
+
+from gtbus.messages.identity import Role
+from gtbus.messages.registry import REGISTRY
 
 #: How many recent events a failing seed prints.
 TRACE_LEN = 40
+
+#: The simulation's message kinds and the wire types they stand for ("hello" has none:
+#: it stands for a holder noticing a new orchestrator process).
+WIRE_TYPE: Final = {
+    "heartbeat": "heartbeat", "register": "register", "welcome": "welcome", "refusal": "refusal",
+    "snapshot-request": "snapshot.request", "snapshot": "snapshot", "grant": "token.grant", "ack": "token.ack",
+    "return": "token.return", "decline": "token.decline", "ship-segment": "ship.segment", "revoke": "token.revoke",
+    "token-state": "token.state", "hop": "hop.record", "complete": "run.complete", "shutdown": "shutdown",
+    "agent-stage": "agent.stage", "agent-ready": "agent.ready", "agent-done": "agent.done", "agent-written": "agent.written",
+}  # fmt: skip
+_SENDERS: Final = {kind: REGISTRY[name].senders for kind, name in WIRE_TYPE.items()}
 
 
 @dataclass(slots=True)
@@ -64,6 +80,7 @@ class World:
         self._seq = 0
         self._mid = 0
         self.nodes: dict[str, SimNode] = {}
+        self.roles: dict[str, Role] = {}
         self.skew: dict[str, float] = {}
         self.paused_until: dict[str, float] = {}
         self.cut: set[frozenset[str]] = set()
@@ -125,9 +142,10 @@ class World:
 
     # -- network ------------------------------------------------------------------------------
 
-    def add(self, node: SimNode) -> None:
-        """Put a node on the network."""
+    def add(self, node: SimNode, role: Role) -> None:
+        """Put a node with its role on the network."""
         self.nodes[node.name] = node
+        self.roles[node.name] = role
         self.seen.setdefault(node.name, set())
 
     def linked(self, a: str, b: str) -> bool:
@@ -170,6 +188,10 @@ class World:
         until = self.paused_until.get(env.dst, 0.0)
         if until > self.now:
             self.at(until, self._deliver, env)
+            return
+        allowed = _SENDERS.get(env.kind)
+        if allowed is not None and self.roles[env.src] not in allowed:
+            self.note("wrong role refused", (env.kind, env.src, env.dst, env.epoch))
             return
         seen = self.seen[env.dst]
         if env.mid in seen:
