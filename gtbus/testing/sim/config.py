@@ -38,6 +38,7 @@ class SimConfig:
     faults: bool = True
     fault_window: float = 0.0  # simulated seconds from the start during which faults happen
     hostile: dict[str, str] = field(default_factory=dict)  # holder -> behaviour (see hostile.py)
+    operator_resumes: bool = False  # a run that stopped with a reason is started again with --resume (once)
 
     @property
     def nodes(self) -> list[str]:
@@ -81,6 +82,7 @@ def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True
         exports_outlive_process=rng.random() < 0.5,
         faults=faults,
         fault_window=rng.uniform(0.2, 3.0 if rng.random() < 0.7 else 10.0) if faults else 0.0,
+        operator_resumes=rng.random() < 0.5,
     )
     if hostile and rng.random() < 0.5:
         cfg.hostile[rng.choice(holders)] = rng.choice(sorted(BEHAVIOURS))

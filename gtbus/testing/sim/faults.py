@@ -19,7 +19,7 @@ from gtbus.protocol.token import Phase
 from gtbus.testing.sim.config import ORCHESTRATOR, SimConfig
 from gtbus.testing.sim.world import World
 
-KINDS: Final = ("crash", "pause", "partition", "skew", "tamper", "crash-mid-hop")
+KINDS: Final = ("crash", "pause", "partition", "skew", "tamper", "crash-mid-hop", "outage")
 
 
 class Restartable(Protocol):
@@ -59,6 +59,11 @@ def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any]) -> int:
             world.at(t, _cut, world, who, other, rng.uniform(0.05, 3 * lease) if rng.random() < 0.7 else rng.uniform(3.0, 8.0))
         elif kind == "skew":
             world.at(t, _skew, world, who, rng.uniform(-2 * lease, 2 * lease), rng.uniform(0.1, 3.0))
+        elif kind == "outage":
+            # Every holder cut off for longer than the absent timeout: chunks skipped, or the run stops.
+            dt = cfg.absent_timeout + rng.uniform(0.5, 4.0)
+            for h in cfg.holders:
+                world.at(t, _cut, world, ORCHESTRATOR, h, dt)
         elif kind == "tamper":
             world.at(t, _tamper, world, nodes[ORCHESTRATOR], rng.getrandbits(64))
         else:
@@ -94,12 +99,12 @@ def _pause(world: World, who: str, dt: float) -> None:
 def _cut(world: World, a: str, b: str, dt: float) -> None:
     link = frozenset((a, b))
     world.note("fault: partition", (a, b, round(dt, 3)))
-    world.cut.add(link)
+    world.cut.setdefault(link, world.now)
     world.after(dt, _heal, world, link)
 
 
 def _heal(world: World, link: frozenset[str]) -> None:
-    world.cut.discard(link)
+    world.cut.pop(link, None)
 
 
 def _skew(world: World, who: str, offset: float, dt: float) -> None:

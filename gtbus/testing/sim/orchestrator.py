@@ -177,6 +177,12 @@ class SimOrchestrator:
         self.world.hold_while_down(self.name)
         self.world.note("orchestrator crashed")
 
+    def resume_after_stop(self) -> None:
+        """An operator runs ``gtbus orchestrator --resume`` after the run stopped with a reason."""
+        self.crash()  # the stopped process has exited: its keys and model are gone
+        self.stopped = None
+        self.start()
+
     def _live(self, inc: int) -> bool:
         return self.up and inc == self.incarnation and not self.finished and self.stopped is None
 
@@ -464,7 +470,10 @@ class SimOrchestrator:
             # The agent's stage request timed out (the real request's timeout is the lease).
             hop.waiting_agent = False
             self._drive(hop, Undelivered("device agent did not answer the stage"))
-            return
+            if self.hop is not hop:
+                return
+            # The machine did not take it (an early ack moved it on): like the real shell,
+            # fall back on the lease.
         self._drive(hop, LeaseExpired(self.world.clock(self.name)))
         wake = hop.machine.wake_at
         if self.hop is hop and wake is not None:

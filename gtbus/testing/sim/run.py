@@ -99,11 +99,22 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     planned = plan_faults(world, cfg, nodes)
     deadline = cfg.fault_window + cfg.liveness_bound()
     step, check = world.step, checker.check_step
-    while not orch.finished and orch.stopped is None and step():
-        checker.now = world.now
-        check(device)
-        if checker.violations or world.now > deadline or world.steps >= MAX_STEPS:
+    resumed = False
+    while True:
+        while not orch.finished and orch.stopped is None and step():
+            checker.now = world.now
+            check(device)
+            if checker.violations or world.now > deadline or world.steps >= MAX_STEPS:
+                break
+        if orch.stopped is None or checker.violations or resumed or not cfg.operator_resumes:
             break
+        # The operator starts the run again with --resume once faults are over, and the holders.
+        resumed = True
+        world.note("operator: --resume", orch.stopped)
+        world.at(max(world.now, cfg.fault_window) + 1.0, _operator_resume, nodes)
+        deadline = max(world.now, cfg.fault_window) + 1.0 + cfg.liveness_bound()
+        orch.stopped = None
+        orch.up = False  # the stopped process is gone; nothing of it runs until the restart
     checker.now = world.now
     if not checker.violations:
         checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
@@ -118,6 +129,18 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
+
+
+def _operator_resume(nodes: dict[str, Any]) -> None:
+    for name in sorted(nodes):
+        node = nodes[name]
+        if node.name == ORCHESTRATOR:
+            node.up = True
+            node.resume_after_stop()
+        else:
+            if node.up:
+                node.crash()
+            node.start()
 
 
 def expected_trainings(schedule: Schedule) -> set[tuple[int, str, int]]:

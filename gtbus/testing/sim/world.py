@@ -15,8 +15,9 @@ Rules:
   survive restarts, as the real journal does).
 * A message whose sender's role may not send its type (the registry's
   ``senders``) is refused on receipt, as the receive pipeline does.
-* Sending to a node that is down is *undelivered* for the orchestrator's
-  ROUTER (``ROUTER_MANDATORY``: the real send raises); a DEALER's message to
+* Sending to a node that is down, or across a link cut for longer than the
+  ZMTP heartbeat timeout (the connection is dropped then), is *undelivered*
+  for the orchestrator's ROUTER (``ROUTER_MANDATORY``: the real send raises); a DEALER's message to
   a down orchestrator waits in its queue and arrives when it is back, as
   ZeroMQ would deliver it.
 """
@@ -32,6 +33,8 @@ from typing import Any, Callable, Final, Protocol
 from gtbus.messages.identity import Role
 from gtbus.messages.registry import REGISTRY
 
+#: Seconds after which a silent link's connection is dropped (ZMTP heartbeats).
+ZMTP_TIMEOUT = 1.0
 #: How many recent events a failing seed prints.
 TRACE_LEN = 40
 
@@ -83,7 +86,7 @@ class World:
         self.roles: dict[str, Role] = {}
         self.skew: dict[str, float] = {}
         self.paused_until: dict[str, float] = {}
-        self.cut: set[frozenset[str]] = set()
+        self.cut: dict[frozenset[str], float] = {}  # link -> when it was cut
         self.seen: dict[str, set[int]] = {}
         self.held: dict[str, list[Envelope]] = {}  # DEALER queues towards a node that is down
         self._link_clock: dict[tuple[str, str], float] = {}  # last in-order arrival per link
@@ -155,8 +158,12 @@ class World:
     def send(self, src: str, dst: str, kind: str, body: Any, epoch: int = 0, *, mandatory: bool = False) -> bool:
         """Send a message; False if ``mandatory`` and ``dst`` is down (the ROUTER's undelivered)."""
         node = self.nodes[dst]
-        if mandatory and not node.up:
-            return False
+        if mandatory:
+            if not node.up:
+                return False
+            since = self.cut.get(frozenset((src, dst))) if self.cut else None
+            if since is not None and self.now - since >= ZMTP_TIMEOUT:
+                return False
         self._mid += 1
         env = Envelope(src, dst, kind, epoch, body, self._mid)
         rng = self.rng
