@@ -25,22 +25,49 @@ def _describe(r: object) -> str:
     end = "finished" if r.finished else f"stopped: {r.stopped}" if r.stopped else "did not end"
     hostile = ", ".join(f"{h} {b}" for h, b in sorted(cfg.hostile.items())) or "none"
     return (
-        f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {r.faults} faults, hostile: {hostile}; "
+        f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {len(r.faults)} faults, hostile: {hostile}; "
         f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps)"
     )
 
 
-def report_failure(r: object) -> None:
-    """Print a failing seed: its repro line, its violations, its last events (on stderr)."""
+def report_failure(r: object, shrunk: object | None = None) -> None:
+    """Print a failing seed: its repro line and violations; then, shrunk to the faults that
+    still make it fail, that repro line, those faults and its last events (on stderr)."""
     from gtbus.testing.sim import SeedResult
 
     assert isinstance(r, SeedResult)
     click.echo(f"FAIL {r.repro}", err=True)
     for v in r.violations:
         click.echo(f"  {printable(str(v))}", err=True)
-    click.echo(f"  last {min(TRACE_SHOWN, len(r.trace))} events:", err=True)
-    for line in r.trace[-TRACE_SHOWN:]:
+    s = shrunk if isinstance(shrunk, SeedResult) else r
+    if s is not r:
+        kept = _kept(s.flags)
+        click.echo(f"  shrunk to {len(kept)} of {len(r.faults)} faults: {s.repro}", err=True)
+        for i in kept:
+            click.echo(f"    fault {i}: {printable(s.faults[i])}", err=True)
+    click.echo(f"  last {min(TRACE_SHOWN, len(s.trace))} events:", err=True)
+    for line in s.trace[-TRACE_SHOWN:]:
         click.echo(f"    {printable(line)}", err=True)
+
+
+def _kept(flags: str) -> list[int]:
+    _, _, tail = flags.partition("--faults ")
+    spec = tail.split(" ")[0]
+    return [] if spec in ("", "none") else [int(x) for x in spec.split(",")]
+
+
+def _fault_list(value: str | None) -> list[int] | None:
+    if value is None:
+        return None
+    if value == "none":
+        return []
+    try:
+        out = sorted({int(x) for x in value.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"not a list of fault numbers: {value!r} (e.g. 0,3 or none)", param_hint="--faults") from None
+    if any(i < 0 for i in out):
+        raise click.BadParameter("fault numbers are 0 or more", param_hint="--faults")
+    return out
 
 
 @click.command()
@@ -49,28 +76,34 @@ def report_failure(r: object) -> None:
 @click.option("--first", type=click.IntRange(min=0), default=0, show_default=True, help="First seed of --seeds.")
 @click.option("--no-faults", is_flag=True, help="No crashes, pauses, partitions, skew or message faults.")
 @click.option("--no-hostile", is_flag=True, help="Every holder honest.")
+@click.option("--faults", "only_faults", default=None, metavar="LIST",
+              help="With --seed: apply only these of its faults (numbers as a failing seed prints them, e.g. 0,3; or none).")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON (seeds, hops, violations, hops_per_s, ...).")
-def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, as_json: bool) -> None:
+def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, only_faults: str | None, as_json: bool) -> None:
     """Simulate whole deployments (orchestrator, holders, device agent, observer) from seeds, checking every invariant after every step."""
-    from gtbus.testing.sim import run_seed, run_seeds
+    from gtbus.testing.sim import run_seed, run_seeds, shrink
+
+    keep = _fault_list(only_faults)
+    if keep is not None and seed is None:
+        raise click.UsageError("--faults goes with --seed")
 
     if seed is not None and count is not None:
         raise click.UsageError("give --seed or --seeds, not both")
     faults, hostile = not no_faults, not no_hostile
     if seed is not None:
-        r = run_seed(seed, faults=faults, hostile=hostile)
+        r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep)
         if as_json:
             click.echo(json.dumps({"seed": r.seed, "hops": r.hops, "hops_trained": r.trained, "finished": r.finished, "stopped": r.stopped,
                                    "violations": [str(v) for v in r.violations], "repro": r.repro}))
         else:
             click.echo(_describe(r))
         if not r.ok:
-            report_failure(r)
+            report_failure(r, shrink(r) if keep is None else r)
             sys.exit(1)
         return
     summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile)
     for r in summary.failures:
-        report_failure(r)
+        report_failure(r, shrink(r))
     if as_json:
         click.echo(json.dumps(summary.to_json()))
     else:

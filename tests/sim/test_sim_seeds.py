@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from gtbus.cli.main import main
 from gtbus.cli.sim import report_failure
-from gtbus.testing.sim import Machines, run_seed, run_seeds
+from gtbus.testing.sim import Machines, run_seed, run_seeds, shrink
 from gtbus.testing.sim.config import SimConfig
 from gtbus.testing.sim.hostile import BEHAVIOURS
 
@@ -76,11 +76,26 @@ def test_cli_json_totals() -> None:
 
 
 def test_a_failing_seed_prints_its_repro_line_and_trace(capsys: pytest.CaptureFixture[str]) -> None:
-    r = next(r for r in (run_seed(seed, machines=Machines(hop=UnverifiedHop)) for seed in range(200)) if not r.ok)
-    report_failure(r)
+    broken = Machines(hop=UnverifiedHop)
+    r = next(r for r in (run_seed(seed, machines=broken) for seed in range(200)) if not r.ok)
+    small = shrink(r, machines=broken)
+    report_failure(r, small)
     err = capsys.readouterr().err
     assert err.startswith(f"FAIL gtbus sim --seed {r.seed}\n")
+    assert "shrunk to " in err and f"gtbus sim --seed {r.seed} --faults " in err
     assert "model-changed-without-training" in err and "fault: model tampered" in err and "last " in err
+
+
+def test_shrinking_keeps_the_faults_that_matter_and_replays() -> None:
+    broken = Machines(hop=UnverifiedHop)
+    r = next(r for r in (run_seed(seed, machines=broken) for seed in range(200)) if not r.ok)
+    small = shrink(r, machines=broken)
+    kept = [int(x) for x in small.flags.split("--faults ")[1].split(",")]
+    assert len(kept) < len(r.faults)
+    assert any(small.faults[i].startswith("tamper") for i in kept)  # the model was changed in the hop
+    again = run_seed(r.seed, machines=broken, keep_faults=kept)
+    assert [v.name for v in again.violations] == ["model-changed-without-training"]
+    assert again.trace == small.trace
 
 
 def test_cli_one_seed_and_bad_options() -> None:
@@ -90,3 +105,9 @@ def test_cli_one_seed_and_bad_options() -> None:
     assert bad.exit_code != 0 and "not both" in bad.output
     neg = CliRunner().invoke(main, ["sim", "--seeds", "-3"])
     assert neg.exit_code != 0 and "Traceback" not in neg.output
+    for args, says in ((["--seed", "1", "--faults", "x,2"], "not a list of fault numbers"), (["--seed", "1", "--faults", "-1"], "0 or more"),
+                       (["--seeds", "2", "--faults", "1"], "--faults goes with --seed")):
+        out = CliRunner().invoke(main, ["sim", *args])
+        assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
+    some = CliRunner().invoke(main, ["sim", "--seed", "7", "--faults", "none"])
+    assert some.exit_code == 0 and "seed 7" in some.output

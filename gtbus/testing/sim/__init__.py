@@ -13,12 +13,13 @@ Faults (:mod:`faults`): crash and restart of any node, orchestrator resume
 from its disk, pause past the lease, partition and heal, drop, duplicate,
 delay and reorder, clock skew, model tampering; hostile holders
 (:mod:`hostile`). Invariants (:mod:`invariants`) are checked after every step.
-A failing seed prints the line that reproduces it and its last events.
+A failing seed prints the line that reproduces it; :func:`shrink` keeps only
+the faults it still fails with, and its last events are printed.
 
 Run it with ``gtbus sim --seeds N`` or :func:`run_seeds`.
 """
 
 from gtbus.testing.sim.invariants import INVARIANTS, InvariantChecker, Violation
-from gtbus.testing.sim.run import Machines, SeedResult, SeedsSummary, run_seed, run_seeds
+from gtbus.testing.sim.run import Machines, SeedResult, SeedsSummary, run_seed, run_seeds, shrink
 
-__all__ = ["INVARIANTS", "InvariantChecker", "Machines", "SeedResult", "SeedsSummary", "Violation", "run_seed", "run_seeds"]
+__all__ = ["INVARIANTS", "InvariantChecker", "Machines", "SeedResult", "SeedsSummary", "Violation", "run_seed", "run_seeds", "shrink"]

@@ -13,7 +13,7 @@ the run must end (the ``no-progress`` invariant).
 
 from __future__ import annotations
 
-from typing import Any, Final, Mapping, Protocol
+from typing import Any, Callable, Collection, Final, Mapping, Protocol
 
 from gtbus.protocol.token import Phase
 from gtbus.testing.sim.config import ORCHESTRATOR, SimConfig
@@ -35,41 +35,53 @@ class Restartable(Protocol):
         """Die now."""
 
 
-def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any]) -> int:
-    """Schedule this seed's faults within ``cfg.fault_window``; how many were planned."""
+def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any], keep: Collection[int] | None = None) -> list[str]:
+    """Draw this seed's faults and schedule them within ``cfg.fault_window``; their names, by index.
+
+    Index 0 is the window's message faults, 1.. the discrete ones. With ``keep``,
+    only those indices are applied; every fault is still drawn, so the seed's
+    random stream, and so the rest of the run, stays the same (this is what
+    shrinking a failing seed relies on).
+    """
     if not cfg.faults:
-        return 0
+        return []
     rng, window, lease = world.rng, cfg.fault_window, cfg.lease
-    world.p_drop = rng.choice((0.0, 0.0, 0.02, 0.1))
-    world.p_dup = rng.choice((0.0, 0.0, 0.05, 0.2))
-    world.p_delay = rng.choice((0.0, 0.1, 0.3))
-    world.max_delay = 2 * lease
+    drop, dup, delay = rng.choice((0.0, 0.0, 0.02, 0.1)), rng.choice((0.0, 0.0, 0.05, 0.2)), rng.choice((0.0, 0.1, 0.3))
     names = sorted(nodes)
-    count = rng.randint(0, 10)
-    for _ in range(count):
+    plan: list[tuple[str, list[tuple[float, Callable[..., None], tuple[Any, ...]]]]] = []
+    for _ in range(rng.randint(0, 10)):
         t = rng.uniform(0.0, window)
         kind = rng.choice(KINDS)
         who = rng.choice(names)
         if kind == "crash":
-            world.at(t, _crash, world, nodes[who], rng.uniform(0.02, 2.0) if rng.random() < 0.7 else rng.uniform(2.0, 8.0))
+            events = [(t, _crash, (world, nodes[who], rng.uniform(0.02, 2.0) if rng.random() < 0.7 else rng.uniform(2.0, 8.0)))]
         elif kind == "pause":
-            world.at(t, _pause, world, who, rng.uniform(0.05, 2.5 * lease))
+            events = [(t, _pause, (world, who, rng.uniform(0.05, 2.5 * lease)))]
         elif kind == "partition":
             other = rng.choice([n for n in names if n != who])
-            world.at(t, _cut, world, who, other, rng.uniform(0.05, 3 * lease) if rng.random() < 0.7 else rng.uniform(3.0, 8.0))
+            events = [(t, _cut, (world, who, other, rng.uniform(0.05, 3 * lease) if rng.random() < 0.7 else rng.uniform(3.0, 8.0)))]
         elif kind == "skew":
-            world.at(t, _skew, world, who, rng.uniform(-2 * lease, 2 * lease), rng.uniform(0.1, 3.0))
+            events = [(t, _skew, (world, who, rng.uniform(-2 * lease, 2 * lease), rng.uniform(0.1, 3.0)))]
         elif kind == "outage":
             # Every holder cut off for longer than the absent timeout: chunks skipped, or the run stops.
             dt = cfg.absent_timeout + rng.uniform(0.5, 4.0)
-            for h in cfg.holders:
-                world.at(t, _cut, world, ORCHESTRATOR, h, dt)
+            events = [(t, _cut, (world, ORCHESTRATOR, h, dt)) for h in cfg.holders]
+            who = "holders"
         elif kind == "tamper":
-            world.at(t, _tamper, world, nodes[ORCHESTRATOR], rng.getrandbits(64))
+            events = [(t, _tamper, (world, nodes[ORCHESTRATOR], rng.getrandbits(64)))]
+            who = ORCHESTRATOR
         else:
-            world.at(t, _crash_mid_hop, world, nodes[ORCHESTRATOR], rng.randint(1, 8), rng.uniform(0.02, 2.0))
+            events = [(t, _crash_mid_hop, (world, nodes[ORCHESTRATOR], rng.randint(1, 8), rng.uniform(0.02, 2.0)))]
+            who = ORCHESTRATOR
+        plan.append((f"{kind} {who} at {t:.3f}", events))
+    if keep is None or 0 in keep:
+        world.p_drop, world.p_dup, world.p_delay, world.max_delay = drop, dup, delay, 2 * lease
+    for index, (_, events) in enumerate(plan, start=1):
+        if keep is None or index in keep:
+            for t, fn, args in events:
+                world.at(t, fn, *args)
     world.at(window, end_faults, world, nodes)
-    return count
+    return [f"messages: drop {drop}, duplicate {dup}, delay {delay}", *(name for name, _ in plan)]
 
 
 def _crash(world: World, node: Restartable, down_for: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 from gtbus.protocol.hop import HopMachine
 from gtbus.protocol.schedule import Schedule
@@ -54,7 +54,7 @@ class SeedResult:
     stopped: str | None
     sim_time: float
     steps: int
-    faults: int
+    faults: list[str]  # every fault drawn, by index (see plan_faults)
     violations: list[Violation]
     trace: list[str] = field(default_factory=list)
     flags: str = ""
@@ -73,8 +73,9 @@ class SeedResult:
 
 
 def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
-             config: SimConfig | None = None) -> SeedResult:
-    """Simulate the deployment of ``seed`` under its faults; every invariant checked after every step."""
+             config: SimConfig | None = None, keep_faults: Collection[int] | None = None) -> SeedResult:
+    """Simulate the deployment of ``seed`` under its faults (only ``keep_faults``, by index, if given);
+    every invariant checked after every step."""
     m = machines or Machines()
     world = World(seed)
     cfg = config or draw_config(world.rng, faults=faults, hostile=hostile)
@@ -96,7 +97,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
         world.add(n, _ROLES.get(n.name, Role.HOLDER))
     for name in sorted(nodes):
         world.at(world.rng.uniform(0.0, 0.01), nodes[name].start)
-    planned = plan_faults(world, cfg, nodes)
+    planned = plan_faults(world, cfg, nodes, keep_faults)
     deadline = cfg.fault_window + cfg.liveness_bound()
     step, check = world.step, checker.check_step
     resumed = False
@@ -121,6 +122,8 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     if not checker.violations and orch.finished and orch.schedule is not None:
         checker.check_final_model(device.model, expected_trainings(orch.schedule))
     flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile")
+    if keep_faults is not None:
+        flags += f" --faults {','.join(map(str, sorted(keep_faults))) or 'none'}"
     result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
                         world.now, world.steps, planned, list(checker.violations), flags=flags)
     for _, outcome in orch.hops:
@@ -129,6 +132,26 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
+
+
+def shrink(result: SeedResult, *, machines: Machines | None = None) -> SeedResult:
+    """The failing seed again with as few of its faults as still give the same violation.
+
+    Greedy delta debugging: each fault in turn is left out, and stays out if the
+    first violation keeps its name. Everything else of the seed stays the same.
+    """
+    if result.ok or not result.faults:
+        return result
+    name = result.violations[0].name
+    faults, hostile = "--no-faults" not in result.flags, "--no-hostile" not in result.flags
+    keep = list(range(len(result.faults)))
+    best = result
+    for index in list(keep):
+        trial = [i for i in keep if i != index]
+        r = run_seed(result.seed, faults=faults, hostile=hostile, machines=machines, keep_faults=trial)
+        if not r.ok and r.violations[0].name == name:
+            keep, best = trial, r
+    return best
 
 
 def _operator_resume(nodes: dict[str, Any]) -> None:
