@@ -113,8 +113,9 @@ class InvariantChecker:
                     break
         after = device.model
         assert after is not None
-        if after not in self.lineage:
-            self.lineage[after] = (before, key)
+        # The same chunk trained from the same model gives the same model (a training lost
+        # in a crash, redone in a later round): the latest training is the model's history.
+        self.lineage[after] = (before, key)
         self.trained_hops += 1
 
     def restored(self, device: SimDevice, model: int) -> None:
