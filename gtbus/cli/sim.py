@@ -40,20 +40,14 @@ def report_failure(r: object, shrunk: object | None = None) -> None:
     for v in r.violations:
         click.echo(f"  {printable(str(v))}", err=True)
     s = shrunk if isinstance(shrunk, SeedResult) else r
-    if s is not r:
-        kept = _kept(s.flags)
+    if s is not r and s.kept is not None:
+        kept = s.kept
         click.echo(f"  shrunk to {len(kept)} of {len(r.faults)} faults: {s.repro}", err=True)
         for i in kept:
             click.echo(f"    fault {i}: {printable(s.faults[i])}", err=True)
     click.echo(f"  last {min(TRACE_SHOWN, len(s.trace))} events:", err=True)
     for line in s.trace[-TRACE_SHOWN:]:
         click.echo(f"    {printable(line)}", err=True)
-
-
-def _kept(flags: str) -> list[int]:
-    _, _, tail = flags.partition("--faults ")
-    spec = tail.split(" ")[0]
-    return [] if spec in ("", "none") else [int(x) for x in spec.split(",")]
 
 
 def _fault_list(value: str | None) -> list[int] | None:

@@ -90,7 +90,8 @@ def test_shrinking_keeps_the_faults_that_matter_and_replays() -> None:
     broken = Machines(hop=UnverifiedHop)
     r = next(r for r in (run_seed(seed, machines=broken) for seed in range(200)) if not r.ok)
     small = shrink(r, machines=broken)
-    kept = [int(x) for x in small.flags.split("--faults ")[1].split(",")]
+    kept = small.kept
+    assert kept is not None and small.repro == f"gtbus sim --seed {r.seed} --faults {','.join(map(str, kept))}"
     assert len(kept) < len(r.faults)
     assert any(small.faults[i].startswith("tamper") for i in kept)  # the model was changed in the hop
     again = run_seed(r.seed, machines=broken, keep_faults=kept)

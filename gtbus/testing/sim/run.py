@@ -60,6 +60,8 @@ class SeedResult:
     flags: str = ""
     outcomes: dict[str, int] = field(default_factory=dict)
     restarts: int = 0  # orchestrator restarts (resumed from its disk)
+    kept: list[int] | None = None  # the faults applied, by index, when not all of them
+    config_given: bool = False  # run with an explicit SimConfig rather than the seed's own
 
     @property
     def ok(self) -> bool:
@@ -129,6 +131,8 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     for _, outcome in orch.hops:
         result.outcomes[outcome] = result.outcomes.get(outcome, 0) + 1
     result.restarts = orch.incarnation - 1
+    result.kept = sorted(keep_faults) if keep_faults is not None else None
+    result.config_given = config is not None
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
@@ -148,7 +152,8 @@ def shrink(result: SeedResult, *, machines: Machines | None = None) -> SeedResul
     best = result
     for index in list(keep):
         trial = [i for i in keep if i != index]
-        r = run_seed(result.seed, faults=faults, hostile=hostile, machines=machines, keep_faults=trial)
+        r = run_seed(result.seed, faults=faults, hostile=hostile, machines=machines, keep_faults=trial,
+                     config=result.config if result.config_given else None)
         if not r.ok and r.violations[0].name == name:
             keep, best = trial, r
     return best
