@@ -29,8 +29,9 @@ from typing import Any, Callable
 import msgpack
 
 from gtbus.bench.report import Result, Table, machine_info
-from gtbus.cli.nodes import make_device
+from gtbus.gpu.backends import make_device
 from gtbus.gpu.channel import ChannelParams, SegmentContext, segment_count, staging_size
+from gtbus.training.checkpoint import read_checkpoint
 
 MIB = 1 << 20
 
@@ -128,8 +129,7 @@ def protocol_runs(backend: str, chunk_tokens: int, hops: int, mode: str, root: P
     dep = LocalDeployment(LocalRun(run_dir=run_dir, holders=1, mode=mode, chunk_tokens=chunk_tokens, steps="1", backend=backend,
                                    data=[data], lease=120.0, remote_holders=["h1"] if remote else []))
     summary = dep.run_to_end(timeout=900)
-    ck = json.loads(bytes(np.load(run_dir / "checkpoints" / "orch.npz")["__meta__"]).decode())
-    summary["hop_records"] = ck["hops"]
+    summary["hop_records"] = read_checkpoint(summary["checkpoint"], state=False).hops
     return summary
 
 
@@ -170,7 +170,7 @@ def gpt2_tokens_per_s(steps: int = 8) -> float | None:
     try:
         import cupy
 
-        from gtbus.cli.nodes import make_trainer
+        from gtbus.training.workloads import make_trainer
     except ImportError:
         return None
     try:

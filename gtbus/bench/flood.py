@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gtbus.bench.report import Result, Table, machine_info
-from gtbus.errors import TransportError
+from gtbus.errors import ConfigError, TransportError
 from gtbus.messages.envelope import MAGIC
 from gtbus.messages.identity import NodeIdentity, Role, Roster, load_identity
 from gtbus.messages.signer import MessageSigner
@@ -164,16 +164,13 @@ async def _flood(dep: LocalDeployment, seconds: float) -> tuple[int, int, dict[s
 
 
 def _hops(dep: LocalDeployment) -> int:
-    import json
-
-    import numpy
+    from gtbus.training.checkpoint import read_checkpoint
 
     path = dep.run.run_dir / "checkpoints" / f"{dep.dep.orchestrator.name}.npz"
-    for _ in range(20):  # the orchestrator may be replacing it right now
+    for _ in range(20):  # the first checkpoint may not be written yet
         try:
-            with numpy.load(path) as z:
-                return len(json.loads(bytes(z["__meta__"]).decode())["hops"])
-        except Exception:
+            return len(read_checkpoint(path, state=False).hops)
+        except ConfigError:
             time.sleep(0.05)
     return 0
 

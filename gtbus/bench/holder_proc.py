@@ -23,7 +23,7 @@ def main() -> None:
     """Serve seal requests until stdin closes."""
     backend = sys.argv[1]
     nbytes = int(sys.argv[2])
-    from gtbus.cli.nodes import device_class
+    from gtbus.gpu.backends import device_class
     from gtbus.gpu.channel import ChannelParams, SegmentContext
 
     cls = device_class(backend)

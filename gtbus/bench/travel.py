@@ -34,7 +34,6 @@ buffer; next to it, a plain numpy copy of 512 MiB in the same process.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -51,6 +50,7 @@ import numpy
 
 from gtbus.bench.report import Result, Table, machine_info
 from gtbus.errors import ConfigError
+from gtbus.training.checkpoint import read_checkpoint
 
 MIB = 1 << 20
 TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
@@ -214,11 +214,9 @@ def run_once(run_dir: Path, *, mode: str, row: dict[str, Any], holders: int, sha
 
 def _hop_details(checkpoint: Path) -> list[dict[str, Any]]:
     try:
-        with numpy.load(checkpoint) as z:
-            meta = json.loads(bytes(z["__meta__"]).decode())
-    except (OSError, KeyError, ValueError):
+        return read_checkpoint(checkpoint, state=False).hops
+    except ConfigError:
         return []
-    return list(meta.get("hops", []))
 
 
 # ------------------------------------------------------------------------------ provisioning throughput
@@ -226,7 +224,7 @@ def _hop_details(checkpoint: Path) -> list[dict[str, Any]]:
 
 def measure_provisioning(chunk_bytes: int, reps: int, backend: str = "host", segment_size: int = MIB) -> dict[str, Any]:
     """Seal a chunk into fresh staging as a holder does, open it on the device; and a plain memcpy of it."""
-    from gtbus.cli.nodes import make_device
+    from gtbus.gpu.backends import make_device
     from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentSealer, segment_count, staging_size
 
     device = make_device(backend)

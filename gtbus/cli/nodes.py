@@ -12,44 +12,10 @@ import click
 
 from gtbus.console import printable
 from gtbus.errors import ConfigError
+from gtbus.gpu.backends import device_class, make_device
 from gtbus.messages.identity import Roster, load_identity
 from gtbus.private_files import private_dir, write_private
-
-
-def make_device(backend: str) -> Any:
-    """The device backend by name."""
-    return device_class(backend)()
-
-
-def device_class(backend: str) -> Any:
-    """The device class: holders only use its map/unmap side, and need no device of their own."""
-    if backend == "host":
-        from gtbus.gpu.host import HostDevice
-
-        return HostDevice
-    if backend == "cupy":
-        try:
-            from gtbus.gpu.cupy_backend import CupyDevice
-        except ImportError as exc:
-            raise ConfigError(f"backend cupy unavailable: {exc}") from None
-        return CupyDevice
-    raise ConfigError(f"unknown backend {backend!r} (host or cupy)")
-
-
-def make_trainer(name: str, seed: int = 0) -> Any:
-    """The training workload by name."""
-    if name == "bytelm":
-        from gtbus.training.bytelm import ByteLM, ByteLMConfig
-
-        return ByteLM(ByteLMConfig(seed=seed))
-    if name == "gpt2":
-        # GPT-2 124M (llm.c's run), trained with PyTorch on the hop buffer through DLPack.
-        from gtbus.training.pytorch import TorchTrainer, TorchTrainerConfig, gpt2_small
-
-        return TorchTrainer(gpt2_small, vocab=50257, config=TorchTrainerConfig(seed=seed))
-    from gtbus.training.trainer import TRAINER_NAMES
-
-    raise ConfigError(f"unknown trainer {name!r} (built in: {', '.join(TRAINER_NAMES)})")
+from gtbus.training.workloads import make_trainer
 
 
 def _hop_line(h: Any) -> str:
@@ -60,39 +26,6 @@ def _hop_line(h: Any) -> str:
         f"{h.nbytes / 1024:>8.0f} KiB  provision {h.transfer_s * 1e3:>7.1f} ms ({rate:>7.1f} MB/s)  "
         f"train {h.train_s:>6.2f} s  {h.outcome:<9} {loss}"
     )
-
-
-def orchestrator_fault_hook(spec: str) -> Any:
-    """The orchestrator's failure injection (hidden ``--fault``): a ``tamper_hook`` or None.
-
-    ``tamper-model-at-epoch=N`` flips one bit of the first parameter during hop
-    N, after the return and before the re-measure; ``tamper-code-at-epoch=N``
-    swaps the code of one trainer method at the same point. Either way the hop
-    must be rolled back.
-    """
-    if not spec:
-        return None
-    name, _, value = spec.strip().partition("=")
-    kind = name.replace("_", "-")
-    if kind not in ("tamper-model-at-epoch", "tamper-code-at-epoch"):
-        raise ConfigError(f"unknown orchestrator fault {name!r} (tamper-model-at-epoch=N or tamper-code-at-epoch=N)")
-    try:
-        at = int(value)
-    except ValueError:
-        raise ConfigError(f"{kind} needs an epoch number, not {value!r}") from None
-
-    def tamper(orch: Any, assignment: Any) -> None:
-        if orch.token.epoch != at:
-            return
-        if kind == "tamper-model-at-epoch":
-            flat = orch.trainer.parameter_views()[0].reshape(-1).view("uint8")
-            flat[0] ^= 1
-        else:
-            cls = type(orch.trainer)
-            fn = cls.evaluate
-            fn.__code__ = fn.__code__.replace(co_consts=fn.__code__.co_consts + ("tampered",))
-
-    return tamper
 
 
 @click.command()
@@ -119,6 +52,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
     """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
+    from gtbus.nodes.faults import orchestrator_fault_hook
     from gtbus.nodes.orchestrator import Orchestrator, RunConfig
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import server_transport
@@ -265,8 +199,8 @@ def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: 
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
 @click.option("--trainer", "trainer_name", default="bytelm", show_default=True)
 def measure(backend: str, trainer_name: str) -> None:
-    """Print the code measurement holders pin (trainer + hop shell + device backend)."""
-    from gtbus.nodes.orchestrator import code_measurement
+    """Print the code measurement holders pin (trainer, device backend, kernels, hop shell)."""
+    from gtbus.gpu.code_measure import code_measurement
 
     click.echo(code_measurement(make_trainer(trainer_name), make_device(backend)).hex())
 

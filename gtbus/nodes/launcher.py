@@ -56,7 +56,7 @@ class LocalDeployment:
 
     def __init__(self, run: LocalRun) -> None:
         from gtbus.gpu.platform_key import write_platform_key
-        from gtbus.testing import make_deployment
+        from gtbus.messages.deployment_keys import make_deployment
 
         self.run = run
         private_dir(run.run_dir)
@@ -81,8 +81,9 @@ class LocalDeployment:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def _pin(self) -> str:
-        from gtbus.cli.nodes import make_device, make_trainer
-        from gtbus.nodes.orchestrator import code_measurement
+        from gtbus.gpu.backends import make_device
+        from gtbus.gpu.code_measure import code_measurement
+        from gtbus.training.workloads import make_trainer
 
         return code_measurement(make_trainer("bytelm"), make_device(self.run.backend)).hex()
 

@@ -15,21 +15,19 @@ A hop, in the order the design gives (DESIGN §6):
 
 The decisions about the token are made by :class:`~gtbus.protocol.token.TokenMachine`
 and :class:`~gtbus.protocol.schedule.Schedule`; this module is the asyncio
-shell that performs them.
+shell that performs them. Its parts, each in its own module: epochs reserved
+on disk (:mod:`gtbus.nodes.epochs`), hop buffers (:mod:`gtbus.nodes.staging_pool`),
+the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
+(:mod:`gtbus.gpu.code_measure`) and the run summary (:mod:`gtbus.nodes.run_summary`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hmac
-import inspect
-import json
 import logging
-import threading
 import os
 import time
-import types
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -39,8 +37,8 @@ import numpy
 from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_bounds, segment_count, staging_size, TAG_SIZE
+from gtbus.gpu.code_measure import code_measurement, first_change, loaded_code
 from gtbus.gpu.device import Device
-from gtbus.gpu.measure import measure_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.identity import Role
 from gtbus.messages.pipeline import Accepted
@@ -49,15 +47,12 @@ from gtbus.messages.types import (
     AgentStage,
     Echo,
     EchoReply,
-    HOP_PUBLIC_FIELDS,
     HopRecord,
     HopReport,
     MeasurementPublished,
     Refusal,
     Register,
-    RUN_PUBLIC_FIELDS,
     RunComplete,
-    SNAPSHOT_PUBLIC_FIELDS,
     ShipSegment,
     Shutdown,
     Snapshot,
@@ -70,16 +65,19 @@ from gtbus.messages.types import (
     TokenState,
     Welcome,
 )
+from gtbus.nodes.epochs import EpochReservation
+from gtbus.nodes.run_summary import HopResult, hop_progress, hop_record, public_snapshot, public_summary, run_summary
 from gtbus.nodes.runtime import NodeRuntime
-from gtbus.private_files import private_dir, replace_privately, write_private
+from gtbus.nodes.staging_pool import StagingPool
+from gtbus.private_files import private_dir
 from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.token import Phase, TokenMachine
+from gtbus.training.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
 from gtbus.transport.base import Delivery
 
 TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
-EPOCH_BLOCK = 64  # epochs reserved on disk at a time (see Orchestrator._reserve_epoch)
 
 
 @dataclass
@@ -135,95 +133,6 @@ class RunConfig:
         return min(self.segment_size, max(self.capacity, 1 << 20))
 
 
-@dataclass
-class HopOutcome:
-    """What one hop did (published as a HopRecord, kept in the checkpoint)."""
-
-    epoch: int
-    round: int
-    holder: str
-    chunk: int
-    mode: str
-    outcome: str
-    nbytes: int = 0
-    segments: int = 0
-    provision_s: float = 0.0
-    open_s: float = 0.0
-    train_s: float = 0.0
-    eval_s: float = 0.0  # held-out evaluations before and after training (not part of train_s)
-    epilogue_s: float = 0.0
-    loss_first: float | None = None
-    loss_last: float | None = None
-    eval_before: float | None = None  # loss on the chunk before training on it (unseen data in round 0)
-    eval_after: float | None = None
-    detail: str = ""
-
-    @property
-    def transfer_s(self) -> float:
-        """Time from grant to plaintext in the device buffer."""
-        return self.provision_s + self.open_s
-
-
-def code_measurement(trainer: Trainer, device: Device) -> bytes:
-    """BLAKE3 of the code that touches the data: the trainer, the hop shell and the device backend."""
-    import gtbus.nodes.orchestrator as me
-
-    backend = inspect.getmodule(type(device))
-    return measure_code(
-        {
-            "trainer": trainer.code_bytes(),
-            "orchestrator": inspect.getsource(me).encode(),
-            "device": inspect.getsource(backend).encode() if backend else b"",
-        }
-    )
-
-
-def _code_bytes(code: types.CodeType) -> bytes:
-    # Not marshal: its output depends on reference counts, so a function that is
-    # running (the hop itself) would marshal differently from the same code idle.
-    parts = [code.co_code, repr((code.co_names, code.co_varnames, code.co_flags, code.co_argcount, code.co_kwonlyargcount)).encode()]
-    for c in code.co_consts:
-        parts.append(_code_bytes(c) if isinstance(c, types.CodeType) else repr(c).encode())
-    return b"\0".join(parts)
-
-
-def _code_objects(module: Any) -> list[tuple[str, bytes]]:
-    out: list[tuple[str, bytes]] = []
-    for name, obj in sorted(vars(module).items()):
-        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
-            out.append((name, _code_bytes(obj.__code__)))
-        elif inspect.isclass(obj) and obj.__module__ == module.__name__:
-            for attr, member in sorted(vars(obj).items()):
-                fn = getattr(member, "__func__", None) or getattr(member, "fget", None) or member
-                if inspect.isfunction(fn):
-                    out.append((f"{name}.{attr}", _code_bytes(fn.__code__)))
-    return out
-
-
-def loaded_code(trainer: Trainer, device: Device) -> dict[str, bytes]:
-    """The code objects actually loaded in this process (trainer, hop shell, device backend), by name.
-
-    :func:`code_measurement` hashes the source files, which is what holders pin
-    and can review; this is what runs. It is compared before and after every
-    hop, so changing the loaded code (not a file on disk) is what it detects.
-    """
-    import gtbus.nodes.orchestrator as me
-
-    out: dict[str, bytes] = {}
-    for mod in (inspect.getmodule(type(trainer)), me, inspect.getmodule(type(device))):
-        if mod is not None:
-            for name, code in _code_objects(mod):
-                out[f"{mod.__name__}.{name}"] = code
-    return out
-
-
-def _changed(before: dict[str, bytes], now: dict[str, bytes]) -> str | None:
-    for name in sorted(set(before) | set(now)):
-        if before.get(name) != now.get(name):
-            return name
-    return None
-
-
 class Orchestrator:
     """Runs the schedule: one hop at a time, each with a fresh buffer and key."""
 
@@ -235,7 +144,7 @@ class Orchestrator:
         platform: PlatformSigner,
         config: RunConfig,
         *,
-        on_hop: Callable[[HopOutcome], None] | None = None,
+        on_hop: Callable[[HopResult], None] | None = None,
         tamper_hook: Callable[["Orchestrator", Assignment], None] | None = None,
     ) -> None:
         self.rt = runtime
@@ -253,9 +162,9 @@ class Orchestrator:
         self.via: dict[str, str] = {}  # remote holder -> the device agent it writes through
         self.agents: set[str] = set()
         self.registered = asyncio.Event()
-        self.hops: list[HopOutcome] = []
-        self.token = TokenMachine(last_epoch=self._reserved_epoch())
-        self._reserved_upto = self.token.epoch
+        self.hops: list[HopResult] = []
+        self.epochs = EpochReservation(self.state_dir / "epoch")
+        self.token = TokenMachine(last_epoch=self.epochs.reserved_upto)
         self.schedule: Schedule | None = None
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
@@ -276,11 +185,7 @@ class Orchestrator:
         self.started = time.time()
         self.complete = False
         self._hop_started: float | None = None
-        self._spare_private: Any = None
-        self._live_exports: set[str] = set()
-        self._exports_lock = threading.Lock()
-        self._next_staging: tuple[int, Any] | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gtbus-staging")
+        self.staging = StagingPool(device, self.state_dir, self.log)
         self.code_compromised: str | None = None
         # Observers that asked for a snapshot: they (and the hop's holder) get the per-hop metrics.
         self.followers: set[str] = set()
@@ -292,28 +197,6 @@ class Orchestrator:
         rt.on(TokenReturn, self._on_return)
         rt.on(TokenDecline, self._on_decline)
         rt.on(ShipSegment, self._on_ship_segment)
-
-    # -- persistent epoch reservation --------------------------------------------------------
-
-    def _reserved_epoch(self) -> int:
-        path = self.config.run_dir / "state" / self.rt.name / "epoch"
-        try:
-            return int(path.read_text().strip() or 0)
-        except FileNotFoundError:
-            return 0
-        except ValueError:
-            raise ConfigError(f"{path}: not an epoch number") from None
-
-    def _reserve_epoch(self, epoch: int) -> None:
-        # Epochs are reserved on disk (synced) in blocks before a grant of the block
-        # leaves: a crash can never make a restarted orchestrator issue an epoch
-        # again (it starts above the whole block), and the fsync is paid once per
-        # EPOCH_BLOCK hops instead of on every hop's control path.
-        if epoch <= self._reserved_upto:
-            return
-        upto = epoch + EPOCH_BLOCK - 1
-        write_private(self.state_dir / "epoch", f"{upto}\n")  # synced, 0600, atomic
-        self._reserved_upto = upto
 
     # -- handlers ---------------------------------------------------------------------------
 
@@ -401,17 +284,13 @@ class Orchestrator:
 
     def snapshot_state(self, *, metrics: bool = True) -> dict[str, Any]:
         """Everything a late joiner or `gtbus status` needs to know now (``metrics=False``: the public part, for holders)."""
-        done = [h for h in self.hops if h.outcome == "trained"]
         state = {
             "run_id": self.run_id,
             "token": {"id": self.token.token_id, "owner": self.token.owner or self.rt.name, "epoch": self.token.epoch, "phase": self.token.phase.value},
             "holders": sorted(self.manifests),
             "liveness": self.rt.liveness(),
-            "hops": len(self.hops),
-            "hops_trained": len(done),
-            "bytes": sum(h.nbytes for h in done),
+            **hop_progress(self.hops),
             "last_loss": self.last_eval,
-            "last_loss_epoch": next((h.epoch for h in reversed(done) if h.eval_before is not None), None),
             "round": self.schedule.round if self.schedule else 0,
             "rounds": self.config.rounds,
             "hops_total": self.config.rounds * sum(m.chunk_count for m in self.manifests.values()),
@@ -419,7 +298,7 @@ class Orchestrator:
             "started": self.started,
             "complete": self.complete,
         }
-        return state if metrics else {k: v for k, v in state.items() if k in SNAPSHOT_PUBLIC_FIELDS}
+        return state if metrics else public_snapshot(state)
 
     async def _on_snapshot_request(self, acc: Accepted, delivery: Delivery) -> None:
         seq = self.rt.signer._seq.get("*", 0)
@@ -436,10 +315,9 @@ class Orchestrator:
             except TransportError:
                 self.followers.discard(name)
 
-    async def _publish_hop(self, out: HopOutcome) -> None:
+    async def _publish_hop(self, out: HopResult) -> None:
         """Everyone learns the hop's public line; its holder and the observers learn its metrics."""
-        record = _jsonable(asdict(out))
-        public = {k: v for k, v in record.items() if k in HOP_PUBLIC_FIELDS}
+        record, public = hop_record(out)
         await self.rt.publish(HopRecord(out.epoch, out.holder, out.chunk, out.outcome, public), epoch=out.epoch)
         await self._tell(HopReport(out.epoch, out.holder, out.chunk, out.outcome, record), [out.holder, *sorted(self.followers)], epoch=out.epoch)
 
@@ -503,7 +381,7 @@ class Orchestrator:
 
     async def setup(self) -> None:
         """Load the model, measure it, resume from a checkpoint if asked, publish the measurement."""
-        self._discard_inflight()
+        self.staging.discard_inflight()
         self.trainer.load(self.device.array_module)
         self.code_hash = code_measurement(self.trainer, self.device)
         self.loaded_code = loaded_code(self.trainer, self.device)
@@ -561,12 +439,12 @@ class Orchestrator:
                 reason = f"loaded code changed during hop {outcome.epoch} ({self.code_compromised}); the run stops"
                 await self.rt.publish(Shutdown(reason))
                 raise GtbusError(reason)
-        self.release_spares()
+        self.staging.release_spares()
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
         await self._tell(RunComplete(summary), sorted(self.followers))
-        await self.rt.publish(RunComplete({k: v for k, v in summary.items() if k in RUN_PUBLIC_FIELDS}))
+        await self.rt.publish(RunComplete(public_summary(summary)))
         await self.rt.publish(Shutdown("run complete"))
         return summary
 
@@ -632,7 +510,7 @@ class Orchestrator:
         t = self.token
         await self.rt.publish(TokenState(t.token_id, t.owner or self.rt.name, t.epoch, t.phase.value), epoch=t.epoch)
 
-    async def hop(self, a: Assignment) -> HopOutcome:
+    async def hop(self, a: Assignment) -> HopResult:
         """One complete hop for assignment ``a``; never raises for a holder's misbehaviour."""
         cfg = self.config
         capacity, seg = cfg.capacity, cfg.segment
@@ -641,16 +519,14 @@ class Orchestrator:
         expect_bytes = self.manifests[a.holder].chunk_tokens_of(a.chunk, cfg.chunk_tokens) * TOKEN_BYTES
         expect = (segment_count(expect_bytes, seg), expect_bytes)
         t0 = time.perf_counter()
-        staging, handle = (None, "ship") if cfg.mode == "ship" else self._take_staging(staging_size(capacity, seg))
-        if staging is not None:
-            self._track_export(str(handle), True)
-        data = self._take_private(capacity)
+        staging, handle = (None, "ship") if cfg.mode == "ship" else self.staging.take_staging(staging_size(capacity, seg))
+        data = self.staging.take_private(capacity)
         params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
         grant = self.token.grant(a.holder, time.time(), cfg.lease)
         self._hop_started = time.time()
-        self._reserve_epoch(grant.epoch)
+        self.epochs.reserve(grant.epoch)
         self.rt.guard.raise_fence(grant.epoch)
-        out = HopOutcome(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
+        out = HopResult(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
         self._return, self._decline = None, None
         if cfg.mode == "ship":
             if self._ship_buf is None:
@@ -725,7 +601,7 @@ class Orchestrator:
                 return out
             out.open_s = time.perf_counter() - t1
             model_now = self.device.measure(*self.trainer.parameter_views())
-            code_changed = _changed(self.loaded_code, loaded_code(self.trainer, self.device))
+            code_changed = first_change(self.loaded_code, loaded_code(self.trainer, self.device))
             if not hmac.compare_digest(model_now, model_before) or code_changed is not None:
                 what = "model" if model_now != model_before else f"code ({code_changed})"
                 if code_changed is not None:
@@ -737,7 +613,7 @@ class Orchestrator:
                 return out
             tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
             # While this hop trains, the next hop's fresh staging is allocated beside it.
-            self._prepare_next_staging(staging_size(capacity, seg) if cfg.mode == "travel" else 0)
+            self.staging.prepare_next(staging_size(capacity, seg) if cfg.mode == "travel" else 0)
             try:
                 t2 = time.perf_counter()
                 out.eval_before = self.trainer.evaluate(tokens)
@@ -772,7 +648,7 @@ class Orchestrator:
             if revoked:
                 self.device.release(staging)
             if staging is not None:
-                self._track_export(str(handle), False)
+                self.staging.track_export(str(handle), False)
             out.epilogue_s = time.perf_counter() - t3
             if self.token.phase in (Phase.GRANTED, Phase.HELD):
                 # Unwinding (cancelled: shutdown, Ctrl-C) while a holder has the token:
@@ -841,125 +717,37 @@ class Orchestrator:
         except DeviceError:
             self.device.release(data)
             raise
-        self._spare_private = data
+        self.staging.keep_private(data)
         del params  # the key goes with the params object; nothing else holds it
-
-    def _take_private(self, nbytes: int) -> Any:
-        buf, self._spare_private = self._spare_private, None
-        if buf is not None and buf.nbytes == nbytes:
-            return buf
-        if buf is not None:
-            self.device.release(buf)
-        return self.device.alloc(nbytes)
-
-    def _prepare_next_staging(self, nbytes: int) -> None:
-        # Only ever a buffer that no grant has named: it is exported for the first
-        # time in the next hop's grant, so "fresh per hop" still holds.
-        if nbytes and self._next_staging is None:
-
-            def alloc() -> tuple[Any, Any]:
-                buf, handle = self.device.alloc_hop_staging(nbytes)
-                self._track_export(str(handle), True)
-                return buf, handle
-
-            self._next_staging = (nbytes, self._pool.submit(alloc))
-
-    def _take_staging(self, nbytes: int) -> tuple[Any, Any]:
-        pending, self._next_staging = self._next_staging, None
-        if pending is not None:
-            size, fut = pending
-            got = fut.result()
-            if size == nbytes:
-                return got
-            self.device.release(got[0])
-            self._track_export(str(got[1]), False)
-        return self.device.alloc_hop_staging(nbytes)
-
-    def release_spares(self) -> None:
-        """Release the reusable private buffer and any staging prepared for a hop that never came."""
-        if self._spare_private is not None:
-            self.device.release(self._spare_private)
-            self._spare_private = None
-        if self._next_staging is not None:
-            _, fut = self._next_staging
-            self._next_staging = None
-            buf, handle = fut.result()
-            self.device.release(buf)
-            self._track_export(str(handle), False)
-
-    def _track_export(self, handle: str, live: bool) -> None:
-        # Every staging export that exists right now (this hop's, and the next one's
-        # being prepared), so a restart after kill -9 can remove what the dead
-        # process could not. Only where exports outlive us: a handle names a live
-        # capability, and a file of them would hand it to anyone who reads it.
-        if not getattr(self.device, "exports_outlive_process", True):
-            return
-        with self._exports_lock:  # the next hop's staging is allocated on another thread
-            (self._live_exports.add if live else self._live_exports.discard)(handle)
-            path = self.state_dir / "inflight-staging"
-            if not self._live_exports:
-                path.unlink(missing_ok=True)
-                return
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w") as fh:
-                fh.write("\n".join(sorted(self._live_exports)))
-
-    def _discard_inflight(self) -> None:
-        path = self.state_dir / "inflight-staging"
-        try:
-            handles = path.read_text().split()
-        except FileNotFoundError:
-            return
-        for handle in handles:
-            self.device.discard_export(handle)
-        path.unlink(missing_ok=True)
-        self.log.info("removed the staging export of a hop interrupted by a restart")
 
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        state = self.trainer.state_dict()
-        arrays = {f"p.{k}": numpy.asarray(v) for k, v in state.items() if hasattr(v, "shape")}
-        scalars = {k: v for k, v in state.items() if not hasattr(v, "shape")}
-        meta = {
-            "run_id": self.run_id,
-            "epoch": self.token.epoch,
-            "schedule": self.schedule.to_state() if self.schedule else None,
-            "hops": [asdict(h) for h in self.hops],
-            "scalars": scalars,
-            "first_eval": self.first_eval,
-            "last_eval": self.last_eval,
-        }
-        with replace_privately(self.checkpoint_path) as fh:  # 0600 from creation, synced, renamed into place
-            numpy.savez(fh, __meta__=numpy.frombuffer(json.dumps(meta).encode(), dtype=numpy.uint8), **arrays)
-
-    def _read_checkpoint(self) -> tuple[dict[str, Any], dict[str, Any]]:
-        try:
-            with numpy.load(self.checkpoint_path) as z:
-                meta = json.loads(bytes(z["__meta__"]).decode())
-                state = {k[2:]: z[k] for k in z.files if k.startswith("p.")}
-        except FileNotFoundError:
-            raise ConfigError(f"{self.checkpoint_path}: no checkpoint to resume from") from None
-        except (OSError, ValueError, KeyError) as exc:
-            raise ConfigError(f"{self.checkpoint_path}: unreadable checkpoint ({exc})") from None
-        state.update(meta.get("scalars", {}))
-        return meta, state
+        ckpt = Checkpoint.of_trainer_state(
+            self.trainer.state_dict(),
+            run_id=self.run_id,
+            epoch=self.token.epoch,
+            schedule=self.schedule.to_state() if self.schedule else None,
+            hops=[asdict(h) for h in self.hops],
+            first_eval=self.first_eval,
+            last_eval=self.last_eval,
+        )
+        write_checkpoint(self.checkpoint_path, ckpt)
 
     def _load_checkpoint(self) -> None:
-        meta, state = self._read_checkpoint()
-        self.trainer.load_state_dict(state)
-        self.run_id = meta["run_id"]
-        self.schedule = Schedule.from_state(meta["schedule"]) if meta.get("schedule") else None
-        self.hops = [HopOutcome(**h) for h in meta.get("hops", [])]
-        self.first_eval, self.last_eval = meta.get("first_eval"), meta.get("last_eval")
+        ckpt = read_checkpoint(self.checkpoint_path)
+        self.trainer.load_state_dict(ckpt.trainer_state())
+        self.run_id = ckpt.run_id
+        self.schedule = Schedule.from_state(ckpt.schedule) if ckpt.schedule else None
+        self.hops = [HopResult(**h) for h in ckpt.hops]
+        self.first_eval, self.last_eval = ckpt.first_eval, ckpt.last_eval
         # Never reuse an epoch: continue above both the checkpoint and every reservation.
-        self.token.epoch = max(self.token.epoch, int(meta["epoch"]))
+        self.token.epoch = max(self.token.epoch, self.epochs.resume_from(ckpt.epoch))
         self.log.info("resumed run %s at epoch %d", self.run_id, self.token.epoch)
 
     def _restore_model(self) -> None:
         if self.checkpoint_path.exists():
-            _, state = self._read_checkpoint()
-            self.trainer.load_state_dict(state)
+            self.trainer.load_state_dict(read_checkpoint(self.checkpoint_path).trainer_state())
         else:
             self.trainer.load(self.device.array_module)
 
@@ -967,34 +755,15 @@ class Orchestrator:
 
     def summary(self) -> dict[str, Any]:
         """The run's numbers (what `gtbus demo --json` prints)."""
-        trained = [h for h in self.hops if h.outcome == "trained"]
-        transfer = sum(h.transfer_s for h in trained)
-        train = sum(h.train_s for h in trained)
-        evals = sum(h.eval_s for h in trained)
-        nbytes = sum(h.nbytes for h in trained)
-        return {
-            "run_id": self.run_id,
-            "mode": self.config.mode,
-            "device": self.device.device_id,
-            "hops": len(self.hops),
-            "hops_trained": len(trained),
-            "outcomes": {o: sum(1 for h in self.hops if h.outcome == o) for o in sorted({h.outcome for h in self.hops})},
-            # Held-out measure: each chunk is evaluated before it is trained on.
-            "first_loss": self.first_eval,
-            "last_loss": self.last_eval,
-            "final_train_loss": trained[-1].eval_after if trained else None,
-            "bytes_provisioned": nbytes,
-            "transfer_s": transfer,
-            "train_s": train,
-            "eval_s": evals,
-            "transfer_share": transfer / (transfer + train) if (transfer + train) > 0 else 0.0,
-            "provision_gbps": nbytes / transfer / 1e9 if transfer > 0 else 0.0,
-            "last_epoch": self.token.epoch,
-            "skipped": self.schedule.skipped if self.schedule else [],
-            "logs": str(self.config.run_dir / "logs"),
-            "checkpoint": str(self.checkpoint_path),
-        }
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in d.items()}
+        return run_summary(
+            self.hops,
+            run_id=self.run_id,
+            mode=self.config.mode,
+            device=self.device.device_id,
+            first_eval=self.first_eval,
+            last_eval=self.last_eval,
+            last_epoch=self.token.epoch,
+            skipped=self.schedule.skipped if self.schedule else [],
+            logs=str(self.config.run_dir / "logs"),
+            checkpoint=str(self.checkpoint_path),
+        )

@@ -29,11 +29,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import numpy
 import pytest
 from netns_lab import NetnsLab
 
 from gtbus.runbook.config import load_runbook
+from gtbus.training.checkpoint import read_checkpoint
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -97,10 +97,9 @@ class _Lines:
             raise AssertionError("gtbus runbook status printed nothing more before the deadline") from None
 
 
-def _hops(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    with numpy.load(run / "checkpoints" / "orch.npz") as z:
-        meta = json.loads(bytes(z["__meta__"]).decode())
-    return meta["hops"], meta["schedule"]
+def _hops(run: Path) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    ckpt = read_checkpoint(run / "checkpoints" / "orch.npz", state=False)
+    return ckpt.hops, ckpt.schedule
 
 
 def test_partitioned_remote_holder_is_revoked_and_the_run_completes(tmp_path: Path, lab: NetnsLab, monkeypatch: pytest.MonkeyPatch) -> None:

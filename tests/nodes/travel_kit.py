@@ -24,14 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
-import numpy
-
 from gtbus.gpu.attestation import MeasurementReport, SignedReport
+from gtbus.gpu.backends import make_device
 from gtbus.gpu.sealing import open_params
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
 from gtbus.private_files import append_private
 from gtbus.recording import LogFormatError
 from gtbus.replay.view import Entry, entries
+from gtbus.training.checkpoint import Checkpoint, read_checkpoint
+from gtbus.training.workloads import make_trainer
 
 T = TypeVar("T")
 
@@ -244,28 +245,20 @@ class Travel:
 
     # -- results -----------------------------------------------------------------------------
 
-    def checkpoint(self) -> tuple[dict[str, Any], dict[str, numpy.ndarray]]:
-        """The orchestrator's last checkpoint: (meta, arrays)."""
-        with numpy.load(self.run_dir / "checkpoints" / f"{self.dep.dep.orchestrator.name}.npz") as z:
-            meta = json.loads(bytes(z["__meta__"]).decode())
-            arrays = {k[2:]: numpy.array(z[k]) for k in z.files if k.startswith("p.")}
-        return meta, arrays
+    def checkpoint(self, *, state: bool = True) -> Checkpoint:
+        """The orchestrator's last checkpoint (``state=False``: its meta only)."""
+        return read_checkpoint(self.run_dir / "checkpoints" / f"{self.dep.dep.orchestrator.name}.npz", state=state)
 
     def hops(self) -> list[dict[str, Any]]:
         """Every hop of the run (across orchestrator lifetimes), from the last checkpoint."""
-        return list(self.checkpoint()[0]["hops"])
+        return self.checkpoint(state=False).hops
 
     def checkpoint_model_hash(self) -> bytes:
         """The model measurement of the last checkpoint, as the orchestrator would report it."""
-        from gtbus.cli.nodes import make_device, make_trainer
-
-        meta, arrays = self.checkpoint()
-        state: dict[str, Any] = dict(arrays)
-        state.update(meta.get("scalars", {}))
         device = make_device("host")
         trainer = make_trainer("bytelm")
         trainer.load(device.array_module)
-        trainer.load_state_dict(state)
+        trainer.load_state_dict(self.checkpoint().trainer_state())
         return bytes(device.measure(*trainer.parameter_views()))
 
     def replay_verify(self) -> subprocess.CompletedProcess[str]:

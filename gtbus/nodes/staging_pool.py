@@ -1,0 +1,130 @@
+"""The orchestrator's hop buffers: fresh staging per hop, prepared ahead; one private buffer reused.
+
+Rules:
+
+* Staging is **fresh per hop**: a buffer is exported for the first time in the
+  grant that names it, and never again. The next hop's staging may be
+  allocated while the current hop trains (on a worker thread), because no
+  grant has named it yet.
+* The private buffer that plaintext lands in is never exported, so once
+  scrubbed and verified zero it may serve the next hop (a fresh one costs a
+  page fault per 4 KiB on the host backend).
+* Every staging export alive right now is listed in ``<state>/inflight-staging``
+  where exports outlive the process (the device says so), so a restart after
+  kill -9 removes what the dead process could not. Where they do not, no such
+  file is written: a handle names a live capability, and a file of them would
+  hand it to anyone who reads it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from gtbus.gpu.device import Device
+
+INFLIGHT_FILE = "inflight-staging"
+
+
+class StagingPool:
+    """Takes, prepares and releases one orchestrator's hop buffers on ``device``."""
+
+    def __init__(self, device: Device, state_dir: Path, log: logging.Logger | None = None) -> None:
+        self.device = device
+        self.inflight_path = state_dir / INFLIGHT_FILE
+        self.log = log or logging.getLogger("gtbus.staging")
+        self._spare_private: Any = None
+        self._live_exports: set[str] = set()
+        self._lock = threading.Lock()  # the next hop's staging is allocated on another thread
+        self._next: tuple[int, concurrent.futures.Future[tuple[Any, Any]]] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gtbus-staging")
+
+    # -- the private buffer ----------------------------------------------------------------
+
+    def take_private(self, nbytes: int) -> Any:
+        """A private (never exported) buffer of ``nbytes``: the spare if it fits, else a new one."""
+        buf, self._spare_private = self._spare_private, None
+        if buf is not None and buf.nbytes == nbytes:
+            return buf
+        if buf is not None:
+            self.device.release(buf)
+        return self.device.alloc(nbytes)
+
+    def keep_private(self, buf: Any) -> None:
+        """Keep a scrubbed, verified-zero private buffer for the next hop."""
+        if self._spare_private is not None and self._spare_private is not buf:
+            self.device.release(self._spare_private)
+        self._spare_private = buf
+
+    # -- staging ---------------------------------------------------------------------------
+
+    def prepare_next(self, nbytes: int) -> None:
+        """Start allocating the next hop's staging beside the current hop (nothing if one is on its way)."""
+        if nbytes and self._next is None:
+
+            def alloc() -> tuple[Any, Any]:
+                buf, handle = self.device.alloc_hop_staging(nbytes)
+                self.track_export(str(handle), True)
+                return buf, handle
+
+            self._next = (nbytes, self._pool.submit(alloc))
+
+    def take_staging(self, nbytes: int) -> tuple[Any, Any]:
+        """This hop's fresh staging (buffer, handle): the prepared one if it fits, else a new one.
+
+        The export is tracked live until :meth:`track_export` says otherwise.
+        """
+        pending, self._next = self._next, None
+        if pending is not None:
+            size, fut = pending
+            got = fut.result()
+            if size == nbytes:
+                return got
+            self._release_staging(*got)
+        buf, handle = self.device.alloc_hop_staging(nbytes)
+        self.track_export(str(handle), True)
+        return buf, handle
+
+    def release_spares(self) -> None:
+        """Release the spare private buffer and any staging prepared for a hop that never came."""
+        if self._spare_private is not None:
+            self.device.release(self._spare_private)
+            self._spare_private = None
+        if self._next is not None:
+            _, fut = self._next
+            self._next = None
+            self._release_staging(*fut.result())
+
+    def _release_staging(self, buf: Any, handle: Any) -> None:
+        self.device.release(buf)
+        self.track_export(str(handle), False)
+
+    # -- exports that may outlive a crash ---------------------------------------------------
+
+    def track_export(self, handle: str, live: bool) -> None:
+        """Record that the staging export ``handle`` exists (``live``) or is gone."""
+        if not getattr(self.device, "exports_outlive_process", True):
+            return
+        with self._lock:
+            (self._live_exports.add if live else self._live_exports.discard)(handle)
+            if not self._live_exports:
+                self.inflight_path.unlink(missing_ok=True)
+                return
+            fd = os.open(self.inflight_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write("\n".join(sorted(self._live_exports)))
+
+    def discard_inflight(self) -> None:
+        """Remove the staging exports a killed predecessor left (run once, before the first hop)."""
+        try:
+            handles = self.inflight_path.read_text().split()
+        except FileNotFoundError:
+            return
+        for handle in handles:
+            self.device.discard_export(handle)
+        self.inflight_path.unlink(missing_ok=True)
+        self.log.info("removed the staging export of a hop interrupted by a restart")
