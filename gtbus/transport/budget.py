@@ -47,13 +47,16 @@ class Budget:
 
 
 #: Per role. Holders and device agents carry bulk: a ship or remote hop streams
-#: 1-4 MiB segments as fast as the network goes (thousands a second), so their
-#: byte budget only stops the absurd. Observers ask for status and echoes.
+#: 1-4 MiB segments as fast as the network goes (a GPU host takes 5-20 GB/s), so
+#: their budgets only stop the absurd (a node here judges about 5,000 signed
+#: messages a second); what bounds their log growth is the refusal-record gate
+#: and the protocol itself. Observers ask for status and echoes.
+_BULK = Budget(messages_per_s=20_000, message_burst=20_000, bytes_per_s=32 << 30, byte_burst=256 << 20)
 ROLE_BUDGETS: dict[Role, Budget] = {
-    Role.HOLDER: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
-    Role.AGENT: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
+    Role.HOLDER: _BULK,
+    Role.AGENT: _BULK,
     Role.OBSERVER: Budget(messages_per_s=20, message_burst=40, bytes_per_s=64 << 10, byte_burst=256 << 10),
-    Role.ORCHESTRATOR: Budget(messages_per_s=4000, message_burst=4000, bytes_per_s=16 << 30, byte_burst=256 << 20),
+    Role.ORCHESTRATOR: _BULK,
 }
 #: For a sender the roster does not know (refused by the pipeline anyway).
 UNKNOWN_BUDGET = ROLE_BUDGETS[Role.OBSERVER]

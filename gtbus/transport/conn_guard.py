@@ -20,7 +20,9 @@ two:
   libzmq drops it together with the unfinished message.
 * A connection that has not handed out any message yet may hold far less
   (``first_limit``: one message), and must speak within ``first_within``
-  seconds; and one key keeps at most ``per_key`` connections (the oldest goes).
+  seconds; at most ``max_silent`` such connections are kept (the oldest goes:
+  their key is not known yet, and honest nodes speak at once); and one key
+  keeps at most ``per_key`` connections (the oldest goes).
 
 Clock and kernel readings are injected (``now``, :class:`Reading`), so the
 rules are tested without sockets; :class:`TcpConnections` reads the kernel.
@@ -77,11 +79,18 @@ class ConnectionGuard:
     first_limit: int
     first_within: float = 10.0
     per_key: int = 2
+    max_silent: int = 32
     _conns: dict[int, _Conn] = field(default_factory=dict)
 
-    def accepted(self, fd: int, now: float) -> None:
-        """A new connection on ``fd`` (a reused number replaces what was there)."""
+    def accepted(self, fd: int, now: float) -> Kick | None:
+        """A new connection on ``fd`` (a reused number replaces what was there); a kick if one too many is silent."""
         self._conns[fd] = _Conn(now)
+        silent = [(c.since, f) for f, c in self._conns.items() if c.key is None]
+        if len(silent) <= self.max_silent:
+            return None
+        oldest = min(silent)[1]
+        del self._conns[oldest]
+        return Kick(oldest, f"more than {self.max_silent} connections that have not spoken; the oldest goes")
 
     def closed(self, fd: int) -> None:
         """The connection on ``fd`` is gone."""

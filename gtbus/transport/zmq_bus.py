@@ -42,7 +42,8 @@ Security model
   kernel received from it since its last whole message, past its queue of
   ``server_rcvhwm`` messages plus one (one, before its first message), get
   the connection shut down, and libzmq drops the unfinished message. A
-  connection must speak within ``first_message_s``, a key keeps at most two
+  connection must speak within ``first_message_s``, at most 32 connections
+  that have not spoken are kept (the oldest goes), a key keeps at most two
   connections per socket, and the ZAP handler admits a key's handshakes at
   ``handshake_per_s`` (burst ``handshake_burst``).
 * Plaintext (no CURVE) is allowed on ``inproc://`` and ``ipc://`` only, unless
@@ -231,8 +232,8 @@ class SocketTuning:
     #: its socket); enough to keep a ship hop's segments streaming
     server_rcvhwm: int = 16
     #: a key may open this many connections at once, then one a second more (CURVE handshakes)
-    handshake_burst: int = 8
-    handshake_per_s: float = 1.0
+    handshake_burst: int = 32
+    handshake_per_s: float = 8.0
     #: how often the server compares each connection's received bytes with its messages
     guard_interval_s: float = 0.05
     #: a new connection must send its first message within this
@@ -838,7 +839,9 @@ class ZmqServer(_ZmqEndpoint):
             fd = int(event["value"])
             if event["event"] == zmq.EVENT_ACCEPTED:
                 if conns.watch(fd):
-                    guard.accepted(fd, loop.time())
+                    kick = guard.accepted(fd, loop.time())
+                    if kick is not None:
+                        self._kick(label, kick)
             else:
                 guard.closed(fd)
                 conns.forget(fd)

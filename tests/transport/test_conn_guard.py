@@ -73,3 +73,13 @@ def test_a_connection_the_kernel_no_longer_knows_is_forgotten() -> None:
     g.accepted(8, 0.0)
     g.closed(8)
     assert g.watched() == []
+
+
+def test_too_many_silent_connections_lose_the_oldest_whatever_their_key() -> None:
+    g = ConnectionGuard(limit=1000, first_limit=300, max_silent=3)
+    g.accepted(1, 0.0)
+    assert g.delivered(1, "h1") is None  # spoke: not silent
+    assert [g.accepted(fd, float(fd)) for fd in (2, 3, 4)] == [None, None, None]
+    kick = g.accepted(5, 5.0)
+    assert kick is not None and kick.fd == 2 and "have not spoken" in kick.reason
+    assert sorted(g.watched()) == [1, 3, 4, 5]
