@@ -870,7 +870,7 @@ class ZmqServer(_ZmqEndpoint):
     def _kick(self, label: str, kick: Kick) -> None:
         self._guards[label][1].shut(kick.fd)
         self.stats.extra["connections-shut"] = self.stats.extra.get("connections-shut", 0) + 1
-        what = kick.reason.split(" ", 1)[0] if kick.reason[0].isdigit() else kick.reason
+        what = "held" if kick.reason[0].isdigit() else kick.reason  # "N bytes since ...": once, whatever N
         if self._once.first(("kick", label, what)):
             log.warning("server %s shut a connection to its %s: %s", self._name, label, kick.reason)
 
