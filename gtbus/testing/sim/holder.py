@@ -144,8 +144,8 @@ class SimHolder(Registrant):
             self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)
             return
         if self.remote:
-            for seg in segs:
-                self.world.send(self.name, AGENT, "ship-segment", (g.token_id, seg.index, len(segs), seg), epoch)
+            for body in self._to_agent(g, epoch, segs):
+                self.world.send(self.name, AGENT, "ship-segment", body, epoch)
             self.world.send(self.name, AGENT, "agent-done", (g.token_id, len(segs)), epoch)
             return
         if self.device.map(g.staging, self.name) is None:
@@ -157,6 +157,10 @@ class SimHolder(Registrant):
         self.device.unmap(g.staging, self.name)
         self._after_write(g, epoch)
         self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)
+
+    def _to_agent(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[tuple[Any, ...]]:
+        """Hook: what it streams to the device agent, (token id, index, count, segment) each."""
+        return [(g.token_id, seg.index, len(segs), seg) for seg in segs]
 
     def _shipped(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[Any]:
         """Hook: the ``ship.segment`` bodies for ``segs`` (index and count)."""

@@ -31,7 +31,7 @@ BEHAVIOURS: Final = {
     "decline-junk": "declines every grant with a reason full of escapes",
     "bad-manifest": "registers a misfit manifest, then changes its dataset mid-run",
     "duplicate-return": "sends its return three times",
-    "bad-segments": "ship mode: segments with indices, counts and sizes out of range, duplicated, or mistyped",
+    "bad-segments": "segments (shipped, or streamed to the agent) with indices, counts and sizes out of range, duplicated, or mistyped",
     "wrong-role": "sends what only the orchestrator or the agent may: revokes and grants to other holders, agent answers",
 }
 
@@ -199,6 +199,17 @@ class HostileHolder(SimHolder):
             bodies[i] = {"token_id": g.token_id, "index": str(i), "count": n}
         else:
             bodies[i] = ShipSegment(g.token_id, (i + 1) % n, n)  # a duplicate index; one is missing
+        return bodies
+
+    def _to_agent(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[tuple[Any, ...]]:
+        bodies = super()._to_agent(g, epoch, segs)
+        if self.behaviour != "bad-segments" or not self._now_hostile():
+            return bodies
+        rng, n = self.world.rng, len(segs)
+        i = rng.randrange(n)
+        token, _, _, seg = bodies[i]
+        bodies[i] = rng.choice([(token, n, n, seg), (token, -1, n, seg), (token, i, n + 1, seg), (token, "0", n, seg),
+                                (token, (i + 1) % n, n, seg), ("t-other", i, n, seg), (token, i, n, "not a segment")])
         return bodies
 
     def _shipped_size(self, g: GrantBody, index: int) -> int:
