@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -86,15 +87,30 @@ def every_view(path: Path, node: str) -> None:
         assert_clean(*replay(path, *args), as_json=args == ["--verify", "--json"], finding=f"{node}: " if "--redrive" in args else "FAIL ")
 
 
-def measured(*args: str | Path) -> tuple[int, str, int]:
-    """Run `gtbus replay ARGS` as a process: exit status, stderr, peak RSS in bytes (from wait4)."""
-    with open(os.devnull, "wb") as out, subprocess.Popen([sys.executable, "-m", "gtbus", "replay", *map(str, args)], stdout=out, stderr=subprocess.PIPE) as p:
-        assert p.stderr is not None
-        err = p.stderr.read().decode()
-        _, status, usage = os.wait4(p.pid, 0)
-        p.returncode = os.waitstatus_to_exitcode(status)
-        return p.returncode, err, usage.ru_maxrss * 1024
+# The measured process writes its own peak (VmHWM of its address space) when it exits.
+# Not wait4's ru_maxrss: Linux carries the pre-exec high-water mark of the forked copy of
+# this pytest process into it, so it read 300 MiB once pytest itself had grown that big.
+_MEASURED = """
+import atexit, sys
+out = sys.argv.pop(1)
+def peak():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            with open(out, "w") as fh:
+                fh.write(line.split()[1])
+atexit.register(peak)
+from gtbus.cli.main import main
+main()
+"""
 
+
+def measured(*args: str | Path) -> tuple[int, str, int]:
+    """Run `gtbus replay ARGS` as a process: exit status, stderr, peak RSS in bytes (its own VmHWM)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        peak = Path(tmp) / "peak"
+        p = subprocess.run([sys.executable, "-c", _MEASURED, str(peak), "replay", *map(str, args)],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=300)
+        return p.returncode, p.stderr.decode(), int(peak.read_text()) * 1024
 
 def _raw_log(path: Path, payload: bytes) -> None:
     import blake3
