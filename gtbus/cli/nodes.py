@@ -115,7 +115,8 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
     from gtbus.gpu.attestation import EmulatedVerifier
     from gtbus.gpu.platform_key import load_platform_public
-    from gtbus.nodes.holder import Holder, HolderFaults
+    from gtbus.nodes.faults import HolderFaults
+    from gtbus.nodes.holder import Holder
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import client_transport, orchestrator_of
     from gtbus.training.shards import Dataset

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy
@@ -48,56 +45,12 @@ from gtbus.messages.types import (
     TokenRevoke,
     Welcome,
 )
+from gtbus.nodes.faults import HolderFaults
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.protocol.holder import Action, HolderMachine
 from gtbus.training.shards import Dataset
 from gtbus.transport.base import Delivery
-
-
-@dataclass
-class HolderFaults:
-    """Failure injection for tests and drills (never set in production).
-
-    ``garbage``: write random bytes instead of ciphertext. ``replay_previous``:
-    write the previous hop's ciphertext again. ``map_old``: try to map the
-    previous hop's staging handle before writing. ``stall``: sleep this many
-    seconds after acking (to overrun the lease). ``exit_mid_provision``: kill
-    this process (SIGKILL) after acking, half-way through writing.
-    ``stop_before_return``: once, with the chunk written and the return about
-    to leave, stop this process (SIGSTOP) right there, so a test can resume it
-    past its lease (a paused ex-holder whose return arrives late).
-    ``dump_to=PATH``: after each hop, copy the ciphertext this holder wrote
-    into staging to PATH. ``replay_from=PATH``: write the bytes of PATH
-    (another holder's ``dump_to``) into staging instead of sealing its chunk.
-    ``decline_with=TEXT``: decline every grant with TEXT as the reason (a hostile
-    holder's text: newlines, terminal escapes).
-    """
-
-    garbage: bool = False
-    replay_previous: bool = False
-    map_old: bool = False
-    stall: float = 0.0
-    exit_mid_provision: bool = False
-    stop_before_return: bool = False
-    dump_to: str = ""
-    replay_from: str = ""
-    decline_with: str = ""
-
-    @classmethod
-    def parse(cls, spec: str) -> "HolderFaults":
-        """Parse ``name[=value],...`` (e.g. ``garbage`` or ``stall=5``)."""
-        f = cls()
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            name, _, value = part.partition("=")
-            name = name.replace("-", "_")
-            if name not in cls.__dataclass_fields__:
-                raise GtbusError(f"unknown fault {name!r}")
-            kind = type(getattr(f, name))
-            if kind is str and not value:
-                raise GtbusError(f"fault {name} needs a value ({name}=...)")
-            setattr(f, name, float(value) if kind is float else value if kind is str else True)
-        return f
 
 
 class Holder:
@@ -129,6 +82,7 @@ class Holder:
         self.orchestrator_timeout = orchestrator_timeout
         self._prepared = asyncio.Event()
         self.faults = faults or HolderFaults()
+        self.staging = self.faults.around(device_cls)  # the device class, or the drills around its staging writes
         self.on_event = on_event or (lambda line: None)
         self.machine = HolderMachine()
         self.log = logging.getLogger(f"gtbus.holder.{runtime.name}")
@@ -139,8 +93,6 @@ class Holder:
         self.hops_provisioned = 0
         self.refused: list[str] = []
         self._task: asyncio.Task[None] | None = None
-        self._last_staging: bytes | None = None
-        self._last_handle: str | None = None
         self._ship_buffer: bytearray | None = None
         runtime.on(TokenGrant, self._on_grant)
         runtime.on(Heartbeat, self._on_server_heartbeat)
@@ -216,8 +168,9 @@ class Holder:
         if decision.action is Action.ACK_AGAIN:
             await self.rt.send(TokenAck(g.token_id), epoch=epoch)
             return
-        if decision.action is Action.DECLINE or self.faults.decline_with:
-            await self.rt.send(TokenDecline(g.token_id, self.faults.decline_with or decision.reason), epoch=epoch)
+        decline = self.faults.decline_reason(decision.reason if decision.action is Action.DECLINE else None)
+        if decline is not None:
+            await self.rt.send(TokenDecline(g.token_id, decline), epoch=epoch)
             return
         try:
             params = open_params(g.sealed_params, bytes(self.rt.identity.x25519_secret))
@@ -241,8 +194,7 @@ class Holder:
             plain = memoryview(numpy.ascontiguousarray(tokens, dtype="<u2")).cast("B")
             count = segment_count(len(plain), params.segment_size)
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
-            if self.faults.stall:
-                await asyncio.sleep(self.faults.stall)
+            await self.faults.after_ack()
             if g.mode == "travel" and self.agent is not None:
                 summary = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
             elif g.mode == "travel":
@@ -251,9 +203,7 @@ class Holder:
                 summary = await self._write_ship(g, epoch, params, plain, ctx)
             if not self.machine.is_current(g.token_id, epoch):
                 return  # revoked while writing
-            if self.faults.stop_before_return:
-                self.faults.stop_before_return = False  # once: the retry should go through
-                os.kill(os.getpid(), signal.SIGSTOP)  # drill: resumes only on SIGCONT
+            self.faults.before_return()
             await self.rt.send(
                 TokenReturn(g.token_id, g.chunk_index, summary[0], summary[1], summary[2]), epoch=epoch
             )
@@ -271,45 +221,12 @@ class Holder:
             await self.rt.send(TokenDecline(g.token_id, f"provisioning failed: {exc}"[:200]), epoch=epoch)
 
     def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> tuple[int, int, bytes]:
-        if self.faults.map_old and self._last_handle is not None:
-            # Drill: an earlier hop's buffer must be gone. This raises DeviceError
-            # (on cupy when the mapping is first used: IPC handles open lazily).
-            self.device_cls.map_staging(self._last_handle).read_raw(1)
-        mapping = self.device_cls.map_staging(params.buffer_handle)
-        total = staging_size(len(plain), params.segment_size)
-        forged = (ctx.count, len(plain), b"\0" * 32)
+        mapping = self.staging.map_staging(params.buffer_handle)
         try:
-            if self.faults.exit_mid_provision:
-                mapping.write_raw(os.urandom(len(plain) // 2))
-                os.kill(os.getpid(), 9)
-            if self.faults.garbage:
-                mapping.write_raw(os.urandom(total))
-                summary = forged
-            elif self.faults.replay_previous and self._last_staging is not None:
-                mapping.write_raw(self._last_staging[:total])
-                summary = forged
-            elif self.faults.replay_from:
-                try:
-                    with open(self.faults.replay_from, "rb") as fh:
-                        old = fh.read(total)
-                except OSError as exc:
-                    raise GtbusError(f"replay_from: {exc}") from None
-                mapping.write_raw(old)
-                summary = forged
-            else:
-                s = mapping.seal_into(plain, params, ctx)
-                summary = (s.count, s.nbytes, s.ciphertext_digest)
-            if self.faults.replay_previous:
-                self._last_staging = mapping.read_raw(total)
-            if self.faults.dump_to:
-                tmp = self.faults.dump_to + ".tmp"
-                with open(tmp, "wb") as fh:
-                    fh.write(mapping.read_raw(total))
-                os.replace(tmp, self.faults.dump_to)
-            self._last_handle = params.buffer_handle
-            return summary
+            s = mapping.seal_into(plain, params, ctx)
+            return s.count, s.nbytes, s.ciphertext_digest
         finally:
-            self.device_cls.unmap(mapping)
+            self.staging.unmap(mapping)
 
     async def _write_ship(
         self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext, via: NodeRuntime | None = None
