@@ -20,14 +20,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nodes"))
 from travel_kit import Travel  # noqa: E402
 
 
-def peak_rss_bytes(pid: int) -> int:
-    """Peak resident set size (VmHWM) of a live process, in bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
-
-
 @pytest.fixture
 def travel(tmp_path: Path) -> Iterator[Callable[..., Travel]]:
     """Make a :class:`Travel` run in a fresh folder; every process it started is gone after the test."""

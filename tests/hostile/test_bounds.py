@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from conftest import peak_rss_bytes
+from process_memory import peak_rss_bytes
 from scripted_holder import ScriptedHolder, honest_manifest, wait_for_text
 from travel_kit import Travel
 

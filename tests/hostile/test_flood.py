@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from conftest import peak_rss_bytes
+from process_memory import peak_rss_bytes
 from travel_kit import Travel, trained_keys
 
 from gtbus.bench.flood import Flood

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy
 import pytest
-from conftest import peak_rss_bytes
+from process_memory import peak_rss_bytes
 from travel_kit import Msg, Travel, trained_keys
 
 from gtbus.messages.identity import Roster, load_identity

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import peak_rss_bytes
+from process_memory import peak_rss_bytes
 from travel_kit import Travel, trained_keys
 
 from gtbus.errors import PeerUnreachable, TransportError

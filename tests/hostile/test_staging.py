@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 import pytest
-from conftest import peak_rss_bytes
+from process_memory import peak_rss_bytes
 from scripted_holder import ScriptedHolder, honest_manifest
 from travel_kit import Travel, trained_keys
 
