@@ -8,6 +8,11 @@ Layering (DESIGN §3): the node layer talks to a :class:`ServerTransport` or a
   gtbus that imports zmq.
 * :mod:`gtbus.transport.memory`: an in-process :class:`MemoryNetwork` with the
   same rules and fault injection, for tests (re-exported by ``gtbus.testing``).
+
+Two sans-I/O rule sets the server side applies: :mod:`gtbus.transport.budget`
+(per-peer message, byte and refusal-record budgets, checked by the node
+runtime before its pipeline) and :mod:`gtbus.transport.conn_guard` (what one
+TCP connection may make the zmq server hold before its message is whole).
 """
 
 from gtbus.transport.base import (
