@@ -474,3 +474,43 @@ def test_a_client_that_stops_reading_gets_an_error_not_a_stalled_server(deployme
         await server.close()
 
     run(main(), timeout=15)
+
+
+def test_a_key_opening_connections_in_a_loop_is_refused_and_others_are_served(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment, tuning=SocketTuning(handshake_burst=6, handshake_per_s=0.01))
+        await server.start()
+        churn = [make_client(deployment, server, "h1") for _ in range(5)]  # two handshakes each
+        try:
+            for c in churn:
+                await c.start()
+            await eventually(lambda: server.stats.extra.get("auth-connection-rate", 0) >= 1, 5, "a refused handshake")
+            h2 = make_client(deployment, server, "h2")
+            async with running(h2):
+                await h2.send([b"other keys are served"])
+                assert (await server.recv()).peer == "h2"
+        finally:
+            for c in churn:
+                await c.close()
+            await server.close()
+
+    run(main())
+
+
+def test_connections_that_never_speak_are_shut_and_one_that_speaks_stays(deployment: Deployment) -> None:
+    async def main() -> None:
+        server = make_server(deployment, tuning=SocketTuning(first_message_s=0.3))
+        await server.start()
+        # A client that opens a connection and says nothing (no subscriptions either) ...
+        mute = make_client(deployment, server, "h1", topics=())
+        talker = make_client(deployment, server, "h2")
+        async with running(mute, talker):
+            await talker.send([b"hello"])
+            assert (await server.recv()).peer == "h2"
+            await eventually(lambda: server.stats.extra.get("connections-shut", 0) >= 2, 5, "the mute connections shut")
+            await talker.send([b"still here"])
+            got = await server.recv()
+            assert (got.peer, got.frames) == ("h2", [b"still here"])
+        await server.close()
+
+    run(main())
