@@ -175,5 +175,6 @@ def test_a_run_with_squatters_connected_from_the_start_trains_every_hop(travel: 
     assert {h["holder"] for h in hops} == {"h1", "h2"}
     # The squatters got nothing on the direct channel: no grant, no reply meant for h1 or h2.
     assert got["direct"] == []
+    print(f"orchestrator peak RSS {max(rss_seen, default=0) >> 20} MiB with squatters (cap {RSS_CAP >> 20} MiB)")
     assert rss_seen and max(rss_seen) < RSS_CAP, max(rss_seen, default=0)
     assert t.replay_verify().returncode == 0
