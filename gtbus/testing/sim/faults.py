@@ -19,7 +19,7 @@ from gtbus.protocol.token import Phase
 from gtbus.testing.sim.config import ORCHESTRATOR, SimConfig
 from gtbus.testing.sim.world import World
 
-KINDS: Final = ("crash", "pause", "partition", "skew", "tamper", "crash-mid-hop", "outage")
+KINDS: Final = ("crash", "pause", "partition", "skew", "tamper", "crash-mid-hop", "outage", "code-change")
 
 
 class Restartable(Protocol):
@@ -69,6 +69,9 @@ def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any], keep: Co
             who = "holders"
         elif kind == "tamper":
             events = [(t, _tamper, (world, nodes[ORCHESTRATOR], rng.getrandbits(64)))]
+            who = ORCHESTRATOR
+        elif kind == "code-change":
+            events = [(t, _change_code, (world, nodes[ORCHESTRATOR]))]
             who = ORCHESTRATOR
         else:
             events = [(t, _crash_mid_hop, (world, nodes[ORCHESTRATOR], rng.randint(1, 8), rng.uniform(0.02, 2.0)))]
@@ -130,6 +133,13 @@ def _tamper(world: World, orch: Any, digest: int) -> None:
     if orch.up and orch.hop is not None and not orch.hop.waiting_agent and orch.token.phase in (Phase.GRANTED, Phase.HELD) and orch.device.model is not None:
         world.note("fault: model tampered", orch.hop.machine.epoch)
         orch.device.model = digest
+
+
+def _change_code(world: World, orch: Any) -> None:
+    # Loaded code changed while a holder holds the token: the hop rolls back and the run stops.
+    if orch.up and orch.hop is not None and orch.token.phase in (Phase.GRANTED, Phase.HELD):
+        world.note("fault: loaded code changed", orch.hop.machine.epoch)
+        orch.code_changed = "gtbus.training.trainer.Trainer.train_on"
 
 
 def end_faults(world: World, nodes: Mapping[str, Any]) -> None:

@@ -165,6 +165,7 @@ class SimOrchestrator:
         self.away: dict[str, tuple[float, float, float]] = {}
         self.last_heard: dict[str, float] = {}
         self.followers: set[str] = set()
+        self.code_changed: str | None = None  # a fault may change the loaded code; a new process loads it afresh
         w.release_held(self.name)
         w.note("orchestrator started", (self.incarnation, self.token.epoch))
         self._hello(self.incarnation)
@@ -398,7 +399,7 @@ class SimOrchestrator:
             hop.opened = opened
             return SegmentsOpened()
         elif isinstance(action, Remeasure):
-            return Remeasured(_digest(self._measured(hop)))
+            return Remeasured(_digest(self._measured(hop)), self.code_changed)
         elif isinstance(action, Train):
             assert hop.opened is not None
             a = m.assignment

@@ -8,6 +8,7 @@ reproduces it and the last events before the end.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
@@ -231,7 +232,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
         trained += r.trained
         finished += r.finished
         if r.stopped:
-            why = r.stopped.split(" within ")[0].split(" for ")[0]
+            why = re.sub(r"\d+(\.\d+)?", "N", re.sub(r" \(.*?\)", "", r.stopped.split(";")[0]))
             stopped[why] = stopped.get(why, 0) + 1
         restarts += r.restarts
         modes.add(r.config.mode)
