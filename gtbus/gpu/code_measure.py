@@ -49,7 +49,7 @@ DEVICE_MODULES: Final = (
 )
 
 #: The hop: the machine that decides its actions, and the shell that performs them on the device.
-HOP_MODULES: Final = ("gtbus.protocol.hop", "gtbus.nodes.orchestrator")
+HOP_MODULES: Final = ("gtbus.protocol.hop", "gtbus.nodes.orchestrator", "gtbus.nodes.hop_runner")
 
 
 def measured_modules(trainer: Trainer, device: Device) -> list[types.ModuleType]:

@@ -13,9 +13,13 @@ A hop, in the order the design gives (DESIGN §6):
 4. epilogue: scrub both buffers, verify they read zero, release, drop the key,
    publish a signed hop record, checkpoint.
 
-The decisions about the token are made by :class:`~gtbus.protocol.token.TokenMachine`
-and :class:`~gtbus.protocol.schedule.Schedule`; this module is the asyncio
-shell that performs them. Its parts, each in its own module: epochs reserved
+The decisions are made by sans-I/O machines: each hop by a
+:class:`~gtbus.protocol.hop.HopMachine` (which drives the run's
+:class:`~gtbus.protocol.token.TokenMachine`), executed on the device by
+:class:`~gtbus.nodes.hop_runner.HopRunner`; which hop comes next by the
+:class:`~gtbus.protocol.schedule.Schedule`. This module is the asyncio shell
+around them: registration, the run loop, liveness, and the run-level actions
+a hop ends with (settle, checkpoint, publish, stop). Its parts, each in its own module: epochs reserved
 on disk (:mod:`gtbus.nodes.epochs`), hop buffers (:mod:`gtbus.nodes.staging_pool`),
 the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
 (:mod:`gtbus.gpu.code_measure`) and the run summary (:mod:`gtbus.nodes.run_summary`).
@@ -24,27 +28,20 @@ the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
-import numpy
-
-from gtbus.errors import ChannelError, ConfigError, DeviceError, GtbusError, TransportError
+from gtbus.errors import ConfigError, GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
-from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, segment_bounds, segment_count, staging_size, TAG_SIZE
-from gtbus.gpu.code_measure import code_measurement, first_change, loaded_code
+from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
-from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.identity import Role
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
-    AgentReady,
-    AgentStage,
     Echo,
     EchoReply,
     HopRecord,
@@ -59,25 +56,25 @@ from gtbus.messages.types import (
     SnapshotRequest,
     TokenAck,
     TokenDecline,
-    TokenGrant,
     TokenReturn,
-    TokenRevoke,
     TokenState,
     Welcome,
 )
 from gtbus.nodes.epochs import EpochReservation
+from gtbus.nodes.hop_runner import TOKEN_BYTES, HopRunner
 from gtbus.nodes.run_summary import HopResult, hop_progress, hop_record, public_snapshot, public_summary, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
 from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
 from gtbus.protocol.schedule import Assignment, Schedule
-from gtbus.protocol.token import Phase, TokenMachine
+from gtbus.protocol.hop import Acked, Declined, HopEvent, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
+from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
+from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
 from gtbus.transport.base import Delivery
 
-TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
 
 
 @dataclass
@@ -168,25 +165,23 @@ class Orchestrator:
         self.schedule: Schedule | None = None
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
-        self._hop_event = asyncio.Event()
-        self._return: Accepted | None = None
-        self._decline: str | None = None
-        # Ship mode: this hop's ciphertext lands in one buffer sized by the run's
-        # capacity (never by a peer's claim); which segments arrived, by index.
-        self._ship_buf: bytearray | None = None
-        self._ship_got: set[int] = set()
-        self._ship_expect: tuple[int, int] = (0, 0)  # (segments, bytes) the granted chunk must have
+        self.current: HopRunner | None = None  # the hop in progress, or the last one
+        self.ship_buf: bytearray | None = None  # ship mode: where shipped ciphertext lands, sized by the run
+        self._after_hop: dict[type, Callable[[Any, Assignment, HopResult], Awaitable[None]]] = {
+            Settle: self._settle,
+            SaveCheckpoint: self._checkpoint,
+            PublishRecord: self._publish_record,
+            StopRun: self._stop_run,
+        }
         # Holders that could not be reached: monotonic times of the last failure and of the
         # first failure since they were last reached, and the current backoff.
         self._away: dict[str, tuple[float, float, float]] = {}
-        self._current_epoch = 0
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self.started = time.time()
         self.complete = False
-        self._hop_started: float | None = None
+        self.hop_started: float | None = None
         self.staging = StagingPool(device, self.state_dir, self.log)
-        self.code_compromised: str | None = None
         # Observers that asked for a snapshot: they (and the hop's holder) get the per-hop metrics.
         self.followers: set[str] = set()
         rt = runtime
@@ -200,7 +195,8 @@ class Orchestrator:
 
     # -- handlers ---------------------------------------------------------------------------
 
-    def _report(self, key: bytes | None, epoch: int, model_hash: bytes | None = None) -> dict[str, Any]:
+    def report(self, key: bytes | None, epoch: int, model_hash: bytes | None = None) -> dict[str, Any]:
+        """A signed measurement report (code, model, device) committing to the channel ``key``, as wire data."""
         if model_hash is None:
             model_hash = self.device.measure(*self.trainer.parameter_views())
         rep = MeasurementReport(
@@ -214,21 +210,12 @@ class Orchestrator:
         )
         return dict(self.platform.sign(rep).to_wire())
 
-    async def _stage_on_agent(self, agent: str, token_id: str, epoch: int, holder: str, handle: str, staging: Any, seg: int) -> None:
-        sealed = seal_bytes(handle.encode(), self.rt.roster[agent].x25519)
-        try:
-            acc = await self.rt.request(AgentStage(token_id, holder, sealed, staging.nbytes, seg), agent, timeout=self.config.lease, epoch=epoch)
-        except asyncio.TimeoutError:
-            raise TransportError(f"device agent {agent} did not answer the stage") from None
-        if not isinstance(acc.message, AgentReady) or acc.message.token_id != token_id:
-            raise TransportError(f"device agent {agent} refused the stage: {getattr(acc.message, 'reason', acc.spec.name)}")
-
     async def _on_register(self, acc: Accepted, delivery: Delivery) -> None:
         sender = acc.header.sender
         member = self.rt.roster.get(sender)
         if member is not None and member.role is Role.AGENT:
             self.agents.add(sender)
-            await self.rt.send(Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
+            await self.rt.send(Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
             self.log.info("device agent %s registered", sender)
             self._check_registered()
             return
@@ -254,7 +241,7 @@ class Orchestrator:
         self.manifests[sender] = m
         self._away.pop(sender, None)
         await self.rt.send(
-            Welcome(self.run_id, self._report(None, self.token.epoch), self._schedule_info()),
+            Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()),
             sender,
             parent=acc.header.id,
         )
@@ -294,7 +281,7 @@ class Orchestrator:
             "round": self.schedule.round if self.schedule else 0,
             "rounds": self.config.rounds,
             "hops_total": self.config.rounds * sum(m.chunk_count for m in self.manifests.values()),
-            "hop_started": self._hop_started,
+            "hop_started": self.hop_started,
             "started": self.started,
             "complete": self.complete,
         }
@@ -321,61 +308,37 @@ class Orchestrator:
         await self.rt.publish(HopRecord(out.epoch, out.holder, out.chunk, out.outcome, public), epoch=out.epoch)
         await self._tell(HopReport(out.epoch, out.holder, out.chunk, out.outcome, record), [out.holder, *sorted(self.followers)], epoch=out.epoch)
 
-    def _token_message(self, acc: Accepted) -> tuple[str, int, str]:
-        return acc.header.sender, acc.header.epoch, acc.message.token_id
+    def _feed(self, event: HopEvent) -> Verdict:
+        # Between hops the last hop's machine judges (through the token): never a new decision.
+        return self.current.feed(event).verdict if self.current is not None else Verdict(False, "no hop yet")
 
     async def _on_ack(self, acc: Accepted, delivery: Delivery) -> None:
-        v = self.token.on_ack(*self._token_message(acc))
+        h = acc.header
+        v = self._feed(Acked(h.sender, h.epoch, acc.message.token_id))
         if not v.accepted:
-            self.log.info("ignored ack from %s: %s", acc.header.sender, v.reason)
+            self.log.info("ignored ack from %s: %s", h.sender, v.reason)
 
     async def _on_return(self, acc: Accepted, delivery: Delivery) -> None:
-        v = self.token.on_return(*self._token_message(acc))
+        h, m = acc.header, acc.message
+        v = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes))
         if not v.accepted:
-            self.log.warning("ignored return from %s: %s", acc.header.sender, v.reason)
-            return
-        self._return = acc
-        self._hop_event.set()
+            self.log.warning("ignored return from %s: %s", h.sender, v.reason)
 
     async def _on_decline(self, acc: Accepted, delivery: Delivery) -> None:
-        v = self.token.on_decline(*self._token_message(acc))
+        h = acc.header
+        v = self._feed(Declined(h.sender, h.epoch, acc.message.token_id, acc.message.reason))
         if not v.accepted:
-            return
-        self._decline = acc.message.reason
-        self._hop_event.set()
+            self.log.info("ignored decline from %s: %s", h.sender, v.reason)
 
     async def _on_ship_segment(self, acc: Accepted, delivery: Delivery) -> None:
-        sender, epoch, token_id = self._token_message(acc)
-        why = self._ship_segment_misfit(acc, sender, epoch, token_id)
-        if why is not None:
-            self.rt.note_refused(why, sender)
+        h, m = acc.header, acc.message
+        size = memoryview(acc.blobs[0]).nbytes if len(acc.blobs) == 1 else -1
+        v = self._feed(SegmentShipped(h.sender, h.epoch, m.token_id, m.index, m.count, size))
+        if not v.accepted:
+            self.rt.note_refused(v.reason if v.reason.startswith("ship-segment-") else "ship-segment-outside-a-ship-hop", h.sender)
             return
-        seg: ShipSegment = acc.message
-        stride = self.config.segment + TAG_SIZE
-        assert self._ship_buf is not None
-        self._ship_buf[seg.index * stride : seg.index * stride + len(acc.blobs[0])] = acc.blobs[0]
-        self._ship_got.add(seg.index)
-
-    def _ship_segment_misfit(self, acc: Accepted, sender: str, epoch: int, token_id: str) -> str | None:
-        # Every number in a ship.segment is checked against what this hop's grant
-        # fixed (mode, holder, epoch, the chunk's segment count and sizes) before a
-        # byte is stored: nothing a holder claims sizes anything.
-        if self.config.mode != "ship" or self._ship_buf is None:
-            return "ship-segment-outside-a-ship-hop"
-        if sender != self.token.owner or epoch != self.token.epoch or token_id != self.token.token_id:
-            return "ship-segment-of-another-hop"
-        if self.token.phase not in (Phase.GRANTED, Phase.HELD):
-            return "ship-segment-after-the-return"
-        seg = acc.message
-        count, nbytes = self._ship_expect
-        if type(seg.index) is not int or type(seg.count) is not int or seg.count != count or not 0 <= seg.index < count:
-            return "ship-segment-index-or-count-out-of-range"
-        if seg.index in self._ship_got:
-            return "ship-segment-duplicate"
-        _, _, n = segment_bounds(seg.index, nbytes, self.config.segment)
-        if len(acc.blobs) != 1 or memoryview(acc.blobs[0]).nbytes != n + TAG_SIZE:
-            return "ship-segment-wrong-size"
-        return None
+        assert self.current is not None
+        self.current.store_shipped(m.index, acc.blobs[0])
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -387,7 +350,7 @@ class Orchestrator:
         self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
             self._load_checkpoint()
-        await self.rt.publish(MeasurementPublished(self._report(None, self.token.epoch)))
+        await self.rt.publish(MeasurementPublished(self.report(None, self.token.epoch)))
 
     async def wait_for_holders(self) -> None:
         """Wait until every configured holder registered (ConfigError naming the missing ones)."""
@@ -417,28 +380,7 @@ class Orchestrator:
                     break
                 await self._wait_for_a_holder()
                 continue
-            outcome = await self.hop(a)
-            if outcome.outcome != "undelivered":
-                self._away.pop(a.holder, None)
-            if outcome.outcome == "trained":
-                self.schedule.complete(a)
-            elif outcome.outcome == "undelivered":
-                self.schedule.defer(a)
-                self._back_off(a.holder)
-                outcome.detail += " (deferred: retried when the holder is back)"
-            else:
-                retry = self.schedule.fail(a)
-                outcome.detail += " (will retry)" if retry else " (skipped this round)"
-            self.hops.append(outcome)
-            self._save_checkpoint()
-            await self._publish_hop(outcome)
-            if self.on_hop:
-                self.on_hop(outcome)
-            if self.code_compromised is not None:
-                # A checkpoint restores the model, not the code: nothing more is trained by this process.
-                reason = f"loaded code changed during hop {outcome.epoch} ({self.code_compromised}); the run stops"
-                await self.rt.publish(Shutdown(reason))
-                raise GtbusError(reason)
+            await self.hop(a)
         self.staging.release_spares()
         summary = self.summary()
         self.complete = True
@@ -506,219 +448,50 @@ class Orchestrator:
             await asyncio.sleep(min(0.05, self.config.backoff_min))
         self.rt.state_label = "running"
 
-    async def _publish_state(self) -> None:
+    async def publish_state(self) -> None:
+        """Publish who holds the token, at which epoch, in which phase."""
         t = self.token
         await self.rt.publish(TokenState(t.token_id, t.owner or self.rt.name, t.epoch, t.phase.value), epoch=t.epoch)
 
     async def hop(self, a: Assignment) -> HopResult:
-        """One complete hop for assignment ``a``; never raises for a holder's misbehaviour."""
-        cfg = self.config
-        capacity, seg = cfg.capacity, cfg.segment
-        # What the granted chunk must come back as, from the admitted manifest:
-        # a return claiming anything else is refused before it sizes any work.
-        expect_bytes = self.manifests[a.holder].chunk_tokens_of(a.chunk, cfg.chunk_tokens) * TOKEN_BYTES
-        expect = (segment_count(expect_bytes, seg), expect_bytes)
-        t0 = time.perf_counter()
-        staging, handle = (None, "ship") if cfg.mode == "ship" else self.staging.take_staging(staging_size(capacity, seg))
-        data = self.staging.take_private(capacity)
-        params = ChannelParams.generate(str(handle), capacity, suite=cfg.suite, segment_size=seg)
-        grant = self.token.grant(a.holder, time.time(), cfg.lease)
-        self._hop_started = time.time()
-        self.epochs.reserve(grant.epoch)
-        self.rt.guard.raise_fence(grant.epoch)
-        out = HopResult(grant.epoch, a.round, a.holder, a.chunk, cfg.mode, "pending")
-        self._return, self._decline = None, None
-        if cfg.mode == "ship":
-            if self._ship_buf is None:
-                self._ship_buf = bytearray(staging_size(capacity, seg))
-            self._ship_got, self._ship_expect = set(), expect
-        self._hop_event.clear()
-        model_before = self.device.measure(*self.trainer.parameter_views())
-        revoked = False
-        try:
-            holder_pub = self.rt.roster[a.holder].x25519
-            msg = TokenGrant(
-                token_id=grant.token_id,
-                run_id=self.run_id,
-                holder=a.holder,
-                chunk_index=a.chunk,
-                mode=cfg.mode,
-                lease_deadline=grant.deadline,
-                sealed_params=seal_params(params, holder_pub),
-                report=self._report(params.key, grant.epoch, model_before),
-            )
-            try:
-                via = self.via.get(a.holder) if cfg.mode == "travel" else None
-                if via is not None:
-                    # A remote holder writes through the device agent on this host:
-                    # the agent must hold the staging mapping before the holder streams.
-                    await self._stage_on_agent(via, grant.token_id, grant.epoch, a.holder, str(handle), staging, seg)
-                await self.rt.send(msg, a.holder, epoch=grant.epoch)
-            except TransportError as exc:
-                # The holder is not connected (killed, partitioned, reconnecting): take
-                # the token back now; the run loop defers the chunk and backs off.
-                out.outcome, out.detail = "undelivered", f"grant not delivered: {exc}"
-                self.log.warning("hop %d: %s", grant.epoch, out.detail)
-                self.token.revoke()
-                return out
-            await self._publish_state()
-            returned = await self._await_return(grant.deadline)
-            out.provision_s = time.perf_counter() - t0
-            if returned is None:
-                out.outcome = "declined" if self._decline is not None else "revoked"
-                out.detail = self._decline or "lease expired before the return"
-                await self._revoke(grant.token_id, grant.epoch, a.holder, out.detail)
-                return out
-            if self.tamper_hook:
-                self.tamper_hook(self, a)
-            ret: TokenReturn = returned.message
-            out.nbytes, out.segments = ret.nbytes, ret.segments
-            t1 = time.perf_counter()
-            try:
-                if ret.chunk_index != a.chunk:
-                    raise ChannelError(f"returned chunk {ret.chunk_index}, granted chunk {a.chunk}")
-                if (ret.segments, ret.nbytes) != expect:
-                    raise ChannelError(
-                        f"returned {ret.nbytes} bytes in {ret.segments} segments; chunk {a.chunk} is {expect[1]} bytes in {expect[0]} segments"
-                    )
-                ctx = SegmentContext(self.run_id, grant.epoch, a.holder, ret.segments)
-                if cfg.mode == "travel":
-                    assert staging is not None
-                    # Plaintext lands in a private buffer that was never exported; then the
-                    # staging export is revoked so no handle of this hop maps again.
-                    try:
-                        self.device.open_segments(staging, data, params, ctx, ret.segments, ret.nbytes)
-                    finally:
-                        self._scrub(staging)
-                        self.device.revoke_staging(staging)
-                        revoked = True
-                else:
-                    self._open_shipped(params, ctx, ret, data)
-            except (ChannelError, DeviceError) as exc:
-                out.outcome, out.detail = "rejected", f"segments refused: {exc}"
-                self.log.warning("hop %d from %s: %s", grant.epoch, a.holder, out.detail)
-                self.token.revoke()
-                return out
-            out.open_s = time.perf_counter() - t1
-            model_now = self.device.measure(*self.trainer.parameter_views())
-            code_changed = first_change(self.loaded_code, loaded_code(self.trainer, self.device))
-            if not hmac.compare_digest(model_now, model_before) or code_changed is not None:
-                what = "model" if model_now != model_before else f"code ({code_changed})"
-                if code_changed is not None:
-                    self.code_compromised = code_changed
-                out.outcome, out.detail = "rolled-back", f"{what} changed during the hop; restored the last checkpoint"
-                self.log.error("hop %d: %s", grant.epoch, out.detail)
-                self.token.revoke()
-                self._restore_model()
-                return out
-            tokens = self.device.as_array(data, numpy.uint16)[: ret.nbytes // TOKEN_BYTES]
-            # While this hop trains, the next hop's fresh staging is allocated beside it.
-            self.staging.prepare_next(staging_size(capacity, seg) if cfg.mode == "travel" else 0)
-            try:
-                t2 = time.perf_counter()
-                out.eval_before = self.trainer.evaluate(tokens)
-                t3 = time.perf_counter()
-                report = self.trainer.train_on(tokens, cfg.steps_per_hop)
-                t4 = time.perf_counter()
-                out.eval_after = self.trainer.evaluate(tokens)
-                t5 = time.perf_counter()
-            except GtbusError as exc:
-                out.outcome, out.detail = "rejected", f"training refused the buffer: {exc}"
-                self.token.revoke()
-                self._restore_model()
-                return out
-            out.train_s = t4 - t3
-            out.eval_s = (t3 - t2) + (t5 - t4)
-            out.loss_first, out.loss_last = report.loss_first, report.loss_last
-            if self.first_eval is None:
-                self.first_eval = out.eval_before
-            self.last_eval = out.eval_before
-            out.outcome = "trained"
-            return out
-        finally:
-            via = self.via.get(a.holder) if cfg.mode == "travel" else None
-            if via is not None and out.outcome in ("pending", "revoked", "declined", "undelivered"):
-                # The agent may still hold this hop's mapping: it must drop it before the staging goes.
-                try:
-                    await self.rt.send(TokenRevoke(grant.token_id, out.detail or "hop ended"), via, epoch=grant.epoch)
-                except GtbusError as exc:
-                    self.log.info("revoke not delivered to agent %s: %s", via, exc)
-            t3 = time.perf_counter()
-            self._epilogue(None if revoked else staging, data, params)
-            if revoked:
-                self.device.release(staging)
-            if staging is not None:
-                self.staging.track_export(str(handle), False)
-            out.epilogue_s = time.perf_counter() - t3
-            if self.token.phase in (Phase.GRANTED, Phase.HELD):
-                # Unwinding (cancelled: shutdown, Ctrl-C) while a holder has the token:
-                # take it back before finishing, so the real error is not masked.
-                self.token.revoke()
-            if self.token.phase is not Phase.IDLE:
-                self.token.finish()
-            await self._publish_state()
+        """One complete hop for ``a``, run by a :class:`HopRunner`, then settled; never raises for a holder's misbehaviour."""
+        runner = self.current = HopRunner(self, a)
+        for action in await runner.run():
+            await self._after_hop[type(action)](action, a, runner.result)
+        return runner.result
 
-    async def _await_return(self, deadline: float) -> Accepted | None:
-        while True:
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                self.token.expired(time.time())
-                return None
-            try:
-                await asyncio.wait_for(self._hop_event.wait(), remaining)
-            except asyncio.TimeoutError:
-                continue
-            if self._decline is not None:
-                return None
-            return self._return
+    async def _settle(self, act: Settle, a: Assignment, out: HopResult) -> None:
+        assert self.schedule is not None
+        if act.settlement is Settlement.DEFER:
+            self.schedule.defer(a)
+            self._back_off(a.holder)
+            out.detail += " (deferred: retried when the holder is back)"
+        else:
+            self._away.pop(a.holder, None)
+            if act.settlement is Settlement.COMPLETE:
+                self.schedule.complete(a)
+            else:
+                out.detail += " (will retry)" if self.schedule.fail(a) else " (skipped this round)"
+        self.hops.append(out)
 
-    async def _revoke(self, token_id: str, epoch: int, holder: str, reason: str) -> None:
-        if self.token.phase in (Phase.GRANTED, Phase.HELD):
-            self.token.revoke()
-        try:
-            await self.rt.send(TokenRevoke(token_id, reason), holder, epoch=epoch)
-        except GtbusError as exc:  # the holder may be dead: that is why we revoke
-            self.log.info("revoke not delivered to %s: %s", holder, exc)
+    async def _checkpoint(self, act: SaveCheckpoint, a: Assignment, out: HopResult) -> None:
+        self._save_checkpoint()
 
-    def _open_shipped(self, params: ChannelParams, ctx: SegmentContext, ret: TokenReturn, data: Any) -> None:
-        # Conventional path: ciphertext arrived over the network into host memory;
-        # it is decrypted on the CPU into host memory, then copied to the device.
-        staging = self._ship_buf
-        assert staging is not None
-        try:
-            if len(self._ship_got) != ret.segments:
-                raise ChannelError(f"received {len(self._ship_got)} of {ret.segments} shipped segments")
-            plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
-            try:
-                SegmentOpener(params).open_into(staging, plain, ctx, ret.segments, ret.nbytes)
-                view = self.device.as_array(data, numpy.uint8)
-                view[: ret.nbytes] = self.device.array_module.asarray(plain[: ret.nbytes])
-            finally:
-                plain.fill(0)
-        finally:
-            numpy.frombuffer(staging, dtype=numpy.uint8).fill(0)
-            self._ship_got = set()
+    async def _publish_record(self, act: PublishRecord, a: Assignment, out: HopResult) -> None:
+        await self._publish_hop(out)
+        if self.on_hop:
+            self.on_hop(out)
 
-    def _scrub(self, buf: Any) -> None:
-        self.device.scrub(buf)
-        if not self.device.verify_zero(buf):
-            raise DeviceError("hop buffer did not read zero after scrub")
+    async def _stop_run(self, act: StopRun, a: Assignment, out: HopResult) -> None:
+        # Nothing more is trained by this process (changed code, a buffer that kept data).
+        await self.rt.publish(Shutdown(act.reason))
+        raise GtbusError(act.reason)
 
-    def _epilogue(self, staging: Any, data: Any, params: ChannelParams) -> None:
-        if staging is not None:
-            try:
-                self._scrub(staging)
-            finally:
-                self.device.release(staging)
-        # The private buffer was never exported: once scrubbed and verified zero it
-        # serves the next hop (a fresh one costs a page fault per 4 KiB on the host).
-        try:
-            self._scrub(data)
-        except DeviceError:
-            self.device.release(data)
-            raise
-        self.staging.keep_private(data)
-        del params  # the key goes with the params object; nothing else holds it
+    def note_eval(self, loss: float | None) -> None:
+        """A trained hop's held-out loss before training: the run's first and last, for the summary."""
+        if self.first_eval is None:
+            self.first_eval = loss
+        self.last_eval = loss
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -745,7 +518,8 @@ class Orchestrator:
         self.token.epoch = max(self.token.epoch, self.epochs.resume_from(ckpt.epoch))
         self.log.info("resumed run %s at epoch %d", self.run_id, self.token.epoch)
 
-    def _restore_model(self) -> None:
+    def restore_model(self) -> None:
+        """Put the model of the last checkpoint (or the initial model) back on the device."""
         if self.checkpoint_path.exists():
             self.trainer.load_state_dict(read_checkpoint(self.checkpoint_path).trainer_state())
         else:

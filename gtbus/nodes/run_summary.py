@@ -21,8 +21,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 from gtbus.messages.types import HOP_PUBLIC_FIELDS, RUN_PUBLIC_FIELDS, SNAPSHOT_PUBLIC_FIELDS
-
-TRAINED = "trained"  # the outcome of a hop whose chunk was trained on
+from gtbus.protocol.hop import HopOutcome
 
 
 @dataclass
@@ -67,7 +66,7 @@ def hop_record(h: HopResult) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def trained(hops: Iterable[HopResult]) -> list[HopResult]:
     """The hops whose chunk was trained on."""
-    return [h for h in hops if h.outcome == TRAINED]
+    return [h for h in hops if h.outcome == HopOutcome.TRAINED]
 
 
 def run_summary(

@@ -23,6 +23,7 @@ import copy
 from typing import Any
 
 from gtbus.messages.types import Heartbeat, HopRecord, HopReport, RunComplete, TokenState
+from gtbus.protocol.hop import HopOutcome
 
 
 class EventFollower:
@@ -81,7 +82,7 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
         return True
     if isinstance(msg, HopRecord):
         state["hops"] = _count(state.get("hops")) + 1
-        if msg.outcome == "trained":
+        if msg.outcome == HopOutcome.TRAINED:
             state["hops_trained"] = _count(state.get("hops_trained")) + 1
             state["bytes"] = _count(state.get("bytes")) + _count(msg.record.get("nbytes"))
         state["last_hop"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome}
@@ -124,6 +125,6 @@ def _apply_report(state: dict[str, Any], msg: HopReport | RunComplete) -> bool:
                             "detail": str(r.get("detail", ""))}
     before = _loss(r.get("eval_before"))
     shown = state.get("last_loss_epoch")
-    if msg.outcome == "trained" and before is not None and (type(shown) is not int or msg.epoch > shown):
+    if msg.outcome == HopOutcome.TRAINED and before is not None and (type(shown) is not int or msg.epoch > shown):
         state["last_loss"], state["last_loss_epoch"] = before, msg.epoch
     return True

@@ -1,0 +1,359 @@
+"""The orchestrator's hop shell: runs one :class:`~gtbus.protocol.hop.HopMachine` on the device, the trainer and the network.
+
+The machine decides; this module does what it is told, and feeds back what
+happened (DESIGN section 6):
+
+* :class:`~gtbus.protocol.hop.NewEpoch`: reserve the epoch on disk, raise the
+  receive fence;
+* :class:`~gtbus.protocol.hop.SendGrant`: seal the hop's channel params to the
+  holder, sign a measurement report committing to the key, have the device
+  agent stage the buffer first (a remote holder), send; answer
+  ``Delivered``/``Undelivered``;
+* :class:`~gtbus.protocol.hop.OpenSegments`: authenticate and decrypt into the
+  private buffer (never exported), then scrub the staging and revoke its
+  export; answer ``SegmentsOpened``/``SegmentsRefused``;
+* :class:`~gtbus.protocol.hop.Remeasure`, :class:`~gtbus.protocol.hop.Train`,
+  :class:`~gtbus.protocol.hop.RestoreModel`, :class:`~gtbus.protocol.hop.Scrub`
+  (scrub, verify zero, release, drop the key), revokes and token state.
+
+Messages from the network reach the hop through :meth:`HopRunner.feed`; the
+lease is the machine's :attr:`~gtbus.protocol.hop.HopMachine.wake_at`. The
+run-level actions (settle, checkpoint, publish the record, stop the run) are
+handed back to the orchestrator in order. No rule lives here: every check that
+could fail becomes an event that says what happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import numpy
+
+from gtbus.errors import ChannelError, DeviceError, GtbusError, ProtocolError, TransportError
+from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentOpener, staging_size
+from gtbus.gpu.code_measure import first_change, loaded_code
+from gtbus.gpu.sealing import seal_bytes, seal_params
+from gtbus.messages.types import AgentReady, AgentStage, TokenGrant, TokenRevoke
+from gtbus.nodes.run_summary import HopResult
+from gtbus.protocol.hop import (
+    Aborted,
+    Begin,
+    Checkpoint,
+    Delivered,
+    HopAction,
+    HopEvent,
+    HopMachine,
+    HopPhase,
+    LeaseExpired,
+    NewEpoch,
+    OpenSegments,
+    PublishRecord,
+    PublishTokenState,
+    Remeasure,
+    Remeasured,
+    RestoreModel,
+    Scrub,
+    Scrubbed,
+    SegmentsOpened,
+    SegmentsRefused,
+    SendGrant,
+    SendRevoke,
+    Settle,
+    Step,
+    StopRun,
+    Train,
+    Trained,
+    TrainingRefused,
+    Undelivered,
+)
+from gtbus.protocol.schedule import Assignment
+
+if TYPE_CHECKING:  # the orchestrator owns the runner; only its type is named here
+    from gtbus.nodes.orchestrator import Orchestrator
+
+TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
+RUN_ACTIONS = (Settle, Checkpoint, PublishRecord, StopRun)  # performed by the orchestrator, after the hop
+_WAITING = (HopPhase.READY, HopPhase.GRANTING, HopPhase.AWAITING)
+
+
+class HopRunner:
+    """One hop: the machine, the hop's buffers and key, and the record of what it did."""
+
+    def __init__(self, orch: Orchestrator, a: Assignment) -> None:
+        cfg = orch.config
+        self.orch, self.cfg, self.a = orch, cfg, a
+        self.rt, self.device, self.trainer = orch.rt, orch.device, orch.trainer
+        self.log = logging.getLogger(f"gtbus.hop.{orch.rt.name}")
+        ship = cfg.mode == "ship"
+        # What the granted chunk must come back as, from the admitted manifest.
+        chunk_bytes = orch.manifests[a.holder].chunk_tokens_of(a.chunk, cfg.chunk_tokens) * TOKEN_BYTES
+        self.machine = HopMachine(orch.token, a, chunk_bytes=chunk_bytes, segment_size=cfg.segment, lease=cfg.lease, ship=ship, via=orch.via.get(a.holder))
+        self.result = HopResult(0, a.round, a.holder, a.chunk, cfg.mode, "pending")
+        self._queue: deque[HopAction] = deque()
+        self._wake = asyncio.Event()
+        self._t0 = time.perf_counter()
+        sealed = staging_size(cfg.capacity, cfg.segment)
+        if ship and orch.ship_buf is None:
+            orch.ship_buf = bytearray(sealed)  # sized by the run, never by a peer's claim
+        self.staging, self.handle = (None, "ship") if ship else orch.staging.take_staging(sealed)
+        self.exported = self.staging is not None  # this hop's staging export still exists
+        self.data = orch.staging.take_private(cfg.capacity)
+        self.params: ChannelParams | None = ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
+        self.model_before = b""
+        self._do: dict[type, Callable[[Any], Awaitable[HopEvent | None]]] = {
+            NewEpoch: self._new_epoch,
+            SendGrant: self._send_grant,
+            PublishTokenState: self._publish_state,
+            SendRevoke: self._send_revoke,
+            OpenSegments: self._open_segments,
+            Remeasure: self._remeasure,
+            Train: self._train,
+            RestoreModel: self._restore_model,
+            Scrub: self._scrub,
+        }
+
+    # -- feeding the machine ----------------------------------------------------------------
+
+    def feed(self, event: HopEvent) -> Step:
+        """Hand the machine an event (a message from the network); its actions run in :meth:`run`."""
+        phase = self.machine.phase
+        decided = self.machine.outcome
+        step = self.machine.handle(event)
+        self._queue.extend(step.actions)
+        if phase in _WAITING and self.machine.phase not in _WAITING:
+            self.result.provision_s = time.perf_counter() - self._t0
+        if decided is None and self.machine.outcome is not None and self.machine.detail:
+            self.log.warning("hop %d from %s: %s: %s", self.machine.epoch, self.a.holder, self.machine.outcome.value, self.machine.detail)
+        self._wake.set()
+        return step
+
+    async def run(self) -> list[HopAction]:
+        """Run the hop to its end; return the run-level actions (settle, checkpoint, publish, stop) in order."""
+        finals: list[HopAction] = []
+        try:
+            self.model_before = self.device.measure(*self.trainer.parameter_views())
+            self.feed(Begin(self.rt.clock.time(), self.model_before))
+            while self._queue or not self.machine.done:
+                if not self._queue:
+                    await self._wait()
+                    continue
+                action = self._queue.popleft()
+                if isinstance(action, RUN_ACTIONS):
+                    finals.append(action)
+                    continue
+                event = await self._do[type(action)](action)
+                if event is not None:
+                    self.feed(event)
+        except BaseException as exc:  # cancelled (shutdown, Ctrl-C) or a bug: never leave the hop half done
+            await self._unwind(f"hop interrupted: {type(exc).__name__}")
+            raise
+        self._fill_result()
+        return finals
+
+    async def _wait(self) -> None:
+        """Wait for a message from the network, or the lease."""
+        self._wake.clear()
+        at = self.machine.wake_at
+        if at is None:
+            raise ProtocolError(f"hop {self.machine.epoch}: nothing to do and nothing to wait for in phase {self.machine.phase.value}")
+        delay = at - self.rt.clock.time()
+        if delay > 0:
+            # asyncio.timeout, not wait_for: wait_for swallows a cancellation that lands
+            # as the wake-up does (Python 3.11), and a cancelled run must unwind.
+            try:
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
+                return
+            except TimeoutError:
+                pass
+        self.feed(LeaseExpired(self.rt.clock.time()))
+
+    async def _unwind(self, reason: str) -> None:
+        # Work the machine has not asked for yet is dropped; the epilogue it decided
+        # (revokes, scrub) runs. A machine that already decided ignores the abort.
+        pending = list(self._queue)
+        self._queue.clear()
+        step = self.machine.handle(Aborted(reason))
+        self._queue.extend(step.actions if step.verdict.accepted else pending)
+        while self._queue:
+            action = self._queue.popleft()
+            if not isinstance(action, RUN_ACTIONS):
+                event = await self._do[type(action)](action)
+                if event is not None:
+                    self._queue.extend(self.machine.handle(event).actions)
+
+    def _fill_result(self) -> None:
+        m, r = self.machine, self.result
+        r.epoch = m.epoch
+        r.outcome = m.outcome.value if m.outcome is not None else "pending"
+        r.detail = m.detail
+        if m.returned is not None:
+            r.nbytes, r.segments = m.returned.nbytes, m.returned.segments
+        if m.trained is not None:
+            t = m.trained
+            r.loss_first, r.loss_last, r.eval_before, r.eval_after = t.loss_first, t.loss_last, t.eval_before, t.eval_after
+
+    # -- actions ----------------------------------------------------------------------------
+
+    async def _new_epoch(self, act: NewEpoch) -> None:
+        self.orch.epochs.reserve(act.epoch)
+        self.rt.guard.raise_fence(act.epoch)
+        self.orch.hop_started = self.rt.clock.time()
+        return None
+
+    async def _send_grant(self, act: SendGrant) -> HopEvent:
+        g, params = act.grant, self.params
+        assert params is not None
+        msg = TokenGrant(
+            token_id=g.token_id,
+            run_id=self.orch.run_id,
+            holder=g.holder,
+            chunk_index=act.chunk,
+            mode=self.cfg.mode,
+            lease_deadline=g.deadline,
+            sealed_params=seal_params(params, self.rt.roster[g.holder].x25519),
+            report=self.orch.report(params.key, g.epoch, self.model_before),
+        )
+        try:
+            if act.via is not None:
+                # A remote holder writes through the device agent on this host: the
+                # agent must hold the staging mapping before the holder streams.
+                await self._stage_on_agent(act.via, g.token_id, g.epoch, g.holder)
+            await self.rt.send(msg, g.holder, epoch=g.epoch)
+        except TransportError as exc:  # not connected (killed, partitioned, reconnecting)
+            return Undelivered(str(exc))
+        return Delivered()
+
+    async def _stage_on_agent(self, agent: str, token_id: str, epoch: int, holder: str) -> None:
+        sealed = seal_bytes(str(self.handle).encode(), self.rt.roster[agent].x25519)
+        try:
+            acc = await self.rt.request(AgentStage(token_id, holder, sealed, self.staging.nbytes, self.cfg.segment), agent, timeout=self.cfg.lease, epoch=epoch)
+        except asyncio.TimeoutError:
+            raise TransportError(f"device agent {agent} did not answer the stage") from None
+        if not isinstance(acc.message, AgentReady) or acc.message.token_id != token_id:
+            raise TransportError(f"device agent {agent} refused the stage: {getattr(acc.message, 'reason', acc.spec.name)}")
+
+    async def _publish_state(self, act: PublishTokenState) -> None:
+        await self.orch.publish_state()
+        return None
+
+    async def _send_revoke(self, act: SendRevoke) -> None:
+        try:
+            await self.rt.send(TokenRevoke(self.machine.token.token_id, act.reason), act.to, epoch=self.machine.epoch)
+        except GtbusError as exc:  # it may be dead: that is why the token is taken back
+            self.log.info("revoke not delivered to %s: %s", act.to, exc)
+        return None
+
+    async def _open_segments(self, act: OpenSegments) -> HopEvent:
+        t1 = time.perf_counter()
+        if self.orch.tamper_hook:
+            self.orch.tamper_hook(self.orch, self.a)
+        params = self.params
+        assert params is not None
+        ctx = SegmentContext(self.orch.run_id, act.epoch, act.holder, act.segments)
+        try:
+            if self.staging is not None:
+                # Plaintext lands in a private buffer that was never exported; then the
+                # staging export is revoked so no handle of this hop maps again.
+                try:
+                    self.device.open_segments(self.staging, self.data, params, ctx, act.segments, act.nbytes)
+                finally:
+                    self._scrub_verified(self.staging)
+                    self.device.revoke_staging(self.staging)
+                    self.exported = False
+            else:
+                self._open_shipped(params, ctx, act.segments, act.nbytes)
+        except (ChannelError, DeviceError) as exc:
+            return SegmentsRefused(str(exc))
+        self.result.open_s = time.perf_counter() - t1
+        return SegmentsOpened()
+
+    def _open_shipped(self, params: ChannelParams, ctx: SegmentContext, segments: int, nbytes: int) -> None:
+        # Conventional path: ciphertext arrived over the network into host memory;
+        # it is decrypted on the CPU into host memory, then copied to the device.
+        staging = self.orch.ship_buf
+        assert staging is not None
+        try:
+            plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
+            try:
+                SegmentOpener(params).open_into(staging, plain, ctx, segments, nbytes)
+                view = self.device.as_array(self.data, numpy.uint8)
+                view[:nbytes] = self.device.array_module.asarray(plain[:nbytes])
+            finally:
+                plain.fill(0)
+        finally:
+            numpy.frombuffer(staging, dtype=numpy.uint8).fill(0)
+
+    def store_shipped(self, index: int, blob: Any) -> None:
+        """Put a shipped segment the machine accepted (index and size checked) where the grant placed it."""
+        buf = self.orch.ship_buf
+        assert buf is not None
+        at = index * (self.cfg.segment + TAG_SIZE)
+        view = memoryview(blob).cast("B")
+        buf[at : at + view.nbytes] = view
+
+    async def _remeasure(self, act: Remeasure) -> HopEvent:
+        model_now = self.device.measure(*self.trainer.parameter_views())
+        return Remeasured(model_now, first_change(self.orch.loaded_code, loaded_code(self.trainer, self.device)))
+
+    async def _train(self, act: Train) -> HopEvent:
+        tokens = self.device.as_array(self.data, numpy.uint16)[: act.nbytes // TOKEN_BYTES]
+        # While this hop trains, the next hop's fresh staging is allocated beside it.
+        self.orch.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
+        r = self.result
+        try:
+            t2 = time.perf_counter()
+            before = self.trainer.evaluate(tokens)
+            t3 = time.perf_counter()
+            report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
+            t4 = time.perf_counter()
+            after = self.trainer.evaluate(tokens)
+            t5 = time.perf_counter()
+        except GtbusError as exc:
+            return TrainingRefused(str(exc))
+        r.train_s, r.eval_s = t4 - t3, (t3 - t2) + (t5 - t4)
+        self.orch.note_eval(before)
+        return Trained(report.loss_first, report.loss_last, before, after)
+
+    async def _restore_model(self, act: RestoreModel) -> None:
+        self.orch.restore_model()
+        return None
+
+    def _scrub_verified(self, buf: Any) -> None:
+        self.device.scrub(buf)
+        if not self.device.verify_zero(buf):
+            raise DeviceError("hop buffer did not read zero after scrub")
+
+    async def _scrub(self, act: Scrub) -> HopEvent:
+        t = time.perf_counter()
+        try:
+            self._epilogue()
+        except DeviceError as exc:
+            return Scrubbed(False, str(exc))
+        finally:
+            self.result.epilogue_s = time.perf_counter() - t
+        return Scrubbed()
+
+    def _epilogue(self) -> None:
+        staging, data = self.staging, self.data
+        self.params = None  # the key goes with the params object; nothing else holds it
+        if staging is not None:
+            try:
+                if self.exported:
+                    self._scrub_verified(staging)
+            finally:
+                self.device.release(staging)
+                self.orch.staging.track_export(str(self.handle), False)
+                self.staging = None
+        # The private buffer was never exported: once scrubbed and verified zero it
+        # serves the next hop (a fresh one costs a page fault per 4 KiB on the host).
+        try:
+            self._scrub_verified(data)
+        except DeviceError:
+            self.device.release(data)
+            raise
+        self.orch.staging.keep_private(data)
