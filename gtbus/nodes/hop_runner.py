@@ -38,6 +38,7 @@ from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentOp
 from gtbus.gpu.code_measure import first_change, loaded_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.types import AgentReady, AgentStage, TokenGrant, TokenRevoke
+from gtbus.nodes.run_config import TOKEN_BYTES
 from gtbus.nodes.run_summary import HopResult
 from gtbus.protocol.hop import (
     Aborted,
@@ -75,7 +76,6 @@ from gtbus.protocol.schedule import Assignment
 if TYPE_CHECKING:  # the orchestrator owns the runner; only its type is named here
     from gtbus.nodes.orchestrator import Orchestrator
 
-TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
 RUN_ACTIONS = (Settle, Checkpoint, PublishRecord, StopRun)  # performed by the orchestrator, after the hop
 _WAITING = (HopPhase.READY, HopPhase.GRANTING, HopPhase.AWAITING)
 

@@ -31,11 +31,10 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any, Awaitable, Callable
 
-from gtbus.errors import ConfigError, GtbusError, TransportError
+from gtbus.errors import GtbusError, TransportError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
@@ -61,7 +60,8 @@ from gtbus.messages.types import (
     Welcome,
 )
 from gtbus.nodes.epochs import EpochReservation
-from gtbus.nodes.hop_runner import TOKEN_BYTES, HopRunner
+from gtbus.nodes.hop_runner import HopRunner
+from gtbus.nodes.run_config import RunConfig
 from gtbus.nodes.run_summary import HopResult, hop_progress, hop_record, public_snapshot, public_summary, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
@@ -70,64 +70,12 @@ from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.hop import Acked, Declined, HopEvent, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
 from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
+from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
-from gtbus.training.trainer import ONE_PASS, StepBudget, Trainer
+from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
-
-
-@dataclass
-class RunConfig:
-    """How the orchestrator runs: schedule, hop sizes, leases, files."""
-
-    run_dir: Path
-    holders: list[str]
-    rounds: int = 1
-    chunk_tokens: int = 1 << 17
-    mode: str = "travel"
-    lease: float = 10.0
-    segment_size: int = 4 << 20  # fewer, larger segments: less per-call overhead on the holder's cores
-    suite: str = "aes-256-gcm"
-    steps_per_hop: StepBudget = ONE_PASS
-    register_timeout: float = 60.0
-    max_attempts: int = 2
-    resume: bool = False
-    run_id: str = ""
-    trainer: str = "bytelm"  # the workload's name, to name the remedy when data does not fit it
-    # Most chunks one holder may bring: bounds every schedule, checkpoint and
-    # table that a holder's manifest would otherwise size.
-    max_chunks: int = 1 << 16
-    # A holder that cannot be reached is retried after a backoff doubling from
-    # backoff_min to backoff_max; when no holder with work left has been heard
-    # from for absent_timeout seconds, the run stops with a named reason.
-    backoff_min: float = 0.25
-    backoff_max: float = 8.0
-    absent_timeout: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("travel", "ship"):
-            raise ConfigError(f"mode must be travel or ship, not {self.mode!r}")
-        if self.chunk_tokens < 64:
-            raise ConfigError("chunk_tokens must be at least 64")
-        if self.lease <= 0:
-            raise ConfigError("lease must be positive")
-        if not 1 <= self.max_chunks <= 1 << 24:
-            raise ConfigError("max_chunks must be between 1 and 16777216")
-        if not 0 < self.backoff_min <= self.backoff_max:
-            raise ConfigError("backoff_min must be positive and at most backoff_max")
-        if self.absent_timeout <= 0:
-            raise ConfigError("absent_timeout must be positive")
-
-    @property
-    def capacity(self) -> int:
-        """Bytes of one hop buffer (a whole chunk of uint16 tokens)."""
-        return self.chunk_tokens * TOKEN_BYTES
-
-    @property
-    def segment(self) -> int:
-        """AEAD segment size of every hop."""
-        return min(self.segment_size, max(self.capacity, 1 << 20))
 
 
 class Orchestrator:
@@ -173,9 +121,7 @@ class Orchestrator:
             PublishRecord: self._publish_record,
             StopRun: self._stop_run,
         }
-        # Holders that could not be reached: monotonic times of the last failure and of the
-        # first failure since they were last reached, and the current backoff.
-        self._away: dict[str, tuple[float, float, float]] = {}
+        self.liveness = HolderLiveness(config.backoff_min, config.backoff_max, config.absent_timeout)
         self.first_eval: float | None = None
         self.last_eval: float | None = None
         self.started = time.time()
@@ -239,7 +185,7 @@ class Orchestrator:
         if via is not None:
             self.via[sender] = via
         self.manifests[sender] = m
-        self._away.pop(sender, None)
+        self.liveness.reached(sender)
         await self.rt.send(
             Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()),
             sender,
@@ -393,32 +339,8 @@ class Orchestrator:
     # -- liveness -----------------------------------------------------------------------------
 
     def _reachable(self, holder: str) -> bool:
-        """May ``holder`` be granted now? Not while it backs off after an undelivered grant,
-        unless it was heard from since (it reconnected)."""
-        away = self._away.get(holder)
-        if away is None:
-            return True
-        failed_at, _, backoff = away
-        now = self.rt.clock.monotonic()
-        heard_since = self.rt.last_heard.get(holder, -1.0) > failed_at
-        return now >= failed_at + backoff or (heard_since and now >= failed_at + self.config.backoff_min)
-
-    def _back_off(self, holder: str) -> None:
-        cfg = self.config
-        previous = self._away.get(holder)
-        now = self.rt.clock.monotonic()
-        if previous is None:
-            self._away[holder] = (now, now, cfg.backoff_min)
-        else:
-            self._away[holder] = (now, previous[1], min(previous[2] * 2, cfg.backoff_max))
-
-    def _gone(self, holder: str) -> bool:
-        """Unreachable, and not heard from, for ``absent_timeout`` seconds."""
-        away = self._away.get(holder)
-        if away is None:
-            return False
-        quiet_since = max(away[1], self.rt.last_heard.get(holder, -1.0))
-        return self.rt.clock.monotonic() - quiet_since >= self.config.absent_timeout
+        """May ``holder`` be granted now (not backing off after an undelivered grant)?"""
+        return self.liveness.reachable(holder, self.rt.clock.monotonic(), self.rt.last_heard.get(holder, -1.0))
 
     async def _wait_for_a_holder(self) -> None:
         """Only holders that cannot be reached have work left: wait for one, bounded.
@@ -433,19 +355,17 @@ class Orchestrator:
         self.rt.state_label = "waiting-for-holders"
         self.log.warning("no holder with work left can be reached (%s); waiting up to %.0fs", ", ".join(waiting), self.config.absent_timeout)
         clock, timeout = self.rt.clock, self.config.absent_timeout
-        while not any(self._reachable(h) for h in waiting):
-            if all(self._gone(h) for h in waiting):
-                heard = [h for h in self.config.holders if clock.monotonic() - self.rt.last_heard.get(h, -timeout) < timeout]
-                if not heard:
-                    reason = f"no holder was reachable for {timeout:.0f}s ({', '.join(waiting)} have work left); the run stops here and continues with --resume"
-                    self._save_checkpoint()
-                    await self.rt.publish(Shutdown(reason))
-                    raise GtbusError(reason)
-                for h in waiting:
-                    skipped = self.schedule.give_up(h)
-                    self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.schedule.round)
-                break
+        while (what := self.liveness.while_away(waiting, self.config.holders, clock.monotonic(), self.rt.last_heard)) is WhileAway.WAIT:
             await asyncio.sleep(min(0.05, self.config.backoff_min))
+        if what is WhileAway.STOP:
+            reason = f"no holder was reachable for {timeout:.0f}s ({', '.join(waiting)} have work left); the run stops here and continues with --resume"
+            self._save_checkpoint()
+            await self.rt.publish(Shutdown(reason))
+            raise GtbusError(reason)
+        if what is WhileAway.GIVE_UP:
+            for h in waiting:
+                skipped = self.schedule.give_up(h)
+                self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.schedule.round)
         self.rt.state_label = "running"
 
     async def publish_state(self) -> None:
@@ -464,10 +384,10 @@ class Orchestrator:
         assert self.schedule is not None
         if act.settlement is Settlement.DEFER:
             self.schedule.defer(a)
-            self._back_off(a.holder)
+            self.liveness.unreached(a.holder, self.rt.clock.monotonic())
             out.detail += " (deferred: retried when the holder is back)"
         else:
-            self._away.pop(a.holder, None)
+            self.liveness.reached(a.holder)
             if act.settlement is Settlement.COMPLETE:
                 self.schedule.complete(a)
             else:

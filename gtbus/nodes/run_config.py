@@ -1,0 +1,64 @@
+"""How an orchestrator runs: schedule, hop sizes, leases, files, liveness settings (checked when built)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from gtbus.errors import ConfigError
+from gtbus.training.trainer import ONE_PASS, StepBudget
+
+TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
+
+
+@dataclass
+class RunConfig:
+    """How the orchestrator runs: schedule, hop sizes, leases, files."""
+
+    run_dir: Path
+    holders: list[str]
+    rounds: int = 1
+    chunk_tokens: int = 1 << 17
+    mode: str = "travel"
+    lease: float = 10.0
+    segment_size: int = 4 << 20  # fewer, larger segments: less per-call overhead on the holder's cores
+    suite: str = "aes-256-gcm"
+    steps_per_hop: StepBudget = ONE_PASS
+    register_timeout: float = 60.0
+    max_attempts: int = 2
+    resume: bool = False
+    run_id: str = ""
+    trainer: str = "bytelm"  # the workload's name, to name the remedy when data does not fit it
+    # Most chunks one holder may bring: bounds every schedule, checkpoint and
+    # table that a holder's manifest would otherwise size.
+    max_chunks: int = 1 << 16
+    # A holder that cannot be reached is retried after a backoff doubling from
+    # backoff_min to backoff_max; when no holder with work left has been heard
+    # from for absent_timeout seconds, the run stops with a named reason.
+    backoff_min: float = 0.25
+    backoff_max: float = 8.0
+    absent_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("travel", "ship"):
+            raise ConfigError(f"mode must be travel or ship, not {self.mode!r}")
+        if self.chunk_tokens < 64:
+            raise ConfigError("chunk_tokens must be at least 64")
+        if self.lease <= 0:
+            raise ConfigError("lease must be positive")
+        if not 1 <= self.max_chunks <= 1 << 24:
+            raise ConfigError("max_chunks must be between 1 and 16777216")
+        if not 0 < self.backoff_min <= self.backoff_max:
+            raise ConfigError("backoff_min must be positive and at most backoff_max")
+        if self.absent_timeout <= 0:
+            raise ConfigError("absent_timeout must be positive")
+
+    @property
+    def capacity(self) -> int:
+        """Bytes of one hop buffer (a whole chunk of uint16 tokens)."""
+        return self.chunk_tokens * TOKEN_BYTES
+
+    @property
+    def segment(self) -> int:
+        """AEAD segment size of every hop."""
+        return min(self.segment_size, max(self.capacity, 1 << 20))
