@@ -66,7 +66,8 @@ from gtbus.nodes.run_summary import HopResult, hop_progress, hop_record, public_
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
-from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
+from gtbus.protocol.admission import RunShape
+from gtbus.protocol.enrolment import Enrolment, Refused
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.hop import Acked, Declined, HopEvent, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
 from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
@@ -103,9 +104,9 @@ class Orchestrator:
         self.state_dir = private_dir(config.run_dir / "state" / runtime.name)
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
-        self.manifests: dict[str, AdmittedManifest] = {}
-        self.via: dict[str, str] = {}  # remote holder -> the device agent it writes through
-        self.agents: set[str] = set()
+        self.enrolment = Enrolment(config.holders)
+        # The enrolment's own tables, by their old names: manifests, remote holder -> its device agent, agents in.
+        self.manifests, self.via, self.agents = self.enrolment.manifests, self.enrolment.via, self.enrolment.agents
         self.registered = asyncio.Event()
         self.hops: list[HopResult] = []
         self.epochs = EpochReservation(self.state_dir / "epoch")
@@ -159,49 +160,24 @@ class Orchestrator:
     async def _on_register(self, acc: Accepted, delivery: Delivery) -> None:
         sender = acc.header.sender
         member = self.rt.roster.get(sender)
-        if member is not None and member.role is Role.AGENT:
-            self.agents.add(sender)
-            await self.rt.send(Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
-            self.log.info("device agent %s registered", sender)
-            self._check_registered()
+        scheduled = self.schedule.chunks if self.schedule is not None else None
+        agents = {m.name for m in self.rt.roster if m.role is Role.AGENT}
+        decision = self.enrolment.register(sender, member.role if member else None, acc.message.manifest, self._run_shape(), scheduled=scheduled, agents=agents)
+        if isinstance(decision, Refused):
+            self.rt.note_refused(decision.code, sender)
+            self.log.warning("refused the registration of %s: %s", sender, decision.reason)
+            await self.rt.send(Refusal(decision.code, decision.reason), sender, parent=acc.header.id)
             return
-        if member is None or member.role is not Role.HOLDER or sender not in self.config.holders:
-            await self.rt.send(Refusal("not-a-holder", f"{sender} is not a holder of this run"), sender, parent=acc.header.id)
-            return
-        try:
-            m = admit(acc.message.manifest, self._run_shape(), previous=self.manifests.get(sender) if self.schedule is not None else None)
-        except ManifestRefused as exc:
-            self.rt.note_refused(exc.code, sender)
-            self.log.warning("refused the registration of %s: %s", sender, exc)
-            await self.rt.send(Refusal(exc.code, str(exc)), sender, parent=acc.header.id)
-            return
-        if self.schedule is not None and self.schedule.chunks.get(sender, m.chunk_count) != m.chunk_count:
-            await self.rt.send(Refusal("manifest-changed", "other data than this run was scheduled with; start a new run for new data"), sender, parent=acc.header.id)
-            return
-        via = m.via
-        if via is not None and (via not in self.rt.roster or self.rt.roster[via].role is not Role.AGENT):
-            await self.rt.send(Refusal("bad-manifest", "'via' is not a device agent of this deployment"), sender, parent=acc.header.id)
-            return
-        if via is not None:
-            self.via[sender] = via
-        self.manifests[sender] = m
         self.liveness.reached(sender)
-        await self.rt.send(
-            Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()),
-            sender,
-            parent=acc.header.id,
-        )
-        self.log.info("registered %s: %d chunks", sender, m.chunk_count)
-        self._check_registered()
+        await self.rt.send(Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
+        m = decision.manifest
+        self.log.info("registered %s: %s", sender, f"{m.chunk_count} chunks" if m else "device agent")
+        if self.enrolment.complete:
+            self.registered.set()
 
     def _run_shape(self) -> RunShape:
         cfg = self.config
         return RunShape(cfg.chunk_tokens, cfg.max_chunks, int(self.trainer.vocab), cfg.trainer)
-
-    def _check_registered(self) -> None:
-        # Every holder is in, and every agent a remote holder writes through.
-        if all(h in self.manifests for h in self.config.holders) and set(self.via.values()) <= self.agents:
-            self.registered.set()
 
     def _schedule_info(self) -> dict[str, Any]:
         return {
@@ -303,7 +279,7 @@ class Orchestrator:
         try:
             await asyncio.wait_for(self.registered.wait(), self.config.register_timeout)
         except asyncio.TimeoutError:
-            missing = sorted(set(self.config.holders) - set(self.manifests)) + sorted(set(self.via.values()) - self.agents)
+            missing = self.enrolment.missing()
             raise GtbusError(f"nodes did not register within {self.config.register_timeout:.0f}s: {', '.join(missing)}") from None
 
     async def run(self) -> dict[str, Any]:

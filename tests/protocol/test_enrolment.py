@@ -1,0 +1,68 @@
+"""Sans-I/O tests of who may join a run (gtbus.protocol.enrolment)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from gtbus.messages.identity import Role
+from gtbus.protocol.admission import RunShape
+from gtbus.protocol.enrolment import Enrolment, Refused, Welcomed
+
+SHAPE = RunShape(chunk_tokens=4096, max_chunks=8, vocab=256)
+AGENTS = {"agent1"}
+
+
+def manifest(total: int = 8192, **extra: Any) -> dict[str, Any]:
+    return {"name": "d", "total_tokens": total, "token_dtype": "uint16", "max_token": 255, "digest_alg": "blake3", "digest": "ab" * 32, **extra}
+
+
+def register(e: Enrolment, sender: str, role: Role | None, m: object = None, scheduled: dict[str, int] | None = None) -> Welcomed | Refused:
+    return e.register(sender, role, manifest() if m is None else m, SHAPE, scheduled=scheduled, agents=AGENTS)
+
+
+def test_holders_and_the_agents_they_write_through_complete_the_enrolment() -> None:
+    e = Enrolment(["h1", "h2"])
+    assert e.missing() == ["h1", "h2"] and not e.complete
+    got = register(e, "h1", Role.HOLDER)
+    assert isinstance(got, Welcomed) and got.manifest is not None and got.manifest.chunk_count == 2
+    assert isinstance(register(e, "h2", Role.HOLDER, manifest(via="agent1")), Welcomed)
+    assert e.via == {"h2": "agent1"} and e.missing() == ["agent1"] and not e.complete
+    assert register(e, "agent1", Role.AGENT) == Welcomed()
+    assert e.complete and e.missing() == []
+
+
+@pytest.mark.parametrize(("sender", "role"), [("h3", Role.HOLDER), ("nobody", None), ("status", Role.OBSERVER), ("orch", Role.ORCHESTRATOR)])
+def test_only_the_runs_holders_may_register(sender: str, role: Role | None) -> None:
+    e = Enrolment(["h1"])
+    assert register(e, sender, role) == Refused("not-a-holder", f"{sender} is not a holder of this run")
+    assert e.manifests == {}
+
+
+def test_a_manifest_that_does_not_fit_is_refused_with_admissions_code() -> None:
+    e = Enrolment(["h1"])
+    got = register(e, "h1", Role.HOLDER, manifest(max_token=300))
+    assert isinstance(got, Refused) and got.code and "\n" not in got.reason
+    assert register(e, "h1", Role.HOLDER, "not a manifest").code  # type: ignore[union-attr]
+    assert e.manifests == {}
+
+
+def test_via_must_be_a_device_agent_of_the_deployment() -> None:
+    e = Enrolment(["h1"])
+    assert register(e, "h1", Role.HOLDER, manifest(via="h2")) == Refused("bad-manifest", "'via' is not a device agent of this deployment")
+    assert e.via == {} and e.manifests == {}
+
+
+def test_after_scheduling_a_holder_must_bring_the_same_data() -> None:
+    e = Enrolment(["h1"])
+    first = register(e, "h1", Role.HOLDER)
+    assert isinstance(first, Welcomed)
+    scheduled = {"h1": 2}
+    assert isinstance(register(e, "h1", Role.HOLDER, scheduled=scheduled), Welcomed)  # it reconnected
+    other = register(e, "h1", Role.HOLDER, manifest(total=3 * 4096), scheduled=scheduled)
+    assert isinstance(other, Refused)
+    assert e.manifests["h1"] == first.manifest
+    # Resumed orchestrator: nothing admitted yet, the schedule's count still binds.
+    fresh = Enrolment(["h1"])
+    assert register(fresh, "h1", Role.HOLDER, manifest(total=3 * 4096), scheduled=scheduled).code == "manifest-changed"  # type: ignore[union-attr]
