@@ -29,8 +29,10 @@ from broken_machines import (
 
 from gtbus.testing.sim import Machines, run_seed
 from gtbus.testing.sim.config import SimConfig
+from gtbus.testing.sim.orchestrator import ForgetfulResume
 from gtbus.testing.sim.invariants import (
     CHUNK_TWICE,
+    DATASET_CHANGED,
     EPOCH_REUSED,
     INVARIANTS,
     MODEL_UNACCOUNTED,
@@ -138,8 +140,17 @@ def test_no_progress_fires() -> None:
     assert not r.finished and r.stopped is None
 
 
+def test_dataset_changed_after_a_resume_fires() -> None:
+    """The second protocol gap the simulator found: the shipped orchestrator's checkpoint keeps only
+    chunk counts, so after a resume a holder is admitted with other data of the same chunk count."""
+    r = first_failing(Machines(orchestrator=ForgetfulResume), range(3000))
+    assert names(r) == {DATASET_CHANGED}, r.violations
+    assert r.restarts >= 1  # it takes a resume
+    assert run_seed(r.seed).ok
+
+
 def test_every_invariant_has_a_test_here() -> None:
-    fired = {EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS}
+    fired = {EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED}
     assert fired == set(INVARIANTS)
 
 

@@ -44,6 +44,7 @@ class HostileHolder(SimHolder):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._old_handles: list[int] = []
+        self._welcomed_before = False
 
     def _now_hostile(self) -> bool:
         return self.world.rng.random() < 0.67
@@ -56,8 +57,8 @@ class HostileHolder(SimHolder):
                 m["total_tokens"] = _HUGE
             elif pick == 1:
                 m["token_dtype"] = "int64"
-            elif pick == 2 and self.welcomed is not None:
-                m["total_tokens"] += 1  # changed data mid-run
+            elif pick == 2 and self._welcomed_before:
+                _change_data(m)  # other data once the run has it scheduled (e.g. after the orchestrator restarted)
             else:
                 m["max_token"] = -1
             if self.world.rng.random() < 0.5:
@@ -81,6 +82,8 @@ class HostileHolder(SimHolder):
                 self._wrong_role(g, env.epoch)
             if b == "other-epoch" and g.holder == self.name and self._now_hostile():
                 self._other_epochs(g, env.epoch)
+        if env.kind == "welcome":
+            self._welcomed_before = True
         if env.kind == "welcome" and self.behaviour == "bad-manifest" and self.world.rng.random() < 0.3:
             self.world.on_node(self.name, 0.05, self._register_changed, self.incarnation)
         super().receive(env)
@@ -88,7 +91,7 @@ class HostileHolder(SimHolder):
     def _register_changed(self, inc: int) -> None:
         if self._live(inc):
             m = SimHolder.manifest(self)
-            m["total_tokens"] = m["total_tokens"] + 1
+            _change_data(m)
             self.send("register", m)
 
     def _squat(self, g: GrantBody, epoch: int) -> None:
@@ -217,6 +220,12 @@ class HostileHolder(SimHolder):
         if self.behaviour == "bad-segments" and self.world.rng.random() < 0.2:
             return self.world.rng.choice((0, size + 1, size - 1, 1 << 40))
         return size
+
+
+def _change_data(m: dict[str, Any]) -> None:
+    # Other data: one token more (the chunk count stays unless it crosses a chunk), another digest.
+    m["total_tokens"] += 1
+    m["digest"] = f"{int(m['digest'], 16) ^ 1:064x}"
 
 
 def hostile_holder(behaviour: str) -> type[HostileHolder]:

@@ -17,7 +17,9 @@ machine (``tests/sim/test_invariants_fire.py``):
   reached by training on accepted chunks (or restored from one), and is such a
   digest whenever a hop starts or a checkpoint is saved;
 * ``no-progress``: once faults stop, the run finishes or stops with a named
-  reason within a bounded simulated time.
+  reason within a bounded simulated time;
+* ``dataset-changed``: once a run is scheduled, a holder is admitted only with
+  the dataset (token count, digest) it was scheduled with, after a resume too.
 
 The checker learns of the device's operations through :class:`DeviceWatch`;
 it keeps only what it needs, so checking costs little per step.
@@ -37,9 +39,10 @@ UNAUTHENTICATED: Final = "trained-unauthenticated"
 UNSCRUBBED: Final = "unscrubbed-before-grant"
 MODEL_UNACCOUNTED: Final = "model-changed-without-training"
 NO_PROGRESS: Final = "no-progress"
+DATASET_CHANGED: Final = "dataset-changed"
 
 #: Every invariant's name, in the order the module docstring gives them.
-INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS)
+INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED)
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class InvariantChecker:
         # The model's history: digest -> (the digest it was trained from, (round, holder, chunk)).
         self.lineage: dict[int, tuple[int, tuple[int, str, int]] | None] = {INITIAL_MODEL: None}
         self.trained_hops = 0
+        self.datasets: dict[str, tuple[int, str]] = {}
 
     def fail(self, name: str, detail: str) -> None:
         """Record a violation."""
@@ -133,6 +137,16 @@ class InvariantChecker:
                 owners |= s.mappers
         if len(owners) > 1:
             self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
+
+    def scheduled(self, datasets: dict[str, tuple[int, str]]) -> None:
+        """The run's schedule was built from these datasets (holder -> (tokens, digest))."""
+        self.datasets = dict(datasets)
+
+    def admitted(self, holder: str, total_tokens: int, digest: str) -> None:
+        """A holder's manifest was admitted: once the run is scheduled, the dataset it was scheduled with, restarts included."""
+        first = self.datasets.get(holder)
+        if first is not None and first != (total_tokens, digest):
+            self.fail(DATASET_CHANGED, f"{holder} admitted with {total_tokens} tokens, digest {digest[:8]}; the run was scheduled with {first[0]} tokens, digest {first[1][:8]}")
 
     def checkpointed(self, model: int | None) -> None:
         """A checkpoint is being saved with this model."""

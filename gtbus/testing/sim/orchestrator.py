@@ -3,7 +3,8 @@
 The decisions are the real sans-I/O machines': :class:`HopMachine` (one hop:
 grant, ack/return/decline/lease, open, re-measure, train, scrub, settle),
 :class:`TokenMachine` (who owns the token, fencing), :class:`Schedule`
-(which chunk next, retries, deferrals), :func:`admit` (manifests). This
+(which chunk next, retries, deferrals), :class:`Enrolment` (who may join,
+with which data), :class:`HolderLiveness` (backoff, absence). This
 shell does what they say as the real orchestrator's does, on the simulated
 network and device: it reserves epochs on disk, exports a fresh staging
 buffer and key per grant (staged on the device agent first for a remote
@@ -21,7 +22,9 @@ from typing import Any, Callable
 
 from gtbus.gpu.channel import segment_count
 from gtbus.messages.registry import REGISTRY, RejectedMessage, body_from_wire
-from gtbus.protocol.admission import AdmittedManifest, ManifestRefused, RunShape, admit
+from gtbus.protocol.admission import RunShape
+from gtbus.protocol.enrolment import Enrolment, Refused
+from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.hop import (
     Acked,
@@ -107,6 +110,11 @@ class SimOrchestrator:
     """The orchestrator node of the simulation."""
 
     name = ORCHESTRATOR
+    #: Keep the admitted datasets (token count, digest) in the checkpoint, and refuse a
+    #: holder that brings other data after a resume. The shipped orchestrator does not
+    #: (its checkpoint keeps only chunk counts, so a fresh Enrolment compares only
+    #: those): :class:`ForgetfulResume` is that, and the simulator catches it.
+    checkpoint_datasets = True
 
     def __init__(
         self,
@@ -152,17 +160,21 @@ class SimOrchestrator:
         disk.inflight.clear()
         self.schedule: Schedule | None = None
         ck = disk.checkpoint
+        self.datasets: dict[str, tuple[int, str]] = {}
         if ck is not None:
             self.schedule = Schedule.from_state(ck["schedule"]) if ck["schedule"] else None
+            if self.checkpoint_datasets:
+                self.datasets = dict(ck["datasets"])
             self.token.epoch = max(self.token.epoch, ck["epoch"])
             self.device.restore(ck["model"])
         else:
             self.device.restore(INITIAL_MODEL)
-        self.manifests: dict[str, AdmittedManifest] = {}
-        self.agents: set[str] = set()
+            self.checker.scheduled({})  # no checkpoint: a new run, whatever data its holders bring
+        self.enrolment = Enrolment(self.cfg.holders)
         self.running = False
         self.hop: _Hop | None = None
-        self.away: dict[str, tuple[float, float, float]] = {}
+        cfg = self.cfg
+        self.liveness = HolderLiveness(cfg.backoff_min, cfg.backoff_max, cfg.absent_timeout)
         self.last_heard: dict[str, float] = {}
         self.followers: set[str] = set()
         self.code_changed: str | None = None  # a fault may change the loaded code; a new process loads it afresh
@@ -197,7 +209,7 @@ class SimOrchestrator:
 
     def _register_deadline(self, inc: int) -> None:
         if self._live(inc) and not self.running:
-            missing = sorted(set(self.cfg.holders) - set(self.manifests)) + sorted({AGENT} - self.agents if self.cfg.via_agent else set())
+            missing = self.enrolment.missing()
             self._stop(f"nodes did not register within {self.cfg.register_timeout:.0f}s: {', '.join(missing)}")
 
     def _stop(self, reason: str) -> None:
@@ -216,29 +228,32 @@ class SimOrchestrator:
             handler(self, env)
 
     def _on_register(self, env: Envelope) -> None:
-        if env.src == AGENT:
-            self.agents.add(AGENT)
-        else:
-            try:
-                self.manifests[env.src] = admit(env.body, RUN_SHAPE, previous=self.manifests.get(env.src))
-            except ManifestRefused as exc:
-                self.world.note("registration refused", (env.src, exc.code))
-                self.world.send(self.name, env.src, "refusal", exc.code)
-                return
+        scheduled = self.schedule.chunks if self.schedule is not None else None
+        known = self.datasets.get(env.src)
+        body = env.body
+        if known is not None and env.src not in self.enrolment.manifests and isinstance(body, dict) \
+                and (body.get("total_tokens"), body.get("digest")) != known:
+            self.world.note("registration refused", (env.src, "manifest-changed"))
+            self.world.send(self.name, env.src, "refusal", "manifest-changed")
+            return
+        verdict = self.enrolment.register(env.src, self.world.roles.get(env.src), env.body, RUN_SHAPE, scheduled=scheduled, agents={AGENT})
+        if isinstance(verdict, Refused):
+            self.world.note("registration refused", (env.src, verdict.code))
+            self.world.send(self.name, env.src, "refusal", verdict.code)
+            return
+        if verdict.manifest is not None:
+            self.checker.admitted(env.src, verdict.manifest.total_tokens, verdict.manifest.digest)
         self.world.send(self.name, env.src, "welcome", self.incarnation)
-        self._maybe_run()
-
-    def _maybe_run(self) -> None:
-        if self.running or set(self.cfg.holders) - set(self.manifests):
-            return
-        if {m.via for m in self.manifests.values() if m.via} - self.agents:
-            return
-        self.running = True
-        if self.schedule is None:
-            self.schedule = self.schedule_factory(
-                {h: self.manifests[h].chunk_count for h in self.cfg.holders}, self.cfg.rounds, max_attempts=self.cfg.max_attempts
-            )
-        self._next_hop(self.incarnation)
+        if not self.running and self.enrolment.complete:
+            self.running = True
+            if self.schedule is None:
+                manifests = self.enrolment.manifests
+                self.schedule = self.schedule_factory(
+                    {h: manifests[h].chunk_count for h in self.cfg.holders}, self.cfg.rounds, max_attempts=self.cfg.max_attempts
+                )
+                self.datasets = {h: (m.total_tokens, m.digest) for h, m in manifests.items()}
+                self.checker.scheduled(dict(self.datasets))
+            self._next_hop(self.incarnation)
 
     def _on_snapshot_request(self, env: Envelope) -> None:
         self.followers.add(env.src)
@@ -303,54 +318,30 @@ class SimOrchestrator:
         self._start_hop(a)
 
     def _reachable(self, holder: str) -> bool:
-        away = self.away.get(holder)
-        if away is None:
-            return True
-        failed_at, _, backoff = away
-        now = self.world.now
-        heard_since = self.last_heard.get(holder, -1.0) > failed_at
-        return now >= failed_at + backoff or (heard_since and now >= failed_at + self.cfg.backoff_min)
-
-    def _back_off(self, holder: str) -> None:
-        previous = self.away.get(holder)
-        now = self.world.now
-        if previous is None:
-            self.away[holder] = (now, now, self.cfg.backoff_min)
-        else:
-            self.away[holder] = (now, previous[1], min(previous[2] * 2, self.cfg.backoff_max))
-
-    def _gone(self, holder: str) -> bool:
-        away = self.away.get(holder)
-        if away is None:
-            return False
-        quiet_since = max(away[1], self.last_heard.get(holder, -1.0))
-        return self.world.now - quiet_since >= self.cfg.absent_timeout
+        return self.liveness.reachable(holder, self.world.now, self.last_heard.get(holder, -1.0))
 
     def _wait_for_a_holder(self, inc: int) -> None:
         if not self._live(inc):
             return
         assert self.schedule is not None
         waiting = self.schedule.pending_holders()
-        if any(self._reachable(h) for h in waiting):
+        decision = self.liveness.while_away(waiting, self.cfg.holders, self.world.now, self.last_heard)
+        if decision is WhileAway.GO_ON:
             self._next_hop(inc)
-            return
-        if all(self._gone(h) for h in waiting):
-            timeout, now = self.cfg.absent_timeout, self.world.now
-            heard = [h for h in self.cfg.holders if now - self.last_heard.get(h, -timeout) < timeout]
-            if not heard:
-                self._save_checkpoint()
-                self._stop(f"no holder was reachable for {timeout:.0f}s ({', '.join(waiting)} have work left)")
-                return
+        elif decision is WhileAway.GIVE_UP:
             for h in waiting:
                 self.schedule.give_up(h)
             self._next_hop(inc)
-            return
-        self.world.on_node(self.name, min(0.05, self.cfg.backoff_min), self._wait_for_a_holder, inc)
+        elif decision is WhileAway.STOP:
+            self._save_checkpoint()
+            self._stop(f"no holder was reachable for {self.cfg.absent_timeout:.0f}s ({', '.join(waiting)} have work left)")
+        else:
+            self.world.on_node(self.name, min(0.05, self.cfg.backoff_min), self._wait_for_a_holder, inc)
 
     # -- one hop: the real HopMachine decides, this shell does --------------------------------
 
     def _start_hop(self, a: Assignment) -> None:
-        manifest = self.manifests[a.holder]
+        manifest = self.enrolment.manifests[a.holder]
         chunk_bytes = manifest.chunk_tokens_of(a.chunk, CHUNK_TOKENS) * TOKEN_BYTES
         machine = self.hop_factory(self.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease,
                                    ship=self.cfg.mode == "ship", via=manifest.via)
@@ -498,12 +489,12 @@ class SimOrchestrator:
         a = hop.machine.assignment
         assert self.schedule is not None
         if settlement is not Settlement.DEFER:
-            self.away.pop(a.holder, None)
+            self.liveness.reached(a.holder)
         if settlement is Settlement.COMPLETE:
             self.schedule.complete(a)
         elif settlement is Settlement.DEFER:
             self.schedule.defer(a)
-            self._back_off(a.holder)
+            self.liveness.unreached(a.holder, self.world.now)
         else:
             self.schedule.fail(a)
         self.hops.append((hop.machine.epoch, outcome.value))
@@ -516,6 +507,7 @@ class SimOrchestrator:
             "epoch": self.token.epoch,
             "schedule": self.schedule.to_state() if self.schedule else None,
             "model": model,
+            "datasets": dict(self.datasets),
         }
 
     def _publish(self, kind: str, body: Any) -> None:
@@ -530,6 +522,12 @@ class SimOrchestrator:
         "ship-segment": _on_ship_segment,
         "agent-ready": _on_ready,
     }
+
+
+class ForgetfulResume(SimOrchestrator):
+    """The shipped rule: after a resume, a holder's data is compared with the schedule's chunk count only."""
+
+    checkpoint_datasets = False
 
 
 def _digest(model: int | None) -> bytes:
