@@ -44,7 +44,7 @@ SIBLINGS = {
     ("__main__", "cli"),
 }
 #: Where pyzmq may be imported: the zmq transport, and the raw-pyzmq baseline the bus benchmark compares against.
-ZMQ_IMPORTERS = ("transport/zmq", "bench/bus.py")
+ZMQ_IMPORTERS = ("transport/zmq/", "bench/bus.py")
 
 
 def _part(module: str) -> str:

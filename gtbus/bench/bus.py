@@ -14,7 +14,7 @@ Variants, from the bare socket up to the whole stack:
     asyncio pyzmq DEALER -> ROUTER, plaintext, nothing else: the anchor of
     DESIGN section 10 ("raw asyncio pyzmq about 110-150 us").
 ``bus-plain``
-    :class:`~gtbus.transport.zmq_bus.ZmqServer` / ``ZmqClient`` in their
+    :class:`~gtbus.transport.zmq.ZmqServer` / ``ZmqClient`` in their
     plaintext benchmark mode (``curve=None, insecure=True``): the cost of the
     transport wrapper alone.
 ``bus-curve``
@@ -36,7 +36,7 @@ everything before it.
 Runtime heartbeats are off in the bench (``heartbeat_interval=0``) so that the
 numbers are the round trip itself; everything else is as deployed.
 
-Exception to "only gtbus/transport/zmq_bus.py imports zmq": this module
+Exception to "only gtbus/transport/zmq/ imports zmq": this module
 imports pyzmq for the ``raw-pyzmq`` baseline, which by definition must not go
 through gtbus's transport. Nothing outside the benchmark uses it.
 """
@@ -145,7 +145,7 @@ async def _serve_raw(ready: Callable[[str], None]) -> None:
 
 
 async def _serve_bus(root: Path, curve: bool, ready: Callable[[str], None]) -> None:
-    from gtbus.transport.zmq_bus import CurveServerConfig, ZmqServer
+    from gtbus.transport.zmq import CurveServerConfig, ZmqServer
 
     if curve:
         ident, roster = _load(root, "orch")
@@ -288,7 +288,7 @@ class _RawClient(_Client):
 
 class _BusClient(_Client):
     def __init__(self, root: Path, endpoints: Sequence[str], curve: bool, echo: list[bytes], hb: list[bytes]) -> None:
-        from gtbus.transport.zmq_bus import CurveClientConfig, ZmqClient
+        from gtbus.transport.zmq import CurveClientConfig, ZmqClient
 
         if curve:
             ident, roster = _load(root, "h1")

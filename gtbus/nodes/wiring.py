@@ -2,7 +2,9 @@
 
 CURVE keys come from the node identities (see :mod:`gtbus.messages.identity`):
 the server admits exactly the roster's CURVE keys, each bound to its node name,
-and clients pin the orchestrator's CURVE key. Nothing here imports zmq.
+and clients pin the orchestrator's CURVE key. This module brings in the zmq
+transport (and pyzmq); the node shells themselves take any transport, so the
+in-process deployments of ``gtbus.testing`` never import it.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import NodeIdentity, Role, Roster
 from gtbus.transport.base import SubscribeHook
-from gtbus.transport.zmq_bus import CurveClientConfig, CurveServerConfig, ZmqClient, ZmqServer
+from gtbus.transport.zmq import CurveClientConfig, CurveServerConfig, ZmqClient, ZmqServer
 
 
 def orchestrator_of(roster: Roster) -> str:

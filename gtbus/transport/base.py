@@ -9,7 +9,7 @@ frames, already signed by the layer above. It never parses them. Two roles:
 * :class:`ClientTransport` (a holder, a device agent) sends direct messages to
   the server and receives the server's replies and events on one stream.
 
-Two implementations exist: :mod:`gtbus.transport.zmq_bus` (ZeroMQ with
+Two implementations exist: :mod:`gtbus.transport.zmq` (ZeroMQ with
 CurveZMQ, the real one) and :mod:`gtbus.transport.memory` (asyncio queues, for
 tests, with fault injection). Both keep the rules below, so code tested on the
 memory network behaves the same on sockets.

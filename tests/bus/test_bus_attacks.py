@@ -23,7 +23,7 @@ from gtbus.nodes.wiring import client_transport
 from gtbus.recording import refused_digest
 from gtbus.replay.verify import verify_log
 from gtbus.testing import FakeClock
-from gtbus.transport.zmq_bus import DEFAULT_MAX_FRAME_BYTES
+from gtbus.transport.zmq import DEFAULT_MAX_FRAME_BYTES
 
 
 async def refused(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gtbus.transport.conn_guard import ConnectionGuard
+from gtbus.transport.zmq.conn_guard import ConnectionGuard
 
 
 class Kernel:
