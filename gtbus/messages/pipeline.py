@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Generic, Sequence, TypeVar
 
 from gtbus.errors import RejectedMessage
 from gtbus.messages.envelope import BROADCAST, DEFAULT_LIMITS, Header, Limits, blob_digest, signing_input_digest, split, unpackb_strict
@@ -28,12 +28,17 @@ from gtbus.messages.registry import REGISTRY, MessageSpec, body_from_wire
 from gtbus.messages.replay_guard import ReplayGuard
 
 
+#: The declared class of an accepted message (covariant: an ``Accepted[TokenReturn]`` is an
+#: ``Accepted[object]``, so one handler may take several classes).
+M_co = TypeVar("M_co", covariant=True)
+
+
 @dataclass(frozen=True)
-class Accepted:
-    """A message that passed every check."""
+class Accepted(Generic[M_co]):
+    """A message that passed every check; ``message`` is an instance of its declared class."""
 
     header: Header
-    message: Any
+    message: M_co
     spec: MessageSpec
     blobs: list[bytes]
     blob_digest: bytes = b""  # what the signature covered for the blobs (the recorder stores it)

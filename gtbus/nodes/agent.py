@@ -81,18 +81,18 @@ class DeviceAgent:
                 pass
             self.stage = None
 
-    async def _on_revoke(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_revoke(self, acc: Accepted[TokenRevoke], delivery: Delivery) -> None:
         st = self.stage
         if st is not None and st.token_id == acc.message.token_id and st.epoch == acc.header.epoch:
             self.log.info("hop %d revoked: dropping its staging mapping", st.epoch)
             self._drop_stage()
             self.down.guard.raise_fence(acc.header.epoch + 1)  # late segments of that hop are stale now
 
-    async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_complete(self, acc: Accepted[RunComplete | Shutdown], delivery: Delivery) -> None:
         self._drop_stage()
         self.done.set()
 
-    async def _on_stage(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_stage(self, acc: Accepted[AgentStage], delivery: Delivery) -> None:
         m: AgentStage = acc.message
         self._drop_stage()
         try:
@@ -119,7 +119,7 @@ class DeviceAgent:
             return None
         return st
 
-    async def _on_segment(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_segment(self, acc: Accepted[ShipSegment], delivery: Delivery) -> None:
         m: ShipSegment = acc.message
         st = self._current(acc, m.token_id)
         if st is None or len(acc.blobs) != 1:
@@ -139,7 +139,7 @@ class DeviceAgent:
             return
         st.received.add(m.index)
 
-    async def _on_done(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_done(self, acc: Accepted[AgentDone], delivery: Delivery) -> None:
         m: AgentDone = acc.message
         st = self._current(acc, m.token_id)
         if st is None:

@@ -128,7 +128,7 @@ class Holder:
             raise GtbusError(f"{self.rt.name}: the orchestrator came back with chunks of {value} tokens, not {self.chunk_tokens}; start a new run")
         return value
 
-    async def _on_server_heartbeat(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_server_heartbeat(self, acc: Accepted[Heartbeat], delivery: Delivery) -> None:
         # A newer session of the orchestrator is a restarted process (resume after a
         # crash): it knows nothing of us until we register again.
         if acc.header.sender != self.rt.server or self._server_session is None or acc.header.session <= self._server_session:
@@ -138,10 +138,10 @@ class Holder:
             self.on_event(f"{self.rt.name}: the orchestrator restarted; registering again")
             self._reregistering = asyncio.create_task(self.register())
 
-    async def _on_complete(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_complete(self, acc: Accepted[RunComplete | Shutdown], delivery: Delivery) -> None:
         self.done.set()
 
-    async def _on_hop_report(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_hop_report(self, acc: Accepted[HopReport], delivery: Delivery) -> None:
         # Only ever our own hop's (the orchestrator sends no one else's); a stray one is ignored.
         r: HopReport = acc.message
         if r.holder != self.rt.name or acc.header.sender != self.rt.server:
@@ -150,13 +150,13 @@ class Holder:
         loss = f", loss {before:.3f} -> {after:.3f}" if isinstance(before, float) and isinstance(after, float) else ""
         self.on_event(f"{self.rt.name}: hop {r.epoch} (chunk {r.chunk_index}): {r.outcome}{loss}")
 
-    async def _on_revoke(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_revoke(self, acc: Accepted[TokenRevoke], delivery: Delivery) -> None:
         if self.machine.on_revoke(acc.message.token_id, acc.header.epoch):
             self.on_event(f"{self.rt.name}: hop {acc.header.epoch} revoked: {acc.message.reason}")
             if self._task is not None:
                 self._task.cancel()
 
-    async def _on_grant(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_grant(self, acc: Accepted[TokenGrant], delivery: Delivery) -> None:
         g: TokenGrant = acc.message
         epoch = acc.header.epoch
         if g.holder != self.rt.name:

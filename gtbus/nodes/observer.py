@@ -30,7 +30,7 @@ class Observer:
         for cls in (TokenState, HopRecord, HopReport, RunComplete, Heartbeat):
             runtime.on(cls, self._on_event)
 
-    async def _on_event(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_event(self, acc: Accepted[object], delivery: Delivery) -> None:
         if acc.header.sender != self.rt.server:
             return
         if acc.header.recipient == "*":

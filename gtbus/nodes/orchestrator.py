@@ -157,7 +157,7 @@ class Orchestrator:
         )
         return dict(self.platform.sign(rep).to_wire())
 
-    async def _on_register(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_register(self, acc: Accepted[Register], delivery: Delivery) -> None:
         sender = acc.header.sender
         member = self.rt.roster.get(sender)
         scheduled = self.schedule.chunks if self.schedule is not None else None
@@ -188,7 +188,7 @@ class Orchestrator:
             "segment_size": self.config.segment_size,
         }
 
-    async def _on_echo(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_echo(self, acc: Accepted[Echo], delivery: Delivery) -> None:
         await self.rt.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
 
     def snapshot_state(self, *, metrics: bool = True) -> dict[str, Any]:
@@ -209,7 +209,7 @@ class Orchestrator:
         }
         return state if metrics else public_snapshot(state)
 
-    async def _on_snapshot_request(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_snapshot_request(self, acc: Accepted[SnapshotRequest], delivery: Delivery) -> None:
         seq = self.rt.signer._seq.get("*", 0)
         observer = self.rt.roster[acc.header.sender].role is Role.OBSERVER
         if observer and len(self.followers) < 64:  # bounded: at most a handful of observer keys exist
@@ -234,25 +234,25 @@ class Orchestrator:
         # Between hops the last hop's machine judges (through the token): never a new decision.
         return self.current.feed(event).verdict if self.current is not None else Verdict(False, "no hop yet")
 
-    async def _on_ack(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_ack(self, acc: Accepted[TokenAck], delivery: Delivery) -> None:
         h = acc.header
         v = self._feed(Acked(h.sender, h.epoch, acc.message.token_id))
         if not v.accepted:
             self.log.info("ignored ack from %s: %s", h.sender, v.reason)
 
-    async def _on_return(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_return(self, acc: Accepted[TokenReturn], delivery: Delivery) -> None:
         h, m = acc.header, acc.message
         v = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes))
         if not v.accepted:
             self.log.warning("ignored return from %s: %s", h.sender, v.reason)
 
-    async def _on_decline(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_decline(self, acc: Accepted[TokenDecline], delivery: Delivery) -> None:
         h = acc.header
         v = self._feed(Declined(h.sender, h.epoch, acc.message.token_id, acc.message.reason))
         if not v.accepted:
             self.log.info("ignored decline from %s: %s", h.sender, v.reason)
 
-    async def _on_ship_segment(self, acc: Accepted, delivery: Delivery) -> None:
+    async def _on_ship_segment(self, acc: Accepted[ShipSegment], delivery: Delivery) -> None:
         h, m = acc.header, acc.message
         size = memoryview(acc.blobs[0]).nbytes if len(acc.blobs) == 1 else -1
         v = self._feed(SegmentShipped(h.sender, h.epoch, m.token_id, m.index, m.count, size))

@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence, TypeVar
 
 from gtbus.clock import SYSTEM_CLOCK, Clock
 from gtbus.errors import PeerUnreachable, RejectedMessage, TransportError
@@ -40,7 +40,8 @@ from gtbus.recording import LOG_SUFFIX, Recorder
 from gtbus.transport.base import ClientTransport, Delivery, ServerTransport
 from gtbus.transport.budget import PeerBudgets, role_budgets
 
-Handler = Callable[[Accepted, Delivery], Awaitable[None]]
+Handler = Callable[[Accepted[Any], Delivery], Awaitable[None]]
+M = TypeVar("M")
 
 
 class NodeRuntime:
@@ -92,7 +93,7 @@ class NodeRuntime:
 
     # -- wiring ----------------------------------------------------------------------------
 
-    def on(self, cls: type, handler: Handler) -> None:
+    def on(self, cls: type[M], handler: Callable[[Accepted[M], Delivery], Awaitable[None]]) -> None:
         """Call ``handler`` for every accepted message of declared class ``cls`` (in registration order)."""
         self._handlers.setdefault(cls, []).append(handler)
 
