@@ -135,6 +135,47 @@ def test_only_the_zmq_transport_imports_pyzmq() -> None:
     assert not wrong, "pyzmq imported outside the zmq transport: " + ", ".join(wrong)
 
 
+#: Where the zmq transport may be named: inside the transport, the wiring that builds it from identities, the tools.
+ZMQ_TRANSPORT_USERS = ("transport/", "nodes/wiring.py", "bench/", "cli/")
+
+
+def _zmq_transport_lines(tree: ast.AST) -> list[int]:
+    """Lines of ``tree`` that import the zmq transport, or one of its names through ``gtbus.transport``."""
+    from gtbus.transport import zmq
+
+    names = {*zmq.__all__, "zmq"}
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if node.module.startswith("gtbus.transport.zmq") or (
+                node.module == "gtbus.transport" and any(a.name in names for a in node.names)
+            ):
+                lines.append(node.lineno)
+        elif isinstance(node, ast.Import) and any(a.name.startswith("gtbus.transport.zmq") for a in node.names):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_wiring_and_the_tools_name_the_zmq_transport() -> None:
+    # The node shells, gtbus.testing and the simulator take any transport: they run without pyzmq
+    # (tests/transport/test_lazy_zmq.py checks that at run time; this, for every module).
+    wrong = [
+        _where(path, line)
+        for _, path in _modules()
+        if not str(path.relative_to(SRC)).startswith(ZMQ_TRANSPORT_USERS)
+        for line in _zmq_transport_lines(ast.parse(path.read_text(), str(path)))
+    ]
+    assert not wrong, "the zmq transport named outside the wiring and the tools: " + ", ".join(wrong)
+    # ... and the check can fail:
+    assert _zmq_transport_lines(ast.parse(
+        "from gtbus.transport import ZmqServer\n"
+        "import gtbus.transport.zmq.keys\n"
+        "from gtbus.transport import MemoryNetwork, Delivery\n"
+        "from gtbus.transport.zmq.pipe import Pipe\n"
+        "from gtbus.transport import zmq\n"
+    )) == [1, 2, 4, 5]
+
+
 def test_a_violation_is_found() -> None:
     # The check itself can fail: the cycle this test was written after, and a sibling reaching across.
     launcher = SRC / "nodes" / "launcher.py"
