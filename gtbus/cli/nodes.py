@@ -168,7 +168,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
 def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: str, listen_pub: str, run_dir: Path, backend: str) -> None:
     """Run the device agent on the GPU host: remote holders stream ciphertext through it into device staging."""
-    from gtbus.nodes.agent import DeviceAgent
+    from gtbus.nodes.agent import HOLDERS_LOG, DeviceAgent
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import client_transport, orchestrator_of, server_transport
 
@@ -179,7 +179,7 @@ def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: 
     async def main() -> None:
         up = NodeRuntime(identity, roster, client_transport(identity, roster, router, pub), run_dir=run_dir, server=orchestrator_of(roster))
         down = NodeRuntime(identity, roster, server_transport(identity, roster, listen_router, listen_pub), run_dir=run_dir,
-                           log_name=f"{identity.name}-holders", heartbeat_interval=0)
+                           log_name=identity.name + HOLDERS_LOG, heartbeat_interval=0)
         dev_cls = device_class(backend)
         await asyncio.to_thread(dev_cls.prepare_holder, 0)
         a = DeviceAgent(up, down, dev_cls)

@@ -35,8 +35,8 @@ from gtbus.gpu.channel import (
     segment_count,
     staging_size,
 )
-from gtbus.gpu.device import BufferHandle, Device, DeviceBuffer, StagingMapping
-from gtbus.gpu.host import HostBuffer, HostDevice, HostStagingMapping
+from gtbus.gpu.device import BufferHandle, Device, DeviceBuffer, HolderStaging, StagingWriter
+from gtbus.gpu.host import HostBuffer, HostDevice, HostStaging, HostStagingWriter
 from gtbus.gpu.measure import measure_code, measure_model
 from gtbus.gpu.sealing import open_params, seal_params
 
@@ -49,9 +49,11 @@ __all__ = [
     "Device",
     "DeviceBuffer",
     "EmulatedVerifier",
+    "HolderStaging",
     "HostBuffer",
     "HostDevice",
-    "HostStagingMapping",
+    "HostStaging",
+    "HostStagingWriter",
     "MeasurementReport",
     "PlatformSigner",
     "SealSummary",
@@ -60,7 +62,7 @@ __all__ = [
     "SegmentOpener",
     "SegmentSealer",
     "SignedReport",
-    "StagingMapping",
+    "StagingWriter",
     "Verifier",
     "channel_key_commitment",
     "ciphertext_digest",

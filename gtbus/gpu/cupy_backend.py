@@ -126,7 +126,7 @@ def _executor() -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
-class CupyStagingMapping:
+class CupyStagingWriter:
     """Holder side: a hop's staging buffer mapped into this process through CUDA IPC."""
 
     def __init__(self, handle: str, raw: bytes, nbytes: int) -> None:
@@ -163,12 +163,12 @@ class CupyStagingMapping:
         """Not available: device memory is not host-addressable (use :meth:`seal_into`)."""
         raise DeviceError("a CUDA staging buffer has no host view; write it with seal_into")
 
-    def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Copy raw bytes into the staging buffer at ``offset`` (drills and the device agent: bypasses the channel)."""
+    def write_ciphertext(self, offset: int, data: bytes) -> None:
+        """Copy ciphertext sealed elsewhere into staging at ``offset`` (checked against the IPC buffer's real size)."""
         check_staging_write(self.nbytes, offset, len(data))
         self.array[offset : offset + len(data)].set(np.frombuffer(data, dtype=np.uint8))
 
-    def read_raw(self, nbytes: int) -> bytes:
+    def read_back(self, nbytes: int) -> bytes:
         """Read back staging bytes (drills only)."""
         return self.array[:nbytes].get().tobytes()
 
@@ -230,8 +230,37 @@ class CupyStagingMapping:
             cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
 
-class CupyDevice:
-    """The device on a real NVIDIA GPU; implements :class:`gtbus.gpu.device.Device`."""
+class CupyStaging:
+    """The cupy backend's holder side (:class:`gtbus.gpu.device.HolderStaging`): staging by IPC handle."""
+
+    @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Create this process's CUDA context, the pinned pool for ``capacity`` bytes and the sealing threads."""
+        cupy.cuda.Device(0).use()
+        cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
+        _PINNED.get(staging_size(capacity, 1 << 20) if capacity else 1)
+        _executor()
+
+    @classmethod
+    def map_staging(cls, handle: BufferHandle | str) -> CupyStagingWriter:
+        """Holder side: open a staging buffer's IPC handle (DeviceError if it is gone)."""
+        try:
+            size_hex, raw_hex = str(handle)[len(HANDLE_PREFIX) :].split("-", 1)
+            nbytes, raw = int(size_hex, 16), bytes.fromhex(raw_hex)
+        except ValueError:
+            raise DeviceError("not a CUDA staging handle") from None
+        if not str(handle).startswith(HANDLE_PREFIX) or len(raw) != 64:
+            raise DeviceError("not a CUDA staging handle")
+        return CupyStagingWriter(str(handle), raw, nbytes)
+
+    @staticmethod
+    def unmap(mapping: CupyStagingWriter) -> None:
+        """Holder side: close the IPC mapping."""
+        mapping.close()
+
+
+class CupyDevice(CupyStaging):
+    """The device on a real NVIDIA GPU; implements :class:`gtbus.gpu.device.Device` (and, inherited, its holder side)."""
 
     name: str = "cupy"
     array_module: ModuleType = cupy
@@ -274,31 +303,6 @@ class CupyDevice:
         raw = cupy.cuda.runtime.ipcGetMemHandle(mem.ptr)
         handle = BufferHandle(HANDLE_PREFIX + f"{nbytes:x}-" + bytes(raw).hex())
         return CupyBuffer(nbytes, handle=handle, _array=arr, _memory=mem), handle
-
-    @classmethod
-    def prepare_holder(cls, capacity: int) -> None:
-        """Create this process's CUDA context, the pinned pool for ``capacity`` bytes and the sealing threads."""
-        cupy.cuda.Device(0).use()
-        cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
-        _PINNED.get(staging_size(capacity, 1 << 20) if capacity else 1)
-        _executor()
-
-    @classmethod
-    def map_staging(cls, handle: BufferHandle | str) -> CupyStagingMapping:
-        """Holder side: open a staging buffer's IPC handle (DeviceError if it is gone)."""
-        try:
-            size_hex, raw_hex = str(handle)[len(HANDLE_PREFIX) :].split("-", 1)
-            nbytes, raw = int(size_hex, 16), bytes.fromhex(raw_hex)
-        except ValueError:
-            raise DeviceError("not a CUDA staging handle") from None
-        if not str(handle).startswith(HANDLE_PREFIX) or len(raw) != 64:
-            raise DeviceError("not a CUDA staging handle")
-        return CupyStagingMapping(str(handle), raw, nbytes)
-
-    @staticmethod
-    def unmap(mapping: CupyStagingMapping) -> None:
-        """Holder side: close the IPC mapping."""
-        mapping.close()
 
     def discard_export(self, handle: BufferHandle | str) -> None:
         """Nothing to do: device memory and its IPC exports end with the process that made them."""

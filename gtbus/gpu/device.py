@@ -19,8 +19,21 @@ buffers and hands them back. The rules a backend keeps:
 - At the end of a hop the data buffer is scrubbed, verified to read zero, and
   released.
 
-The holder side (:meth:`Device.map_staging`) runs in another process, which
-has no Device instance: it is a classmethod and uses only the handle.
+Two sides, two interfaces:
+
+- :class:`Device`, the orchestrator's side: it owns the memory (allocates,
+  exports and revokes staging, opens segments, scrubs, measures).
+- :class:`HolderStaging`, the side of any process that writes one hop's
+  staging (a local holder, the device agent): it has no Device instance and
+  reaches the buffer only by handle, as a :class:`StagingWriter`. A backend's
+  device class also answers for its holder side (``HostDevice`` is a
+  ``HostStaging``), so one name per backend picks both.
+
+A :class:`StagingWriter` writes ciphertext two ways, both production paths: a
+local holder seals its plaintext straight into staging (:meth:`StagingWriter.seal_into`);
+the device agent writes remote holders' segments, which it cannot read or
+seal, at offsets it fixes (:meth:`StagingWriter.write_ciphertext`). Reading
+staging back is for drills only.
 """
 
 from __future__ import annotations
@@ -59,8 +72,8 @@ class DeviceBuffer(Protocol):
         ...
 
 
-class StagingMapping(Protocol):
-    """The holder's writable mapping of one hop's staging buffer."""
+class StagingWriter(Protocol):
+    """A writable mapping of one hop's staging buffer, obtained by handle (:meth:`HolderStaging.map_staging`)."""
 
     @property
     def nbytes(self) -> int:
@@ -71,15 +84,18 @@ class StagingMapping(Protocol):
         """Seal the plaintext segment by segment into the staging buffer (once per hop)."""
         ...
 
-    def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Write raw bytes at ``offset``, bypassing the channel (drills; the device agent).
+    def write_ciphertext(self, offset: int, data: bytes) -> None:
+        """Write ciphertext sealed elsewhere at ``offset`` (the device agent's path for remote holders).
 
-        DeviceError unless ``offset`` and ``data`` lie wholly inside the staging buffer.
+        The writer cannot check the bytes (it has no key; the device
+        authenticates them), only where they go: DeviceError unless ``offset``
+        and ``data`` lie wholly inside the mapping's real size, whatever any
+        peer announced.
         """
         ...
 
-    def read_raw(self, nbytes: int) -> bytes:
-        """Read raw staging bytes (failure drills only)."""
+    def read_back(self, nbytes: int) -> bytes:
+        """Read the first ``nbytes`` of staging back (failure drills only)."""
         ...
 
     def close(self) -> None:
@@ -87,8 +103,36 @@ class StagingMapping(Protocol):
         ...
 
 
+class HolderStaging(Protocol):
+    """The side of a backend a staging writer uses: no device, only handles."""
+
+    @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Holder side, once at start: make this process ready to write hops of ``capacity`` bytes.
+
+        Whatever is slow to set up (a CUDA context, a pinned host pool) is paid
+        here, not inside the first hop.
+        """
+        ...
+
+    @classmethod
+    def map_staging(cls, handle: BufferHandle | str) -> StagingWriter:
+        """Holder side, any process: map a staging buffer by handle.
+
+        DeviceError if the hop is over (revoked or released): at once on the host
+        backend, at the first use of the mapping on cupy, where IPC handles open
+        in the background while sealing starts.
+        """
+        ...
+
+    @staticmethod
+    def unmap(mapping: StagingWriter) -> None:
+        """Holder side: drop a mapping made by :meth:`map_staging`."""
+        ...
+
+
 class Device(Protocol):
-    """One accelerator (or its host emulation) holding the model for a run."""
+    """One accelerator (or its host emulation) holding the model for a run: the orchestrator's side."""
 
     name: str
     """Backend name: ``"host"`` or ``"cupy"``."""
@@ -112,30 +156,6 @@ class Device(Protocol):
 
     def alloc_hop_staging(self, nbytes: int) -> tuple[DeviceBuffer, BufferHandle]:
         """A fresh staging buffer exported for exactly one hop, and its handle."""
-        ...
-
-    @classmethod
-    def prepare_holder(cls, capacity: int) -> None:
-        """Holder side, once at start: make this process ready to write hops of ``capacity`` bytes.
-
-        Whatever is slow to set up (a CUDA context, a pinned host pool) is paid
-        here, not inside the first hop.
-        """
-        ...
-
-    @classmethod
-    def map_staging(cls, handle: BufferHandle | str) -> StagingMapping:
-        """Holder side, any process: map a staging buffer by handle.
-
-        DeviceError if the hop is over (revoked or released): at once on the host
-        backend, at the first use of the mapping on cupy, where IPC handles open
-        in the background while sealing starts.
-        """
-        ...
-
-    @staticmethod
-    def unmap(mapping: StagingMapping) -> None:
-        """Holder side: drop a mapping made by :meth:`map_staging`."""
         ...
 
     def discard_export(self, handle: BufferHandle | str) -> None:

@@ -95,8 +95,8 @@ class HostBuffer:
         return self._array is None and self._mmap is None
 
 
-class HostStagingMapping:
-    """A holder's writable mapping of one staging file."""
+class HostStagingWriter:
+    """A writable mapping of one hop's staging memfd (:class:`gtbus.gpu.device.StagingWriter`)."""
 
     def __init__(self, handle: str, mapping: mmap.mmap) -> None:
         self.handle = handle
@@ -119,12 +119,12 @@ class HostStagingMapping:
         """Seal the holder's plaintext straight into the mapped staging (all cores)."""
         return SegmentSealer(params).seal_into(plaintext, self.view, ctx)
 
-    def write_raw(self, data: bytes, offset: int = 0) -> None:
-        """Copy raw bytes into the staging buffer at ``offset`` (drills and the device agent: bypasses the channel)."""
+    def write_ciphertext(self, offset: int, data: bytes) -> None:
+        """Copy ciphertext sealed elsewhere into staging at ``offset`` (checked against the memfd's real size)."""
         check_staging_write(self.nbytes, offset, len(data))
         self.view[offset : offset + len(data)] = data
 
-    def read_raw(self, nbytes: int) -> bytes:
+    def read_back(self, nbytes: int) -> bytes:
         """Read back staging bytes (drills only)."""
         return bytes(self.view[:nbytes])
 
@@ -143,7 +143,7 @@ class HostStagingMapping:
             ) from None
         self._mmap = None
 
-    def __enter__(self) -> HostStagingMapping:
+    def __enter__(self) -> HostStagingWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,8 +180,49 @@ def _sealed_memfd(nbytes: int) -> int:
     return fd
 
 
-class HostDevice:
-    """The device emulated on the CPU; implements :class:`gtbus.gpu.device.Device`."""
+class HostStaging:
+    """The host backend's holder side (:class:`gtbus.gpu.device.HolderStaging`): staging by handle."""
+
+    @classmethod
+    def prepare_holder(cls, capacity: int) -> None:
+        """Keep other processes out of this holder's plaintext and staging (shared memory maps instantly)."""
+        _close_proc_entries()
+
+    @classmethod
+    def map_staging(cls, handle: BufferHandle | str) -> HostStagingWriter:
+        """Holder side, any process of the orchestrator's user: fetch the hop's memfd by handle and map it."""
+        match = _HANDLE_RE.fullmatch(handle) if isinstance(handle, str) else None
+        if match is None:
+            raise DeviceError("not a host staging handle")
+        try:
+            fd = fetch_fd(match[1], bytes.fromhex(match[2]))
+        except NotOnOffer:
+            raise DeviceError(f"staging {_short(handle)} is not exported (revoked or never issued), or was mapped once already") from None
+        except DeviceError as exc:
+            raise DeviceError(f"staging {_short(handle)} is not exported: {exc}") from None
+        try:
+            st = os.fstat(fd)
+            # Refuse anything but the sealed memfd a device makes: then this
+            # mapping cannot fault on a size change either.
+            if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GET_SEALS) & STAGING_SEALS != STAGING_SEALS:
+                raise DeviceError(f"staging {_short(handle)} is not a sealed staging buffer")
+            if st.st_size <= 0:
+                raise DeviceError(f"staging {_short(handle)} is empty")
+            mapping = mmap.mmap(fd, st.st_size, flags=_MAP_FLAGS)
+        except OSError as exc:
+            raise DeviceError(f"cannot map staging {_short(handle)}: {exc.strerror}") from None
+        finally:
+            os.close(fd)
+        return HostStagingWriter(handle, mapping)
+
+    @staticmethod
+    def unmap(mapping: HostStagingWriter) -> None:
+        """Holder side: drop a mapping made by :meth:`map_staging`."""
+        mapping.close()
+
+
+class HostDevice(HostStaging):
+    """The device emulated on the CPU; implements :class:`gtbus.gpu.device.Device` (and, inherited, its holder side)."""
 
     name: str = "host"
     array_module: ModuleType = np
@@ -236,43 +277,6 @@ class HostDevice:
         # If the buffer is dropped without being revoked, its ticket must still go.
         buf._finalizer = weakref.finalize(buf, broker.withdraw, ticket)
         return buf, handle
-
-    @classmethod
-    def prepare_holder(cls, capacity: int) -> None:
-        """Keep other processes out of this holder's plaintext and staging (shared memory maps instantly)."""
-        _close_proc_entries()
-
-    @classmethod
-    def map_staging(cls, handle: BufferHandle | str) -> HostStagingMapping:
-        """Holder side, any process of the orchestrator's user: fetch the hop's memfd by handle and map it."""
-        match = _HANDLE_RE.fullmatch(handle) if isinstance(handle, str) else None
-        if match is None:
-            raise DeviceError("not a host staging handle")
-        try:
-            fd = fetch_fd(match[1], bytes.fromhex(match[2]))
-        except NotOnOffer:
-            raise DeviceError(f"staging {_short(handle)} is not exported (revoked or never issued), or was mapped once already") from None
-        except DeviceError as exc:
-            raise DeviceError(f"staging {_short(handle)} is not exported: {exc}") from None
-        try:
-            st = os.fstat(fd)
-            # Refuse anything but the sealed memfd a device makes: then this
-            # mapping cannot fault on a size change either.
-            if not stat.S_ISREG(st.st_mode) or fcntl.fcntl(fd, fcntl.F_GET_SEALS) & STAGING_SEALS != STAGING_SEALS:
-                raise DeviceError(f"staging {_short(handle)} is not a sealed staging buffer")
-            if st.st_size <= 0:
-                raise DeviceError(f"staging {_short(handle)} is empty")
-            mapping = mmap.mmap(fd, st.st_size, flags=_MAP_FLAGS)
-        except OSError as exc:
-            raise DeviceError(f"cannot map staging {_short(handle)}: {exc.strerror}") from None
-        finally:
-            os.close(fd)
-        return HostStagingMapping(handle, mapping)
-
-    @staticmethod
-    def unmap(mapping: HostStagingMapping) -> None:
-        """Holder side: drop a mapping made by :meth:`map_staging`."""
-        mapping.close()
 
     def discard_export(self, handle: BufferHandle | str) -> None:
         """Unlink a ``/dev/shm`` staging file an earlier gtbus version left behind.

@@ -8,59 +8,67 @@ agent never holds the channel key: plaintext still appears only on the device.
 
 The agent has two links: a client of the orchestrator (it registers, and is
 told per hop which holder may write which staging, the handle sealed to the
-agent's X25519 key), and a server that remote holders connect to. Rules:
-
-* segments are accepted only from the holder named in the current stage, for
-  its token and epoch, each index once and within the declared count;
-* a newer stage replaces an older one (its mapping is dropped), and anything
-  for an older epoch is refused by the replay guard's fence;
-* ``agent.done`` is answered with ``agent.written`` only when every segment
-  arrived; the mapping is closed before answering;
-* a ``token.revoke`` for the staged hop drops its mapping at once, and
-  anything later for that epoch is stale.
+agent's X25519 key), and a server that remote holders connect to. What it
+may write, when, and when it answers is decided by
+:class:`~gtbus.protocol.agent_stage.AgentStageMachine`; this node only feeds it
+the messages and performs its actions (map, write, unmap, fence, send).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+import time
+from typing import Any, Awaitable, Callable, Final
 
 from gtbus.errors import ChannelError, DeviceError
-from gtbus.gpu.channel import TAG_SIZE
-from gtbus.gpu.device import Device
+from gtbus.gpu.device import HolderStaging, StagingWriter
 from gtbus.gpu.sealing import open_bytes
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten, Refusal, RunComplete, ShipSegment, Shutdown, TokenRevoke
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
+from gtbus.protocol.agent_stage import (
+    AgentStageMachine,
+    DoneRequested,
+    MapFailed,
+    MapStaging,
+    Mapped,
+    RaiseFence,
+    RefuseStage,
+    RunOver,
+    SegmentArrived,
+    SegmentNotWritten,
+    SegmentWritten,
+    SendMissing,
+    SendReady,
+    SendWritten,
+    Stage,
+    StageRequested,
+    StageRevoked,
+    StageStep,
+    Tick,
+    Unmap,
+    WriteSegment,
+)
 from gtbus.transport.base import Delivery
 
-
-@dataclass
-class _Stage:
-    token_id: str
-    epoch: int
-    holder: str
-    mapping: Any
-    stride: int
-    staging_bytes: int
-    received: set[int] = field(default_factory=set)
-    count: int | None = None
-    nbytes: int = 0
+HOLDERS_LOG: Final = "-holders"
+"""The agent's server for remote holders logs apart from its link to the orchestrator, under its name and this."""
 
 
 class DeviceAgent:
-    """Relays remote holders' ciphertext into device staging."""
+    """Relays remote holders' ciphertext into device staging: the shell around :class:`AgentStageMachine`."""
 
-    def __init__(self, upstream: NodeRuntime, downstream: NodeRuntime, device_cls: type[Device]) -> None:
+    def __init__(
+        self, upstream: NodeRuntime, downstream: NodeRuntime, device_cls: type[HolderStaging], *, idle_timeout: float | None = None
+    ) -> None:
         self.up = upstream  # client of the orchestrator
         self.down = downstream  # server for remote holders
         self.device_cls = device_cls
-        self.stage: _Stage | None = None
+        self.machine = AgentStageMachine(idle_timeout=idle_timeout)
+        self.mappings: dict[int, StagingWriter] = {}  # epoch -> its staging mapping (the machine says when to drop it)
         self.done = asyncio.Event()
-        self.written = 0
         self.log = logging.getLogger(f"gtbus.agent.{upstream.name}")
         upstream.on(AgentStage, self._on_stage)
         upstream.on(TokenRevoke, self._on_revoke)
@@ -69,91 +77,130 @@ class DeviceAgent:
         downstream.on(ShipSegment, self._on_segment)
         downstream.on(AgentDone, self._on_done)
 
+    @property
+    def stage(self) -> Stage | None:
+        """The hop being staged now (None: nothing staged)."""
+        return self.machine.stage
+
+    @property
+    def written(self) -> int:
+        """Hops whose every segment this agent wrote."""
+        return self.machine.written_hops
+
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> None:
         """Announce this agent to the orchestrator (retries while it starts)."""
         await register_with(self.up, {"agent": True}, attempts=attempts, timeout=timeout)
 
-    def _drop_stage(self) -> None:
-        if self.stage is not None:
-            try:
-                self.device_cls.unmap(self.stage.mapping)
-            except DeviceError:
-                pass
-            self.stage = None
+    async def _feed(self, event: Any, acc: Accepted | None = None, payload: Any = None) -> None:
+        """Feed one event and perform its actions in order (``acc``: the message they answer; ``payload``: its data)."""
+        step: StageStep = self.machine.handle(event)
+        if not step.counted and isinstance(event, SegmentArrived):
+            self.log.warning("refused segment %r from %s: %s", event.index, event.sender, step.reason)
+        elif not step.counted and acc is not None:
+            self.log.info("refused %s from %s: %s", acc.spec.name, acc.header.sender, step.reason)
+        for action in step.actions:
+            await self._ACTIONS[type(action)](self, action, acc, payload)
 
     async def _on_revoke(self, acc: Accepted[TokenRevoke], delivery: Delivery) -> None:
-        st = self.stage
-        if st is not None and st.token_id == acc.message.token_id and st.epoch == acc.header.epoch:
-            self.log.info("hop %d revoked: dropping its staging mapping", st.epoch)
-            self._drop_stage()
-            self.down.guard.raise_fence(acc.header.epoch + 1)  # late segments of that hop are stale now
+        await self._feed(StageRevoked(acc.message.token_id, acc.header.epoch), acc)
 
     async def _on_complete(self, acc: Accepted[RunComplete | Shutdown], delivery: Delivery) -> None:
-        self._drop_stage()
+        await self._feed(RunOver())
         self.done.set()
 
     async def _on_stage(self, acc: Accepted[AgentStage], delivery: Delivery) -> None:
         m: AgentStage = acc.message
-        self._drop_stage()
-        try:
-            handle = open_bytes(m.sealed_handle, bytes(self.up.identity.x25519_secret), "sealed staging handle").decode()
-            # Fetching the staging may wait on the device's broker: not on the event loop.
-            mapping = await asyncio.to_thread(self.device_cls.map_staging, handle)
-        except (ChannelError, DeviceError, UnicodeDecodeError) as exc:
-            await self.up.send(Refusal("agent-stage", f"cannot stage: {exc}"), parent=acc.header.id, epoch=acc.header.epoch)
-            return
-        if mapping.nbytes < m.staging_bytes:
-            self.device_cls.unmap(mapping)
-            await self.up.send(Refusal("agent-stage", f"staging holds {mapping.nbytes} bytes, {m.staging_bytes} announced"),
-                               parent=acc.header.id, epoch=acc.header.epoch)
-            return
-        self._drop_stage()  # another stage may have landed while this one was fetched
-        self.stage = _Stage(m.token_id, acc.header.epoch, m.holder, mapping, m.segment_size + TAG_SIZE, m.staging_bytes)
-        self.down.guard.raise_fence(acc.header.epoch)
-        await self.up.send(AgentReady(m.token_id), parent=acc.header.id, epoch=acc.header.epoch)
-
-    def _current(self, acc: Accepted, token_id: str) -> _Stage | None:
-        st = self.stage
-        if st is None or acc.header.sender != st.holder or acc.header.epoch != st.epoch or token_id != st.token_id:
-            self.log.info("refused %s from %s: not the staged hop", acc.spec.name, acc.header.sender)
-            return None
-        return st
+        await self._feed(StageRequested(m.token_id, acc.header.epoch, m.holder, m.staging_bytes, m.segment_size, time.time()), acc, m)
 
     async def _on_segment(self, acc: Accepted[ShipSegment], delivery: Delivery) -> None:
         m: ShipSegment = acc.message
-        st = self._current(acc, m.token_id)
-        if st is None or len(acc.blobs) != 1:
+        if len(acc.blobs) != 1:
+            self.log.info("refused ship.segment from %s: %d blobs", acc.header.sender, len(acc.blobs))
             return
-        blob = acc.blobs[0]
-        off = m.index * st.stride
-        if st.count is None:
-            st.count = m.count
-        if m.count != st.count or not 0 <= m.index < m.count or m.index in st.received or len(blob) > st.stride or off + len(blob) > st.staging_bytes:
-            self.log.warning("refused segment %d from %s: outside the staged hop", m.index, acc.header.sender)
-            return
-        try:
-            # write_raw checks the offset against the mapping's real size as well.
-            await asyncio.to_thread(st.mapping.write_raw, blob, off)
-        except DeviceError as exc:
-            self.log.warning("refused segment %d from %s: %s", m.index, acc.header.sender, exc)
-            return
-        st.received.add(m.index)
+        event = SegmentArrived(acc.header.sender, m.token_id, acc.header.epoch, m.index, m.count, len(acc.blobs[0]), time.time())
+        await self._feed(event, acc, acc.blobs[0])
 
     async def _on_done(self, acc: Accepted[AgentDone], delivery: Delivery) -> None:
         m: AgentDone = acc.message
-        st = self._current(acc, m.token_id)
-        if st is None:
+        await self._feed(DoneRequested(acc.header.sender, m.token_id, acc.header.epoch, m.segments, m.nbytes), acc)
+
+    # -- actions -------------------------------------------------------------------------------
+
+    async def _map(self, a: MapStaging, acc: Accepted | None, stage: Any) -> None:
+        assert isinstance(stage, AgentStage)
+        try:
+            handle = open_bytes(stage.sealed_handle, bytes(self.up.identity.x25519_secret), "sealed staging handle").decode()
+            # Fetching the staging may wait on the device's broker: not on the event loop.
+            mapping = await asyncio.to_thread(self.device_cls.map_staging, handle)
+        except (ChannelError, DeviceError, UnicodeDecodeError) as exc:
+            await self._feed(MapFailed(a.epoch, str(exc)), acc)
             return
-        if st.count != m.segments or len(st.received) != m.segments:
-            await self.down.send(Refusal("agent-missing", f"received {len(st.received)} of {m.segments} segments"), acc.header.sender,
-                                 parent=acc.header.id, epoch=acc.header.epoch)
+        self.mappings[a.epoch] = mapping
+        await self._feed(Mapped(a.epoch, mapping.nbytes, time.time()), acc)
+
+    async def _unmap(self, a: Unmap, acc: Accepted | None, payload: Any) -> None:
+        mapping = self.mappings.pop(a.epoch, None)
+        if mapping is not None:
+            try:
+                mapping.close()
+            except DeviceError:
+                pass
+
+    async def _refuse_stage(self, a: RefuseStage, acc: Accepted | None, payload: Any) -> None:
+        assert acc is not None
+        await self.up.send(Refusal("agent-stage", a.reason), parent=acc.header.id, epoch=a.epoch)
+
+    async def _raise_fence(self, a: RaiseFence, acc: Accepted | None, payload: Any) -> None:
+        self.down.guard.raise_fence(a.epoch)
+
+    async def _send_ready(self, a: SendReady, acc: Accepted | None, payload: Any) -> None:
+        assert acc is not None
+        await self.up.send(AgentReady(a.token_id), parent=acc.header.id, epoch=a.epoch)
+
+    async def _write(self, a: WriteSegment, acc: Accepted | None, blob: Any) -> None:
+        mapping = self.mappings.get(a.epoch)
+        try:
+            if mapping is None:
+                raise DeviceError("the staging is no longer mapped")
+            # The writer checks the offset against the mapping's real size as well.
+            await asyncio.to_thread(mapping.write_ciphertext, a.offset, blob)
+        except DeviceError as exc:
+            self.log.warning("refused segment %d: %s", a.index, exc)
+            await self._feed(SegmentNotWritten(a.epoch, a.index, str(exc)), acc)
             return
-        self._drop_stage()
-        self.written += 1
-        await self.down.send(AgentWritten(m.token_id, m.segments, m.nbytes), acc.header.sender, parent=acc.header.id, epoch=acc.header.epoch)
+        await self._feed(SegmentWritten(a.epoch, a.index), acc)
+
+    async def _send_written(self, a: SendWritten, acc: Accepted | None, payload: Any) -> None:
+        assert acc is not None
+        await self.down.send(AgentWritten(a.token_id, a.segments, a.nbytes), a.to, parent=acc.header.id, epoch=a.epoch)
+
+    async def _send_missing(self, a: SendMissing, acc: Accepted | None, payload: Any) -> None:
+        assert acc is not None
+        await self.down.send(Refusal("agent-missing", a.reason), a.to, parent=acc.header.id, epoch=a.epoch)
+
+    _ACTIONS: dict[type, Callable[..., Awaitable[None]]] = {
+        MapStaging: _map,
+        Unmap: _unmap,
+        RefuseStage: _refuse_stage,
+        RaiseFence: _raise_fence,
+        SendReady: _send_ready,
+        WriteSegment: _write,
+        SendWritten: _send_written,
+        SendMissing: _send_missing,
+    }
 
     async def run(self) -> None:
-        """Register, then serve until the run completes."""
+        """Register, then serve until the run completes (dropping a stage left idle past ``idle_timeout``)."""
         await self.register()
         self.up.state_label = "ready"
-        await self.done.wait()
+        if self.machine.idle_timeout is None:
+            await self.done.wait()
+            return
+        while not self.done.is_set():
+            # Looked at again each second: a stage mapped meanwhile sets a new wake-up.
+            wake = self.machine.wake_at
+            try:
+                await asyncio.wait_for(self.done.wait(), 1.0 if wake is None else min(1.0, max(0.0, wake - time.time())))
+            except asyncio.TimeoutError:
+                if wake is not None and time.time() >= wake:
+                    await self._feed(Tick(time.time()))

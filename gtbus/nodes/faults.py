@@ -31,7 +31,7 @@ from typing import Any, Callable, Final
 
 from gtbus.errors import ConfigError, GtbusError
 from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext, staging_size
-from gtbus.gpu.device import BufferHandle, StagingMapping
+from gtbus.gpu.device import BufferHandle, StagingWriter
 
 FAULT_KINDS: Final = ("tamper-model-at-epoch", "tamper-code-at-epoch")
 
@@ -159,7 +159,7 @@ class FaultyStaging:
         if self.faults.map_old and self.carried.handle is not None:
             # An earlier hop's buffer must be gone: this raises DeviceError
             # (on cupy when the mapping is first used: IPC handles open lazily).
-            self.device_cls.map_staging(self.carried.handle).read_raw(1)
+            self.device_cls.map_staging(self.carried.handle).read_back(1)
         mapping = self.device_cls.map_staging(handle)
         self.carried.handle = handle
         return FaultyMapping(mapping, self.faults, self.carried)
@@ -173,7 +173,7 @@ class FaultyStaging:
 class FaultyMapping:
     """A staging mapping whose ``seal_into`` writes what the drill says."""
 
-    inner: StagingMapping
+    inner: StagingWriter
     faults: HolderFaults
     carried: _Carried
 
@@ -186,13 +186,13 @@ class FaultyMapping:
         total = staging_size(len(plaintext), params.segment_size)
         forged = SealSummary(ctx.count, len(plaintext), b"\0" * 32)
         if f.exit_mid_provision:
-            m.write_raw(os.urandom(len(plaintext) // 2))
+            m.write_ciphertext(0, os.urandom(len(plaintext) // 2))
             os.kill(os.getpid(), signal.SIGKILL)
         if f.garbage:
-            m.write_raw(os.urandom(total))
+            m.write_ciphertext(0, os.urandom(total))
             summary = forged
         elif f.replay_previous and self.carried.staging is not None:
-            m.write_raw(self.carried.staging[:total])
+            m.write_ciphertext(0, self.carried.staging[:total])
             summary = forged
         elif f.replay_from:
             try:
@@ -200,15 +200,15 @@ class FaultyMapping:
                     old = fh.read(total)
             except OSError as exc:
                 raise GtbusError(f"replay_from: {exc}") from None
-            m.write_raw(old)
+            m.write_ciphertext(0, old)
             summary = forged
         else:
             summary = m.seal_into(plaintext, params, ctx)
         if f.replay_previous:
-            self.carried.staging = m.read_raw(total)
+            self.carried.staging = m.read_back(total)
         if f.dump_to:
             tmp = f.dump_to + ".tmp"
             with open(tmp, "wb") as fh:
-                fh.write(m.read_raw(total))
+                fh.write(m.read_back(total))
             os.replace(tmp, f.dump_to)
         return summary

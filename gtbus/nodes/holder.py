@@ -4,7 +4,7 @@ On a grant the holder checks (beyond what the receive pipeline checked: the
 orchestrator's signature, recipient, freshness, epoch fence):
 
 * the grant is for a new epoch and its lease is still running
-  (:class:`~gtbus.protocol.holder.HolderMachine`);
+  (:class:`~gtbus.protocol.holder_hop.HolderMachine`);
 * the sealed channel params open with its own X25519 key;
 * the signed measurement report verifies under the pinned platform key, its
   code hash is the pinned one, and it commits to exactly the channel key just
@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
 import numpy
 
 from gtbus.errors import ChannelError, DeviceError, GtbusError
 from gtbus.gpu.attestation import AttestationError, SignedReport, Verifier
 from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentSealer, segment_bounds, segment_count, staging_size
-from gtbus.gpu.device import Device
+from gtbus.gpu.device import HolderStaging
 from gtbus.gpu.sealing import open_params
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
@@ -48,9 +48,23 @@ from gtbus.messages.types import (
 from gtbus.nodes.faults import HolderFaults
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
-from gtbus.protocol.holder import Action, HolderMachine
+from gtbus.protocol.holder_hop import (
+    Granted,
+    HolderMachine,
+    HolderStep,
+    Provision,
+    Refused,
+    Revoked,
+    SendAck,
+    SendDecline,
+    SendReturn,
+    StopWriting,
+    Written,
+)
 from gtbus.training.shards import Dataset
 from gtbus.transport.base import Delivery
+
+_Summary = tuple[int, int, bytes]  # segments, bytes and ciphertext digest the holder wrote
 
 
 class Holder:
@@ -60,7 +74,7 @@ class Holder:
         self,
         runtime: NodeRuntime,
         dataset: Dataset,
-        device_cls: type[Device],
+        device_cls: type[HolderStaging],
         verifier: Verifier,
         *,
         chunk_tokens: int | None = None,
@@ -151,41 +165,65 @@ class Holder:
         self.on_event(f"{self.rt.name}: hop {r.epoch} (chunk {r.chunk_index}): {r.outcome}{loss}")
 
     async def _on_revoke(self, acc: Accepted[TokenRevoke], delivery: Delivery) -> None:
-        if self.machine.on_revoke(acc.message.token_id, acc.header.epoch):
+        step = self.machine.handle(Revoked(acc.message.token_id, acc.header.epoch))
+        if step.counted:
             self.on_event(f"{self.rt.name}: hop {acc.header.epoch} revoked: {acc.message.reason}")
-            if self._task is not None:
-                self._task.cancel()
+        await self._perform(step)
 
     async def _on_grant(self, acc: Accepted[TokenGrant], delivery: Delivery) -> None:
         g: TokenGrant = acc.message
-        epoch = acc.header.epoch
         if g.holder != self.rt.name:
             return
-        decision = self.machine.on_grant(g.token_id, epoch, g.lease_deadline, time.time())
-        if decision.action is Action.IGNORE:
-            self.log.info("ignored grant: %s", decision.reason)
-            return
-        if decision.action is Action.ACK_AGAIN:
-            await self.rt.send(TokenAck(g.token_id), epoch=epoch)
-            return
-        decline = self.faults.decline_reason(decision.reason if decision.action is Action.DECLINE else None)
-        if decline is not None:
-            await self.rt.send(TokenDecline(g.token_id, decline), epoch=epoch)
+        step = self.machine.handle(Granted(g.token_id, acc.header.epoch, g.lease_deadline, time.time()))
+        if not step.counted:
+            self.log.info("ignored grant: %s", step.reason)
+        await self._perform(step, g)
+
+    async def _perform(self, step: HolderStep, grant: TokenGrant | None = None, summary: _Summary | None = None) -> None:
+        """Execute the machine's actions, in order (``grant`` and ``summary`` are the hop's, where an action needs them)."""
+        for action in step.actions:
+            await self._ACTIONS[type(action)](self, action, grant, summary)
+
+    async def _send_ack(self, a: SendAck, grant: TokenGrant | None, summary: _Summary | None) -> None:
+        await self.rt.send(TokenAck(a.token_id), epoch=a.epoch)
+
+    async def _send_decline(self, a: SendDecline, grant: TokenGrant | None, summary: _Summary | None) -> None:
+        reason = self.faults.decline_reason(a.reason) or a.reason  # a drill may decline with its own words
+        await self.rt.send(TokenDecline(a.token_id, reason[:200]), epoch=a.epoch)
+
+    async def _stop_writing(self, a: StopWriting, grant: TokenGrant | None, summary: _Summary | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+    async def _send_return(self, a: SendReturn, grant: TokenGrant | None, summary: _Summary | None) -> None:
+        assert grant is not None and summary is not None
+        self.faults.before_return()
+        await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, summary[0], summary[1], summary[2]), epoch=a.epoch)
+        self.hops_provisioned += 1
+        self._prefetch_soon(grant.chunk_index + 1)
+        self.on_event(f"{self.rt.name}: hop {a.epoch} chunk {grant.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments")
+
+    async def _start_provision(self, a: Provision, grant: TokenGrant | None, summary: _Summary | None) -> None:
+        """Check the grant (sealed params open, measurement verifies, same run); ack; write in a task."""
+        assert grant is not None
+        epoch = a.epoch
+        drill = self.faults.decline_reason(None)
+        if drill is not None:
+            await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
         try:
-            params = open_params(g.sealed_params, bytes(self.rt.identity.x25519_secret))
-            self.verifier.verify(SignedReport.from_wire(g.report), channel_key=params.key, run_id=g.run_id, epoch=epoch)
-            if self.run_id is not None and g.run_id != self.run_id:
-                raise AttestationError(f"grant for run {g.run_id}, registered with run {self.run_id}")
+            params = open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
+            self.verifier.verify(SignedReport.from_wire(grant.report), channel_key=params.key, run_id=grant.run_id, epoch=epoch)
+            if self.run_id is not None and grant.run_id != self.run_id:
+                raise AttestationError(f"grant for run {grant.run_id}, registered with run {self.run_id}")
         except (ChannelError, AttestationError, GtbusError) as exc:
-            self.machine.failed(g.token_id, epoch)
             self.refused.append(str(exc))
             self.log.error("refused grant %d: %s", epoch, exc)
-            await self.rt.send(TokenDecline(g.token_id, f"refused: {exc}"[:200]), epoch=epoch)
+            await self._perform(self.machine.handle(Refused(a.token_id, epoch, f"refused: {exc}")))
             return
-        await self.rt.send(TokenAck(g.token_id), epoch=epoch)
+        await self.rt.send(TokenAck(a.token_id), epoch=epoch)
         # Provision in a task so a revoke can cancel it while we keep receiving.
-        self._task = asyncio.create_task(self._provision(g, epoch, params))
+        self._task = asyncio.create_task(self._provision(grant, epoch, params))
 
     async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams) -> None:
         try:
@@ -201,26 +239,23 @@ class Holder:
                 summary = await asyncio.to_thread(self._write_travel, params, plain, ctx)
             else:
                 summary = await self._write_ship(g, epoch, params, plain, ctx)
-            if not self.machine.is_current(g.token_id, epoch):
-                return  # revoked while writing
-            self.faults.before_return()
-            await self.rt.send(
-                TokenReturn(g.token_id, g.chunk_index, summary[0], summary[1], summary[2]), epoch=epoch
-            )
-            self.machine.returned(g.token_id, epoch)
-            self.hops_provisioned += 1
-            self._prefetch_soon(g.chunk_index + 1)
-            self.on_event(f"{self.rt.name}: hop {epoch} chunk {g.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments")
-        except asyncio.CancelledError:
-            self.machine.failed(g.token_id, epoch)
-            raise
         except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
-            self.machine.failed(g.token_id, epoch)
             self.refused.append(str(exc))
             self.log.error("hop %d failed: %s", epoch, exc)
-            await self.rt.send(TokenDecline(g.token_id, f"provisioning failed: {exc}"[:200]), epoch=epoch)
+            await self._perform(self.machine.handle(Refused(g.token_id, epoch, f"provisioning failed: {exc}")))
+            return
+        # Revoked while writing: the machine ignores it and nothing is returned.
+        await self._perform(self.machine.handle(Written(g.token_id, epoch)), g, summary)
 
-    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> tuple[int, int, bytes]:
+    _ACTIONS: dict[type, Callable[..., Awaitable[None]]] = {
+        Provision: _start_provision,
+        SendAck: _send_ack,
+        SendDecline: _send_decline,
+        SendReturn: _send_return,
+        StopWriting: _stop_writing,
+    }
+
+    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> _Summary:
         mapping = self.staging.map_staging(params.buffer_handle)
         try:
             s = mapping.seal_into(plain, params, ctx)
@@ -230,7 +265,7 @@ class Holder:
 
     async def _write_ship(
         self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext, via: NodeRuntime | None = None
-    ) -> tuple[int, int, bytes]:
+    ) -> _Summary:
         """Seal locally and stream the segments: to the orchestrator (ship) or the device agent (remote travel)."""
         size = staging_size(len(plain), params.segment_size)
         if self._ship_buffer is None or len(self._ship_buffer) < size:

@@ -6,10 +6,17 @@ did. The first difference is reported with the record it concerns. A clean
 run has none; a doctored log (an ack for a stale grant, a reused epoch, a
 hop trained from an ignored return) is pointed at exactly.
 
-* Holder (:class:`~gtbus.protocol.holder.HolderMachine`): for each accepted
+* Holder (:class:`~gtbus.protocol.holder_hop.HolderMachine`): for each accepted
   ``token.grant`` the machine decides provision / ack again / ignore / decline;
   the log must show the matching reply (``token.ack`` or ``token.decline``
-  for that token and epoch, or none for an ignored grant) before the next grant.
+  for that token and epoch, or none for an ignored grant) before the next grant;
+  accepted revokes and the holder's own returns and declines go through the
+  machine too, and a return it would not send (after a revoke, twice, for a
+  hop not in progress) is a difference.
+* Device agent (:class:`~gtbus.protocol.agent_stage.AgentStageMachine`), from
+  both its logs merged in time order: every ``agent.stage``, segment,
+  ``agent.done`` and revoke goes through the machine; each stage and done must
+  be answered as it decides (ready or refused; written, missing or nothing).
 * Orchestrator (:class:`~gtbus.protocol.hop.HopMachine` driving the
   :class:`~gtbus.protocol.token.TokenMachine`): every grant starts a hop and
   must take the next epoch (a restart may skip ahead, never back); every
@@ -34,7 +41,27 @@ from gtbus.console import printable
 from gtbus.errors import ConfigError
 from gtbus.messages.envelope import Header
 from gtbus.messages.types import HopRecord
-from gtbus.protocol.holder import Action, HolderMachine
+from gtbus.nodes.agent import HOLDERS_LOG
+from gtbus.protocol.agent_stage import (
+    AgentStageMachine,
+    DoneRequested,
+    MapFailed,
+    MapStaging,
+    Mapped,
+    RefuseStage,
+    RunOver,
+    SegmentArrived,
+    SegmentWritten,
+    SendMissing,
+    SendReady,
+    SendWritten,
+    StageEvent,
+    StageRequested,
+    StageRevoked,
+    StageStep,
+    WriteSegment,
+)
+from gtbus.protocol.holder_hop import Action, HolderMachine, Refused, Revoked, SendReturn, Written
 from gtbus.protocol.hop import (
     Acked,
     Begin,
@@ -56,7 +83,7 @@ from gtbus.protocol.hop import (
 )
 from gtbus.protocol.schedule import Assignment
 from gtbus.protocol.token import Phase, TokenMachine
-from gtbus.recording import LogRecord, read_log
+from gtbus.recording import LOG_SUFFIX, LogRecord, read_log
 from gtbus.replay.verify import header_of, message_of
 
 
@@ -103,31 +130,46 @@ def _messages(records: list[LogRecord]) -> list[_Msg | LogRecord]:
 
 
 def redrive_holder(records: list[LogRecord], node: str) -> Difference | None:
-    """Re-drive a holder's grants; None when every decision matches the log."""
+    """Re-drive a holder's hops through :class:`HolderMachine`; None when every decision matches the log.
+
+    Accepted grants and revokes, and the holder's own returns and declines, are
+    fed in log order. A grant's reply must be the one the machine decides (a
+    grant it provisions may still be declined: the check of the sealed params
+    and the measurement is the shell's); a ``token.return`` must be one the
+    machine sends (for the hop in progress, once, not after its revoke); a
+    decline after the ack ends the hop in progress. A restart (a meta record)
+    starts a fresh machine, as the process does.
+    """
     machine = HolderMachine()
     items = _messages(records)
     for k, item in enumerate(items):
-        if isinstance(item, LogRecord) or item.out or not item.accepted or item.header.type != "token.grant":
+        if isinstance(item, LogRecord):
+            if k:
+                machine = HolderMachine()
             continue
         h, b = item.header, item.body
-        if b.holder != node:
+        if not item.out and h.type == "token.revoke":
+            machine.handle(Revoked(b.token_id, h.epoch))
+            continue
+        if item.out and h.type == "token.return":
+            step = machine.handle(Written(b.token_id, h.epoch))
+            if not any(isinstance(a, SendReturn) for a in step.actions):
+                return Difference(item.rec.index, f"token.return epoch {h.epoch}: the state machine returns nothing ({step.reason}), the log shows a return")
+            continue
+        if item.out and h.type == "token.decline":
+            machine.handle(Refused(b.token_id, h.epoch, b.reason))  # ends the hop in progress; any other decline was judged with its grant
+            continue
+        if item.out or h.type != "token.grant" or b.holder != node:
             continue
         decision = machine.on_grant(b.token_id, h.epoch, b.lease_deadline, float(item.rec.data["t"]))
         reply = _reply_to_grant(items[k + 1 :], b.token_id, h.epoch)
         want = {Action.PROVISION: "token.ack", Action.ACK_AGAIN: "token.ack", Action.DECLINE: "token.decline", Action.IGNORE: None}[decision.action]
         if decision.action is Action.PROVISION and reply == "token.decline":
-            # A holder may still decline after checking the sealed params and the measurement.
-            machine.failed(b.token_id, h.epoch)
-            continue
+            continue  # a holder may still decline after checking the sealed params and the measurement
         if reply != want:
             why = f" ({decision.reason})" if decision.reason else ""
             shown = reply or "no reply"
             return Difference(item.rec.index, f"token.grant epoch {h.epoch}: the state machine decides {decision.action.value}{why}, the log shows {shown}")
-        if decision.action is Action.PROVISION:
-            if _returned(items[k + 1 :], b.token_id, h.epoch):
-                machine.returned(b.token_id, h.epoch)
-            else:
-                machine.failed(b.token_id, h.epoch)
     return None
 
 
@@ -140,13 +182,6 @@ def _reply_to_grant(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> 
         if item.out and item.header.type in ("token.ack", "token.decline") and item.header.epoch == epoch and item.body.token_id == token_id:
             return item.header.type
     return None
-
-
-def _returned(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> bool:
-    return any(
-        isinstance(i, _Msg) and i.out and i.header.type == "token.return" and i.header.epoch == epoch and i.body.token_id == token_id
-        for i in rest
-    )
 
 
 def _return_sizes(rest: list[_Msg | LogRecord], token_id: str, epoch: int) -> tuple[int, int]:
@@ -268,6 +303,116 @@ def redrive_orchestrator(records: list[LogRecord], node: str) -> Difference | No
     return None
 
 
+def _answer_to(rest: list[_Msg | LogRecord], parent: bytes, types: tuple[str, ...]) -> _Msg | None:
+    """The node's first message of one of ``types`` answering ``parent``, before a restart."""
+    for i in rest:
+        if isinstance(i, LogRecord):
+            return None
+        if i.out and i.header.type in types and i.header.parent == parent:
+            return i
+    return None
+
+
+def _stage_answer(step: StageStep) -> str | None:
+    """What an agent's step tells the orchestrator or the holder, as the log shows it (message type, refusal code)."""
+    for a in step.actions:
+        if isinstance(a, (SendReady, SendWritten)):
+            return "agent.ready" if isinstance(a, SendReady) else "agent.written"
+        if isinstance(a, (RefuseStage, SendMissing)):
+            return "refusal agent-stage" if isinstance(a, RefuseStage) else "refusal agent-missing"
+    return None
+
+
+def _shown(answer: _Msg | None) -> str | None:
+    if answer is None:
+        return None
+    return f"refusal {answer.body.code}" if answer.header.type == "refusal" else answer.header.type
+
+
+def _mapped_as_logged(epoch: int, announced: int, answer: _Msg | None, at: float) -> StageEvent:
+    """What the mapping said, as far as the agent's answer shows it (the real size is in a refusal's words only)."""
+    if answer is not None and answer.header.type == "refusal":
+        words = str(answer.body.reason).split()
+        if words[:2] == ["staging", "holds"] and len(words) > 2 and words[2].isdigit():
+            return Mapped(epoch, int(words[2]), at)
+        return MapFailed(epoch, str(answer.body.reason))
+    return Mapped(epoch, announced, at)
+
+
+def redrive_agent(records: list[LogRecord], node: str) -> Difference | None:
+    """Re-drive a device agent's stages through :class:`AgentStageMachine`; None when every decision matches the log.
+
+    ``records`` are both of the agent's logs (its link to the orchestrator and
+    its server for remote holders) in time order. Every accepted ``agent.stage``
+    must be answered as the machine decides (``agent.ready``, or a refusal when
+    the sizes are unusable or the mapping is short); every segment the machine
+    accepts is taken as written (a failed write is in no log); every
+    ``agent.done`` must be answered ``agent.written`` exactly when the machine
+    has every segment of the staged hop, a refusal when some are missing, and
+    nothing when it is not the staged hop's. What only the device knows (could
+    the handle be mapped, how big is the mapping) is taken from the answer.
+    """
+    machine = AgentStageMachine()
+    mapping: dict[bytes, tuple[int, int]] = {}  # stage message id -> (epoch, bytes announced), while its staging is mapped
+    items = _messages(records)
+    for k, item in enumerate(items):
+        if isinstance(item, LogRecord):
+            if any(isinstance(i, _Msg) for i in items[:k]):
+                machine, mapping = AgentStageMachine(), {}  # the process restarted
+            continue
+        h, b = item.header, item.body
+        at = float(item.rec.data["t"])
+        if item.out:
+            # The mapping is done when the agent answers its stage: feed it then, not before,
+            # so segments that came while it was mapped are judged as the agent judged them.
+            if h.parent in mapping and h.type in ("agent.ready", "refusal"):
+                epoch, announced = mapping.pop(h.parent)
+                decided = _stage_answer(machine.handle(_mapped_as_logged(epoch, announced, item, at)))
+                if decided != _shown(item):
+                    return Difference(item.rec.index, f"agent.stage epoch {epoch}: the state machine answers {decided or 'nothing'}, the log shows {_shown(item)}")
+            continue
+        if h.type == "agent.stage":
+            step = machine.handle(StageRequested(b.token_id, h.epoch, b.holder, b.staging_bytes, b.segment_size, at))
+            if any(isinstance(a, MapStaging) for a in step.actions):
+                mapping[h.id] = (h.epoch, b.staging_bytes)
+                continue
+            answer = _answer_to(items[k + 1 :], h.id, ("agent.ready", "refusal"))
+            decided, shown = _stage_answer(step), _shown(answer)
+            if decided != shown:
+                return Difference(item.rec.index, f"agent.stage epoch {h.epoch}: the state machine answers {decided or 'nothing'}, the log shows {shown or 'no answer'}")
+        elif h.type == "ship.segment":
+            sizes = item.rec.data.get("blob_sizes")
+            if not isinstance(sizes, list) or len(sizes) != 1:
+                continue  # the shell refuses a segment without exactly one blob before the machine sees it
+            step = machine.handle(SegmentArrived(h.sender, b.token_id, h.epoch, b.index, b.count, sizes[0], at))
+            for a in step.actions:
+                if isinstance(a, WriteSegment):
+                    machine.handle(SegmentWritten(a.epoch, a.index))
+        elif h.type == "agent.done":
+            answer = _answer_to(items[k + 1 :], h.id, ("agent.written", "refusal"))
+            decided, shown = _stage_answer(machine.handle(DoneRequested(h.sender, b.token_id, h.epoch, b.segments, b.nbytes))), _shown(answer)
+            if decided != shown:
+                return Difference(item.rec.index, f"agent.done epoch {h.epoch} from {h.sender}: the state machine answers {decided or 'nothing'}, the log shows {shown or 'no answer'}")
+        elif h.type == "token.revoke":
+            machine.handle(StageRevoked(b.token_id, h.epoch))
+        elif h.type in ("run.complete", "shutdown"):
+            machine.handle(RunOver())
+    return None
+
+
+def agent_logs(path: Path) -> list[Path]:
+    """Both logs of a device agent given either: its link to the orchestrator and its ``-holders`` server (those that exist)."""
+    stem, suffix = path.name[: -len(LOG_SUFFIX)] if path.name.endswith(LOG_SUFFIX) else path.stem, LOG_SUFFIX
+    other = stem[: -len(HOLDERS_LOG)] if stem.endswith(HOLDERS_LOG) else stem + HOLDERS_LOG
+    return [path] + ([path.with_name(other + suffix)] if path.with_name(other + suffix).is_file() else [])
+
+
+def _by_time(logs: list[list[LogRecord]]) -> list[LogRecord]:
+    """Records of one process's logs merged in time order (each log's own order kept)."""
+    merged = [r for log in logs for r in log]
+    return sorted(merged, key=lambda r: float(r.data.get("t", 0.0)))
+
+
 _WIRE: dict[str, Callable[[Header, Any], HopEvent]] = {
     "token.ack": lambda h, b: Acked(h.sender, h.epoch, b.token_id),
     "token.return": lambda h, b: Returned(h.sender, h.epoch, b.token_id, b.chunk_index, b.segments, b.nbytes),
@@ -285,7 +430,9 @@ def redrive(path: str | Path, node: str | None = None) -> tuple[str, Difference 
     name = node or (meta.data["node"] if meta else Path(path).stem)
     roles = {m.get("name"): m.get("role") for m in (meta.data["roster"] if meta else [])}
     role = roles.get(name)
-    machines = {"holder": redrive_holder, "orchestrator": redrive_orchestrator}
+    if role == "agent":
+        records = _by_time([records] + [read_log(other) for other in agent_logs(Path(path))[1:]])
+    machines = {"holder": redrive_holder, "orchestrator": redrive_orchestrator, "agent": redrive_agent}
     if role not in machines:
         raise RedriveError(f"{path}: no state machine to re-drive for {printable(name)!r} (role {printable(role)})")
     try:

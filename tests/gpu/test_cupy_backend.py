@@ -111,7 +111,7 @@ def test_holder_process_maps_by_ipc_and_writes_ciphertext() -> None:
     handle = params.buffer_handle
     dev.release(staging)
     # An earlier hop's handle maps nothing once the hop is over.
-    r2 = subprocess.run([sys.executable, "-c", f"from gtbus.gpu.cupy_backend import CupyDevice; CupyDevice.map_staging({handle!r}).read_raw(1)"],
+    r2 = subprocess.run([sys.executable, "-c", f"from gtbus.gpu.cupy_backend import CupyDevice; CupyDevice.map_staging({handle!r}).read_back(1)"],
                         capture_output=True, timeout=120)
     assert r2.returncode != 0 and b"DeviceError" in r2.stderr
 
@@ -152,7 +152,7 @@ def test_host_and_cupy_give_the_same_plaintext() -> None:
     hs, hh = host.alloc_hop_staging(len(buf))
     hs_params = ChannelParams(str(hh), params.capacity, params.key, params.nonce_prefix, params.suite, params.segment_size)
     hm = HostDevice.map_staging(hh)
-    hm.write_raw(bytes(buf))
+    hm.write_ciphertext(0, bytes(buf))
     HostDevice.unmap(hm)
     hout = host.alloc(params.capacity)
     host.open_segments(hs, hout, hs_params, ctx, ctx.count, nbytes)

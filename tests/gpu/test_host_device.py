@@ -214,10 +214,10 @@ def test_a_closed_device_hands_out_nothing(dev: HostDevice) -> None:
 def test_agent_writes_outside_the_staging_are_refused(dev: HostDevice) -> None:
     staging, handle = dev.alloc_hop_staging(64)
     with HostDevice.map_staging(handle) as mapping:
-        mapping.write_raw(b"x" * 64, 0)
+        mapping.write_ciphertext(0, b"x" * 64)
         for offset, data in ((1, b"x" * 64), (64, b"x"), (-1, b"x"), (1 << 62, b"x"), (True, b"x"), (0, b"x" * 65)):
             with pytest.raises(DeviceError, match="do not fit 64 bytes"):
-                mapping.write_raw(data, offset)  # type: ignore[arg-type]
+                mapping.write_ciphertext(offset, data)  # type: ignore[arg-type]
     dev.release(staging)
 
 

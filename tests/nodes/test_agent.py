@@ -21,6 +21,7 @@ from gtbus.messages.types import AgentDone, AgentReady, AgentStage, AgentWritten
 from gtbus.nodes.agent import DeviceAgent
 from gtbus.nodes.launcher import LocalDeployment, LocalRun
 from gtbus.nodes.runtime import NodeRuntime
+from gtbus.replay.redrive import redrive
 from gtbus.testing import MemoryNetwork, make_deployment
 
 SEG = 1 << 20
@@ -91,6 +92,9 @@ def test_agent_writes_only_the_staged_holders_segments(tmp_path: Path) -> None:
                 await rt.close()
 
     asyncio.run(scenario())
+    # Re-driven from its two logs (either names both), every answer the agent gave is its machine's.
+    assert redrive(tmp_path / "logs" / "agent1.gtlog") == ("agent1", None)
+    assert redrive(tmp_path / "logs" / "agent1-holders.gtlog") == ("agent1", None)
 
 
 @pytest.mark.slow
@@ -105,3 +109,5 @@ def test_remote_holders_train_through_the_agent(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "gtbus", "replay", str(logs), "--node", "agent1", "--type", "agent", "--json"], capture_output=True, text=True, timeout=120)
     staged = [line for line in r.stdout.splitlines() if '"agent.stage"' in line and '"in"' in line]
     assert len(staged) == 8  # every hop of h2 and h3 went through the agent, none of h1's
+    for node in ("agent1", "h1", "h2", "h3"):
+        assert redrive(logs / f"{node}.gtlog") == (node, None)

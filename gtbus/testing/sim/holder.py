@@ -19,7 +19,7 @@ from typing import Any
 
 from gtbus.gpu.channel import TAG_SIZE, segment_bounds, segment_count
 from gtbus.messages.types import ShipSegment, TokenAck, TokenDecline, TokenReturn
-from gtbus.protocol.holder import Action, HolderMachine
+from gtbus.protocol.holder_hop import Action, HolderMachine
 from gtbus.testing.sim.config import AGENT, CHUNK_TOKENS, ORCHESTRATOR, SEGMENT_BYTES, TOKEN_BYTES, SimConfig
 from gtbus.testing.sim.device import Segment, SimDevice, chunk_tag
 from gtbus.testing.sim.orchestrator import GrantBody

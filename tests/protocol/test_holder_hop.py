@@ -1,10 +1,26 @@
-"""Sans-I/O tests of the holder's hop machine (gtbus.protocol.holder)."""
+"""Sans-I/O tests of the holder's side of a hop (gtbus.protocol.holder_hop): decisions, actions, every event in every phase."""
 
 from __future__ import annotations
 
 import pytest
 
-from gtbus.protocol.holder import Action, HolderMachine, HolderPhase
+from gtbus.protocol.holder_hop import (
+    Action,
+    Granted,
+    HolderEvent,
+    HolderMachine,
+    HolderPhase,
+    NEXT_PHASES,
+    Provision,
+    Refused,
+    Revoked,
+    SendAck,
+    SendDecline,
+    SendReturn,
+    StopWriting,
+    TRANSITIONS,
+    Written,
+)
 
 NOW = 1_800_000_000.0
 DEADLINE = NOW + 10.0
@@ -95,3 +111,62 @@ def test_failed_hop_ends_provisioning() -> None:
     assert m.phase is HolderPhase.IDLE and m.current is None
     # A failed hop is not "completed": a copy of its grant is simply stale.
     assert m.on_grant("tok", 1, DEADLINE, NOW).action is Action.IGNORE
+
+
+# -- events in, actions out ----------------------------------------------------------------
+
+
+
+def test_a_hop_as_actions_grant_provision_write_return() -> None:
+    m = HolderMachine()
+    step = m.handle(Granted("tok", 1, DEADLINE, NOW))
+    assert step.counted and step.actions == (Provision("tok", 1),)
+    assert m.handle(Written("tok", 1)).actions == (SendReturn("tok", 1),)
+    # Written twice (a writer finishing twice) returns once.
+    again = m.handle(Written("tok", 1))
+    assert not again.counted and again.actions == ()
+    assert m.handle(Granted("tok", 1, DEADLINE, NOW)).actions == (SendAck("tok", 1),)
+    assert [t[1] for t in m.trace] == ["Granted", "Written", "Written", "Granted"]
+
+
+def test_refused_hop_is_declined_with_its_reason_and_revoke_stops_the_writer() -> None:
+    m = HolderMachine()
+    m.handle(Granted("tok", 1, DEADLINE, NOW))
+    assert m.handle(Refused("tok", 1, "refused: bad report")).actions == (SendDecline("tok", 1, "refused: bad report"),)
+    m.handle(Granted("tok", 2, DEADLINE, NOW))
+    assert m.handle(Revoked("tok", 2)).actions == (StopWriting("tok", 2),)
+    # Written after the revoke (the writer was already past its last check): nothing is returned.
+    late = m.handle(Written("tok", 2))
+    assert not late.counted and late.actions == () and m.phase is HolderPhase.IDLE
+
+
+def test_expired_grant_while_provisioning_abandons_the_old_hop() -> None:
+    m = HolderMachine()
+    m.handle(Granted("tok", 1, DEADLINE, NOW))
+    step = m.handle(Granted("tok", 2, NOW, NOW + 1))  # newer, but its lease is over on arrival
+    assert step.actions == (SendDecline("tok", 2, "lease already expired on arrival"),)
+    assert m.phase is HolderPhase.IDLE and not m.is_current("tok", 1)
+    assert m.handle(Written("tok", 1)).actions == ()  # the abandoned hop's writer returns nothing
+
+
+_EVENTS: list[HolderEvent] = [
+    Granted("tok", 1, DEADLINE, NOW), Granted("tok", 1, DEADLINE, DEADLINE), Granted("tok", 0, DEADLINE, NOW),
+    Granted("tok", 2, DEADLINE, NOW), Granted("x", 1, DEADLINE, NOW), Written("tok", 1), Written("tok", 9),
+    Refused("tok", 1, "r"), Refused("x", 1), Revoked("tok", 1), Revoked("tok", 3),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("phase", list(HolderPhase))
+@pytest.mark.parametrize("event", _EVENTS, ids=repr)
+def test_every_event_in_every_phase_is_decided_without_raising(phase: HolderPhase, event: HolderEvent) -> None:
+    m = HolderMachine()
+    if phase is HolderPhase.PROVISIONING:
+        m.handle(Granted("tok", 1, DEADLINE, NOW))
+    assert m.phase is phase
+    step = m.handle(event)
+    assert m.phase in NEXT_PHASES[phase]
+    if type(event) not in TRANSITIONS[phase]:
+        assert not step.counted and step.actions == () and phase.value in step.reason
+    # At most one hop is ever provisioned, and only the current one is returned.
+    assert all(not isinstance(a, (SendReturn, StopWriting)) or (a.token_id, a.epoch) == ("tok", 1) for a in step.actions)
+    assert (m.current is not None) == (m.phase is HolderPhase.PROVISIONING)
