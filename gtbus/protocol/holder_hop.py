@@ -222,7 +222,7 @@ class HolderMachine:
         if ev.epoch <= self.last_epoch:
             return _ignored(f"epoch {ev.epoch} not above last seen {self.last_epoch}")
         self.last_epoch = ev.epoch
-        if ev.now >= ev.lease_deadline:
+        if not ev.now < ev.lease_deadline:  # a NaN deadline is over too
             self._end()  # a newer grant abandons the hop in progress, even one it declines
             return HolderStep(True, "lease already expired on arrival", (SendDecline(*key, "lease already expired on arrival"),))
         self.phase, self.current = HolderPhase.PROVISIONING, key

@@ -170,3 +170,9 @@ def test_every_event_in_every_phase_is_decided_without_raising(phase: HolderPhas
     # At most one hop is ever provisioned, and only the current one is returned.
     assert all(not isinstance(a, (SendReturn, StopWriting)) or (a.token_id, a.epoch) == ("tok", 1) for a in step.actions)
     assert (m.current is not None) == (m.phase is HolderPhase.PROVISIONING)
+
+
+def test_a_grant_whose_deadline_is_not_a_time_is_declined() -> None:
+    m = HolderMachine()
+    step = m.handle(Granted("tok", 1, float("nan"), NOW))
+    assert step.actions == (SendDecline("tok", 1, "lease already expired on arrival"),) and m.phase is HolderPhase.IDLE
