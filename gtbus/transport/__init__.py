@@ -35,8 +35,11 @@ from gtbus.transport.memory import Direction, FrameTap, MemoryClient, MemoryNetw
 if TYPE_CHECKING:  # the names of _ZMQ_NAMES, for type checkers
     from gtbus.transport.zmq import *  # noqa: F403
 
-#: Names that live in :mod:`gtbus.transport.zmq`, imported (with pyzmq) on first use.
+#: The names of :mod:`gtbus.transport.zmq` (its ``__all__``), imported with pyzmq on first use.
 _ZMQ_NAMES = frozenset({
+    "CURVE_KEY_BYTES",
+    "DEFAULT_MAX_FRAME_BYTES",
+    "ZAP_DOMAIN",
     "CurveClientConfig",
     "CurveServerConfig",
     "SocketTuning",
@@ -53,7 +56,9 @@ def __getattr__(name: str) -> object:
     if name in _ZMQ_NAMES:
         from gtbus.transport import zmq
 
-        return getattr(zmq, name)
+        value = getattr(zmq, name)
+        globals()[name] = value  # asked once: a plain attribute from now on
+        return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -72,6 +72,8 @@ def test_asking_for_a_zmq_name_imports_it() -> None:
         from gtbus.transport import ZmqServer, SocketTuning
         from gtbus.transport.zmq import ZmqServer as Direct
         assert ZmqServer is Direct and "zmq" in sys.modules
+        from gtbus.transport import zmq
+        assert {n for n in t.__all__ if getattr(t, n) is getattr(zmq, n, None)} == set(zmq.__all__)
         try:
             t.NoSuchThing
         except AttributeError as e:
