@@ -190,9 +190,13 @@ class DeviceAgent:
     }
 
     async def run(self) -> None:
-        """Register, then serve until the run completes (dropping a stage left idle past ``idle_timeout``)."""
+        """Register, then serve until the run completes."""
         await self.register()
         self.up.state_label = "ready"
+        await self.serve()
+
+    async def serve(self) -> None:
+        """Until the run completes: handlers do the work; this drops a stage left idle past ``idle_timeout``."""
         if self.machine.idle_timeout is None:
             await self.done.wait()
             return
@@ -203,4 +207,5 @@ class DeviceAgent:
                 await asyncio.wait_for(self.done.wait(), 1.0 if wake is None else min(1.0, max(0.0, wake - time.time())))
             except asyncio.TimeoutError:
                 if wake is not None and time.time() >= wake:
+                    self.log.info("stage of hop %d idle for %.0fs: dropping its mapping", self.stage.epoch if self.stage else 0, self.machine.idle_timeout)
                     await self._feed(Tick(time.time()))

@@ -350,7 +350,9 @@ def redrive_agent(records: list[LogRecord], node: str) -> Difference | None:
     ``agent.done`` must be answered ``agent.written`` exactly when the machine
     has every segment of the staged hop, a refusal when some are missing, and
     nothing when it is not the staged hop's. What only the device knows (could
-    the handle be mapped, how big is the mapping) is taken from the answer.
+    the handle be mapped, how big is the mapping) is taken from the answer. A
+    stage dropped by the agent's idle timeout is in no log: re-drive logs of an
+    agent run without one (the default).
     """
     machine = AgentStageMachine()
     mapping: dict[bytes, tuple[int, int]] = {}  # stage message id -> (epoch, bytes announced), while its staging is mapped

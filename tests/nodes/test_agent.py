@@ -97,6 +97,39 @@ def test_agent_writes_only_the_staged_holders_segments(tmp_path: Path) -> None:
     assert redrive(tmp_path / "logs" / "agent1-holders.gtlog") == ("agent1", None)
 
 
+def test_a_stage_left_idle_past_its_timeout_is_dropped(tmp_path: Path) -> None:
+    # A revoke lost on the way must not keep a hop's staging mapped for ever.
+    async def scenario() -> None:
+        dep = make_deployment(tmp_path / "keys", holders=1, agents=1)
+        a = dep.agents[0]
+        to_orch, to_agent = MemoryNetwork(), MemoryNetwork()
+        orch = NodeRuntime(dep.orchestrator, dep.roster, to_orch.server("orch"), run_dir=tmp_path, heartbeat_interval=0)
+        up = NodeRuntime(a, dep.roster, to_orch.client(a.name, server="orch"), run_dir=tmp_path, server="orch", heartbeat_interval=0)
+        down = NodeRuntime(a, dep.roster, to_agent.server(a.name), run_dir=tmp_path, log_name="agent1-holders", heartbeat_interval=0)
+        agent = DeviceAgent(up, down, HostDevice, idle_timeout=0.2)
+        for rt in (orch, down, up):
+            await rt.start()
+        serving = asyncio.create_task(agent.serve())
+        dev = HostDevice()
+        staging, handle = dev.alloc_hop_staging(staging_size(100, SEG))
+        try:
+            ready = await orch.request(AgentStage("tok", "h1", seal_bytes(str(handle).encode(), a.public.x25519), staging.nbytes, SEG), a.name, epoch=3)
+            assert isinstance(ready.message, AgentReady) and 3 in agent.mappings
+            for _ in range(1000):  # the agent's own timer drops it; wait on its state, not on a time window
+                if agent.stage is None:
+                    break
+                await asyncio.sleep(0.01)
+            assert agent.stage is None and agent.mappings == {}
+        finally:
+            agent.done.set()
+            await serving
+            dev.release(staging)
+            for rt in (up, down, orch):
+                await rt.close()
+
+    asyncio.run(scenario())
+
+
 @pytest.mark.slow
 def test_remote_holders_train_through_the_agent(tmp_path: Path) -> None:
     run = LocalRun(run_dir=tmp_path / "run", holders=3, chunk_tokens=16384, steps="10", bytes_per_holder=64 * 1024, remote_holders=["h2", "h3"])
