@@ -1,1 +1,1 @@
-"""Sans-I/O protocol state: the token, the holder's hop, the schedule. No sockets, no clock."""
+"""Sans-I/O protocol state: the token, the orchestrator's hop, the holder's hop, the device agent's staging, the schedule. No sockets, no clock."""
