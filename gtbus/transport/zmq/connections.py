@@ -52,8 +52,10 @@ class ConnectionWatch:
         self._tasks: list[asyncio.Task[None]] = []
         self._monitors: list[zmq.asyncio.Socket] = []
 
-    def watch(self, label: str, sock: zmq.asyncio.Socket, endpoint: str, guard: ConnectionGuard) -> zmq.asyncio.Socket:
-        """Apply ``guard`` to the connections of ``sock``, bound to tcp ``endpoint``; returns the monitor socket opened."""
+    def watch(
+        self, label: str, sock: zmq.asyncio.Socket, endpoint: str, guard: ConnectionGuard
+    ) -> zmq.asyncio.Socket:
+        """Apply ``guard`` to the connections of ``sock``, bound to tcp ``endpoint``; returns the monitor opened."""
         self._guards[label] = (guard, TcpConnections(int(endpoint.rsplit(":", 1)[1])))
         monitor: zmq.asyncio.Socket = sock.get_monitor_socket(_CONNECTION_EVENTS)
         self._watched.append(sock)
@@ -87,7 +89,7 @@ class ConnectionWatch:
                     self._kick(label, kick)
 
     def delivered(self, label: str, frame: zmq.Frame, key: str | None) -> None:
-        """A message came out of ``label``'s socket (``frame`` one of its zmq.Frames): its connection is in good standing."""
+        """A message (``frame`` is one of its frames) came out of ``label``'s socket: its connection is fine."""
         guarded = self._guards.get(label)
         if guarded is None:
             return

@@ -130,7 +130,9 @@ class ZmqServer(ZmqEndpoint):
         self._tuning = tuning
         self._once = OnceLog()
         self.stats = TransportStats()
-        self._zap_handler = ZapHandler(self.stats, self._once, per_s=tuning.handshake_per_s, burst=tuning.handshake_burst)
+        self._zap_handler = ZapHandler(
+            self.stats, self._once, per_s=tuning.handshake_per_s, burst=tuning.handshake_burst
+        )
         self._zap_handler.set_allowed(allowed or {})
         self._on_subscribe = on_subscribe
         self._given_ctx = context
