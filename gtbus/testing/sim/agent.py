@@ -1,35 +1,44 @@
 """The simulated device agent (remote holders write through it) and the observer.
 
-The agent keeps ``gtbus/nodes/agent.py``'s rules: segments only from the
-holder named in the current stage, for its token and epoch, each index once
-and within the declared count; ``agent-done`` is answered with
-``agent-written`` only when every segment arrived, the mapping closed first; a
-newer stage replaces an older one; a revoke of the staged hop drops it. It
-never holds the key, so it can only move ciphertext.
+The agent's decisions are the real :class:`AgentStageMachine`'s (which
+segments count, where they go, when the hop is written, fencing); this shell
+maps the device's staging, writes the segments where the machine says and
+sends its answers. It never holds the key, so it can only move ciphertext.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
-from gtbus.testing.sim.config import AGENT, OBSERVER, ORCHESTRATOR
+from gtbus.gpu.channel import TAG_SIZE
+from gtbus.protocol.agent_stage import (
+    AgentStageMachine,
+    DoneRequested,
+    MapFailed,
+    Mapped,
+    MapStaging,
+    RaiseFence,
+    RefuseStage,
+    RunOver,
+    SegmentArrived,
+    SegmentNotWritten,
+    SegmentWritten,
+    SendMissing,
+    SendReady,
+    SendWritten,
+    StageAction,
+    StageEvent,
+    StageRequested,
+    StageRevoked,
+    Unmap,
+    WriteSegment,
+)
+from gtbus.testing.sim.config import AGENT, OBSERVER, ORCHESTRATOR, SEGMENT_BYTES
 from gtbus.testing.sim.device import Segment, SimDevice
 from gtbus.testing.sim.registration import Registrant
 from gtbus.testing.sim.world import Envelope, World
 
 
-@dataclass
-class _Stage:
-    token_id: str
-    epoch: int
-    holder: str
-    sid: int
-    received: set[int] = field(default_factory=set)
-    count: int | None = None
-
-
 class SimAgent(Registrant):
-    """The device agent on the GPU host."""
+    """The device agent on the GPU host: the real :class:`AgentStageMachine` decides, this shell maps and writes."""
 
     name = AGENT
 
@@ -38,74 +47,91 @@ class SimAgent(Registrant):
         self.device = device
         self.up = False
         self.incarnation = 0
-        self.stage: _Stage | None = None
         self.welcomed: int | None = None
+        self.machine = AgentStageMachine()
+        self.handles: dict[int, tuple[int, str]] = {}  # epoch -> (staging handle, holder), from the stage request
+        self.fence = 0
+        self.incoming: dict[tuple[int, int], Segment] = {}  # (epoch, index) -> the segment to write
 
     def start(self) -> None:
         """Start (or restart): no stage, register."""
         self.up = True
         self.incarnation += 1
-        self.stage = None
+        self.machine = AgentStageMachine()
+        self.handles.clear()
+        self.incoming.clear()
         self.welcomed = None
         self._register(self.incarnation)
 
     def crash(self) -> None:
-        """kill -9: its mapping closes with the process."""
-        self._drop()
+        """kill -9: its mapping closes with the process (the fence persists, as the replay journal does)."""
+        st = self.machine.stage
+        if st is not None and st.epoch in self.handles:
+            sid, holder = self.handles[st.epoch]
+            self.device.unmap(sid, holder)
         self.up = False
 
-    def _drop(self) -> None:
-        if self.stage is not None:
-            self.device.unmap(self.stage.sid, self.stage.holder)
-            self.stage = None
-
     def receive(self, env: Envelope) -> None:
-        """Dispatch one delivered message."""
-        kind, src = env.kind, env.src
+        """Turn one delivered message into a machine event."""
+        kind, src, now = env.kind, env.src, self.world.now
         if self.on_registration(env):
             return
         if kind == "agent-stage" and src == ORCHESTRATOR:
-            token_id, epoch, holder, sid = env.body
-            self._drop()
-            if self.device.map(sid, holder) is not None:
-                self.stage = _Stage(token_id, epoch, holder, sid)
-                self.world.send(self.name, ORCHESTRATOR, "agent-ready", token_id, epoch)
+            token_id, epoch, holder, sid, staging_bytes, segment_size = env.body
+            self.handles[epoch] = (sid, holder)
+            self._drive(StageRequested(token_id, epoch, holder, staging_bytes, segment_size, now))
         elif kind == "revoke" and src == ORCHESTRATOR:
-            if self.stage is not None and self.stage.token_id == env.body and self.stage.epoch == env.epoch:
-                self._drop()
+            self._drive(StageRevoked(env.body, env.epoch))
+        elif kind in ("complete", "shutdown"):
+            self._drive(RunOver())
+        elif env.epoch < self.fence:
+            self.world.note("agent fenced", (kind, src, env.epoch))
         elif kind == "ship-segment":
-            self._on_segment(env)
+            token_id, index, count, seg, size = env.body
+            if isinstance(seg, Segment) and type(index) is int:
+                self.incoming[(env.epoch, index)] = seg
+            self._drive(SegmentArrived(src, token_id, env.epoch, index, count, size, now))
         elif kind == "agent-done":
-            self._on_done(env)
+            token_id, segments, nbytes = env.body
+            self._drive(DoneRequested(src, token_id, env.epoch, segments, nbytes))
 
-    def _current(self, env: Envelope, token_id: object) -> _Stage | None:
-        s = self.stage
-        if s is None or env.src != s.holder or env.epoch != s.epoch or token_id != s.token_id:
-            return None
-        return s
+    def _drive(self, event: StageEvent) -> None:
+        step = self.machine.handle(event)
+        if not step.counted:
+            self.world.note("agent ignored", (type(event).__name__, step.reason[:60]))
+        for action in step.actions:
+            answer = self._do(action)
+            if answer is not None:
+                self._drive(answer)
 
-    def _on_segment(self, env: Envelope) -> None:
-        token_id, index, count, seg = env.body
-        s = self._current(env, token_id)
-        if s is None or type(index) is not int or type(count) is not int or not isinstance(seg, Segment):
-            return
-        if s.count is None:
-            s.count = count
-        if count != s.count or not 0 <= index < count or index in s.received:
-            return
-        if self.device.write(s.sid, seg, s.holder):
-            s.received.add(index)
-
-    def _on_done(self, env: Envelope) -> None:
-        token_id, count = env.body
-        s = self._current(env, token_id)
-        if s is None:
-            return
-        if count != s.count or len(s.received) != count:
-            self.world.send(self.name, s.holder, "refusal", "not every segment arrived", s.epoch)
-            return
-        self._drop()
-        self.world.send(self.name, s.holder, "agent-written", token_id, s.epoch)
+    def _do(self, action: StageAction) -> StageEvent | None:
+        w, device = self.world, self.device
+        if isinstance(action, MapStaging):
+            sid, holder = self.handles[action.epoch]
+            s = device.map(sid, holder)
+            if s is None:
+                return MapFailed(action.epoch, "the staging export is gone")
+            return Mapped(action.epoch, s.capacity * (SEGMENT_BYTES + TAG_SIZE), w.now)
+        if isinstance(action, Unmap):
+            sid, holder = self.handles.get(action.epoch, (0, ""))
+            device.unmap(sid, holder)
+        elif isinstance(action, RefuseStage):
+            w.send(self.name, ORCHESTRATOR, "refusal", action.reason, action.epoch)
+        elif isinstance(action, RaiseFence):
+            self.fence = max(self.fence, action.epoch)
+        elif isinstance(action, SendReady):
+            w.send(self.name, ORCHESTRATOR, "agent-ready", action.token_id, action.epoch)
+        elif isinstance(action, WriteSegment):
+            sid, holder = self.handles[action.epoch]
+            seg = self.incoming.pop((action.epoch, action.index), None)
+            if seg is None or not device.write(sid, seg, holder, at=action.index):
+                return SegmentNotWritten(action.epoch, action.index, "the mapping refused the write")
+            return SegmentWritten(action.epoch, action.index)
+        elif isinstance(action, SendWritten):
+            w.send(self.name, action.to, "agent-written", action.token_id, action.epoch)
+        elif isinstance(action, SendMissing):
+            w.send(self.name, action.to, "refusal", action.reason, action.epoch)
+        return None
 
 
 class SimObserver:

@@ -127,15 +127,18 @@ class SimDevice:
         if s is not None:
             s.mapped_by.discard(who)
 
-    def write(self, sid: int, seg: Segment, who: str) -> bool:
-        """Write one segment through a mapping; False if the export is gone or ``who`` never mapped it."""
+    def write(self, sid: int, seg: Segment, who: str, *, at: int | None = None) -> bool:
+        """Write one segment through a mapping at slot ``at`` (default: the index it was sealed with);
+        False if the export is gone, ``who`` never mapped it, or the slot is outside the buffer."""
         s = self.stagings.get(sid)
         if s is None or not s.exported or who not in s.mapped_by:
             return False
-        if 0 <= seg.index < s.capacity:
-            s.segments[seg.index] = seg
-            self.captured.append(seg)
-            s.scrubbed = False
+        slot = seg.index if at is None else at
+        if not 0 <= slot < s.capacity:
+            return False
+        s.segments[slot] = seg
+        self.captured.append(seg)
+        s.scrubbed = False
         return True
 
     def truncate(self, sid: int, who: str, keep: int) -> bool:

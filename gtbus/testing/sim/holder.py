@@ -146,7 +146,7 @@ class SimHolder(Registrant):
         if self.remote:
             for body in self._to_agent(g, epoch, segs):
                 self.world.send(self.name, AGENT, "ship-segment", body, epoch)
-            self.world.send(self.name, AGENT, "agent-done", (g.token_id, len(segs)), epoch)
+            self.world.send(self.name, AGENT, "agent-done", (g.token_id, len(segs), self.chunk_shape(g.chunk_index)[1]), epoch)
             return
         if self.device.map(g.staging, self.name) is None:
             self.machine.failed(g.token_id, epoch)
@@ -159,8 +159,8 @@ class SimHolder(Registrant):
         self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)
 
     def _to_agent(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[tuple[Any, ...]]:
-        """Hook: what it streams to the device agent, (token id, index, count, segment) each."""
-        return [(g.token_id, seg.index, len(segs), seg) for seg in segs]
+        """Hook: what it streams to the device agent, (token id, index, count, segment, bytes) each."""
+        return [(g.token_id, seg.index, len(segs), seg, self._shipped_size(g, seg.index)) for seg in segs]
 
     def _shipped(self, g: GrantBody, epoch: int, segs: list[Segment]) -> list[Any]:
         """Hook: the ``ship.segment`` bodies for ``segs`` (index and count)."""

@@ -210,9 +210,10 @@ class HostileHolder(SimHolder):
             return bodies
         rng, n = self.world.rng, len(segs)
         i = rng.randrange(n)
-        token, _, _, seg = bodies[i]
-        bodies[i] = rng.choice([(token, n, n, seg), (token, -1, n, seg), (token, i, n + 1, seg), (token, "0", n, seg),
-                                (token, (i + 1) % n, n, seg), ("t-other", i, n, seg), (token, i, n, "not a segment")])
+        token, _, _, seg, size = bodies[i]
+        bodies[i] = rng.choice([(token, n, n, seg, size), (token, -1, n, seg, size), (token, i, n + 1, seg, size), (token, "0", n, seg, size),
+                                (token, (i + 1) % n, n, seg, size), ("t-other", i, n, seg, size), (token, i, n, "not a segment", size),
+                                (token, i, n, seg, size + 1), (token, i, n, seg, 1 << 40), (token, i, n, seg, "x")])
         return bodies
 
     def _shipped_size(self, g: GrantBody, index: int) -> int:

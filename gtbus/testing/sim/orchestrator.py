@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from gtbus.gpu.channel import segment_count
+from gtbus.gpu.channel import TAG_SIZE, segment_count
 from gtbus.messages.registry import REGISTRY, RejectedMessage, body_from_wire
 from gtbus.protocol.admission import RunShape
 from gtbus.protocol.enrolment import Enrolment, Refused
@@ -437,7 +437,8 @@ class SimOrchestrator:
         w.on_node(self.name, g.deadline - w.clock(self.name), self._lease_check, self.incarnation, hop)
         if action.via is not None:
             hop.waiting_agent = True
-            if not w.send(self.name, action.via, "agent-stage", (g.token_id, g.epoch, g.holder, sid), g.epoch, mandatory=True):
+            stage = (g.token_id, g.epoch, g.holder, sid, capacity * (SEGMENT_BYTES + TAG_SIZE), SEGMENT_BYTES)
+            if not w.send(self.name, action.via, "agent-stage", stage, g.epoch, mandatory=True):
                 return Undelivered(f"device agent {action.via} not connected")
             return None
         return self._grant_to_holder(hop)
@@ -454,6 +455,13 @@ class SimOrchestrator:
             return
         hop.waiting_agent = False
         self._drive(hop, self._grant_to_holder(hop))
+
+    def _on_refusal(self, env: Envelope) -> None:
+        # The device agent could not stage the hop (the real stage request gets a Refusal).
+        hop = self.hop
+        if hop is not None and hop.waiting_agent and env.src == hop.machine.via and env.epoch == hop.machine.epoch:
+            hop.waiting_agent = False
+            self._drive(hop, Undelivered(f"device agent {env.src} refused the stage: {env.body}"))
 
     def _lease_check(self, inc: int, hop: _Hop) -> None:
         if not self._live(inc) or self.hop is not hop:
@@ -521,6 +529,7 @@ class SimOrchestrator:
         "return": _on_token_message,
         "ship-segment": _on_ship_segment,
         "agent-ready": _on_ready,
+        "refusal": _on_refusal,
     }
 
 
