@@ -4,8 +4,9 @@ FoundationDB's simulation and TigerBeetle's VOPR are the model: the
 orchestrator, N holders, a device agent with a remote holder and an observer
 run as simulated nodes over a simulated network with one seeded clock and
 event queue (:mod:`world`). The decisions are the real sans-I/O machines'
-(token, holder, schedule, admission, the message registry's body checks);
-the nodes are shells that do what they decide, in events instead of awaits.
+(hop, token, schedule, enrolment and admission, holder liveness, the holder's
+hop, the agent's staging, the message registry's body and role checks); the
+nodes are shells that do what they decide, in events instead of awaits.
 No asyncio and no crypto: the device (:mod:`device`) models the AEAD by what
 it binds (key, epoch, holder, index, count), and the model by a digest chain.
 
