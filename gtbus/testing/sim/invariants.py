@@ -146,7 +146,7 @@ class InvariantChecker:
         """A holder's manifest was admitted: once the run is scheduled, the dataset it was scheduled with, restarts included."""
         first = self.datasets.get(holder)
         if first is not None and first != (total_tokens, digest):
-            self.fail(DATASET_CHANGED, f"{holder} admitted with {total_tokens} tokens, digest {digest[:8]}; the run was scheduled with {first[0]} tokens, digest {first[1][:8]}")
+            self.fail(DATASET_CHANGED, f"{holder} admitted with {total_tokens} tokens, digest ...{digest[-8:]}; the run was scheduled with {first[0]} tokens, digest ...{first[1][-8:]}")
 
     def checkpointed(self, model: int | None) -> None:
         """A checkpoint is being saved with this model."""
