@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable
 
-from gtbus.errors import GtbusError, TransportError
+from gtbus.errors import GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
@@ -43,15 +43,11 @@ from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
     Echo,
     EchoReply,
-    HopRecord,
-    HopReport,
     MeasurementPublished,
     Refusal,
     Register,
-    RunComplete,
     ShipSegment,
     Shutdown,
-    Snapshot,
     SnapshotRequest,
     TokenAck,
     TokenDecline,
@@ -62,7 +58,8 @@ from gtbus.messages.types import (
 from gtbus.nodes.epochs import EpochReservation
 from gtbus.nodes.hop_runner import HopRunner
 from gtbus.nodes.run_config import RunConfig
-from gtbus.nodes.run_summary import HopResult, hop_progress, hop_record, public_snapshot, public_summary, run_summary
+from gtbus.nodes.bulletin import Bulletin
+from gtbus.nodes.run_summary import HopResult, hop_progress, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
@@ -76,7 +73,6 @@ from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
-
 
 
 class Orchestrator:
@@ -129,8 +125,7 @@ class Orchestrator:
         self.complete = False
         self.hop_started: float | None = None
         self.staging = StagingPool(device, self.state_dir, self.log)
-        # Observers that asked for a snapshot: they (and the hop's holder) get the per-hop metrics.
-        self.followers: set[str] = set()
+        self.bulletin = Bulletin(runtime, self.snapshot_state)  # who learns what of the run
         rt = runtime
         rt.on(Register, self._on_register)
         rt.on(Echo, self._on_echo)
@@ -191,9 +186,9 @@ class Orchestrator:
     async def _on_echo(self, acc: Accepted[Echo], delivery: Delivery) -> None:
         await self.rt.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
 
-    def snapshot_state(self, *, metrics: bool = True) -> dict[str, Any]:
-        """Everything a late joiner or `gtbus status` needs to know now (``metrics=False``: the public part, for holders)."""
-        state = {
+    def snapshot_state(self) -> dict[str, Any]:
+        """Everything a late joiner or `gtbus status` needs to know now (:class:`Bulletin` decides who sees what)."""
+        return {
             "run_id": self.run_id,
             "token": {"id": self.token.token_id, "owner": self.token.owner or self.rt.name, "epoch": self.token.epoch, "phase": self.token.phase.value},
             "holders": sorted(self.manifests),
@@ -207,28 +202,9 @@ class Orchestrator:
             "started": self.started,
             "complete": self.complete,
         }
-        return state if metrics else public_snapshot(state)
 
     async def _on_snapshot_request(self, acc: Accepted[SnapshotRequest], delivery: Delivery) -> None:
-        seq = self.rt.signer._seq.get("*", 0)
-        observer = self.rt.roster[acc.header.sender].role is Role.OBSERVER
-        if observer and len(self.followers) < 64:  # bounded: at most a handful of observer keys exist
-            self.followers.add(acc.header.sender)
-        await self.rt.send(Snapshot(self.snapshot_state(metrics=observer), seq), acc.header.sender, parent=acc.header.id)
-
-    async def _tell(self, msg: object, to: list[str], *, epoch: int = 0) -> None:
-        """Send ``msg`` directly to each of ``to`` that is connected; an observer that is gone stops following."""
-        for name in dict.fromkeys(to):
-            try:
-                await self.rt.send(msg, name, epoch=epoch)
-            except TransportError:
-                self.followers.discard(name)
-
-    async def _publish_hop(self, out: HopResult) -> None:
-        """Everyone learns the hop's public line; its holder and the observers learn its metrics."""
-        record, public = hop_record(out)
-        await self.rt.publish(HopRecord(out.epoch, out.holder, out.chunk, out.outcome, public), epoch=out.epoch)
-        await self._tell(HopReport(out.epoch, out.holder, out.chunk, out.outcome, record), [out.holder, *sorted(self.followers)], epoch=out.epoch)
+        await self.bulletin.answer_snapshot(acc.header.sender, acc.header.id)
 
     def _feed(self, event: HopEvent) -> Verdict:
         # Between hops the last hop's machine judges (through the token): never a new decision.
@@ -294,7 +270,6 @@ class Orchestrator:
                 self.config.rounds,
                 max_attempts=self.config.max_attempts,
             )
-        self._eval_tokens = None
         while True:
             a = self.schedule.next(self._reachable)
             if a is None:
@@ -307,8 +282,7 @@ class Orchestrator:
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
-        await self._tell(RunComplete(summary), sorted(self.followers))
-        await self.rt.publish(RunComplete(public_summary(summary)))
+        await self.bulletin.run_complete(summary)
         await self.rt.publish(Shutdown("run complete"))
         return summary
 
@@ -374,7 +348,7 @@ class Orchestrator:
         self._save_checkpoint()
 
     async def _publish_record(self, act: PublishRecord, a: Assignment, out: HopResult) -> None:
-        await self._publish_hop(out)
+        await self.bulletin.hop(out)
         if self.on_hop:
             self.on_hop(out)
 
