@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict
 from typing import Any, Awaitable, Callable
 
-from gtbus.errors import GtbusError
+from gtbus.errors import ConfigError, GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
@@ -101,6 +101,7 @@ class Orchestrator:
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
         self.enrolment = Enrolment(config.holders)
+        self.datasets: dict[str, list[Any]] = {}  # from the checkpoint resumed, if any
         # The enrolment's own tables, by their old names: manifests, remote holder -> its device agent, agents in.
         self.manifests, self.via, self.agents = self.enrolment.manifests, self.enrolment.via, self.enrolment.agents
         self.registered = asyncio.Event()
@@ -372,6 +373,7 @@ class Orchestrator:
             epoch=self.token.epoch,
             schedule=self.schedule.to_state() if self.schedule else None,
             hops=[asdict(h) for h in self.hops],
+            datasets={**self.datasets, **{h: [m.total_tokens, m.digest] for h, m in self.manifests.items()}},
             first_eval=self.first_eval,
             last_eval=self.last_eval,
         )
@@ -383,6 +385,12 @@ class Orchestrator:
         self.run_id = ckpt.run_id
         self.schedule = Schedule.from_state(ckpt.schedule) if ckpt.schedule else None
         self.hops = [HopResult(**h) for h in ckpt.hops]
+        try:
+            self.datasets = {str(h): [int(n), str(d)] for h, (n, d) in ckpt.datasets.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{self.checkpoint_path}: unreadable checkpoint (datasets)") from None
+        # A resumed run admits each holder's data again only if it is the same.
+        self.enrolment.known = {h: (n, d) for h, (n, d) in self.datasets.items()}
         self.first_eval, self.last_eval = ckpt.first_eval, ckpt.last_eval
         # Never reuse an epoch: continue above both the checkpoint and every reservation.
         self.token.epoch = max(self.token.epoch, self.epochs.resume_from(ckpt.epoch))

@@ -46,8 +46,11 @@ class Welcomed:
 class Enrolment:
     """The holders and device agents of one run, as they register."""
 
-    def __init__(self, holders: Sequence[str]) -> None:
+    def __init__(self, holders: Sequence[str], *, known: Mapping[str, tuple[int, str]] | None = None) -> None:
         self.holders = list(holders)
+        # (token count, digest) each holder's data had when a checkpoint was written: a resumed
+        # run admits only the same data again, though its enrolment starts empty.
+        self.known = dict(known or {})
         self.manifests: dict[str, AdmittedManifest] = {}
         self.via: dict[str, str] = {}  # remote holder -> the device agent it writes through
         self.agents: set[str] = set()
@@ -66,7 +69,8 @@ class Enrolment:
             m = admit(manifest, shape, previous=self.manifests.get(sender) if scheduled is not None else None)
         except ManifestRefused as exc:
             return Refused(exc.code, str(exc))
-        if scheduled is not None and scheduled.get(sender, m.chunk_count) != m.chunk_count:
+        changed = scheduled is not None and scheduled.get(sender, m.chunk_count) != m.chunk_count
+        if changed or self.known.get(sender, (m.total_tokens, m.digest)) != (m.total_tokens, m.digest):
             return Refused("manifest-changed", "other data than this run was scheduled with; start a new run for new data")
         if m.via is not None and m.via not in agents:
             return Refused("bad-manifest", "'via' is not a device agent of this deployment")

@@ -43,6 +43,8 @@ class Checkpoint:
     epoch: int  # the last token epoch issued when it was written
     schedule: dict[str, Any] | None = None  # the schedule's plain state
     hops: list[dict[str, Any]] = field(default_factory=list)  # every hop so far, as plain records
+    # each holder's admitted data: [token count, digest], so a resumed run admits only the same data
+    datasets: dict[str, list[Any]] = field(default_factory=dict)
     first_eval: float | None = None
     last_eval: float | None = None
     arrays: dict[str, numpy.ndarray] = field(default_factory=dict)  # empty when read without the state
@@ -68,6 +70,7 @@ class Checkpoint:
             "epoch": self.epoch,
             "schedule": self.schedule,
             "hops": self.hops,
+            "datasets": self.datasets,
             "scalars": self.scalars,
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
@@ -99,6 +102,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, state: bool = True) -> Chec
             epoch=int(meta["epoch"]),
             schedule=meta.get("schedule"),
             hops=list(meta.get("hops") or []),
+            datasets=dict(meta.get("datasets") or {}),
             first_eval=meta.get("first_eval"),
             last_eval=meta.get("last_eval"),
             arrays=arrays,

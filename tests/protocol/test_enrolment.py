@@ -66,3 +66,17 @@ def test_after_scheduling_a_holder_must_bring_the_same_data() -> None:
     # Resumed orchestrator: nothing admitted yet, the schedule's count still binds.
     fresh = Enrolment(["h1"])
     assert register(fresh, "h1", Role.HOLDER, manifest(total=3 * 4096), scheduled=scheduled).code == "manifest-changed"  # type: ignore[union-attr]
+
+
+def test_a_resumed_run_admits_only_the_data_its_checkpoint_knew() -> None:
+    # After --resume the enrolment starts empty; the checkpoint's (token count, digest) per holder
+    # is all it knows. The same chunk count with other data must not pass (gtbus sim seed 725 with
+    # an orchestrator that forgets them).
+    e = Enrolment(["h1"], known={"h1": (8192, "ab" * 32)})
+    other_count_same_chunks = manifest(total=8000)
+    assert register(e, "h1", Role.HOLDER, other_count_same_chunks, scheduled={"h1": 2}) == Refused(
+        "manifest-changed", "other data than this run was scheduled with; start a new run for new data"
+    )
+    assert isinstance(register(e, "h1", Role.HOLDER, manifest(digest="cd" * 32), scheduled={"h1": 2}), Refused)
+    assert e.manifests == {}
+    assert isinstance(register(e, "h1", Role.HOLDER, manifest(), scheduled={"h1": 2}), Welcomed)

@@ -103,3 +103,10 @@ def test_a_bad_file_is_one_line_naming_it(tmp_path: Path, kind: str) -> None:
 def test_zip_errors_are_caught_by_name() -> None:
     # Not an OSError: listed on its own in the reader.
     assert not issubclass(zipfile.BadZipFile, OSError)
+
+
+def test_the_holders_admitted_data_is_kept_for_a_resume(tmp_path: Path) -> None:
+    path = tmp_path / "c.npz"
+    datasets = {"h1": [8192, "ab" * 32], "h2": [100, "cd" * 32]}
+    write_checkpoint(path, Checkpoint(run_id="r", epoch=3, datasets=datasets))
+    assert read_checkpoint(path, state=False).datasets == datasets
