@@ -74,6 +74,9 @@ class HolderFaults:
     previous hop's staging handle before writing. ``stall``: sleep this many
     seconds after acking (to overrun the lease). ``exit_mid_provision``: kill
     this process (SIGKILL) after acking, half-way through writing.
+    ``stop_after_ack``: once, right after acking a grant, before writing,
+    stop this process (SIGSTOP): a holder paused while it holds the token, at a
+    point a test can wait for instead of racing a signal into a window.
     ``stop_before_return``: once, with the chunk written and the return about
     to leave, stop this process (SIGSTOP) right there, so a test can resume it
     past its lease (a paused ex-holder whose return arrives late).
@@ -89,6 +92,7 @@ class HolderFaults:
     map_old: bool = False
     stall: float = 0.0
     exit_mid_provision: bool = False
+    stop_after_ack: bool = False
     stop_before_return: bool = False
     dump_to: str = ""
     replay_from: str = ""
@@ -120,7 +124,10 @@ class HolderFaults:
         return self.decline_with or reason
 
     async def after_ack(self) -> None:
-        """Between the ack and the write: overrun the lease if asked."""
+        """Between the ack and the write: stop here once, or overrun the lease, if asked."""
+        if self.stop_after_ack:
+            self.stop_after_ack = False  # once: the retry should go through
+            os.kill(os.getpid(), signal.SIGSTOP)  # resumes only on SIGCONT
         if self.stall:
             await asyncio.sleep(self.stall)
 

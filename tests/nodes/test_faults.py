@@ -86,12 +86,12 @@ def _is_revoke_to(holder: str):
 
 
 def test_holder_sigstopped_past_its_lease_is_revoked_and_run_completes(travel) -> None:
-    # h2 acks, then stalls 1 s before writing: the window in which the test stops it.
-    t: Travel = travel(holders=2, chunk_tokens=65536, lease=LEASE, holder_faults={"h2": "stall=1"}).start()
+    # h2 acks its first grant and stops itself right there (SIGSTOP), before writing:
+    # the test waits for that, it does not race a signal into a window.
+    t: Travel = travel(holders=2, chunk_tokens=65536, lease=LEASE, holder_faults={"h2": "stop_after_ack"}).start()
     h2 = t.holder("h2")
-    ack = t.wait_message("h2 acks its first grant", lambda m: m.type == "token.ack" and m.sender == "h2")
-    t.signal(h2, signal.SIGSTOP)
-    t.wait_for("h2 stopped", lambda: process_state(h2.pid) == "T")
+    t.wait_for("h2 stopped after its ack", lambda: process_state(h2.pid) == "T")
+    ack = t.wait_message("h2's ack (in its own log)", lambda m: m.dir == "out" and m.type == "token.ack", node="h2")
     revoke = t.wait_message("the lease of h2's hop runs out", _is_revoke_to("h2"))
     assert revoke.epoch == ack.epoch
     nxt = t.wait_message("the next grant", lambda m: m.dir == "out" and m.type == "token.grant" and m.epoch > ack.epoch)
@@ -230,12 +230,12 @@ def _needles(arrays: dict) -> list[bytes]:
 
 def test_old_staging_cannot_be_mapped_and_the_model_is_never_exported(travel) -> None:
     # h1 tries to map its previous hop's staging handle before each later hop.
-    # h2 stalls 0.5 s after acking; the test stops it there, so it can look at
-    # the orchestrator mid-hop: waiting for the return, model as last checkpointed.
-    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h1": "map_old", "h2": "stall=0.5"}).start()
+    # h2 stops itself right after acking (SIGSTOP), so the test can look at the
+    # orchestrator mid-hop: waiting for the return, model as last checkpointed.
+    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h1": "map_old", "h2": "stop_after_ack"}).start()
     orch, h2 = t.orchestrator, t.holder("h2")
-    ack = t.wait_message("h2 acks a grant", lambda m: m.type == "token.ack" and m.sender == "h2")
-    t.signal(h2, signal.SIGSTOP)
+    t.wait_for("h2 stopped after its ack", lambda: process_state(h2.pid) == "T")
+    ack = t.wait_message("h2's ack (in its own log)", lambda m: m.dir == "out" and m.type == "token.ack", node="h2")
 
     grants = t.grants()
     current = next(g for g in grants if g.epoch == ack.epoch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
-from travel_kit import Travel, trained_keys
+from travel_kit import Travel, process_state, trained_keys
 
 from gtbus.recording import read_log
 from gtbus.replay.view import entries
@@ -14,9 +14,11 @@ pytestmark = pytest.mark.slow
 
 
 def test_orchestrator_killed_mid_hop_resumes_without_reusing_epochs_or_chunks(travel) -> None:
-    # h2 stalls 0.5 s after acking: the orchestrator is killed while h2 holds the token.
-    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h2": "stall=0.5"}).start()
-    ack = t.wait_message("h2 acks its first grant", lambda m: m.type == "token.ack" and m.sender == "h2")
+    # h2 stops itself right after acking: the orchestrator is killed while h2 holds the token
+    # (the test waits for the stop; no signal has to land inside a window).
+    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h2": "stop_after_ack"}).start()
+    t.wait_for("h2 stopped after its ack", lambda: process_state(t.holder("h2").pid) == "T")
+    ack = t.wait_message("h2's ack (in its own log)", lambda m: m.dir == "out" and m.type == "token.ack", node="h2")
     assert t.kill(t.orchestrator) == -signal.SIGKILL
     before = t.grants()
     run_id = next(m.body["run_id"] for m in t.messages() if m.type == "token.grant")
@@ -27,6 +29,7 @@ def test_orchestrator_killed_mid_hop_resumes_without_reusing_epochs_or_chunks(tr
     # Holders are restarted with it (a holder registers once per orchestrator process).
     for name in t.holder_names:
         t.kill(t.holder(name))
+    t.dep.run.holder_faults.clear()  # restarted as plain holders
     t.start_orchestrator(resume=True)
     for name in t.holder_names:
         t.restart_holder(name)
@@ -65,9 +68,10 @@ def test_holders_that_keep_running_register_again_with_the_resumed_orchestrator(
     from gtbus.errors import DeviceError
     from gtbus.gpu.host import HostDevice
 
-    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h2": "stall=0.5"}).start()
-    t.wait_message("h2 acks its first grant", lambda m: m.type == "token.ack" and m.sender == "h2")
+    t: Travel = travel(holders=2, chunk_tokens=32768, holder_faults={"h2": "stop_after_ack"}).start()
+    t.wait_for("h2 stopped after its ack", lambda: process_state(t.holder("h2").pid) == "T")
     assert t.kill(t.orchestrator) == -signal.SIGKILL
+    t.signal(t.holder("h2"), signal.SIGCONT)  # it finds its hop gone, and keeps running
     # The dead process's staging (an anonymous memfd) went with it: nothing on disk to clean up.
     assert not (t.run_dir / "state" / "orch" / "inflight-staging").exists()
     handle = t.grants()[-1].handle
