@@ -31,10 +31,9 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import asdict
 from typing import Any, Awaitable, Callable
 
-from gtbus.errors import ConfigError, GtbusError
+from gtbus.errors import GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
@@ -57,20 +56,20 @@ from gtbus.messages.types import (
 )
 from gtbus.nodes.epochs import EpochReservation
 from gtbus.nodes.hop_runner import HopRunner
+from gtbus.nodes.run_checkpoint import resume_run, run_checkpoint
 from gtbus.nodes.run_config import RunConfig
 from gtbus.nodes.bulletin import Bulletin
 from gtbus.nodes.run_summary import HopResult, hop_progress, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
-from gtbus.protocol.admission import RunShape
 from gtbus.protocol.enrolment import Enrolment, Refused
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.hop import Acked, Declined, HopEvent, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
 from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
-from gtbus.training.checkpoint import Checkpoint, read_checkpoint, write_checkpoint
+from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
@@ -158,31 +157,18 @@ class Orchestrator:
         member = self.rt.roster.get(sender)
         scheduled = self.schedule.chunks if self.schedule is not None else None
         agents = {m.name for m in self.rt.roster if m.role is Role.AGENT}
-        decision = self.enrolment.register(sender, member.role if member else None, acc.message.manifest, self._run_shape(), scheduled=scheduled, agents=agents)
+        decision = self.enrolment.register(sender, member.role if member else None, acc.message.manifest, self.config.shape(int(self.trainer.vocab)), scheduled=scheduled, agents=agents)
         if isinstance(decision, Refused):
             self.rt.note_refused(decision.code, sender)
             self.log.warning("refused the registration of %s: %s", sender, decision.reason)
             await self.rt.send(Refusal(decision.code, decision.reason), sender, parent=acc.header.id)
             return
         self.liveness.reached(sender)
-        await self.rt.send(Welcome(self.run_id, self.report(None, self.token.epoch), self._schedule_info()), sender, parent=acc.header.id)
+        await self.rt.send(Welcome(self.run_id, self.report(None, self.token.epoch), self.config.announcement()), sender, parent=acc.header.id)
         m = decision.manifest
         self.log.info("registered %s: %s", sender, f"{m.chunk_count} chunks" if m else "device agent")
         if self.enrolment.complete:
             self.registered.set()
-
-    def _run_shape(self) -> RunShape:
-        cfg = self.config
-        return RunShape(cfg.chunk_tokens, cfg.max_chunks, int(self.trainer.vocab), cfg.trainer)
-
-    def _schedule_info(self) -> dict[str, Any]:
-        return {
-            "rounds": self.config.rounds,
-            "chunk_tokens": self.config.chunk_tokens,
-            "mode": self.config.mode,
-            "suite": self.config.suite,
-            "segment_size": self.config.segment_size,
-        }
 
     async def _on_echo(self, acc: Accepted[Echo], delivery: Delivery) -> None:
         await self.rt.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
@@ -367,33 +353,10 @@ class Orchestrator:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
-        ckpt = Checkpoint.of_trainer_state(
-            self.trainer.state_dict(),
-            run_id=self.run_id,
-            epoch=self.token.epoch,
-            schedule=self.schedule.to_state() if self.schedule else None,
-            hops=[asdict(h) for h in self.hops],
-            datasets={**self.datasets, **{h: [m.total_tokens, m.digest] for h, m in self.manifests.items()}},
-            first_eval=self.first_eval,
-            last_eval=self.last_eval,
-        )
-        write_checkpoint(self.checkpoint_path, ckpt)
+        write_checkpoint(self.checkpoint_path, run_checkpoint(self))
 
     def _load_checkpoint(self) -> None:
-        ckpt = read_checkpoint(self.checkpoint_path)
-        self.trainer.load_state_dict(ckpt.trainer_state())
-        self.run_id = ckpt.run_id
-        self.schedule = Schedule.from_state(ckpt.schedule) if ckpt.schedule else None
-        self.hops = [HopResult(**h) for h in ckpt.hops]
-        try:
-            self.datasets = {str(h): [int(n), str(d)] for h, (n, d) in ckpt.datasets.items()}
-        except (TypeError, ValueError):
-            raise ConfigError(f"{self.checkpoint_path}: unreadable checkpoint (datasets)") from None
-        # A resumed run admits each holder's data again only if it is the same.
-        self.enrolment.known = {h: (n, d) for h, (n, d) in self.datasets.items()}
-        self.first_eval, self.last_eval = ckpt.first_eval, ckpt.last_eval
-        # Never reuse an epoch: continue above both the checkpoint and every reservation.
-        self.token.epoch = max(self.token.epoch, self.epochs.resume_from(ckpt.epoch))
+        resume_run(self, read_checkpoint(self.checkpoint_path))
         self.log.info("resumed run %s at epoch %d", self.run_id, self.token.epoch)
 
     def restore_model(self) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gtbus.errors import ConfigError
+from gtbus.protocol.admission import RunShape
 from gtbus.training.trainer import ONE_PASS, StepBudget
 
 TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
@@ -62,3 +64,17 @@ class RunConfig:
     def segment(self) -> int:
         """AEAD segment size of every hop."""
         return min(self.segment_size, max(self.capacity, 1 << 20))
+
+    def shape(self, vocab: int) -> RunShape:
+        """What admission checks a holder's manifest against (``vocab``: the trainer's)."""
+        return RunShape(self.chunk_tokens, self.max_chunks, vocab, self.trainer)
+
+    def announcement(self) -> dict[str, Any]:
+        """The run's settings every holder is told when it is welcomed (it takes the chunk size from here)."""
+        return {
+            "rounds": self.rounds,
+            "chunk_tokens": self.chunk_tokens,
+            "mode": self.mode,
+            "suite": self.suite,
+            "segment_size": self.segment_size,
+        }
