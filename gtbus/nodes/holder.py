@@ -310,8 +310,14 @@ class Holder:
         that is gone. (A restarted orchestrator is re-registered with as soon as
         its heartbeats arrive.)
         """
-        await self.register()
+        # What is slow to set up (a CUDA context, the sealing threads, a pinned pool of
+        # the expected size) is paid before registering: the first grant can follow
+        # the Welcome at once. Only a pool larger than expected is made after it.
+        prepared = (self.expected_chunk_tokens or 0) * 2
         if self.agent is None:
+            await asyncio.to_thread(self.device_cls.prepare_holder, prepared)
+        await self.register()
+        if self.agent is None and self.chunk_tokens * 2 > prepared:
             await asyncio.to_thread(self.device_cls.prepare_holder, self.chunk_tokens * 2)
         self._prepared.set()
         self._prefetch_soon(0)

@@ -106,7 +106,9 @@ class LocalDeployment:
         """The command line of holder ``index`` (0-based)."""
         h = self.dep.holders[index]
         cmd = [sys.executable, "-m", "gtbus", "holder", "--key", str(self.dep.key_path(h.name)), "--platform-pub", str(self.platform_pub),
-               "--pin-code", self.pin, "--data", str(self.shards[index]), *self._common]
+               "--pin-code", self.pin, "--data", str(self.shards[index]),
+               # The run's chunk size, as an expectation: the holder prepares its device for it before registering.
+               "--chunk-tokens", str(self.run.chunk_tokens), *self._common]
         fault = self.run.holder_faults.get(h.name)
         if h.name in self.run.remote_holders:
             cmd += ["--agent", self.dep.agents[0].name, "--agent-router", self.agent_router, "--agent-pub", self.agent_pub]
