@@ -386,6 +386,9 @@ TRANSITIONS: dict[HopPhase, dict[type, str]] = {
         Aborted: "_abort",
     },
     HopPhase.AWAITING: {
+        # Reached by an ack before the send was known done: the send may still fail
+        # (a device agent that would not stage), and that ends the hop undelivered.
+        Undelivered: "_undelivered",
         Acked: "_acked",
         Returned: "_returned",
         Declined: "_declined",
@@ -527,7 +530,9 @@ class HopMachine:
 
     def _undelivered(self, ev: Undelivered) -> Step:
         detail = f"grant not delivered: {ev.reason}"
-        return self._end(HopOutcome.UNDELIVERED, detail, *self._revokes(detail, holder=False))
+        # A holder that already acked holds a grant it cannot use: it is told to stop.
+        acked = self.phase is HopPhase.AWAITING
+        return self._end(HopOutcome.UNDELIVERED, detail, *self._revokes(detail, holder=acked))
 
     def _token_verdict(self, ev: TokenMessage) -> Verdict:
         t = self.token

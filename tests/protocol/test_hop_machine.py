@@ -124,6 +124,7 @@ EXPECTED: dict[tuple[HopPhase, type], tuple[HopPhase, list[type]]] = {
     (S.GRANTING, SegmentShipped): (S.GRANTING, []),  # not a ship hop: ignored, see test_ship_*
     (S.GRANTING, LeaseExpired): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.GRANTING, Aborted): (S.SCRUBBING, [Scrub]),
+    (S.AWAITING, Undelivered): (S.VERIFYING, [SendRevoke, Remeasure]),
     (S.AWAITING, Acked): (S.AWAITING, []),
     (S.AWAITING, Returned): (S.OPENING, [OpenSegments]),
     (S.AWAITING, Declined): (S.VERIFYING, [SendRevoke, Remeasure]),
@@ -424,6 +425,14 @@ def test_travel_through_an_agent_tells_the_agent() -> None:
     acts = run(m, Undelivered("device agent agent refused the stage: busy"))
     reason = "grant not delivered: device agent agent refused the stage: busy"
     assert acts == [SendRevoke("agent", reason), Remeasure()]
+    # The holder acked before the agent's stage was known to fail (gtbus sim --seed 2621): the
+    # hop still ends undelivered and deferred, not revoked at the lease with a retry used up.
+    m = new_machine(via="agent")
+    run(m, Begin(NOW, DIGEST))
+    assert m.handle(fitting(Acked, m)).verdict.accepted and m.phase is HopPhase.AWAITING
+    assert run(m, Undelivered("device agent agent refused the stage: busy")) == [
+        SendRevoke("h1", reason), SendRevoke("agent", reason), Remeasure()]
+    assert m.outcome is HopOutcome.UNDELIVERED
     m = machine_in(HopPhase.AWAITING, via="agent")
     assert run(m, fitting(Declined, m)) == [SendRevoke("h1", "measurement not pinned"), SendRevoke("agent", "measurement not pinned"), Remeasure()]
     m = machine_in(HopPhase.AWAITING, via="agent")
