@@ -21,7 +21,7 @@ from gtbus.testing import run_async
 
 pytestmark = pytest.mark.slow
 
-#: The orchestrator's peak resident memory, hostile peer or not (it idles at ~110 MiB here).
+#: The orchestrator's peak resident memory, hostile peer or not.
 RSS_CAP = 400 << 20
 CHUNK = 4096  # tokens per chunk: small hops, fast test
 
@@ -104,4 +104,5 @@ def test_hostile_returns_and_segments_are_refused_before_they_size_anything(trav
     expected = ["ship-segment-outside-a-ship-hop"] if mode == "travel" else ["ship-segment-index-or-count-out-of-range", "ship-segment-wrong-size"]
     for reason in expected:
         assert reason in err, reason
+    print(f"orchestrator peak RSS after hostile {mode} returns and segments: {rss[0] >> 20} MiB")
     assert rss[0] < RSS_CAP, f"orchestrator peak RSS {rss[0] >> 20} MiB"
