@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,9 +24,36 @@ from gtbus.errors import GtbusError
 from gtbus.private_files import append_private, private_dir
 
 
+def _ephemeral_ports() -> range:
+    # Where the kernel picks the local ports of outgoing connections (and of bind to port 0).
+    try:
+        low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(low, high + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now, outside the kernel's ephemeral range, never the same twice here.
+
+    A port from the ephemeral range (what binding to port 0 gives) can be taken,
+    between this call and the node's bind, by any process's outgoing connection:
+    a suite that opens many connections then fails with "address already in use".
+    """
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(20000, 32768) if p not in ephemeral and p not in _handed_out]
+    for port in random.sample(candidates, min(len(candidates), 200)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    with socket.socket() as s:  # nothing free outside the ephemeral range: take what the kernel gives
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 

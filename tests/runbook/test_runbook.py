@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gtbus.errors import ConfigError
+from gtbus.nodes.launcher import free_port
 from gtbus.runbook.config import load_runbook
 
 pytestmark = pytest.mark.slow
@@ -23,9 +24,7 @@ def _gtbus(*args: str, cwd: Path | None = None, timeout: float = 120) -> subproc
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_port()  # outside the ephemeral range: no outgoing connection can take it meanwhile
 
 
 def _prepare(tmp: Path, holders: int = 2) -> Path:
