@@ -201,9 +201,9 @@ def agent(key_path: Path, keys_dir: Path, router: str, pub: str, listen_router: 
 @click.option("--trainer", "trainer_name", default="bytelm", show_default=True)
 def measure(backend: str, trainer_name: str) -> None:
     """Print the code measurement holders pin (trainer, device backend, kernels, hop shell)."""
-    from gtbus.gpu.code_measure import code_measurement
+    from gtbus.gpu.code_measure import pin_value
 
-    click.echo(code_measurement(make_trainer(trainer_name), make_device(backend)).hex())
+    click.echo(pin_value(make_trainer(trainer_name), make_device(backend)).hex())
 
 
 @click.command()

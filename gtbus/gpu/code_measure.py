@@ -77,6 +77,17 @@ def code_measurement(trainer: Trainer, device: Device) -> bytes:
     return measure_code(sources)
 
 
+def pin_value(trainer: Trainer, device: Device) -> bytes:
+    """The code measurement a holder pins, taken as the orchestrator takes it: the trainer loaded on ``device`` first.
+
+    A trainer's code can depend on what loading builds (the PyTorch trainer
+    measures the module of the model it built), so measuring an unloaded trainer
+    failed or differed.
+    """
+    trainer.load(device.array_module)
+    return code_measurement(trainer, device)
+
+
 def loaded_code(trainer: Trainer, device: Device) -> dict[str, bytes]:
     """The code objects actually loaded in this process, by qualified name (see the module's docstring)."""
     out: dict[str, bytes] = {}

@@ -110,10 +110,10 @@ class LocalDeployment:
 
     def _pin(self) -> str:
         from gtbus.gpu.backends import make_device
-        from gtbus.gpu.code_measure import code_measurement
+        from gtbus.gpu.code_measure import pin_value
         from gtbus.training.workloads import make_trainer
 
-        return code_measurement(make_trainer("bytelm"), make_device(self.run.backend)).hex()
+        return pin_value(make_trainer("bytelm"), make_device(self.run.backend)).hex()
 
     @property
     def _common(self) -> list[str]:

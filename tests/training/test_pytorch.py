@@ -108,3 +108,20 @@ def test_tokens_above_32767_survive_the_int16_view() -> None:
     buffer = _wrap(torch, tokens)
     assert buffer.data_ptr() == tokens.ctypes.data
     assert _gather(torch, buffer, torch.arange(5)).tolist() == [0, 1, 32767, 32768, 65535]
+
+
+def test_gtbus_measure_gives_the_gpt2_pin_the_orchestrator_reports() -> None:
+    # It failed with "TorchTrainer is not loaded": the PyTorch trainer measures the module of
+    # the model it builds, so the pin is taken after loading, as the orchestrator takes it.
+    from click.testing import CliRunner
+
+    from gtbus.cli.main import main
+    from gtbus.gpu.backends import make_device
+    from gtbus.gpu.code_measure import code_measurement
+    from gtbus.training.workloads import make_trainer
+
+    result = CliRunner().invoke(main, ["measure", "--trainer", "gpt2"])
+    assert result.exit_code == 0, result.output
+    trainer, device = make_trainer("gpt2"), make_device("host")
+    trainer.load(device.array_module)  # what Orchestrator.setup does before it measures
+    assert result.output.strip() == code_measurement(trainer, device).hex()
