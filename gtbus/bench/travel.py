@@ -50,10 +50,10 @@ import numpy
 
 from gtbus.bench.report import Result, Table, machine_info
 from gtbus.errors import ConfigError
+from gtbus.protocol.admission import TOKEN_BYTES
 from gtbus.training.checkpoint import read_checkpoint
 
 MIB = 1 << 20
-TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
 MIN_CHUNK_TOKENS = 64  # RunConfig's floor
 GOAL_GBPS_CPU = 1.0  # DESIGN: >= 1 GB/s encrypted travel provisioning on the 2-core box
 

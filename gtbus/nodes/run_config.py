@@ -7,10 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from gtbus.errors import ConfigError
-from gtbus.protocol.admission import RunShape
+from gtbus.protocol.admission import TOKEN_BYTES, RunShape
 from gtbus.training.trainer import ONE_PASS, StepBudget
 
-TOKEN_BYTES = 2  # hop buffers carry uint16 tokens
 
 
 @dataclass

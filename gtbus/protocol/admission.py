@@ -25,8 +25,9 @@ import re
 from dataclasses import dataclass
 from typing import Any, Final, Mapping
 
-#: The token width every hop buffer carries (uint16 little-endian).
+#: The token width every hop buffer carries (uint16 little-endian), and its bytes per token.
 TOKEN_DTYPE: Final = "uint16"
+TOKEN_BYTES: Final = 2
 _DIGEST_RE: Final = re.compile(r"[0-9a-f]{64}")
 _NAME_MAX: Final = 128
 #: Vocabularies of the known workloads, to name the remedy for a misfit.

@@ -10,10 +10,11 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
+from gtbus.protocol.admission import TOKEN_BYTES
+
 #: Tokens per chunk, and AEAD segment bytes: a full chunk is three segments.
 CHUNK_TOKENS = 64
 SEGMENT_BYTES = 48
-TOKEN_BYTES = 2
 AGENT = "agent1"
 ORCHESTRATOR = "orch"
 OBSERVER = "status"
