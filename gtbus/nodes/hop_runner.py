@@ -38,8 +38,8 @@ from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentOp
 from gtbus.gpu.code_measure import first_change, loaded_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.types import AgentReady, AgentStage, TokenGrant, TokenRevoke
-from gtbus.protocol.admission import TOKEN_BYTES
 from gtbus.nodes.run_summary import HopResult
+from gtbus.protocol.admission import TOKEN_BYTES
 from gtbus.protocol.hop import (
     Aborted,
     Begin,
