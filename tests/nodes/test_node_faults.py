@@ -163,7 +163,7 @@ def test_mapping_an_earlier_hops_staging_fails() -> None:
         _write(cls, p1, c1)
         device.revoke_staging(first)
         second, p2, c2 = _hop(device, 2)
-        with pytest.raises(DeviceError, match="not exported"):
+        with pytest.raises(DeviceError, match="revoked or never issued"):
             _write(cls, p2, c2)
     finally:
         device.close()

@@ -75,7 +75,7 @@ def test_holders_that_keep_running_register_again_with_the_resumed_orchestrator(
     # The dead process's staging (an anonymous memfd) went with it: nothing on disk to clean up.
     assert not (t.run_dir / "state" / "orch" / "inflight-staging").exists()
     handle = t.grants()[-1].handle
-    with pytest.raises(DeviceError, match="not exported"):
+    with pytest.raises(DeviceError, match="its device is gone"):
         HostDevice.map_staging(handle)
     t.start_orchestrator(resume=True)  # holders keep running: they notice the new session and register again
     summary = t.finish()

@@ -5,8 +5,6 @@ from __future__ import annotations
 import pytest
 from travel_kit import Travel, trained_keys
 
-from gtbus.errors import DeviceError
-from gtbus.gpu.host import HostDevice
 from gtbus.training.shards import Dataset
 
 pytestmark = pytest.mark.slow
@@ -47,11 +45,10 @@ def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
     assert len({g.model_hash for g in grants}) == len(grants)
     assert summary["last_epoch"] == len(hops)
 
-    # Every hop's staging was withdrawn, and each hop had its own.
+    # Each hop had its own staging. (That a hop's staging is withdrawn when it ends is
+    # checked while the orchestrator still runs: test_faults, test_old_staging_...; after
+    # the run its device and broker are gone, so a probe here could not fail.)
     assert len({g.handle for g in grants}) == len(grants)
-    for g in grants:
-        with pytest.raises(DeviceError, match="not exported"):
-            HostDevice.map_staging(g.handle)
 
     # The recorded messages verify offline: signatures, sequences, chains.
     res = t.replay_verify()
