@@ -26,7 +26,7 @@ header, body, signature: the signed bytes) and, for messages with bulk blobs,
 ``blob_digest`` and ``blob_sizes`` in place of the blobs. The signature covers
 the blob digest, not the blobs, so a log without gigabytes of ciphertext still
 verifies offline. A *rejected* message is not expected to verify, and a peer
-chooses its size and rate: it is kept as ``digest`` (see :func:`refused_digest`),
+chooses its size and rate: it is kept as ``digest`` (:func:`~gtbus.messages.envelope.blob_digest` of its frames),
 ``sizes`` (each frame's length) and the reason in ``verdict``; ``frames`` keeps
 only magic and header, each cut at 1 KiB, so replay can still say what it claimed. (Kept whole, a junk flood from one key grew a log by ~50 MiB in 2 s,
 and one refused frame near the transport's limit made a record over
@@ -63,7 +63,7 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import blake3
 import msgpack
 
-from gtbus.errors import ConfigError
+from gtbus.errors import ConfigError, GtbusError
 from gtbus.messages.envelope import DEFAULT_LIMITS, blob_digest
 from gtbus.messages.identity import NodeIdentity, PublicIdentity, Roster, check_node_name
 from gtbus.private_files import open_private_append
@@ -119,15 +119,6 @@ class LogRecord:
     def frames(self) -> list[bytes]:
         """The signed frames (magic, header, body, signature)."""
         return list(self.data.get("frames", []))
-
-
-def refused_digest(frames: Sequence[bytes | memoryview]) -> bytes:
-    """BLAKE3 over the length-prefixed frames of a refused message (what its log record keeps)."""
-    h = _blake3()
-    for f in frames:
-        h.update(_LEN_PACK(memoryview(f).nbytes))
-        h.update(f)
-    return h.digest()
 
 
 class Recorder:
@@ -196,6 +187,9 @@ class Recorder:
 
     def _write(self, record: dict[str, Any]) -> None:
         data = self._pack(record)
+        if len(data) > MAX_RECORD:
+            # Written, it would not read back, and a restart would cut the log there.
+            raise GtbusError(f"{self.path}: a record of {len(data)} bytes is over the {MAX_RECORD}-byte record limit; message not sent")
         self._prev = prev = _blake3(self._prev + data).digest(CHAIN)  # = _chain(self._prev, data)
         os.write(self._fd, b"".join((_LEN_PACK(len(data)), data, prev)))
         self._count += 1
@@ -227,9 +221,6 @@ class Recorder:
         blobs_digest: bytes | None = None,
     ) -> None:
         """Append one message; ``frames`` are the protocol frames (blobs are digested, not stored)."""
-        if verdict.startswith("rejected"):
-            self.record_refused(frames, verdict, peer=peer, channel=channel)
-            return
         signed = [f if type(f) is bytes else bytes(f) for f in frames[:4]]
         rec: dict[str, Any] = {
             "kind": "msg",
@@ -266,15 +257,18 @@ class Recorder:
                 "kind": "msg",
                 "dir": "in",
                 "t": time.time(),
-                "verdict": verdict if verdict.startswith("rejected") else f"rejected:{verdict}",
+                "verdict": verdict,
                 "peer": peer,
                 "ch": channel,
                 # The first two frames (magic, header) are at most a few hundred bytes
                 # (the pipeline refuses headers over Limits.max_header): enough to show
                 # who claimed to send what, without storing what the peer sized.
                 "frames": [bytes(f[:_REFUSED_KEEP]) for f in frames[:2]],
-                "digest": refused_digest(frames),
-                "sizes": [memoryview(f).nbytes for f in frames],
+                # The envelope's own digest of a list of frames (count and length-prefixed).
+                "digest": blob_digest(frames),
+                # At most as many sizes as a message may have frames; the count says how many came.
+                "sizes": [memoryview(f).nbytes for f in frames[: DEFAULT_LIMITS.max_frames]],
+                "nframes": len(frames),
             }
         )
         self._written()
@@ -395,6 +389,7 @@ _SCHEMA: dict[str, dict[str, tuple[bool, Callable[[Any], bool]]]] = {
         "blob_sizes": (False, _is_counts),
         "digest": (False, _is_bytes),
         "sizes": (False, _is_counts),
+        "nframes": (False, _is_count),
     },
     "checkpoint": {
         "kind": (True, _is_str),

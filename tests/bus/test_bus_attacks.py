@@ -20,7 +20,7 @@ from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import Echo, ShipSegment, TokenReturn
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.wiring import client_transport
-from gtbus.recording import refused_digest
+from gtbus.messages.envelope import blob_digest as refused_digest
 from gtbus.replay.verify import verify_log
 from gtbus.testing import FakeClock
 from gtbus.transport.zmq import DEFAULT_MAX_FRAME_BYTES

@@ -133,6 +133,9 @@ class ZapHandler:
         stats = self._stats
         stats.auth_rejected += 1
         stats.extra[f"auth-{reason}"] = stats.extra.get(f"auth-{reason}", 0) + 1
-        if self._once.first(("zap", reason, key)):
+        # Once per reason, and per key only for deployment members (connection-rate): a
+        # stream of made-up keys must not fill the server's shared once-log and so
+        # silence every later first-time warning.
+        if self._once.first(("zap", reason, key if reason != "unknown-key" else b"")):
             shown = z85.encode(key).decode() if len(key) == CURVE_KEY_BYTES else "-"
             log.warning("zap: refused connection from %s: %s (key %s)", address, reason, shown)
