@@ -159,7 +159,12 @@ class FdBroker:
                     if key.fileobj is self._listener:
                         self._accept(sel, peers)
                     else:
-                        self._read(sel, peers, peers[key.fileobj])  # type: ignore[index]
+                        # A peer in this batch may have been hung up on already (a full
+                        # broker drops its oldest peer while accepting): skip it, or the
+                        # KeyError would end the broker for the rest of the run.
+                        peer = peers.get(key.fileobj)  # type: ignore[call-overload]
+                        if peer is not None:
+                            self._read(sel, peers, peer)
                 now = time.monotonic()
                 for peer in [p for p in peers.values() if p.deadline <= now]:
                     self._hang_up(sel, peers, peer, "sent no complete request in time")
