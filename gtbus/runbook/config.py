@@ -191,10 +191,19 @@ _PYTHON = re.compile(r"(?!-)[A-Za-z0-9_.+/-]+")
 # ssh destinations ("user@host", "host", "ssh://user@host:22", "user@[::1]") and netns names: never a leading '-'.
 _SSH_DEST = re.compile(r"(?!-)[A-Za-z0-9_.@:/%+\[\]-]+")
 _NETNS = re.compile(r"(?!-)[A-Za-z0-9_.-]{1,64}")
-# ssh options a runbook may pass; an option that runs a local command belongs in ~/.ssh/config, if anywhere.
+# ssh options a runbook may pass. An allowlist, not a blocklist: ssh has keys that run a
+# command or load a library (ProxyCommand, Match exec, PKCS11Provider, ...) and reads a
+# quoted keyword as the keyword, and -F would bring a whole config file. Anything else
+# belongs in the operator's own ~/.ssh/config.
 _SSH_FLAGS = {"-4", "-6"}
-_SSH_WITH_VALUE = {"-o", "-p", "-i", "-J", "-F"}
-_SSH_COMMAND_KEYS = {"proxycommand", "localcommand", "permitlocalcommand", "knownhostscommand", "remotecommand"}
+_SSH_WITH_VALUE = {"-o", "-p", "-i", "-J"}
+_SSH_O_KEYS = {
+    "port", "user", "identityfile", "identitiesonly", "connecttimeout", "connectionattempts",
+    "serveraliveinterval", "serveralivecountmax", "stricthostkeychecking", "userknownhostsfile",
+    "batchmode", "loglevel", "compression", "hostkeyalias", "addressfamily", "checkhostip",
+    "controlmaster", "controlpath", "controlpersist", "proxyjump",
+}
+_SSH_O_OPTION = re.compile(r"([A-Za-z]+)(?:=|\s+)\S.*")
 
 
 def _host(name: str, t: dict[str, Any], problems: list[str]) -> Host | None:
@@ -242,9 +251,11 @@ def _ssh_options_problem(opts: list[str]) -> str | None:
             value = opts[i + 1]
             i += 1
         i += 1
-        key = re.split(r"[=\s]", value.strip(), maxsplit=1)[0]
-        if flag == "-o" and key.lower() in _SSH_COMMAND_KEYS:
-            return f"-o {key} runs a command; set it in ~/.ssh/config if you must"
+        if flag == "-o":
+            m = _SSH_O_OPTION.fullmatch(value.strip())
+            if m is None or m.group(1).lower() not in _SSH_O_KEYS:
+                shown = m.group(1) if m else value[:40]
+                return f"-o {shown!r} is not one of the allowed keys ({', '.join(sorted(_SSH_O_KEYS))}); set others in ~/.ssh/config"
         if value.startswith("-") or any(c in value for c in "\n\r\0"):
             return f"value {value!r} of {flag} must not start with '-' or hold a line break"
     return None

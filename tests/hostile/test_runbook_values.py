@@ -111,6 +111,10 @@ REFUSED = {
     "ssh-proxycommand": ({"hosts.this.ssh_options": ["-oProxyCommand=touch {canary}"]}, "[hosts.this]: ssh_options"),
     "ssh-localcommand": ({"hosts.this.ssh_options": ["-o", "LocalCommand touch {canary}"]}, "[hosts.this]: ssh_options"),
     "ssh-unknown-flag": ({"hosts.this.ssh_options": ["-G"]}, "[hosts.this]: ssh_options"),
+    # Found in review: a quoted keyword is the keyword to ssh, some keys load code, -F brings a whole config.
+    "ssh-quoted-proxycommand": ({"hosts.this.ssh_options": ["-o", '"ProxyCommand" touch {canary}']}, "[hosts.this]: ssh_options"),
+    "ssh-pkcs11-provider": ({"hosts.this.ssh_options": ["-o", "PKCS11Provider=/tmp/x.so"]}, "[hosts.this]: ssh_options"),
+    "ssh-config-file": ({"hosts.this.ssh_options": ["-F", "/tmp/evil_config"]}, "[hosts.this]: ssh_options"),
     "ssh-value-as-option": ({"hosts.this.ssh_options": ["-i", "-oProxyCommand=x"]}, "[hosts.this]: ssh_options"),
     "host-name-escapes": ({"hosts.this": None, "nodes.orch.host": "../x", "nodes.h1.host": "../x", "extra": _ESCAPING_HOST}, "[hosts.../x]"),
     "extra-args-string": ({"nodes.h1.extra_args": "--fault"}, "[nodes.h1]: extra_args"),
