@@ -35,11 +35,16 @@ No I/O, no clock: times come in with the events; the shell maps, writes and send
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Union
 
 from gtbus.gpu.channel import TAG_SIZE
+
+
+#: Events a machine keeps in its trace (for debugging and tests).
+TRACE_LEN = 256
 
 
 class StagePhase(str, Enum):
@@ -289,7 +294,9 @@ class AgentStageMachine:
         self.phase = StagePhase.IDLE
         self.stage: Stage | None = None
         self.written_hops = 0
-        self.trace: list[tuple[StagePhase, str, StagePhase, bool]] = []  # (phase, event, next, counted)
+        # (phase, event, next, counted) of the last TRACE_LEN events: a machine may live for a
+        # whole run and judge every segment and stale message, so the trace is bounded.
+        self.trace: deque[tuple[StagePhase, str, StagePhase, bool]] = deque(maxlen=TRACE_LEN)
 
     @property
     def wake_at(self) -> float | None:

@@ -76,6 +76,8 @@ class Enrolment:
             return Refused("bad-manifest", "'via' is not a device agent of this deployment")
         if m.via is not None:
             self.via[sender] = m.via
+        else:  # it writes locally now: no agent stages its hops any more
+            self.via.pop(sender, None)
         self.manifests[sender] = m
         return Welcomed(m)
 

@@ -40,9 +40,14 @@ shell that wants one decision back (the simulator, ``replay --redrive``).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Union
+
+
+#: Events a machine keeps in its trace (for debugging and tests).
+TRACE_LEN = 256
 
 
 class HolderPhase(str, Enum):
@@ -199,7 +204,9 @@ class HolderMachine:
         self.last_epoch = last_epoch
         self.current: tuple[str, int] | None = None  # (token id, epoch) of the hop in progress
         self.completed: set[tuple[str, int]] = set()
-        self.trace: list[tuple[HolderPhase, str, HolderPhase, bool]] = []  # (phase, event, next, counted)
+        # (phase, event, next, counted) of the last TRACE_LEN events: a machine may live for a
+        # whole run and judge every segment and stale message, so the trace is bounded.
+        self.trace: deque[tuple[HolderPhase, str, HolderPhase, bool]] = deque(maxlen=TRACE_LEN)
 
     def handle(self, event: HolderEvent) -> HolderStep:
         """Apply ``event``; never raises for an event in the wrong phase or for another hop."""

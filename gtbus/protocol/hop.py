@@ -77,6 +77,7 @@ No I/O, no clock: times come in with the events.
 from __future__ import annotations
 
 import hmac
+from collections import deque
 from dataclasses import dataclass
 from enum import Enum
 from typing import Callable, Union
@@ -85,6 +86,10 @@ from gtbus.errors import ProtocolError
 from gtbus.gpu.channel import TAG_SIZE, segment_bounds, segment_count
 from gtbus.protocol.schedule import Assignment
 from gtbus.protocol.token import ACCEPT, Grant, Phase, TokenMachine, Verdict
+
+#: Events a machine keeps in its trace (for debugging and tests).
+TRACE_LEN = 256
+
 
 class HopOutcome(str, Enum):
     """How a hop ended (the value is what records, checkpoints and summaries carry)."""
@@ -453,7 +458,9 @@ class HopMachine:
         self.trained: Trained | None = None
         self.code_changed: str | None = None
         self.shipped: set[int] = set()  # ship mode: indices of the segments stored so far
-        self.trace: list[tuple[HopPhase, str, HopPhase, bool]] = []  # (phase, event, next, counted)
+        # (phase, event, next, counted) of the last TRACE_LEN events: a machine may live for a
+        # whole run and judge every segment and stale message, so the trace is bounded.
+        self.trace: deque[tuple[HopPhase, str, HopPhase, bool]] = deque(maxlen=TRACE_LEN)
 
     # -- the caller's view ---------------------------------------------------------------------
 

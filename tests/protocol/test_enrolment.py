@@ -80,3 +80,13 @@ def test_a_resumed_run_admits_only_the_data_its_checkpoint_knew() -> None:
     assert isinstance(register(e, "h1", Role.HOLDER, manifest(digest="cd" * 32), scheduled={"h1": 2}), Refused)
     assert e.manifests == {}
     assert isinstance(register(e, "h1", Role.HOLDER, manifest(), scheduled={"h1": 2}), Welcomed)
+
+
+def test_a_holder_that_registers_again_without_an_agent_is_no_longer_staged_through_it() -> None:
+    # Found in review: the old agent stayed in `via`, so it went on staging (and taking the
+    # single-use ticket of) every hop of a holder that now writes locally.
+    e = Enrolment(["h1"])
+    assert isinstance(register(e, "h1", Role.HOLDER, manifest(via="agent1")), Welcomed)
+    assert e.via == {"h1": "agent1"}
+    assert isinstance(register(e, "h1", Role.HOLDER, manifest()), Welcomed)
+    assert e.via == {} and e.missing() == [] and e.complete
