@@ -276,7 +276,9 @@ class Holder:
         rt = via or self.rt
         for i in range(s.count):
             if not self.machine.is_current(g.token_id, epoch):
-                break  # revoked while streaming
+                # Revoked while streaming: the caller sends nothing more for this hop, and the
+                # agent's stage may already be another hop's (no AgentDone to wait out).
+                return s.count, s.nbytes, s.ciphertext_digest
             _, _, n = segment_bounds(i, len(plain), params.segment_size)
             blob = bytes(buf[i * stride : i * stride + n + TAG_SIZE])
             await rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
