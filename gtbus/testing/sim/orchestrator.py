@@ -110,10 +110,10 @@ class SimOrchestrator:
     """The orchestrator node of the simulation."""
 
     name = ORCHESTRATOR
-    #: Keep the admitted datasets (token count, digest) in the checkpoint, and refuse a
-    #: holder that brings other data after a resume. The shipped orchestrator does not
-    #: (its checkpoint keeps only chunk counts, so a fresh Enrolment compares only
-    #: those): :class:`ForgetfulResume` is that, and the simulator catches it.
+    #: Keep the admitted datasets (token count, digest) in the checkpoint and hand them to
+    #: the resumed Enrolment (``known``), as the shipped orchestrator does
+    #: (:mod:`gtbus.nodes.run_checkpoint`). :class:`ForgetfulResume` forgets them, as the
+    #: shipped one did before seed 725, and the simulator catches it.
     checkpoint_datasets = True
 
     def __init__(
@@ -170,7 +170,7 @@ class SimOrchestrator:
         else:
             self.device.restore(INITIAL_MODEL)
             self.checker.scheduled({})  # no checkpoint: a new run, whatever data its holders bring
-        self.enrolment = Enrolment(self.cfg.holders)
+        self.enrolment = Enrolment(self.cfg.holders, known=self.datasets)
         self.running = False
         self.hop: _Hop | None = None
         cfg = self.cfg
@@ -229,13 +229,6 @@ class SimOrchestrator:
 
     def _on_register(self, env: Envelope) -> None:
         scheduled = self.schedule.chunks if self.schedule is not None else None
-        known = self.datasets.get(env.src)
-        body = env.body
-        if known is not None and env.src not in self.enrolment.manifests and isinstance(body, dict) \
-                and (body.get("total_tokens"), body.get("digest")) != known:
-            self.world.note("registration refused", (env.src, "manifest-changed"))
-            self.world.send(self.name, env.src, "refusal", "manifest-changed")
-            return
         verdict = self.enrolment.register(env.src, self.world.roles.get(env.src), env.body, RUN_SHAPE, scheduled=scheduled, agents={AGENT})
         if isinstance(verdict, Refused):
             self.world.note("registration refused", (env.src, verdict.code))
