@@ -18,9 +18,10 @@ Rules:
   returns None while :attr:`finished` is still False: the caller waits, and
   may :meth:`give_up` on a holder that stays away (its chunks are skipped for
   this round and reported, never silently dropped).
-* The state never grows with a holder's chunk count: the round's order is
+* The state does not grow with a holder's chunk count: the round's order is
   implied (a cursor over holders x chunks), and only chunks put back by a
-  failure or deferral are listed (:meth:`Schedule.to_state`, saved in every
+  failure or deferral, or passed over while their holder is away (at most that
+  holder's chunks of the round, which admission bounds), are listed (:meth:`Schedule.to_state`, saved in every
   checkpoint, so a resumed orchestrator continues where it stopped).
 """
 
