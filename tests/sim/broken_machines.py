@@ -120,3 +120,10 @@ class StuckOrchestrator(SimOrchestrator):
     def _next_hop(self, inc: int) -> None:
         if all(o == "trained" for _, o in self.hops):
             super()._next_hop(inc)
+
+
+class ReleasingUnscrubbedDevice(SimDevice):
+    """Skips the scrub but releases the buffer as usual (review: the checker only saw stagings still held)."""
+
+    def scrub(self, staging: Staging) -> None:
+        pass

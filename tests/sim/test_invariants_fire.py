@@ -19,6 +19,7 @@ from broken_machines import (
     ForgetfulOrchestrator,
     KeyKeepingDevice,
     NoRemeasureOrchestrator,
+    ReleasingUnscrubbedDevice,
     RepeatingSchedule,
     ReusingToken,
     StuckOrchestrator,
@@ -107,6 +108,12 @@ def test_unscrubbed_staging_fires() -> None:
     r = run_seed(1, config=quiet(), machines=Machines(device=UnscrubbingDevice))
     assert names(r) == {UNSCRUBBED}, r.violations
     assert "not scrubbed and released" in r.violations[0].detail
+
+
+def test_staging_released_without_a_scrub_fires() -> None:
+    r = run_seed(1, config=quiet(), machines=Machines(device=ReleasingUnscrubbedDevice))
+    assert names(r) == {UNSCRUBBED}, r.violations
+    assert "released without a scrub" in r.violations[0].detail
 
 
 def test_live_key_fires() -> None:

@@ -95,6 +95,7 @@ class SimDevice:
     def __init__(self, *, exports_outlive_process: bool = True) -> None:
         self.model: int | None = INITIAL_MODEL
         self.stagings: dict[int, Staging] = {}  # not yet released
+        self.released_unscrubbed: list[Staging] = []  # for the checker: released without a scrub
         self.keys: set[int] = set()
         self.exports_outlive_process = exports_outlive_process
         # Ciphertext crosses the untrusted staging path: anyone there may have kept a copy.
@@ -179,6 +180,8 @@ class SimDevice:
         """Free the buffer; its export ends."""
         self.revoke_export(staging)
         staging.released = True
+        if not staging.scrubbed:
+            self.released_unscrubbed.append(staging)
         self.stagings.pop(staging.sid, None)
 
     def drop_key(self, key: int) -> None:

@@ -84,6 +84,10 @@ class InvariantChecker:
             if other is not staging and not (other.scrubbed and other.released):
                 self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while staging of epoch {other.epoch} is not scrubbed and released")
                 break
+        # A staging released without a scrub is gone from device.stagings: it is kept apart.
+        if device.released_unscrubbed:
+            s = device.released_unscrubbed[0]
+            self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} after staging of epoch {s.epoch} was released without a scrub")
         stale = device.keys - {staging.key}
         if stale:
             self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while {len(stale)} earlier hop key(s) are still live")
