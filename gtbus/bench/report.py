@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Table", "Result", "machine_info", "host_tag", "latency_stats", "load_average"]
+__all__ = ["Goal", "Table", "Result", "machine_info", "host_tag", "latency_stats", "load_average"]
 
 
 def host_tag() -> str:
@@ -193,6 +193,46 @@ class Table:
         return "\n".join(out)
 
 
+@dataclass(frozen=True)
+class Goal:
+    """One goal of a benchmark, checked against what this run measured.
+
+    ``measured`` and ``goal`` are in ``unit``; ``at_most`` says which side of the
+    goal is good (a latency or a ratio to a baseline's time: at most; a rate or a
+    speed-up: at least). ``met`` is computed, never passed in, so a result file
+    cannot claim a goal its own numbers miss.
+    """
+
+    name: str
+    measured: float
+    goal: float
+    unit: str
+    at_most: bool = False
+
+    @property
+    def met(self) -> bool:
+        """Whether the measured value is on the good side of the goal (NaN never meets)."""
+        if math.isnan(self.measured):
+            return False
+        return self.measured <= self.goal if self.at_most else self.measured >= self.goal
+
+    def to_json(self) -> dict[str, Any]:
+        """``{name, measured, goal, unit, met}`` plus the direction, as result files keep it."""
+        return {"name": self.name, "measured": self.measured, "goal": self.goal, "unit": self.unit,
+                "met": self.met, "direction": "at most" if self.at_most else "at least"}
+
+    def line(self) -> str:
+        """``met``/``MISSED``, name, measured vs goal, for the terminal and the markdown page."""
+        sign = "<=" if self.at_most else ">="
+        return f"{'met' if self.met else 'MISSED'}: {self.name}: {_num(self.measured)} {self.unit} (goal {sign} {_num(self.goal)})"
+
+
+def _num(x: float) -> str:
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:.4g}"
+    return f"{int(x):,}"
+
+
 @dataclass
 class Result:
     """One benchmark's output: header lines, tables, free text sections, and the raw numbers."""
@@ -204,6 +244,13 @@ class Result:
     tables: list[Table] = field(default_factory=list)
     sections: list[tuple[str, str]] = field(default_factory=list)  # (heading, preformatted text)
     data: dict[str, Any] = field(default_factory=dict)
+    goals: list[Goal] = field(default_factory=list)
+
+    def goal(self, name: str, measured: float, goal: float, unit: str, *, at_most: bool = False) -> Goal:
+        """Record one goal of this run (see :class:`Goal`); returns it so callers can say whether it was met."""
+        g = Goal(name, float(measured), float(goal), unit, at_most)
+        self.goals.append(g)
+        return g
 
     def finish(self) -> None:
         """Stamp the end time and load (call when measuring is over)."""
@@ -229,6 +276,8 @@ class Result:
             parts += [t.text(), ""]
         for heading, body in self.sections:
             parts += [heading, body, ""]
+        if self.goals:
+            parts += ["Goals", *(g.line() for g in self.goals), ""]
         return "\n".join(parts).rstrip() + "\n"
 
     def markdown(self) -> str:
@@ -240,6 +289,8 @@ class Result:
             parts += ["", t.markdown()]
         for heading, body in self.sections:
             parts += ["", f"### {heading}", "", "```", body.rstrip(), "```"]
+        if self.goals:
+            parts += ["", "### Goals", "", *(f"- {g.line()}" for g in self.goals)]
         return "\n".join(parts) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -251,6 +302,7 @@ class Result:
             "header": self.header,
             "tables": [{"title": t.title, "columns": t.columns, "rows": t.rows, "notes": t.notes} for t in self.tables],
             **self.data,
+            "goals": [g.to_json() for g in self.goals] + list(self.data.get("goals", [])),
         }
 
     def write(self, out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
