@@ -240,14 +240,9 @@ def run_flood_bench(out_dir: str | os.PathLike[str], *, seconds: float = 60.0, s
     extra_log_per_s = (hit.log_bytes + hit.stderr_bytes - base.log_bytes - base.stderr_bytes) / max(hit.seconds, 1e-9)
     extra_rss = hit.peak_rss - base.peak_rss
     res.data["windows"] = {"baseline": base.__dict__, "flood": hit.__dict__}
-    res.data["goals"] = [
-        {"name": "log growth added by one flooding key", "measured": round(extra_log_per_s), "goal": GOAL_LOG_BYTES_PER_S,
-         "unit": "bytes/s", "met": extra_log_per_s <= GOAL_LOG_BYTES_PER_S},
-        {"name": "peak RSS added by one flooding key", "measured": extra_rss, "goal": GOAL_EXTRA_RSS,
-         "unit": "bytes", "met": extra_rss <= GOAL_EXTRA_RSS},
-        {"name": "the run goes on: hops trained under flood vs baseline", "measured": hit.hops, "goal": max(1, base.hops // 2),
-         "unit": "hops", "met": hit.hops >= max(1, base.hops // 2)},
-    ]
+    res.goal("log growth added by one flooding key", round(extra_log_per_s), GOAL_LOG_BYTES_PER_S, "bytes/s", at_most=True)
+    res.goal("peak RSS added by one flooding key", extra_rss, GOAL_EXTRA_RSS, "bytes", at_most=True)
+    res.goal("the run goes on: hops trained under flood vs baseline", hit.hops, max(1, base.hops // 2), "hops")
     res.finish()
     md, js = res.write(out_dir)
     res.data["files"] = [str(md), str(js)]

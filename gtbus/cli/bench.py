@@ -34,6 +34,30 @@ def bus(seconds: float, payload: int, slices: int, profile: bool | None, loop: s
     click.echo("wrote " + ", ".join(res.data["files"]))
 
 
+@bench.command("readme")
+@click.option("--results", type=click.Path(file_okay=False, path_type=Path), default=Path("bench/results"), show_default=True, help="Folder of result .json files.")
+@click.option("--readme", type=click.Path(dir_okay=False, path_type=Path), default=Path("README.md"), show_default=True)
+@click.option("--check", is_flag=True, help="Only say whether the README's table is up to date (exit 1 if not).")
+def readme(results: Path, readme: Path, check: bool) -> None:
+    """Regenerate the README's measured table from the goals lists of the result files."""
+    from gtbus.bench.readme_table import update_readme
+    from gtbus.errors import ConfigError
+    from gtbus.private_files import write_private
+
+    try:
+        old, new = update_readme(readme, results)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if check:
+        if old != new:
+            raise click.ClickException(f"{readme}'s measured table is out of date: run `gtbus bench readme`")
+        click.echo(f"{readme}: measured table up to date")
+        return
+    if old != new:
+        write_private(readme, new, mode=0o644)  # the README is public; written atomically
+    click.echo(f"{readme}: measured table {'rewritten' if old != new else 'already up to date'}")
+
+
 @bench.command("flood")
 @click.option("--seconds", type=click.FloatRange(min=1.0), default=60.0, show_default=True, help="Seconds of the baseline window, and again of the flood.")
 @_OUT
