@@ -26,7 +26,7 @@ import numpy
 
 from gtbus.errors import ChannelError, DeviceError, GtbusError
 from gtbus.gpu.attestation import AttestationError, SignedReport, Verifier
-from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentSealer, segment_bounds, segment_count, staging_size
+from gtbus.gpu.channel import ChannelParams, SegmentContext, segment_count
 from gtbus.gpu.device import HolderStaging
 from gtbus.gpu.sealing import open_params
 from gtbus.messages.pipeline import Accepted
@@ -36,7 +36,6 @@ from gtbus.messages.types import (
     AgentWritten,
     HopReport,
     RunComplete,
-    ShipSegment,
     Shutdown,
     TokenAck,
     TokenDecline,
@@ -46,8 +45,10 @@ from gtbus.messages.types import (
     Welcome,
 )
 from gtbus.nodes.faults import HolderFaults
+from gtbus.nodes.hop_phases import HOLDER_PHASES, PhaseClock, describe
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
+from gtbus.nodes.ship_sender import stream_segments
 from gtbus.protocol.holder_hop import (
     Granted,
     HolderMachine,
@@ -107,7 +108,7 @@ class Holder:
         self.hops_provisioned = 0
         self.refused: list[str] = []
         self._task: asyncio.Task[None] | None = None
-        self._ship_buffer: bytearray | None = None
+        self._clock = PhaseClock(HOLDER_PHASES)  # the current hop's phase marks, from its grant's arrival
         runtime.on(TokenGrant, self._on_grant)
         runtime.on(Heartbeat, self._on_server_heartbeat)
         runtime.on(TokenRevoke, self._on_revoke)
@@ -174,9 +175,12 @@ class Holder:
         g: TokenGrant = acc.message
         if g.holder != self.rt.name:
             return
+        clock = PhaseClock(HOLDER_PHASES)
         step = self.machine.handle(Granted(g.token_id, acc.header.epoch, g.lease_deadline, time.time()))
         if not step.counted:
             self.log.info("ignored grant: %s", step.reason)
+        else:
+            self._clock = clock
         await self._perform(step, g)
 
     async def _perform(self, step: HolderStep, grant: TokenGrant | None = None, summary: _Summary | None = None) -> None:
@@ -199,9 +203,12 @@ class Holder:
         assert grant is not None and summary is not None
         self.faults.before_return()
         await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, summary[0], summary[1], summary[2]), epoch=a.epoch)
+        self._clock.mark("return_sent")
         self.hops_provisioned += 1
         self._prefetch_soon(grant.chunk_index + 1)
-        self.on_event(f"{self.rt.name}: hop {a.epoch} chunk {grant.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments")
+        # Where the hop's time went on this side, for a person (and `gtbus bench device`) to read.
+        self.on_event(f"{self.rt.name}: hop {a.epoch} chunk {grant.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments"
+                      f" (ms from the grant: {describe(self._clock.marks)})")
 
     async def _start_provision(self, a: Provision, grant: TokenGrant | None, summary: _Summary | None) -> None:
         """Check the grant (sealed params open, measurement verifies, same run); ack; write in a task."""
@@ -211,9 +218,12 @@ class Holder:
         if drill is not None:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
+        clock = self._clock
         try:
             params = open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
+            clock.mark("params_opened")
             self.verifier.verify(SignedReport.from_wire(grant.report), channel_key=params.key, run_id=grant.run_id, epoch=epoch)
+            clock.mark("report_verified")
             if self.run_id is not None and grant.run_id != self.run_id:
                 raise AttestationError(f"grant for run {grant.run_id}, registered with run {self.run_id}")
         except (ChannelError, AttestationError, GtbusError) as exc:
@@ -222,21 +232,23 @@ class Holder:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, f"refused: {exc}")))
             return
         await self.rt.send(TokenAck(a.token_id), epoch=epoch)
+        clock.mark("ack_sent")
         # Provision in a task so a revoke can cancel it while we keep receiving.
-        self._task = asyncio.create_task(self._provision(grant, epoch, params))
+        self._task = asyncio.create_task(self._provision(grant, epoch, params, clock))
 
-    async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams) -> None:
+    async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock) -> None:
         try:
             await self._prepared.wait()
             tokens = self.dataset.chunk(g.chunk_index, self.chunk_tokens)
             plain = memoryview(numpy.ascontiguousarray(tokens, dtype="<u2")).cast("B")
+            clock.mark("chunk_read")
             count = segment_count(len(plain), params.segment_size)
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
             await self.faults.after_ack()
             if g.mode == "travel" and self.agent is not None:
                 summary = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
             elif g.mode == "travel":
-                summary = await asyncio.to_thread(self._write_travel, params, plain, ctx)
+                summary = await asyncio.to_thread(self._write_travel, params, plain, ctx, clock)
             else:
                 summary = await self._write_ship(g, epoch, params, plain, ctx)
         except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
@@ -255,34 +267,26 @@ class Holder:
         StopWriting: _stop_writing,
     }
 
-    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext) -> _Summary:
+    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext, clock: PhaseClock) -> _Summary:
         mapping = self.staging.map_staging(params.buffer_handle)
+        clock.mark("map")
         try:
             s = mapping.seal_into(plain, params, ctx)
+            clock.mark("seal")
             return s.count, s.nbytes, s.ciphertext_digest
         finally:
             self.staging.unmap(mapping)
+            clock.mark("unmap")
 
     async def _write_ship(
         self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext, via: NodeRuntime | None = None
     ) -> _Summary:
-        """Seal locally and stream the segments: to the orchestrator (ship) or the device agent (remote travel)."""
-        size = staging_size(len(plain), params.segment_size)
-        if self._ship_buffer is None or len(self._ship_buffer) < size:
-            self._ship_buffer = bytearray(size)
-        buf = memoryview(self._ship_buffer)[:size]
-        s = await asyncio.to_thread(SegmentSealer(params).seal_into, plain, buf, ctx)
-        stride = params.segment_size + TAG_SIZE
-        rt = via or self.rt
-        for i in range(s.count):
-            if not self.machine.is_current(g.token_id, epoch):
-                # Revoked while streaming: the caller sends nothing more for this hop, and the
-                # agent's stage may already be another hop's (no AgentDone to wait out).
-                return s.count, s.nbytes, s.ciphertext_digest
-            _, _, n = segment_bounds(i, len(plain), params.segment_size)
-            blob = bytes(buf[i * stride : i * stride + n + TAG_SIZE])
-            await rt.send(ShipSegment(g.token_id, i, s.count), epoch=epoch, blobs=[blob])
-        if via is not None:
+        """Seal and stream the segments (ship_sender): to the orchestrator (ship) or the device agent (remote travel)."""
+        current = lambda: self.machine.is_current(g.token_id, epoch)  # noqa: E731
+        s = await stream_segments(via or self.rt, g.token_id, epoch, params, plain, ctx, current)
+        # Revoked while streaming: the caller sends nothing more for this hop, and the
+        # agent's stage may already be another hop's (no AgentDone to wait out).
+        if via is not None and current():
             wait = max(5.0, g.lease_deadline - time.time())
             try:
                 acc = await via.request(AgentDone(g.token_id, s.count, s.nbytes), timeout=wait, epoch=epoch)

@@ -34,14 +34,18 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import numpy
 
 from gtbus.errors import ChannelError, DeviceError, GtbusError, ProtocolError, TransportError
-from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SegmentContext, SegmentOpener, staging_size
+from gtbus.gpu.bounce import BounceSet
+from gtbus.gpu.channel import ChannelParams, SegmentContext, staging_size
 from gtbus.gpu.code_measure import first_change, loaded_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.types import AgentReady, AgentStage, TokenGrant, TokenRevoke
+from gtbus.nodes.hop_phases import ORCHESTRATOR_PHASES, PhaseClock
 from gtbus.nodes.run_summary import HopResult
+from gtbus.nodes.ship_receiver import ShipReceiver
 from gtbus.protocol.admission import TOKEN_BYTES
 from gtbus.protocol.hop import (
     Aborted,
+    Acked,
     Begin,
     Checkpoint,
     Delivered,
@@ -55,6 +59,7 @@ from gtbus.protocol.hop import (
     PublishRecord,
     PublishTokenState,
     Remeasure,
+    Returned,
     Remeasured,
     RestoreModel,
     Scrub,
@@ -95,14 +100,17 @@ class HopRunner:
         self.result = HopResult(0, a.round, a.holder, a.chunk, cfg.mode, "pending")
         self._queue: deque[HopAction] = deque()
         self._wake = asyncio.Event()
-        self._t0 = time.perf_counter()
+        self.clock = PhaseClock(ORCHESTRATOR_PHASES)  # where this hop's time goes (measurement only)
         sealed = staging_size(cfg.capacity, cfg.segment)
         if ship and orch.ship_buf is None:
-            orch.ship_buf = bytearray(sealed)  # sized by the run, never by a peer's claim
+            orch.ship_buf = BounceSet(orch.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
+        self.shipping: ShipReceiver | None = None  # ship mode: the segments on their way to the device
         self.staging, self.handle = (None, "ship") if ship else orch.staging.take_staging(sealed)
         self.exported = self.staging is not None  # this hop's staging export still exists
         self.data = orch.staging.take_private(cfg.capacity)
+        self.mark("staging_alloc")
         self.params: ChannelParams | None = ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
+        self.mark("key")
         self.model_before = b""
         self._do: dict[type, Callable[[Any], Awaitable[HopEvent | None]]] = {
             NewEpoch: self._new_epoch,
@@ -124,8 +132,10 @@ class HopRunner:
         decided = self.machine.outcome
         step = self.machine.handle(event)
         self._queue.extend(step.actions)
+        if step.verdict.accepted and isinstance(event, (Acked, Returned)):
+            self.mark("ack_received" if isinstance(event, Acked) else "return_received")
         if phase in _WAITING and self.machine.phase not in _WAITING:
-            self.result.provision_s = time.perf_counter() - self._t0
+            self.result.provision_s = time.perf_counter() - self.clock.t0
         if decided is None and self.machine.outcome is not None and self.machine.detail:
             self.log.warning("hop %d from %s: %s: %s", self.machine.epoch, self.a.holder, self.machine.outcome.value, self.machine.detail)
         self._wake.set()
@@ -136,6 +146,7 @@ class HopRunner:
         finals: list[HopAction] = []
         try:
             self.model_before = self.device.measure(*self.trainer.parameter_views())
+            self.mark("model_measure")
             self.feed(Begin(self.rt.clock.time(), self.model_before))
             while self._queue or not self.machine.done:
                 if not self._queue:
@@ -153,6 +164,11 @@ class HopRunner:
             raise
         self._fill_result()
         return finals
+
+    def mark(self, phase: str) -> None:
+        """Note that ``phase`` of this hop ended now (see :mod:`gtbus.nodes.hop_phases`); the result carries it."""
+        self.clock.mark(phase)
+        self.result.phases = self.clock.as_dict()
 
     async def _wait(self) -> None:
         """Wait for a message from the network, or the lease."""
@@ -203,11 +219,16 @@ class HopRunner:
         self.orch.epochs.reserve(act.epoch)
         self.rt.guard.raise_fence(act.epoch)
         self.orch.hop_started = self.rt.clock.time()
+        self.mark("epoch_reserve")
         return None
 
     async def _send_grant(self, act: SendGrant) -> HopEvent:
         g, params = act.grant, self.params
         assert params is not None
+        sealed = seal_params(params, self.rt.roster[g.holder].x25519)
+        self.mark("seal_params")
+        report = self.orch.report(params.key, g.epoch, self.model_before)
+        self.mark("report_sign")
         msg = TokenGrant(
             token_id=g.token_id,
             run_id=self.orch.run_id,
@@ -215,8 +236,8 @@ class HopRunner:
             chunk_index=act.chunk,
             mode=self.cfg.mode,
             lease_deadline=g.deadline,
-            sealed_params=seal_params(params, self.rt.roster[g.holder].x25519),
-            report=self.orch.report(params.key, g.epoch, self.model_before),
+            sealed_params=sealed,
+            report=report,
         )
         try:
             if act.via is not None:
@@ -226,6 +247,7 @@ class HopRunner:
             await self.rt.send(msg, g.holder, epoch=g.epoch)
         except TransportError as exc:  # not connected (killed, partitioned, reconnecting)
             return Undelivered(str(exc))
+        self.mark("grant_sent")
         return Delivered()
 
     async def _stage_on_agent(self, agent: str, token_id: str, epoch: int, holder: str) -> None:
@@ -239,6 +261,7 @@ class HopRunner:
 
     async def _publish_state(self, act: PublishTokenState) -> None:
         await self.orch.publish_state()
+        self.mark("state_published")
         return None
 
     async def _send_revoke(self, act: SendRevoke) -> None:
@@ -270,34 +293,28 @@ class HopRunner:
         except (ChannelError, DeviceError) as exc:
             return SegmentsRefused(str(exc))
         self.result.open_s = time.perf_counter() - t1
+        self.mark("open")
         return SegmentsOpened()
 
     def _open_shipped(self, params: ChannelParams, ctx: SegmentContext, segments: int, nbytes: int) -> None:
-        # Conventional path: ciphertext arrived over the network into host memory;
-        # it is decrypted on the CPU into host memory, then copied to the device.
-        staging = self.orch.ship_buf
-        assert staging is not None
-        try:
-            plain = numpy.zeros(params.capacity, dtype=numpy.uint8)
-            try:
-                SegmentOpener(params).open_into(staging, plain, ctx, segments, nbytes)
-                view = self.device.as_array(self.data, numpy.uint8)
-                view[:nbytes] = self.device.array_module.asarray(plain[:nbytes])
-            finally:
-                plain.fill(0)
-        finally:
-            numpy.frombuffer(staging, dtype=numpy.uint8).fill(0)
+        # Conventional path: every segment was decrypted on the CPU as it arrived and
+        # copied on to the device (ship_receiver); only the last ones are waited for here.
+        if self.shipping is None:
+            raise ChannelError("no shipped segment arrived")
+        self.shipping.finish(ctx, segments, nbytes)
 
     def store_shipped(self, index: int, blob: Any) -> None:
-        """Put a shipped segment the machine accepted (index and size checked) where the grant placed it."""
-        buf = self.orch.ship_buf
-        assert buf is not None
-        at = index * (self.cfg.segment + TAG_SIZE)
-        view = memoryview(blob).cast("B")
-        buf[at : at + view.nbytes] = view
+        """Start decrypting a shipped segment the machine accepted (index and size checked) into the device buffer."""
+        if self.shipping is None:
+            assert self.params is not None and isinstance(self.orch.ship_buf, BounceSet)
+            m = self.machine
+            ctx = SegmentContext(self.orch.run_id, m.epoch, self.a.holder, m.expected_segments)
+            self.shipping = ShipReceiver(self.params, ctx, m.chunk_bytes, self.device, self.data, self.orch.ship_buf)
+        self.shipping.accept(index, blob)
 
     async def _remeasure(self, act: Remeasure) -> HopEvent:
         model_now = self.device.measure(*self.trainer.parameter_views())
+        self.mark("remeasure")
         return Remeasured(model_now, first_change(self.orch.loaded_code, loaded_code(self.trainer, self.device)))
 
     async def _train(self, act: Train) -> HopEvent:
@@ -316,6 +333,7 @@ class HopRunner:
         except GtbusError as exc:
             return TrainingRefused(str(exc))
         r.train_s, r.eval_s = t4 - t3, (t3 - t2) + (t5 - t4)
+        self.mark("train")
         self.orch.note_eval(before)
         return Trained(report.loss_first, report.loss_last, before, after)
 
@@ -336,10 +354,13 @@ class HopRunner:
             return Scrubbed(False, str(exc))
         finally:
             self.result.epilogue_s = time.perf_counter() - t
+            self.mark("scrub")
         return Scrubbed()
 
     def _epilogue(self) -> None:
         staging, data = self.staging, self.data
+        # No shipped segment may still be decrypting into the buffer about to be scrubbed.
+        bounces_zero = self.shipping is None or self.shipping.close()
         self.params = None  # the key goes with the params object; nothing else holds it
         if staging is not None:
             try:
@@ -357,3 +378,5 @@ class HopRunner:
             self.device.release(data)
             raise
         self.orch.staging.keep_private(data)
+        if not bounces_zero:
+            raise DeviceError("ship bounce buffers did not read zero after scrub")

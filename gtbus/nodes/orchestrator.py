@@ -332,10 +332,17 @@ class Orchestrator:
         self.hops.append(out)
 
     async def _checkpoint(self, act: SaveCheckpoint, a: Assignment, out: HopResult) -> None:
-        self._save_checkpoint()
+        # --checkpoint-every N (RunConfig.checkpoint_every): a big model's checkpoint costs seconds a hop.
+        every, done = self.config.checkpoint_every, self.schedule is not None and self.schedule.finished
+        if every == 1 or done or len(self.hops) % every == 0:
+            self._save_checkpoint()
+        if self.current is not None:
+            self.current.mark("checkpoint")
 
     async def _publish_record(self, act: PublishRecord, a: Assignment, out: HopResult) -> None:
         await self.bulletin.hop(out)
+        if self.current is not None:
+            self.current.mark("publish")
         if self.on_hop:
             self.on_hop(out)
 

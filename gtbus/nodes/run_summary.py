@@ -12,12 +12,14 @@ Rules:
   :data:`~gtbus.messages.types.RUN_PUBLIC_FIELDS`.
 * A snapshot for a holder is cut to
   :data:`~gtbus.messages.types.SNAPSHOT_PUBLIC_FIELDS`; observers get all of it.
-* Anything published is plain JSON scalars (:func:`jsonable`).
+* Anything published is plain JSON scalars (:func:`jsonable`). A hop's phase
+  marks (:mod:`gtbus.nodes.hop_phases`) stay in the checkpoint and the run's
+  own summary; they are not published.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 from gtbus.messages.types import HOP_PUBLIC_FIELDS, RUN_PUBLIC_FIELDS, SNAPSHOT_PUBLIC_FIELDS
@@ -46,6 +48,7 @@ class HopResult:
     eval_before: float | None = None  # loss on the chunk before training on it (unseen data in round 0)
     eval_after: float | None = None
     detail: str = ""
+    phases: dict[str, float] = field(default_factory=dict)  # orchestrator phase marks, s since the hop began
 
     @property
     def transfer_s(self) -> float:
@@ -60,7 +63,7 @@ def jsonable(d: dict[str, Any]) -> dict[str, Any]:
 
 def hop_record(h: HopResult) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the whole record, for the hop's holder and observers; its public part, for everyone)."""
-    record = jsonable(asdict(h))
+    record = jsonable({k: v for k, v in asdict(h).items() if k != "phases"})
     return record, {k: v for k, v in record.items() if k in HOP_PUBLIC_FIELDS}
 
 

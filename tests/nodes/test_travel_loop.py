@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from travel_kit import Travel, trained_keys
 
+from gtbus.bench.device import holder_phases
+from gtbus.nodes.hop_phases import HOLDER_PHASES, ORCHESTRATOR_PHASES
 from gtbus.training.shards import Dataset
 
 pytestmark = pytest.mark.slow
@@ -59,3 +61,19 @@ def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
     returns = [m for m in t.messages() if m.type == "token.return"]
     assert len(returns) == len(hops) and all(m.verdict == "accepted" for m in returns)
     assert not any(m.verdict.startswith("rejected") for m in t.messages())
+
+    # Where each hop's time went: every orchestrator phase of a trained hop is marked,
+    # in the hop's order (the checkpoint holding a hop is written before that hop's
+    # checkpoint and publish marks, so those two are checked on the hops before the last),
+    # and each holder's hop line gives its own phases.
+    for h in hops:
+        marks = h["phases"]
+        before_return = [marks[n] for n in ORCHESTRATOR_PHASES[:7]]
+        after_return = [marks[n] for n in ("ack_received", "return_received", "open", "remeasure", "train", "scrub")]
+        assert before_return == sorted(before_return) and after_return == sorted(after_return), marks
+        assert marks["grant_sent"] <= marks["ack_received"]
+    assert all({"checkpoint", "publish"} <= set(h["phases"]) for h in hops[:-1])
+    for name in t.holder_names:
+        lines = holder_phases(t.stderr(name))
+        assert sorted(lines) == sorted(h["epoch"] for h in hops if h["holder"] == name)
+        assert all([n for n, _ in phases] == list(HOLDER_PHASES) for phases in lines.values()), lines
