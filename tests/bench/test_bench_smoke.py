@@ -63,6 +63,14 @@ def test_bus_bench_smoke(tmp_path: Path) -> None:
     for v in VARIANTS:
         assert f"| {v} |" in text
     assert "Where the signed round trip spends its time" in res.markdown()
+    # The anchor is the faster raw asyncio variant; both goals are recorded, met computed from the numbers.
+    assert data["anchor"] in ("raw-asyncio-zmq", "raw-asyncio-fd")
+    assert data["round_trip_us"][data["anchor"]]["median_us"] == min(data["round_trip_us"][v]["median_us"] for v in ("raw-asyncio-zmq", "raw-asyncio-fd"))
+    goals = {g["name"]: g for g in data["goals"]}
+    ratio = next(g for n, g in goals.items() if n.startswith("signed round trip / raw asyncio pyzmq"))
+    assert ratio["goal"] == (2.5 if data["machine"].get("gpu") else 2.0) and ratio["unit"] == "x"
+    assert ratio["met"] == (ratio["measured"] <= ratio["goal"])
+    assert goals["signed round trip, median"]["goal"] == 300.0
 
 
 @pytest.mark.slow
