@@ -15,6 +15,7 @@ from gtbus.errors import ConfigError
 from gtbus.gpu.backends import device_class, make_device
 from gtbus.messages.identity import Roster, load_identity
 from gtbus.private_files import private_dir, write_private
+from gtbus.training.trainer import parse_steps
 from gtbus.training.workloads import make_trainer
 
 
@@ -40,15 +41,16 @@ def _hop_line(h: Any) -> str:
 @click.option("--mode", type=click.Choice(["travel", "ship"]), default="travel", show_default=True)
 @click.option("--rounds", type=int, default=1, show_default=True, help="Training epochs over all chunks.")
 @click.option("--chunk-tokens", type=int, default=1 << 17, show_default=True)
-@click.option("--steps", default="pass", show_default=True, help="Steps per hop, or 'pass' for one pass over the chunk.")
+@click.option("--steps", default="pass", show_default=True, help="Steps per hop, 'pass' for one pass over the chunk, or 'per:N' for one step per N tokens of the hop's chunk (a run's steps split over hops in proportion to their bytes).")
 @click.option("--lease", type=float, default=10.0, show_default=True, help="Seconds a holder may keep the token.")
 @click.option("--holders", default="", help="Comma-separated holders of this run (default: every holder in --keys).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--max-chunks", type=int, default=1 << 16, show_default=True, help="Most chunks one holder may register (bounds schedule and checkpoint).")
 @click.option("--absent-timeout", type=float, default=60.0, show_default=True, help="Seconds to wait when no holder with work left can be reached, then stop.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True, help="Write the checkpoint after every Nth hop and the last (a GPT-2 checkpoint is 1.6 GB); a resume then repeats up to N-1 hops, a rollback loses their training.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests (tamper-model-at-epoch=N).")
-def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, json_out: Path | None, fault: str) -> None:
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, checkpoint_every: int, json_out: Path | None, fault: str) -> None:
     """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
@@ -68,8 +70,8 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
     tamper = orchestrator_fault_hook(fault)
     cfg = RunConfig(
         run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
-        steps_per_hop=steps if steps == "pass" else int(steps), resume=resume,
-        trainer=trainer_name, max_chunks=max_chunks, absent_timeout=absent_timeout,
+        steps_per_hop=parse_steps(steps), resume=resume,
+        trainer=trainer_name, max_chunks=max_chunks, absent_timeout=absent_timeout, checkpoint_every=checkpoint_every,
     )
 
     async def main() -> dict[str, Any]:

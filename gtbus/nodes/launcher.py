@@ -58,6 +58,17 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def measure_pin(backend: str, trainer: str) -> str:
+    """The pin a holder's operator obtains: what ``gtbus measure --backend B --trainer T`` prints, run as its own process."""
+    cmd = [sys.executable, "-m", "gtbus", "measure", "--backend", backend, "--trainer", trainer]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    pin = done.stdout.strip()
+    if done.returncode != 0 or len(pin) != 64:
+        last = [line for line in done.stderr.splitlines() if line.strip()][-1:] or [pin or "(no output)"]
+        raise GtbusError(f"gtbus measure --backend {backend} --trainer {trainer} failed: {last[0]}")
+    return pin
+
+
 @dataclass
 class LocalRun:
     """Options of one local run (what `gtbus orchestrator` and `gtbus holder` are given)."""
@@ -70,6 +81,9 @@ class LocalRun:
     steps: str = "pass"
     lease: float = 10.0
     backend: str = "host"
+    trainer: str = "bytelm"  # the orchestrator's --trainer; the pin is measured for it
+    checkpoint_every: int = 1  # the orchestrator's --checkpoint-every
+    pin: str | None = None  # the holders' --pin-code; default: what `gtbus measure` prints for this backend and trainer
     bytes_per_holder: int = 256 * 1024
     data: Sequence[Path] | None = None  # one shard per holder; default: the demo corpus
     holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
@@ -97,7 +111,9 @@ class LocalDeployment:
             self.shards = list(build_demo_corpus(run.run_dir / "data", holders=run.holders, bytes_per_holder=run.bytes_per_holder))
         else:
             self.shards = list(run.data)
-        self.pin = self._pin()
+        t0 = time.perf_counter()
+        self.pin = run.pin if run.pin is not None else self._pin()
+        self.pin_s = time.perf_counter() - t0  # what obtaining the pin cost (a process that loads the trainer)
         self.router = f"tcp://127.0.0.1:{free_port()}"
         self.pub = f"tcp://127.0.0.1:{free_port()}"
         self.agent_router = f"tcp://127.0.0.1:{free_port()}"
@@ -109,11 +125,7 @@ class LocalDeployment:
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
 
     def _pin(self) -> str:
-        from gtbus.gpu.backends import make_device
-        from gtbus.gpu.code_measure import pin_value
-        from gtbus.training.workloads import make_trainer
-
-        return pin_value(make_trainer("bytelm"), make_device(self.run.backend)).hex()
+        return measure_pin(self.run.backend, self.run.trainer)
 
     @property
     def _common(self) -> list[str]:
@@ -125,6 +137,7 @@ class LocalDeployment:
         cmd = [sys.executable, "-m", "gtbus", "orchestrator", "--key", str(self.dep.key_path(self.dep.orchestrator.name)),
                "--platform-key", str(self.platform_key), "--mode", r.mode, "--rounds", str(r.rounds),
                "--chunk-tokens", str(r.chunk_tokens), "--steps", r.steps, "--lease", str(r.lease),
+               "--trainer", r.trainer, "--checkpoint-every", str(r.checkpoint_every),
                "--json-out", str(self.summary_path), *self._common, *r.extra_orchestrator_args]
         if r.orchestrator_fault:
             cmd += ["--fault", r.orchestrator_fault]

@@ -39,6 +39,12 @@ class RunConfig:
     backoff_min: float = 0.25
     backoff_max: float = 8.0
     absent_timeout: float = 60.0
+    # Write the checkpoint after every Nth hop (and after the last). A GPT-2
+    # checkpoint (model and AdamW moments, 1.6 GB) takes seconds to write, more
+    # than a small hop's transfer and training together. The price of N > 1: a
+    # resume repeats up to N-1 hops, and a rollback (model or code changed during
+    # a hop) restores the last checkpoint, losing the training of the hops since.
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in ("travel", "ship"):
@@ -53,6 +59,8 @@ class RunConfig:
             raise ConfigError("backoff_min must be positive and at most backoff_max")
         if self.absent_timeout <= 0:
             raise ConfigError("absent_timeout must be positive")
+        if self.checkpoint_every < 1:
+            raise ConfigError("checkpoint_every must be at least 1")
 
     @property
     def capacity(self) -> int:

@@ -40,6 +40,7 @@ from gtbus.training.trainer import (
     WorkloadError,
     check_token_buffer,
     module_sources,
+    resolve_steps,
 )
 
 #: Bytes are the vocabulary.
@@ -152,10 +153,7 @@ class ByteLM:
         cfg = self.config
         check_token_buffer(tokens, vocab=VOCAB, min_len=cfg.context + 1)
         n_offsets = tokens.shape[0] - cfg.context
-        if steps == ONE_PASS:
-            steps = -(-n_offsets // cfg.batch)
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int or ONE_PASS, got {steps!r}")
+        steps = resolve_steps(steps, tokens.shape[0], -(-n_offsets // cfg.batch))
         started = time.perf_counter()
         first = last = None
         for i in range(steps):

@@ -39,6 +39,7 @@ from gtbus.training.trainer import (
     WorkloadError,
     check_token_buffer,
     module_sources,
+    resolve_steps,
 )
 
 if TYPE_CHECKING:
@@ -63,8 +64,10 @@ class TorchTrainerConfig:
     #: Run forward and backward under bfloat16 autocast when on a GPU.
     bf16_on_cuda: bool = True
     seed: int = 0
-    #: :meth:`TorchTrainer.evaluate` scores at most this many evenly spaced sequences.
-    eval_sequences: int = 16
+    #: :meth:`TorchTrainer.evaluate` scores at most this many evenly spaced sequences. The
+    #: orchestrator evaluates twice a hop: at one minibatch (8 x 1024 tokens) that is two
+    #: forward passes, which keeps evaluation from dominating a run of many small hops.
+    eval_sequences: int = 8
 
 
 class TorchTrainer:
@@ -132,21 +135,22 @@ class TorchTrainer:
         cfg = self.config
         check_token_buffer(tokens, vocab=self.vocab, min_len=cfg.context + 1)
         n_offsets = tokens.shape[0] - cfg.context
-        if steps == ONE_PASS:
-            steps = -(-tokens.shape[0] // (cfg.batch * cfg.context))
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be a positive int or ONE_PASS, got {steps!r}")
+        steps = resolve_steps(steps, tokens.shape[0], -(-tokens.shape[0] // (cfg.batch * cfg.context)))
         buffer = _wrap(torch, tokens)
         window = torch.arange(cfg.context + 1, device=self._device)
         self._model.train()
         started = time.perf_counter()
+        # Offsets from a host RNG keyed by (seed, step), as in ByteLM: the same on
+        # every device, and a checkpoint needs no RNG state. All of this call's
+        # are copied to the device at once: a copy from pageable host memory
+        # waits for the stream, so one per step would stall the GPU every step.
+        host_offsets = numpy.stack([
+            numpy.random.default_rng((cfg.seed, self._step + i)).integers(0, n_offsets, size=cfg.batch) for i in range(steps)
+        ])
+        all_offsets = torch.from_numpy(host_offsets).to(self._device)
         first = last = None
         for i in range(steps):
-            # Offsets from a host RNG keyed by (seed, step), as in ByteLM: the
-            # same on every device, and a checkpoint needs no RNG state.
-            rng = numpy.random.default_rng((cfg.seed, self._step))
-            offsets = torch.from_numpy(rng.integers(0, n_offsets, size=cfg.batch)).to(self._device)
-            batch = _gather(torch, buffer, offsets[:, None] + window[None, :])
+            batch = _gather(torch, buffer, all_offsets[i][:, None] + window[None, :])
             loss = self._loss(batch)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()

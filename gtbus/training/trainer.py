@@ -39,7 +39,26 @@ from gtbus.errors import GtbusError
 #: the number of tokens in the buffer.
 ONE_PASS: Final = "pass"
 
-StepBudget = int | Literal["pass"]
+
+@dataclass(frozen=True)
+class StepsPer:
+    """A step budget in proportion to the buffer: one optimizer step per ``tokens`` tokens of it.
+
+    A run that gives every hop ``StepsPer(T / S)`` trains ``S`` steps in all,
+    split over its hops in proportion to their bytes, whatever the hop sizes
+    (``--steps per:N`` on the command line). A hop trains
+    ``max(1, round(len(buffer) / tokens))`` steps: exact when ``tokens`` divides
+    every chunk, and never zero on a short last chunk.
+    """
+
+    tokens: int
+
+    def __post_init__(self) -> None:
+        if type(self.tokens) is not int or self.tokens < 1:
+            raise ValueError(f"StepsPer needs a positive int of tokens, got {self.tokens!r}")
+
+
+StepBudget = int | Literal["pass"] | StepsPer
 
 #: The workloads ``gtbus orchestrator --trainer`` and runbooks know by name.
 TRAINER_NAMES: Final = ("bytelm", "gpt2")
@@ -78,7 +97,7 @@ class Trainer(Protocol):
         ...
 
     def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS) -> TrainReport:
-        """Train on a 1-D uint8/uint16 token buffer for ``steps`` minibatches (or :data:`ONE_PASS`)."""
+        """Train on a 1-D uint8/uint16 token buffer for ``steps`` minibatches (:data:`ONE_PASS`, :class:`StepsPer`: :func:`resolve_steps`)."""
         ...
 
     def evaluate(self, tokens: Any) -> float:
@@ -113,6 +132,32 @@ def module_sources(*modules: ModuleType) -> bytes:
         parts.append(f"# --- module {module.__name__}\n")
         parts.append(inspect.getsource(module))
     return "".join(parts).encode("utf-8")
+
+
+def parse_steps(text: str) -> StepBudget:
+    """``--steps``: a positive int per hop, ``pass``, or ``per:N`` (one step per N tokens of the hop's chunk)."""
+    text = text.strip()
+    if text == ONE_PASS:
+        return ONE_PASS
+    head, sep, tail = text.partition(":")
+    try:
+        value = int(tail if sep else text)
+    except ValueError:
+        value = 0
+    if (sep and head != "per") or value < 1:
+        raise WorkloadError(f"--steps {text!r}: use a positive number of steps per hop, 'pass', or 'per:N' (one step per N tokens of a hop)")
+    return StepsPer(value) if sep else value
+
+
+def resolve_steps(steps: StepBudget, n_tokens: int, one_pass: int) -> int:
+    """The number of minibatches a budget means for a buffer of ``n_tokens`` whose one pass is ``one_pass`` steps."""
+    if isinstance(steps, StepsPer):
+        return max(1, round(n_tokens / steps.tokens))
+    if steps == ONE_PASS:
+        return one_pass
+    if type(steps) is not int or steps < 1:
+        raise ValueError(f"steps must be a positive int, ONE_PASS or StepsPer, got {steps!r}")
+    return steps
 
 
 def check_token_buffer(tokens: Any, *, vocab: int, min_len: int) -> None:
