@@ -43,8 +43,8 @@ SIBLINGS = {
     ("bench", "testing"), ("replay", "testing"), ("runbook", "testing"),
     ("__main__", "cli"),
 }
-#: Where pyzmq may be imported: the zmq transport, and the raw-pyzmq baseline the bus benchmark compares against.
-ZMQ_IMPORTERS = ("transport/zmq/", "bench/bus.py")
+#: Where pyzmq may be imported: the zmq transport, and the raw-pyzmq baselines the bus and ship benchmarks compare against.
+ZMQ_IMPORTERS = ("transport/zmq/", "bench/bus.py", "bench/stream.py")
 
 
 def _part(module: str) -> str:
