@@ -157,7 +157,7 @@ def phase_table(title: str, run: dict[str, Any], *, skip_first: bool = True) -> 
                 seen.setdefault(name, []).append(sec * 1e3)
         for name, ms in seen.items():
             ms.sort()
-            t.add(side, name, f"{statistics.median(ms):.3f}", f"{ms[int(0.9 * (len(ms) - 1))]:.3f}")
+            t.add(side, name, f"{statistics.median(ms):.3f}", f"{ms[round(0.9 * (len(ms) - 1))]:.3f}")
     t.notes.append(f"{len(hops)} hops; each phase is the gap to the mark before it on the same side (gtbus/nodes/hop_phases.py); "
                    "the holder's marks start when its grant handler runs (after receive: signature, replay checks, record)")
     return t

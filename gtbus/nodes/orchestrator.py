@@ -35,6 +35,7 @@ from typing import Any, Awaitable, Callable
 
 from gtbus.errors import GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
+from gtbus.gpu.channel import staging_size
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
 from gtbus.messages.identity import Role
@@ -235,6 +236,12 @@ class Orchestrator:
         self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
             self._load_checkpoint()
+        # The first hop's buffers are made now, while holders register, as every
+        # later hop's are made while the hop before it trains (no grant names them yet).
+        cfg = self.config
+        self.staging.prepare_private(cfg.capacity)
+        if cfg.mode == "travel":
+            self.staging.prepare_next(staging_size(cfg.capacity, cfg.segment))
         await self.rt.publish(MeasurementPublished(self.report(None, self.token.epoch)))
 
     async def wait_for_holders(self) -> None:

@@ -8,7 +8,8 @@ Rules:
   grant has named it yet.
 * The private buffer that plaintext lands in is never exported, so once
   scrubbed and verified zero it may serve the next hop (a fresh one costs a
-  page fault per 4 KiB on the host backend).
+  page fault per 4 KiB on the host backend). The first hop's private buffer
+  and staging are made while the orchestrator waits for its holders.
 * Every staging export alive right now is listed in ``<state>/inflight-staging``
   where exports outlive the process (the device says so), so a restart after
   kill -9 removes what the dead process could not. Where they do not, no such
@@ -53,6 +54,12 @@ class StagingPool:
         if buf is not None:
             self.device.release(buf)
         return self.device.alloc(nbytes)
+
+    def prepare_private(self, nbytes: int) -> None:
+        """Have the private buffer allocated and touched before the first hop (a fresh one faults per 4 KiB on the host)."""
+        buf = self.take_private(nbytes)
+        self.device.scrub(buf)  # writes every page once: the first hop's decrypt pays no first touch
+        self.keep_private(buf)
 
     def keep_private(self, buf: Any) -> None:
         """Keep a scrubbed, verified-zero private buffer for the next hop."""

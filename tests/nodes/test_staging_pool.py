@@ -91,3 +91,16 @@ def test_a_restart_discards_what_a_killed_process_left(tmp_path: Path) -> None:
     finally:
         leftover.unlink(missing_ok=True)
         dev.close()
+
+
+def test_a_private_buffer_prepared_ahead_is_the_first_hops_and_reads_zero(device: HostDevice, tmp_path: Path) -> None:
+    pool = StagingPool(device, tmp_path)
+    pool.prepare_private(1 << 16)
+    buf = pool.take_private(1 << 16)
+    assert device.verify_zero(buf)
+    pool.keep_private(buf)
+    pool.prepare_private(1 << 17)  # another size: the spare is let go and a fitting one made
+    other = pool.take_private(1 << 17)
+    assert other is not buf and other.nbytes == 1 << 17 and device.verify_zero(other)
+    pool.keep_private(other)
+    pool.release_spares()
