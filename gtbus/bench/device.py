@@ -30,6 +30,7 @@ from typing import Any, Callable
 import msgpack
 
 from gtbus.bench.report import Result, Table, machine_info
+from gtbus.bench.ship import ship_section
 from gtbus.gpu.backends import make_device
 from gtbus.gpu.channel import ChannelParams, SegmentContext, segment_count, staging_size
 from gtbus.nodes.hop_phases import durations, parse_described
@@ -327,22 +328,7 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         res.goal(f"full-protocol {ship_mib:g} MiB travel hop / provisioning micro-benchmark, rate", full_gbps / micro_gbps, 0.8, "ratio")
         say(tf.text())
 
-        tok = int(ship_mib * MIB) // 2
-        say(f"travel vs ship: one {ship_mib:g} MiB chunk each through the full protocol")
-        tr = protocol_runs(backend, tok, 1, "travel", root)
-        sh = protocol_runs(backend, tok, 1, "ship", root)
-        rm = protocol_runs(backend, tok, 1, "travel", root, remote=True)
-        t5 = Table(f"Travel vs conventional ship, one {ship_mib:g} MiB chunk, full protocol, same run", ["path", "transfer s", "GB/s"])
-        for label, s in (("ship: holder -> network -> orchestrator CPU decrypt -> device", sh),
-                         ("remote holder: ciphertext -> network -> device agent -> staging -> device decrypt", rm),
-                         ("travel: holder -> staging -> device decrypt", tr)):
-            t5.add(label, f"{s['transfer_s']:.3f}", f"{s['bytes_provisioned'] / s['transfer_s'] / 1e9:.2f}")
-        speedup = sh["transfer_s"] / tr["transfer_s"] if tr["transfer_s"] else float("nan")
-        t5.notes.append(f"travel is {speedup:.1f}x faster (paper: >= 4x; goal >= 10x); transfer = grant to plaintext in the device buffer, incl. staging allocation")
-        res.tables.append(t5)
-        res.data["travel_vs_ship"] = {"travel_s": tr["transfer_s"], "ship_s": sh["transfer_s"], "remote_s": rm["transfer_s"], "speedup": speedup,
-                                      "bytes": tr["bytes_provisioned"]}
-        say(t5.text())
+        res.data["travel_vs_ship"] = ship_section(res, backend=backend, ship_mib=ship_mib, root=root, runs=protocol_runs, say=say)
     res.finish()
     md, js = res.write(out_dir)
     res.data["files"] = [str(md), str(js)]
