@@ -72,23 +72,27 @@ def flood(seconds: float, out_dir: Path) -> None:
 
 @bench.command("travel")
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
-@click.option("--total-mib", type=click.FloatRange(min=0.01), default=24.0, show_default=True, help="Hop-buffer bytes of the whole dataset (uint16 tokens), split evenly over the holders.")
-@click.option("--caps", default=None, help="Comma-separated buffer caps: sizes like 32K, 1M, 4.5 (MiB when no unit), or 'uncapped' (one chunk per holder). Default: the talk's 4M,20M,100M,500M scaled by total/3072 MiB and rounded to a power of two, plus uncapped.")
-@click.option("--train-steps", type=click.IntRange(min=1), default=3072, show_default=True, help="Training steps of a whole run, split over the hops in proportion to their bytes (the same in every row and mode).")
-@click.option("--holders", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--chunk-mib", type=click.FloatRange(min=0.001), default=512.0, show_default=True, help="Chunk size of the provisioning-throughput measurement.")
+@click.option("--trainer", type=click.Choice(["bytelm", "gpt2"]), default="bytelm", show_default=True, help="The workload every run trains (gpt2: GPT-2 124M in PyTorch; needs torch).")
+@click.option("--total-mib", type=click.FloatRange(min=0.01), default=None, help="Hop-buffer bytes of the whole dataset (uint16 tokens), split evenly over the holders. Default: 24 (bytelm), 1200 (gpt2).")
+@click.option("--caps", default=None, help="Comma-separated buffer caps: sizes like 32K, 1M, 4.5 (MiB when no unit), or 'uncapped' (one chunk per holder). Default: bytelm 1/64, 1/16, 1/4, 1/2 of a holder's data and uncapped; gpt2 the talk's 4,20,100,500,uncapped.")
+@click.option("--train-steps", type=click.IntRange(min=1), default=None, help="Training steps of a whole run, split over the hops in proportion to their bytes (the same in every row and mode). Default: 3072 (bytelm), 600 (gpt2).")
+@click.option("--holders", type=click.IntRange(min=1), default=None, help="Default: 3 (bytelm), 2 (gpt2).")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="The orchestrator's --checkpoint-every. Default: 1 (bytelm), 100 (gpt2: a checkpoint is 1.6 GB).")
+@click.option("--alone-steps", type=click.IntRange(min=1), default=None, help="Timed steps of the trainer-alone baseline. Default: 200 (bytelm), 100 (gpt2).")
+@click.option("--chunk-mib", type=click.FloatRange(min=0.001), default=512.0, show_default=True, help="Chunk size of the provisioning-throughput measurement (host backend).")
 @click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True, help="Repetitions of the provisioning measurement (median reported).")
 @click.option("--modes", default="ship,travel", show_default=True, help="Which modes to run.")
 @click.option("--keep-runs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep each run's folder (logs, keys, summaries) here instead of a temporary folder.")
 @_OUT
-def travel(backend: str, total_mib: float, caps: str | None, train_steps: int, holders: int, chunk_mib: float, reps: int, modes: str, keep_runs: Path | None, out_dir: Path) -> None:
-    """The talk's table: transfer vs training time per buffer cap, ship vs travel, same run; plus 512 MiB provisioning rate."""
+def travel(backend: str, trainer: str, total_mib: float | None, caps: str | None, train_steps: int | None, holders: int | None, checkpoint_every: int | None,
+           alone_steps: int | None, chunk_mib: float, reps: int, modes: str, keep_runs: Path | None, out_dir: Path) -> None:
+    """The talk's table: transfer vs training time per buffer cap, ship vs travel, same run; the trainer alone; plus 512 MiB provisioning rate."""
     from gtbus.bench.travel import run_travel_bench
 
     res = run_travel_bench(
-        out_dir, backend=backend, total_mib=total_mib, caps=caps, train_steps=train_steps, holders=holders,
-        chunk_mib=chunk_mib, reps=reps, modes=[m.strip() for m in modes.split(",") if m.strip()], keep_runs=keep_runs,
-        say=lambda s: click.echo(s, err=True),
+        out_dir, backend=backend, trainer=trainer, total_mib=total_mib, caps=caps, train_steps=train_steps, holders=holders,
+        checkpoint_every=checkpoint_every, alone_steps=alone_steps, chunk_mib=chunk_mib, reps=reps,
+        modes=[m.strip() for m in modes.split(",") if m.strip()], keep_runs=keep_runs, say=lambda s: click.echo(s, err=True),
     )
     click.echo(res.text())
     click.echo("wrote " + ", ".join(res.data["files"]))

@@ -8,6 +8,7 @@ measurement are prepared first, exactly as an operator would.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -58,8 +59,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@functools.cache
 def measure_pin(backend: str, trainer: str) -> str:
-    """The pin a holder's operator obtains: what ``gtbus measure --backend B --trainer T`` prints, run as its own process."""
+    """The pin a holder's operator obtains: what ``gtbus measure --backend B --trainer T`` prints, run as its own process.
+
+    Once per process and (backend, trainer): the sources it hashes do not change
+    under a running launcher, and a GPU measurement loads the model (seconds).
+    """
     cmd = [sys.executable, "-m", "gtbus", "measure", "--backend", backend, "--trainer", trainer]
     done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     pin = done.stdout.strip()
