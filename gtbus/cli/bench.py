@@ -70,6 +70,26 @@ def flood(seconds: float, out_dir: Path) -> None:
     click.echo("wrote " + ", ".join(res.data["files"]))
 
 
+@bench.command("stream")
+@click.option("--total-mib", type=click.FloatRange(min=8.0), default=512.0, show_default=True, help="Bytes streamed per repetition.")
+@click.option("--reps", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--connections", default="1,2,4", show_default=True, help="Comma-separated connection counts to measure.")
+@_OUT
+def stream(total_mib: float, reps: int, connections: str, out_dir: Path) -> None:
+    """Raw ZeroMQ stream throughput (CurveZMQ and plaintext, 4 MiB frames): the anchor ship mode is held to."""
+    from gtbus.bench.stream import run_stream_bench
+
+    try:
+        counts = [int(c) for c in connections.split(",") if c.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of counts: {connections!r}", param_hint="--connections") from None
+    if not counts or min(counts) < 1:
+        raise click.BadParameter("counts must be positive", param_hint="--connections")
+    res = run_stream_bench(out_dir, total_mib=total_mib, reps=reps, connections=counts, say=lambda s: click.echo(s, err=True))
+    click.echo(res.text())
+    click.echo("wrote " + ", ".join(res.data["files"]))
+
+
 @bench.command("travel")
 @click.option("--backend", type=click.Choice(["host", "cupy"]), default="host", show_default=True)
 @click.option("--trainer", type=click.Choice(["bytelm", "gpt2"]), default="bytelm", show_default=True, help="The workload every run trains (gpt2: GPT-2 124M in PyTorch; needs torch).")
