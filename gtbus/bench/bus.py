@@ -564,6 +564,12 @@ async def _run_variants(root: Path, variants: Sequence[str], seconds: float, pay
 
 # ------------------------------------------------------------------------------ CPU costs per message
 
+SIGN_RFC8032 = "Ed25519 sign, RFC 8032 (PyNaCl)"
+PREPARE_NONCE = "Ed25519 nonce prepared ahead (off the path)"
+SIGN_PREPARED = "Ed25519 sign from a prepared nonce (on the path)"
+VERIFY = "Ed25519 verify (PyNaCl)"
+MESSAGE_SIGN = "MessageSigner.sign(Echo), nonce prepared"
+
 
 def _per_call_us(fn: Callable[[], object], n: int) -> float:
     fn()
@@ -577,7 +583,7 @@ def message_costs(root: Path, payload: int, n: int = 2000) -> list[tuple[str, fl
     """Microseconds of CPU per call of each message-layer step, in this process, no sockets."""
     from gtbus.messages.envelope import signing_input
     from gtbus.messages.pipeline import ReceivePipeline
-    from gtbus.messages.primitives import Ed25519Verifier
+    from gtbus.messages.primitives import Ed25519Verifier, PreparedSigner
     from gtbus.messages.replay_guard import ReplayGuard
     from gtbus.messages.signer import MessageSigner
     from gtbus.messages.types import Echo
@@ -586,6 +592,8 @@ def message_costs(root: Path, payload: int, n: int = 2000) -> list[tuple[str, fl
     h1, roster = _load(root, "h1")
     orch, _ = _load(root, "orch")
     signer = MessageSigner(h1)
+    unprepared = MessageSigner(h1)
+    prepared = PreparedSigner(bytes(h1.signing_key), b"bench")
     msg = Echo(b"x" * payload, "")
     work = root / "costs"
     rec = Recorder(work / "h1.gtlog", "h1", roster)
@@ -598,10 +606,17 @@ def message_costs(root: Path, payload: int, n: int = 2000) -> list[tuple[str, fl
     data = signing_input(header_bytes, body_bytes, [])
     it = iter(frames)
     it2 = iter(frames)
+    # _per_call_us calls n + 1 times: that many nonces are prepared before the prepared rows.
     rows = [
-        ("Ed25519 sign (PyNaCl)", _per_call_us(lambda: h1.sign(data), n)),
-        ("Ed25519 verify (PyNaCl)", _per_call_us(lambda: verifier.verify(data, sig), n)),
-        ("MessageSigner.sign(Echo)", _per_call_us(lambda: signer.sign(msg, "orch"), n)),
+        (SIGN_RFC8032, _per_call_us(lambda: h1.sign(data), n)),
+        (PREPARE_NONCE, _per_call_us(lambda: prepared.prepare(), n)),
+        (SIGN_PREPARED, _per_call_us(lambda: prepared.sign(data), n)),
+        (VERIFY, _per_call_us(lambda: verifier.verify(data, sig), n)),
+        ("MessageSigner.sign(Echo), none prepared", _per_call_us(lambda: unprepared.sign(msg, "orch"), n)),
+    ]
+    signer.prepare(n + 1)
+    rows += [
+        (MESSAGE_SIGN, _per_call_us(lambda: signer.sign(msg, "orch"), n)),
         ("Recorder.record (one os.write)", _per_call_us(lambda: rec.record("out", frames[0], "sent", peer="orch", channel="direct"), n)),
         ("ReceivePipeline.accept, journal on", _per_call_us(lambda: pipe.accept(next(it), "h1"), n)),
         ("ReceivePipeline.accept, no journal", _per_call_us(lambda: nojournal.accept(next(it2), "h1"), n)),
@@ -826,7 +841,7 @@ def run_bus_bench(
     for name, us in costs:
         ct.add(name, f"{us:.1f}")
     by = dict(costs)
-    per_rt = 2 * (by["MessageSigner.sign(Echo)"] + 2 * by["Recorder.record (one os.write)"] + by["ReceivePipeline.accept, journal on"])
+    per_rt = 2 * (by[MESSAGE_SIGN] + 2 * by["Recorder.record (one os.write)"] + by["ReceivePipeline.accept, journal on"])
     ct.notes.append(
         f"a signed round trip does each of sign, accept and two records twice (request and reply): about {per_rt:.0f} us "
         "of message-layer CPU, spread over the two processes"
@@ -842,7 +857,10 @@ def run_bus_bench(
     )
     for name, us in phases:
         ph.add(name, f"{us:.0f}")
-    ph.notes.append("one process runs both ends here, so the wire phases include the other side's scheduling; the total differs a little from the two-process median")
+    ph.notes.append(
+        "one process runs both ends here, so the wire phases include the other side's scheduling, and each end's nonce "
+        "preparation (off the path with two processes) lands in the other's wire phase; the total is not the two-process median"
+    )
     res.tables.append(ph)
     if prof_text:
         res.sections.append(("Profile of the signed round trip", prof_text))
@@ -885,7 +903,7 @@ def _where_the_time_goes(stats: dict[str, dict[str, float]], costs: dict[str, fl
         return ""
     m = {v: stats[v]["median_us"] for v in need}
     m["raw-pyzmq"] = a = stats[anchor]["median_us"]
-    crypto = 2 * (costs["Ed25519 sign (PyNaCl)"] + costs["Ed25519 verify (PyNaCl)"])
+    crypto = 2 * (costs[SIGN_PREPARED] + costs[VERIFY])
     rows = []
     if "raw-blocking" in stats:
         b = stats["raw-blocking"]["median_us"]
@@ -898,7 +916,7 @@ def _where_the_time_goes(stats: dict[str, dict[str, float]], costs: dict[str, fl
     rows += [
         (f"gtbus transport wrapper (bus-plain - {anchor})", m["bus-plain"] - m["raw-pyzmq"]),
         ("CurveZMQ encryption (bus-curve - bus-plain)", m["bus-curve"] - m["bus-plain"]),
-        ("Ed25519 on the critical path: 2 x (sign + verify)", crypto),
+        ("Ed25519 on the critical path: 2 x (sign from a prepared nonce + verify)", crypto),
         ("rest of message layer and runtime (signed - bus-curve - Ed25519)", m["signed"] - m["bus-curve"] - crypto),
     ]
     lines = [f"{name:<66} {us:>7.0f} us" for name, us in rows]
@@ -906,7 +924,9 @@ def _where_the_time_goes(stats: dict[str, dict[str, float]], costs: dict[str, fl
     lines += [
         "",
         f"The four signature operations are serial (client signs, server verifies, server signs, client verifies): "
-        f"{crypto:.0f} us. With the asyncio round trip, CURVE and the transport wrapper that is already "
+        f"{crypto:.0f} us, each signature's nonce having been prepared while its node waited "
+        f"({costs[PREPARE_NONCE]:.0f} us each, off the path; RFC 8032's deterministic signature would put "
+        f"{2 * costs[SIGN_RFC8032]:.0f} us there instead of {2 * costs[SIGN_PREPARED]:.0f}). With the asyncio round trip, CURVE and the transport wrapper that is already "
         f"{m['bus-curve'] + crypto:.0f} us before any other work of the message layer and runtime "
         f"(envelope encode/parse, replay guard and its journal, four log records, dispatch, futures), which adds the last line. "
         f"All message-layer CPU of a round trip, crypto included, is about {msg_layer_us:.0f} us (table of per-call costs).",

@@ -15,10 +15,11 @@ from gtbus.messages.envelope import (
     new_message_id,
     new_session_id,
     blob_digest,
+    checked_header,
     signing_input_digest,
 )
 from gtbus.messages.identity import NodeIdentity
-from gtbus.messages.primitives import Ed25519Signer
+from gtbus.messages.primitives import PreparedSigner
 from gtbus.messages.registry import body_to_wire, spec_of
 
 
@@ -36,10 +37,26 @@ class MessageSigner:
         self.session = new_session_id(int(clock.time() * 1e9))
         self._seq: dict[str, int] = {}
         self.last_blob_digest = b""
-        # The same key as identity.sign, held as libsodium's 64-byte secret (no object layer per message).
-        self._ed25519 = Ed25519Signer(bytes(identity.signing_key))
+        # The same key as identity.sign; a nonce prepared while the node waits takes three
+        # quarters of a signature off the path of the next message (see PreparedSigner).
+        self._ed25519 = PreparedSigner(bytes(identity.signing_key), self.session)
         # envelope.packb's encoding, one packer per signer (a signer is used by one thread, like its counters)
         self._pack = msgpack.Packer(use_bin_type=True).pack
+
+    @property
+    def ready(self) -> bool:
+        """True if the next signature will come from a prepared nonce."""
+        return self._ed25519.prepared > 0
+
+    def prepare(self, count: int = 1) -> None:
+        """Prepare nonces until ``count`` are ready (about one signature's cost each).
+
+        Call it when the node is about to wait (after sending); a signature made
+        without one costs what it did before.
+        """
+        missing = count - self._ed25519.prepared
+        if missing > 0:
+            self._ed25519.prepare(missing)
 
     def sign(
         self,
@@ -75,7 +92,7 @@ class MessageSigner:
             "epoch": epoch,
             "parent": parent,
         }
-        header = Header(**wire)
+        header = checked_header(wire)
         header_bytes = self._pack(wire)
         body_bytes = self._pack(body_to_wire(msg))
         self.last_blob_digest = blob_digest(blobs)  # the recorder reuses it rather than hash bulk data twice

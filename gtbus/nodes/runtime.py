@@ -88,6 +88,7 @@ class NodeRuntime:
             budgets = PeerBudgets(role_budgets(self._role_of), clock)
         self.budgets = budgets
         self._tasks: list[asyncio.Task[Any]] = []
+        self._prepare_pending = False
         self._started = time.monotonic()
         self._closed = False
 
@@ -134,6 +135,23 @@ class NodeRuntime:
             await self.transport.send(header.recipient, frames)  # type: ignore[call-arg]
         else:
             await self.transport.send(frames)  # type: ignore[call-arg]
+        self._prepare_soon()
+
+    def _prepare_soon(self) -> None:
+        """Prepare the next signature's nonce once this task yields (see MessageSigner.prepare).
+
+        A send is usually followed by a wait (for the reply, or the next
+        request), so the nonce is ready before the next message needs it; a
+        burst that outruns it signs as it did without.
+        """
+        if not self._prepare_pending and not self.signer.ready:
+            self._prepare_pending = True
+            asyncio.get_running_loop().call_soon(self._prepare_now)
+
+    def _prepare_now(self) -> None:
+        self._prepare_pending = False
+        if not self._closed:
+            self.signer.prepare()
 
     async def send(
         self,
@@ -156,6 +174,7 @@ class NodeRuntime:
         header, frames = self.signer.sign(msg, BROADCAST, epoch=epoch)
         self.recorder.record("out", frames, "sent", peer=None, channel="event")
         await self.transport.publish(frames)  # type: ignore[attr-defined]
+        self._prepare_soon()
         return header
 
     async def request(self, msg: object, to: str | None = None, *, timeout: float = 5.0, epoch: int = 0) -> Accepted:
