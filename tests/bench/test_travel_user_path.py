@@ -69,3 +69,13 @@ def test_a_row_with_a_short_last_chunk_trains_the_whole_budget(tmp_path: Path) -
     assert "Training budget: 12 bytelm optimizer steps per run" in text and "max(1, round(n / 16,384))" in text
     assert "| 96K | " in text and "3 (last 1)" in text
     assert "Arithmetic from the measured numbers (not a measurement)" in text
+
+
+def test_a_sparse_checkpoint_still_holds_every_hop_when_the_run_ends(tmp_path: Path) -> None:
+    # The table's GPT-2 runs checkpoint every 100 hops (1.6 GB each); the bench reads every hop from the last one.
+    run = LocalRun(run_dir=tmp_path / "run", holders=2, chunk_tokens=1 << 14, steps="per:8192", bytes_per_holder=48 * 1024,
+                   checkpoint_every=4)
+    summary = LocalDeployment(run).run_to_end(timeout=120)
+    assert summary["hops_trained"] == summary["hops"] == 6
+    hops = read_checkpoint(Path(summary["checkpoint"]), state=False).hops
+    assert [h["outcome"] for h in hops] == ["trained"] * 6
