@@ -301,6 +301,10 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         t4.add("median", f"{statistics.median(prov) * 1e3:.2f}")
         t4.add("p90", f"{prov[int(0.9 * (len(prov) - 1))] * 1e3:.2f}")
         t4.add("min", f"{prov[0] * 1e3:.2f}")
+        g2r = [h["phases"]["return_received"] - h["phases"]["grant_sent"] for h in ctl["hop_records"]
+               if h["outcome"] == "trained" and {"grant_sent", "return_received"} <= set(h.get("phases") or {})]
+        if g2r:
+            t4.add("median, grant sent to return handled (no work before the grant)", f"{statistics.median(g2r) * 1e3:.2f}")
         t4.notes.append("from the hop's start (staging, key, model digest) to the return handled: includes sealing the params to the "
                         "holder, signing, CURVE, map/unmap; goal <= 2 ms median on the GPU host (DESIGN §10)")
         res.tables.append(t4)
