@@ -8,7 +8,7 @@ next segment is decrypted while this one is copied. Rules:
 
 - Each thread that uploads has its own :class:`Bounce`: two halves of one
   segment each in pinned memory (plain memory on the host backend), and one
-  CUDA stream. A half is written again only after its previous copy finished.
+  CUDA stream, made on the destination buffer's device. A half is written again only after its previous copy finished.
 - Nothing is sized by a peer: a bounce holds ``segment_size`` bytes (the run's),
   twice.
 - A bounce holds plaintext: :meth:`BounceSet.scrub` waits for every copy and
@@ -39,9 +39,9 @@ class Bounce:
             mem = xp.cuda.alloc_pinned_memory(2 * segment_size)
             self._host = np.frombuffer(mem, dtype=np.uint8, count=2 * segment_size)
             self._keep = mem
-            self._stream = xp.cuda.Stream(non_blocking=True)
         else:
             self._host = np.zeros(2 * segment_size, dtype=np.uint8)
+        self._stream: Any = None  # made on the destination's device at the first upload
         self._copied: list[Any] = [None, None]
         self._next = 0
 
@@ -65,6 +65,8 @@ class Bounce:
             return
         xp = self._xp
         with dst.device:
+            if self._stream is None:
+                self._stream = xp.cuda.Stream(non_blocking=True)
             xp.cuda.runtime.memcpyAsync(dst.data.ptr + offset, src.ctypes.data, nbytes,
                                         xp.cuda.runtime.memcpyHostToDevice, self._stream.ptr)
             ev = xp.cuda.Event(disable_timing=True)
