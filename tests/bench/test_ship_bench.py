@@ -27,7 +27,7 @@ def test_ship_section_records_the_anchor_the_paths_and_every_goal(tmp_path: Path
     res = Result(name="ship-smoke", title="ship smoke", machine=machine_info())
     out = ship_section(res, backend="host", ship_mib=0.25, root=tmp_path, runs=protocol_runs, say=lambda s: None,
                        caps=(), hops=2, stream_reps=1)  # the sweep is the same call per cap: not repeated here
-    for key in ("travel_s", "ship_s", "remote_s", "stream_curve_gbps", "stream_plain_gbps"):
+    for key in ("travel_s", "ship_s", "remote_s", "stream_curve_gbps", "stream_plain_gbps", "bus_stream_gbps"):
         assert out[key] > 0 and math.isfinite(out[key]), key
     names = [g.name for g in res.goals]
     assert names == ["ship / raw CurveZMQ stream (one connection), rate", "travel / ship at 0.25 MiB, speed"]
