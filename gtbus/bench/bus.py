@@ -796,6 +796,7 @@ def run_bus_bench(
         finally:
             asyncio.set_event_loop_policy(None)
     res.finish()
+    limit, host_kind = ratio_goal(machine)
 
     frame_bytes = sum(len(f) for f in _frames_len_probe(payload))
     res.header = [
@@ -805,6 +806,8 @@ def run_bus_bench(
         "variants add a 1-byte op frame). Variants measured in "
         f"{slices} interleaved slices, {seconds:g} s of sequential round trips and {seconds:g} s of one-way sends each. "
         f"Anchor: {ANCHOR}; goal: signed median <= {DESIGN_GOAL_US:.0f} us. Event loop: {loop} (both ends).",
+        f"Ratio goal: signed <= {limit:g} x the anchor, the {host_kind}'s (a GPU seen by cupy means the GPU host's "
+        f"{RATIO_GOAL_GPU_HOST:g}x, none the dev VM's {RATIO_GOAL_DEV_VM:g}x; here: {machine.get('gpu') or 'no GPU seen'}).",
     ]
     t = Table("Round trip (request -> reply), microseconds", ["variant", "what runs", "n", "median", "p90", "p99", "min", "mean"], text_columns=2)
     what = {
@@ -821,7 +824,6 @@ def run_bus_bench(
     verdict = "meets" if signed_median <= DESIGN_GOAL_US else "misses"
     t.notes.append(f"signed median {signed_median:.0f} us {verdict} the goal of {DESIGN_GOAL_US:.0f} us")
     anchor = anchor_variant(stats)
-    limit, host_kind = ratio_goal(machine)
     ratio = None
     if anchor is not None and "signed" in stats:
         ratio = signed_median / max(stats[anchor]["median_us"], 1e-9)
