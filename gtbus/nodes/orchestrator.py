@@ -36,6 +36,7 @@ from typing import Any, Awaitable, Callable
 from gtbus.errors import GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.channel import staging_size
+from gtbus.gpu.bounce import BounceSet
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
 from gtbus.messages.identity import Role
@@ -112,7 +113,7 @@ class Orchestrator:
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
         self.current: HopRunner | None = None  # the hop in progress, or the last one
-        self.ship_buf: bytearray | None = None  # ship mode: where shipped ciphertext lands, sized by the run
+        self.ship_buf: BounceSet | None = None  # ship mode: the decrypting threads' bounce buffers, sized by the run
         self._after_hop: dict[type, Callable[[Any, Assignment, HopResult], Awaitable[None]]] = {
             Settle: self._settle,
             SaveCheckpoint: self._checkpoint,

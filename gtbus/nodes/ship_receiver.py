@@ -39,19 +39,19 @@ from gtbus.errors import ChannelError, DeviceError
 from gtbus.gpu.bounce import BounceSet
 from gtbus.gpu.channel import ChannelParams, SegmentCipher, SegmentContext, segment_bounds
 
-__all__ = ["ShipReceiver", "decrypt_pool"]
+__all__ = ["ShipReceiver", "ship_pool"]
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def decrypt_pool() -> ThreadPoolExecutor:
-    """The process's decryption threads: one per core (the event loop mostly waits on the network)."""
+def ship_pool() -> ThreadPoolExecutor:
+    """The process's ship worker threads, one per core: opening segments on an orchestrator, sealing them on a holder."""
     global _pool
     with _pool_lock:
         if _pool is None:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-            _pool = ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="gtbus-ship-open")
+            _pool = ThreadPoolExecutor(max_workers=max(1, cores), thread_name_prefix="gtbus-ship")
         return _pool
 
 
@@ -79,7 +79,7 @@ class ShipReceiver:
     def accept(self, index: int, blob: Any) -> None:
         """Decrypt segment ``index`` (its number and size already checked by the hop machine) as soon as a thread is free."""
         if not self._closed:
-            self._futures.append(decrypt_pool().submit(self._open_one, index, blob))
+            self._futures.append(ship_pool().submit(self._open_one, index, blob))
 
     def _open_one(self, index: int, blob: Any) -> None:
         with self._lock:

@@ -32,7 +32,7 @@ import blake3
 from gtbus.gpu.channel import TAG_SIZE, ChannelParams, SealSummary, SegmentCipher, SegmentContext, segment_bounds
 from gtbus.messages.types import ShipSegment
 from gtbus.nodes.runtime import NodeRuntime
-from gtbus.nodes.ship_receiver import decrypt_pool
+from gtbus.nodes.ship_receiver import ship_pool
 
 __all__ = ["AHEAD_PER_CORE", "stream_segments"]
 
@@ -58,7 +58,7 @@ async def stream_segments(
     """
     seg, nbytes, count = params.segment_size, len(plain), ctx.count
     cipher = SegmentCipher(params.suite, params.key)
-    pool = decrypt_pool()  # the process's worker threads, one per core
+    pool = ship_pool()  # the process's worker threads, one per core
     ahead = max(1, AHEAD_PER_CORE * pool._max_workers)  # noqa: SLF001 - the pool is ours
 
     def seal(i: int) -> bytearray:
