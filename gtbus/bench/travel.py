@@ -13,17 +13,25 @@ summaries': ``transfer_s`` (grant to plaintext in the device buffer, summed over
 hops), ``train_s`` and ``transfer_share`` = transfer / (transfer + training),
 the talk's "Tx Percentage".
 
-The training budget is the same in every row and mode: ``--train-steps`` is
-split over the hops in proportion to their bytes (``--steps`` per hop = total x
-cap / dataset). The per-holder data are rounded down to a multiple of every cap
-where possible, so each hop of a row carries exactly one cap of bytes and the
-split is exact.
+Every run goes through what a user runs: the holders' shards are made by
+``gtbus data build``, the pin they trust is what a ``gtbus measure --backend B
+--trainer T`` process prints, and the nodes are started by the CLI.
 
-Sizes: the talk's caps are 4M, 20M, 100M, 500M and uncapped. By default the
-caps are relative to the data (:func:`default_caps`: 1/64, 1/16, 1/4 and 1/2
-of a holder's bytes, then uncapped), which keeps every cap a divisor of the
-holder's data and the step split exact; ``--total-mib 3072 --caps
-4,20,100,500,uncapped`` runs the talk's sizes (3 holders x 1 GiB).
+The training budget is the same in every row and mode: ``--train-steps``
+optimizer steps per run, split over the hops in proportion to their bytes
+(the orchestrator's ``--steps per:N``; the rules are
+:mod:`gtbus.bench.travel_plan`'s). The trainer alone, in its own process
+(:mod:`gtbus.bench.trainer_alone`), gives the tokens/s that training inside the
+loop is compared with.
+
+Workloads (``--trainer``): ``bytelm`` (CPU-sized; by default the caps are
+relative to the data, :func:`default_caps`: 1/64, 1/16, 1/4 and 1/2 of a
+holder's bytes, then uncapped) and ``gpt2`` (GPT-2 124M in PyTorch, for a GPU:
+by default the talk's caps 4M, 20M, 100M, 500M and uncapped on 2 holders x
+600 MiB, 600 steps a run, a checkpoint every 100 hops; sized to fit one
+10-minute device run, bench/notes-perf.md "GPT-2 table" says how). Goals:
+travel Tx % <= 0.05 at every cap, tokens/s in the loop >= 0.95 x alone; where a
+run is too short to show 0.05 %, an arithmetic table says what it would need.
 
 Part 2, provisioning throughput of one 512 MiB chunk on this machine: the
 holder's :class:`~gtbus.gpu.channel.SegmentSealer` seals into a fresh staging
@@ -300,7 +308,10 @@ def run_travel_bench(
     train_steps = train_steps or d_steps
     checkpoint_every = checkpoint_every or d_every
     alone_steps = alone_steps or d_alone
-    context = int(make_trainer(trainer).config.context)  # type: ignore[attr-defined]
+    cfg = make_trainer(trainer).config  # type: ignore[attr-defined]
+    context = int(cfg.context)
+    window = getattr(cfg, "eval_sequences", None) or getattr(cfg, "eval_windows", 0)
+    evaluation = f"up to {window} evenly spaced windows of {context + 1} tokens"
     cap_list = parse_caps(caps, total_mib, holders)
     p = plan(cap_list, total_mib, holders, train_steps, min_chunk_tokens=context + 1)
     machine = machine_info()
@@ -333,6 +344,8 @@ def run_travel_bench(
             for mode in order:
                 say(f"  cap {row['cap']}: {mode}, {row['hops']} hops of {size_label(row['cap_bytes'])}, {row['steps_per_hop']} steps each ...")
                 s = run_once(base / f"{i:02d}-{mode}", mode=mode, row=row, p=p, shards=shards, work=work)
+                if tmp is not None:  # read already; a GPT-2 checkpoint is 1.6 GB a run
+                    shutil.rmtree(base / f"{i:02d}-{mode}" / "checkpoints", ignore_errors=True)
                 if s["hops_trained"] != row["hops"]:
                     say(f"    warning: {s['hops_trained']} of {row['hops']} hops trained ({s['outcomes']})")
                 s["tokens_per_s"] = s["steps_total"] * alone["tokens_per_step"] / s["train_s"] if s["train_s"] > 0 else 0.0
@@ -351,7 +364,7 @@ def run_travel_bench(
     res.finish()
     wall_total = time.perf_counter() - t_start
 
-    res.header = _header(p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, wall_total)
+    res.header = _header(p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, wall_total, evaluation)
     res.tables.append(_share_table(p, runs, machine))
     res.tables.append(_loop_table(runs, alone))
     res.tables.append(_one_pass_table(p, runs, total_tokens))
@@ -383,7 +396,7 @@ def run_travel_bench(
 
 
 def _header(p: Plan, trainer: str, backend: str, caps: str | None, alone: dict[str, Any], every: int, data_s: float, pin_s: float,
-            runs: list[dict[str, Any]], wall: float) -> list[str]:
+            runs: list[dict[str, Any]], wall: float, evaluation: str) -> list[str]:
     holders, total = p.holders, p.holder_tokens * TOKEN_BYTES * p.holders
     per_step = alone["tokens_per_step"]
     budget_s = p.train_steps * per_step / alone["tokens_per_s"] if alone["tokens_per_s"] else 0.0
@@ -407,7 +420,8 @@ def _header(p: Plan, trainer: str, backend: str, caps: str | None, alone: dict[s
         "travel = holder seals into the hop's fresh staging, the device decrypts.",
         "",
         "Training s is the summary's train_s (train_on, ended by reading the last loss back: synchronised); the orchestrator's held-out "
-        "evaluations (before and after each hop, on a fixed small window of the chunk: the trainer's eval size) are counted apart as eval_s.",
+        f"evaluations (before and after each hop, on {evaluation} of the hop's chunk) are counted apart as eval_s; "
+        "the summary's first and last loss are the first and the last hop's evaluation before training on it.",
         "",
         f"Startup (measured): shards {data_s:.1f} s, pin {pin_s:.1f} s, trainer alone load {alone['load_s']:.1f} s "
         f"(process {alone['process_s']:.1f} s); per run, process start to first hop: "
