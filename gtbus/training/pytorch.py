@@ -120,6 +120,19 @@ class TorchTrainer:
         self._torch = torch
         self._xp = xp
         self._step = 0
+        if device.type == "cuda":
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        # CUDA starts lazily: the first forward and backward load kernels and
+        # create library handles (a second or more). Done here, at load, the
+        # first hop's training does not pay it. No optimizer step: the weights,
+        # the AdamW state and the step count stay as built.
+        torch = self._torch
+        batch = torch.zeros((self.config.batch, self.config.context + 1), dtype=torch.long, device=self._device)
+        self._loss(batch).backward()
+        self._optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize(self._device)
 
     @property
     def model(self) -> "torch.nn.Module":
