@@ -10,8 +10,9 @@ happened (DESIGN section 6):
   agent stage the buffer first (a remote holder), send; answer
   ``Delivered``/``Undelivered``;
 * :class:`~gtbus.protocol.hop.OpenSegments`: authenticate and decrypt into the
-  private buffer (never exported), then scrub the staging and revoke its
-  export; answer ``SegmentsOpened``/``SegmentsRefused``;
+  private buffer (never exported); answer ``SegmentsOpened``/``SegmentsRefused``.
+  The staging (ciphertext only, never read again) is scrubbed, verified zero
+  and revoked in the epilogue, before anything else is granted;
 * :class:`~gtbus.protocol.hop.Remeasure`, :class:`~gtbus.protocol.hop.Train`,
   :class:`~gtbus.protocol.hop.RestoreModel`, :class:`~gtbus.protocol.hop.Scrub`
   (scrub, verify zero, release, drop the key), revokes and token state.
@@ -106,7 +107,6 @@ class HopRunner:
             orch.ship_buf = BounceSet(orch.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
         self.shipping: ShipReceiver | None = None  # ship mode: the segments on their way to the device
         self.staging, self.handle = (None, "ship") if ship else orch.staging.take_staging(sealed)
-        self.exported = self.staging is not None  # this hop's staging export still exists
         self.data = orch.staging.take_private(cfg.capacity)
         self.mark("staging_alloc")
         self.params: ChannelParams | None = ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
@@ -280,14 +280,11 @@ class HopRunner:
         ctx = SegmentContext(self.orch.run_id, act.epoch, act.holder, act.segments)
         try:
             if self.staging is not None:
-                # Plaintext lands in a private buffer that was never exported; then the
-                # staging export is revoked so no handle of this hop maps again.
-                try:
-                    self.device.open_segments(self.staging, self.data, params, ctx, act.segments, act.nbytes)
-                finally:
-                    self._scrub_verified(self.staging)
-                    self.device.revoke_staging(self.staging)
-                    self.exported = False
+                # Plaintext lands in a private buffer that was never exported. The
+                # staging holds only this holder's ciphertext and is never read again:
+                # it is scrubbed and revoked in the epilogue, after training, not on
+                # the way to the plaintext (before any later grant all the same).
+                self.device.open_segments(self.staging, self.data, params, ctx, act.segments, act.nbytes)
             else:
                 self._open_shipped(params, ctx, act.segments, act.nbytes)
         except (ChannelError, DeviceError) as exc:
@@ -364,8 +361,7 @@ class HopRunner:
         self.params = None  # the key goes with the params object; nothing else holds it
         if staging is not None:
             try:
-                if self.exported:
-                    self._scrub_verified(staging)
+                self._scrub_verified(staging)
             finally:
                 self.device.release(staging)
                 self.orch.staging.track_export(str(self.handle), False)

@@ -7,11 +7,10 @@ A hop, in the order the design gives (DESIGN §6):
    carries the params sealed to the holder and a signed measurement report
    that commits to the key;
 2. wait for the return (or decline, or lease expiry -> revoke);
-3. revoke the staging export, authenticate and decrypt every segment into a
-   private buffer, re-measure model and code (unchanged since the grant?),
-   train;
-4. epilogue: scrub both buffers, verify they read zero, release, drop the key,
-   publish a signed hop record, checkpoint.
+3. authenticate and decrypt every segment into a private buffer, re-measure
+   model and code (unchanged since the grant?), train;
+4. epilogue: scrub both buffers, verify they read zero, revoke the staging
+   export and release, drop the key, publish a signed hop record, checkpoint.
 
 The decisions are made by sans-I/O machines: each hop by a
 :class:`~gtbus.protocol.hop.HopMachine` (which drives the run's

@@ -375,9 +375,8 @@ class SimOrchestrator:
             w.send(self.name, action.to, "revoke", self.token.token_id, m.epoch)
         elif isinstance(action, OpenSegments):
             assert hop.staging is not None
+            # As the shell does: the staging is scrubbed and revoked in the epilogue, after training.
             opened = device.open_segments(hop.staging, hop.staging.key, action.epoch, action.holder, action.segments)
-            device.scrub(hop.staging)
-            device.revoke_export(hop.staging)
             if isinstance(opened, str):
                 return SegmentsRefused(opened)
             hop.opened = opened
