@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,10 @@ from gtbus.messages.identity import Roster, load_identity
 from gtbus.private_files import private_dir, write_private
 from gtbus.training.trainer import parse_steps
 from gtbus.training.workloads import make_trainer
+
+
+#: Seconds a holder that refused the orchestrator's measurement stays connected, so its Refusal arrives.
+REFUSAL_STAY_S = 5.0
 
 
 def _hop_line(h: Any) -> str:
@@ -115,7 +120,8 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
 def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, fault: str) -> None:
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
-    from gtbus.gpu.attestation import EmulatedVerifier
+    from gtbus.gpu.attestation import AttestationError, EmulatedVerifier
+    from gtbus.messages.types import Refusal
     from gtbus.gpu.platform_key import load_platform_public
     from gtbus.nodes.faults import HolderFaults
     from gtbus.nodes.holder import Holder
@@ -151,6 +157,15 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
             await via.start()
         try:
             await h.run()
+        except AttestationError as exc:
+            # Say why before leaving: the orchestrator then stops with this reason
+            # instead of granting to a holder that is gone until its absent timeout.
+            # Stay (refusing grants) until it has acted (its Shutdown) or a few
+            # seconds: a message sent just before the socket closes can be lost.
+            await rt.send(Refusal("measurement-refused", str(exc)))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(h.done.wait(), REFUSAL_STAY_S)
+            raise
         finally:
             if via is not None:
                 await via.close()

@@ -90,6 +90,7 @@ class LocalRun:
     trainer: str = "bytelm"  # the orchestrator's --trainer; the pin is measured for it
     checkpoint_every: int = 1  # the orchestrator's --checkpoint-every
     pin: str | None = None  # the holders' --pin-code; default: what `gtbus measure` prints for this backend and trainer
+    holder_pins: dict[str, str] = field(default_factory=dict)  # holder name -> its own --pin-code (tests: one pins another value)
     bytes_per_holder: int = 256 * 1024
     data: Sequence[Path] | None = None  # one shard per holder; default: the demo corpus
     holder_faults: dict[str, str] = field(default_factory=dict)  # holder name -> --fault spec
@@ -153,7 +154,7 @@ class LocalDeployment:
         """The command line of holder ``index`` (0-based)."""
         h = self.dep.holders[index]
         cmd = [sys.executable, "-m", "gtbus", "holder", "--key", str(self.dep.key_path(h.name)), "--platform-pub", str(self.platform_pub),
-               "--pin-code", self.pin, "--data", str(self.shards[index]),
+               "--pin-code", self.run.holder_pins.get(h.name, self.pin), "--data", str(self.shards[index]),
                # The run's chunk size, as an expectation: the holder prepares its device for it before registering.
                "--chunk-tokens", str(self.run.chunk_tokens), *self._common]
         fault = self.run.holder_faults.get(h.name)

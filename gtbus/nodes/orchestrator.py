@@ -129,6 +129,8 @@ class Orchestrator:
         self.bulletin = Bulletin(runtime, self.snapshot_state)  # who learns what of the run
         rt = runtime
         rt.on(Register, self._on_register)
+        self.refusals: dict[str, str] = {}  # holder -> why it refused this orchestrator's measurement (it left the run)
+        rt.on(Refusal, self._on_refusal)
         rt.on(Echo, self._on_echo)
         rt.on(SnapshotRequest, self._on_snapshot_request)
         rt.on(TokenAck, self._on_ack)
@@ -190,6 +192,13 @@ class Orchestrator:
             "started": self.started,
             "complete": self.complete,
         }
+
+    async def _on_refusal(self, acc: Accepted[Refusal], delivery: Delivery) -> None:
+        # A holder whose pin does not match our measurement leaves the run (it can only withdraw itself).
+        h, m = acc.header.sender, acc.message
+        if h in self.config.holders and m.code == "measurement-refused" and h not in self.refusals:
+            self.refusals[h] = str(m.reason)[:300]
+            self.log.error("%s refused this orchestrator's code measurement and left the run: %s", h, self.refusals[h])
 
     async def _on_snapshot_request(self, acc: Accepted[SnapshotRequest], delivery: Delivery) -> None:
         await self.bulletin.answer_snapshot(acc.header.sender, acc.header.id)
@@ -284,6 +293,8 @@ class Orchestrator:
 
     def _reachable(self, holder: str) -> bool:
         """May ``holder`` be granted now (not backing off after an undelivered grant)?"""
+        if holder in self.refusals:
+            return False
         return self.liveness.reachable(holder, self.rt.clock.monotonic(), self.rt.last_heard.get(holder, -1.0))
 
     async def _wait_for_a_holder(self) -> None:
@@ -296,6 +307,8 @@ class Orchestrator:
         """
         assert self.schedule is not None
         waiting = self.schedule.pending_holders()
+        if await self._skip_refusing(waiting):
+            return
         self.rt.state_label = "waiting-for-holders"
         self.log.warning("no holder with work left can be reached (%s); waiting up to %.0fs", ", ".join(waiting), self.config.absent_timeout)
         clock, timeout = self.rt.clock, self.config.absent_timeout
@@ -311,6 +324,24 @@ class Orchestrator:
                 skipped = self.schedule.give_up(h)
                 self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.schedule.round)
         self.rt.state_label = "running"
+
+    async def _skip_refusing(self, waiting: list[str]) -> bool:
+        """Skip the chunks of holders that refused our measurement (they are never granted); stop if every holder did."""
+        refused = [h for h in waiting if h in self.refusals]
+        if not refused:
+            return False
+        if set(self.config.holders) <= set(self.refusals):
+            self._save_checkpoint()
+            reason = ("every holder of the run refused this orchestrator's code measurement ("
+                      + "; ".join(f"{h}: {self.refusals[h]}" for h in self.config.holders)
+                      + "): their --pin-code is not what `gtbus measure` prints for this trainer and backend")
+            await self.rt.publish(Shutdown(reason))
+            raise GtbusError(reason)
+        assert self.schedule is not None
+        for h in refused:
+            skipped = self.schedule.give_up(h)
+            self.log.warning("%s refused the measurement: skipped its %d remaining chunks of round %d", h, len(skipped), self.schedule.round)
+        return True
 
     async def publish_state(self) -> None:
         """Publish who holds the token, at which epoch, in which phase."""
