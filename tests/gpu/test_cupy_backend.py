@@ -56,20 +56,22 @@ def test_seal_in_mapping_then_open_on_device(nbytes: int) -> None:
         dev.release(b)
 
 
-def test_tampered_segment_is_refused_and_output_scrubbed() -> None:
+@pytest.mark.parametrize("seg", [SEG, 4096], ids=["kernel-path", "small-hop-path"])
+def test_tampered_segment_is_refused_and_output_scrubbed(seg: int) -> None:
+    # 4 KiB segments keep the hop under SMALL_HOP_BYTES: opened on the CPU, same rules.
     dev = CupyDevice()
-    nbytes = 3 * SEG + 7
-    staging, out, params, ctx = _hop(dev, nbytes)
-    host_staging = bytearray(staging_size(nbytes, SEG))
+    nbytes = 3 * seg + 7
+    staging, out, params, ctx = _hop(dev, nbytes, seg=seg)
+    host_staging = bytearray(staging_size(nbytes, seg))
     SegmentSealer(params).seal_into(os.urandom(nbytes), host_staging, ctx)
-    host_staging[2 * (SEG + 16) + 5] ^= 1
+    host_staging[2 * (seg + 16) + 5] ^= 1
     staging._array[: len(host_staging)].set(np.frombuffer(bytes(host_staging), dtype=np.uint8))
     with pytest.raises(ChannelError, match="segment 2"):
         dev.open_segments(staging, out, params, ctx, ctx.count, nbytes)
     assert dev.verify_zero(out)
     # Context from another hop (epoch) fails too.
     other = SegmentContext("run", 4, "h1", ctx.count)
-    staging._array[2 * (SEG + 16) + 5] ^= 1
+    staging._array[2 * (seg + 16) + 5] ^= 1
     with pytest.raises(ChannelError):
         dev.open_segments(staging, out, params, other, ctx.count, nbytes)
 
@@ -92,12 +94,13 @@ _CHILD = textwrap.dedent(
 )
 
 
-def test_holder_process_maps_by_ipc_and_writes_ciphertext() -> None:
+@pytest.mark.parametrize("nbytes", [70 * SEG + 333, 1000], ids=["many-groups", "small-hop"])
+def test_holder_process_maps_by_ipc_and_writes_ciphertext(nbytes: int) -> None:
+    # 70 MiB: several copy groups per sealing thread; 1000 bytes: the one-thread small-hop path.
     import blake3
     import msgpack
 
     dev = CupyDevice()
-    nbytes = 70 * SEG + 333  # several pinned batches: exercises the double buffering
     staging, out, params, ctx = _hop(dev, nbytes)
     plain = os.urandom(nbytes)
     cupy.cuda.runtime.deviceSynchronize()
