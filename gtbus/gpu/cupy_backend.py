@@ -255,6 +255,7 @@ class CupyStaging:
         """Create this process's CUDA context, the pinned pool for ``capacity`` bytes and the sealing threads."""
         cupy.cuda.Device(0).use()
         cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
+        blake3_digest_device(cupy.zeros(16, dtype=cupy.uint8)).get()  # and the digest kernel's compile and load
         _PINNED.get(staging_size(capacity, 1 << 20) if capacity else 1)
         _executor()
 

@@ -47,9 +47,11 @@ HOLDER_PHASES: Final = (
     "chunk_read",  # the chunk as contiguous little-endian tokens in memory
     "map",  # staging mapped
     "seal",  # sealed into the staging
-    "unmap",
     "return_sent",
+    "unmap",  # after the return is on its way (off the hop's critical path)
 )
+#: What the holder's hop line (written as the return is sent) can show: all but the unmap.
+RETURN_LINE_PHASES: Final = HOLDER_PHASES[:-1]
 
 
 class PhaseClock:

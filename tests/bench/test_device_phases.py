@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gtbus.bench.device import phase_table, protocol_runs
-from gtbus.nodes.hop_phases import HOLDER_PHASES, ORCHESTRATOR_PHASES
+from gtbus.nodes.hop_phases import ORCHESTRATOR_PHASES, RETURN_LINE_PHASES
 
 
 def test_a_full_protocol_run_reads_back_as_a_phase_table(tmp_path: Path) -> None:
@@ -18,11 +18,11 @@ def test_a_full_protocol_run_reads_back_as_a_phase_table(tmp_path: Path) -> None
     assert [h["epoch"] for h in trained] == [1, 2, 3]
     # The holder's hop lines, by epoch, each with all of its phases.
     assert sorted(run["holder_phases"]) == [1, 2, 3]
-    assert all(sorted(n for n, _ in p) == sorted(HOLDER_PHASES) for p in run["holder_phases"].values())
+    assert all(sorted(n for n, _ in p) == sorted(RETURN_LINE_PHASES) for p in run["holder_phases"].values())
     t = phase_table("control", run)
     rows = {(side, phase) for side, phase, *_ in t.rows}
     # The last hop's checkpoint and publish marks come after its checkpoint was written.
     assert {("orchestrator", n) for n in ORCHESTRATOR_PHASES if n not in ("checkpoint", "publish")} <= rows
-    assert {("holder", n) for n in HOLDER_PHASES} <= rows
+    assert {("holder", n) for n in RETURN_LINE_PHASES} <= rows
     assert all(float(median) >= 0 and float(p90) >= 0 for *_, median, p90 in t.rows)
     assert "2 hops" in t.notes[0]  # the first hop (warm-up) is left out

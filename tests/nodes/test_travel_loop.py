@@ -6,7 +6,7 @@ import pytest
 from travel_kit import Travel, trained_keys
 
 from gtbus.bench.device import holder_phases
-from gtbus.nodes.hop_phases import HOLDER_PHASES, ORCHESTRATOR_PHASES
+from gtbus.nodes.hop_phases import ORCHESTRATOR_PHASES, RETURN_LINE_PHASES
 from gtbus.training.shards import Dataset
 
 pytestmark = pytest.mark.slow
@@ -76,4 +76,4 @@ def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
     for name in t.holder_names:
         lines = holder_phases(t.stderr(name))
         assert sorted(lines) == sorted(h["epoch"] for h in hops if h["holder"] == name)
-        assert all([n for n, _ in phases] == list(HOLDER_PHASES) for phases in lines.values()), lines
+        assert all([n for n, _ in phases] == list(RETURN_LINE_PHASES) for phases in lines.values()), lines
