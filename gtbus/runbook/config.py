@@ -14,8 +14,9 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     mode = "travel"
     rounds = 2
     chunk_tokens = 65536
-    steps = "120"
+    steps = "120"                    # per hop; or "pass" (one pass over the chunk), or "per:N" (a step per N tokens)
     lease = 10.0
+    checkpoint_every = 1             # write the checkpoint every N hops (and after the last)
 
     [pins]
     code = "auto"                    # or the hex printed by `gtbus measure`
@@ -75,7 +76,7 @@ from urllib.parse import urlparse
 
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
-from gtbus.training.trainer import TRAINER_NAMES
+from gtbus.training.trainer import TRAINER_NAMES, WorkloadError, parse_steps
 
 
 @dataclass(frozen=True)
@@ -140,7 +141,8 @@ class Runbook:
         return [n for n in self.nodes.values() if n.role is role]
 
 
-_TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0}
+_TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0,
+                                      "checkpoint_every": 1}
 
 
 def _table(data: dict[str, Any], key: str, problems: list[str], *, required: bool = True) -> dict[str, Any]:
@@ -308,14 +310,15 @@ def load_runbook(path: str | Path) -> Runbook:
         problems.append(f"[deployment]: backend must be host or cupy, not {backend!r}")
     if training["mode"] not in ("travel", "ship"):
         problems.append(f"[training]: mode must be travel or ship, not {training['mode']!r}")
-    for k in ("rounds", "chunk_tokens"):
-        if not isinstance(training[k], int) or training[k] < 1:
+    for k in ("rounds", "chunk_tokens", "checkpoint_every"):
+        if not isinstance(training[k], int) or isinstance(training[k], bool) or training[k] < 1:
             problems.append(f"[training]: {k} must be a positive integer")
     if not isinstance(training["lease"], (int, float)) or training["lease"] <= 0:
         problems.append("[training]: lease must be a positive number of seconds")
-    steps = str(training["steps"])
-    if steps != "pass" and not steps.isdigit():
-        problems.append("[training]: steps must be 'pass' or a number")
+    try:
+        parse_steps(str(training["steps"]))
+    except WorkloadError:
+        problems.append("[training]: steps must be 'pass', a number of steps per hop, or 'per:N' (one step per N tokens of a hop)")
 
     hosts: dict[str, Host] = {}
     for name, t in hosts_t.items():

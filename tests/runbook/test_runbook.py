@@ -50,8 +50,9 @@ backend = "host"
 [training]
 rounds = 1
 chunk_tokens = 16384
-steps = "5"
+steps = "per:4096"
 lease = 10.0
+checkpoint_every = 2
 
 [pins]
 code = "auto"
@@ -163,3 +164,19 @@ def test_schema_problems_are_listed(tmp_path: Path) -> None:
     (tmp_path / "broken.toml").write_text("[deployment\n")
     r = _gtbus("runbook", "check", str(tmp_path / "broken.toml"))
     assert r.returncode == 1 and "not valid TOML" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("line, words", [
+    ('steps = "per:0"', "steps must be 'pass', a number of steps per hop, or 'per:N'"),
+    ('steps = "each:5"', "steps must be 'pass', a number of steps per hop, or 'per:N'"),
+    ('steps = "-3"', "steps must be 'pass', a number of steps per hop, or 'per:N'"),
+    ("checkpoint_every = 0", "checkpoint_every must be a positive integer"),
+    ("checkpoint_every = true", "checkpoint_every must be a positive integer"),
+])
+def test_training_budget_values_are_checked(tmp_path: Path, line: str, words: str) -> None:
+    good = _prepare(tmp_path, holders=1)
+    bad = tmp_path / "bad.toml"
+    bad.write_text(good.read_text().replace("[training]\n", f"[training]\n{line}\n").replace('steps = "per:4096"\n', "" if "steps" in line else 'steps = "per:4096"\n')
+                   .replace("checkpoint_every = 2\n", "" if "checkpoint_every" in line else "checkpoint_every = 2\n"))
+    with pytest.raises(ConfigError, match=words):
+        load_runbook(bad)
