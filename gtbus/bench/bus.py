@@ -72,7 +72,9 @@ from typing import Any
 
 from gtbus.bench.report import Result, Table, latency_stats, machine_info
 
-VARIANTS = ("raw-blocking", "raw-asyncio-zmq", "raw-asyncio-fd", "bus-plain", "bus-curve", "signed")
+VARIANTS = ("raw-blocking", "raw-asyncio-zmq", "raw-asyncio-fd", "bus-plain", "bus-curve", "signed", "signed-rfc8032")
+#: The signed variants: as deployed (nonces prepared while waiting), and every signature made on the path.
+SIGNED = ("signed", "signed-rfc8032")
 #: The two ways of driving pyzmq from asyncio; the faster one in a run is the anchor.
 RAW_ASYNCIO = ("raw-asyncio-zmq", "raw-asyncio-fd")
 DESIGN_GOAL_US = 300.0
@@ -270,13 +272,16 @@ async def _serve_bus(root: Path, curve: bool, ready: Callable[[str], None]) -> N
             await server.send(d.peer, [OP_SYNC, str(count).encode()])  # type: ignore[arg-type]
 
 
-async def _serve_signed(root: Path, ready: Callable[[str], None]) -> None:
+async def _serve_signed(root: Path, prepare: bool, ready: Callable[[str], None]) -> None:
     from gtbus.messages.types import Echo, EchoReply, Heartbeat
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import server_transport
 
     ident, roster = _load(root, "orch")
-    rt = NodeRuntime(ident, roster, server_transport(ident, roster, _LOOPBACK, _LOOPBACK), run_dir=root / "run", heartbeat_interval=0)
+    rt = NodeRuntime(
+        ident, roster, server_transport(ident, roster, _LOOPBACK, _LOOPBACK),
+        run_dir=root / _signed_run_dir(prepare), heartbeat_interval=0, prepare_signatures=prepare,
+    )
     count = 0
 
     async def on_echo(acc: Any, delivery: Any) -> None:
@@ -307,8 +312,8 @@ def _serve(variant: str, root: Path, loop: str = "asyncio") -> None:
         coro: Awaitable[None] = _serve_raw(ready, fd=variant == "raw-asyncio-fd")
     elif variant in ("bus-plain", "bus-curve"):
         coro = _serve_bus(root, variant == "bus-curve", ready)
-    elif variant == "signed":
-        coro = _serve_signed(root, ready)
+    elif variant in SIGNED:
+        coro = _serve_signed(root, variant == "signed", ready)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     with contextlib.suppress(KeyboardInterrupt):
@@ -417,8 +422,13 @@ class _BusClient(_Client):
         await self.client.close()
 
 
+def _signed_run_dir(prepare: bool) -> str:
+    """Each signed variant's own run folder (logs, replay journals)."""
+    return "run" if prepare else "run-rfc8032"
+
+
 class _SignedClient(_Client):
-    def __init__(self, root: Path, endpoints: Sequence[str], payload: int) -> None:
+    def __init__(self, root: Path, endpoints: Sequence[str], payload: int, prepare: bool) -> None:
         from gtbus.messages.types import Echo, Heartbeat
         from gtbus.nodes.runtime import NodeRuntime
         from gtbus.nodes.wiring import client_transport
@@ -426,7 +436,7 @@ class _SignedClient(_Client):
         ident, roster = _load(root, "h1")
         self.rt = NodeRuntime(
             ident, roster, client_transport(ident, roster, endpoints[0], endpoints[1]),
-            run_dir=root / "run", server="orch", heartbeat_interval=0,
+            run_dir=root / _signed_run_dir(prepare), server="orch", heartbeat_interval=0, prepare_signatures=prepare,
         )
         self.echo = Echo(b"x" * payload, "")
         self.hb = Heartbeat("bench", 0.0)
@@ -523,7 +533,7 @@ def _make_client(variant: str, root: Path, endpoints: list[str], payload: int, e
         return _RawClient(endpoints[0], echo, hb, fd=variant == "raw-asyncio-fd")
     if variant in ("bus-plain", "bus-curve"):
         return _BusClient(root, endpoints, variant == "bus-curve", echo, hb)
-    return _SignedClient(root, endpoints, payload)
+    return _SignedClient(root, endpoints, payload, variant == "signed")
 
 
 async def _run_variants(root: Path, variants: Sequence[str], seconds: float, payload: int, slices: int, warmup: int, loop: str) -> dict[str, _VariantData]:
@@ -817,6 +827,7 @@ def run_bus_bench(
         "bus-plain": "gtbus ZmqClient/ZmqServer, plaintext",
         "bus-curve": "gtbus ZmqClient/ZmqServer, CURVE + ZAP",
         "signed": "NodeRuntime both ends: sign, record, CURVE, verify, replay guard, dispatch, reply",
+        "signed-rfc8032": "the same, no nonce prepared while waiting: each signature whole on the path",
     }
     for v in variants:
         s = stats[v]
@@ -829,6 +840,12 @@ def run_bus_bench(
         ratio = signed_median / max(stats[anchor]["median_us"], 1e-9)
         t.notes.append(f"anchor (raw asyncio pyzmq): {anchor}, the faster raw asyncio variant of this run")
         t.notes.append(f"signed / {anchor} median: {ratio:.2f}x (goal on a {host_kind}: <= {limit:g}x)")
+    if all(v in stats for v in SIGNED):
+        gain = stats["signed-rfc8032"]["median_us"] - signed_median
+        t.notes.append(
+            f"nonces prepared while waiting: signed-rfc8032 - signed = {gain:.0f} us (both signatures' fixed-base "
+            "multiplication off the path; it takes a spare core: with two, it competes with the peer and the I/O threads)"
+        )
     res.tables.append(t)
 
     ow = Table("One-way throughput (client sends back to back, server handles each)", ["variant", "messages", "seconds", "msgs/s", "us/msg"])

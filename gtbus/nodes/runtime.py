@@ -60,6 +60,7 @@ class NodeRuntime:
         limits: Limits = DEFAULT_LIMITS,
         log_name: str | None = None,
         budgets: PeerBudgets | None = None,
+        prepare_signatures: bool = True,
     ) -> None:
         self.identity = identity
         self.name = identity.name
@@ -88,6 +89,9 @@ class NodeRuntime:
             budgets = PeerBudgets(role_budgets(self._role_of), clock)
         self.budgets = budgets
         self._tasks: list[asyncio.Task[Any]] = []
+        # After each send, prepare the next signature's nonce while waiting (MessageSigner.prepare);
+        # False signs every message as RFC 8032 does, all of it on the message's path.
+        self.prepare_signatures = prepare_signatures
         self._prepare_pending = False
         self._started = time.monotonic()
         self._closed = False
@@ -144,7 +148,7 @@ class NodeRuntime:
         request), so the nonce is ready before the next message needs it; a
         burst that outruns it signs as it did without.
         """
-        if not self._prepare_pending and not self.signer.ready:
+        if self.prepare_signatures and not self._prepare_pending and not self.signer.ready:
             self._prepare_pending = True
             asyncio.get_running_loop().call_soon(self._prepare_now)
 

@@ -81,3 +81,17 @@ def test_prepared_signatures_over_budget_are_refused_before_the_pipeline(tmp_pat
             assert await bus.inject(over) == "accepted"  # refused unjudged: still fresh
 
     run(scenario())
+
+
+def test_a_runtime_told_not_to_prepare_signs_on_the_path(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with LiveBus(tmp_path) as bus:
+            h1 = bus.h()
+            await bus.echo()
+            assert h1.signer.ready  # prepared after the send, before the reply came back
+            h1.prepare_signatures = False
+            await bus.echo()  # takes the nonce prepared before, prepares none
+            assert not h1.signer.ready
+            await bus.echo()  # RFC 8032 on the path: still accepted and answered
+
+    run(scenario())
