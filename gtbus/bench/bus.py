@@ -34,8 +34,14 @@ raw asyncio variants has the lower median in the run (:func:`anchor_variant`).
     verify, recipient, replay guard with its journal), dispatch to the
     :class:`~gtbus.messages.types.Echo` handler, which signs and records an
     :class:`~gtbus.messages.types.EchoReply`, and the same pipeline back.
+    Each node prepares its next signature's nonce while it waits
+    (:class:`~gtbus.messages.primitives.PreparedSigner`), as deployed.
+``signed-rfc8032``
+    the same with ``prepare_signatures=False``: every signature made whole
+    (RFC 8032, deterministic) on the message's path; the difference is what
+    preparing saves on this host.
 
-The three unsigned variants carry exactly the frames of a signed ``Echo``
+The unsigned variants carry exactly the frames of a signed ``Echo``
 (plus a one-byte op frame the bench server dispatches on), so every variant
 moves the same bytes. One-way throughput sends signed ``Heartbeat`` messages
 (fresh signature each) or, unsigned, the same pre-signed frames again and
