@@ -2,7 +2,7 @@
 
 Each variant runs between two processes on 127.0.0.1: this process is the
 client, a child process (``python -m gtbus.bench.bus serve``) is the server.
-All four servers are started first and the variants are measured in
+All servers are started first and the variants are measured in
 interleaved slices, so a change in machine load hits every variant alike.
 
 Variants, from the bare socket up to the whole stack:
