@@ -903,7 +903,7 @@ def run_bus_bench(
         "ratio_goal": {"limit": limit, "host": host_kind},
     }
     if ratio is not None:
-        res.goal(f"signed round trip / raw asyncio pyzmq ({anchor}), median, {host_kind}", ratio, limit, "x", at_most=True)
+        res.goal(f"signed round trip / raw asyncio pyzmq, median, {host_kind}", ratio, limit, "x", at_most=True)
     if "signed" in stats:
         res.goal("signed round trip, median", signed_median, DESIGN_GOAL_US, "us", at_most=True)
     if out_dir is not None:
