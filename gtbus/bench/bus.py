@@ -213,7 +213,8 @@ class _FdSocket:
         import zmq
 
         self.sock = sock
-        self._get = functools.partial(zmq.backend.Socket.get, sock, zmq.EVENTS)
+        # ZMQ_EVENTS is an int; pyzmq types every option as int | bytes.
+        self._get: Callable[[], int] = functools.partial(zmq.backend.Socket.get, sock, zmq.EVENTS)  # type: ignore[assignment]
         self._again, self._noblock = zmq.Again, zmq.NOBLOCK
         self._pollin, self._pollout = int(zmq.POLLIN), int(zmq.POLLOUT)
         self.loop = asyncio.get_running_loop()
