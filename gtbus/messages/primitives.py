@@ -123,9 +123,10 @@ class PreparedSigner:
 
     def sign(self, message: bytes) -> bytes:
         """The detached 64-byte signature of ``message``: from a prepared nonce if one is ready."""
-        if not self._pool:
+        try:
+            r, big_r = self._pool.pop()  # one atomic step: no nonce can be taken twice
+        except IndexError:
             return _sign(message, self._secret)[:64]
-        r, big_r = self._pool.pop()
         k = _reduce(hashlib.sha512(big_r + self.public_key + message).digest())
         return big_r + _scalar_add(_scalar_mul(k, self._scalar), r)
 
