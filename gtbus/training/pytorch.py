@@ -84,6 +84,7 @@ class TorchTrainer:
         self.vocab = vocab
         self.config = config or TorchTrainerConfig()
         self._xp: ModuleType | None = None
+        self._flat: Any = None  # every parameter's storage, once loaded (None if their dtypes differ)
         self._step = 0
 
     # -- setup -------------------------------------------------------------------
@@ -105,6 +106,7 @@ class TorchTrainer:
         self._model = model.to(device)
         self._device = device
         self._names = {p: name for name, p in self._model.named_parameters()}
+        self._flat = _flatten_parameters(torch, list(self._names), device)
         decay = [p for p in self._names if p.dim() >= 2]
         no_decay = [p for p in self._names if p.dim() < 2]
         self._optimizer = torch.optim.AdamW(
@@ -208,8 +210,11 @@ class TorchTrainer:
         """Parameters then buffers of the model as ``xp`` arrays sharing its memory (DLPack, no copy)."""
         self._loaded()
         xp = self._xp
-        tensors = [*self._names, *self._model.buffers()]
-        return [xp.from_dlpack(t.detach()) for t in tensors]
+        # One flat view of every parameter when they share one buffer (see
+        # _flatten_parameters): measuring GPT-2 hop by hop was ~150 DLPack wraps and
+        # digests of small tensors, ~15 ms a measurement on the H200 host.
+        tensors = [self._flat] if self._flat is not None else list(self._names)
+        return [xp.from_dlpack(t.detach()) for t in [*tensors, *self._model.buffers()]]
 
     def code_bytes(self) -> bytes:
         """The source of the trainer contract, this module, and the modules defining the factory and the model."""
@@ -329,3 +334,27 @@ def _gather(torch: Any, buffer: "torch.Tensor", index: "torch.Tensor") -> "torch
 
 def _to_numpy(tensor: "torch.Tensor") -> numpy.ndarray:
     return tensor.detach().to("cpu", copy=True).numpy()
+
+
+_ALIGN = 64  # elements between parameters in the flat buffer: 256-byte aligned for fp32, as the allocator aligns
+
+
+def _flatten_parameters(torch: Any, params: list[Any], device: Any) -> Any:
+    """Move every parameter into one contiguous buffer (each an aligned view of it); return the buffer.
+
+    The model trains as before (each parameter is still its own tensor, now a
+    view), but it can be measured as one array. Returns None, changing nothing,
+    when the parameters do not share one dtype.
+    """
+    if not params or len({p.dtype for p in params}) != 1:
+        return None
+    sizes = [-(-p.numel() // _ALIGN) * _ALIGN for p in params]
+    flat = torch.zeros(sum(sizes), dtype=params[0].dtype, device=device)  # the padding stays zero
+    at = 0
+    with torch.no_grad():
+        for p, size in zip(params, sizes):
+            view = flat[at : at + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
+            at += size
+    return flat
