@@ -323,6 +323,9 @@ def run_travel_bench(
         f"{', '.join(r['cap'] for r in p.rows)}, {train_steps} training steps per run ({p.steps_option}), modes {', '.join(modes)}; "
         f"load {machine['load_at_start']}"
     )
+    settings = {"backend": backend, "trainer": trainer, "total_mib": total_mib, "caps": caps, "train_steps": train_steps, "holders": holders,
+                "chunk_mib": chunk_mib, "reps": reps, "modes": list(modes), "checkpoint_every": checkpoint_every, "alone_steps": alone_steps}
+    prov: dict[str, Any] | None = None
     tmp = None if keep_runs else tempfile.mkdtemp(prefix="gtbus-bench-travel-")
     base = Path(keep_runs or tmp)  # type: ignore[arg-type]
     runs: list[dict[str, Any]] = []
@@ -352,7 +355,8 @@ def run_travel_bench(
                 say(f"    transfer {s['transfer_s']:.3f} s, training {s['train_s']:.2f} s ({s['tokens_per_s']:,.0f} tokens/s), "
                     f"share {s['transfer_share'] * 100:.3f} %, startup {s['startup_s']:.1f} s, wall {s['wall_s']:.1f} s")
                 runs.append({"row": i, "cap": row["cap"], "mode": mode, **{k: s[k] for k in _KEEP if k in s}})
-        prov: dict[str, Any] | None = None
+                _fill(res, out_dir, p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, time.perf_counter() - t_start,
+                      evaluation, prov, reps, total_tokens, machine, settings, done=False)
         if backend == "host":
             say(f"  provisioning: {reps} x {chunk_mib:g} MiB sealed into fresh staging and opened on the device ...")
             prov = measure_provisioning(int(chunk_mib * MIB), reps, backend)
@@ -361,8 +365,17 @@ def run_travel_bench(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    res.finish()
-    wall_total = time.perf_counter() - t_start
+    return _fill(res, out_dir, p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, time.perf_counter() - t_start,
+                 evaluation, prov, reps, total_tokens, machine, settings, done=True)
+
+
+def _fill(res: Result, out_dir: Path | None, p: Plan, trainer: str, backend: str, caps: str | None, alone: dict[str, Any], checkpoint_every: int,
+          data_s: float, pin_s: float, runs: list[dict[str, Any]], wall_total: float, evaluation: str, prov: dict[str, Any] | None, reps: int,
+          total_tokens: int, machine: dict[str, Any], settings: dict[str, Any], *, done: bool) -> Result:
+    """Tables, goals and data of the runs so far; written to ``out_dir`` (after every run, so a cut-off bench leaves what it measured)."""
+    res.tables.clear()
+    res.goals.clear()
+    res.finish()  # end time and load so far (stamped again by the next call)
 
     res.header = _header(p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, wall_total, evaluation)
     res.tables.append(_share_table(p, runs, machine))
@@ -380,9 +393,10 @@ def run_travel_bench(
     else:
         res.tables.append(_provisioning_table(prov, backend, reps))
 
+    if not done:
+        res.header.insert(0, f"PARTIAL: {len(runs)} of {len(settings['modes']) * len(p.rows)} runs so far (the bench writes its result after every run; this one did not finish).")
     res.data = {
-        "settings": {"backend": backend, "trainer": trainer, "total_mib": total_mib, "caps": caps, "train_steps": train_steps, "holders": holders,
-                     "chunk_mib": chunk_mib, "reps": reps, "modes": list(modes), "checkpoint_every": checkpoint_every, "alone_steps": alone_steps},
+        "settings": settings,
         "plan": {"holder_tokens": p.holder_tokens, "rows": p.rows, "steps_option": p.steps_option, "note": p.rounded_note},
         "startup": {"data_build_s": data_s, "pin_s": pin_s, "wall_s": wall_total},
         "alone": alone,

@@ -105,3 +105,25 @@ def test_cli_lists_both_benchmarks() -> None:
     out = CliRunner().invoke(main, ["bench", "--help"])
     assert out.exit_code == 0
     assert "bus" in out.output and "travel" in out.output
+
+
+def test_a_cut_off_travel_bench_leaves_what_it_measured(tmp_path: Path) -> None:
+    # The bench is stopped right after its first run (as a device run's time limit would);
+    # the result file already holds that run, marked partial.
+    class Stop(Exception):
+        pass
+
+    starts: list[str] = []
+
+    def say(line: str) -> None:
+        if line.lstrip().startswith("cap "):
+            starts.append(line)
+            if len(starts) == 2:  # the second run is about to start: the first is written
+                raise Stop
+
+    with pytest.raises(Stop):
+        run_travel_bench(tmp_path, total_mib=0.375, caps="64K,uncapped", train_steps=12, chunk_mib=2, reps=1, say=say)
+    data = json.loads((tmp_path / f"travel-host-{host_tag()}.json").read_text())
+    assert data["header"][0].startswith("PARTIAL: 1 of 4 runs")
+    assert len(data["runs"]) == 1 and data["runs"][0]["hops_trained"] == data["runs"][0]["hops"] == 6
+    assert [g["name"] for g in data["goals"]][-1].startswith("tokens/s in loop / alone")
