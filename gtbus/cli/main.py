@@ -156,12 +156,17 @@ def _step(items: list, show_detail) -> None:  # type: ignore[no-untyped-def]
 @click.option("--step", is_flag=True, help="Step through the timeline interactively (n, p, j EPOCH, g INDEX, q).")
 @click.option("--keys", "keys_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path), help="Trusted public keys to verify against, repeatable (default: the roster in each log's first record).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str, ...], types: tuple[str, ...], since: str | None, until: str | None, epoch_range: str | None, step: bool, keys_dirs: tuple[Path, ...], as_json: bool) -> None:
-    """Show, verify, step through or re-drive recorded message logs (a .gtlog file or a folder).
+@click.option("--timeline", is_flag=True, help="Draw the run (token holding per GPU and per holder, hop outcomes, loss) from the orchestrator's verified log into --out.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), help="With --timeline: the picture, FILE.svg or FILE.html (written atomically, mode 0600).")
+def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str, ...], types: tuple[str, ...], since: str | None, until: str | None, epoch_range: str | None, step: bool, keys_dirs: tuple[Path, ...], as_json: bool, timeline: bool, out_path: Path | None) -> None:
+    """Show, verify, step through, re-drive or draw recorded message logs (a .gtlog file or a folder).
 
     Several nodes' logs are merged into one timeline ordered by causality: a
     message is shown sent before it is shown received.
     """
+    if timeline or out_path is not None:
+        _draw_timeline(path, out_path if timeline else None, keys_dirs, as_json)
+        return
     from gtbus.recording import log_files
     from gtbus.replay.verify import verify_log
     from gtbus.replay.view import entries, format_detail, format_entry, in_window, select, timeline
@@ -218,6 +223,28 @@ def replay(path: Path, verify: bool, redrive_node: str | None, nodes: tuple[str,
             click.echo(json.dumps({"node": e.node, "t": e.time, "dir": e.record.data.get("dir"), "verdict": e.record.data.get("verdict"), "type": h.type if h else None, "sender": h.sender if h else None, "recipient": h.recipient if h else None, "seq": h.seq if h else None, "epoch": h.epoch if h else None, "id": h.id.hex() if h else None}, default=repr))
         else:
             click.echo(format_entry(e))
+
+
+def _draw_timeline(path: Path, out: Path | None, keys_dirs: tuple[Path, ...], as_json: bool) -> None:
+    """``replay --timeline PATH --out FILE``: the picture of a run, from its orchestrator's verified log."""
+    from gtbus.errors import ConfigError
+    from gtbus.replay.hop_spans import read_hops
+    from gtbus.replay.timeline import renderer_for, summary_line, write_picture
+
+    if out is None:
+        raise click.UsageError("--out goes with --timeline, and --timeline needs --out FILE.svg or FILE.html")
+    try:
+        renderer_for(out)  # an unknown suffix is told before any log is read
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--out") from None
+    rosters = [Roster.from_dir(d) for d in keys_dirs] or None
+    run = read_hops(path, rosters)
+    write_picture(run, out)
+    if as_json:
+        click.echo(json.dumps({"out": str(out), "run_id": run.run_id, "gpus": len(run.tokens), "holders": len(run.holders),
+                               "hops": len(run.hops), "outcomes": run.outcomes()}))
+    else:
+        click.echo(printable(f"wrote {out}: run {run.run_id}, {summary_line(run)}"))
 
 
 def _register_subcommands() -> None:

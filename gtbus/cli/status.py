@@ -1,9 +1,10 @@
-"""``gtbus status``: the token's owner and epoch, liveness, hops, bytes, loss; live with --watch."""
+"""``gtbus status``: the token's owner and epoch (a line per GPU token of a fleet), liveness, hops, bytes, loss; live with --watch."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 import tempfile
 import time
@@ -16,12 +17,45 @@ from gtbus.console import printable
 from gtbus.messages.identity import NodeIdentity, Roster, load_identity
 
 
+#: Lanes shown one a line; a larger fleet's others are counted on one more line.
+SHOWN_LANES = 32
+
+
+def _field(lane: dict[str, Any], key: str, width: int) -> str:
+    value = lane.get(key)
+    text = "?" if value is None or isinstance(value, (dict, list)) else str(value)
+    return (text if len(text) <= 24 else text[:23] + "…").ljust(width)
+
+
+def lane_lines(state: dict[str, Any], now: float | None = None) -> list[str]:
+    """One line per GPU token of a fleet (its holder, epoch and phase); none for a single token (the token line says it)."""
+    listed = state.get("lanes")
+    lanes = [lane for lane in listed if isinstance(lane, dict)] if isinstance(listed, list) else []
+    if len(lanes) < 2:
+        return []
+    now = time.time() if now is None else now
+    busy = sum(1 for lane in lanes if lane.get("phase") in ("granted", "held", "returned"))
+    lines = [f"gpus       {len(lanes)} tokens, {busy} on a hop"]
+    for lane in lanes[:SHOWN_LANES]:
+        line = f"  {_field(lane, 'id', 10)} holder {_field(lane, 'owner', 10)} epoch {_field(lane, 'epoch', 6)} phase {_field(lane, 'phase', 9)}"
+        started = lane.get("hop_started")
+        if lane.get("failed"):
+            line += f" retired: {_field(lane, 'failed', 0)}"
+        elif lane.get("phase") in ("granted", "held") and isinstance(started, (int, float)) and math.isfinite(started):
+            line += f" for {max(0.0, now - float(started)):.1f} s"
+        lines.append(line.rstrip())
+    if len(lanes) > SHOWN_LANES:
+        lines.append(f"  … and {len(lanes) - SHOWN_LANES} more")
+    return lines
+
+
 def render(state: dict[str, Any], started: float) -> str:
     """A person-readable block for one state."""
     tok = state.get("token", {})
+    lanes = lane_lines(state)
     lines = [
         f"run        {state.get('run_id', '?')}   {'complete' if state.get('complete') else 'running'}",
-        f"token      owner {tok.get('owner', '?')}  epoch {tok.get('epoch', '?')}  phase {tok.get('phase', '?')}",
+        *(lanes or [f"token      owner {tok.get('owner', '?')}  epoch {tok.get('epoch', '?')}  phase {tok.get('phase', '?')}"]),
         f"hops       {state.get('hops_trained', 0)} trained of {state.get('hops', 0)}   round {int(state.get('round', 0)) + 1} of {state.get('rounds', '?')}",
     ]
     total = int(state.get("hops_total") or 0)

@@ -79,6 +79,7 @@ class EventFollower:
 def _apply(state: dict[str, Any], msg: object) -> bool:
     if isinstance(msg, TokenState):
         state["token"] = {"id": msg.token_id, "owner": msg.owner, "epoch": msg.epoch, "phase": msg.phase}
+        _move_lane(state, msg)
         return True
     if isinstance(msg, HopRecord):
         state["hops"] = _count(state.get("hops")) + 1
@@ -94,6 +95,26 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
         state["orchestrator_state"] = msg.state
         return False
     return False
+
+
+#: Lanes (GPU tokens) a follower keeps: a fleet has a few; an event for yet another token is not kept.
+MAX_LANES = 256
+
+
+def _move_lane(state: dict[str, Any], msg: TokenState) -> None:
+    """A fleet's snapshot lists its lanes; a token's event moves its lane (a token not listed yet is added)."""
+    lanes = state.get("lanes")
+    if not isinstance(lanes, list):
+        lanes = state["lanes"] = []
+    moved = {"owner": msg.owner, "epoch": msg.epoch, "phase": msg.phase}
+    for lane in lanes:
+        if isinstance(lane, dict) and lane.get("id") == msg.token_id:
+            if lane.get("epoch") != msg.epoch:
+                lane["hop_started"] = None  # the snapshot's time was the previous hop's; the next snapshot brings this one's
+            lane.update(moved)
+            return
+    if len(lanes) < MAX_LANES:
+        lanes.append({"lane": len(lanes), "id": msg.token_id, **moved, "hop_started": None})
 
 
 # Values inside records and snapshots are free-form dicts: a wrong type counts as absent, never raises.
