@@ -11,8 +11,8 @@ Rules:
 * A hop is keyed by its epoch: one counter across all tokens, so with several
   GPU tokens an epoch still names one hop. The grant names the token, the
   holder and the chunk; the holder's return or decline, or the orchestrator's
-  revoke, ends the holding; the hop record settles it with its outcome; the
-  hop report adds the losses and the detail.
+  revoke, ends the holding (with its reason); the hop record settles it with
+  its outcome; the hop report adds the losses and the detail.
 * A return or decline counts only from the holder the epoch was granted to,
   and only the first thing that ends a holding ends it.
 * A hop still open when its orchestrator restarted, or when the log ends, is
@@ -52,7 +52,8 @@ class HopSpan:
     release: str = ""  # "returned", "declined" or "revoked"
     settled: float | None = None  # the hop record (or, for an unfinished hop, the last record before it was cut)
     outcome: str | None = None  # the hop record's outcome; None: unfinished
-    detail: str = ""  # a decline's or revoke's reason, or the hop report's detail
+    reason: str = ""  # a decline's or revoke's reason, as the message gave it
+    detail: str = ""  # the hop report's detail
     eval_before: float | None = None
     eval_after: float | None = None
 
@@ -187,10 +188,10 @@ class _Fold:
                 span.released = self.rel(t)
                 span.release = "returned" if isinstance(msg, TokenReturn) else "declined"
                 if isinstance(msg, TokenDecline):
-                    span.detail = msg.reason
+                    span.reason = msg.reason
         elif not incoming and isinstance(msg, TokenRevoke):
             if span.released is None and span.settled is None:
-                span.released, span.release, span.detail = self.rel(t), "revoked", msg.reason
+                span.released, span.release, span.reason = self.rel(t), "revoked", msg.reason
         elif not incoming and isinstance(msg, HopRecord):
             if span.settled is None:
                 span.settled, span.outcome = self.rel(t), msg.outcome

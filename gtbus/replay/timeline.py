@@ -109,12 +109,20 @@ def glyph(shape: str, x: float, y: float, colour: str, r: float = 5.0) -> str:
     }[shape]
 
 
+def notes(s: HopSpan) -> str:
+    """The hop's reason (a decline's or revoke's) and the report's detail, each once (not yet escaped)."""
+    reason = f"{s.release}: {s.reason}" if s.reason else ""
+    if s.detail and s.reason in s.detail:
+        return s.detail
+    return "; ".join(part for part in (reason, s.detail) if part)
+
+
 def hop_title(s: HopSpan) -> str:
     """One line about a hop, for its hover title and the HTML table (not yet escaped)."""
     outcome = s.outcome if s.outcome is not None else "unfinished"
     held = f"held {s.held_until - s.granted:.3f} s" + (f" ({s.release})" if s.release else "")
     loss = f"; loss {s.eval_before:.4f} -> {s.eval_after:.4f}" if s.eval_before is not None and s.eval_after is not None else ""
-    detail = f"; {s.detail}" if s.detail else ""
+    detail = f"; {notes(s)}" if notes(s) else ""
     return (f"epoch {s.epoch}, {s.token_id}, {s.holder} chunk {s.chunk}: {outcome}; granted at {_seconds(s.granted)} s, "
             f"{held}, ended at {_seconds(s.end)} s{loss}{detail}")
 
@@ -304,7 +312,7 @@ def render_html(run: RunHops) -> str:
         loss = f"{s.eval_before:.4f} -> {s.eval_after:.4f}" if s.eval_before is not None and s.eval_after is not None else "-"
         rows.append(f'<tr class="hop" data-epoch="{s.epoch}">' + _cell(s.epoch, True) + _cell(s.token_id) + _cell(s.holder)
                     + _cell(s.chunk, True) + _cell(_outcome_key(s) if s.outcome is None else s.outcome) + _cell(f"{s.held_until - s.granted:.3f}", True)
-                    + _cell(s.release or "-") + _cell(f"{s.end:.3f}", True) + _cell(loss) + _cell(s.detail or "") + "</tr>")
+                    + _cell(s.release or "-") + _cell(f"{s.end:.3f}", True) + _cell(loss) + _cell(notes(s)) + "</tr>")
     head = "".join(f"<th>{h}</th>" for h in ("epoch", "GPU token", "holder", "chunk", "outcome", "held s", "ended by", "end s", "loss", "detail"))
     return ("<!DOCTYPE html>\n"
             f'<html lang="en"><head><meta charset="utf-8"/><title>{xml_text(title)}</title><style>{_STYLE}</style></head>'

@@ -135,8 +135,8 @@ def test_hop_spans_follow_the_orchestrators_log(fleet: tuple[Deployment, Path]) 
     assert sorted(by) == list(range(1, 9))
     assert run.outcomes() == {"trained": 3, "declined": 1, "revoked": 1, "rejected": 1, "unfinished": 1, 'odd"<outcome>': 1}
     # h3's return for h2's hop and the refused decline ended nothing: h2's own decline did.
-    assert by[2].release == "declined" and by[2].detail.startswith("declined: ")
-    assert by[3].release == "revoked" and by[3].detail == "lease expired"
+    assert by[2].release == "declined" and by[2].reason == HOSTILE_REASON and by[2].detail.startswith("declined: ")
+    assert by[3].release == "revoked" and by[3].reason == "lease expired"
     assert by[1].release == "returned" and (by[1].eval_before, by[1].eval_after) == (5.5, 4.5)
     assert by[6].eval_before == 4.0 and by[6].eval_after is None
     # The hop in flight at the restart ends there, unfinished, before the next grant.
