@@ -13,8 +13,9 @@ import click
 
 from gtbus.console import printable
 from gtbus.errors import ConfigError
-from gtbus.gpu.backends import device_class, make_device
+from gtbus.gpu.backends import device_class, make_device, make_devices
 from gtbus.messages.identity import Roster, load_identity
+from gtbus.nodes.run_config import MAX_GPUS
 from gtbus.private_files import private_dir, write_private
 from gtbus.training.trainer import parse_steps
 from gtbus.training.workloads import make_trainer
@@ -24,11 +25,12 @@ from gtbus.training.workloads import make_trainer
 REFUSAL_STAY_S = 5.0
 
 
-def _hop_line(h: Any) -> str:
+def _hop_line(h: Any, gpus: int = 1) -> str:
     rate = h.nbytes / h.transfer_s / 1e6 if h.transfer_s > 0 else 0.0
     loss = f"loss {h.eval_before:.3f} -> {h.eval_after:.3f}" if h.eval_after is not None else printable(h.detail)
+    lane = f"gpu{h.lane}  " if gpus > 1 else ""
     return (
-        f"hop {h.epoch:>3}  round {h.round}  {h.holder:<6} chunk {h.chunk:<3} {h.mode:<6} "
+        f"{lane}hop {h.epoch:>3}  round {h.round}  {h.holder:<6} chunk {h.chunk:<3} {h.mode:<6} "
         f"{h.nbytes / 1024:>8.0f} KiB  provision {h.transfer_s * 1e3:>7.1f} ms ({rate:>7.1f} MB/s)  "
         f"train {h.train_s:>6.2f} s  {h.outcome:<9} {loss}"
     )
@@ -53,10 +55,12 @@ def _hop_line(h: Any) -> str:
 @click.option("--max-chunks", type=int, default=1 << 16, show_default=True, help="Most chunks one holder may register (bounds schedule and checkpoint).")
 @click.option("--absent-timeout", type=float, default=60.0, show_default=True, help="Seconds to wait when no holder with work left can be reached, then stop.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True, help="Write the checkpoint after every Nth hop and the last (a GPT-2 checkpoint is 1.6 GB); a resume then repeats up to N-1 hops, a rollback loses their training.")
+@click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), default=1, show_default=True, help="GPU tokens travelling at once (lanes): host backend, emulated devices; cupy, GPU k for lane k (lanes share GPUs when there are fewer).")
+@click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="With several GPUs: average the replicas every N trained hops of the fleet (0: every --gpus hops); the checkpoint is written at merges.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests (tamper-model-at-epoch=N).")
-def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, checkpoint_every: int, json_out: Path | None, fault: str) -> None:
-    """Run the orchestrator: own the model, send the GPU token to each holder in turn."""
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, checkpoint_every: int, gpus: int, merge_every: int, json_out: Path | None, fault: str) -> None:
+    """Run the orchestrator: own the model, send the GPU token (or K of them) to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
     from gtbus.nodes.faults import orchestrator_fault_hook
@@ -77,11 +81,14 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
         run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
         steps_per_hop=parse_steps(steps), resume=resume,
         trainer=trainer_name, max_chunks=max_chunks, absent_timeout=absent_timeout, checkpoint_every=checkpoint_every,
+        gpus=gpus, merge_every=merge_every,
     )
 
     async def main() -> dict[str, Any]:
         rt = NodeRuntime(identity, roster, server_transport(identity, roster, router, pub), run_dir=run_dir)
-        orch = Orchestrator(rt, make_device(backend), make_trainer(trainer_name), platform, cfg, on_hop=lambda h: click.echo(_hop_line(h)), tamper_hook=tamper)
+        # One seed for every replica: the lanes start from the same model.
+        trainers = [make_trainer(trainer_name) for _ in range(gpus)]
+        orch = Orchestrator(rt, make_devices(backend, gpus), trainers, platform, cfg, on_hop=lambda h: click.echo(_hop_line(h, gpus)), tamper_hook=tamper)
         await rt.start()
         click.echo(f"orchestrator {identity.name}: listening on {rt.transport.endpoints[0]} / {rt.transport.endpoints[1]}; waiting for {', '.join(names)}", err=True)
         try:
@@ -231,15 +238,19 @@ def measure(backend: str, trainer_name: str) -> None:
 @click.option("--kib-per-holder", type=int, default=384, show_default=True, help="Demo corpus size per holder.")
 @click.option("--chunk-tokens", type=int, default=1 << 16, show_default=True)
 @click.option("--steps", default="120", show_default=True, help="Training steps per hop, or 'pass'.")
+@click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), default=1, show_default=True, help="GPU tokens travelling at once (emulated devices), their replicas merged in-process.")
+@click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="Average the replicas every N trained hops (0: every --gpus hops).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_holder: int, chunk_tokens: int, steps: str, as_json: bool) -> None:
+def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_holder: int, chunk_tokens: int, steps: str, gpus: int, merge_every: int, as_json: bool) -> None:
     """An orchestrator and holders as separate processes on loopback, on the host backend."""
     from gtbus.nodes.launcher import LocalDeployment, LocalRun
 
     run = run_dir or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
     say = (lambda s: click.echo(s, err=True)) if as_json else click.echo
-    say(f"demo run in {run}: orchestrator + {n_holders} holders as processes, mode {mode}, {rounds} rounds; corpus: this Python's stdlib sources, split between holders")
-    dep = LocalDeployment(LocalRun(run_dir=run, holders=n_holders, mode=mode, rounds=rounds, chunk_tokens=chunk_tokens, steps=steps, bytes_per_holder=kib_per_holder * 1024))
+    fleet = f", {gpus} GPU tokens" if gpus > 1 else ""
+    say(f"demo run in {run}: orchestrator + {n_holders} holders as processes, mode {mode}, {rounds} rounds{fleet}; corpus: this Python's stdlib sources, split between holders")
+    dep = LocalDeployment(LocalRun(run_dir=run, holders=n_holders, mode=mode, rounds=rounds, chunk_tokens=chunk_tokens, steps=steps,
+                                   bytes_per_holder=kib_per_holder * 1024, gpus=gpus, merge_every=merge_every))
     summary = dep.run_to_end(say)
     if as_json:
         click.echo(json.dumps(summary, indent=1))
@@ -247,6 +258,7 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
     click.echo("")
     rows = [
         ("hops", f"{summary['hops']} {summary['outcomes']}"),
+        *([("GPU tokens", f"{summary['gpus']}: hops per GPU {summary['hops_per_gpu']}, {summary['merges']} merges ({summary['merge_s'] * 1e3:.1f} ms)")] if summary["gpus"] > 1 else []),
         ("loss (nats/byte)", f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} on each hop's chunk before training on it"),
         ("bytes provisioned", f"{summary['bytes_provisioned']:,}"),
         ("provision rate", f"{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, grant to plaintext on device)"),

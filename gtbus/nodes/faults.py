@@ -8,9 +8,12 @@ before the model and code are measured again (``-`` or ``_`` alike):
 
 * ``tamper-model-at-epoch=N``: flip one bit of the first parameter during hop N;
 * ``tamper-code-at-epoch=N``: swap the code of one trainer method (``evaluate``)
-  during hop N.
+  during hop N;
+* ``fail-device-at-epoch=N``: the device of hop N's lane fails (a
+  :class:`~gtbus.errors.DeviceError` out of the hop).
 
-Either way hop N must be rolled back (and after a code change, the run stops).
+Either tamper must roll hop N back (and after a code change, the run stops); a
+failed device retires its lane (the hop goes back to the schedule).
 
 A holder (:class:`HolderFaults`, ``name[=value],...``): the staging writes go
 through :class:`FaultyStaging`, a wrapper around the device class whose mapping
@@ -29,13 +32,13 @@ import signal
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Final
 
-from gtbus.errors import ConfigError, GtbusError
+from gtbus.errors import ConfigError, DeviceError, GtbusError
 from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext, staging_size
 from gtbus.gpu.device import BufferHandle, StagingWriter
 
-FAULT_KINDS: Final = ("tamper-model-at-epoch", "tamper-code-at-epoch")
+FAULT_KINDS: Final = ("tamper-model-at-epoch", "tamper-code-at-epoch", "fail-device-at-epoch")
 
-#: What the orchestrator calls during each hop: (the orchestrator, the hop's assignment).
+#: What the orchestrator calls during each hop: (the hop's lane, or anything with its ``token`` and ``trainer``; the hop's assignment).
 TamperHook = Callable[[Any, Any], None]
 
 
@@ -55,6 +58,8 @@ def orchestrator_fault_hook(spec: str) -> TamperHook | None:
     def tamper(orch: Any, assignment: Any) -> None:
         if orch.token.epoch != at:
             return
+        if kind == "fail-device-at-epoch":
+            raise DeviceError(f"injected device failure during hop {at}")
         if kind == "tamper-model-at-epoch":
             flat = orch.trainer.parameter_views()[0].reshape(-1).view("uint8")
             flat[0] ^= 1

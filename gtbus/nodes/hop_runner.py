@@ -80,6 +80,7 @@ from gtbus.protocol.hop import (
 from gtbus.protocol.schedule import Assignment
 
 if TYPE_CHECKING:  # the orchestrator owns the runner; only its type is named here
+    from gtbus.nodes.lane import Lane
     from gtbus.nodes.orchestrator import Orchestrator
 
 RUN_ACTIONS = (Settle, Checkpoint, PublishRecord, StopRun)  # performed by the orchestrator, after the hop
@@ -87,27 +88,27 @@ _WAITING = (HopPhase.READY, HopPhase.GRANTING, HopPhase.AWAITING)
 
 
 class HopRunner:
-    """One hop: the machine, the hop's buffers and key, and the record of what it did."""
+    """One hop of one lane: the machine, the hop's buffers and key, and the record of what it did."""
 
-    def __init__(self, orch: Orchestrator, a: Assignment) -> None:
+    def __init__(self, orch: Orchestrator, lane: Lane, a: Assignment) -> None:
         cfg = orch.config
-        self.orch, self.cfg, self.a = orch, cfg, a
-        self.rt, self.device, self.trainer = orch.rt, orch.device, orch.trainer
+        self.orch, self.lane, self.cfg, self.a = orch, lane, cfg, a
+        self.rt, self.device, self.trainer = orch.rt, lane.device, lane.trainer
         self.log = logging.getLogger(f"gtbus.hop.{orch.rt.name}")
         ship = cfg.mode == "ship"
         # What the granted chunk must come back as, from the admitted manifest.
         chunk_bytes = orch.manifests[a.holder].chunk_tokens_of(a.chunk, cfg.chunk_tokens) * TOKEN_BYTES
-        self.machine = HopMachine(orch.token, a, chunk_bytes=chunk_bytes, segment_size=cfg.segment, lease=cfg.lease, ship=ship, via=orch.via.get(a.holder))
-        self.result = HopResult(0, a.round, a.holder, a.chunk, cfg.mode, "pending")
+        self.machine = HopMachine(lane.token, a, chunk_bytes=chunk_bytes, segment_size=cfg.segment, lease=cfg.lease, ship=ship, via=orch.via.get(a.holder))
+        self.result = HopResult(0, a.round, a.holder, a.chunk, cfg.mode, "pending", lane=lane.index, token_id=lane.token_id)
         self._queue: deque[HopAction] = deque()
         self._wake = asyncio.Event()
         self.clock = PhaseClock(ORCHESTRATOR_PHASES)  # where this hop's time goes (measurement only)
         sealed = staging_size(cfg.capacity, cfg.segment)
-        if ship and orch.ship_buf is None:
-            orch.ship_buf = BounceSet(orch.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
+        if ship and lane.ship_buf is None:
+            lane.ship_buf = BounceSet(lane.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
         self.shipping: ShipReceiver | None = None  # ship mode: the segments on their way to the device
-        self.staging, self.handle = (None, "ship") if ship else orch.staging.take_staging(sealed)
-        self.data = orch.staging.take_private(cfg.capacity)
+        self.staging, self.handle = (None, "ship") if ship else lane.staging.take_staging(sealed)
+        self.data = lane.staging.take_private(cfg.capacity)
         self.mark("staging_alloc")
         self.params: ChannelParams | None = ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
         self.mark("key")
@@ -147,6 +148,9 @@ class HopRunner:
         try:
             self.model_before = self.device.measure(*self.trainer.parameter_views())
             self.mark("model_measure")
+            # The grant takes the fleet's next epoch (one counter across lanes), in the
+            # same step as the machine grants: no other lane can take an epoch between.
+            self.orch.align_epoch(self.lane.token)
             self.feed(Begin(self.rt.clock.time(), self.model_before))
             while self._queue or not self.machine.done:
                 if not self._queue:
@@ -217,8 +221,9 @@ class HopRunner:
 
     async def _new_epoch(self, act: NewEpoch) -> None:
         self.orch.epochs.reserve(act.epoch)
-        self.rt.guard.raise_fence(act.epoch)
-        self.orch.hop_started = self.rt.clock.time()
+        self.orch.note_epoch(act.epoch)
+        self.orch.raise_fence()
+        self.orch.hop_started = self.lane.hop_started = self.rt.clock.time()
         self.mark("epoch_reserve")
         return None
 
@@ -227,7 +232,7 @@ class HopRunner:
         assert params is not None
         sealed = seal_params(params, self.rt.roster[g.holder].x25519)
         self.mark("seal_params")
-        report = self.orch.report(params.key, g.epoch, self.model_before)
+        report = self.orch.report(params.key, g.epoch, self.model_before, lane=self.lane)
         self.mark("report_sign")
         msg = TokenGrant(
             token_id=g.token_id,
@@ -260,7 +265,7 @@ class HopRunner:
             raise TransportError(f"device agent {agent} refused the stage: {getattr(acc.message, 'reason', acc.spec.name)}")
 
     async def _publish_state(self, act: PublishTokenState) -> None:
-        await self.orch.publish_state()
+        await self.orch.publish_state(self.lane)
         self.mark("state_published")
         return None
 
@@ -274,7 +279,7 @@ class HopRunner:
     async def _open_segments(self, act: OpenSegments) -> HopEvent:
         t1 = time.perf_counter()
         if self.orch.tamper_hook:
-            self.orch.tamper_hook(self.orch, self.a)
+            self.orch.tamper_hook(self.lane, self.a)
         params = self.params
         assert params is not None
         ctx = SegmentContext(self.orch.run_id, act.epoch, act.holder, act.segments)
@@ -303,10 +308,10 @@ class HopRunner:
     def store_shipped(self, index: int, blob: Any) -> None:
         """Start decrypting a shipped segment the machine accepted (index and size checked) into the device buffer."""
         if self.shipping is None:
-            assert self.params is not None and isinstance(self.orch.ship_buf, BounceSet)
+            assert self.params is not None and isinstance(self.lane.ship_buf, BounceSet)
             m = self.machine
             ctx = SegmentContext(self.orch.run_id, m.epoch, self.a.holder, m.expected_segments)
-            self.shipping = ShipReceiver(self.params, ctx, m.chunk_bytes, self.device, self.data, self.orch.ship_buf)
+            self.shipping = ShipReceiver(self.params, ctx, m.chunk_bytes, self.device, self.data, self.lane.ship_buf)
         self.shipping.accept(index, blob)
 
     async def _remeasure(self, act: Remeasure) -> HopEvent:
@@ -317,7 +322,7 @@ class HopRunner:
     async def _train(self, act: Train) -> HopEvent:
         tokens = self.device.as_array(self.data, numpy.uint16)[: act.nbytes // TOKEN_BYTES]
         # While this hop trains, the next hop's fresh staging is allocated beside it.
-        self.orch.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
+        self.lane.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
         r = self.result
         try:
             t2 = time.perf_counter()
@@ -335,7 +340,7 @@ class HopRunner:
         return Trained(report.loss_first, report.loss_last, before, after)
 
     async def _restore_model(self, act: RestoreModel) -> None:
-        self.orch.restore_model()
+        self.orch.restore_model(self.lane)
         return None
 
     def _scrub_verified(self, buf: Any) -> None:
@@ -364,7 +369,7 @@ class HopRunner:
                 self._scrub_verified(staging)
             finally:
                 self.device.release(staging)
-                self.orch.staging.track_export(str(self.handle), False)
+                self.lane.staging.track_export(str(self.handle), False)
                 self.staging = None
         # The private buffer was never exported: once scrubbed and verified zero it
         # serves the next hop (a fresh one costs a page fault per 4 KiB on the host).
@@ -373,6 +378,6 @@ class HopRunner:
         except DeviceError:
             self.device.release(data)
             raise
-        self.orch.staging.keep_private(data)
+        self.lane.staging.keep_private(data)
         if not bounces_zero:
             raise DeviceError("ship bounce buffers did not read zero after scrub")

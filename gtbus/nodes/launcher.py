@@ -89,6 +89,8 @@ class LocalRun:
     backend: str = "host"
     trainer: str = "bytelm"  # the orchestrator's --trainer; the pin is measured for it
     checkpoint_every: int = 1  # the orchestrator's --checkpoint-every
+    gpus: int = 1  # the orchestrator's --gpus (GPU tokens travelling at once)
+    merge_every: int = 0  # the orchestrator's --merge-every
     pin: str | None = None  # the holders' --pin-code; default: what `gtbus measure` prints for this backend and trainer
     holder_pins: dict[str, str] = field(default_factory=dict)  # holder name -> its own --pin-code (tests: one pins another value)
     bytes_per_holder: int = 256 * 1024
@@ -144,7 +146,7 @@ class LocalDeployment:
         cmd = [sys.executable, "-m", "gtbus", "orchestrator", "--key", str(self.dep.key_path(self.dep.orchestrator.name)),
                "--platform-key", str(self.platform_key), "--mode", r.mode, "--rounds", str(r.rounds),
                "--chunk-tokens", str(r.chunk_tokens), "--steps", r.steps, "--lease", str(r.lease),
-               "--trainer", r.trainer, "--checkpoint-every", str(r.checkpoint_every),
+               "--trainer", r.trainer, "--checkpoint-every", str(r.checkpoint_every), "--gpus", str(r.gpus), "--merge-every", str(r.merge_every),
                "--json-out", str(self.summary_path), *self._common, *r.extra_orchestrator_args]
         if r.orchestrator_fault:
             cmd += ["--fault", r.orchestrator_fault]

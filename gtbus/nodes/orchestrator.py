@@ -13,12 +13,38 @@ A hop, in the order the design gives (DESIGN §6):
    export and release, drop the key, publish a signed hop record, checkpoint.
 
 The decisions are made by sans-I/O machines: each hop by a
-:class:`~gtbus.protocol.hop.HopMachine` (which drives the run's
-:class:`~gtbus.protocol.token.TokenMachine`), executed on the device by
-:class:`~gtbus.nodes.hop_runner.HopRunner`; which hop comes next by the
+:class:`~gtbus.protocol.hop.HopMachine` (which drives its lane's
+:class:`~gtbus.protocol.token.TokenMachine`), executed on the lane's device by
+:class:`~gtbus.nodes.hop_runner.HopRunner`; which hop each lane does next by the
+:class:`~gtbus.protocol.fleet.FleetSchedule` over the run's
 :class:`~gtbus.protocol.schedule.Schedule`. This module is the asyncio shell
-around them: registration, the run loop, liveness, and the run-level actions
-a hop ends with (settle, checkpoint, publish, stop). Its parts, each in its own module: epochs reserved
+around them: registration, the dispatcher that runs the lanes, liveness,
+merges, and the run-level actions a hop ends with (settle, checkpoint,
+publish, stop).
+
+The fleet (``--gpus K``, :mod:`gtbus.nodes.lane`): K GPU tokens travel at
+once, each lane one hop at a time, all in this process (an asyncio task per
+hop). The rules this shell keeps for them:
+
+* one dispatcher decides: it hands idle lanes their next assignment, and
+  waits for hops to end; messages from holders go to the lane whose token
+  id they carry (a message for no lane is ignored with the token's reason);
+* epochs come from one counter (:meth:`Orchestrator.align_epoch`), and the
+  receive fence is the lowest epoch still in flight on any lane
+  (:meth:`Orchestrator.raise_fence`), so a slower lane's hop is never refused;
+* every ``merge_every`` trained hops the dispatcher stops handing out hops,
+  and once no lane has one in flight it averages the live replicas
+  (:mod:`gtbus.training.merge`) and, with K > 1, writes the checkpoint: a
+  fleet is checkpointed only there (and when it stops or ends), where no hop
+  is in flight and the replicas are one model;
+* a lane whose device fails (a :class:`~gtbus.errors.DeviceError` out of its
+  hop) is retired: its token was revoked as the hop unwound, the hop is put
+  back (not trained: another lane does it), and the run goes on with the
+  other lanes, or stops with the reason when none is left. What the retired
+  replica trained since the last merge is lost, and the summary says how much.
+
+With K = 1 there is one lane, nothing to merge, and a checkpoint after every
+hop (``--checkpoint-every``), as before fleets. Its parts, each in its own module: epochs reserved
 on disk (:mod:`gtbus.nodes.epochs`), hop buffers (:mod:`gtbus.nodes.staging_pool`),
 the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
 (:mod:`gtbus.gpu.code_measure`) and the run summary (:mod:`gtbus.nodes.run_summary`).
@@ -30,12 +56,11 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, Awaitable, Callable
+from typing import Any, Awaitable, Callable, Sequence, cast
 
-from gtbus.errors import GtbusError
+from gtbus.errors import ConfigError, DeviceError, GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.gpu.channel import staging_size
-from gtbus.gpu.bounce import BounceSet
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
 from gtbus.messages.identity import Role
@@ -57,41 +82,48 @@ from gtbus.messages.types import (
 )
 from gtbus.nodes.epochs import EpochReservation
 from gtbus.nodes.hop_runner import HopRunner
-from gtbus.nodes.run_checkpoint import resume_run, run_checkpoint
+from gtbus.nodes.lane import Lane, token_id_of
+from gtbus.nodes.run_checkpoint import lane_state, resume_run, run_checkpoint
 from gtbus.nodes.run_config import RunConfig
 from gtbus.nodes.bulletin import Bulletin
-from gtbus.nodes.run_summary import HopResult, hop_progress, run_summary
+from gtbus.nodes.run_summary import HopResult, fleet_summary, hop_progress, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
 from gtbus.protocol.enrolment import Enrolment, Refused
+from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.schedule import Assignment, Schedule
-from gtbus.protocol.hop import Acked, Declined, HopEvent, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
+from gtbus.protocol.hop import Acked, Declined, HopOutcome, PublishRecord, Returned, SegmentShipped, Settle, Settlement, StopRun
 from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
+from gtbus.training.merge import InProcessAverage, ModelMerge
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
 
 class Orchestrator:
-    """Runs the schedule: one hop at a time, each with a fresh buffer and key."""
+    """Runs the schedule on K lanes (GPU tokens), each one hop at a time, each hop with a fresh buffer and key."""
 
     def __init__(
         self,
         runtime: NodeRuntime,
-        device: Device,
-        trainer: Trainer,
+        device: Device | Sequence[Device],
+        trainer: Trainer | Sequence[Trainer],
         platform: PlatformSigner,
         config: RunConfig,
         *,
         on_hop: Callable[[HopResult], None] | None = None,
-        tamper_hook: Callable[["Orchestrator", Assignment], None] | None = None,
+        tamper_hook: Callable[[Lane, Assignment], None] | None = None,
+        merge: ModelMerge | None = None,
     ) -> None:
+        """``device`` and ``trainer``: one each, or one per lane (``config.gpus``), the trainers built from one seed."""
+        devices: list[Device] = list(device) if isinstance(device, (list, tuple)) else [cast(Device, device)]
+        trainers: list[Trainer] = list(trainer) if isinstance(trainer, (list, tuple)) else [cast(Trainer, trainer)]
+        if len(devices) != config.gpus or len(trainers) != config.gpus:
+            raise ConfigError(f"{config.gpus} GPU lanes need as many devices and trainers, got {len(devices)} and {len(trainers)}")
         self.rt = runtime
-        self.device = device
-        self.trainer = trainer
         self.platform = platform
         self.config = config
         self.on_hop = on_hop
@@ -107,13 +139,24 @@ class Orchestrator:
         self.registered = asyncio.Event()
         self.hops: list[HopResult] = []
         self.epochs = EpochReservation(self.state_dir / "epoch")
-        self.token = TokenMachine(last_epoch=self.epochs.reserved_upto)
+        self.last_epoch = self.epochs.reserved_upto  # the newest epoch issued by any lane (one counter for the fleet)
+        k = len(devices)
+        self.lanes = [
+            Lane(i, TokenMachine(token_id_of(i, k), last_epoch=self.last_epoch), devices[i], trainers[i],
+                 StagingPool(devices[i], self.state_dir if i == 0 else private_dir(self.state_dir / f"lane{i}"), self.log))
+            for i in range(k)
+        ]
         self.schedule: Schedule | None = None
+        self.fleet: FleetSchedule | None = None
+        self.merge = merge or InProcessAverage()
+        self.merges = 0
+        self.merge_s = 0.0
+        self.trained_since_merge = 0  # trained hops of the fleet since the last merge
+        self.lanes_failed: list[dict[str, Any]] = []
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
-        self.current: HopRunner | None = None  # the hop in progress, or the last one
-        self.ship_buf: BounceSet | None = None  # ship mode: the decrypting threads' bounce buffers, sized by the run
-        self._after_hop: dict[type, Callable[[Any, Assignment, HopResult], Awaitable[None]]] = {
+        self.current: HopRunner | None = None  # the hop of any lane started last (with one lane: in progress, or the last one)
+        self._after_hop: dict[type, Callable[[Any, HopRunner], Awaitable[None]]] = {
             Settle: self._settle,
             SaveCheckpoint: self._checkpoint,
             PublishRecord: self._publish_record,
@@ -125,7 +168,6 @@ class Orchestrator:
         self.started = time.time()
         self.complete = False
         self.hop_started: float | None = None
-        self.staging = StagingPool(device, self.state_dir, self.log)
         self.bulletin = Bulletin(runtime, self.snapshot_state)  # who learns what of the run
         rt = runtime
         rt.on(Register, self._on_register)
@@ -138,16 +180,39 @@ class Orchestrator:
         rt.on(TokenDecline, self._on_decline)
         rt.on(ShipSegment, self._on_ship_segment)
 
+    # -- the first lane, by the names a single token had -------------------------------------
+
+    @property
+    def token(self) -> TokenMachine:
+        """The first lane's token (with one GPU, the run's token)."""
+        return self.lanes[0].token
+
+    @property
+    def device(self) -> Device:
+        """The first lane's device (with one GPU, the run's device)."""
+        return self.lanes[0].device
+
+    @property
+    def trainer(self) -> Trainer:
+        """The first lane's trainer replica (with one GPU, the run's model)."""
+        return self.lanes[0].trainer
+
+    @property
+    def staging(self) -> StagingPool:
+        """The first lane's hop buffers."""
+        return self.lanes[0].staging
+
     # -- handlers ---------------------------------------------------------------------------
 
-    def report(self, key: bytes | None, epoch: int, model_hash: bytes | None = None) -> dict[str, Any]:
-        """A signed measurement report (code, model, device) committing to the channel ``key``, as wire data."""
+    def report(self, key: bytes | None, epoch: int, model_hash: bytes | None = None, *, lane: Lane | None = None) -> dict[str, Any]:
+        """A signed measurement report (code, model, device of ``lane``, default the first) committing to the channel ``key``, as wire data."""
+        lane = lane or self.lanes[0]
         if model_hash is None:
-            model_hash = self.device.measure(*self.trainer.parameter_views())
+            model_hash = lane.device.measure(*lane.trainer.parameter_views())
         rep = MeasurementReport(
             code_hash=self.code_hash,
             model_hash=model_hash,
-            device_id=self.device.device_id,
+            device_id=lane.device.device_id,
             key_commitment=channel_key_commitment(key if key is not None else b""),
             run_id=self.run_id,
             epoch=epoch,
@@ -181,6 +246,7 @@ class Orchestrator:
         return {
             "run_id": self.run_id,
             "token": {"id": self.token.token_id, "owner": self.token.owner or self.rt.name, "epoch": self.token.epoch, "phase": self.token.phase.value},
+            "lanes": [lane.state(self.rt.name) for lane in self.lanes],
             "holders": sorted(self.manifests),
             "liveness": self.rt.liveness(),
             **hop_progress(self.hops),
@@ -203,44 +269,55 @@ class Orchestrator:
     async def _on_snapshot_request(self, acc: Accepted[SnapshotRequest], delivery: Delivery) -> None:
         await self.bulletin.answer_snapshot(acc.header.sender, acc.header.id)
 
-    def _feed(self, event: HopEvent) -> Verdict:
-        # Between hops the last hop's machine judges (through the token): never a new decision.
-        return self.current.feed(event).verdict if self.current is not None else Verdict(False, "no hop yet")
+    def _lane_of(self, token_id: str) -> Lane | None:
+        return next((lane for lane in self.lanes if lane.token.token_id == token_id), None)
+
+    def _feed(self, event: Acked | Returned | Declined | SegmentShipped) -> tuple[Verdict, Lane | None]:
+        # The message goes to the lane whose token it names. Between hops that lane's
+        # last hop machine judges it (through the token): never a new decision.
+        lane = self._lane_of(event.token_id)
+        if lane is None:
+            return Verdict(False, f"unknown token {str(event.token_id)[:16]!r}"), None
+        if lane.current is None:
+            return Verdict(False, "no hop yet"), lane
+        return lane.current.feed(event).verdict, lane
 
     async def _on_ack(self, acc: Accepted[TokenAck], delivery: Delivery) -> None:
         h = acc.header
-        v = self._feed(Acked(h.sender, h.epoch, acc.message.token_id))
+        v, _ = self._feed(Acked(h.sender, h.epoch, acc.message.token_id))
         if not v.accepted:
             self.log.info("ignored ack from %s: %s", h.sender, v.reason)
 
     async def _on_return(self, acc: Accepted[TokenReturn], delivery: Delivery) -> None:
         h, m = acc.header, acc.message
-        v = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes))
+        v, _ = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes))
         if not v.accepted:
             self.log.warning("ignored return from %s: %s", h.sender, v.reason)
 
     async def _on_decline(self, acc: Accepted[TokenDecline], delivery: Delivery) -> None:
         h = acc.header
-        v = self._feed(Declined(h.sender, h.epoch, acc.message.token_id, acc.message.reason))
+        v, _ = self._feed(Declined(h.sender, h.epoch, acc.message.token_id, acc.message.reason))
         if not v.accepted:
             self.log.info("ignored decline from %s: %s", h.sender, v.reason)
 
     async def _on_ship_segment(self, acc: Accepted[ShipSegment], delivery: Delivery) -> None:
         h, m = acc.header, acc.message
         size = memoryview(acc.blobs[0]).nbytes if len(acc.blobs) == 1 else -1
-        v = self._feed(SegmentShipped(h.sender, h.epoch, m.token_id, m.index, m.count, size))
+        v, lane = self._feed(SegmentShipped(h.sender, h.epoch, m.token_id, m.index, m.count, size))
         if not v.accepted:
             self.rt.note_refused(v.reason if v.reason.startswith("ship-segment-") else "ship-segment-outside-a-ship-hop", h.sender)
             return
-        assert self.current is not None
-        self.current.store_shipped(m.index, acc.blobs[0])
+        assert lane is not None and lane.current is not None
+        lane.current.store_shipped(m.index, acc.blobs[0])
 
     # -- the run ------------------------------------------------------------------------------
 
     async def setup(self) -> None:
         """Load the model, measure it, resume from a checkpoint if asked, publish the measurement."""
-        self.staging.discard_inflight()
-        self.trainer.load(self.device.array_module)
+        for lane in self.lanes:
+            lane.staging.discard_inflight()
+            lane.trainer.load(lane.device.array_module)  # one seed: the replicas start identical
+        # Every lane runs the same trainer and device code: one measurement is what holders pin.
         self.code_hash = code_measurement(self.trainer, self.device)
         self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
@@ -248,9 +325,10 @@ class Orchestrator:
         # The first hop's buffers are made now, while holders register, as every
         # later hop's are made while the hop before it trains (no grant names them yet).
         cfg = self.config
-        self.staging.prepare_private(cfg.capacity)
-        if cfg.mode == "travel":
-            self.staging.prepare_next(staging_size(cfg.capacity, cfg.segment))
+        for lane in self.lanes:
+            lane.staging.prepare_private(cfg.capacity)
+            if cfg.mode == "travel":
+                lane.staging.prepare_next(staging_size(cfg.capacity, cfg.segment))
         await self.rt.publish(MeasurementPublished(self.report(None, self.token.epoch)))
 
     async def wait_for_holders(self) -> None:
@@ -262,32 +340,154 @@ class Orchestrator:
             raise GtbusError(f"nodes did not register within {self.config.register_timeout:.0f}s: {', '.join(missing)}") from None
 
     async def run(self) -> dict[str, Any]:
-        """Setup, wait for holders, run every hop of the schedule; return the summary."""
+        """Setup, wait for holders, run every hop of the schedule on the lanes; return the summary."""
         await self.setup()
         self.rt.state_label = "waiting-for-holders"
         await self.wait_for_holders()
         self.rt.state_label = "running"
-        if self.schedule is None:
-            self.schedule = Schedule(
-                {h: self.manifests[h].chunk_count for h in self.config.holders},
-                self.config.rounds,
-                max_attempts=self.config.max_attempts,
-            )
-        while True:
-            a = self.schedule.next(self._reachable)
-            if a is None:
-                if self.schedule.finished:
-                    break
-                await self._wait_for_a_holder()
-                continue
-            await self.hop(a)
-        self.staging.release_spares()
+        if self.fleet is None:
+            if self.schedule is None:
+                self.schedule = Schedule(
+                    {h: self.manifests[h].chunk_count for h in self.config.holders},
+                    self.config.rounds,
+                    max_attempts=self.config.max_attempts,
+                )
+            self.fleet = FleetSchedule(self.schedule, len(self.lanes))
+        await self._dispatch()
+        if len(self.lanes) > 1 and self._live():
+            self._save_checkpoint()  # merges what the lanes trained since the last merge first
+        for lane in self.lanes:
+            lane.staging.release_spares()
         summary = self.summary()
         self.complete = True
         self.rt.state_label = "complete"
         await self.bulletin.run_complete(summary)
         await self.rt.publish(Shutdown("run complete"))
         return summary
+
+    # -- the lanes ----------------------------------------------------------------------------
+
+    def _live(self) -> list[Lane]:
+        return [lane for lane in self.lanes if lane.failed is None]
+
+    def _merge_due(self) -> bool:
+        return len(self._live()) > 1 and self.trained_since_merge >= self.config.merge_interval
+
+    async def _dispatch(self) -> None:
+        """Hand idle lanes their next hop, wait for hops to end, merge when due, until the schedule is done.
+
+        Cancelled (shutdown, Ctrl-C) or stopped by a hop (StopRun): every hop still
+        in flight is cancelled and unwinds (its token taken back, its buffers scrubbed).
+        """
+        fleet = self.fleet
+        assert fleet is not None
+        running: dict[asyncio.Task[HopResult], Lane] = {}
+        try:
+            while True:
+                if self._merge_due():
+                    if not running:  # the lanes are paused between hops: merge (and checkpoint) now
+                        self._save_checkpoint()
+                else:
+                    for lane in self._live():
+                        if lane in running.values():
+                            continue
+                        a = fleet.next_for(lane.index, self._reachable)
+                        if a is None:
+                            break  # nothing any idle lane may take now
+                        running[asyncio.create_task(self.hop(a, lane))] = lane
+                if not running:
+                    if fleet.finished:
+                        return
+                    if self._merge_due():
+                        continue
+                    if not self._live():
+                        await self._stop_all_failed()
+                    await self._wait_for_a_holder()
+                    continue
+                # An idle lane may find work as a holder comes back from its backoff: look again soon.
+                idle = len(running) < len(self._live()) and not self._merge_due()
+                done, _ = await asyncio.wait(running, timeout=self.config.backoff_min if idle else None, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    await self._hop_ended(task, running.pop(task))
+                self.raise_fence()
+        except BaseException:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            raise
+
+    async def _hop_ended(self, task: asyncio.Task[HopResult], lane: Lane) -> None:
+        exc = task.exception()
+        if exc is None:
+            return
+        if not isinstance(exc, DeviceError):
+            raise exc  # StopRun's reason, or a bug: the run stops
+        await self._retire(lane, str(exc))
+
+    async def _retire(self, lane: Lane, reason: str) -> None:
+        """The lane's device failed: retire it; its hop (already unwound: token revoked, buffers scrubbed) goes back."""
+        assert self.fleet is not None
+        a = self.fleet.lane_of(lane.index)
+        lane.failed = reason
+        self.lanes_failed.append({"lane": lane.index, "token_id": lane.token_id, "reason": reason, "trained_hops_lost": lane.trained_since_merge})
+        self.log.error(
+            "lane %d (token %s) failed and is retired: %s; %s; %d trained hop(s) of its replica since the last merge are lost",
+            lane.index, lane.token_id, reason,
+            f"{a.holder} chunk {a.chunk} goes back to the schedule (not trained)" if a is not None else "it had no hop", lane.trained_since_merge,
+        )
+        self.trained_since_merge -= min(self.trained_since_merge, lane.trained_since_merge)
+        lane.trained_since_merge = 0
+        if a is None:
+            return
+        self.fleet.release(lane.index, "deferred")
+        runner = lane.current
+        if runner is not None and runner.a == a:
+            out = runner.result
+            out.epoch, out.outcome = runner.machine.epoch, HopOutcome.ABORTED.value
+            out.detail = f"lane {lane.index} failed: {reason} (the chunk goes back to the schedule)"
+            self.hops.append(out)
+            await self.bulletin.hop(out)
+            if self.on_hop:
+                self.on_hop(out)
+
+    async def _stop_all_failed(self) -> None:
+        reason = "every GPU lane failed (" + "; ".join(f"gpu{f['lane']}: {f['reason']}" for f in self.lanes_failed) + "); the run stops here and continues with --resume from the last merge"
+        await self.rt.publish(Shutdown(reason))
+        raise GtbusError(reason)
+
+    def align_epoch(self, token: TokenMachine) -> None:
+        """Have ``token``'s next grant take the fleet's next epoch (call right before the grant)."""
+        token.epoch = max(token.epoch, self.last_epoch)
+
+    def note_epoch(self, epoch: int) -> None:
+        """``epoch`` was issued (reserved on disk): the fleet's counter moves to it."""
+        self.last_epoch = max(self.last_epoch, epoch)
+
+    def raise_fence(self) -> None:
+        """Fence the receive pipeline at the lowest epoch still in flight on any lane (the newest issued when none is).
+
+        One fence for every lane: a slower lane's hop in flight is never refused, and
+        anything older than every hop in flight is. Each lane's token refuses the
+        epochs above the fence that are not its own hop's.
+        """
+        flying = [e for lane in self.lanes if (e := lane.in_flight_epoch)]
+        self.rt.guard.raise_fence(min(flying) if flying else self.last_epoch)
+
+    def _merge(self) -> None:
+        """Average the live replicas' parameters into each (no lane may be training)."""
+        live = self._live()
+        if len(live) < 2 or self.trained_since_merge == 0:
+            return
+        assert not any(lane.busy for lane in live), "a merge while a lane has a hop in flight"
+        t = time.perf_counter()
+        self.merge.average([lane.trainer for lane in live])
+        took = time.perf_counter() - t
+        self.merges += 1
+        self.merge_s += took
+        self.log.info("merge %d: averaged %d replicas after %d trained hops in %.1f ms", self.merges, len(live), self.trained_since_merge, took * 1e3)
+        self.trained_since_merge = 0
+        for lane in live:
+            lane.trained_since_merge = 0
 
     # -- liveness -----------------------------------------------------------------------------
 
@@ -305,8 +505,8 @@ class Orchestrator:
         been heard from for that long, the run stops with the reason (resumable)
         instead of skipping its way through the schedule.
         """
-        assert self.schedule is not None
-        waiting = self.schedule.pending_holders()
+        assert self.fleet is not None
+        waiting = self.fleet.pending_holders()
         if await self._skip_refusing(waiting):
             return
         self.rt.state_label = "waiting-for-holders"
@@ -321,8 +521,8 @@ class Orchestrator:
             raise GtbusError(reason)
         if what is WhileAway.GIVE_UP:
             for h in waiting:
-                skipped = self.schedule.give_up(h)
-                self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.schedule.round)
+                skipped = self.fleet.give_up(h)
+                self.log.warning("%s unreachable for %.0fs: skipped its %d remaining chunks of round %d", h, timeout, len(skipped), self.fleet.schedule.round)
         self.rt.state_label = "running"
 
     async def _skip_refusing(self, waiting: list[str]) -> bool:
@@ -337,54 +537,61 @@ class Orchestrator:
                       + "): their --pin-code is not what `gtbus measure` prints for this trainer and backend")
             await self.rt.publish(Shutdown(reason))
             raise GtbusError(reason)
-        assert self.schedule is not None
+        assert self.fleet is not None
         for h in refused:
-            skipped = self.schedule.give_up(h)
-            self.log.warning("%s refused the measurement: skipped its %d remaining chunks of round %d", h, len(skipped), self.schedule.round)
+            skipped = self.fleet.give_up(h)
+            self.log.warning("%s refused the measurement: skipped its %d remaining chunks of round %d", h, len(skipped), self.fleet.schedule.round)
         return True
 
-    async def publish_state(self) -> None:
-        """Publish who holds the token, at which epoch, in which phase."""
-        t = self.token
+    async def publish_state(self, lane: Lane | None = None) -> None:
+        """Publish who holds ``lane``'s token (default the first's), at which epoch, in which phase."""
+        t = (lane or self.lanes[0]).token
         await self.rt.publish(TokenState(t.token_id, t.owner or self.rt.name, t.epoch, t.phase.value), epoch=t.epoch)
 
-    async def hop(self, a: Assignment) -> HopResult:
-        """One complete hop for ``a``, run by a :class:`HopRunner`, then settled; never raises for a holder's misbehaviour."""
-        runner = self.current = HopRunner(self, a)
+    async def hop(self, a: Assignment, lane: Lane | None = None) -> HopResult:
+        """One complete hop for ``a`` on ``lane`` (default the first), run by a :class:`HopRunner`, then settled.
+
+        Never raises for a holder's misbehaviour; a DeviceError out of it means the lane's device failed.
+        """
+        lane = lane or self.lanes[0]
+        runner = self.current = lane.current = HopRunner(self, lane, a)
         for action in await runner.run():
-            await self._after_hop[type(action)](action, a, runner.result)
+            await self._after_hop[type(action)](action, runner)
         return runner.result
 
-    async def _settle(self, act: Settle, a: Assignment, out: HopResult) -> None:
-        assert self.schedule is not None
+    async def _settle(self, act: Settle, runner: HopRunner) -> None:
+        assert self.fleet is not None
+        a, out, lane = runner.a, runner.result, runner.lane
         if act.settlement is Settlement.DEFER:
-            self.schedule.defer(a)
+            self.fleet.release(lane.index, "deferred")
             self.liveness.unreached(a.holder, self.rt.clock.monotonic())
             out.detail += " (deferred: retried when the holder is back)"
         else:
             self.liveness.reached(a.holder)
             if act.settlement is Settlement.COMPLETE:
-                self.schedule.complete(a)
+                self.fleet.release(lane.index, "done")
+                self.trained_since_merge += 1
+                lane.trained_since_merge += 1
             else:
-                out.detail += " (will retry)" if self.schedule.fail(a) else " (skipped this round)"
+                self.fleet.release(lane.index, "failed")
+                out.detail += " (skipped this round)" if self.fleet.schedule.skipped[-1:] == [(a.round, a.holder, a.chunk)] else " (will retry)"
         self.hops.append(out)
 
-    async def _checkpoint(self, act: SaveCheckpoint, a: Assignment, out: HopResult) -> None:
+    async def _checkpoint(self, act: SaveCheckpoint, runner: HopRunner) -> None:
         # --checkpoint-every N (RunConfig.checkpoint_every): a big model's checkpoint costs seconds a hop.
-        every, done = self.config.checkpoint_every, self.schedule is not None and self.schedule.finished
-        if every == 1 or done or len(self.hops) % every == 0:
+        # A fleet with other lanes serving may have hops in flight now: it is checkpointed at merges instead.
+        every, done = self.config.checkpoint_every, self.fleet is not None and self.fleet.finished
+        if len(self._live()) == 1 and (every == 1 or done or len(self.hops) % every == 0):
             self._save_checkpoint()
-        if self.current is not None:
-            self.current.mark("checkpoint")
+        runner.mark("checkpoint")
 
-    async def _publish_record(self, act: PublishRecord, a: Assignment, out: HopResult) -> None:
-        await self.bulletin.hop(out)
-        if self.current is not None:
-            self.current.mark("publish")
+    async def _publish_record(self, act: PublishRecord, runner: HopRunner) -> None:
+        await self.bulletin.hop(runner.result)
+        runner.mark("publish")
         if self.on_hop:
-            self.on_hop(out)
+            self.on_hop(runner.result)
 
-    async def _stop_run(self, act: StopRun, a: Assignment, out: HopResult) -> None:
+    async def _stop_run(self, act: StopRun, runner: HopRunner) -> None:
         # Nothing more is trained by this process (changed code, a buffer that kept data).
         await self.rt.publish(Shutdown(act.reason))
         raise GtbusError(act.reason)
@@ -398,18 +605,23 @@ class Orchestrator:
     # -- checkpoints --------------------------------------------------------------------------
 
     def _save_checkpoint(self) -> None:
+        # A fleet is checkpointed as one model: what the lanes trained since the last merge is merged first.
+        self._merge()
+        if not self._live():
+            return  # no replica left to save: the last checkpoint (the last merge) stands
         write_checkpoint(self.checkpoint_path, run_checkpoint(self))
 
     def _load_checkpoint(self) -> None:
         resume_run(self, read_checkpoint(self.checkpoint_path))
-        self.log.info("resumed run %s at epoch %d", self.run_id, self.token.epoch)
+        self.log.info("resumed run %s at epoch %d", self.run_id, self.last_epoch)
 
-    def restore_model(self) -> None:
-        """Put the model of the last checkpoint (or the initial model) back on the device."""
+    def restore_model(self, lane: Lane | None = None) -> None:
+        """Put ``lane``'s replica (default the first's) of the last checkpoint (or the initial model) back on its device."""
+        lane = lane or self.lanes[0]
         if self.checkpoint_path.exists():
-            self.trainer.load_state_dict(read_checkpoint(self.checkpoint_path).trainer_state())
+            lane.trainer.load_state_dict(lane_state(read_checkpoint(self.checkpoint_path).trainer_state(), lane.index))
         else:
-            self.trainer.load(self.device.array_module)
+            lane.trainer.load(lane.device.array_module)
 
     # -- reporting ----------------------------------------------------------------------------
 
@@ -422,8 +634,9 @@ class Orchestrator:
             device=self.device.device_id,
             first_eval=self.first_eval,
             last_eval=self.last_eval,
-            last_epoch=self.token.epoch,
+            last_epoch=self.last_epoch,
             skipped=self.schedule.skipped if self.schedule else [],
+            **fleet_summary(self.hops, gpus=len(self.lanes), merges=self.merges, merge_s=self.merge_s, failed=self.lanes_failed),
             logs=str(self.config.run_dir / "logs"),
             checkpoint=str(self.checkpoint_path),
         )

@@ -10,6 +10,8 @@ from gtbus.errors import ConfigError
 from gtbus.protocol.admission import TOKEN_BYTES, RunShape
 from gtbus.training.trainer import ONE_PASS, StepBudget
 
+#: Most GPU tokens (lanes) one orchestrator runs: each is a device, a model replica and a task.
+MAX_GPUS = 64
 
 
 @dataclass
@@ -45,6 +47,13 @@ class RunConfig:
     # resume repeats up to N-1 hops, and a rollback (model or code changed during
     # a hop) restores the last checkpoint, losing the training of the hops since.
     checkpoint_every: int = 1
+    # The fleet: K GPU tokens (lanes) travel at once, each with its own device and
+    # trainer replica; every merge_every trained hops across the fleet (0: K, one
+    # hop per lane on average), at a point where no lane trains, the replicas'
+    # parameters are averaged. With K > 1 the checkpoint is written at merges
+    # (and at the end), when no hop is in flight: it then holds the fleet whole.
+    gpus: int = 1
+    merge_every: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("travel", "ship"):
@@ -61,6 +70,15 @@ class RunConfig:
             raise ConfigError("absent_timeout must be positive")
         if self.checkpoint_every < 1:
             raise ConfigError("checkpoint_every must be at least 1")
+        if not 1 <= self.gpus <= MAX_GPUS:
+            raise ConfigError(f"gpus must be between 1 and {MAX_GPUS}")
+        if self.merge_every < 0:
+            raise ConfigError("merge_every must be 0 (once per hop of every lane) or a positive number of hops")
+
+    @property
+    def merge_interval(self) -> int:
+        """Trained hops across the fleet between two merges."""
+        return self.merge_every or self.gpus
 
     @property
     def capacity(self) -> int:

@@ -49,6 +49,8 @@ class HopResult:
     eval_after: float | None = None
     detail: str = ""
     phases: dict[str, float] = field(default_factory=dict)  # orchestrator phase marks, s since the hop began
+    lane: int = 0  # the fleet's lane (GPU token) the hop ran on
+    token_id: str = ""
 
     @property
     def transfer_s(self) -> float:
@@ -98,6 +100,18 @@ def run_summary(
         "transfer_share": transfer / (transfer + train) if (transfer + train) > 0 else 0.0,
         "provision_gbps": nbytes / transfer / 1e9 if transfer > 0 else 0.0,
         **more,
+    }
+
+
+def fleet_summary(hops: list[HopResult], *, gpus: int, merges: int, merge_s: float, failed: list[dict[str, Any]]) -> dict[str, Any]:
+    """The fleet's part of a run summary: lanes, hops settled on each, merges, and the lanes that failed."""
+    return {
+        "gpus": gpus,
+        "hops_per_gpu": [sum(1 for h in hops if h.lane == k) for k in range(gpus)],
+        "trained_per_gpu": [sum(1 for h in trained(hops) if h.lane == k) for k in range(gpus)],
+        "merges": merges,
+        "merge_s": merge_s,
+        "lanes_failed": failed,
     }
 
 

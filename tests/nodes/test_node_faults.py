@@ -24,7 +24,7 @@ def _orchestrator_at(epoch: int) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("tamper-disk-at-epoch=3", "unknown orchestrator fault 'tamper-disk-at-epoch' (tamper-model-at-epoch=N or tamper-code-at-epoch=N)"),
+    ("tamper-disk-at-epoch=3", "unknown orchestrator fault 'tamper-disk-at-epoch' (tamper-model-at-epoch=N or tamper-code-at-epoch=N or fail-device-at-epoch=N)"),
     ("tamper-model-at-epoch=three", "tamper-model-at-epoch needs an epoch number, not 'three'"),
     ("tamper_code_at_epoch=", "tamper-code-at-epoch needs an epoch number, not ''"),
 ])
