@@ -24,8 +24,9 @@ def _describe(r: object) -> str:
     cfg = r.config
     end = "finished" if r.finished else f"stopped: {r.stopped}" if r.stopped else "did not end"
     hostile = ", ".join(f"{h} {b}" for h, b in sorted(cfg.hostile.items())) or "none"
+    fleet = f", {cfg.gpus} GPUs merging every {cfg.merge_every} trained hops (hops per GPU {r.lane_hops})" if cfg.gpus > 1 else ""
     return (
-        f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {len(r.faults)} faults, hostile: {hostile}; "
+        f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {len(r.faults)} faults, hostile: {hostile}{fleet}; "
         f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps)"
     )
 
@@ -72,8 +73,11 @@ def _fault_list(value: str | None) -> list[int] | None:
 @click.option("--no-hostile", is_flag=True, help="Every holder honest.")
 @click.option("--faults", "only_faults", default=None, metavar="LIST",
               help="With --seed: apply only these of its faults (numbers as a failing seed prints them, e.g. 0,3; or none).")
+@click.option("--gpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
+              help="GPU tokens travelling at once (a fleet: lanes handed work by the fleet schedule, replicas merged).")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON (seeds, hops, violations, hops_per_s, ...).")
-def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, only_faults: str | None, as_json: bool) -> None:
+def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, only_faults: str | None, gpus: int,
+        as_json: bool) -> None:
     """Simulate whole deployments (orchestrator, holders, device agent, observer) from seeds, checking every invariant after every step."""
     from gtbus.testing.sim import run_seed, run_seeds, shrink
 
@@ -85,21 +89,21 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
         raise click.UsageError("give --seed or --seeds, not both")
     faults, hostile = not no_faults, not no_hostile
     if seed is not None:
-        r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep)
+        r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep, gpus=gpus)
         if as_json:
-            click.echo(json.dumps({"seed": r.seed, "hops": r.hops, "hops_trained": r.trained, "finished": r.finished, "stopped": r.stopped,
-                                   "violations": [str(v) for v in r.violations], "repro": r.repro}))
+            click.echo(json.dumps({"seed": r.seed, "gpus": gpus, "hops": r.hops, "hops_trained": r.trained, "hops_per_gpu": r.lane_hops,
+                                   "finished": r.finished, "stopped": r.stopped, "violations": [str(v) for v in r.violations], "repro": r.repro}))
         else:
             click.echo(_describe(r))
         if not r.ok:
             report_failure(r, shrink(r) if keep is None else r)
             sys.exit(1)
         return
-    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile)
+    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile, gpus=gpus)
     for r in summary.failures:
         report_failure(r, shrink(r))
     if as_json:
-        click.echo(json.dumps(summary.to_json()))
+        click.echo(json.dumps({**summary.to_json(), "gpus": gpus}))
     else:
         click.echo(
             f"{summary.seeds} seeds, {summary.hops} hops ({summary.trained} trained), {summary.violations} violations, "

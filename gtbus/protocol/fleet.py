@@ -15,7 +15,7 @@ deferrals, give-ups). Rules:
   free and available. A holder has at most one owed chunk; a second one passed
   over while it is still busy waits at the end of the round like any put-back
   chunk. The owed list is served first come, first served.
-* Fairness, the bound this module keeps (``tests/protocol/test_fleet.py``
+* Fairness, the bound this module keeps (``tests/protocol/test_fleet_schedule.py``
   checks it on random runs): a holder that is free and available at every ask,
   whose next chunk is owed or still in the round's order (not put back at the
   end by a failure, a deferral or the caller's unavailability), is assigned
@@ -31,11 +31,22 @@ deferrals, give-ups). Rules:
 * A checkpoint (:meth:`FleetSchedule.to_state`) keeps no lane: hops in flight
   are still pending in the Schedule, so a resumed run does them again.
 
-Decisions for the orchestrator that runs lanes (the simulator's follows them):
-epochs come from one counter for every lane (each grant takes the next, the
-disk reservation is shared); the replay guard's fence is the lowest epoch
-still in flight across lanes (so a slower lane's current hop is never
-refused); replicas are merged only where no lane trains.
+Decisions for the orchestrator that runs lanes (the simulator's shell,
+:mod:`gtbus.testing.sim.orchestrator`, keeps them and ``gtbus sim --gpus K``
+checks them): epochs come from one counter for every lane (each grant takes
+the next, the disk reservation is shared), so each token's epochs strictly
+increase; the replay guard's fence is the lowest epoch still in flight across
+lanes (so a slower lane's current hop is never refused); messages go to the
+lane whose token id they carry; every ``merge_every`` trained hops no new hop
+starts until none is in flight, then the replicas are averaged and, with
+K > 1, only then checkpointed (and when the run stops or ends), so a resume
+starts every lane from one model and redoes what was trained since; a hop
+that rolls back (model or code changed while a holder held the token)
+restores its lane's replica to the model that hop began from, not the
+checkpoint (the replica may have trained since the last merge), so the
+orchestrator keeps that copy per hop in flight; a run that stops with a
+reason while other lanes have hops in flight leaves them to the process's
+exit (keys gone, staging discarded on resume, their chunks still pending).
 
 No I/O, no clock: the caller says when hops end.
 """

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.hop import HopMachine, HopPhase, Remeasured, Scrub, Step
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.token import ACCEPT, Grant, TokenMachine
@@ -127,3 +128,39 @@ class ReleasingUnscrubbedDevice(SimDevice):
 
     def scrub(self, staging: Staging) -> None:
         pass
+
+
+# -- fleets (gtbus sim --gpus K) -------------------------------------------------------------------
+
+
+class LaneEpochOrchestrator(SimOrchestrator):
+    """Each lane counts its own epochs (no fleet counter): two lanes issue the same epochs."""
+
+    def _align_epoch(self, lane: Any) -> None:
+        pass
+
+
+class SwappedEpochToken(TokenMachine):
+    """Issues epochs in swapped pairs (2, 1, 4, 3, ...): never one twice, but not increasing."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._base = self.epoch
+        self._grants = 0
+
+    def grant(self, holder: str, now: float, lease: float) -> Grant:
+        g = super().grant(holder, now, lease)
+        self._grants += 1
+        n = self._grants
+        self.epoch = self._base + (n + 1 if n % 2 else n - 1)
+        return Grant(g.token_id, self.epoch, holder, g.deadline)
+
+
+class CrowdingFleet(FleetSchedule):
+    """Hands an idle lane the Schedule's next hop even when its holder is on another lane."""
+
+    def _owed_next(self, available: Any) -> Assignment | None:
+        return None
+
+    def _schedule_next(self, available: Any) -> Assignment | None:
+        return self.schedule.next(available)

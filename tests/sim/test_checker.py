@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gtbus.testing.sim.device import INITIAL_MODEL, Segment, SimDevice, chunk_tag
-from gtbus.testing.sim.invariants import CHUNK_TWICE, InvariantChecker
+from gtbus.testing.sim.device import INITIAL_MODEL, Segment, SimDevice, chunk_tag, merged_model
+from gtbus.testing.sim.invariants import CHUNK_TWICE, HOLDER_TWO_GPUS, MODEL_UNACCOUNTED, InvariantChecker
 
 
 def _train(device: SimDevice, epoch: int, holder: str, rnd: int, chunk: int) -> None:
@@ -53,3 +53,65 @@ def test_a_restore_rewinds_the_round() -> None:
     assert not checker.violations
     checker.check_final_model(device.model, {(0, "h1", 0)})
     assert not checker.violations
+
+
+def fleet(k: int) -> tuple[list[SimDevice], InvariantChecker]:
+    checker = InvariantChecker()
+    devices = [SimDevice() for _ in range(k)]
+    for lane, d in enumerate(devices):
+        d.watch, d.lane = checker, lane
+    checker.devices = devices
+    return devices, checker
+
+
+def merge(devices: list[SimDevice], checker: InvariantChecker) -> int:
+    replicas = [d.model for d in devices if d.model is not None]
+    model = merged_model(replicas)
+    checker.merged(replicas, model)
+    for d in devices:
+        d.restore(model)
+    return model
+
+
+def test_one_chunk_on_two_replicas_is_caught_where_they_merge() -> None:
+    (a, b), checker = fleet(2)
+    _train(a, 1, "h1", 0, 0)
+    _train(b, 2, "h1", 0, 0)  # neither replica's own history has it twice
+    assert not checker.violations
+    merge([a, b], checker)
+    assert [v.name for v in checker.violations] == [CHUNK_TWICE]
+    assert "trained on two replicas" in checker.violations[0].detail
+
+
+def test_merged_histories_are_the_final_model() -> None:
+    (a, b), checker = fleet(2)
+    _train(a, 1, "h1", 0, 0)
+    _train(b, 2, "h2", 0, 0)
+    merge([a, b], checker)
+    _train(a, 3, "h1", 1, 0)  # round 1, after the merge: on top of both replicas' round 0
+    _train(b, 4, "h2", 1, 0)
+    final = merge([a, b], checker)
+    assert not checker.violations
+    checker.check_final_model(final, {(0, "h1", 0), (0, "h2", 0), (1, "h1", 0), (1, "h2", 0)})
+    assert not checker.violations
+    checker.check_final_model(final, {(0, "h1", 0), (0, "h2", 0), (1, "h1", 0)})
+    assert [v.name for v in checker.violations] == [MODEL_UNACCOUNTED]
+
+
+def test_two_lanes_training_one_chunk_from_one_model_make_two_models() -> None:
+    """Found by the fleet sweep: a round-0 chunk and its round-1 training on another lane, from the
+    same merged model, made one digest and the checker lost the first; each lane trains its own way."""
+    (a, b), checker = fleet(2)
+    _train(a, 1, "h2", 0, 0)
+    _train(b, 2, "h2", 1, 0)
+    assert a.model != b.model
+    final = merge([a, b], checker)
+    checker.check_final_model(final, {(0, "h2", 0), (1, "h2", 0)})
+    assert not checker.violations, checker.violations
+
+
+def test_a_holder_granted_on_a_second_lane_while_it_holds_the_first_is_caught() -> None:
+    (a, b), checker = fleet(2)
+    a.alloc_staging(1, 1, "h1", 101, 3, token="gpu0")
+    b.alloc_staging(2, 2, "h1", 102, 3, token="gpu1")
+    assert [v.name for v in checker.violations] == [HOLDER_TWO_GPUS]

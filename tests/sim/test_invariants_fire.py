@@ -14,15 +14,18 @@ from typing import Any
 
 import pytest
 from broken_machines import (
+    CrowdingFleet,
     DoubleGrantOrchestrator,
     DriftingDevice,
     ForgetfulOrchestrator,
     KeyKeepingDevice,
+    LaneEpochOrchestrator,
     NoRemeasureOrchestrator,
     ReleasingUnscrubbedDevice,
     RepeatingSchedule,
     ReusingToken,
     StuckOrchestrator,
+    SwappedEpochToken,
     TrustingDevice,
     UnscrubbingDevice,
     UnverifiedHop,
@@ -34,7 +37,9 @@ from gtbus.testing.sim.orchestrator import ForgetfulResume
 from gtbus.testing.sim.invariants import (
     CHUNK_TWICE,
     DATASET_CHANGED,
+    EPOCH_ORDER,
     EPOCH_REUSED,
+    HOLDER_TWO_GPUS,
     INVARIANTS,
     MODEL_UNACCOUNTED,
     NO_PROGRESS,
@@ -156,8 +161,43 @@ def test_dataset_changed_after_a_resume_fires() -> None:
     assert run_seed(r.seed).ok
 
 
+# -- fleets: the invariants across GPUs ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "gpus, machines, name, detail",
+    [
+        # Each lane counting its own epochs: the second lane's first grant reuses the first lane's.
+        (2, Machines(orchestrator=LaneEpochOrchestrator), EPOCH_REUSED, "epoch 1 granted again (to h2)"),
+        (1, Machines(token=SwappedEpochToken), EPOCH_ORDER, "granted epoch 1 after epoch 2"),
+        (2, Machines(fleet=CrowdingFleet), HOLDER_TWO_GPUS, "h1 granted epoch 2 while it holds lane 0's staging of epoch 1"),
+    ],
+)
+def test_epoch_and_lane_invariants_fire(gpus: int, machines: Machines, name: str, detail: str) -> None:
+    r = run_seed(1, config=quiet(gpus=gpus), machines=machines)
+    assert names(r) == {name}, r.violations
+    assert detail in r.violations[0].detail
+
+
+@pytest.mark.parametrize("merge_every", [1, 3])
+def test_a_chunk_trained_on_two_replicas_fires(merge_every: int) -> None:
+    """A completed chunk put back once: trained again, on another lane or the same; caught along
+    the replica's history or where the replicas are merged."""
+    r = run_seed(1, config=quiet(gpus=2, merge_every=merge_every), machines=Machines(schedule=RepeatingSchedule))
+    assert names(r) == {CHUNK_TWICE}, r.violations
+
+
+def test_the_real_machines_pass_the_same_fleets() -> None:
+    for gpus in (2, 3):
+        for cfg in (quiet(gpus=gpus), quiet({"h2": "decline-junk"}, gpus=gpus, merge_every=1), quiet({"h2": "garbage"}, rounds=2, gpus=gpus)):
+            r = run_seed(1, config=cfg)
+            assert r.ok and r.finished, (r.violations, r.trace)
+            assert sum(1 for n in r.lane_hops if n) > 1, r.lane_hops  # more than one GPU travelled
+
+
 def test_every_invariant_has_a_test_here() -> None:
-    fired = {EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED}
+    fired = {EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED,
+             EPOCH_ORDER, HOLDER_TWO_GPUS}
     assert fired == set(INVARIANTS)
 
 

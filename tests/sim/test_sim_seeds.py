@@ -15,13 +15,18 @@ from gtbus.testing.sim import Machines, run_seed, run_seeds, shrink
 from gtbus.testing.sim.config import SimConfig
 from gtbus.testing.sim.hostile import BEHAVIOURS
 
-#: Seeds `make test` runs (GTBUS_SIM_SEEDS to change it, e.g. for a soak).
+#: Seeds `make test` runs (GTBUS_SIM_SEEDS to change it, e.g. for a soak), split over one GPU and fleets of 2 and 3.
 SEEDS = int(os.environ.get("GTBUS_SIM_SEEDS", "3000"))
-def test_many_seeds_keep_every_invariant() -> None:
-    s = run_seeds(SEEDS)
+FLEETS = (1, 2, 3)
+
+
+@pytest.mark.parametrize("gpus", FLEETS)
+def test_many_seeds_keep_every_invariant(gpus: int) -> None:
+    count = SEEDS // len(FLEETS)
+    s = run_seeds(count, first=FLEETS.index(gpus) * count, gpus=gpus)
     print(json.dumps({k: v for k, v in s.to_json().items() if k != "failing"}))
     assert not s.failures, "\n".join(f"{r.repro}: {r.violations[0]}\n  " + "\n  ".join(r.trace[-15:]) for r in s.failures[:3])
-    assert s.seeds == SEEDS and s.finished + sum(s.stopped.values()) == SEEDS
+    assert s.seeds == count and s.finished + sum(s.stopped.values()) == count
     # The faults are real: hops were lost every way there is, and orchestrators resumed.
     assert {"trained", "revoked", "declined", "rejected", "undelivered", "rolled-back"} <= set(s.outcomes)
     assert s.modes == {"travel", "ship"}
@@ -34,11 +39,24 @@ def test_a_seed_replays_event_for_event() -> None:
         assert (a.hops, a.trained, a.steps, a.sim_time, a.outcomes) == (b.hops, b.trained, b.steps, b.sim_time, b.outcomes)
 
 
-def test_without_faults_every_chunk_trains_once() -> None:
+@pytest.mark.parametrize("gpus", FLEETS)
+def test_without_faults_every_chunk_trains_once(gpus: int) -> None:
     for seed in range(50):
-        r = run_seed(seed, faults=False, hostile=False)
+        r = run_seed(seed, faults=False, hostile=False, gpus=gpus)
         assert r.ok and r.finished
-        assert r.trained == r.config.total_hops == r.hops
+        assert r.trained == r.config.total_hops == r.hops == sum(r.lane_hops)
+
+
+def test_a_fleet_travels_at_once_and_finishes_sooner() -> None:
+    """Without faults, every GPU of a fleet does hops, and the same deployment ends sooner in simulated time."""
+    cfg = SimConfig(holders=["h1", "h2", "h3", "h4"], remote=[], tokens={h: 192 for h in ("h1", "h2", "h3", "h4")}, rounds=2, faults=False)
+    one = run_seed(5, config=cfg)
+    for gpus in (2, 3):
+        cfg.gpus = gpus
+        r = run_seed(5, config=cfg)
+        assert r.ok and r.finished and r.trained == one.trained == 24, (r.violations, r.trained)
+        assert all(n > 0 for n in r.lane_hops) and len(r.lane_hops) == gpus
+        assert r.sim_time < one.sim_time, (r.sim_time, one.sim_time)
 
 
 @pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
@@ -112,3 +130,15 @@ def test_cli_one_seed_and_bad_options() -> None:
         assert out.exit_code == 2 and says in out.output and "Traceback" not in out.output, out.output
     some = CliRunner().invoke(main, ["sim", "--seed", "7", "--faults", "none"])
     assert some.exit_code == 0 and "seed 7" in some.output
+    for bad_gpus in ("0", "-1", "x", "65"):
+        out = CliRunner().invoke(main, ["sim", "--seed", "7", "--gpus", bad_gpus])
+        assert out.exit_code == 2 and "--gpus" in out.output and "Traceback" not in out.output, out.output
+
+
+def test_cli_fleet() -> None:
+    out = CliRunner().invoke(main, ["sim", "--seed", "7", "--gpus", "3"])
+    assert out.exit_code == 0 and "3 GPUs merging every" in out.output, out.output
+    one = json.loads(CliRunner().invoke(main, ["sim", "--seed", "7", "--gpus", "2", "--json"]).output)
+    assert one["gpus"] == 2 and len(one["hops_per_gpu"]) == 2 and one["violations"] == []
+    many = CliRunner().invoke(main, ["sim", "--seeds", "30", "--gpus", "2", "--json"])
+    assert many.exit_code == 0 and json.loads(many.output)["gpus"] == 2 and json.loads(many.output)["violations"] == 0

@@ -40,6 +40,8 @@ class SimConfig:
     fault_window: float = 0.0  # simulated seconds from the start during which faults happen
     hostile: dict[str, str] = field(default_factory=dict)  # holder -> behaviour (see hostile.py)
     operator_resumes: bool = False  # a run that stopped with a reason is started again with --resume (once)
+    gpus: int = 1  # lanes: GPU tokens travelling at once
+    merge_every: int = 2  # with gpus > 1: replicas are averaged after this many trained hops of the fleet
 
     @property
     def nodes(self) -> list[str]:
@@ -66,8 +68,9 @@ class SimConfig:
         return self.total_hops * self.max_attempts * per_hop + self.backoff_max + 2 * self.absent_timeout + self.register_timeout + 5.0
 
 
-def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True) -> SimConfig:
-    """A deployment drawn from ``rng``: 2-4 holders (maybe one remote), 1-3 chunks each, 1-2 rounds, travel or ship."""
+def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True, gpus: int = 1) -> SimConfig:
+    """A deployment drawn from ``rng``: 2-4 holders (maybe one remote), 1-3 chunks each, 1-2 rounds, travel or ship;
+    with ``gpus`` > 1 a fleet, merging every 1-4 trained hops (drawn last: one GPU's seeds are the same as before fleets)."""
     from gtbus.testing.sim.hostile import BEHAVIOURS
 
     n = rng.randint(2, 4)
@@ -87,4 +90,7 @@ def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True
     )
     if hostile and rng.random() < 0.5:
         cfg.hostile[rng.choice(holders)] = rng.choice(sorted(BEHAVIOURS))
+    cfg.gpus = gpus
+    if gpus > 1:
+        cfg.merge_every = rng.randint(1, 4)
     return cfg

@@ -19,16 +19,28 @@ from __future__ import annotations
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 MASK = (1 << 64) - 1
 #: The model's digest before any training.
 INITIAL_MODEL = 0x5EED
+MERGE_SEED = 0xA7E2
 
 
 def chunk_tag(holder: str, chunk: int) -> int:
     """A stable number for one chunk's plaintext (stable across processes, unlike ``hash(str)``)."""
     return zlib.crc32(f"{holder}/{chunk}".encode())
+
+
+def merged_model(models: Sequence[int]) -> int:
+    """The digest of the average of replicas ``models`` (order does not matter; identical replicas average to themselves)."""
+    distinct = sorted(set(models))
+    if len(distinct) == 1:
+        return distinct[0]
+    x = MERGE_SEED
+    for m in distinct:
+        x = model_after(x, m)
+    return x
 
 
 def model_after(before: int, chunk: int) -> int:
@@ -66,6 +78,7 @@ class Staging:
     released: bool = False
     mapped_by: set[str] = field(default_factory=set)  # mappings open now
     mappers: set[str] = field(default_factory=set)  # everyone who mapped it: they may map again while it is exported
+    token: str = ""  # the id of the token (lane) whose grant it was staged for
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,12 +114,15 @@ class SimDevice:
         # Ciphertext crosses the untrusted staging path: anyone there may have kept a copy.
         self.captured: deque[Segment] = deque(maxlen=16)
         self.watch: DeviceWatch | None = None
+        # A fleet's lane: each replica trains with its own randomness, so two lanes training one chunk
+        # from one model make two models (the checker tells their histories apart). Lane 0 is a lone device.
+        self.lane = 0
 
     # -- staging ------------------------------------------------------------------------------
 
-    def alloc_staging(self, sid: int, epoch: int, holder: str, key: int, capacity: int) -> Staging:
-        """A fresh staging buffer exported for one grant, and the hop's key made live."""
-        s = Staging(sid, epoch, holder, key, capacity)
+    def alloc_staging(self, sid: int, epoch: int, holder: str, key: int, capacity: int, *, token: str = "") -> Staging:
+        """A fresh staging buffer exported for one grant (of token ``token``), and the hop's key made live."""
+        s = Staging(sid, epoch, holder, key, capacity, token=token)
         self.stagings[sid] = s
         self.keys.add(key)
         if self.watch is not None:
@@ -205,8 +221,10 @@ class SimDevice:
         """Train on an opened hop for assignment ``key`` = (round, holder, chunk)."""
         before = self.model
         assert before is not None, "training with no model loaded"
+        model = before
         for seg in opened.segments:
-            self.model = model_after(self.model, seg.content)
+            model = model_after(model, seg.content + (self.lane << 32))
+        self.model = model
         if self.watch is not None:
             self.watch.trained(self, opened, key, before)
 
@@ -228,3 +246,38 @@ class SimDevice:
             for s in list(self.stagings.values()):
                 self.scrub(s)
                 self.release(s)
+
+
+class SimHost:
+    """The GPU host of a fleet, as holders and the device agent reach it: a staging handle opens on
+    the device (lane) that exported it; what crossed the staging path is captured in one place."""
+
+    def __init__(self, devices: Sequence[SimDevice]) -> None:
+        self.devices = list(devices)
+        self.captured: deque[Segment] = self.devices[0].captured
+        for d in self.devices[1:]:
+            d.captured = self.captured
+
+    def _of(self, sid: int) -> SimDevice | None:
+        return next((d for d in self.devices if sid in d.stagings), None)
+
+    def map(self, sid: int, who: str) -> Staging | None:
+        """Map a staging export by its handle, on whichever device holds it; None if none does."""
+        d = self._of(sid)
+        return d.map(sid, who) if d is not None else None
+
+    def unmap(self, sid: int, who: str) -> None:
+        """Close ``who``'s mapping."""
+        d = self._of(sid)
+        if d is not None:
+            d.unmap(sid, who)
+
+    def write(self, sid: int, seg: Segment, who: str, *, at: int | None = None) -> bool:
+        """Write one segment through a mapping (see :meth:`SimDevice.write`)."""
+        d = self._of(sid)
+        return d.write(sid, seg, who, at=at) if d is not None else False
+
+    def truncate(self, sid: int, who: str, keep: int) -> bool:
+        """Drop segments from ``keep`` on (see :meth:`SimDevice.truncate`)."""
+        d = self._of(sid)
+        return d.truncate(sid, who, keep) if d is not None else False

@@ -128,17 +128,27 @@ def _skew(world: World, who: str, offset: float, dt: float) -> None:
     world.after(dt, world.skew.pop, who, None)
 
 
+def _held(orch: Any) -> list[Any]:
+    # The lanes whose token a holder holds (its grant sent): otherwise the orchestrator owns the device.
+    if not orch.up:
+        return []
+    return [lane for lane in orch.lanes if lane.hop is not None and lane.token.phase in (Phase.GRANTED, Phase.HELD)]
+
+
 def _tamper(world: World, orch: Any, digest: int) -> None:
-    # Only while a holder holds the token (its grant sent): otherwise the orchestrator owns the device.
-    if orch.up and orch.hop is not None and not orch.hop.waiting_agent and orch.token.phase in (Phase.GRANTED, Phase.HELD) and orch.device.model is not None:
-        world.note("fault: model tampered", orch.hop.machine.epoch)
-        orch.device.model = digest
+    # The first such lane's replica (a fleet's: one GPU's model), while its holder provisions.
+    for lane in _held(orch):
+        if not lane.hop.waiting_agent and lane.device.model is not None:
+            world.note("fault: model tampered", lane.hop.machine.epoch)
+            lane.device.model = digest
+            return
 
 
 def _change_code(world: World, orch: Any) -> None:
-    # Loaded code changed while a holder holds the token: the hop rolls back and the run stops.
-    if orch.up and orch.hop is not None and orch.token.phase in (Phase.GRANTED, Phase.HELD):
-        world.note("fault: loaded code changed", orch.hop.machine.epoch)
+    # Loaded code changed while a holder holds a token: the hop rolls back and the run stops.
+    held = _held(orch)
+    if held:
+        world.note("fault: loaded code changed", held[0].hop.machine.epoch)
         orch.code_changed = "gtbus.training.trainer.Trainer.train_on"
 
 

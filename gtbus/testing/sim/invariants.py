@@ -21,6 +21,18 @@ machine (``tests/sim/test_invariants_fire.py``):
 * ``dataset-changed``: once a run is scheduled, a holder is admitted only with
   the dataset (token count, digest) it was scheduled with, after a resume too.
 
+A fleet (``gtbus sim --gpus K``) has one device per lane: the checks above hold
+per device (one owner, everything earlier scrubbed, each replica's model
+accounted for), and across them:
+
+* ``epoch-reused`` is across lanes: no two grants of any lanes share an epoch;
+* ``epoch-not-increasing``: each token's (lane's) epochs strictly increase;
+* ``holder-on-two-gpus``: a holder is granted on one lane while it still holds
+  live staging (exported or not, its key live) on another;
+* ``chunk-trained-twice`` is across replicas: a merge (model averaging) joins
+  the replicas' histories, and no chunk may appear twice in one round of the
+  joined history, nor twice in the final model's.
+
 The checker learns of the device's operations through :class:`DeviceWatch`;
 it keeps only what it needs, so checking costs little per step.
 """
@@ -28,7 +40,7 @@ it keeps only what it needs, so checking costs little per step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Iterator, Sequence
 
 from gtbus.testing.sim.device import INITIAL_MODEL, Opened, SimDevice, Staging, chunk_tag
 
@@ -40,9 +52,12 @@ UNSCRUBBED: Final = "unscrubbed-before-grant"
 MODEL_UNACCOUNTED: Final = "model-changed-without-training"
 NO_PROGRESS: Final = "no-progress"
 DATASET_CHANGED: Final = "dataset-changed"
+EPOCH_ORDER: Final = "epoch-not-increasing"
+HOLDER_TWO_GPUS: Final = "holder-on-two-gpus"
 
 #: Every invariant's name, in the order the module docstring gives them.
-INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED)
+INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED,
+                     EPOCH_ORDER, HOLDER_TWO_GPUS)
 
 
 @dataclass(frozen=True)
@@ -66,8 +81,11 @@ class InvariantChecker:
         self.epochs: set[int] = set()
         # The model's history: digest -> (the digest it was trained from, (round, holder, chunk)).
         self.lineage: dict[int, tuple[int, tuple[int, str, int]] | None] = {INITIAL_MODEL: None}
+        self.merges: dict[int, tuple[int, ...]] = {}  # a merged model -> the replicas it averaged
         self.trained_hops = 0
         self.datasets: dict[str, tuple[int, str]] = {}
+        self.devices: list[SimDevice] = []  # every lane's device (a fleet); a lone device need not be listed
+        self.last_epoch: dict[str, int] = {}  # token id -> its last granted epoch
 
     def fail(self, name: str, detail: str) -> None:
         """Record a violation."""
@@ -79,7 +97,15 @@ class InvariantChecker:
         """A grant is about to leave with this staging: fresh epoch, everything earlier scrubbed."""
         if staging.epoch in self.epochs:
             self.fail(EPOCH_REUSED, f"epoch {staging.epoch} granted again (to {staging.holder})")
+        elif staging.epoch <= self.last_epoch.get(staging.token, 0):
+            self.fail(EPOCH_ORDER, f"token {staging.token} granted epoch {staging.epoch} after epoch {self.last_epoch[staging.token]}")
         self.epochs.add(staging.epoch)
+        self.last_epoch[staging.token] = max(staging.epoch, self.last_epoch.get(staging.token, 0))
+        for lane, gpu in enumerate(self.devices):
+            held = [s for s in gpu.stagings.values() if gpu is not device and s.holder == staging.holder and s.key in gpu.keys]
+            if held:
+                self.fail(HOLDER_TWO_GPUS, f"{staging.holder} granted epoch {staging.epoch} while it holds lane {lane}'s staging of epoch {held[0].epoch}")
+                break
         for other in device.stagings.values():
             if other is not staging and not (other.scrubbed and other.released):
                 self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while staging of epoch {other.epoch} is not scrubbed and released")
@@ -91,7 +117,7 @@ class InvariantChecker:
         stale = device.keys - {staging.key}
         if stale:
             self.fail(UNSCRUBBED, f"grant of epoch {staging.epoch} while {len(stale)} earlier hop key(s) are still live")
-        if device.model is not None and device.model not in self.lineage:
+        if device.model is not None and not self.accounted(device.model):
             self.fail(MODEL_UNACCOUNTED, f"hop of epoch {staging.epoch} starts from a model no training produced")
 
     def trained(self, device: SimDevice, opened: Opened, key: tuple[int, str, int], before: int) -> None:
@@ -105,20 +131,10 @@ class InvariantChecker:
             if seg.content != chunk_tag(s.holder, chunk):
                 self.fail(UNAUTHENTICATED, f"epoch {s.epoch}: trained segment {seg.index} is not {s.holder}'s chunk {chunk}")
                 break
-        if before not in self.lineage:
+        if not self.accounted(before):
             self.fail(MODEL_UNACCOUNTED, f"epoch {s.epoch}: trained from a model no training produced")
-        else:
-            d: int | None = before
-            while d is not None:
-                entry = self.lineage.get(d)
-                if entry is None:
-                    break
-                d, done = entry
-                if done[0] != rnd:
-                    break
-                if done == key:
-                    self.fail(CHUNK_TWICE, f"{holder} chunk {chunk} trained twice in round {rnd} (epoch {s.epoch})")
-                    break
+        elif any(done == key for done in self._history(before, rnd)):
+            self.fail(CHUNK_TWICE, f"{holder} chunk {chunk} trained twice in round {rnd} (epoch {s.epoch})")
         after = device.model
         assert after is not None
         # The same chunk trained from the same model gives the same model (a training lost
@@ -128,19 +144,63 @@ class InvariantChecker:
 
     def restored(self, device: SimDevice, model: int) -> None:
         """A checkpoint's model was loaded: it must be one training produced."""
-        if model not in self.lineage:
+        if not self.accounted(model):
             self.fail(MODEL_UNACCOUNTED, "restored a model no training produced")
+
+    # -- the model's history ----------------------------------------------------------------------
+
+    def accounted(self, model: int) -> bool:
+        """Whether training (or a merge of trained replicas) produced ``model``."""
+        return model in self.lineage or model in self.merges
+
+    def _history(self, model: int, rnd: int | None = None) -> Iterator[tuple[int, str, int]]:
+        """The trainings ``model`` descends from, each training once, through merges (only round ``rnd``'s, when given)."""
+        seen: set[int] = set()
+        todo = [model]
+        while todo:
+            d = todo.pop()
+            if d in seen:
+                continue
+            seen.add(d)
+            if d in self.merges:
+                todo.extend(self.merges[d])
+                continue
+            entry = self.lineage.get(d)
+            if entry is None:
+                continue
+            before, done = entry
+            if rnd is not None and done[0] != rnd:
+                continue  # rounds are barriers: what came before is another round's
+            yield done
+            todo.append(before)
+
+    def merged(self, replicas: Sequence[int], model: int) -> None:
+        """The replicas were averaged into ``model``: each accounted for, and no chunk twice in their joined history."""
+        for r in replicas:
+            if not self.accounted(r):
+                self.fail(MODEL_UNACCOUNTED, "merged a replica no training produced")
+                return
+        if model not in replicas:
+            self.merges[model] = tuple(sorted(set(replicas)))
+        seen: set[tuple[int, str, int]] = set()
+        for done in self._history(model):
+            if done in seen:
+                self.fail(CHUNK_TWICE, f"{done[1]} chunk {done[2]} of round {done[0]} trained on two replicas, merged")
+                return
+            seen.add(done)
 
     # -- after every step -----------------------------------------------------------------------
 
     def check_step(self, device: SimDevice) -> None:
         """The per-step checks: one owner."""
-        owners: set[str] = set()
-        for s in device.stagings.values():
-            if s.exported and s.mappers and s.key in device.keys:
-                owners |= s.mappers
-        if len(owners) > 1:
-            self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
+        for d in self.devices or (device,):
+            owners: set[str] = set()
+            for s in d.stagings.values():
+                if s.exported and s.mappers and s.key in d.keys:
+                    owners |= s.mappers
+            if len(owners) > 1:
+                self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
+                return
 
     def scheduled(self, datasets: dict[str, tuple[int, str]]) -> None:
         """The run's schedule was built from these datasets (holder -> (tokens, digest))."""
@@ -154,7 +214,7 @@ class InvariantChecker:
 
     def checkpointed(self, model: int | None) -> None:
         """A checkpoint is being saved with this model."""
-        if model is not None and model not in self.lineage:
+        if model is not None and not self.accounted(model):
             self.fail(MODEL_UNACCOUNTED, "checkpoint saved a model no training produced")
 
     def check_end(self, finished: bool, stopped: str | None, waited: float) -> None:
@@ -164,17 +224,10 @@ class InvariantChecker:
 
     def check_final_model(self, model: int | None, expected: set[tuple[int, str, int]]) -> None:
         """A finished run's model is the chain of exactly the chunks its schedule trained, each once."""
-        got: list[tuple[int, str, int]] = []
-        d = model
-        while d is not None:
-            entry = self.lineage.get(d)
-            if entry is None:
-                if d != INITIAL_MODEL:
-                    self.fail(MODEL_UNACCOUNTED, "the final model is not a chain of trainings")
-                    return
-                break
-            d, key = entry
-            got.append(key)
+        if model is not None and model != INITIAL_MODEL and not self.accounted(model):
+            self.fail(MODEL_UNACCOUNTED, "the final model is not a chain of trainings")
+            return
+        got = list(self._history(model)) if model is not None else []
         if len(got) != len(set(got)) or set(got) != expected:
             lost = sorted(expected - set(got))[:3]
             extra = sorted(set(got) - expected)[:3]

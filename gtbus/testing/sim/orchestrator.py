@@ -13,6 +13,16 @@ holder), times the lease on its own clock, and feeds the answers back.
 Its disk (:class:`OrchestratorDisk`) survives a crash: the epoch reservation,
 the list of in-flight staging exports, the checkpoint. A restart resumes from
 it, as ``--resume`` does.
+
+A fleet (``gtbus sim --gpus K``) has K lanes, each its own token machine,
+device (replica) and hop in flight, handed work by the real
+:class:`FleetSchedule`. The shell keeps the rules :mod:`gtbus.protocol.fleet`
+and the real orchestrator state: one epoch counter for all lanes; messages go
+to the lane whose token id they carry; every ``merge_every`` trained hops no
+new hop starts until none is in flight, then the replicas are averaged and,
+with K > 1, only then is the checkpoint written (and when the run stops or
+ends); a hop that rolls back restores its lane's replica to the model the hop
+began from (K = 1: the checkpoint's, which is the same model).
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from gtbus.messages.registry import REGISTRY, RejectedMessage, body_from_wire
 from gtbus.protocol.admission import RunShape
 from gtbus.protocol.enrolment import Enrolment, Refused
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
+from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.hop import (
     Acked,
@@ -61,7 +72,7 @@ from gtbus.protocol.hop import (
 )
 from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.config import AGENT, CHUNK_TOKENS, OBSERVER, ORCHESTRATOR, SEGMENT_BYTES, TOKEN_BYTES, SimConfig
-from gtbus.testing.sim.device import INITIAL_MODEL, Opened, Segment, SimDevice, Staging
+from gtbus.testing.sim.device import INITIAL_MODEL, Opened, Segment, SimDevice, Staging, merged_model
 from gtbus.testing.sim.invariants import InvariantChecker
 from gtbus.testing.sim.world import Envelope, World
 
@@ -100,10 +111,21 @@ class _Hop:
 
     machine: HopMachine
     model_before: int | None
+    lane: "_Lane"
     staging: Staging | None = None
     grant: GrantBody | None = None
     opened: Opened | None = None
     waiting_agent: bool = False
+
+
+@dataclass(eq=False)
+class _Lane:
+    """One GPU token of the fleet: its index, device (replica), token machine and hop in flight."""
+
+    index: int
+    device: SimDevice
+    token: TokenMachine
+    hop: _Hop | None = None
 
 
 class SimOrchestrator:
@@ -127,10 +149,14 @@ class SimOrchestrator:
         token_factory: Callable[..., TokenMachine] = TokenMachine,
         schedule_factory: Callable[..., Schedule] = Schedule,
         hop_factory: Callable[..., HopMachine] = HopMachine,
+        fleet_factory: Callable[..., FleetSchedule] = FleetSchedule,
+        devices: list[SimDevice] | None = None,
     ) -> None:
         self.world = world
         self.cfg = cfg
-        self.device = device
+        self.device = device  # lane 0's
+        self.devices = devices or [device]
+        self.fleet_factory = fleet_factory
         self.checker = checker
         self.disk = disk
         self.token_factory = token_factory
@@ -141,6 +167,7 @@ class SimOrchestrator:
         self.finished = False
         self.stopped: str | None = None
         self.hops: list[tuple[int, str]] = []  # (epoch, outcome) of this incarnation
+        self.lane_hops = [0] * len(self.devices)  # settled hops per lane, every incarnation
         # A fault may kill the process between two actions of a hop (after the epoch is
         # reserved and before the grant, after training and before the checkpoint, ...).
         self.crash_countdown = 0
@@ -153,42 +180,57 @@ class SimOrchestrator:
         w, disk = self.world, self.disk
         self.up = True
         self.incarnation += 1
-        self.token = self.token_factory(f"t{w.fresh_id()}", last_epoch=disk.reserved_epoch)
-        self.reserved_upto = self.token.epoch
+        self.lanes = [_Lane(k, d, self.token_factory(f"t{w.fresh_id()}", last_epoch=disk.reserved_epoch)) for k, d in enumerate(self.devices)]
+        self.epoch = disk.reserved_epoch  # the fleet's epoch counter: the highest issued (or reserved before this process)
+        self.reserved_upto = self.epoch
         for sid in sorted(disk.inflight):  # _discard_inflight
-            self.device.discard_export(sid)
+            for d in self.devices:
+                d.discard_export(sid)
         disk.inflight.clear()
+        self.fleet: FleetSchedule | None = None
         self.schedule: Schedule | None = None
+        self.trained_since_merge = 0
         ck = disk.checkpoint
         self.datasets: dict[str, tuple[int, str]] = {}
         if ck is not None:
-            self.schedule = Schedule.from_state(ck["schedule"]) if ck["schedule"] else None
+            if ck["schedule"]:
+                self.fleet = FleetSchedule.from_state(ck["schedule"])
+                self.schedule = self.fleet.schedule
             if self.checkpoint_datasets:
                 self.datasets = dict(ck["datasets"])
-            self.token.epoch = max(self.token.epoch, ck["epoch"])
-            self.device.restore(ck["model"])
+            self.epoch = max(self.epoch, ck["epoch"])
+            for d in self.devices:
+                d.restore(ck["model"])
         else:
-            self.device.restore(INITIAL_MODEL)
+            for d in self.devices:
+                d.restore(INITIAL_MODEL)
             self.checker.scheduled({})  # no checkpoint: a new run, whatever data its holders bring
         self.enrolment = Enrolment(self.cfg.holders, known=self.datasets)
         self.running = False
-        self.hop: _Hop | None = None
         cfg = self.cfg
         self.liveness = HolderLiveness(cfg.backoff_min, cfg.backoff_max, cfg.absent_timeout)
         self.last_heard: dict[str, float] = {}
         self.followers: set[str] = set()
         self.code_changed: str | None = None  # a fault may change the loaded code; a new process loads it afresh
         w.release_held(self.name)
-        w.note("orchestrator started", (self.incarnation, self.token.epoch))
+        w.note("orchestrator started", (self.incarnation, self.epoch))
         self._hello(self.incarnation)
         w.on_node(self.name, self.cfg.register_timeout, self._register_deadline, self.incarnation)
 
     def crash(self) -> None:
         """kill -9: the process and its keys and model are gone; the disk stays."""
         self.up = False
-        self.device.process_died()
+        for d in self.devices:
+            d.process_died()
         self.world.hold_while_down(self.name)
         self.world.note("orchestrator crashed")
+
+    def exit(self) -> None:
+        """The process exits after the run stopped with a reason: its keys and model go with it
+        (a fleet's other lanes may have had hops in flight); the disk stays. Nothing of it runs until a restart."""
+        self.up = False
+        for d in self.devices:
+            d.process_died()
 
     def resume_after_stop(self) -> None:
         """An operator runs ``gtbus orchestrator --resume`` after the run stopped with a reason."""
@@ -244,13 +286,14 @@ class SimOrchestrator:
                 self.schedule = self.schedule_factory(
                     {h: manifests[h].chunk_count for h in self.cfg.holders}, self.cfg.rounds, max_attempts=self.cfg.max_attempts
                 )
+                self.fleet = self.fleet_factory(self.schedule, len(self.lanes))
                 self.datasets = {h: (m.total_tokens, m.digest) for h, m in manifests.items()}
                 self.checker.scheduled(dict(self.datasets))
             self._next_hop(self.incarnation)
 
     def _on_snapshot_request(self, env: Envelope) -> None:
         self.followers.add(env.src)
-        self.world.send(self.name, env.src, "snapshot", (self.token.epoch, self.token.phase.value))
+        self.world.send(self.name, env.src, "snapshot", (self.epoch, self.lanes[0].token.phase.value))
 
     def _decoded(self, env: Envelope, kind: str, body: Any) -> Any:
         # The receive pipeline: a body with a field of the wrong type, a missing or an extra
@@ -263,14 +306,22 @@ class SimOrchestrator:
                 return None
         return body
 
+    def _hop_of(self, token_id: str) -> _Hop | None:
+        """The hop in flight of the lane whose token id a message carries (None: no lane's, or that lane is idle)."""
+        for lane in self.lanes:
+            if lane.token.token_id == token_id:
+                return lane.hop
+        self.world.note("hop ignored", f"unknown token {str(token_id)[:16]!r}")
+        return None
+
     def _on_ship_segment(self, env: Envelope) -> None:
-        hop = self.hop
         body = env.body
-        if hop is None or not isinstance(body, tuple) or len(body) != 3:
+        if not isinstance(body, tuple) or len(body) != 3:
             return
         shipped, seg, size = body
         shipped = self._decoded(env, "ship-segment", shipped)
-        if shipped is None:
+        hop = self._hop_of(shipped.token_id) if shipped is not None else None
+        if hop is None:
             return
         # The blob's length is what the real node measures; the machine checks index, count and size.
         event = SegmentShipped(env.src, env.epoch, shipped.token_id, shipped.index, shipped.count, size)
@@ -280,7 +331,7 @@ class SimOrchestrator:
 
     def _on_token_message(self, env: Envelope) -> None:
         msg = self._decoded(env, env.kind, env.body)
-        hop = self.hop
+        hop = self._hop_of(msg.token_id) if msg is not None else None
         if msg is None or hop is None:
             return  # between hops the token is idle: nothing a holder says about it counts
         if env.kind == "ack":
@@ -295,20 +346,52 @@ class SimOrchestrator:
     # -- the run loop --------------------------------------------------------------------------
 
     def _next_hop(self, inc: int) -> None:
-        if not self._live(inc) or self.hop is not None:
+        """Hand every idle lane its next hop; with none in flight, merge when due, finish, or wait for a holder."""
+        if not self._live(inc):
             return
-        assert self.schedule is not None
-        a = self.schedule.next(self._reachable)
-        if a is None:
-            if self.schedule.finished:
-                self.finished = True
-                self.world.note("run complete", len(self.hops))
-                for n in [*self.cfg.holders, *sorted(self.followers)]:
-                    self.world.send(self.name, n, "complete", None)
-                return
-            self._wait_for_a_holder(inc)
+        fleet = self.fleet
+        assert fleet is not None
+        busy = any(lane.hop is not None for lane in self.lanes)
+        if self._merge_due():
+            if busy:
+                return  # no new hop until the replicas are merged: the last hop to end comes back here
+            self._merge()
+        started = False
+        for lane in self.lanes:
+            if lane.hop is None and self._live(inc):
+                a = fleet.next_for(lane.index, self._reachable)
+                if a is not None:
+                    started = True
+                    self._start_hop(lane, a)
+        if started or busy or not self._live(inc):
             return
-        self._start_hop(a)
+        if fleet.finished:
+            if len(self.lanes) > 1:
+                self._merge()
+            self.finished = True
+            self.world.note("run complete", len(self.hops))
+            for n in [*self.cfg.holders, *sorted(self.followers)]:
+                self.world.send(self.name, n, "complete", None)
+            return
+        self._wait_for_a_holder(inc)
+
+    def _align_epoch(self, lane: _Lane) -> None:
+        """One epoch counter for the fleet: the lane's token takes the next epoch of any lane's."""
+        lane.token.epoch = max(lane.token.epoch, self.epoch)
+
+    def _merge_due(self) -> bool:
+        return len(self.lanes) > 1 and self.trained_since_merge >= self.cfg.merge_every
+
+    def _merge(self) -> None:
+        """Average the replicas into every lane (no hop is in flight), then checkpoint the one model."""
+        replicas = [lane.device.measure() for lane in self.lanes]
+        model = merged_model([m for m in replicas if m is not None])
+        self.checker.merged([m for m in replicas if m is not None], model)
+        for lane in self.lanes:
+            lane.device.restore(model)
+        self.world.note("merge", (self.trained_since_merge, model))
+        self.trained_since_merge = 0
+        self._save_checkpoint()
 
     def _reachable(self, holder: str) -> bool:
         return self.liveness.reachable(holder, self.world.now, self.last_heard.get(holder, -1.0))
@@ -316,30 +399,34 @@ class SimOrchestrator:
     def _wait_for_a_holder(self, inc: int) -> None:
         if not self._live(inc):
             return
-        assert self.schedule is not None
-        waiting = self.schedule.pending_holders()
+        assert self.fleet is not None
+        waiting = self.fleet.pending_holders()
         decision = self.liveness.while_away(waiting, self.cfg.holders, self.world.now, self.last_heard)
         if decision is WhileAway.GO_ON:
             self._next_hop(inc)
         elif decision is WhileAway.GIVE_UP:
             for h in waiting:
-                self.schedule.give_up(h)
+                self.fleet.give_up(h)
             self._next_hop(inc)
         elif decision is WhileAway.STOP:
-            self._save_checkpoint()
+            if len(self.lanes) > 1:
+                self._merge()  # it checkpoints
+            else:
+                self._save_checkpoint()
             self._stop(f"no holder was reachable for {self.cfg.absent_timeout:.0f}s ({', '.join(waiting)} have work left)")
         else:
             self.world.on_node(self.name, min(0.05, self.cfg.backoff_min), self._wait_for_a_holder, inc)
 
     # -- one hop: the real HopMachine decides, this shell does --------------------------------
 
-    def _start_hop(self, a: Assignment) -> None:
+    def _start_hop(self, lane: _Lane, a: Assignment) -> None:
         manifest = self.enrolment.manifests[a.holder]
         chunk_bytes = manifest.chunk_tokens_of(a.chunk, CHUNK_TOKENS) * TOKEN_BYTES
-        machine = self.hop_factory(self.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease,
+        self._align_epoch(lane)
+        machine = self.hop_factory(lane.token, a, chunk_bytes=chunk_bytes, segment_size=SEGMENT_BYTES, lease=self.cfg.lease,
                                    ship=self.cfg.mode == "ship", via=manifest.via)
-        hop = _Hop(machine, self.device.measure())
-        self.hop = hop
+        hop = _Hop(machine, lane.device.measure(), lane)
+        lane.hop = hop
         self._drive(hop, Begin(self.world.clock(self.name), _digest(hop.model_before)))
 
     def _drive(self, hop: _Hop, event: HopEvent) -> bool:
@@ -353,26 +440,27 @@ class SimOrchestrator:
                 if not self.crash_countdown:
                     self.world.note("fault: crash before", type(action).__name__)
                     self.crash_hook()
-            if self.hop is not hop or not self.up:
+            if hop.lane.hop is not hop or not self.up:
                 break  # the process died, or the hop ended, while executing
             answer = self._do(hop, action)
             if answer is not None:
                 self._drive(hop, answer)
-        if hop.machine.done and self.hop is hop:
-            self.hop = None
+        if hop.machine.done and hop.lane.hop is hop:
+            hop.lane.hop = None
             self.world.on_node(self.name, 0.002, self._next_hop, self.incarnation)
         return step.verdict.accepted
 
     def _do(self, hop: _Hop, action: HopAction) -> HopEvent | None:
-        m, w, device = hop.machine, self.world, self.device
+        m, w, device, token = hop.machine, self.world, hop.lane.device, hop.lane.token
         if isinstance(action, NewEpoch):
+            self.epoch = max(self.epoch, action.epoch)
             self._reserve_epoch(action.epoch)
         elif isinstance(action, SendGrant):
             return self._send_grant(hop, action)
         elif isinstance(action, PublishTokenState):
-            self._publish("token-state", (self.token.epoch, self.token.owner, self.token.phase.value))
+            self._publish("token-state", (token.epoch, token.owner, token.phase.value))
         elif isinstance(action, SendRevoke):
-            w.send(self.name, action.to, "revoke", self.token.token_id, m.epoch)
+            w.send(self.name, action.to, "revoke", token.token_id, m.epoch)
         elif isinstance(action, OpenSegments):
             assert hop.staging is not None
             # As the shell does: the staging is scrubbed and revoked in the epilogue, after training.
@@ -389,14 +477,14 @@ class SimOrchestrator:
             device.train(hop.opened, (a.round, a.holder, a.chunk))
             return Trained()
         elif isinstance(action, RestoreModel):
-            self._restore_model()
+            self._restore_model(hop)
         elif isinstance(action, Scrub):
             self._epilogue(hop)
             return Scrubbed()
         elif isinstance(action, Settle):
             self._settle(hop, action.outcome, action.settlement)
-        elif isinstance(action, Checkpoint):
-            self._save_checkpoint()
+        elif isinstance(action, Checkpoint) and len(self.lanes) == 1:
+            self._save_checkpoint()  # a fleet checkpoints where it merges, its replicas one model
         elif isinstance(action, PublishRecord):
             self._publish("hop", (m.epoch, m.assignment.holder, m.outcome.value if m.outcome else None))
         elif isinstance(action, StopRun):
@@ -405,7 +493,7 @@ class SimOrchestrator:
 
     def _measured(self, hop: _Hop) -> int | None:
         """What re-measuring the model reads."""
-        return self.device.measure()
+        return hop.lane.device.measure()
 
     def _reserve_epoch(self, epoch: int) -> None:
         if epoch > self.reserved_upto:
@@ -414,15 +502,15 @@ class SimOrchestrator:
 
     def _send_grant(self, hop: _Hop, action: SendGrant) -> HopEvent | None:
         """Export a fresh staging buffer and key for the grant; stage on the agent first for a remote holder."""
-        w, g = self.world, action.grant
+        w, g, device = self.world, action.grant, hop.lane.device
         key, sid = w.fresh_id(), w.fresh_id()
-        if self.device.exports_outlive_process:
+        if device.exports_outlive_process:
             self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
         capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
-        hop.staging = self.device.alloc_staging(sid, g.epoch, g.holder, key, capacity)
+        hop.staging = device.alloc_staging(sid, g.epoch, g.holder, key, capacity, token=g.token_id)
         if hop.machine.ship:
             # Ship mode: the ciphertext lands in this process's memory, never exported.
-            self.device.revoke_export(hop.staging)
+            device.revoke_export(hop.staging)
         hop.grant = GrantBody(g.token_id, g.holder, action.chunk, g.deadline, key, sid, self.cfg.mode)
         w.note("grant", (g.epoch, g.holder, hop.machine.assignment.round, action.chunk))
         # The lease runs on this node's clock: its timer fires when that clock reads the deadline.
@@ -442,7 +530,7 @@ class SimOrchestrator:
         return Delivered()
 
     def _on_ready(self, env: Envelope) -> None:
-        hop = self.hop
+        hop = self._hop_of(env.body) if isinstance(env.body, str) else None
         if hop is None or not hop.waiting_agent or hop.grant is None or env.body != hop.grant.token_id:
             return
         hop.waiting_agent = False
@@ -450,35 +538,40 @@ class SimOrchestrator:
 
     def _on_refusal(self, env: Envelope) -> None:
         # The device agent could not stage the hop (the real stage request gets a Refusal).
-        hop = self.hop
+        hop = next((lane.hop for lane in self.lanes if lane.hop is not None and lane.hop.machine.epoch == env.epoch), None)
         if hop is not None and hop.waiting_agent and env.src == hop.machine.via and env.epoch == hop.machine.epoch:
             hop.waiting_agent = False
             self._drive(hop, Undelivered(f"device agent {env.src} refused the stage: {env.body}"))
 
     def _lease_check(self, inc: int, hop: _Hop) -> None:
-        if not self._live(inc) or self.hop is not hop:
+        if not self._live(inc) or hop.lane.hop is not hop:
             return
         if hop.waiting_agent:
             # The agent's stage request timed out (the real request's timeout is the lease).
             hop.waiting_agent = False
             self._drive(hop, Undelivered("device agent did not answer the stage"))
-            if self.hop is not hop:
+            if hop.lane.hop is not hop:
                 return
             # The machine did not take it (an early ack moved it on): like the real shell,
             # fall back on the lease.
         self._drive(hop, LeaseExpired(self.world.clock(self.name)))
         wake = hop.machine.wake_at
-        if self.hop is hop and wake is not None:
+        if hop.lane.hop is hop and wake is not None:
             # This clock was set back since the grant: look again when it reads the deadline.
             self.world.on_node(self.name, wake - self.world.clock(self.name) + 1e-6, self._lease_check, inc, hop)
 
-    def _restore_model(self) -> None:
+    def _restore_model(self, hop: _Hop) -> None:
+        if len(self.lanes) > 1 and hop.model_before is not None:
+            # A fleet's checkpoint is the last merge: this replica trained since. It goes back to the
+            # model its hop began from (verified at the grant); the real orchestrator keeps that copy.
+            hop.lane.device.restore(hop.model_before)
+            return
         ck = self.disk.checkpoint
-        self.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
+        hop.lane.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
 
     def _epilogue(self, hop: _Hop) -> None:
         """Scrub and release the staging, drop the key."""
-        device = self.device
+        device = hop.lane.device
         if hop.staging is not None:
             device.scrub(hop.staging)
             device.release(hop.staging)
@@ -487,25 +580,27 @@ class SimOrchestrator:
 
     def _settle(self, hop: _Hop, outcome: HopOutcome, settlement: Settlement) -> None:
         a = hop.machine.assignment
-        assert self.schedule is not None
+        assert self.fleet is not None
         if settlement is not Settlement.DEFER:
             self.liveness.reached(a.holder)
         if settlement is Settlement.COMPLETE:
-            self.schedule.complete(a)
+            self.fleet.release(hop.lane.index, "done")
+            self.trained_since_merge += 1
         elif settlement is Settlement.DEFER:
-            self.schedule.defer(a)
+            self.fleet.release(hop.lane.index, "deferred")
             self.liveness.unreached(a.holder, self.world.now)
         else:
-            self.schedule.fail(a)
+            self.fleet.release(hop.lane.index, "failed")
         self.hops.append((hop.machine.epoch, outcome.value))
+        self.lane_hops[hop.lane.index] += 1
         self.world.note("hop", (hop.machine.epoch, a.holder, a.chunk, outcome.value, hop.machine.detail[:60]))
 
     def _save_checkpoint(self) -> None:
-        model = self.device.measure()
+        model = self.device.measure()  # a fleet's replicas are one model here (merged)
         self.checker.checkpointed(model)
         self.disk.checkpoint = {
-            "epoch": self.token.epoch,
-            "schedule": self.schedule.to_state() if self.schedule else None,
+            "epoch": self.epoch,
+            "schedule": self.fleet.to_state() if self.fleet else None,
             "model": model,
             "datasets": dict(self.datasets),
         }

@@ -13,13 +13,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection
 
+from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.hop import HopMachine
 from gtbus.protocol.schedule import Schedule
 from gtbus.protocol.token import TokenMachine
 from gtbus.testing.sim.agent import SimAgent, SimObserver
 from gtbus.messages.identity import Role
 from gtbus.testing.sim.config import AGENT, OBSERVER, ORCHESTRATOR, SimConfig, draw_config
-from gtbus.testing.sim.device import SimDevice
+from gtbus.testing.sim.device import SimDevice, SimHost
 from gtbus.testing.sim.faults import plan_faults
 from gtbus.testing.sim.holder import SimHolder
 from gtbus.testing.sim.hostile import hostile_holder
@@ -41,6 +42,7 @@ class Machines:
     token: Callable[..., TokenMachine] = TokenMachine
     schedule: Callable[..., Schedule] = Schedule
     hop: Callable[..., HopMachine] = HopMachine
+    fleet: Callable[..., FleetSchedule] = FleetSchedule
 
 
 @dataclass
@@ -63,6 +65,7 @@ class SeedResult:
     restarts: int = 0  # orchestrator restarts (resumed from its disk)
     kept: list[int] | None = None  # the faults applied, by index, when not all of them
     config_given: bool = False  # run with an explicit SimConfig rather than the seed's own
+    lane_hops: list[int] = field(default_factory=list)  # settled hops per lane (GPU)
 
     @property
     def ok(self) -> bool:
@@ -76,23 +79,29 @@ class SeedResult:
 
 
 def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
-             config: SimConfig | None = None, keep_faults: Collection[int] | None = None) -> SeedResult:
-    """Simulate the deployment of ``seed`` under its faults (only ``keep_faults``, by index, if given);
-    every invariant checked after every step."""
+             config: SimConfig | None = None, keep_faults: Collection[int] | None = None, gpus: int = 1) -> SeedResult:
+    """Simulate the deployment of ``seed`` under its faults (only ``keep_faults``, by index, if given), on
+    ``gpus`` lanes (a given ``config`` says its own); every invariant checked after every step."""
     m = machines or Machines()
     world = World(seed)
-    cfg = config or draw_config(world.rng, faults=faults, hostile=hostile)
+    cfg = config or draw_config(world.rng, faults=faults, hostile=hostile, gpus=gpus)
     checker = InvariantChecker()
-    device = m.device(exports_outlive_process=cfg.exports_outlive_process)
-    device.watch = checker
+    devices = [m.device(exports_outlive_process=cfg.exports_outlive_process) for _ in range(cfg.gpus)]
+    for lane, d in enumerate(devices):
+        d.watch = checker
+        d.lane = lane
+    checker.devices = devices
+    device = devices[0]
+    # Holders and the agent reach staging by its handle on whichever GPU exported it.
+    host: Any = device if cfg.gpus == 1 else SimHost(devices)
     orch = m.orchestrator(world, cfg, device, checker, OrchestratorDisk(), token_factory=m.token, schedule_factory=m.schedule,
-                          hop_factory=m.hop)
+                          hop_factory=m.hop, fleet_factory=m.fleet, devices=devices)
     nodes: dict[str, Any] = {orch.name: orch}
     for h in cfg.holders:
         cls = hostile_holder(cfg.hostile[h]) if h in cfg.hostile else m.holder
-        nodes[h] = cls(world, cfg, device, h)
+        nodes[h] = cls(world, cfg, host, h)
     if cfg.via_agent:
-        agent = SimAgent(world, device)
+        agent = SimAgent(world, host)
         nodes[agent.name] = agent
     observer = SimObserver(world)
     nodes[observer.name] = observer
@@ -118,13 +127,13 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
         world.at(max(world.now, cfg.fault_window) + 1.0, _operator_resume, nodes)
         deadline = max(world.now, cfg.fault_window) + 1.0 + cfg.liveness_bound()
         orch.stopped = None
-        orch.up = False  # the stopped process is gone; nothing of it runs until the restart
+        orch.exit()  # the stopped process is gone; nothing of it runs until the restart
     checker.now = world.now
     if not checker.violations:
         checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
     if not checker.violations and orch.finished and orch.schedule is not None:
         checker.check_final_model(device.model, expected_trainings(orch.schedule))
-    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile")
+    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + (f" --gpus {cfg.gpus}" if cfg.gpus > 1 else "")
     if keep_faults is not None:
         flags += f" --faults {','.join(map(str, sorted(keep_faults))) or 'none'}"
     result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
@@ -134,6 +143,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     result.restarts = orch.incarnation - 1
     result.kept = sorted(keep_faults) if keep_faults is not None else None
     result.config_given = config is not None
+    result.lane_hops = list(orch.lane_hops)
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
@@ -154,7 +164,7 @@ def shrink(result: SeedResult, *, machines: Machines | None = None) -> SeedResul
     for index in list(keep):
         trial = [i for i in keep if i != index]
         r = run_seed(result.seed, faults=faults, hostile=hostile, machines=machines, keep_faults=trial,
-                     config=result.config if result.config_given else None)
+                     config=result.config if result.config_given else None, gpus=result.config.gpus)
         if not r.ok and r.violations[0].name == name:
             keep, best = trial, r
     return best
@@ -217,8 +227,8 @@ class SeedsSummary:
 
 
 def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
-              on_result: Callable[[SeedResult], None] | None = None) -> SeedsSummary:
-    """Run seeds ``first`` .. ``first + count - 1``."""
+              on_result: Callable[[SeedResult], None] | None = None, gpus: int = 1) -> SeedsSummary:
+    """Run seeds ``first`` .. ``first + count - 1`` on ``gpus`` lanes."""
     t0 = time.perf_counter()
     hops = trained = finished = 0
     failures: list[SeedResult] = []
@@ -227,7 +237,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
     restarts = 0
     modes: set[str] = set()
     for seed in range(first, first + count):
-        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines)
+        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines, gpus=gpus)
         hops += r.hops
         trained += r.trained
         finished += r.finished

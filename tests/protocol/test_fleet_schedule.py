@@ -155,6 +155,7 @@ def test_one_lane_is_the_schedule_alone(data: st.DataObject, chunks: dict[str, i
             if alone.finished:
                 break
             continue
+        assert b is not None
         outcome = data.draw(st.sampled_from(["done", "failed", "deferred"]))
         fleet.release(0, outcome)
         {"done": alone.complete, "failed": alone.fail, "deferred": alone.defer}[outcome](b)
