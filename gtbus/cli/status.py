@@ -64,7 +64,7 @@ def render(state: dict[str, Any], started: float) -> str:
         width = 30
         filled = round(width * done / total)
         lines.append(f"progress   [{'#' * filled}{'.' * (width - filled)}] {done}/{total} chunks trained ({100 * done / total:.0f} %)")
-    if tok.get("phase") in ("granted", "held") and state.get("hop_started"):
+    if not lanes and tok.get("phase") in ("granted", "held") and state.get("hop_started"):  # a fleet says it per lane
         lines.append(f"this hop   {tok.get('owner')} has held the token for {max(0.0, time.time() - float(state['hop_started'])):.1f} s")
     nbytes = int(state.get("bytes", 0))
     since = float(state.get("started") or started)

@@ -29,8 +29,9 @@ def test_a_line_per_token_with_holder_epoch_phase() -> None:
     assert lines[1].split() == ["gpu0", "holder", "h1", "epoch", "7", "phase", "held", "for", "1.5", "s"]
     assert lines[2].split() == ["gpu1", "holder", "orch", "epoch", "6", "phase", "idle"]
     assert lines[3].endswith("retired: device lost: CUDA error")
-    shown = render({**state, "run_id": "r1", "token": {"owner": "h1", "epoch": 7, "phase": "held"}}, now)
+    shown = render({**state, "run_id": "r1", "token": {"owner": "h1", "epoch": 7, "phase": "held"}, "hop_started": 990.0}, now)
     assert "gpu2" in shown and "token      owner" not in shown  # the lanes replace the single token's line
+    assert "this hop" not in shown  # the run-wide hop start would be some lane's: each lane says its own
 
 
 def test_one_token_keeps_the_token_line() -> None:
