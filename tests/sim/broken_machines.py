@@ -13,7 +13,7 @@ from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.hop import HopMachine, HopPhase, Remeasured, Scrub, Step
 from gtbus.protocol.schedule import Assignment, Schedule
 from gtbus.protocol.token import ACCEPT, Grant, TokenMachine
-from gtbus.testing.sim.device import Opened, SimDevice, Staging
+from gtbus.testing.sim.device import INITIAL_MODEL, Opened, SimDevice, Staging
 from gtbus.testing.sim.orchestrator import SimOrchestrator, _Hop
 
 
@@ -164,3 +164,12 @@ class CrowdingFleet(FleetSchedule):
 
     def _schedule_next(self, available: Any) -> Assignment | None:
         return self.schedule.next(available)
+
+
+class CheckpointRollback(SimOrchestrator):
+    """A fleet's hop that rolls back restores the checkpoint's model, as with one GPU. With K > 1 the
+    checkpoint is the last merge: what the lane trained since (hops already settled as done) is lost."""
+
+    def _restore_model(self, hop: _Hop) -> None:
+        ck = self.disk.checkpoint
+        hop.lane.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)

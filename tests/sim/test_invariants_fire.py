@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from broken_machines import (
+    CheckpointRollback,
     CrowdingFleet,
     DoubleGrantOrchestrator,
     DriftingDevice,
@@ -185,6 +186,15 @@ def test_a_chunk_trained_on_two_replicas_fires(merge_every: int) -> None:
     the replica's history or where the replicas are merged."""
     r = run_seed(1, config=quiet(gpus=2, merge_every=merge_every), machines=Machines(schedule=RepeatingSchedule))
     assert names(r) == {CHUNK_TWICE}, r.violations
+
+
+def test_a_fleet_rollback_to_the_checkpoint_loses_trained_hops() -> None:
+    """Found writing the fleet shell: a rolled-back hop must restore its replica to the model the hop began
+    from; the last checkpoint (the last merge) lacks what the lane trained since, hops settled as done."""
+    r = next(r for r in (run_seed(seed, gpus=2, machines=Machines(orchestrator=CheckpointRollback)) for seed in range(200)) if not r.ok)
+    assert names(r) == {MODEL_UNACCOUNTED} and "missing" in r.violations[0].detail, r.violations
+    assert any(f.startswith(("tamper", "code-change")) for f in r.faults)  # a hop rolled back
+    assert run_seed(r.seed, gpus=2).ok
 
 
 def test_the_real_machines_pass_the_same_fleets() -> None:
