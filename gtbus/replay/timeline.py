@@ -53,6 +53,11 @@ RIGHT: Final = 24
 ROW: Final = 22
 BAR: Final = 14
 LOSS_HEIGHT: Final = 120
+COLUMNS: Final = WIDTH - LEFT - RIGHT  # pixel columns of the time axis
+#: Up to this many hops each is drawn with its own bars, mark and title; beyond, rows are drawn
+#: per pixel column and only hops that did not train get a mark (at ~0.9 KB a hop, a long run's
+#: picture would grow past what a browser shows usefully).
+DETAIL_LIMIT: Final = 2000
 LABEL_CHARS: Final = 22  # a row label longer than this is cut (the hover title has it whole)
 TITLE_CHARS: Final = 400
 
@@ -130,14 +135,24 @@ def hop_title(s: HopSpan) -> str:
 class _Canvas:
     """The SVG's parts and the time scale."""
 
-    def __init__(self, run: RunHops) -> None:
+    def __init__(self, run: RunHops, detail_limit: int) -> None:
         self.run = run
         self.duration = max(run.end, 1e-3)
         self.parts: list[str] = []
         self.y = 0.0
+        self.detailed = len(run.hops) <= detail_limit
+        self.mark_limit = detail_limit
 
     def x(self, t: float) -> float:
-        return LEFT + (WIDTH - LEFT - RIGHT) * min(max(t, 0.0), self.duration) / self.duration
+        return LEFT + COLUMNS * min(max(t, 0.0), self.duration) / self.duration
+
+    def col(self, t: float) -> int:
+        """The pixel column of time ``t``."""
+        return min(COLUMNS - 1, int(COLUMNS * min(max(t, 0.0), self.duration) / self.duration))
+
+    def t_of(self, col: int) -> float:
+        """When pixel column ``col`` begins."""
+        return self.duration * col / COLUMNS
 
     def add(self, svg: str) -> None:
         self.parts.append(svg)
@@ -163,30 +178,77 @@ def _open_row(c: _Canvas, kind: str, name: str) -> float:
     return mid
 
 
+def _binned(c: _Canvas, mid: float, spans: list[tuple[float, float, str]], colour: dict[str, str], what: str) -> None:
+    """Too many hops to draw one by one: per pixel column, the ``what`` (holder or token) that held most of its time.
+
+    Neighbouring columns with the same one are one bar; its ``data-hops`` counts
+    the hops that began under it, so a row's bars count each hop once.
+    """
+    share: list[dict[str, float]] = [{} for _ in range(COLUMNS)]
+    starts = [0] * COLUMNS
+    for t0, t1, name in spans:
+        j0, j1 = c.col(t0), c.col(t1)
+        starts[j0] += 1
+        for j in range(j0, j1 + 1):
+            overlap = min(t1, c.t_of(j + 1)) - max(t0, c.t_of(j))
+            share[j][name] = share[j].get(name, 0.0) + max(overlap, 1e-12)
+    top = [max(col, key=col.__getitem__) if col else None for col in share]
+    j = 0
+    while j < COLUMNS:
+        most = top[j]
+        k = j + 1
+        while k < COLUMNS and top[k] == most:
+            k += 1
+        if most is not None:
+            n = sum(starts[j:k])
+            tip = f"{n} hops began from {_seconds(c.t_of(j))} to {_seconds(c.t_of(k))} s; {what} {most} held most of this time"
+            c.add(f'<rect class="bin" data-hops="{n}" data-mostly="{xml_text(most)}" x="{LEFT + j}" y="{mid - BAR / 2:.1f}" width="{k - j}" '
+                  f'height="{BAR}" fill="{colour[most]}"><title>{xml_text(tip)}</title></rect>')
+        j = k
+
+
+def _hop_mark(c: _Canvas, s: HopSpan, mid: float, inner: str = "") -> None:
+    key = _outcome_key(s)
+    _, shape, colour = OUTCOME_LOOK[key]
+    c.add(f'<g class="hop" data-epoch="{s.epoch}" data-outcome="{key}"><title>{xml_text(hop_title(s))}</title>{inner}'
+          f'<g class="mark outcome-{key}" data-outcome="{key}">{glyph(shape, c.x(s.end), mid, colour)}</g></g>')
+
+
 def _token_rows(c: _Canvas, holder_colour: dict[str, str]) -> None:
     _section(c, "GPU tokens")
+    marked = 0
     for token in c.run.tokens:
         mid = _open_row(c, "token", token)
-        for s in (h for h in c.run.hops if h.token_id == token):
-            key = _outcome_key(s)
-            _, shape, colour = OUTCOME_LOOK[key]
+        hops = [h for h in c.run.hops if h.token_id == token]
+        if not c.detailed:
+            _binned(c, mid, [(s.granted, s.end, s.holder) for s in hops], holder_colour, "holder")
+        for s in hops:
+            if not c.detailed:
+                if s.outcome != HopOutcome.TRAINED.value and marked < c.mark_limit:
+                    _hop_mark(c, s, mid)
+                    marked += 1
+                continue
             fill = holder_colour[s.holder]
             x0, x1, x2 = c.x(s.granted), c.x(s.held_until), c.x(s.end)
-            c.add(f'<g class="hop" data-epoch="{s.epoch}" data-outcome="{key}"><title>{xml_text(hop_title(s))}</title>')
-            c.add(f'<rect class="held" x="{x0:.1f}" y="{mid - BAR / 2:.1f}" width="{max(x1 - x0, 1.0):.1f}" height="{BAR}" fill="{fill}"/>')
+            bars = f'<rect class="held" x="{x0:.1f}" y="{mid - BAR / 2:.1f}" width="{max(x1 - x0, 1.0):.1f}" height="{BAR}" fill="{fill}"/>'
             if x2 > x1:
-                c.add(f'<rect class="settling" x="{x1:.1f}" y="{mid - BAR / 2:.1f}" width="{x2 - x1:.1f}" height="{BAR}" fill="{fill}" fill-opacity="0.3"/>')
-            c.add(f'<g class="mark outcome-{key}" data-outcome="{key}">{glyph(shape, x2, mid, colour)}</g></g>')
+                bars += f'<rect class="settling" x="{x1:.1f}" y="{mid - BAR / 2:.1f}" width="{x2 - x1:.1f}" height="{BAR}" fill="{fill}" fill-opacity="0.3"/>'
+            _hop_mark(c, s, mid, bars)
         c.add("</g>")
         c.y += ROW
 
 
-def _holder_rows(c: _Canvas, gpu_colour: dict[str, str]) -> None:
+def _holder_rows(c: _Canvas, gpu_colour: dict[str, str], holder_colour: dict[str, str]) -> None:
     c.y += 8
     _section(c, "holders")
     for holder in c.run.holders:
         mid = _open_row(c, "holder", holder)
-        for s in (h for h in c.run.hops if h.holder == holder):
+        hops = [h for h in c.run.hops if h.holder == holder]
+        if not c.detailed:
+            # Per column "which GPU" would split a busy holder's row into a bar a pixel: when it held one is what shows.
+            _binned(c, mid, [(s.granted, s.held_until, holder) for s in hops], holder_colour, "holder")
+            hops = []
+        for s in hops:
             x0, x1 = c.x(s.granted), c.x(s.held_until)
             what = f"{s.holder} held {s.token_id} from {_seconds(s.granted)} to {_seconds(s.held_until)} s (epoch {s.epoch}, chunk {s.chunk})"
             c.add(f'<rect class="held" data-token="{xml_text(s.token_id)}" data-epoch="{s.epoch}" x="{x0:.1f}" y="{mid - BAR / 2:.1f}" '
@@ -202,7 +264,7 @@ def _loss_chart(c: _Canvas, gpu_colour: dict[str, str]) -> None:
     c.text(8, c.y + 28, "nats/token, held out:", size=9)
     c.text(8, c.y + 40, "before / after training", size=9)
     top, bottom = c.y + 6, c.y + LOSS_HEIGHT
-    c.add(f'<g class="loss"><rect x="{LEFT}" y="{top:.1f}" width="{WIDTH - LEFT - RIGHT}" height="{bottom - top:.1f}" fill="none" stroke="#cccccc"/>')
+    c.add(f'<g class="loss"><rect x="{LEFT}" y="{top:.1f}" width="{COLUMNS}" height="{bottom - top:.1f}" fill="none" stroke="#cccccc"/>')
     if not points:
         c.text((LEFT + WIDTH) / 2, (top + bottom) / 2, "no losses recorded (no hop was trained)", anchor="middle")
     else:
@@ -217,15 +279,28 @@ def _loss_chart(c: _Canvas, gpu_colour: dict[str, str]) -> None:
         for v in (lo + pad, (lo + hi) / 2, hi - pad):
             c.text(LEFT - 4, y(v) + 4, f"{v:.3f}", anchor="end", size=9)
             c.add(f'<line x1="{LEFT}" y1="{y(v):.1f}" x2="{WIDTH - RIGHT}" y2="{y(v):.1f}" stroke="#eeeeee"/>')
-        for attr, cls, dash in (("eval_before", "loss-before", ""), ("eval_after", "loss-after", ' stroke-dasharray="5,3"')):
-            line = " ".join(f"{c.x(s.end):.1f},{y(getattr(s, attr)):.1f}" for s in points)
+        series = _loss_series(c, points)
+        for i, (cls, dash) in enumerate((("loss-before", ""), ("loss-after", ' stroke-dasharray="5,3"'))):
+            line = " ".join(f"{c.x(t):.1f},{y(v[i]):.1f}" for t, v in series)
             c.add(f'<polyline class="{cls}" points="{line}" fill="none" stroke="#555555" stroke-width="1.5"{dash}/>')
-        for s in points:
+        for s in points if c.detailed else ():
             tip = xml_text(f"epoch {s.epoch}, {s.token_id}, {s.holder} chunk {s.chunk}: loss {s.eval_before:.4f} before, {s.eval_after:.4f} after")
             c.add(f'<circle class="loss-point" data-epoch="{s.epoch}" cx="{c.x(s.end):.1f}" cy="{y(s.eval_before or 0.0):.1f}" r="3" '
                   f'fill="{gpu_colour[s.token_id]}"><title>{tip}</title></circle>')
     c.add("</g>")
     c.y = bottom
+
+
+def _loss_series(c: _Canvas, points: list[HopSpan]) -> list[tuple[float, tuple[float, float]]]:
+    """(time, (before, after)) per trained hop; with many hops, their means per pixel column."""
+    raw = [(s.end, (s.eval_before or 0.0, s.eval_after or 0.0)) for s in points]
+    if c.detailed:
+        return raw
+    cols: dict[int, list[tuple[float, tuple[float, float]]]] = {}
+    for t, v in raw:
+        cols.setdefault(c.col(t), []).append((t, v))
+    return [(sum(t for t, _ in group) / len(group), (sum(v[0] for _, v in group) / len(group), sum(v[1] for _, v in group) / len(group)))
+            for _, group in sorted(cols.items())]
 
 
 def _axis(c: _Canvas, rows_top: float) -> None:
@@ -273,18 +348,25 @@ def summary_line(run: RunHops) -> str:
     return f"{k} GPU{'s' if k != 1 else ''}, {len(run.holders)} holders, {len(run.hops)} hops ({outcomes}) over {run.end:.2f} s"
 
 
-def render_svg(run: RunHops, *, standalone: bool = True) -> str:
-    """The picture as an SVG document (``standalone=False``: the ``<svg>`` element only, for an HTML page)."""
+def render_svg(run: RunHops, *, standalone: bool = True, detail_limit: int = DETAIL_LIMIT) -> str:
+    """The picture as an SVG document (``standalone=False``: the ``<svg>`` element only, for an HTML page).
+
+    A run of more than ``detail_limit`` hops is drawn per pixel column (see :data:`DETAIL_LIMIT`).
+    """
     holder_colour = _colour(HOLDER_COLOURS, run.holders)
     gpu_colour = _colour(GPU_COLOURS, run.tokens)
-    c = _Canvas(run)
+    c = _Canvas(run, detail_limit)
     title = f"gtbus run {run.run_id}: {len(run.tokens)} GPU{'s' if len(run.tokens) != 1 else ''}"
     c.text(8, 22, title, size=16, weight="bold", cls="title")
     c.text(8, 40, summary_line(run), size=11)
     c.y = 50
+    if not c.detailed:
+        c.text(8, 56, f"{len(run.hops)} hops are more than {detail_limit}: rows drawn per pixel column (who held most of it); "
+                      f"marks only for hops that did not train (at most {detail_limit}); losses averaged per column", size=10, cls="binned")
+        c.y = 62
     rows_top = c.y + 20
     _token_rows(c, holder_colour)
-    _holder_rows(c, gpu_colour)
+    _holder_rows(c, gpu_colour, holder_colour)
     _loss_chart(c, gpu_colour)
     _axis(c, rows_top)
     _legend(c, holder_colour, gpu_colour)
@@ -304,11 +386,15 @@ def _cell(value: object, num: bool = False) -> str:
     return f'<td class="num">{xml_text(value)}</td>' if num else f"<td>{xml_text(value)}</td>"
 
 
-def render_html(run: RunHops) -> str:
-    """A small self-contained page (well-formed XML as well as HTML): the SVG inline and a table of the hops."""
+def render_html(run: RunHops, *, detail_limit: int = DETAIL_LIMIT) -> str:
+    """A small self-contained page (well-formed XML as well as HTML): the SVG inline and a table of the hops.
+
+    Beyond ``detail_limit`` hops the table lists only those that did not train.
+    """
     title = f"gtbus run {run.run_id}: {len(run.tokens)} GPU{'s' if len(run.tokens) != 1 else ''}"
     rows = []
-    for s in run.hops:
+    listed = run.hops if len(run.hops) <= detail_limit else [s for s in run.hops if s.outcome != HopOutcome.TRAINED.value][:detail_limit]
+    for s in listed:
         loss = f"{s.eval_before:.4f} -> {s.eval_after:.4f}" if s.eval_before is not None and s.eval_after is not None else "-"
         rows.append(f'<tr class="hop" data-epoch="{s.epoch}">' + _cell(s.epoch, True) + _cell(s.token_id) + _cell(s.holder)
                     + _cell(s.chunk, True) + _cell(_outcome_key(s) if s.outcome is None else s.outcome) + _cell(f"{s.held_until - s.granted:.3f}", True)
@@ -317,7 +403,8 @@ def render_html(run: RunHops) -> str:
     return ("<!DOCTYPE html>\n"
             f'<html lang="en"><head><meta charset="utf-8"/><title>{xml_text(title)}</title><style>{_STYLE}</style></head>'
             f"<body><h1>{xml_text(title)}</h1><p>{xml_text(summary_line(run))}. Hover a bar or a mark for its hop.</p>\n"
-            + render_svg(run, standalone=False)
+            + ("" if listed is run.hops else f"<p>The table lists the {len(listed)} hops that did not train (of {len(run.hops)}).</p>\n")
+            + render_svg(run, standalone=False, detail_limit=detail_limit)
             + f"<table><thead><tr>{head}</tr></thead><tbody>" + "\n".join(rows) + "</tbody></table>"
             "<p>Drawn by <code>gtbus replay --timeline</code> from the orchestrator's verified message log.</p></body></html>\n")
 

@@ -23,8 +23,8 @@ from gtbus.console import printable
 from gtbus.messages.signer import MessageSigner
 from gtbus.messages.types import HopRecord, HopReport, TokenAck, TokenDecline, TokenGrant, TokenReturn, TokenRevoke
 from gtbus.recording import Recorder
-from gtbus.replay.hop_spans import read_hops
-from gtbus.replay.timeline import xml_text
+from gtbus.replay.hop_spans import HopSpan, RunHops, read_hops
+from gtbus.replay.timeline import COLUMNS, render_html, render_svg, xml_text
 from gtbus.testing import Deployment, make_deployment
 
 SVG = "{http://www.w3.org/2000/svg}"
@@ -268,3 +268,40 @@ def test_a_log_without_grants_says_so(tmp_path: Path) -> None:
     Recorder(tmp_path / "logs" / "orch.gtlog", "orch", dep.roster, identity=dep.orchestrator).close()
     _one_error_line(_run("--timeline", str(tmp_path / "logs"), "--out", str(tmp_path / "x.svg")), "no token grant")
     assert not (tmp_path / "x.svg").exists()
+
+
+def test_more_hops_than_the_detail_limit_draw_per_pixel_column(fleet: tuple[Deployment, Path]) -> None:
+    dep, logs = fleet
+    run = read_hops(logs, [dep.roster])
+    root = ET.fromstring(render_svg(run, detail_limit=5).split("\n", 1)[1])
+    assert any(t.get("class") == "binned" for t in root.iter(SVG + "text"))
+    assert not [r for r in root.iter(SVG + "rect") if r.get("class") in ("held", "settling")]
+    # Each row's bars count each of its hops once; only hops that did not train are marked.
+    for row in (g for g in root.iter(SVG + "g") if (g.get("class") or "").startswith("lane ")):
+        kind = row.get("class", "").split()[1]
+        name = row.get(f"data-{kind}")
+        mine = [h for h in run.hops if (h.token_id if kind == "token" else h.holder) == name]
+        assert sum(int(r.get("data-hops", "0")) for r in row.iter(SVG + "rect") if r.get("class") == "bin") == len(mine), name
+    marks = Counter(g.get("data-outcome") for g in root.iter(SVG + "g") if (g.get("class") or "").startswith("mark "))
+    assert marks == {"declined": 1, "revoked": 1, "rejected": 1, "unfinished": 1, "other": 1}
+    # At most the limit of marks (and table rows): the five hops that did not train, cut to four.
+    page = ET.fromstring(render_html(run, detail_limit=4).split("\n", 1)[1])
+    assert len(page.findall("body/table/tbody/tr")) == 4
+    assert sum(1 for g in page.iter(SVG + "g") if (g.get("class") or "").startswith("mark ")) == 4
+
+
+def test_a_long_run_stays_a_picture_a_browser_can_show() -> None:
+    # 20,000 hops on 4 tokens of 16 holders, 1 % not trained: the file is bounded by pixel columns, not hops.
+    hops = []
+    for e in range(1, 20_001):
+        t = (e // 4) * 1.0
+        hops.append(HopSpan(e, f"gpu{e % 4}", f"h{e % 16 + 1}", e, t, t + 0.1, "returned", t + 0.9, "trained" if e % 100 else "declined",
+                            eval_before=5.0 - e / 10_000, eval_after=4.9 - e / 10_000))
+    svg = render_svg(RunHops("long", 0.0, hops))
+    root = ET.fromstring(svg.split("\n", 1)[1])
+    assert len(svg) < 1_500_000, len(svg)
+    assert sum(1 for g in root.iter(SVG + "g") if (g.get("class") or "").startswith("mark ")) == 200
+    assert sum(int(r.get("data-hops", "0")) for g in root.iter(SVG + "g") if g.get("class") == "lane token"
+               for r in g.iter(SVG + "rect") if r.get("class") == "bin") == 20_000
+    line = next(p for p in root.iter(SVG + "polyline") if p.get("class") == "loss-before")
+    assert len(line.get("points", "").split()) <= COLUMNS
