@@ -344,6 +344,11 @@ class Orchestrator:
         await self.setup()
         self.rt.state_label = "waiting-for-holders"
         await self.wait_for_holders()
+        if len(self.lanes) > 1 and self.via:
+            # A device agent stages one hop at a time (gtbus.protocol.agent_stage).
+            reason = f"--gpus {len(self.lanes)} with holders that write through a device agent ({', '.join(sorted(self.via))}) is not supported: the agent stages one hop at a time"
+            await self.rt.publish(Shutdown(reason))
+            raise ConfigError(reason)
         self.rt.state_label = "running"
         if self.fleet is None:
             if self.schedule is None:

@@ -17,6 +17,8 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     steps = "120"                    # per hop; or "pass" (one pass over the chunk), or "per:N" (a step per N tokens)
     lease = 10.0
     checkpoint_every = 1             # write the checkpoint every N hops (and after the last)
+    gpus = 1                         # GPU tokens travelling at once (the orchestrator's --gpus)
+    merge_every = 0                  # with gpus > 1: average the replicas every N trained hops (0: every gpus hops)
 
     [pins]
     code = "auto"                    # or the hex printed by `gtbus measure`
@@ -76,6 +78,7 @@ from urllib.parse import urlparse
 
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
+from gtbus.nodes.run_config import MAX_GPUS
 from gtbus.training.trainer import TRAINER_NAMES, WorkloadError, parse_steps
 
 
@@ -142,7 +145,11 @@ class Runbook:
 
 
 _TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0,
-                                      "checkpoint_every": 1}
+                                      "checkpoint_every": 1, "gpus": 1, "merge_every": 0}
+
+
+def _int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _table(data: dict[str, Any], key: str, problems: list[str], *, required: bool = True) -> dict[str, Any]:
@@ -311,8 +318,12 @@ def load_runbook(path: str | Path) -> Runbook:
     if training["mode"] not in ("travel", "ship"):
         problems.append(f"[training]: mode must be travel or ship, not {training['mode']!r}")
     for k in ("rounds", "chunk_tokens", "checkpoint_every"):
-        if not isinstance(training[k], int) or isinstance(training[k], bool) or training[k] < 1:
+        if not _int(training[k]) or training[k] < 1:
             problems.append(f"[training]: {k} must be a positive integer")
+    if not _int(training["gpus"]) or not 1 <= training["gpus"] <= MAX_GPUS:
+        problems.append(f"[training]: gpus must be an integer from 1 to {MAX_GPUS}")
+    if not _int(training["merge_every"]) or training["merge_every"] < 0:
+        problems.append("[training]: merge_every must be 0 (every gpus hops) or a positive integer")
     if not isinstance(training["lease"], (int, float)) or training["lease"] <= 0:
         problems.append("[training]: lease must be a positive number of seconds")
     try:

@@ -42,9 +42,10 @@ class InProcessAverage:
         views = [r.parameter_views() for r in replicas]
         if len({len(v) for v in views}) != 1:
             raise GtbusError("replicas to merge have different numbers of parameters")
+        # Everything is checked before anything is written: no replica is left half merged.
+        if any(len({(p.shape, p.dtype) for p in group}) != 1 for group in zip(*views)):
+            raise GtbusError("replicas to merge have parameters of different shapes or types")
         for group in zip(*views):
-            if len({(p.shape, p.dtype) for p in group}) != 1:
-                raise GtbusError("replicas to merge have parameters of different shapes or types")
             # The sum in the parameters' own dtype, as a collective all-reduce sums;
             # then the one mean is copied into every replica.
             mean = group[0].copy()
