@@ -21,7 +21,8 @@ Rules:
   receipt); the free-form fields of a hop report only when of the right type
   and finite. Strings stay as the peer wrote them: whoever shows them escapes.
 * Times are the orchestrator's own clock (one clock, so no ordering across
-  nodes is needed), in seconds since the first grant.
+  nodes is needed), in seconds since the first grant. A clock stepped back
+  mid-run cannot end a hop before it began: each end is at least its start.
 """
 
 from __future__ import annotations
@@ -185,16 +186,16 @@ class _Fold:
             return
         if incoming and isinstance(msg, (TokenReturn, TokenDecline)):
             if h.sender == span.holder and span.released is None and span.settled is None:
-                span.released = self.rel(t)
+                span.released = max(self.rel(t), span.granted)
                 span.release = "returned" if isinstance(msg, TokenReturn) else "declined"
                 if isinstance(msg, TokenDecline):
                     span.reason = msg.reason
         elif not incoming and isinstance(msg, TokenRevoke):
             if span.released is None and span.settled is None:
-                span.released, span.release, span.reason = self.rel(t), "revoked", msg.reason
+                span.released, span.release, span.reason = max(self.rel(t), span.granted), "revoked", msg.reason
         elif not incoming and isinstance(msg, HopRecord):
             if span.settled is None:
-                span.settled, span.outcome = self.rel(t), msg.outcome
+                span.settled, span.outcome = max(self.rel(t), span.held_until), msg.outcome
         elif not incoming and isinstance(msg, HopReport):
             _report(span, msg.record)
 

@@ -303,15 +303,18 @@ def _loss_series(c: _Canvas, points: list[HopSpan]) -> list[tuple[float, tuple[f
             for _, group in sorted(cols.items())]
 
 
-def _axis(c: _Canvas, rows_top: float) -> None:
+def _axis(c: _Canvas, rows_top: float, grid_at: int) -> None:
+    """The time axis under everything; its grid lines go in at ``grid_at``, behind the rows."""
     step = _nice_step(c.duration)
     c.add('<g class="axis">')
     n = int(c.duration / step + 1e-9)
+    grid = []
     for i in range(n + 1):
         t = i * step
         x = c.x(t)
-        c.add(f'<line x1="{x:.1f}" y1="{rows_top:.1f}" x2="{x:.1f}" y2="{c.y + 4:.1f}" stroke="#f0f0f0"/>')
+        grid.append(f'<line x1="{x:.1f}" y1="{rows_top:.1f}" x2="{x:.1f}" y2="{c.y + 4:.1f}" stroke="#e8e8e8"/>')
         c.text(x, c.y + 16, f"{_seconds(t)} s", anchor="middle", size=10)
+    c.parts.insert(grid_at, '<g class="grid">' + "".join(grid) + "</g>")
     c.text(WIDTH - RIGHT, c.y + 30, "seconds since the first grant (the orchestrator's clock)", anchor="end", size=10)
     c.add("</g>")
     c.y += 36
@@ -364,11 +367,11 @@ def render_svg(run: RunHops, *, standalone: bool = True, detail_limit: int = DET
         c.text(8, 56, f"{len(run.hops)} hops are more than {detail_limit}: rows drawn per pixel column (who held most of it); "
                       f"marks only for hops that did not train (at most {detail_limit}); losses averaged per column", size=10, cls="binned")
         c.y = 62
-    rows_top = c.y + 20
+    rows_top, grid_at = c.y + 20, len(c.parts)
     _token_rows(c, holder_colour)
     _holder_rows(c, gpu_colour, holder_colour)
     _loss_chart(c, gpu_colour)
-    _axis(c, rows_top)
+    _axis(c, rows_top, grid_at)
     _legend(c, holder_colour, gpu_colour)
     height = math.ceil(c.y + 8)
     head = '<?xml version="1.0" encoding="UTF-8"?>\n' if standalone else ""

@@ -305,3 +305,24 @@ def test_a_long_run_stays_a_picture_a_browser_can_show() -> None:
                for r in g.iter(SVG + "rect") if r.get("class") == "bin") == 20_000
     line = next(p for p in root.iter(SVG + "polyline") if p.get("class") == "loss-before")
     assert len(line.get("points", "").split()) <= COLUMNS
+
+
+def test_a_clock_stepped_back_never_ends_a_hop_before_it_began(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dep = make_deployment(tmp_path / "keys", holders=1)
+    log = OrchestratorLog(dep, tmp_path / "logs" / "orch.gtlog")
+    import gtbus.recording as recording
+
+    for when, write in ((1000.0, lambda: log.grant(1, "gpu0", "h1", 0)),
+                        (990.0, lambda: log.into(TokenReturn("gpu0", 0, 1, 64, bytes(32)), "h1", 1)),  # an NTP step back
+                        (980.0, lambda: log.settle(1, "h1", 0, "trained", losses=(5.0, 4.0))),
+                        (1010.0, lambda: log.grant(2, "gpu0", "h1", 1)),
+                        (1005.0, lambda: log.rec.close())):
+        monkeypatch.setattr(recording.time, "time", lambda when=when: when)
+        write()
+    monkeypatch.undo()
+    run = read_hops(tmp_path / "logs", [dep.roster])
+    first, second = run.hops
+    assert first.granted == 0.0 and first.released == 0.0 and first.end == 0.0
+    assert second.granted == 10.0 and second.outcome is None and second.end == 10.0  # unfinished, cut where it began
+    svg = render_svg(run)
+    assert ET.fromstring(svg.split("\n", 1)[1]) is not None
