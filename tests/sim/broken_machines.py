@@ -173,3 +173,14 @@ class CheckpointRollback(SimOrchestrator):
     def _restore_model(self, hop: _Hop) -> None:
         ck = self.disk.checkpoint
         hop.lane.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
+
+
+class SilentLoss(SimOrchestrator):
+    """Retires a failed GPU's lane without reporting what its replica trained since the last merge."""
+
+    def fail_lane(self, index: int) -> None:
+        trained = list(self.lanes[index].trained)
+        super().fail_lane(index)
+        for key in trained:
+            if key in self.lost:
+                self.lost.remove(key)

@@ -25,6 +25,7 @@ from broken_machines import (
     ReleasingUnscrubbedDevice,
     RepeatingSchedule,
     ReusingToken,
+    SilentLoss,
     StuckOrchestrator,
     SwappedEpochToken,
     TrustingDevice,
@@ -195,6 +196,15 @@ def test_a_fleet_rollback_to_the_checkpoint_loses_trained_hops() -> None:
     assert names(r) == {MODEL_UNACCOUNTED} and "missing" in r.violations[0].detail, r.violations
     assert any(f.startswith(("tamper", "code-change")) for f in r.faults)  # a hop rolled back
     assert run_seed(r.seed, gpus=2).ok
+
+
+def test_a_gpu_that_fails_loses_only_what_the_run_reports() -> None:
+    """A failed GPU's replica is out of the merges: what it trained since the last merge is gone from
+    the model, and the run must say so; a shell that does not is caught by the final model's check."""
+    r = next(r for r in (run_seed(seed, gpus=2, machines=Machines(orchestrator=SilentLoss)) for seed in range(300)) if not r.ok)
+    assert names(r) == {MODEL_UNACCOUNTED} and "missing" in r.violations[0].detail, r.violations
+    again = run_seed(r.seed, gpus=2)
+    assert again.ok and again.lost > 0
 
 
 def test_the_real_machines_pass_the_same_fleets() -> None:

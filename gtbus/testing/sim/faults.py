@@ -1,6 +1,7 @@
 """Seeded faults: drawn up front from the seed, applied at their step, all cleared when the window ends.
 
-Kinds: crash and restart of any node (the orchestrator restarts as
+Kinds (a fleet adds ``gpu-fails``: one lane's GPU fails, the lane is retired
+for the life of that orchestrator process): crash and restart of any node (the orchestrator restarts as
 ``--resume`` does, from its disk; it may also die between two actions of a
 hop, e.g. after reserving an epoch or after training, before the checkpoint), pause (a node stops running and receiving,
 then goes on: a SIGSTOP past the lease), partition and heal of one link,
@@ -49,9 +50,11 @@ def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any], keep: Co
     drop, dup, delay = rng.choice((0.0, 0.0, 0.02, 0.1)), rng.choice((0.0, 0.0, 0.05, 0.2)), rng.choice((0.0, 0.1, 0.3))
     names = sorted(nodes)
     plan: list[tuple[str, list[tuple[float, Callable[..., None], tuple[Any, ...]]]]] = []
+    # A fleet's GPUs can fail too (drawn only then: one GPU's seeds keep their faults).
+    kinds = KINDS if cfg.gpus == 1 else (*KINDS, "gpu-fails")
     for _ in range(rng.randint(0, 10)):
         t = rng.uniform(0.0, window)
-        kind = rng.choice(KINDS)
+        kind = rng.choice(kinds)
         who = rng.choice(names)
         if kind == "crash":
             events = [(t, _crash, (world, nodes[who], rng.uniform(0.02, 2.0) if rng.random() < 0.7 else rng.uniform(2.0, 8.0)))]
@@ -70,6 +73,10 @@ def plan_faults(world: World, cfg: SimConfig, nodes: Mapping[str, Any], keep: Co
         elif kind == "tamper":
             events = [(t, _tamper, (world, nodes[ORCHESTRATOR], rng.getrandbits(64)))]
             who = ORCHESTRATOR
+        elif kind == "gpu-fails":
+            lane = rng.randrange(cfg.gpus)
+            events = [(t, _fail_gpu, (world, nodes[ORCHESTRATOR], lane))]
+            who = f"gpu{lane}"
         elif kind == "code-change":
             events = [(t, _change_code, (world, nodes[ORCHESTRATOR]))]
             who = ORCHESTRATOR
@@ -142,6 +149,13 @@ def _tamper(world: World, orch: Any, digest: int) -> None:
             world.note("fault: model tampered", lane.hop.machine.epoch)
             lane.device.model = digest
             return
+
+
+def _fail_gpu(world: World, orch: Any, lane: int) -> None:
+    # For the life of this orchestrator process; a restarted one opens every GPU afresh.
+    if orch.up:
+        world.note("fault: gpu failed", lane)
+        orch.fail_lane(lane)
 
 
 def _change_code(world: World, orch: Any) -> None:

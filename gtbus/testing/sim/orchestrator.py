@@ -22,7 +22,12 @@ to the lane whose token id they carry; every ``merge_every`` trained hops no
 new hop starts until none is in flight, then the replicas are averaged and,
 with K > 1, only then is the checkpoint written (and when the run stops or
 ends); a hop that rolls back restores its lane's replica to the model the hop
-began from (K = 1: the checkpoint's, which is the same model).
+began from (K = 1: the checkpoint's, which is the same model). A lane whose
+GPU fails is retired, as the real orchestrator does: its hop in flight is
+unwound (revoke, scrub, key dropped) and put back; its replica takes no part
+in merges, and what it trained since the last merge is lost and reported
+(:attr:`SimOrchestrator.lost`, kept in the checkpoint); with every lane
+failed the run stops with that reason.
 """
 
 from __future__ import annotations
@@ -126,6 +131,8 @@ class _Lane:
     device: SimDevice
     token: TokenMachine
     hop: _Hop | None = None
+    failed: str | None = None  # why the lane was retired (its GPU failed); None while it serves
+    trained: list[tuple[int, str, int]] = field(default_factory=list)  # what its replica trained since the last merge
 
 
 class SimOrchestrator:
@@ -192,6 +199,8 @@ class SimOrchestrator:
         self.trained_since_merge = 0
         ck = disk.checkpoint
         self.datasets: dict[str, tuple[int, str]] = {}
+        #: Trainings the run reports lost with a retired lane's replica (as of the checkpoint it resumed from).
+        self.lost: list[tuple[int, str, int]] = [tuple(x) for x in ck.get("lost", [])] if ck is not None else []  # type: ignore[misc]
         if ck is not None:
             if ck["schedule"]:
                 self.fleet = FleetSchedule.from_state(ck["schedule"])
@@ -351,13 +360,14 @@ class SimOrchestrator:
             return
         fleet = self.fleet
         assert fleet is not None
-        busy = any(lane.hop is not None for lane in self.lanes)
+        live = self._live_lanes()
+        busy = any(lane.hop is not None for lane in live)
         if self._merge_due():
             if busy:
                 return  # no new hop until the replicas are merged: the last hop to end comes back here
             self._merge()
         started = False
-        for lane in self.lanes:
+        for lane in live:
             if lane.hop is None and self._live(inc):
                 a = fleet.next_for(lane.index, self._reachable)
                 if a is not None:
@@ -382,13 +392,18 @@ class SimOrchestrator:
     def _merge_due(self) -> bool:
         return len(self.lanes) > 1 and self.trained_since_merge >= self.cfg.merge_every
 
+    def _live_lanes(self) -> list[_Lane]:
+        return [lane for lane in self.lanes if lane.failed is None]
+
     def _merge(self) -> None:
-        """Average the replicas into every lane (no hop is in flight), then checkpoint the one model."""
-        replicas = [lane.device.measure() for lane in self.lanes]
+        """Average the live replicas into every live lane (no hop is in flight), then checkpoint the one model."""
+        live = self._live_lanes()
+        replicas = [lane.device.measure() for lane in live]
         model = merged_model([m for m in replicas if m is not None])
         self.checker.merged([m for m in replicas if m is not None], model)
-        for lane in self.lanes:
+        for lane in live:
             lane.device.restore(model)
+            lane.trained = []
         self.world.note("merge", (self.trained_since_merge, model))
         self.trained_since_merge = 0
         self._save_checkpoint()
@@ -586,6 +601,7 @@ class SimOrchestrator:
         if settlement is Settlement.COMPLETE:
             self.fleet.release(hop.lane.index, "done")
             self.trained_since_merge += 1
+            hop.lane.trained.append((a.round, a.holder, a.chunk))
         elif settlement is Settlement.DEFER:
             self.fleet.release(hop.lane.index, "deferred")
             self.liveness.unreached(a.holder, self.world.now)
@@ -596,14 +612,43 @@ class SimOrchestrator:
         self.world.note("hop", (hop.machine.epoch, a.holder, a.chunk, outcome.value, hop.machine.detail[:60]))
 
     def _save_checkpoint(self) -> None:
-        model = self.device.measure()  # a fleet's replicas are one model here (merged)
+        model = self._live_lanes()[0].device.measure()  # a fleet's live replicas are one model here (merged)
         self.checker.checkpointed(model)
         self.disk.checkpoint = {
             "epoch": self.epoch,
+            "lost": [list(x) for x in self.lost],
             "schedule": self.fleet.to_state() if self.fleet else None,
             "model": model,
             "datasets": dict(self.datasets),
         }
+
+    def final_model(self) -> int | None:
+        """The run's model: the first live lane's replica (with K > 1 the run ends merged)."""
+        live = self._live_lanes() or self.lanes
+        return live[0].device.model
+
+    def fail_lane(self, index: int) -> None:
+        """Lane ``index``'s GPU failed: retire the lane, unwind and put back its hop; stop when no lane is left."""
+        lane = self.lanes[index]
+        if not self.up or lane.failed is not None or self.finished or self.stopped is not None or self.fleet is None:
+            return
+        lane.failed = "device failed"
+        self.lost.extend(lane.trained)
+        self.trained_since_merge -= min(self.trained_since_merge, len(lane.trained))
+        self.world.note("lane retired", (index, len(lane.trained)))
+        lane.trained = []
+        hop = lane.hop
+        if hop is not None:
+            lane.hop = None
+            if hop.grant is not None:
+                self.world.send(self.name, hop.grant.holder, "revoke", lane.token.token_id, hop.machine.epoch)
+            self._epilogue(hop)
+            self.fleet.release(index, "deferred")  # not trained: another lane does it
+            self.hops.append((hop.machine.epoch, "aborted"))
+        if not self._live_lanes():
+            self._stop("every GPU lane failed; the run continues with --resume from the last merge")
+        elif self.running:
+            self.world.on_node(self.name, 0.002, self._next_hop, self.incarnation)
 
     def _publish(self, kind: str, body: Any) -> None:
         self.world.send(self.name, OBSERVER, kind, body)
