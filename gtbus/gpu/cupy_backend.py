@@ -77,6 +77,7 @@ _GROUP_BYTES: Final = 4 << 20  # segments sealed before their copy is queued: am
 # on the H200 host: ~1.2 ms to seal and ~1.0 ms to open a 128-byte hop through
 # the large-hop path, against tens of microseconds of AES-GCM).
 SMALL_HOP_BYTES: Final = 1 << 20
+_IPC_PAGE: Final = 2 << 20  # staging is allocated in whole pages of this size (see alloc_hop_staging)
 
 
 @dataclass(eq=False)
@@ -314,7 +315,11 @@ class CupyDevice(CupyStaging):
         """A fresh dedicated allocation for one hop, and its IPC handle."""
         _check_size(nbytes, minimum=1)
         try:
-            mem = cupy.cuda.memory.Memory(nbytes)  # its own cudaMalloc: the handle exports only this
+            # Its own cudaMalloc, in whole 2 MiB pages: the driver packs smaller
+            # allocations into shared pages, and an IPC handle exports the page, so a
+            # small staging could share one with other buffers and its handle could
+            # still map after the free (seen on the H200 host with a 1 KiB staging).
+            mem = cupy.cuda.memory.Memory(-(-nbytes // _IPC_PAGE) * _IPC_PAGE)
         except cupy.cuda.memory.OutOfMemoryError as exc:
             raise DeviceError(f"cannot allocate {nbytes} bytes of staging: {exc}") from None
         arr = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
