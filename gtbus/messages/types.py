@@ -117,6 +117,7 @@ class SnapshotRequest:
 SNAPSHOT_PUBLIC_FIELDS = frozenset({
     "run_id", "token", "holders", "liveness", "hops", "hops_trained", "bytes", "round", "rounds", "hops_total",
     "hop_started", "started", "complete",
+    "lanes",  # per GPU token: holder, epoch, phase (as token.state events already tell everyone), why a lane retired
 })
 
 
