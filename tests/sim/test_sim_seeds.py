@@ -59,10 +59,11 @@ def test_a_fleet_travels_at_once_and_finishes_sooner() -> None:
         assert r.sim_time < one.sim_time, (r.sim_time, one.sim_time)
 
 
+@pytest.mark.parametrize("gpus", [1, 2])
 @pytest.mark.parametrize("behaviour", sorted(BEHAVIOURS))
-def test_a_hostile_holder_loses_only_its_own_hops(behaviour: str) -> None:
+def test_a_hostile_holder_loses_only_its_own_hops(behaviour: str, gpus: int) -> None:
     cfg = SimConfig(holders=["h1", "h2", "h3"], remote=["h3"], tokens={"h1": 128, "h2": 192, "h3": 128}, rounds=2, faults=False,
-                    hostile={"h2": behaviour})
+                    hostile={"h2": behaviour}, gpus=gpus, merge_every=1)
     r = run_seed(11, config=cfg)
     assert r.ok and r.finished, (r.violations, r.trace)
     honest = 2 * (2 + 2)  # h1 and h3: two chunks each, two rounds
