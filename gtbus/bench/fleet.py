@@ -1,0 +1,362 @@
+"""``gtbus bench fleet``: K GPU tokens travelling at once vs one, in one invocation.
+
+Every run is a real deployment started by the CLI
+(:class:`~gtbus.nodes.launcher.LocalDeployment`: the orchestrator with
+``--gpus K --merge-every N`` and one holder process per holder, CURVE ZeroMQ on
+loopback), on the same shards (made by ``gtbus data build``), the same chunks,
+one round, the same fixed number of optimizer steps per hop: so every run
+trains the same number of tokens, and only K (and the merges it brings)
+differs. K = 1 is the baseline, measured in the same invocation.
+
+What is measured, per run (definitions as the result file prints them):
+
+* **training window**: from the first hop's begin (its grant being prepared)
+  to the last hop's record, on the bench's clock: each hop line the
+  orchestrator prints is timestamped on arrival, and the hop's own phase marks
+  (kept in the checkpoint) say how long before its record it began. Process
+  start, imports, model build and registration are before it; the run's end
+  (last checkpoint, shutdown) after it. To the window the run's whole merge time
+  is added (the merges between hops are inside it already; the end's merge is
+  not: counting all of them again can only lower the fleet's rate).
+* **aggregate tokens/s** = tokens trained / training window, tokens trained =
+  trained hops x steps per hop x tokens a step (the trainer's own count);
+  **scaling** = that rate / the one-GPU run's.
+* **provisioning GB/s**: hop bytes / the sum over hops of their transfer time
+  (grant to plaintext in the device buffer), and hop bytes / training window.
+* **held-out loss**: the run's final model (its last checkpoint: with K > 1,
+  the replicas averaged) scored by the bench on a shard no holder has; and the
+  relative difference to the one-GPU run's. The summary's last-hop numbers are
+  shown beside it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy
+
+from gtbus.bench.report import Result, Table, machine_info
+from gtbus.bench.travel import write_holder_shards
+from gtbus.bench.travel_plan import MIB
+from gtbus.errors import ConfigError
+from gtbus.protocol.admission import TOKEN_BYTES
+
+#: The issue's goals: aggregate tokens/s with K GPUs over one GPU's, and the loss after the same tokens.
+SCALING_GOALS = {2: 1.85, 4: 3.5}
+LOSS_GOAL_PERCENT = 2.0
+
+_HOP_LINE = re.compile(r"\bhop\s+(\d+)\s")
+
+
+@dataclass(frozen=True)
+class FleetWork:
+    """What every run of one bench trains: workload, backend, pin, shards and the hop sizes."""
+
+    trainer: str
+    backend: str
+    pin: str
+    shards: tuple[Path, ...]
+    chunk_tokens: int
+    steps_per_hop: int
+
+    @property
+    def holders(self) -> int:
+        """Holders of every run (one shard each)."""
+        return len(self.shards)
+
+
+class HeldOut:
+    """The bench's own scorer: one trainer on the backend, a shard no holder has, and the tokens a step counts."""
+
+    def __init__(self, trainer: str, backend: str, shard: Path, tokens: int) -> None:
+        from gtbus.gpu.backends import make_device
+        from gtbus.training.shards import read_shard
+        from gtbus.training.workloads import make_trainer
+
+        xp = make_device(backend).array_module
+        self.trainer = make_trainer(trainer)
+        self.trainer.load(xp)
+        self.tokens = xp.asarray(numpy.ascontiguousarray(read_shard(shard)[:tokens]))
+        self.initial_loss = self.trainer.evaluate(self.tokens)
+        # One step on the held-out tokens gives the trainer's own count of tokens a step
+        # (the model is replaced by each run's before it is scored again).
+        report = self.trainer.train_on(self.tokens, 1)
+        self.tokens_per_step = report.tokens_seen // report.steps
+
+    def loss_of(self, checkpoint: Path) -> float:
+        """The held-out loss of ``checkpoint``'s model (with a fleet: its first replica, the merged one)."""
+        from gtbus.nodes.run_checkpoint import lane_state
+        from gtbus.training.checkpoint import read_checkpoint
+
+        self.trainer.load_state_dict(lane_state(read_checkpoint(checkpoint).trainer_state(), 0))
+        return self.trainer.evaluate(self.tokens)
+
+
+def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWork, held: HeldOut) -> dict[str, Any]:
+    """One deployment with ``gpus`` lanes: its summary's fleet numbers, the training window and the held-out loss."""
+    from gtbus.nodes.launcher import LocalDeployment, LocalRun
+    from gtbus.training.checkpoint import read_checkpoint
+
+    hops_expected = sum(-(-_shard_tokens(s) // work.chunk_tokens) for s in work.shards)
+    run = LocalRun(
+        run_dir=run_dir, holders=work.holders, mode="travel", rounds=1, chunk_tokens=work.chunk_tokens, steps=str(work.steps_per_hop),
+        lease=60.0, backend=work.backend, data=list(work.shards), trainer=work.trainer, pin=work.pin,
+        # Checkpoints only where the fleet writes them anyway (merges, the end): K = 1 pays no extra one per hop.
+        checkpoint_every=hops_expected + 1, gpus=gpus, merge_every=merge_every,
+    )
+    arrived: dict[int, float] = {}
+
+    def on_line(line: str) -> None:
+        m = _HOP_LINE.search(line)
+        if m:
+            arrived.setdefault(int(m.group(1)), time.perf_counter())
+
+    t0 = time.perf_counter()
+    summary = LocalDeployment(run).run_to_end(on_line, timeout=120.0 + hops_expected * (10.0 + work.steps_per_hop * 0.5))
+    wall = time.perf_counter() - t0
+    checkpoint = Path(summary["checkpoint"])
+    hops = read_checkpoint(checkpoint, state=False).hops
+    # A hop began at its record's arrival minus its last phase mark (marks are seconds since the hop began).
+    begins = [arrived[h["epoch"]] - max(h["phases"].values()) for h in hops if h.get("epoch") in arrived and h.get("phases")]
+    if not begins:
+        raise ConfigError(f"fleet bench: the run in {run_dir} printed no hop it recorded (logs in {run_dir})")
+    first, last = min(begins), max(arrived.values())
+    merge_s = float(summary.get("merge_s", 0.0))
+    window = last - first + merge_s
+    trained = [h for h in hops if h.get("outcome") == "trained"]
+    tokens = len(trained) * work.steps_per_hop * held.tokens_per_step
+    hop_time = sum(max(h["phases"].values()) for h in trained if h.get("phases"))
+    return {
+        "gpus": gpus,
+        "merge_every": merge_every,
+        "hops_expected": hops_expected,
+        "hops_trained": summary["hops_trained"],
+        "outcomes": summary["outcomes"],
+        "hops_per_gpu": summary.get("hops_per_gpu", [summary["hops"]]),
+        "trained_per_gpu": summary.get("trained_per_gpu", [summary["hops_trained"]]),
+        "lanes_failed": summary.get("lanes_failed", []),
+        "merges": summary.get("merges", 0),
+        "merge_s": merge_s,
+        "tokens": tokens,
+        "window_s": window,
+        "startup_s": first - t0,
+        "wall_s": wall,
+        "tokens_per_s": tokens / window if window > 0 else 0.0,
+        # Hop time summed over hops / window: how many tokens were out at once on average.
+        "tokens_out_mean": hop_time / window if window > 0 else 0.0,
+        "bytes": summary["bytes_provisioned"],
+        "transfer_s": summary["transfer_s"],
+        "train_s": summary["train_s"],
+        "eval_s": summary["eval_s"],
+        "epilogue_s": sum(h.get("epilogue_s", 0.0) for h in trained),
+        "provision_gbps": summary["provision_gbps"],
+        "provision_window_gbps": summary["bytes_provisioned"] / window / 1e9 if window > 0 else 0.0,
+        "heldout_loss": held.loss_of(checkpoint),
+        "last_hop_eval_before": summary["last_loss"],
+        "last_hop_eval_after": summary["final_train_loss"],
+    }
+
+
+def _shard_tokens(shard: Path) -> int:
+    from gtbus.training.shards import read_shard
+
+    return int(read_shard(shard).shape[0])
+
+
+def parse_gpus(text: str) -> list[int]:
+    """``--gpus``: comma-separated lane counts above one (the one-GPU baseline is always run); sorted, without repeats."""
+    try:
+        counts = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise ConfigError(f"--gpus {text!r}: comma-separated numbers of GPUs, like 2,4") from None
+    if not counts or counts[0] < 2:
+        raise ConfigError(f"--gpus {text!r}: each count must be 2 or more (the one-GPU baseline is run anyway)")
+    return counts
+
+
+def run_fleet_bench(
+    out_dir: str | os.PathLike[str] | None = "bench/results",
+    *,
+    gpus: Sequence[int] = (2, 4),
+    backend: str = "host",
+    trainer: str = "bytelm",
+    holders: int | None = None,
+    chunk_tokens: int = 1 << 15,
+    chunks_per_holder: int = 4,
+    steps_per_hop: int = 8,
+    merge_every: int = 0,
+    compare_merge_every: int | None = None,
+    heldout_tokens: int = 1 << 16,
+    keep_runs: Path | None = None,
+    say: Callable[[str], None] = print,
+) -> Result:
+    """The one-GPU run, a run per K of ``gpus`` (and one with ``compare_merge_every`` at the largest K); write ``fleet-<backend>-<host>``."""
+    from gtbus.nodes.launcher import measure_pin
+
+    if not gpus or min(gpus) < 2:
+        raise ConfigError("fleet bench: give GPU counts of 2 or more (the one-GPU baseline is run anyway)")
+    holders = holders or max(gpus)
+    if holders < max(gpus):
+        raise ConfigError(f"fleet bench: {holders} holders cannot keep {max(gpus)} GPUs busy (a holder is on one GPU at a time); give --holders {max(gpus)} or more")
+    for name, value in (("chunk tokens", chunk_tokens), ("chunks per holder", chunks_per_holder), ("steps per hop", steps_per_hop)):
+        if value < 1:
+            raise ConfigError(f"fleet bench: {name} must be positive, got {value}")
+    machine = machine_info()
+    res = Result(f"fleet-{backend}", f"Fleet: K GPU tokens at once vs one ({trainer}, {backend} backend)", machine)
+    settings = {"gpus": list(gpus), "backend": backend, "trainer": trainer, "holders": holders, "chunk_tokens": chunk_tokens,
+                "chunks_per_holder": chunks_per_holder, "steps_per_hop": steps_per_hop, "merge_every": merge_every,
+                "compare_merge_every": compare_merge_every, "heldout_tokens": heldout_tokens}
+    say(f"fleet bench ({trainer}, {backend}): K = 1, {', '.join(map(str, gpus))}; {holders} holders x {chunks_per_holder} chunks of "
+        f"{chunk_tokens:,} tokens, {steps_per_hop} steps a hop; {machine['usable_cores']} usable cores; load {machine['load_at_start']}")
+    tmp = None if keep_runs else tempfile.mkdtemp(prefix="gtbus-bench-fleet-")
+    base = Path(keep_runs or tmp)  # type: ignore[arg-type]
+    runs: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+    try:
+        # One shard more than holders: the held-out one, which no holder has.
+        shards = write_holder_shards(base / "data", holders + 1, max(chunk_tokens * chunks_per_holder, heldout_tokens))
+        cut = _cut_shards(shards[:holders], chunk_tokens * chunks_per_holder, base / "data")
+        pin = measure_pin(backend, trainer)
+        held = HeldOut(trainer, backend, shards[-1], heldout_tokens)
+        work = FleetWork(trainer, backend, pin, tuple(cut), chunk_tokens, steps_per_hop)
+        plan = [(1, 0)] + [(k, merge_every) for k in gpus]
+        if compare_merge_every is not None and compare_merge_every != merge_every:
+            plan.append((max(gpus), compare_merge_every))
+        for i, (k, every) in enumerate(plan):
+            say(f"  K = {k}, merge every {every or k} ...")
+            r = run_fleet_once(base / f"{i:02d}-gpus{k}-merge{every}", gpus=k, merge_every=every, work=work, held=held)
+            if tmp is not None:
+                shutil.rmtree(base / f"{i:02d}-gpus{k}-merge{every}" / "checkpoints", ignore_errors=True)
+            say(f"    {r['hops_trained']} of {r['hops_expected']} hops trained, window {r['window_s']:.2f} s, {r['tokens_per_s']:,.0f} tokens/s, "
+                f"{r['merges']} merges, held-out loss {r['heldout_loss']:.4f}")
+            runs.append(r)
+            _fill(res, out_dir, settings, held, runs, time.perf_counter() - t_start, done=False)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _fill(res, out_dir, settings, held, runs, time.perf_counter() - t_start, done=True)
+
+
+def _cut_shards(shards: Sequence[Path], tokens: int, out: Path) -> list[Path]:
+    """Each holder's shard cut to exactly ``tokens`` (whole chunks), written as llm.c shards."""
+    from gtbus.training.shards import read_shard, write_shard
+
+    cut = []
+    for i, s in enumerate(shards):
+        path = out / f"holder{i:02d}-cut.bin"
+        write_shard(path, read_shard(s)[:tokens])
+        cut.append(path)
+    return cut
+
+
+def _rel(r: dict[str, Any], one: dict[str, Any]) -> float:
+    """The run's held-out loss vs the one-GPU run's, in percent (positive: worse)."""
+    return (r["heldout_loss"] - one["heldout_loss"]) / one["heldout_loss"] * 100 if one["heldout_loss"] else math.nan
+
+
+def _every(r: dict[str, Any]) -> str:
+    """The run's merge interval in trained hops as the tables show it ("-" for one GPU: nothing to merge)."""
+    return "-" if r["gpus"] == 1 else str(r["merge_every"] or r["gpus"])
+
+
+def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[str, Any], held: HeldOut, runs: list[dict[str, Any]],
+          wall_total: float, *, done: bool) -> Result:
+    """Header, tables, goals and data of the runs so far; written after every run, so a cut-off bench leaves what it measured."""
+    res.tables.clear()
+    res.goals.clear()
+    res.finish()
+    res.header = _header(res.machine, settings, held, wall_total)
+    if not done:
+        res.header.insert(0, f"PARTIAL: {len(runs)} runs so far (the bench writes its result after every run; this one did not finish).")
+    one = runs[0]
+    main = [r for r in runs[1:] if r["merge_every"] == settings["merge_every"]]
+    t = Table("Fleet vs one GPU: same shards, same chunks, same steps", text_columns=2, columns=[
+        "GPUs", "merge every", "hops trained (per GPU)", "tokens", "window s", "tokens/s", "scaling", "tokens out at once", "merges", "merge s",
+        "GB/s (bytes / transfer)", "GB/s (bytes / window)", "held-out loss", "vs 1 GPU", "last hop eval before -> after"])
+    for r in runs:
+        last = (f"{r['last_hop_eval_before']:.4f} -> {r['last_hop_eval_after']:.4f}"
+                if r["last_hop_eval_before"] is not None and r["last_hop_eval_after"] is not None else "-")
+        t.add(r["gpus"], _every(r), f"{r['hops_trained']} ({', '.join(map(str, r['trained_per_gpu']))})", f"{r['tokens']:,}",
+              f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / one['tokens_per_s']:.3f}" if one["tokens_per_s"] else "-",
+              f"{r['tokens_out_mean']:.2f}", r["merges"], f"{r['merge_s']:.4f}", f"{r['provision_gbps']:.4g}", f"{r['provision_window_gbps']:.4g}",
+              f"{r['heldout_loss']:.4f}", f"{_rel(r, one):+.2f} %" if r is not one else "-", last)
+    t.notes.append("window = first hop's begin .. last hop's record, plus the run's whole merge time; tokens/s = tokens / window; "
+                   "scaling = tokens/s / the one-GPU run's; tokens out at once = the hops' durations (begin .. record) summed / window")
+    t.notes.append(f"held-out loss: the run's final model scored on {held.tokens.shape[0]:,} tokens of a shard no holder has "
+                   f"(untrained model: {held.initial_loss:.4f}); vs 1 GPU = (loss - one GPU's) / one GPU's; "
+                   "last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
+    res.tables.append(t)
+    d = Table("Where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=2, columns=[
+        "GPUs", "merge every", "startup s", "window s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s", "wall s"])
+    for r in runs:
+        d.add(r["gpus"], _every(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['transfer_s']:.3f}", f"{r['train_s']:.2f}",
+              f"{r['eval_s']:.2f}", f"{r['epilogue_s']:.3f}", f"{r['merge_s']:.4f}", f"{r['wall_s']:.1f}")
+    d.notes.append("startup = process start .. first hop's begin (not in the window); wall = the whole deployment, start to last process gone")
+    res.tables.append(d)
+    if len({r["merge_every"] for r in runs[1:]}) > 1:
+        p = Table("Merge policy at the largest K: loss per wall-clock second", text_columns=2, columns=[
+            "GPUs", "merge every", "merges", "window s", "held-out loss", "loss drop / s"])
+        k = max(r["gpus"] for r in runs)
+        for r in runs:
+            if r["gpus"] == k:
+                p.add(k, _every(r), r["merges"], f"{r['window_s']:.2f}", f"{r['heldout_loss']:.4f}",
+                      f"{(held.initial_loss - r['heldout_loss']) / r['window_s']:.4f}" if r["window_s"] > 0 else "-")
+        p.notes.append("loss drop / s = (untrained model's held-out loss - the run's) / its window: more is better")
+        res.tables.append(p)
+    for r in main:
+        if one["tokens_per_s"] and r["gpus"] in SCALING_GOALS:
+            res.goal(f"fleet_scaling_{r['gpus']}gpus", r["tokens_per_s"] / one["tokens_per_s"], SCALING_GOALS[r["gpus"]], "ratio")
+    for r in main:
+        res.goal(f"fleet_loss_vs_1gpu_{r['gpus']}gpus", _rel(r, one), LOSS_GOAL_PERCENT, "%", at_most=True)
+    for r in runs:
+        if r["hops_trained"] != r["hops_expected"]:
+            res.header.append(f"WARNING: K = {r['gpus']} trained {r['hops_trained']} of {r['hops_expected']} hops ({r['outcomes']}); its tokens differ from the others'.")
+    res.data = {"settings": settings, "heldout": {"tokens": int(held.tokens.shape[0]), "initial_loss": held.initial_loss,
+                                                  "tokens_per_step": held.tokens_per_step}, "runs": runs, "wall_s": wall_total}
+    if out_dir is not None:
+        md, js = res.write(out_dir)
+        res.data["files"] = [str(md), str(js)]
+    return res
+
+
+def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: float) -> list[str]:
+    cores, kmax = machine["usable_cores"], max(s["gpus"])
+    tokens = s["holders"] * s["chunks_per_holder"] * s["steps_per_hop"] * held.tokens_per_step
+    lines = [
+        "",
+        f"Dataset: {s['holders']} holders x {s['chunks_per_holder']} chunks of {s['chunk_tokens']:,} tokens "
+        f"({s['chunk_tokens'] * TOKEN_BYTES / MIB:.4g} MiB of hop bytes a chunk), llm.c shards by `gtbus data build` from the Python stdlib "
+        f"sources split round-robin; one round; {s['steps_per_hop']} optimizer steps a hop ({held.tokens_per_step:,} tokens a step): "
+        f"{tokens:,} tokens trained in every run, K = 1 and every K alike.",
+        "",
+        f"Every run is a real deployment started by the CLI (`gtbus orchestrator --gpus K --merge-every N --backend {s['backend']} "
+        f"--trainer {s['trainer']}` and a `gtbus holder` process per holder, CURVE ZeroMQ on loopback, travel mode); merge every "
+        f"{s['merge_every'] or 'K'} trained hops of the fleet (model averaging, in the orchestrator's process).",
+        "",
+        "Aggregate tokens/s = tokens trained / training window. Training window = from the first hop's begin to the last hop's record "
+        "(each hop line timestamped on arrival at the bench, less that hop's own phase marks, which say how long before its record it began), "
+        "plus the run's whole merge time (merges between hops are inside the window already; the end's merge is not: counting all again "
+        "can only lower the fleet's rate). Not counted: process start, model build, registration (startup s), and the run's end. "
+        "Counted: grants, transfers, training, evaluations, scrubs, merges, checkpoints at merges, idle lanes.",
+        "",
+    ]
+    if s["backend"] == "host":
+        lines.append(
+            f"This machine: {cores} usable cores for K up to {kmax} emulated devices, the holders' processes and the orchestrator. "
+            "On the host backend the K lanes are one orchestrator process whose training calls run one at a time on its event loop, so "
+            "lanes overlap only in provisioning (the holders seal in their own processes): the scaling goals (2 GPUs >= 1.85 x, "
+            "4 GPUs >= 3.5 x) cannot be met here and are recorded anyway, missed. They are for K physical GPUs (issue 7 of 7).")
+    else:
+        lines.append(f"Backend {s['backend']}: K lanes on the GPUs this machine has ({machine.get('gpu') or 'none seen'}); "
+                     "K lanes on one GPU share its SMs, so the scaling goals are for K physical GPUs.")
+    lines += ["", f"Whole bench: {wall:.0f} s."]
+    return lines
