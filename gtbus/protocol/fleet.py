@@ -37,7 +37,12 @@ checks them): epochs come from one counter for every lane (each grant takes
 the next, the disk reservation is shared), so each token's epochs strictly
 increase; the replay guard's fence is the lowest epoch still in flight across
 lanes (so a slower lane's current hop is never refused); messages go to the
-lane whose token id they carry; every ``merge_every`` trained hops no new hop
+lane whose token id they carry; a device agent stages one hop at a time (a
+stage request replaces the one before, :mod:`gtbus.protocol.agent_stage`), so
+a remote holder is offered to a lane (``available``) only while its agent
+stages no other lane's hop: two lanes through one agent would revoke each
+other's hops (the simulator measured it: two remote holders, two lanes, 5 of
+24 hops revoked and the run 12 times longer in simulated time); every ``merge_every`` trained hops no new hop
 starts until none is in flight, then the replicas are averaged and, with
 K > 1, only then checkpointed (and when the run stops or ends), so a resume
 starts every lane from one model and redoes what was trained since; a hop

@@ -87,6 +87,18 @@ def test_a_hostile_remote_holder_loses_only_its_own_hops(behaviour: str) -> None
     assert r.trained >= 2
 
 
+def test_remote_holders_behind_one_agent_take_turns_on_a_fleet() -> None:
+    """The agent stages one hop at a time: two lanes through it would revoke each other's hops (5 of 24
+    were, before the fleet offered a remote holder only while its agent is free)."""
+    cfg = SimConfig(holders=["h1", "h2", "h3", "h4"], remote=["h3", "h4"], tokens={h: 192 for h in ("h1", "h2", "h3", "h4")}, rounds=2,
+                    faults=False)
+    one = run_seed(5, config=cfg)
+    cfg.gpus = 2
+    two = run_seed(5, config=cfg)
+    assert two.ok and two.finished and two.outcomes == {"trained": 24} == one.outcomes, two.outcomes
+    assert two.sim_time < one.sim_time
+
+
 def test_fleets_survive_failing_gpus() -> None:
     """Over seeds, GPUs fail: hops in flight are aborted and put back, runs go on with the other lanes,
     or stop with the named reason when none is left; no invariant breaks either way."""

@@ -93,4 +93,6 @@ def draw_config(rng: random.Random, *, faults: bool = True, hostile: bool = True
     cfg.gpus = gpus
     if gpus > 1:
         cfg.merge_every = rng.randint(1, 4)
+        if n > 2 and rng.random() < 0.3:
+            cfg.remote = holders[-2:]  # two remote holders behind the one device agent, on two lanes at once if allowed
     return cfg

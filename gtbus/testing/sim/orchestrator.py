@@ -18,7 +18,8 @@ A fleet (``gtbus sim --gpus K``) has K lanes, each its own token machine,
 device (replica) and hop in flight, handed work by the real
 :class:`FleetSchedule`. The shell keeps the rules :mod:`gtbus.protocol.fleet`
 and the real orchestrator state: one epoch counter for all lanes; messages go
-to the lane whose token id they carry; every ``merge_every`` trained hops no
+to the lane whose token id they carry; a device agent stages one lane's hop
+at a time (remote holders behind one agent take turns); every ``merge_every`` trained hops no
 new hop starts until none is in flight, then the replicas are averaged and,
 with K > 1, only then is the checkpoint written (and when the run stops or
 ends); a hop that rolls back restores its lane's replica to the model the hop
@@ -369,7 +370,7 @@ class SimOrchestrator:
         started = False
         for lane in live:
             if lane.hop is None and self._live(inc):
-                a = fleet.next_for(lane.index, self._reachable)
+                a = fleet.next_for(lane.index, self._can_stage)
                 if a is not None:
                     started = True
                     self._start_hop(lane, a)
@@ -407,6 +408,15 @@ class SimOrchestrator:
         self.world.note("merge", (self.trained_since_merge, model))
         self.trained_since_merge = 0
         self._save_checkpoint()
+
+    def _can_stage(self, holder: str) -> bool:
+        """Reachable, and (a remote holder) its device agent stages no other lane's hop: an agent stages
+        one hop at a time (a stage request replaces the one before), so two lanes through one agent
+        would revoke each other's hops."""
+        via = self.enrolment.manifests[holder].via
+        if via is not None and any(lane.hop is not None and lane.hop.machine.via == via for lane in self.lanes):
+            return False
+        return self._reachable(holder)
 
     def _reachable(self, holder: str) -> bool:
         return self.liveness.reachable(holder, self.world.now, self.last_heard.get(holder, -1.0))
