@@ -257,3 +257,26 @@ def test_lane_count_must_be_a_positive_int(lanes: object) -> None:
 def test_a_damaged_saved_state_is_refused(state: dict) -> None:
     with pytest.raises(ValueError, match="not a saved fleet schedule|lanes must be"):
         FleetSchedule.from_state(state)
+
+
+def test_a_holder_back_from_a_long_hop_does_not_catch_up_ahead_of_the_others() -> None:
+    """g is busy on lane 0 while lane 1 goes round the others, level after level: g is owed one chunk
+    only (the rest wait at the end of the round), so once free it takes one turn, not six in a row."""
+    fleet = FleetSchedule(Schedule({"g": 8, "h": 8, "x": 8}, 1), 2)
+    assert fleet.next_for(0) == Assignment(0, "g", 0)  # a long hop
+    served = []
+    for _ in range(12):  # levels 0..5 of h and x on lane 1; g's chunks 1..6 are passed over meanwhile
+        a = fleet.next_for(1)
+        assert a is not None
+        served.append((a.holder, a.chunk))
+        fleet.release(1, "done")
+    assert served == [(h, k) for k in range(6) for h in ("h", "x")]
+    assert fleet.next_for(1) == Assignment(0, "h", 6)  # a long hop on lane 1 now
+    fleet.release(0, "done")
+    turns = []
+    for _ in range(2):  # lane 0 alone serves g and x, each hop ending at once
+        a = fleet.next_for(0)
+        assert a is not None
+        turns.append((a.holder, a.chunk))
+        fleet.release(0, "done")
+    assert turns == [("g", 1), ("x", 6)]  # not g 1, 2, 3, 4, 5, 6 while x waits
