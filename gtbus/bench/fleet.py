@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -196,10 +197,16 @@ def run_fleet_bench(
     merge_every: int = 0,
     compare_merge_every: int | None = None,
     heldout_tokens: int = 1 << 16,
+    repeats: int = 1,
     keep_runs: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Result:
-    """The one-GPU run, a run per K of ``gpus`` (and one with ``compare_merge_every`` at the largest K); write ``fleet-<backend>-<host>``."""
+    """The one-GPU run, a run per K of ``gpus`` (and one with ``compare_merge_every`` at the largest K), ``repeats`` times; write ``fleet-<backend>-<host>``.
+
+    Repeats are interleaved (every configuration once, then again in reverse
+    order...), so that load that comes and goes on the machine falls on all of
+    them; the tables and goals take each configuration's medians.
+    """
     from gtbus.nodes.launcher import measure_pin
 
     if not gpus or min(gpus) < 2:
@@ -207,16 +214,16 @@ def run_fleet_bench(
     holders = holders or max(gpus)
     if holders < max(gpus):
         raise ConfigError(f"fleet bench: {holders} holders cannot keep {max(gpus)} GPUs busy (a holder is on one GPU at a time); give --holders {max(gpus)} or more")
-    for name, value in (("chunk tokens", chunk_tokens), ("chunks per holder", chunks_per_holder), ("steps per hop", steps_per_hop)):
+    for name, value in (("chunk tokens", chunk_tokens), ("chunks per holder", chunks_per_holder), ("steps per hop", steps_per_hop), ("repeats", repeats)):
         if value < 1:
             raise ConfigError(f"fleet bench: {name} must be positive, got {value}")
     machine = machine_info()
     res = Result(f"fleet-{backend}", f"Fleet: K GPU tokens at once vs one ({trainer}, {backend} backend)", machine)
     settings = {"gpus": list(gpus), "backend": backend, "trainer": trainer, "holders": holders, "chunk_tokens": chunk_tokens,
                 "chunks_per_holder": chunks_per_holder, "steps_per_hop": steps_per_hop, "merge_every": merge_every,
-                "compare_merge_every": compare_merge_every, "heldout_tokens": heldout_tokens}
+                "compare_merge_every": compare_merge_every, "heldout_tokens": heldout_tokens, "repeats": repeats}
     say(f"fleet bench ({trainer}, {backend}): K = 1, {', '.join(map(str, gpus))}; {holders} holders x {chunks_per_holder} chunks of "
-        f"{chunk_tokens:,} tokens, {steps_per_hop} steps a hop; {machine['usable_cores']} usable cores; load {machine['load_at_start']}")
+        f"{chunk_tokens:,} tokens, {steps_per_hop} steps a hop, {repeats} x each; {machine['usable_cores']} usable cores; load {machine['load_at_start']}")
     tmp = None if keep_runs else tempfile.mkdtemp(prefix="gtbus-bench-fleet-")
     base = Path(keep_runs or tmp)  # type: ignore[arg-type]
     runs: list[dict[str, Any]] = []
@@ -231,11 +238,13 @@ def run_fleet_bench(
         plan = [(1, 0)] + [(k, merge_every) for k in gpus]
         if compare_merge_every is not None and compare_merge_every != merge_every:
             plan.append((max(gpus), compare_merge_every))
-        for i, (k, every) in enumerate(plan):
-            say(f"  K = {k}, merge every {every or k} ...")
-            r = run_fleet_once(base / f"{i:02d}-gpus{k}-merge{every}", gpus=k, merge_every=every, work=work, held=held)
+        order = [(k, every) for rep in range(repeats) for k, every in (plan if rep % 2 == 0 else plan[::-1])]
+        for i, (k, every) in enumerate(order):
+            say(f"  K = {k}" + (f", merge every {every or k} trained hops ..." if k > 1 else " (the baseline) ..."))
+            run_dir = base / f"{i:02d}-gpus{k}-merge{every}"
+            r = run_fleet_once(run_dir, gpus=k, merge_every=every, work=work, held=held)
             if tmp is not None:
-                shutil.rmtree(base / f"{i:02d}-gpus{k}-merge{every}" / "checkpoints", ignore_errors=True)
+                shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             say(f"    {r['hops_trained']} of {r['hops_expected']} hops trained, window {r['window_s']:.2f} s, {r['tokens_per_s']:,.0f} tokens/s, "
                 f"{r['merges']} merges, held-out loss {r['heldout_loss']:.4f}")
             runs.append(r)
@@ -268,6 +277,19 @@ def _every(r: dict[str, Any]) -> str:
     return "-" if r["gpus"] == 1 else str(r["merge_every"] or r["gpus"])
 
 
+#: What a configuration's medians are taken of (the rest is its first run's).
+_MEDIAN = ("window_s", "tokens_per_s", "tokens_out_mean", "merges", "merge_s", "provision_gbps", "provision_window_gbps", "heldout_loss")
+
+
+def _configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per (GPUs, merge every), in the order first run: its first run's values, the medians of :data:`_MEDIAN` over its runs."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["gpus"], r["merge_every"]), []).append(r)
+    return [{**rs[0], **{k: statistics.median(r[k] for r in rs) for k in _MEDIAN}, "runs": len(rs),
+             "hops_trained": min(r["hops_trained"] for r in rs)} for rs in groups.values()]
+
+
 def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[str, Any], held: HeldOut, runs: list[dict[str, Any]],
           wall_total: float, *, done: bool) -> Result:
     """Header, tables, goals and data of the runs so far; written after every run, so a cut-off bench leaves what it measured."""
@@ -277,51 +299,57 @@ def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[st
     res.header = _header(res.machine, settings, held, wall_total)
     if not done:
         res.header.insert(0, f"PARTIAL: {len(runs)} runs so far (the bench writes its result after every run; this one did not finish).")
-    one = runs[0]
-    main = [r for r in runs[1:] if r["merge_every"] == settings["merge_every"]]
-    t = Table("Fleet vs one GPU: same shards, same chunks, same steps", text_columns=2, columns=[
-        "GPUs", "merge every", "hops trained (per GPU)", "tokens", "window s", "tokens/s", "scaling", "tokens out at once", "merges", "merge s",
-        "GB/s (bytes / transfer)", "GB/s (bytes / window)", "held-out loss", "vs 1 GPU", "last hop eval before -> after"])
-    for r in runs:
+    configs = _configs(runs)
+    one = configs[0]
+    main = [c for c in configs[1:] if c["merge_every"] == settings["merge_every"]]
+    reps = settings["repeats"]
+    t = Table(f"Fleet vs one GPU: same shards, same chunks, same steps ({'median of ' + str(reps) + ' runs each' if reps > 1 else 'one run each'})",
+              text_columns=2, columns=[
+        "GPUs", "merge every", "runs", "hops trained (per GPU)", "tokens", "window s", "tokens/s", "scaling", "tokens out at once", "merges",
+        "merge s", "GB/s (bytes / transfer)", "GB/s (bytes / window)", "held-out loss", "vs 1 GPU"])
+    for c in configs:
+        t.add(c["gpus"], _every(c), c["runs"], f"{c['hops_trained']} ({', '.join(map(str, c['trained_per_gpu']))})", f"{c['tokens']:,}",
+              f"{c['window_s']:.2f}", f"{c['tokens_per_s']:,.0f}", f"{c['tokens_per_s'] / one['tokens_per_s']:.3f}" if one["tokens_per_s"] else "-",
+              f"{c['tokens_out_mean']:.2f}", f"{c['merges']:g}", f"{c['merge_s']:.4f}", f"{c['provision_gbps']:.4g}", f"{c['provision_window_gbps']:.4g}",
+              f"{c['heldout_loss']:.4f}", f"{_rel(c, one):+.2f} %" if c is not one else "-")
+    t.notes.append("window = first hop's begin .. last hop's record, plus the run's whole merge time; tokens/s = tokens / window; "
+                   "scaling = tokens/s / the one-GPU run's; tokens out at once = the hops' durations (begin .. record) summed / window; "
+                   "numbers are each configuration's medians over its runs, hops per GPU those of its first run")
+    t.notes.append(f"held-out loss: the run's final model (with K > 1 the replicas averaged) scored on {held.tokens.shape[0]:,} tokens of a shard "
+                   f"no holder has (untrained model: {held.initial_loss:.4f}); vs 1 GPU = (loss - one GPU's) / one GPU's")
+    res.tables.append(t)
+    d = Table("Every run: where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=3, columns=[
+        "run", "GPUs", "merge every", "startup s", "window s", "tokens/s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s",
+        "wall s", "held-out loss", "last hop eval before -> after"])
+    for i, r in enumerate(runs):
         last = (f"{r['last_hop_eval_before']:.4f} -> {r['last_hop_eval_after']:.4f}"
                 if r["last_hop_eval_before"] is not None and r["last_hop_eval_after"] is not None else "-")
-        t.add(r["gpus"], _every(r), f"{r['hops_trained']} ({', '.join(map(str, r['trained_per_gpu']))})", f"{r['tokens']:,}",
-              f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s'] / one['tokens_per_s']:.3f}" if one["tokens_per_s"] else "-",
-              f"{r['tokens_out_mean']:.2f}", r["merges"], f"{r['merge_s']:.4f}", f"{r['provision_gbps']:.4g}", f"{r['provision_window_gbps']:.4g}",
-              f"{r['heldout_loss']:.4f}", f"{_rel(r, one):+.2f} %" if r is not one else "-", last)
-    t.notes.append("window = first hop's begin .. last hop's record, plus the run's whole merge time; tokens/s = tokens / window; "
-                   "scaling = tokens/s / the one-GPU run's; tokens out at once = the hops' durations (begin .. record) summed / window")
-    t.notes.append(f"held-out loss: the run's final model scored on {held.tokens.shape[0]:,} tokens of a shard no holder has "
-                   f"(untrained model: {held.initial_loss:.4f}); vs 1 GPU = (loss - one GPU's) / one GPU's; "
-                   "last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
-    res.tables.append(t)
-    d = Table("Where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=2, columns=[
-        "GPUs", "merge every", "startup s", "window s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s", "wall s"])
-    for r in runs:
-        d.add(r["gpus"], _every(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['transfer_s']:.3f}", f"{r['train_s']:.2f}",
-              f"{r['eval_s']:.2f}", f"{r['epilogue_s']:.3f}", f"{r['merge_s']:.4f}", f"{r['wall_s']:.1f}")
-    d.notes.append("startup = process start .. first hop's begin (not in the window); wall = the whole deployment, start to last process gone")
+        d.add(i, r["gpus"], _every(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['transfer_s']:.3f}",
+              f"{r['train_s']:.2f}", f"{r['eval_s']:.2f}", f"{r['epilogue_s']:.3f}", f"{r['merge_s']:.4f}", f"{r['wall_s']:.1f}",
+              f"{r['heldout_loss']:.4f}", last)
+    d.notes.append("in the order run; startup = process start .. first hop's begin (not in the window); wall = the whole deployment, "
+                   "start to last process gone; last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
     res.tables.append(d)
-    if len({r["merge_every"] for r in runs[1:]}) > 1:
+    if len({c["merge_every"] for c in configs[1:]}) > 1:
         p = Table("Merge policy at the largest K: loss per wall-clock second", text_columns=2, columns=[
             "GPUs", "merge every", "merges", "window s", "held-out loss", "loss drop / s"])
-        k = max(r["gpus"] for r in runs)
-        for r in runs:
-            if r["gpus"] == k:
-                p.add(k, _every(r), r["merges"], f"{r['window_s']:.2f}", f"{r['heldout_loss']:.4f}",
-                      f"{(held.initial_loss - r['heldout_loss']) / r['window_s']:.4f}" if r["window_s"] > 0 else "-")
+        k = max(c["gpus"] for c in configs)
+        for c in configs:
+            if c["gpus"] == k:
+                p.add(k, _every(c), f"{c['merges']:g}", f"{c['window_s']:.2f}", f"{c['heldout_loss']:.4f}",
+                      f"{(held.initial_loss - c['heldout_loss']) / c['window_s']:.4f}" if c["window_s"] > 0 else "-")
         p.notes.append("loss drop / s = (untrained model's held-out loss - the run's) / its window: more is better")
         res.tables.append(p)
-    for r in main:
-        if one["tokens_per_s"] and r["gpus"] in SCALING_GOALS:
-            res.goal(f"fleet_scaling_{r['gpus']}gpus", r["tokens_per_s"] / one["tokens_per_s"], SCALING_GOALS[r["gpus"]], "ratio")
-    for r in main:
-        res.goal(f"fleet_loss_vs_1gpu_{r['gpus']}gpus", _rel(r, one), LOSS_GOAL_PERCENT, "%", at_most=True)
+    for c in main:
+        if one["tokens_per_s"] and c["gpus"] in SCALING_GOALS:
+            res.goal(f"fleet_scaling_{c['gpus']}gpus", c["tokens_per_s"] / one["tokens_per_s"], SCALING_GOALS[c["gpus"]], "ratio")
+    for c in main:
+        res.goal(f"fleet_loss_vs_1gpu_{c['gpus']}gpus", _rel(c, one), LOSS_GOAL_PERCENT, "%", at_most=True)
     for r in runs:
         if r["hops_trained"] != r["hops_expected"]:
             res.header.append(f"WARNING: K = {r['gpus']} trained {r['hops_trained']} of {r['hops_expected']} hops ({r['outcomes']}); its tokens differ from the others'.")
     res.data = {"settings": settings, "heldout": {"tokens": int(held.tokens.shape[0]), "initial_loss": held.initial_loss,
-                                                  "tokens_per_step": held.tokens_per_step}, "runs": runs, "wall_s": wall_total}
+                                                  "tokens_per_step": held.tokens_per_step}, "configs": configs, "runs": runs, "wall_s": wall_total}
     if out_dir is not None:
         md, js = res.write(out_dir)
         res.data["files"] = [str(md), str(js)]
@@ -351,10 +379,11 @@ def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: flo
     ]
     if s["backend"] == "host":
         lines.append(
-            f"This machine: {cores} usable cores for K up to {kmax} emulated devices, the holders' processes and the orchestrator. "
-            "On the host backend the K lanes are one orchestrator process whose training calls run one at a time on its event loop, so "
-            "lanes overlap only in provisioning (the holders seal in their own processes): the scaling goals (2 GPUs >= 1.85 x, "
-            "4 GPUs >= 3.5 x) cannot be met here and are recorded anyway, missed. They are for K physical GPUs (issue 7 of 7).")
+            f"This machine: {cores} usable cores shared by K up to {kmax} emulated devices (the lanes of one orchestrator process), "
+            f"the {s['holders']} holders' processes and whatever else ran (load averages above). "
+            + (f"K lanes cannot train K times as fast on {cores} cores: the scaling goals (2 GPUs >= 1.85 x, 4 GPUs >= 3.5 x) cannot be met "
+               "here and are recorded anyway, missed. " if cores < 2 * kmax else "")
+            + "The scaling goals are for K physical GPUs (issue 7 of 7).")
     else:
         lines.append(f"Backend {s['backend']}: K lanes on the GPUs this machine has ({machine.get('gpu') or 'none seen'}); "
                      "K lanes on one GPU share its SMs, so the scaling goals are for K physical GPUs.")

@@ -155,10 +155,11 @@ def device(backend: str, chunk_mib: float, reps: int, sizes: str, control_hops: 
 @click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="Average the replicas every N trained hops of the fleet (0: every K).")
 @click.option("--compare-merge-every", type=click.IntRange(min=0), default=None, help="Also run the largest K with this --merge-every: loss per wall-clock second of both.")
 @click.option("--heldout-tokens", type=click.IntRange(min=1024), default=1 << 16, show_default=True, help="Tokens of the held-out shard each run's final model is scored on.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each configuration, interleaved; the tables take medians.")
 @click.option("--keep-runs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep each run's folder here instead of a temporary folder.")
 @_OUT
 def fleet(gpus_text: str, backend: str, trainer: str, holders: int | None, chunk_tokens: int, chunks_per_holder: int, steps_per_hop: int,
-          merge_every: int, compare_merge_every: int | None, heldout_tokens: int, keep_runs: Path | None, out_dir: Path) -> None:
+          merge_every: int, compare_merge_every: int | None, heldout_tokens: int, repeats: int, keep_runs: Path | None, out_dir: Path) -> None:
     """K GPU tokens at once vs one, same run: aggregate tokens/s, provisioning GB/s, held-out loss after the same tokens."""
     from gtbus.bench.fleet import parse_gpus, run_fleet_bench
     from gtbus.errors import GtbusError
@@ -166,7 +167,7 @@ def fleet(gpus_text: str, backend: str, trainer: str, holders: int | None, chunk
     try:
         res = run_fleet_bench(out_dir, gpus=parse_gpus(gpus_text), backend=backend, trainer=trainer, holders=holders, chunk_tokens=chunk_tokens,
                               chunks_per_holder=chunks_per_holder, steps_per_hop=steps_per_hop, merge_every=merge_every,
-                              compare_merge_every=compare_merge_every, heldout_tokens=heldout_tokens, keep_runs=keep_runs,
+                              compare_merge_every=compare_merge_every, heldout_tokens=heldout_tokens, repeats=repeats, keep_runs=keep_runs,
                               say=lambda s: click.echo(s, err=True))
     except GtbusError as exc:
         raise click.ClickException(str(exc)) from None
