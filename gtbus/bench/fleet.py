@@ -195,13 +195,13 @@ def run_fleet_bench(
     chunks_per_holder: int = 4,
     steps_per_hop: int = 8,
     merge_every: int = 0,
-    compare_merge_every: int | None = None,
+    compare_merge_every: Sequence[int] = (),
     heldout_tokens: int = 1 << 16,
     repeats: int = 1,
     keep_runs: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Result:
-    """The one-GPU run, a run per K of ``gpus`` (and one with ``compare_merge_every`` at the largest K), ``repeats`` times; write ``fleet-<backend>-<host>``.
+    """The one-GPU run, a run per K of ``gpus`` (and one per value of ``compare_merge_every`` at the largest K), ``repeats`` times; write ``fleet-<backend>-<host>``.
 
     Repeats are interleaved (every configuration once, then again in reverse
     order...), so that load that comes and goes on the machine falls on all of
@@ -221,7 +221,7 @@ def run_fleet_bench(
     res = Result(f"fleet-{backend}", f"Fleet: K GPU tokens at once vs one ({trainer}, {backend} backend)", machine)
     settings = {"gpus": list(gpus), "backend": backend, "trainer": trainer, "holders": holders, "chunk_tokens": chunk_tokens,
                 "chunks_per_holder": chunks_per_holder, "steps_per_hop": steps_per_hop, "merge_every": merge_every,
-                "compare_merge_every": compare_merge_every, "heldout_tokens": heldout_tokens, "repeats": repeats}
+                "compare_merge_every": list(compare_merge_every), "heldout_tokens": heldout_tokens, "repeats": repeats}
     say(f"fleet bench ({trainer}, {backend}): K = 1, {', '.join(map(str, gpus))}; {holders} holders x {chunks_per_holder} chunks of "
         f"{chunk_tokens:,} tokens, {steps_per_hop} steps a hop, {repeats} x each; {machine['usable_cores']} usable cores; load {machine['load_at_start']}")
     tmp = None if keep_runs else tempfile.mkdtemp(prefix="gtbus-bench-fleet-")
@@ -236,8 +236,7 @@ def run_fleet_bench(
         held = HeldOut(trainer, backend, shards[-1], heldout_tokens)
         work = FleetWork(trainer, backend, pin, tuple(cut), chunk_tokens, steps_per_hop)
         plan = [(1, 0)] + [(k, merge_every) for k in gpus]
-        if compare_merge_every is not None and compare_merge_every != merge_every:
-            plan.append((max(gpus), compare_merge_every))
+        plan += [(max(gpus), every) for every in dict.fromkeys(compare_merge_every) if every != merge_every]
         order = [(k, every) for rep in range(repeats) for k, every in (plan if rep % 2 == 0 else plan[::-1])]
         for i, (k, every) in enumerate(order):
             say(f"  K = {k}" + (f", merge every {every or k} trained hops ..." if k > 1 else " (the baseline) ..."))

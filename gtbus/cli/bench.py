@@ -153,17 +153,23 @@ def device(backend: str, chunk_mib: float, reps: int, sizes: str, control_hops: 
 @click.option("--chunks", "chunks_per_holder", type=click.IntRange(min=1), default=4, show_default=True, help="Chunks of each holder (one hop each).")
 @click.option("--steps", "steps_per_hop", type=click.IntRange(min=1), default=8, show_default=True, help="Optimizer steps a hop (the same in every run).")
 @click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="Average the replicas every N trained hops of the fleet (0: every K).")
-@click.option("--compare-merge-every", type=click.IntRange(min=0), default=None, help="Also run the largest K with this --merge-every: loss per wall-clock second of both.")
+@click.option("--compare-merge-every", "compare_text", default="", help="Comma-separated --merge-every values to run the largest K with as well: loss per wall-clock second of each.")
 @click.option("--heldout-tokens", type=click.IntRange(min=1024), default=1 << 16, show_default=True, help="Tokens of the held-out shard each run's final model is scored on.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each configuration, interleaved; the tables take medians.")
 @click.option("--keep-runs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep each run's folder here instead of a temporary folder.")
 @_OUT
 def fleet(gpus_text: str, backend: str, trainer: str, holders: int | None, chunk_tokens: int, chunks_per_holder: int, steps_per_hop: int,
-          merge_every: int, compare_merge_every: int | None, heldout_tokens: int, repeats: int, keep_runs: Path | None, out_dir: Path) -> None:
+          merge_every: int, compare_text: str, heldout_tokens: int, repeats: int, keep_runs: Path | None, out_dir: Path) -> None:
     """K GPU tokens at once vs one, same run: aggregate tokens/s, provisioning GB/s, held-out loss after the same tokens."""
     from gtbus.bench.fleet import parse_gpus, run_fleet_bench
     from gtbus.errors import GtbusError
 
+    try:
+        compare_merge_every = [int(x) for x in compare_text.split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{compare_text!r}: comma-separated numbers of trained hops", param_hint="--compare-merge-every") from None
+    if any(x < 0 for x in compare_merge_every):
+        raise click.BadParameter(f"{compare_text!r}: 0 (every K) or a positive number of trained hops", param_hint="--compare-merge-every")
     try:
         res = run_fleet_bench(out_dir, gpus=parse_gpus(gpus_text), backend=backend, trainer=trainer, holders=holders, chunk_tokens=chunk_tokens,
                               chunks_per_holder=chunks_per_holder, steps_per_hop=steps_per_hop, merge_every=merge_every,

@@ -79,6 +79,8 @@ def test_gpu_counts_are_checked() -> None:
     (["--gpus", "1"], "each count must be 2 or more"),
     (["--gpus", "2;4"], "comma-separated numbers of GPUs"),
     (["--gpus", "4", "--holders", "2"], "2 holders cannot keep 4 GPUs busy"),
+    (["--compare-merge-every", "4;8"], "comma-separated numbers of trained hops"),
+    (["--compare-merge-every", "-1"], "0 (every K) or a positive number"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path: Path, args: list[str], says: str) -> None:
     done = subprocess.run([sys.executable, "-m", "gtbus", "bench", "fleet", *args, "--out", str(tmp_path / "out")], capture_output=True, text=True)
