@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 
 import numpy
 
@@ -78,11 +78,13 @@ from gtbus.protocol.hop import (
     Undelivered,
 )
 from gtbus.protocol.schedule import Assignment
+from gtbus.training.trainer import TrainReport
 
 if TYPE_CHECKING:  # the orchestrator owns the runner; only its type is named here
     from gtbus.nodes.lane import Lane
     from gtbus.nodes.orchestrator import Orchestrator
 
+_T = TypeVar("_T")
 RUN_ACTIONS = (Settle, Checkpoint, PublishRecord, StopRun)  # performed by the orchestrator, after the hop
 _WAITING = (HopPhase.READY, HopPhase.GRANTING, HopPhase.AWAITING)
 
@@ -324,20 +326,47 @@ class HopRunner:
         # While this hop trains, the next hop's fresh staging is allocated beside it.
         self.lane.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
         r = self.result
-        try:
+
+        def work() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
             t2 = time.perf_counter()
             before = self.trainer.evaluate(tokens)
             t3 = time.perf_counter()
             report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
             t4 = time.perf_counter()
             after = self.trainer.evaluate(tokens)
-            t5 = time.perf_counter()
+            return before, report, after, (t2, t3, t4, time.perf_counter())
+
+        try:
+            if self._trains_off_loop():
+                before, report, after, (t2, t3, t4, t5) = await self._off_loop(work)
+            else:
+                before, report, after, (t2, t3, t4, t5) = work()
         except GtbusError as exc:
             return TrainingRefused(str(exc))
         r.train_s, r.eval_s = t4 - t3, (t3 - t2) + (t5 - t4)
         self.mark("train")
         self.orch.note_eval(before)
         return Trained(report.loss_first, report.loss_last, before, after)
+
+    def _trains_off_loop(self) -> bool:
+        # A fleet on the host backend trains each lane on a worker thread: numpy's kernels
+        # release the GIL, so lanes train side by side and the event loop keeps serving the
+        # other lanes' grants and returns meanwhile. Only this lane's replica and buffers are
+        # touched there (a merge or a fleet checkpoint waits until no lane has a hop in flight).
+        # One lane trains on the loop as it always did; cupy keeps its current device and
+        # stream per thread, so a GPU lane trains on the loop's thread (its kernels run
+        # asynchronously all the same).
+        return len(self.orch.lanes) > 1 and self.device.array_module is numpy
+
+    @staticmethod
+    async def _off_loop(work: Callable[[], _T]) -> _T:
+        task = asyncio.ensure_future(asyncio.to_thread(work))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            # The thread cannot be stopped: the hop unwinds (scrubs its buffer) only after it returns.
+            await asyncio.wait([task])
+            raise
 
     async def _restore_model(self, act: RestoreModel) -> None:
         self.orch.restore_model(self.lane)

@@ -81,8 +81,9 @@ def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int) -> Non
     spans = sorted(s for ss in holder_spans(t).values() for s in ss)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
-    # The replicas were merged, and the fleet learned.
-    assert summary["merges"] >= len(hops) // gpus - 1
+    # The replicas were merged (every --gpus trained hops by default; the hops still in
+    # flight when a merge falls due end before it: at most 2K - 1 hops a merge), and the fleet learned.
+    assert summary["merges"] >= -(-len(hops) // (2 * gpus - 1))
     assert summary["last_loss"] < summary["first_loss"]
 
     # Nothing was refused, and the logs verify offline.
