@@ -12,8 +12,12 @@ Rules (all of them live here):
    message is not an attack), going back is not.
 3. ``ts`` may be at most ``max_skew`` seconds in the future; ``exp`` must not
    have passed; ``exp - ts`` may not exceed ``max_ttl``.
-4. For fenced types, ``epoch`` below the fence (the newest token epoch this
-   node acts on) is stale: a paused ex-holder cannot speak for an old hop.
+4. For fenced types, ``epoch`` below the fence is stale: a paused ex-holder
+   cannot speak for an old hop. The node that owns the token epochs says
+   where the fence is (it only rises): with one token, its newest epoch;
+   with several travelling at once (a fleet), the lowest epoch still in
+   flight on any of them, so a slower token's hop is never refused (each
+   token then refuses the epochs above the fence that are not its own).
 5. :meth:`ReplayGuard.check` has no side effects; :meth:`ReplayGuard.commit`
    records the message as seen. The pipeline calls commit only after the
    signature verified, so junk cannot move the marks.

@@ -1,4 +1,8 @@
-"""The orchestrator's hop shell: runs one :class:`~gtbus.protocol.hop.HopMachine` on the device, the trainer and the network.
+"""The orchestrator's hop shell: runs one :class:`~gtbus.protocol.hop.HopMachine` on a lane's device, trainer and the network.
+
+A hop belongs to one lane (:mod:`gtbus.nodes.lane`): its token, device, trainer
+replica and staging pool; the epoch counter, the receive fence, the checkpoint
+and the run's records are the orchestrator's, shared by its lanes.
 
 The machine decides; this module does what it is told, and feeds back what
 happened (DESIGN section 6):

@@ -54,10 +54,10 @@ def grant_token_ids(t: Travel) -> dict[int, str]:
     return {m.epoch: m.body["token_id"] for m in t.messages() if m.dir == "out" and m.type == "token.grant"}
 
 
-@pytest.mark.parametrize("gpus", [2, 4])
-def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int) -> None:
+@pytest.mark.parametrize("gpus, mode", [(2, "travel"), (4, "travel"), (2, "ship")])
+def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int, mode: str) -> None:
     # A holder is on one lane at a time: K lanes need K holders to be busy at once.
-    t: Travel = travel(**{**SMALL, "holders": max(3, gpus)}, gpus=gpus).start()
+    t: Travel = travel(**{**SMALL, "holders": max(3, gpus)}, gpus=gpus, mode=mode).start()
     summary = t.finish()
     hops = t.hops()
 
