@@ -116,6 +116,18 @@ def test_a_lane_whose_device_fails_is_retired_and_its_hop_done_by_another(travel
     assert res.returncode == 0, res.stdout + res.stderr
 
 
+def test_a_lane_whose_model_changed_mid_hop_is_rolled_back_and_the_fleet_goes_on(travel) -> None:
+    t: Travel = travel(**SMALL, gpus=2, orchestrator_fault="tamper-model-at-epoch=5").start()
+    summary = t.finish()
+    hops = t.hops()
+    rolled = [h for h in hops if h["outcome"] == "rolled-back"]
+    assert [h["epoch"] for h in rolled] == [5] and "restored the last checkpoint" in rolled[0]["detail"]
+    # The chunk is retried (on either lane) and every chunk is trained once; no lane was retired.
+    keys = trained_keys(hops)
+    assert sorted(keys) == every_chunk(t) and len(keys) == len(set(keys))
+    assert summary["lanes_failed"] == [] and summary["last_loss"] < summary["first_loss"]
+
+
 def test_when_every_lane_failed_the_run_stops_with_the_reason(travel) -> None:
     t: Travel = travel(**SMALL, gpus=1, orchestrator_fault="fail-device-at-epoch=2").start()
     assert t.orchestrator.wait(timeout=90) != 0
