@@ -1,0 +1,45 @@
+"""A fleet on a real GPU: K lanes on the GPUs there are (K lanes on one GPU on a one-GPU host).
+
+Skipped cleanly where cupy or a GPU is absent (as in CI); the lead runs it on the GPU host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from cuda_guard import cupy_or_skip
+
+cupy = cupy_or_skip()
+
+from gtbus.gpu.backends import make_devices  # noqa: E402
+from gtbus.nodes.launcher import LocalDeployment, LocalRun  # noqa: E402
+from gtbus.training.bytelm import ByteLM, ByteLMConfig  # noqa: E402
+from gtbus.training.merge import InProcessAverage  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+
+def test_lanes_get_their_own_devices_and_replicas_merge_on_the_gpu() -> None:
+    devices = make_devices("cupy", 3)
+    assert len({d.device_id for d in devices}) == 3  # one device (a GPU, or a lane's share of one) each
+    gpus = cupy.cuda.runtime.getDeviceCount()
+    assert [d._dev.id for d in devices] == [k % gpus for k in range(3)]
+    same_gpu = [d for d in devices if d._dev.id == devices[0]._dev.id]
+    replicas = [ByteLM(ByteLMConfig(hidden=16, batch=4)) for _ in same_gpu]
+    for r in replicas:
+        r.load(cupy)
+    tokens = cupy.arange(4096, dtype=cupy.uint16) % 256
+    replicas[0].train_on(tokens, 2)
+    InProcessAverage().average(replicas)
+    if len(replicas) > 1:
+        assert all(bool(cupy.array_equal(a, b)) for a, b in zip(replicas[0].parameter_views(), replicas[-1].parameter_views()))
+
+
+def test_a_fleet_of_two_lanes_travels_on_the_gpu(tmp_path: Path) -> None:
+    run = LocalRun(run_dir=tmp_path / "run", holders=3, backend="cupy", chunk_tokens=32768, steps="40", bytes_per_holder=128 * 1024, lease=60.0, gpus=2)
+    summary = LocalDeployment(run).run_to_end(timeout=600)
+    assert summary["gpus"] == 2 and all(n > 0 for n in summary["hops_per_gpu"])
+    assert summary["outcomes"] == {"trained": summary["hops"]} and summary["merges"] >= 1
+    assert summary["last_loss"] < summary["first_loss"]
