@@ -6,10 +6,13 @@ backend never needs CUDA; an unknown or unavailable backend is a one-line
 :class:`~gtbus.errors.ConfigError`.
 
 A fleet (``--gpus K``) gets K devices (:func:`make_devices`): on ``host``, K
-emulated devices (each its own buffers and staging broker); on ``cupy``, GPU
-``k`` for lane ``k``, or, on a host with fewer GPUs than K, lanes dealt round
-the GPUs there are (K lanes on one GPU for functional runs: each lane its own
-buffers, model replica and staging, sharing the GPU's compute).
+emulated devices (each its own buffers and staging broker); on ``cupy``, K
+lanes on the process's current GPU (each lane its own buffers, model replica
+and staging, sharing the GPU's compute): the functional fleet on a one-GPU
+host. Lanes on *several* GPUs in one process are not offered: cupy keeps the
+current device per thread, and a lane's allocations, kernels and the staging
+pool's worker thread would all need its device made current around them. A
+fleet over several GPUs is one worker process per GPU, merged over NCCL.
 """
 
 from __future__ import annotations
@@ -50,7 +53,5 @@ def make_devices(backend: str, count: int) -> list[Any]:
         return [cls() for _ in range(count)]
     import cupy  # device_class imported it
 
-    gpus = cupy.cuda.runtime.getDeviceCount()
-    if gpus < 1:
-        raise ConfigError("backend cupy: no GPU visible")
-    return [cls(k % gpus) for k in range(count)]
+    current = cupy.cuda.runtime.getDevice()
+    return [cls(current) for _ in range(count)]
