@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import math
 import os
+import resource
 import re
 import shutil
 import statistics
@@ -121,9 +122,11 @@ def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWor
         if m:
             arrived.setdefault(int(m.group(1)), time.perf_counter())
 
+    cpu0 = _children_cpu_s()
     t0 = time.perf_counter()
     summary = LocalDeployment(run).run_to_end(on_line, timeout=120.0 + hops_expected * (10.0 + work.steps_per_hop * 0.5))
     wall = time.perf_counter() - t0
+    cpu = _children_cpu_s() - cpu0
     checkpoint = Path(summary["checkpoint"])
     hops = read_checkpoint(checkpoint, state=False).hops
     # A hop began at its record's arrival minus its last phase mark (marks are seconds since the hop began).
@@ -151,6 +154,7 @@ def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWor
         "window_s": window,
         "startup_s": first - t0,
         "wall_s": wall,
+        "cpu_s": cpu,
         "tokens_per_s": tokens / window if window > 0 else 0.0,
         # Hop time summed over hops / window: how many tokens were out at once on average.
         "tokens_out_mean": hop_time / window if window > 0 else 0.0,
@@ -165,6 +169,12 @@ def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWor
         "last_hop_eval_before": summary["last_loss"],
         "last_hop_eval_after": summary["final_train_loss"],
     }
+
+
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of this process's ended children (a deployment's processes, once it has stopped them)."""
+    u = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return u.ru_utime + u.ru_stime
 
 
 def _shard_tokens(shard: Path) -> int:
@@ -319,15 +329,15 @@ def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[st
     res.tables.append(t)
     d = Table("Every run: where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=3, columns=[
         "run", "GPUs", "merge every", "startup s", "window s", "tokens/s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s",
-        "wall s", "held-out loss", "last hop eval before -> after"])
+        "wall s", "CPU s", "held-out loss", "last hop eval before -> after"])
     for i, r in enumerate(runs):
         last = (f"{r['last_hop_eval_before']:.4f} -> {r['last_hop_eval_after']:.4f}"
                 if r["last_hop_eval_before"] is not None and r["last_hop_eval_after"] is not None else "-")
         d.add(i, r["gpus"], _every(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['transfer_s']:.3f}",
               f"{r['train_s']:.2f}", f"{r['eval_s']:.2f}", f"{r['epilogue_s']:.3f}", f"{r['merge_s']:.4f}", f"{r['wall_s']:.1f}",
-              f"{r['heldout_loss']:.4f}", last)
+              f"{r['cpu_s']:.1f}", f"{r['heldout_loss']:.4f}", last)
     d.notes.append("in the order run; startup = process start .. first hop's begin (not in the window); wall = the whole deployment, "
-                   "start to last process gone; last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
+                   "start to last process gone; CPU s = user + system CPU seconds of all the deployment's processes, start to end (startup included: what other load on the machine changes least); last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
     res.tables.append(d)
     if len({c["merge_every"] for c in configs[1:]}) > 1:
         p = Table("Merge policy at the largest K: loss per wall-clock second", text_columns=2, columns=[
@@ -386,5 +396,7 @@ def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: flo
     else:
         lines.append(f"Backend {s['backend']}: K lanes on the GPUs this machine has ({machine.get('gpu') or 'none seen'}); "
                      "K lanes on one GPU share its SMs, so the scaling goals are for K physical GPUs.")
-    lines += ["", f"Whole bench: {wall:.0f} s."]
+    threads = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    lines += ["", "BLAS threads: " + (", ".join(f"{k}={v}" for k, v in threads.items()) if threads else "library defaults (no *_NUM_THREADS set)")
+              + f" in every process of the runs. Whole bench: {wall:.0f} s."]
     return lines

@@ -42,6 +42,7 @@ def test_two_gpus_and_one_train_the_same_tokens_and_the_goals_are_the_runs_numbe
         # A lane has one hop in flight at a time: K lanes' training and evaluation fit in K windows.
         assert r["train_s"] + r["eval_s"] <= r["gpus"] * r["window_s"] and r["window_s"] <= r["wall_s"]
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] / r["window_s"])
+        assert r["cpu_s"] > 0  # the deployment's processes, waited for
         assert math.isfinite(r["heldout_loss"]) and r["heldout_loss"] < data["heldout"]["initial_loss"]
     assert one["merges"] == 0 and two["merges"] >= 1
     assert len(two["trained_per_gpu"]) == 2 and sum(two["trained_per_gpu"]) == hops
