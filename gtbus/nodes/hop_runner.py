@@ -113,6 +113,8 @@ class HopRunner:
         if ship and lane.ship_buf is None:
             lane.ship_buf = BounceSet(lane.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
         self.shipping: ShipReceiver | None = None  # ship mode: the segments on their way to the device
+        self.staging: Any  # this hop's fresh staging buffer (None in ship mode, and once released)
+        self.handle: Any
         self.staging, self.handle = (None, "ship") if ship else lane.staging.take_staging(sealed)
         self.data = lane.staging.take_private(cfg.capacity)
         self.mark("staging_alloc")
