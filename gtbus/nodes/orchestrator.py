@@ -44,7 +44,9 @@ hop). The rules this shell keeps for them:
   replica trained since the last merge is lost, and the summary says how much.
 
 With K = 1 there is one lane, nothing to merge, and a checkpoint after every
-hop (``--checkpoint-every``), as before fleets. Its parts, each in its own module: epochs reserved
+hop (``--checkpoint-every``), as before fleets.
+
+Its parts, each in its own module: the lanes (:mod:`gtbus.nodes.lane`), epochs reserved
 on disk (:mod:`gtbus.nodes.epochs`), hop buffers (:mod:`gtbus.nodes.staging_pool`),
 the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
 (:mod:`gtbus.gpu.code_measure`) and the run summary (:mod:`gtbus.nodes.run_summary`).
