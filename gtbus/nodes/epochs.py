@@ -10,6 +10,9 @@ Rules:
   above the whole block, so epochs a crash left unused are skipped, never reused.
 * The resume rule: a restarted orchestrator continues above both its
   reservation and the epoch its checkpoint recorded (:meth:`EpochReservation.resume_from`).
+* A fleet's lanes (several GPU tokens) share one reservation and one
+  counter: each grant of any lane takes the next epoch, so each token's
+  epochs strictly increase and no two tokens ever hold the same epoch.
 """
 
 from __future__ import annotations
