@@ -28,6 +28,14 @@ deferrals, give-ups). Rules:
 * Rounds are barriers: round r + 1 starts only when every hop of round r has
   settled (a hop in flight may still fail and need its retry in round r). Every
   lane is then idle: that is a merge point (see the orchestrator).
+* A chunk whose training is thrown away goes back into the schedule, untrained,
+  in the same round (:meth:`FleetSchedule.reopen`): a lane rolled back to the
+  last merge, or retired, loses what its replica trained since, and those hops
+  are done again, so every chunk of a round ends up in the final model exactly
+  once and nothing counts as done that the model does not hold. That needs what
+  a replica trained since the last merge to be of the current round: the
+  orchestrator merges (and checkpoints) at every round's end
+  (:attr:`FleetSchedule.round_settled`), before the next round's first hop.
 * A checkpoint (:meth:`FleetSchedule.to_state`) keeps no lane: hops in flight
   are still pending in the Schedule, so a resumed run does them again.
 
@@ -44,12 +52,15 @@ stages no other lane's hop: two lanes through one agent would revoke each
 other's hops (the simulator measured it: two remote holders, two lanes, 5 of
 24 hops revoked and the run 12 times longer in simulated time); every ``merge_every`` trained hops no new hop
 starts until none is in flight, then the replicas are averaged and, with
-K > 1, only then checkpointed (and when the run stops or ends), so a resume
-starts every lane from one model and redoes what was trained since; a hop
-that rolls back (model or code changed while a holder held the token)
-restores its lane's replica to the model that hop began from, not the
-checkpoint (the replica may have trained since the last merge), so the
-orchestrator keeps that copy per hop in flight; a run that stops with a
+K > 1, only then checkpointed (and at every round's end, and when the run
+stops or ends), so a resume starts every lane from one model and redoes what
+was trained since; a hop that rolls back (model or code changed while a holder
+held the token) restores its lane's replica to the checkpoint (with K > 1 the
+last merge) and reopens the hops that lane trained since, as a retired lane's
+are reopened. Rolling back to the hop's own start instead would need a copy of
+model and optimizer state per hop in flight (GPT-2 124M with AdamW: 1.5 GB a
+lane), made on the device on every hop, to save retraining the few hops one
+lane trains between two merges in the rare hop that rolls back; a run that stops with a
 reason while other lanes have hops in flight leaves them to the process's
 exit (keys gone, staging discarded on resume, their chunks still pending).
 
@@ -58,7 +69,7 @@ No I/O, no clock: the caller says when hops end.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from gtbus.protocol.schedule import _ALWAYS, Assignment, Schedule
 
@@ -141,6 +152,32 @@ class FleetSchedule:
         settle(a)
         del self._busy[lane]
         del self._on[a.holder]
+
+    def reopen(self, assignments: Iterable[Assignment]) -> None:
+        """Completed hops whose training was thrown away go back into this round, untrained (see the module's rules).
+
+        Each must be a chunk of the current round that was completed and is neither
+        pending again nor on a lane (ValueError naming it, and nothing is reopened).
+        """
+        todo = list(assignments)
+        in_flight = {(b.round, b.holder, b.chunk) for b in self._busy.values()}
+        for a in todo:
+            if (a.round, a.holder, a.chunk) in in_flight:
+                raise ValueError(f"cannot reopen {a.holder} chunk {a.chunk}: it is on lane {self._on[a.holder]}")
+        if len(set(todo)) != len(todo):
+            raise ValueError("cannot reopen a chunk twice")
+        before = list(self.schedule.requeued)
+        try:
+            for a in todo:
+                self.schedule.reopen(a)
+        except ValueError:
+            self.schedule.requeued = before
+            raise
+
+    @property
+    def round_settled(self) -> bool:
+        """Every hop of the current round has settled: nothing pending in it, no lane busy (a merge point)."""
+        return not self._busy and not self.schedule.pending_holders()
 
     def give_up(self, holder: str) -> list[Assignment]:
         """Skip a holder's put-back chunks for this round (it stayed away); not while it is on a lane."""

@@ -157,6 +157,22 @@ class Schedule:
         """The hop never reached its holder: try the chunk again at the end of the round, no attempt used."""
         self.requeued.append(self._take(a))
 
+    def reopen(self, a: Assignment) -> None:
+        """A completed hop's training was thrown away (its replica was rolled back): the chunk goes back, untrained.
+
+        Only a chunk of this round that was handed out and is not pending again; it
+        waits at the end of the round like a deferred one, no attempt used.
+        """
+        if a.round != self.round:
+            raise ValueError(f"cannot reopen {a.holder} chunk {a.chunk} of round {a.round}: the schedule is in round {self.round}")
+        key = (a.holder, a.chunk)
+        if not 0 <= a.chunk < self.chunks.get(a.holder, 0):
+            raise ValueError(f"{a.holder} has no chunk {a.chunk}")
+        handed_out = a.chunk < self._k or (a.chunk == self._k and self._holders.index(a.holder) < self._i)
+        if not handed_out or key in self.requeued or any(s[1:] == key for s in self.skipped if s[0] == self.round):
+            raise ValueError(f"{a.holder} chunk {a.chunk} of round {a.round} is not a completed hop")
+        self.requeued.append(key)
+
     def give_up(self, holder: str) -> list[Assignment]:
         """Skip ``holder``'s chunks that were put back this round (it stayed away); what was skipped."""
         mine = [(h, c) for h, c in self.requeued if h == holder]

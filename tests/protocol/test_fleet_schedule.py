@@ -280,3 +280,76 @@ def test_a_holder_back_from_a_long_hop_does_not_catch_up_ahead_of_the_others() -
         turns.append((a.holder, a.chunk))
         fleet.release(0, "done")
     assert turns == [("g", 1), ("x", 6)]  # not g 1, 2, 3, 4, 5, 6 while x waits
+
+
+# -- reopen: a completed hop whose training was thrown away ------------------------------------------
+
+
+def test_reopened_hops_are_trained_again_in_the_same_round_and_the_round_waits_for_them() -> None:
+    f = FleetSchedule(Schedule({"h1": 2, "h2": 2}, rounds=2), lanes=2)
+    done = []
+    for _ in range(2):
+        for lane in (0, 1):
+            done.append(f.next_for(lane))
+        for lane in (0, 1):
+            f.release(lane, "done")
+    assert [(a.holder, a.chunk) for a in done] == [("h1", 0), ("h2", 0), ("h1", 1), ("h2", 1)]
+    assert f.round_settled and f.schedule.round == 0  # round 1 starts only at the next ask
+
+    f.reopen([done[0], done[3]])  # lane 0's replica trained these, and was rolled back
+    assert not f.round_settled and f.pending_holders() == ["h1", "h2"]
+    again = [f.next_for(0), f.next_for(1)]
+    assert [(a.round, a.holder, a.chunk) for a in again] == [(0, "h1", 0), (0, "h2", 1)]
+    assert f.schedule.attempts == {}  # no attempt used: the hops had not failed
+    f.release(0, "done")
+    f.release(1, "done")
+    assert f.round_settled
+    assert f.next_for(0) == Assignment(1, "h1", 0)
+
+
+@pytest.mark.parametrize(
+    "what, match",
+    [
+        (Assignment(0, "h1", 1), "not a completed hop"),  # still in the round's order
+        (Assignment(0, "h2", 0), "on lane 1"),  # in flight
+        (Assignment(1, "h1", 0), "schedule is in round 0"),
+        (Assignment(0, "h1", 7), "has no chunk 7"),
+        (Assignment(0, "h9", 0), "has no chunk 0"),
+    ],
+)
+def test_reopen_refuses_what_was_not_completed_and_reopens_nothing(what: Assignment, match: str) -> None:
+    f = FleetSchedule(Schedule({"h1": 2, "h2": 2}, rounds=2), lanes=2)
+    first = f.next_for(0)
+    f.release(0, "done")
+    f.next_for(1)  # h2 chunk 0, in flight
+    state = f.to_state()
+    with pytest.raises(ValueError, match=match):
+        f.reopen([first, what])
+    assert f.to_state() == state  # the valid one before it was not reopened either
+
+
+def test_reopen_refuses_a_chunk_pending_again_failed_out_or_given_twice() -> None:
+    f = FleetSchedule(Schedule({"h1": 1, "h2": 1}, rounds=1, max_attempts=1), lanes=1)
+    a = f.next_for(0)
+    f.release(0, "done")
+    with pytest.raises(ValueError, match="twice"):
+        f.reopen([a, a])
+    f.reopen([a])
+    with pytest.raises(ValueError, match="not a completed hop"):
+        f.reopen([a])  # pending again
+    b = f.next_for(0)
+    assert b == Assignment(0, "h2", 0)
+    f.release(0, "failed")  # skipped: one attempt
+    with pytest.raises(ValueError, match="not a completed hop"):
+        f.reopen([b])
+
+
+def test_reopened_hops_survive_a_checkpoint() -> None:
+    f = FleetSchedule(Schedule({"h1": 2}, rounds=1), lanes=2)
+    a = f.next_for(0)
+    f.release(0, "done")
+    f.reopen([a])
+    g = FleetSchedule.from_state(json.loads(json.dumps(f.to_state())))
+    assert g.next_for(1) == Assignment(0, "h1", 1) and g.next_for(0) is None  # h1 is on lane 1
+    g.release(1, "done")
+    assert g.next_for(0) == a
