@@ -2,7 +2,7 @@
 
 Every run is a real deployment started by the CLI
 (:class:`~gtbus.nodes.launcher.LocalDeployment`: the orchestrator with
-``--gpus K --merge-every N`` and one holder process per holder, CURVE ZeroMQ on
+``--gpus K --merge-every N --merge POLICY`` and one holder process per holder, CURVE ZeroMQ on
 loopback), on the same shards (made by ``gtbus data build``), the same chunks,
 one round, the same fixed number of optimizer steps per hop: so every run
 trains the same number of tokens, and only K (and the merges it brings)
@@ -24,9 +24,13 @@ What is measured, per run (definitions as the result file prints them):
 * **provisioning GB/s**: hop bytes / the sum over hops of their transfer time
   (grant to plaintext in the device buffer), and hop bytes / training window.
 * **held-out loss**: the run's final model (its last checkpoint: with K > 1,
-  the replicas averaged) scored by the bench on a shard no holder has; and the
+  the replicas merged) scored by the bench on a shard no holder has; and the
   relative difference to the one-GPU run's. The summary's last-hop numbers are
   shown beside it.
+* **merge policies** (``--compare-merge``, at the largest K): the held-out
+  loss each policy's final model reached and the loss dropped per second of
+  its window; all runs train the same tokens, so this is the issue's "loss
+  reached per wall-clock second" at a fixed token count.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from gtbus.bench.travel import write_holder_shards
 from gtbus.bench.travel_plan import MIB
 from gtbus.errors import ConfigError
 from gtbus.protocol.admission import TOKEN_BYTES
+from gtbus.training.merge import DEFAULT_MERGE, merge_policy
 
 #: The issue's goals: aggregate tokens/s with K GPUs over one GPU's, and the loss after the same tokens.
 SCALING_GOALS = {2: 1.85, 4: 3.5}
@@ -103,7 +108,7 @@ class HeldOut:
         return self.trainer.evaluate(self.tokens)
 
 
-def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWork, held: HeldOut) -> dict[str, Any]:
+def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWork, held: HeldOut, merge: str = DEFAULT_MERGE) -> dict[str, Any]:
     """One deployment with ``gpus`` lanes: its summary's fleet numbers, the training window and the held-out loss."""
     from gtbus.nodes.launcher import LocalDeployment, LocalRun
     from gtbus.training.checkpoint import read_checkpoint
@@ -113,7 +118,7 @@ def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWor
         run_dir=run_dir, holders=work.holders, mode="travel", rounds=1, chunk_tokens=work.chunk_tokens, steps=str(work.steps_per_hop),
         lease=60.0, backend=work.backend, data=list(work.shards), trainer=work.trainer, pin=work.pin,
         # Checkpoints only where the fleet writes them anyway (merges, the end): K = 1 pays no extra one per hop.
-        checkpoint_every=hops_expected + 1, gpus=gpus, merge_every=merge_every,
+        checkpoint_every=hops_expected + 1, gpus=gpus, merge_every=merge_every, extra_orchestrator_args=("--merge", merge),
     )
     arrived: dict[int, float] = {}
 
@@ -142,6 +147,9 @@ def run_fleet_once(run_dir: Path, *, gpus: int, merge_every: int, work: FleetWor
     return {
         "gpus": gpus,
         "merge_every": merge_every,
+        "merge": merge,
+        "merged_by": summary.get("merge"),
+        "blas_threads": summary.get("blas_threads"),
         "hops_expected": hops_expected,
         "hops_trained": summary["hops_trained"],
         "outcomes": summary["outcomes"],
@@ -206,12 +214,14 @@ def run_fleet_bench(
     steps_per_hop: int = 8,
     merge_every: int = 0,
     compare_merge_every: Sequence[int] = (),
+    merge: str = DEFAULT_MERGE,
+    compare_merge: Sequence[str] = (),
     heldout_tokens: int = 1 << 16,
     repeats: int = 1,
     keep_runs: Path | None = None,
     say: Callable[[str], None] = print,
 ) -> Result:
-    """The one-GPU run, a run per K of ``gpus`` (and one per value of ``compare_merge_every`` at the largest K), ``repeats`` times; write ``fleet-<backend>-<host>``.
+    """The one-GPU run, a run per K of ``gpus`` (and one per value of ``compare_merge_every`` and per policy of ``compare_merge`` at the largest K), ``repeats`` times; write ``fleet-<backend>-<host>``.
 
     Repeats are interleaved (every configuration once, then again in reverse
     order...), so that load that comes and goes on the machine falls on all of
@@ -224,6 +234,8 @@ def run_fleet_bench(
     holders = holders or max(gpus)
     if holders < max(gpus):
         raise ConfigError(f"fleet bench: {holders} holders cannot keep {max(gpus)} GPUs busy (a holder is on one GPU at a time); give --holders {max(gpus)} or more")
+    for policy in (merge, *compare_merge):
+        merge_policy(policy)  # a one-line ConfigError before anything runs
     for name, value in (("chunk tokens", chunk_tokens), ("chunks per holder", chunks_per_holder), ("steps per hop", steps_per_hop), ("repeats", repeats)):
         if value < 1:
             raise ConfigError(f"fleet bench: {name} must be positive, got {value}")
@@ -231,7 +243,7 @@ def run_fleet_bench(
     res = Result(f"fleet-{backend}", f"Fleet: K GPU tokens at once vs one ({trainer}, {backend} backend)", machine)
     settings = {"gpus": list(gpus), "backend": backend, "trainer": trainer, "holders": holders, "chunk_tokens": chunk_tokens,
                 "chunks_per_holder": chunks_per_holder, "steps_per_hop": steps_per_hop, "merge_every": merge_every,
-                "compare_merge_every": list(compare_merge_every), "heldout_tokens": heldout_tokens, "repeats": repeats}
+                "compare_merge_every": list(compare_merge_every), "merge": merge, "compare_merge": list(compare_merge), "heldout_tokens": heldout_tokens, "repeats": repeats}
     say(f"fleet bench ({trainer}, {backend}): K = 1, {', '.join(map(str, gpus))}; {holders} holders x {chunks_per_holder} chunks of "
         f"{chunk_tokens:,} tokens, {steps_per_hop} steps a hop, {repeats} x each; {machine['usable_cores']} usable cores; load {machine['load_at_start']}")
     tmp = None if keep_runs else tempfile.mkdtemp(prefix="gtbus-bench-fleet-")
@@ -245,13 +257,14 @@ def run_fleet_bench(
         pin = measure_pin(backend, trainer)
         held = HeldOut(trainer, backend, shards[-1], heldout_tokens)
         work = FleetWork(trainer, backend, pin, tuple(cut), chunk_tokens, steps_per_hop)
-        plan = [(1, 0)] + [(k, merge_every) for k in gpus]
-        plan += [(max(gpus), every) for every in dict.fromkeys(compare_merge_every) if every != merge_every]
-        order = [(k, every) for rep in range(repeats) for k, every in (plan if rep % 2 == 0 else plan[::-1])]
-        for i, (k, every) in enumerate(order):
-            say(f"  K = {k}" + (f", merge every {every or k} trained hops ..." if k > 1 else " (the baseline) ..."))
-            run_dir = base / f"{i:02d}-gpus{k}-merge{every}"
-            r = run_fleet_once(run_dir, gpus=k, merge_every=every, work=work, held=held)
+        plan = [(1, 0, merge)] + [(k, merge_every, merge) for k in gpus]
+        plan += [(max(gpus), every, merge) for every in dict.fromkeys(compare_merge_every) if every != merge_every]
+        plan += [(max(gpus), merge_every, policy) for policy in dict.fromkeys(compare_merge) if policy != merge]
+        order = [cfg for rep in range(repeats) for cfg in (plan if rep % 2 == 0 else plan[::-1])]
+        for i, (k, every, policy) in enumerate(order):
+            say(f"  K = {k}" + (f", merge every {every or k} trained hops ({policy}) ..." if k > 1 else " (the baseline) ..."))
+            run_dir = base / f"{i:02d}-gpus{k}-merge{every}-{policy.replace(':', '')}"
+            r = run_fleet_once(run_dir, gpus=k, merge_every=every, work=work, held=held, merge=policy)
             if tmp is not None:
                 shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             say(f"    {r['hops_trained']} of {r['hops_expected']} hops trained, window {r['window_s']:.2f} s, {r['tokens_per_s']:,.0f} tokens/s, "
@@ -286,15 +299,25 @@ def _every(r: dict[str, Any]) -> str:
     return "-" if r["gpus"] == 1 else str(r["merge_every"] or r["gpus"])
 
 
+def _drop_rate(c: dict[str, Any], held: HeldOut) -> float:
+    """Held-out loss dropped per second of the configuration's training window."""
+    return (held.initial_loss - c["heldout_loss"]) / c["window_s"] if c["window_s"] > 0 else 0.0
+
+
+def _policy(r: dict[str, Any]) -> str:
+    """The run's merge policy as the tables show it ("-" for one GPU)."""
+    return "-" if r["gpus"] == 1 else r["merge"]
+
+
 #: What a configuration's medians are taken of (the rest is its first run's).
 _MEDIAN = ("window_s", "tokens_per_s", "tokens_out_mean", "merges", "merge_s", "provision_gbps", "provision_window_gbps", "heldout_loss")
 
 
 def _configs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One entry per (GPUs, merge every), in the order first run: its first run's values, the medians of :data:`_MEDIAN` over its runs."""
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = {}
+    """One entry per (GPUs, merge every, policy), in the order first run: its first run's values, the medians of :data:`_MEDIAN` over its runs."""
+    groups: dict[tuple[int, int, str], list[dict[str, Any]]] = {}
     for r in runs:
-        groups.setdefault((r["gpus"], r["merge_every"]), []).append(r)
+        groups.setdefault((r["gpus"], r["merge_every"], r["merge"]), []).append(r)
     return [{**rs[0], **{k: statistics.median(r[k] for r in rs) for k in _MEDIAN}, "runs": len(rs),
              "hops_trained": min(r["hops_trained"] for r in rs)} for rs in groups.values()]
 
@@ -310,44 +333,46 @@ def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[st
         res.header.insert(0, f"PARTIAL: {len(runs)} runs so far (the bench writes its result after every run; this one did not finish).")
     configs = _configs(runs)
     one = configs[0]
-    main = [c for c in configs[1:] if c["merge_every"] == settings["merge_every"]]
+    main = [c for c in configs[1:] if (c["merge_every"], c["merge"]) == (settings["merge_every"], settings["merge"])]
     reps = settings["repeats"]
     t = Table(f"Fleet vs one GPU: same shards, same chunks, same steps ({'median of ' + str(reps) + ' runs each' if reps > 1 else 'one run each'})",
-              text_columns=2, columns=[
-        "GPUs", "merge every", "runs", "hops trained (per GPU)", "tokens", "window s", "tokens/s", "scaling", "tokens out at once", "merges",
+              text_columns=3, columns=[
+        "GPUs", "merge every", "merge", "runs", "hops trained (per GPU)", "tokens", "window s", "tokens/s", "scaling", "tokens out at once", "merges",
         "merge s", "GB/s (bytes / transfer)", "GB/s (bytes / window)", "held-out loss", "vs 1 GPU"])
     for c in configs:
-        t.add(c["gpus"], _every(c), c["runs"], f"{c['hops_trained']} ({', '.join(map(str, c['trained_per_gpu']))})", f"{c['tokens']:,}",
+        t.add(c["gpus"], _every(c), _policy(c), c["runs"], f"{c['hops_trained']} ({', '.join(map(str, c['trained_per_gpu']))})", f"{c['tokens']:,}",
               f"{c['window_s']:.2f}", f"{c['tokens_per_s']:,.0f}", f"{c['tokens_per_s'] / one['tokens_per_s']:.3f}" if one["tokens_per_s"] else "-",
               f"{c['tokens_out_mean']:.2f}", f"{c['merges']:g}", f"{c['merge_s']:.4f}", f"{c['provision_gbps']:.4g}", f"{c['provision_window_gbps']:.4g}",
               f"{c['heldout_loss']:.4f}", f"{_rel(c, one):+.2f} %" if c is not one else "-")
     t.notes.append("window = first hop's begin .. last hop's record, plus the run's whole merge time; tokens/s = tokens / window; "
                    "scaling = tokens/s / the one-GPU run's; tokens out at once = the hops' durations (begin .. record) summed / window; "
                    "numbers are each configuration's medians over its runs, hops per GPU those of its first run")
-    t.notes.append(f"held-out loss: the run's final model (with K > 1 the replicas averaged) scored on {held.tokens.shape[0]:,} tokens of a shard "
+    t.notes.append(f"held-out loss: the run's final model (with K > 1 the replicas merged) scored on {held.tokens.shape[0]:,} tokens of a shard "
                    f"no holder has (untrained model: {held.initial_loss:.4f}); vs 1 GPU = (loss - one GPU's) / one GPU's")
     res.tables.append(t)
-    d = Table("Every run: where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=3, columns=[
-        "run", "GPUs", "merge every", "startup s", "window s", "tokens/s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s",
+    d = Table("Every run: where the window goes (sums over hops; with K lanes, hops overlap)", text_columns=4, columns=[
+        "run", "GPUs", "merge every", "merge", "startup s", "window s", "tokens/s", "transfer s", "training s", "evaluation s", "epilogue s", "merge s",
         "wall s", "CPU s", "held-out loss", "last hop eval before -> after"])
     for i, r in enumerate(runs):
         last = (f"{r['last_hop_eval_before']:.4f} -> {r['last_hop_eval_after']:.4f}"
                 if r["last_hop_eval_before"] is not None and r["last_hop_eval_after"] is not None else "-")
-        d.add(i, r["gpus"], _every(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['transfer_s']:.3f}",
+        d.add(i, r["gpus"], _every(r), _policy(r), f"{r['startup_s']:.1f}", f"{r['window_s']:.2f}", f"{r['tokens_per_s']:,.0f}", f"{r['transfer_s']:.3f}",
               f"{r['train_s']:.2f}", f"{r['eval_s']:.2f}", f"{r['epilogue_s']:.3f}", f"{r['merge_s']:.4f}", f"{r['wall_s']:.1f}",
               f"{r['cpu_s']:.1f}", f"{r['heldout_loss']:.4f}", last)
     d.notes.append("in the order run; startup = process start .. first hop's begin (not in the window); wall = the whole deployment, "
                    "start to last process gone; CPU s = user + system CPU seconds of all the deployment's processes, start to end (startup included: what other load on the machine changes least); last hop = the summary's last trained hop, on its own chunk, before and after training it (one replica's view)")
     res.tables.append(d)
-    if len({c["merge_every"] for c in configs[1:]}) > 1:
-        p = Table("Merge policy at the largest K: loss per wall-clock second", text_columns=2, columns=[
-            "GPUs", "merge every", "merges", "window s", "held-out loss", "loss drop / s"])
+    if len({(c["merge_every"], c["merge"]) for c in configs[1:]}) > 1:
+        p = Table("Merge policy at the largest K: loss per wall-clock second", text_columns=3, columns=[
+            "GPUs", "merge every", "merge", "merges", "window s", "held-out loss", "vs 1 GPU", "loss drop / s", "vs 1 GPU's"])
         k = max(c["gpus"] for c in configs)
-        for c in configs:
-            if c["gpus"] == k:
-                p.add(k, _every(c), f"{c['merges']:g}", f"{c['window_s']:.2f}", f"{c['heldout_loss']:.4f}",
-                      f"{(held.initial_loss - c['heldout_loss']) / c['window_s']:.4f}" if c["window_s"] > 0 else "-")
-        p.notes.append("loss drop / s = (untrained model's held-out loss - the run's) / its window: more is better")
+        for c in [one] + [c for c in configs if c["gpus"] == k]:
+            p.add(c["gpus"], _every(c), _policy(c), f"{c['merges']:g}", f"{c['window_s']:.2f}", f"{c['heldout_loss']:.4f}",
+                  f"{_rel(c, one):+.2f} %" if c is not one else "-", f"{_drop_rate(c, held):.4f}",
+                  f"{_drop_rate(c, held) / _drop_rate(one, held):.3f}" if _drop_rate(one, held) > 0 else "-")
+        p.notes.append("loss drop / s = (untrained model's held-out loss - the run's) / its window (medians): more is better; "
+                       "vs 1 GPU's = that rate / the one-GPU run's. Every run trains the same tokens, so the rate weighs "
+                       "both what a policy's merges cost in time and how far its model got")
         res.tables.append(p)
     for c in main:
         if one["tokens_per_s"] and c["gpus"] in SCALING_GOALS:
@@ -377,7 +402,8 @@ def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: flo
         "",
         f"Every run is a real deployment started by the CLI (`gtbus orchestrator --gpus K --merge-every N --backend {s['backend']} "
         f"--trainer {s['trainer']}` and a `gtbus holder` process per holder, CURVE ZeroMQ on loopback, travel mode); merge every "
-        f"{s['merge_every'] or 'K'} trained hops of the fleet (model averaging, in the orchestrator's process).",
+        f"{s['merge_every'] or 'K'} trained hops of the fleet, `--merge {s['merge']}` (in the orchestrator's process; "
+        "average: the replicas' mean; sum: the last merged model plus every replica's update since it; delta:LR: plus LR x their mean update).",
         "",
         "Aggregate tokens/s = tokens trained / training window. Training window = from the first hop's begin to the last hop's record "
         "(each hop line timestamped on arrival at the bench, less that hop's own phase marks, which say how long before its record it began), "
@@ -398,5 +424,6 @@ def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: flo
                      "K lanes on one GPU share its SMs, so the scaling goals are for K physical GPUs.")
     threads = {k: os.environ[k] for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
     lines += ["", "BLAS threads: " + (", ".join(f"{k}={v}" for k, v in threads.items()) if threads else "library defaults (no *_NUM_THREADS set)")
-              + f" in every process of the runs. Whole bench: {wall:.0f} s."]
+              + f" in every process of the runs; with K > 1 on the host backend the orchestrator caps its BLAS threads at "
+              f"max(1, cores // K) = {max(1, cores // kmax)} at K = {kmax} for the run (gtbus.gpu.blas_threads). Whole bench: {wall:.0f} s."]
     return lines

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from gtbus.training.merge import DEFAULT_MERGE, MERGE_POLICIES
+
 
 @click.group()
 def bench() -> None:
@@ -154,12 +156,15 @@ def device(backend: str, chunk_mib: float, reps: int, sizes: str, control_hops: 
 @click.option("--steps", "steps_per_hop", type=click.IntRange(min=1), default=8, show_default=True, help="Optimizer steps a hop (the same in every run).")
 @click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="Average the replicas every N trained hops of the fleet (0: every K).")
 @click.option("--compare-merge-every", "compare_text", default="", help="Comma-separated --merge-every values to run the largest K with as well: loss per wall-clock second of each.")
+@click.option("--merge", default=DEFAULT_MERGE, show_default=True, help=f"How every K-GPU run merges its replicas: {MERGE_POLICIES}.")
+@click.option("--compare-merge", "compare_merge_text", default="", help="Comma-separated --merge policies to run the largest K with as well: loss per wall-clock second of each.")
 @click.option("--heldout-tokens", type=click.IntRange(min=1024), default=1 << 16, show_default=True, help="Tokens of the held-out shard each run's final model is scored on.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True, help="Runs of each configuration, interleaved; the tables take medians.")
 @click.option("--keep-runs", type=click.Path(file_okay=False, path_type=Path), default=None, help="Keep each run's folder here instead of a temporary folder.")
 @_OUT
 def fleet(gpus_text: str, backend: str, trainer: str, holders: int | None, chunk_tokens: int, chunks_per_holder: int, steps_per_hop: int,
-          merge_every: int, compare_text: str, heldout_tokens: int, repeats: int, keep_runs: Path | None, out_dir: Path) -> None:
+          merge_every: int, compare_text: str, merge: str, compare_merge_text: str, heldout_tokens: int, repeats: int, keep_runs: Path | None,
+          out_dir: Path) -> None:
     """K GPU tokens at once vs one, same run: aggregate tokens/s, provisioning GB/s, held-out loss after the same tokens."""
     from gtbus.bench.fleet import parse_gpus, run_fleet_bench
     from gtbus.errors import GtbusError
@@ -173,7 +178,8 @@ def fleet(gpus_text: str, backend: str, trainer: str, holders: int | None, chunk
     try:
         res = run_fleet_bench(out_dir, gpus=parse_gpus(gpus_text), backend=backend, trainer=trainer, holders=holders, chunk_tokens=chunk_tokens,
                               chunks_per_holder=chunks_per_holder, steps_per_hop=steps_per_hop, merge_every=merge_every,
-                              compare_merge_every=compare_merge_every, heldout_tokens=heldout_tokens, repeats=repeats, keep_runs=keep_runs,
+                              compare_merge_every=compare_merge_every, merge=merge,
+                              compare_merge=[p.strip() for p in compare_merge_text.split(",") if p.strip()], heldout_tokens=heldout_tokens, repeats=repeats, keep_runs=keep_runs,
                               say=lambda s: click.echo(s, err=True))
     except GtbusError as exc:
         raise click.ClickException(str(exc)) from None

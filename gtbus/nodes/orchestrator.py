@@ -62,6 +62,7 @@ from typing import Any, Awaitable, Callable, Sequence, cast
 
 from gtbus.errors import ConfigError, DeviceError, GtbusError
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
+from gtbus.gpu.blas_threads import cap_blas_threads
 from gtbus.gpu.channel import staging_size
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
@@ -100,7 +101,7 @@ from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
-from gtbus.training.merge import InProcessAverage, ModelMerge
+from gtbus.training.merge import ModelMerge, merge_policy
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
@@ -150,7 +151,8 @@ class Orchestrator:
         ]
         self.schedule: Schedule | None = None
         self.fleet: FleetSchedule | None = None
-        self.merge = merge or InProcessAverage()
+        self.merge = merge or merge_policy(config.merge)
+        self.blas_threads: int | None = None  # the BLAS thread cap of the run's host lanes (None: not capped)
         self.merges = 0
         self.merge_s = 0.0
         self.trained_since_merge = 0  # trained hops of the fleet since the last merge
@@ -324,6 +326,7 @@ class Orchestrator:
         self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
             self._load_checkpoint()
+        self.merge.start(self.trainer)  # every replica is this model now: later updates are measured from it
         # The first hop's buffers are made now, while holders register, as every
         # later hop's are made while the hop before it trains (no grant names them yet).
         cfg = self.config
@@ -343,6 +346,11 @@ class Orchestrator:
 
     async def run(self) -> dict[str, Any]:
         """Setup, wait for holders, run every hop of the schedule on the lanes; return the summary."""
+        # Host lanes train with numpy on threads of this process: K of them share the cores' BLAS threads.
+        with cap_blas_threads(len(self.lanes) if self.device.array_module.__name__ == "numpy" else 1, self.log) as self.blas_threads:
+            return await self._run()
+
+    async def _run(self) -> dict[str, Any]:
         await self.setup()
         self.rt.state_label = "waiting-for-holders"
         await self.wait_for_holders()
@@ -491,7 +499,7 @@ class Orchestrator:
         took = time.perf_counter() - t
         self.merges += 1
         self.merge_s += took
-        self.log.info("merge %d: averaged %d replicas after %d trained hops in %.1f ms", self.merges, len(live), self.trained_since_merge, took * 1e3)
+        self.log.info("merge %d (%s): merged %d replicas after %d trained hops in %.1f ms", self.merges, self.merge.name, len(live), self.trained_since_merge, took * 1e3)
         self.trained_since_merge = 0
         for lane in live:
             lane.trained_since_merge = 0
@@ -644,6 +652,8 @@ class Orchestrator:
             last_epoch=self.last_epoch,
             skipped=self.schedule.skipped if self.schedule else [],
             **fleet_summary(self.hops, gpus=len(self.lanes), merges=self.merges, merge_s=self.merge_s, failed=self.lanes_failed),
+            merge=self.merge.name,
+            blas_threads=self.blas_threads,
             logs=str(self.config.run_dir / "logs"),
             checkpoint=str(self.checkpoint_path),
         )

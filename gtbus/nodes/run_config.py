@@ -8,6 +8,7 @@ from typing import Any
 
 from gtbus.errors import ConfigError
 from gtbus.protocol.admission import TOKEN_BYTES, RunShape
+from gtbus.training.merge import DEFAULT_MERGE, merge_policy
 from gtbus.training.trainer import ONE_PASS, StepBudget
 
 #: Most GPU tokens (lanes) one orchestrator runs: each is a device, a model replica and a task.
@@ -54,6 +55,7 @@ class RunConfig:
     # (and at the end), when no hop is in flight: it then holds the fleet whole.
     gpus: int = 1
     merge_every: int = 0
+    merge: str = DEFAULT_MERGE  # how replicas are merged (gtbus.training.merge.merge_policy)
 
     def __post_init__(self) -> None:
         if self.mode not in ("travel", "ship"):
@@ -74,6 +76,7 @@ class RunConfig:
             raise ConfigError(f"gpus must be between 1 and {MAX_GPUS}")
         if self.merge_every < 0:
             raise ConfigError("merge_every must be 0 (once per hop of every lane) or a positive number of hops")
+        merge_policy(self.merge)  # a ConfigError naming the policy
 
     @property
     def merge_interval(self) -> int:

@@ -28,14 +28,15 @@ STEPS, CHUNK, HOLDERS, CHUNKS = 4, 4096, 2, 2
 def test_two_gpus_and_one_train_the_same_tokens_and_the_goals_are_the_runs_numbers(tmp_path: Path) -> None:
     said: list[str] = []
     res = run_fleet_bench(tmp_path / "out", gpus=[2], holders=HOLDERS, chunk_tokens=CHUNK, chunks_per_holder=CHUNKS, steps_per_hop=STEPS,
-                          heldout_tokens=4096, keep_runs=tmp_path / "runs", say=said.append)
+                          heldout_tokens=4096, merge="average", compare_merge=["sum", "average"], keep_runs=tmp_path / "runs", say=said.append)
     md, js = (Path(f) for f in res.data["files"])
     data = json.loads(js.read_text())
-    one, two = data["runs"]
-    assert (one["gpus"], two["gpus"]) == (1, 2)
+    one, two, two_sum = data["runs"]
+    assert (one["gpus"], two["gpus"], two_sum["gpus"]) == (1, 2, 2)
+    assert (two["merge"], two_sum["merge"]) == ("average", "sum")  # the policy compared, run once (not "average" again)
     per_step = data["heldout"]["tokens_per_step"]
     hops = HOLDERS * CHUNKS
-    for r in (one, two):
+    for r in (one, two, two_sum):
         # Every chunk trained once, the same steps each: the same tokens in both runs.
         assert r["hops_trained"] == r["hops_expected"] == hops
         assert r["tokens"] == hops * STEPS * per_step
@@ -50,6 +51,10 @@ def test_two_gpus_and_one_train_the_same_tokens_and_the_goals_are_the_runs_numbe
     ck = next((tmp_path / "runs").glob("01-gpus2-*")) / "checkpoints" / "orch.npz"
     lanes = [h["lane"] for h in read_checkpoint(ck, state=False).hops if h["outcome"] == "trained"]
     assert sorted(set(lanes)) == [0, 1] and [lanes.count(k) for k in (0, 1)] == two["trained_per_gpu"]
+    # Each K = 2 orchestrator capped its BLAS threads for its lanes (the host lanes train with numpy on threads), K = 1 did not;
+    # each merged with the policy it was given.
+    cap = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert [(r["blas_threads"], r["merged_by"]) for r in (one, two, two_sum)] == [(None, "average"), (cap, "average"), (cap, "sum")]
 
     goals = {g["name"]: g for g in data["goals"]}
     assert set(goals) == {"fleet_scaling_2gpus", "fleet_loss_vs_1gpu_2gpus"}
@@ -66,7 +71,14 @@ def test_two_gpus_and_one_train_the_same_tokens_and_the_goals_are_the_runs_numbe
     assert ("recorded anyway, missed" in text) == (cores < 4)  # two lanes and two holders want four cores
     assert "Aggregate tokens/s = tokens trained / training window" in text
     assert "PARTIAL" not in text
-    assert any("K = 2, merge every 2 trained hops" in s for s in said)
+    assert any("K = 2, merge every 2 trained hops (sum)" in s for s in said)
+    # The policies compared, with loss per wall-clock second: the one-GPU row and a row per K = 2 policy.
+    policy_table = text.split("### Merge policy at the largest K: loss per wall-clock second")[1].split("###")[0]
+    rows = [line for line in policy_table.splitlines() if line.startswith("| ") and not line.startswith("| GPUs")]
+    assert [r.split(" | ")[2] for r in rows] == ["-", "average", "sum"]
+    for r, run in zip(rows, (one, two, two_sum)):
+        drop = (data["heldout"]["initial_loss"] - run["heldout_loss"]) / run["window_s"]
+        assert r.split(" | ")[7] == f"{drop:.4f}"
 
 
 def test_gpu_counts_are_checked() -> None:
@@ -82,6 +94,8 @@ def test_gpu_counts_are_checked() -> None:
     (["--gpus", "4", "--holders", "2"], "2 holders cannot keep 4 GPUs busy"),
     (["--compare-merge-every", "4;8"], "comma-separated numbers of trained hops"),
     (["--compare-merge-every", "-1"], "0 (every K) or a positive number"),
+    (["--merge", "mean"], "--merge 'mean': give average, sum, or delta:LR"),
+    (["--compare-merge", "sum,delta:-2"], "--merge 'delta:-2': give average, sum, or delta:LR"),
 ])
 def test_bad_options_are_one_line_and_write_nothing(tmp_path: Path, args: list[str], says: str) -> None:
     done = subprocess.run([sys.executable, "-m", "gtbus", "bench", "fleet", *args, "--out", str(tmp_path / "out")], capture_output=True, text=True)
