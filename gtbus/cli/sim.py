@@ -25,7 +25,7 @@ def _describe(r: object) -> str:
     end = "finished" if r.finished else f"stopped: {r.stopped}" if r.stopped else "did not end"
     hostile = ", ".join(f"{h} {b}" for h, b in sorted(cfg.hostile.items())) or "none"
     fleet = (f", {cfg.gpus} GPUs merging every {cfg.merge_every} trained hops (hops per GPU {r.lane_hops}, "
-             f"{r.lost} trainings lost with failed GPUs)") if cfg.gpus > 1 else ""
+             f"{r.requeued} trainings thrown away with a replica and done again)") if cfg.gpus > 1 else ""
     return (
         f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {len(r.faults)} faults, hostile: {hostile}{fleet}; "
         f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps)"
@@ -92,7 +92,7 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
     if seed is not None:
         r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep, gpus=gpus)
         if as_json:
-            click.echo(json.dumps({"seed": r.seed, "gpus": gpus, "hops": r.hops, "hops_trained": r.trained, "hops_per_gpu": r.lane_hops, "lost": r.lost,
+            click.echo(json.dumps({"seed": r.seed, "gpus": gpus, "hops": r.hops, "hops_trained": r.trained, "hops_per_gpu": r.lane_hops, "requeued": r.requeued,
                                    "finished": r.finished, "stopped": r.stopped, "violations": [str(v) for v in r.violations], "repro": r.repro}))
         else:
             click.echo(_describe(r))

@@ -12,18 +12,20 @@ Rules:
   token's epochs strictly increase and no epoch is issued twice.
 * A lane whose device fails is *retired* (``failed`` says why): its token is
   never granted again in this process, and its replica takes no part in a
-  merge.
+  merge. What it trained that the checkpoint does not hold (``unsaved``) goes
+  back to the schedule, as when a hop of the lane rolls back its replica.
 * With one lane (``--gpus 1``) the token id is the random one of a single
   token, as before fleets existed; with several each is ``gpu<k>``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gtbus.gpu.bounce import BounceSet
 from gtbus.gpu.device import Device
+from gtbus.nodes.run_summary import HopResult
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.protocol.token import TokenMachine
 from gtbus.training.trainer import Trainer
@@ -50,6 +52,9 @@ class Lane:
     current: HopRunner | None = None  # the hop in flight, or the lane's last one
     hop_started: float | None = None
     trained_since_merge: int = 0  # hops this replica trained that no merge has shared yet
+    # Hops this replica trained that the checkpoint does not hold (with K > 1: since the last
+    # merge). Thrown away with the replica (a rollback, a retirement), they are trained again.
+    unsaved: list[HopResult] = field(default_factory=list)
     failed: str | None = None  # why the lane was retired (its device failed), None while it serves
 
     @property

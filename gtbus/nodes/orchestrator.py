@@ -36,15 +36,26 @@ hop). The rules this shell keeps for them:
   and once no lane has one in flight it averages the live replicas
   (:mod:`gtbus.training.merge`) and, with K > 1, writes the checkpoint: a
   fleet is checkpointed only there (and when it stops or ends), where no hop
-  is in flight and the replicas are one model;
+  is in flight and the replicas are one model. Hops in flight when a merge
+  falls due finish first, so a merge covers up to ``merge_every + K - 1``
+  hops (``--merge-every`` below K acts as K). A round's end is a merge (and
+  checkpoint) point too: the next round's first hop waits for it;
+* a chunk whose training is thrown away goes back into the schedule,
+  untrained, in its round (:meth:`FleetSchedule.reopen`), so every chunk of a
+  round ends up in the final model exactly once: a hop that rolls back
+  restores its lane's replica from the checkpoint (with K > 1 the last merge,
+  see :mod:`gtbus.protocol.fleet` for why not the hop's own start) and the
+  hops that lane trained since are done again; their records say
+  ``discarded``;
 * a lane whose device fails (a :class:`~gtbus.errors.DeviceError` out of its
   hop) is retired: its token was revoked as the hop unwound, the hop is put
   back (not trained: another lane does it), and the run goes on with the
   other lanes, or stops with the reason when none is left. What the retired
-  replica trained since the last merge is lost, and the summary says how much.
+  replica trained since the last merge goes back into the schedule as well.
 
 With K = 1 there is one lane, nothing to merge, and a checkpoint after every
-hop (``--checkpoint-every``), as before fleets.
+hop (``--checkpoint-every``), as before fleets; with N > 1, at every round's
+end too, and a rollback re-queues the hops since the last checkpoint.
 
 Its parts, each in its own module: the lanes (:mod:`gtbus.nodes.lane`), epochs reserved
 on disk (:mod:`gtbus.nodes.epochs`), hop buffers (:mod:`gtbus.nodes.staging_pool`),
@@ -386,7 +397,13 @@ class Orchestrator:
         return [lane for lane in self.lanes if lane.failed is None]
 
     def _merge_due(self) -> bool:
-        return len(self._live()) > 1 and self.trained_since_merge >= self.config.merge_interval
+        """No new hop until the lanes are merged and checkpointed: every ``merge_every`` trained hops, and
+        at a round's end while a replica holds training the checkpoint lacks (a rollback or a retirement
+        can then put that training back into its own round)."""
+        if len(self._live()) > 1 and self.trained_since_merge >= self.config.merge_interval:
+            return True
+        fleet = self.fleet
+        return fleet is not None and fleet.round_settled and not fleet.finished and any(lane.unsaved for lane in self._live())
 
     async def _dispatch(self) -> None:
         """Hand idle lanes their next hop, wait for hops to end, merge when due, until the schedule is done.
@@ -402,6 +419,7 @@ class Orchestrator:
                 if self._merge_due():
                     if not running:  # the lanes are paused between hops: merge (and checkpoint) now
                         self._save_checkpoint()
+                        continue  # and hand out hops again (not a wait for holders: none was asked yet)
                 else:
                     for lane in self._live():
                         if lane in running.values():
@@ -444,17 +462,16 @@ class Orchestrator:
         assert self.fleet is not None
         a = self.fleet.lane_of(lane.index)
         lane.failed = reason
-        self.lanes_failed.append({"lane": lane.index, "token_id": lane.token_id, "reason": reason, "trained_hops_lost": lane.trained_since_merge})
+        self.lanes_failed.append({"lane": lane.index, "token_id": lane.token_id, "reason": reason, "trained_hops_requeued": len(lane.unsaved)})
         self.log.error(
-            "lane %d (token %s) failed and is retired: %s; %s; %d trained hop(s) of its replica since the last merge are lost",
-            lane.index, lane.token_id, reason,
-            f"{a.holder} chunk {a.chunk} goes back to the schedule (not trained)" if a is not None else "it had no hop", lane.trained_since_merge,
+            "lane %d (token %s) failed and is retired: %s; %s", lane.index, lane.token_id, reason,
+            f"{a.holder} chunk {a.chunk} goes back to the schedule (not trained)" if a is not None else "it had no hop",
         )
-        self.trained_since_merge -= min(self.trained_since_merge, lane.trained_since_merge)
-        lane.trained_since_merge = 0
+        if a is not None:
+            self.fleet.release(lane.index, "deferred")
+        self._requeue_unsaved(lane, f"lane {lane.index} was retired")
         if a is None:
             return
-        self.fleet.release(lane.index, "deferred")
         runner = lane.current
         if runner is not None and runner.a == a:
             out = runner.result
@@ -487,6 +504,23 @@ class Orchestrator:
         """
         flying = [e for lane in self.lanes if (e := lane.in_flight_epoch)]
         self.rt.guard.raise_fence(min(flying) if flying else self.last_epoch)
+
+    def _requeue_unsaved(self, lane: Lane, why: str) -> None:
+        """``lane``'s replica lost what it trained since the checkpoint: those chunks go back into their round, untrained."""
+        assert self.fleet is not None
+        thrown = lane.unsaved
+        lane.unsaved = []
+        if not thrown:
+            return
+        self.fleet.reopen([Assignment(h.round, h.holder, h.chunk) for h in thrown])
+        for h in thrown:
+            h.discarded = True
+            h.detail = (h.detail + "; " if h.detail else "") + f"training discarded ({why}): the chunk was put back into round {h.round}"
+        n = len(thrown)
+        self.trained_since_merge -= min(self.trained_since_merge, n)
+        lane.trained_since_merge -= min(lane.trained_since_merge, n)
+        self.log.warning("%s: the %d hop(s) its replica trained since the last %s go back to the schedule (%s)", why, n,
+                         "merge" if len(self.lanes) > 1 else "checkpoint", ", ".join(f"{h.holder} chunk {h.chunk}" for h in thrown))
 
     def _merge(self) -> None:
         """Average the live replicas' parameters into each (no lane may be training)."""
@@ -587,6 +621,7 @@ class Orchestrator:
                 self.fleet.release(lane.index, "done")
                 self.trained_since_merge += 1
                 lane.trained_since_merge += 1
+                lane.unsaved.append(out)
             else:
                 self.fleet.release(lane.index, "failed")
                 out.detail += " (skipped this round)" if self.fleet.schedule.skipped[-1:] == [(a.round, a.holder, a.chunk)] else " (will retry)"
@@ -625,18 +660,24 @@ class Orchestrator:
         if not self._live():
             return  # no replica left to save: the last checkpoint (the last merge) stands
         write_checkpoint(self.checkpoint_path, run_checkpoint(self))
+        for lane in self.lanes:
+            lane.unsaved = []  # the checkpoint holds every serving replica's training now (merged)
 
     def _load_checkpoint(self) -> None:
         resume_run(self, read_checkpoint(self.checkpoint_path))
         self.log.info("resumed run %s at epoch %d", self.run_id, self.last_epoch)
 
     def restore_model(self, lane: Lane | None = None) -> None:
-        """Put ``lane``'s replica (default the first's) of the last checkpoint (or the initial model) back on its device."""
+        """Put ``lane``'s replica (default the first's) of the last checkpoint (or the initial model) back on its device.
+
+        What the replica trained since goes back into the schedule (:meth:`_requeue_unsaved`).
+        """
         lane = lane or self.lanes[0]
         if self.checkpoint_path.exists():
             lane.trainer.load_state_dict(lane_state(read_checkpoint(self.checkpoint_path).trainer_state(), lane.index))
         else:
             lane.trainer.load(lane.device.array_module)
+        self._requeue_unsaved(lane, f"lane {lane.index} was rolled back" if len(self.lanes) > 1 else "the model was rolled back")
 
     # -- reporting ----------------------------------------------------------------------------
 

@@ -51,6 +51,7 @@ class HopResult:
     phases: dict[str, float] = field(default_factory=dict)  # orchestrator phase marks, s since the hop began
     lane: int = 0  # the fleet's lane (GPU token) the hop ran on
     token_id: str = ""
+    discarded: bool = False  # trained, but its replica was rolled back or retired: the chunk was trained again
 
     @property
     def transfer_s(self) -> float:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import signal
 from collections import defaultdict
+from typing import Any
+
 import pytest
 from travel_kit import Travel, trained_keys
 
@@ -30,6 +32,24 @@ def every_chunk(t: Travel, rounds: int = 1) -> list[tuple[int, str, int]]:
         for name, shard in zip(t.holder_names, t.dep.shards)
         for i, _ in Dataset([shard]).chunks(CHUNK)
     )
+
+
+def model_keys(hops: list[dict[str, Any]]) -> list[tuple[int, str, int]]:
+    """(round, holder, chunk) of every trained hop whose training is in the model (not discarded with its replica)."""
+    return [(h["round"], h["holder"], h["chunk"]) for h in hops if h["outcome"] == "trained" and not h["discarded"]]
+
+
+def assert_requeued_and_trained_again(hops: list[dict[str, Any]], lane: int, at: int) -> list[dict[str, Any]]:
+    """The hops lane ``lane`` trained before epoch ``at`` were discarded (the lane's replica went back to the last
+    merge) and each chunk was trained again later, in its round; every chunk is in the model once. The discarded ones."""
+    thrown = [h for h in hops if h["discarded"]]
+    assert thrown and all(h["lane"] == lane and h["epoch"] < at and h["outcome"] == "trained" for h in thrown), thrown
+    assert all("training discarded" in h["detail"] for h in thrown)
+    kept = {(h["round"], h["holder"], h["chunk"]): h for h in hops if h["outcome"] == "trained" and not h["discarded"]}
+    for h in thrown:
+        again = kept[(h["round"], h["holder"], h["chunk"])]
+        assert again["epoch"] > at
+    return thrown
 
 
 def holder_spans(t: Travel) -> dict[str, list[tuple[float, float, int]]]:
@@ -88,12 +108,15 @@ def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int, mode: 
 
     # Nothing was refused, and the logs verify offline.
     assert not any(m.verdict.startswith("rejected") for m in t.messages())
+    # Holders busy on lanes, or a merge between hops, is not a wait for unreachable holders.
+    assert "can be reached" not in t.stderr()
     res = t.replay_verify()
     assert res.returncode == 0, res.stdout + res.stderr
 
 
 def test_a_lane_whose_device_fails_is_retired_and_its_hop_done_by_another(travel) -> None:
-    t: Travel = travel(**SMALL, gpus=2, orchestrator_fault="fail-device-at-epoch=3").start()
+    # Merged only at the round's end: the failed lane had trained one of the first two hops, unmerged.
+    t: Travel = travel(**SMALL, gpus=2, merge_every=100, orchestrator_fault="fail-device-at-epoch=3").start()
     summary = t.finish()
     hops = t.hops()
 
@@ -104,10 +127,16 @@ def test_a_lane_whose_device_fails_is_retired_and_its_hop_done_by_another(travel
     assert [(h["epoch"], h["lane"]) for h in aborted] == [(3, dead)]
     assert "goes back to the schedule" in aborted[0]["detail"]
 
-    # The run went on with the other lane: every chunk trained exactly once, the
+    # What the retired replica trained is not in the model: those chunks went back into the round and
+    # were trained again on the lane that serves, and the summary counts them.
+    thrown = assert_requeued_and_trained_again(hops, dead, 3)
+    assert failed[0]["trained_hops_requeued"] == len(thrown)
+    assert "go back to the schedule" in t.stderr()
+
+    # The run went on with the other lane: every chunk in the model exactly once (chunks x rounds), the
     # failed hop's chunk too (later, on the lane that serves), nothing after on the dead lane.
-    keys = trained_keys(hops)
-    assert sorted(keys) == every_chunk(t) and len(keys) == len(set(keys))
+    keys = model_keys(hops)
+    assert sorted(keys) == every_chunk(t) and len(keys) == len(set(keys)) == len(every_chunk(t))
     redo = next(h for h in hops if h["outcome"] == "trained" and (h["holder"], h["chunk"]) == (aborted[0]["holder"], aborted[0]["chunk"]))
     assert redo["lane"] != dead and redo["epoch"] > 3
     assert all(h["lane"] != dead for h in hops if h["epoch"] > 3 and h["outcome"] == "trained")
@@ -117,15 +146,20 @@ def test_a_lane_whose_device_fails_is_retired_and_its_hop_done_by_another(travel
 
 
 def test_a_lane_whose_model_changed_mid_hop_is_rolled_back_and_the_fleet_goes_on(travel) -> None:
-    t: Travel = travel(**SMALL, gpus=2, orchestrator_fault="tamper-model-at-epoch=5").start()
+    # Merged only at the round's end: hop 5's lane had trained one of the first two hops (at least), unmerged.
+    t: Travel = travel(**SMALL, gpus=2, merge_every=100, orchestrator_fault="tamper-model-at-epoch=5").start()
     summary = t.finish()
     hops = t.hops()
     rolled = [h for h in hops if h["outcome"] == "rolled-back"]
     assert [h["epoch"] for h in rolled] == [5] and "restored the last checkpoint" in rolled[0]["detail"]
-    # The chunk is retried (on either lane) and every chunk is trained once; no lane was retired.
-    keys = trained_keys(hops)
-    assert sorted(keys) == every_chunk(t) and len(keys) == len(set(keys))
+    # The replica went back to the last merge (here the initial model): what the lane trained since is
+    # not in it, so those chunks went back into the round and were trained again.
+    assert_requeued_and_trained_again(hops, rolled[0]["lane"], 5)
+    # The rolled-back chunk is retried (on either lane) and every chunk is in the model once; no lane was retired.
+    keys = model_keys(hops)
+    assert sorted(keys) == every_chunk(t) and len(keys) == len(set(keys)) == len(every_chunk(t))
     assert summary["lanes_failed"] == [] and summary["last_loss"] < summary["first_loss"]
+    assert "can be reached" not in t.stderr()
 
 
 def test_when_every_lane_failed_the_run_stops_with_the_reason(travel) -> None:

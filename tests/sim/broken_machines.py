@@ -167,20 +167,20 @@ class CrowdingFleet(FleetSchedule):
 
 
 class CheckpointRollback(SimOrchestrator):
-    """A fleet's hop that rolls back restores the checkpoint's model, as with one GPU. With K > 1 the
-    checkpoint is the last merge: what the lane trained since (hops already settled as done) is lost."""
+    """A fleet's hop that rolls back restores the checkpoint's model and nothing more, as the shipped
+    orchestrator did. With K > 1 the checkpoint is the last merge: what the lane trained since (hops
+    already settled as done) is in no model, and nothing trains it again."""
 
     def _restore_model(self, hop: _Hop) -> None:
         ck = self.disk.checkpoint
         hop.lane.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
+        hop.lane.trained = []
 
 
 class SilentLoss(SimOrchestrator):
-    """Retires a failed GPU's lane without reporting what its replica trained since the last merge."""
+    """Retires a failed GPU's lane and drops what its replica trained since the last merge, still marked
+    done (the shipped orchestrator counted it as lost instead of training it again)."""
 
-    def fail_lane(self, index: int) -> None:
-        trained = list(self.lanes[index].trained)
-        super().fail_lane(index)
-        for key in trained:
-            if key in self.lost:
-                self.lost.remove(key)
+    def _retired_training(self, lane: Any) -> None:
+        self.trained_since_merge -= min(self.trained_since_merge, len(lane.trained))
+        lane.trained = []

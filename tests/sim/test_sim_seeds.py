@@ -104,7 +104,7 @@ def test_fleets_survive_failing_gpus() -> None:
     or stop with the named reason when none is left; no invariant breaks either way."""
     results = [run_seed(seed, gpus=2) for seed in range(300)]
     assert all(r.ok for r in results), next(r for r in results if not r.ok).violations
-    assert any(r.finished and r.lost for r in results)
+    assert any(r.finished and r.requeued for r in results)  # a retired replica's training, done again
     assert any(r.stopped and r.stopped.startswith("every GPU lane failed") for r in results)
     assert any(r.outcomes.get("aborted") for r in results)
 

@@ -21,14 +21,16 @@ and the real orchestrator state: one epoch counter for all lanes; messages go
 to the lane whose token id they carry; a device agent stages one lane's hop
 at a time (remote holders behind one agent take turns); every ``merge_every`` trained hops no
 new hop starts until none is in flight, then the replicas are averaged and,
-with K > 1, only then is the checkpoint written (and when the run stops or
-ends); a hop that rolls back restores its lane's replica to the model the hop
-began from (K = 1: the checkpoint's, which is the same model). A lane whose
-GPU fails is retired, as the real orchestrator does: its hop in flight is
-unwound (revoke, scrub, key dropped) and put back; its replica takes no part
-in merges, and what it trained since the last merge is lost and reported
-(:attr:`SimOrchestrator.lost`, kept in the checkpoint); with every lane
-failed the run stops with that reason.
+with K > 1, only then is the checkpoint written (and at a round's end, and
+when the run stops or ends). A chunk whose training is thrown away goes back
+into its round, untrained (:meth:`FleetSchedule.reopen`): a hop that rolls
+back restores its lane's replica from the checkpoint (with K > 1 the last
+merge) and reopens what that lane trained since; a lane whose GPU fails is
+retired, as the real orchestrator does: its hop in flight is unwound (revoke,
+scrub, key dropped) and put back, its replica takes no part in merges, and
+what it trained since the last merge is reopened too. Each such training is
+counted (:attr:`SimOrchestrator.requeued`); with every lane failed the run
+stops with that reason.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class _Lane:
     token: TokenMachine
     hop: _Hop | None = None
     failed: str | None = None  # why the lane was retired (its GPU failed); None while it serves
-    trained: list[tuple[int, str, int]] = field(default_factory=list)  # what its replica trained since the last merge
+    trained: list[tuple[int, str, int]] = field(default_factory=list)  # what its replica trained that the checkpoint lacks
 
 
 class SimOrchestrator:
@@ -200,8 +202,8 @@ class SimOrchestrator:
         self.trained_since_merge = 0
         ck = disk.checkpoint
         self.datasets: dict[str, tuple[int, str]] = {}
-        #: Trainings the run reports lost with a retired lane's replica (as of the checkpoint it resumed from).
-        self.lost: list[tuple[int, str, int]] = [tuple(x) for x in ck.get("lost", [])] if ck is not None else []  # type: ignore[misc]
+        #: Trainings thrown away with a replica (rolled back or retired) and put back into their round, this incarnation.
+        self.requeued: list[tuple[int, str, int]] = []
         if ck is not None:
             if ck["schedule"]:
                 self.fleet = FleetSchedule.from_state(ck["schedule"])
@@ -366,7 +368,10 @@ class SimOrchestrator:
         if self._merge_due():
             if busy:
                 return  # no new hop until the replicas are merged: the last hop to end comes back here
-            self._merge()
+            if len(self.lanes) > 1:
+                self._merge()  # it checkpoints
+            else:
+                self._save_checkpoint()
         started = False
         for lane in live:
             if lane.hop is None and self._live(inc):
@@ -391,7 +396,12 @@ class SimOrchestrator:
         lane.token.epoch = max(lane.token.epoch, self.epoch)
 
     def _merge_due(self) -> bool:
-        return len(self.lanes) > 1 and self.trained_since_merge >= self.cfg.merge_every
+        # Every merge_every trained hops; and at a round's end while a replica holds training the
+        # checkpoint lacks, so that what a rollback or a retirement reopens is of the current round.
+        if len(self.lanes) > 1 and self.trained_since_merge >= self.cfg.merge_every:
+            return True
+        fleet = self.fleet
+        return fleet is not None and fleet.round_settled and not fleet.finished and any(lane.trained for lane in self._live_lanes())
 
     def _live_lanes(self) -> list[_Lane]:
         return [lane for lane in self.lanes if lane.failed is None]
@@ -586,13 +596,20 @@ class SimOrchestrator:
             self.world.on_node(self.name, wake - self.world.clock(self.name) + 1e-6, self._lease_check, inc, hop)
 
     def _restore_model(self, hop: _Hop) -> None:
-        if len(self.lanes) > 1 and hop.model_before is not None:
-            # A fleet's checkpoint is the last merge: this replica trained since. It goes back to the
-            # model its hop began from (verified at the grant); the real orchestrator keeps that copy.
-            hop.lane.device.restore(hop.model_before)
-            return
+        # The checkpoint's model (a fleet's: the last merge); what the lane trained since goes back.
         ck = self.disk.checkpoint
         hop.lane.device.restore(ck["model"] if ck is not None else INITIAL_MODEL)
+        self._requeue_trained(hop.lane)
+
+    def _requeue_trained(self, lane: _Lane) -> None:
+        """``lane``'s replica lost what it trained since the checkpoint: those chunks go back into their round, untrained."""
+        assert self.fleet is not None
+        thrown, lane.trained = lane.trained, []
+        if thrown:
+            self.fleet.reopen([Assignment(*key) for key in thrown])
+            self.requeued.extend(thrown)
+            self.trained_since_merge -= min(self.trained_since_merge, len(thrown))
+            self.world.note("requeued", (lane.index, thrown))
 
     def _epilogue(self, hop: _Hop) -> None:
         """Scrub and release the staging, drop the key."""
@@ -624,9 +641,10 @@ class SimOrchestrator:
     def _save_checkpoint(self) -> None:
         model = self._live_lanes()[0].device.measure()  # a fleet's live replicas are one model here (merged)
         self.checker.checkpointed(model)
+        for lane in self._live_lanes():
+            lane.trained = []  # the checkpoint holds it (a fleet's: merged)
         self.disk.checkpoint = {
             "epoch": self.epoch,
-            "lost": [list(x) for x in self.lost],
             "schedule": self.fleet.to_state() if self.fleet else None,
             "model": model,
             "datasets": dict(self.datasets),
@@ -643,10 +661,7 @@ class SimOrchestrator:
         if not self.up or lane.failed is not None or self.finished or self.stopped is not None or self.fleet is None:
             return
         lane.failed = "device failed"
-        self.lost.extend(lane.trained)
-        self.trained_since_merge -= min(self.trained_since_merge, len(lane.trained))
         self.world.note("lane retired", (index, len(lane.trained)))
-        lane.trained = []
         hop = lane.hop
         if hop is not None:
             lane.hop = None
@@ -655,10 +670,15 @@ class SimOrchestrator:
             self._epilogue(hop)
             self.fleet.release(index, "deferred")  # not trained: another lane does it
             self.hops.append((hop.machine.epoch, "aborted"))
+        self._retired_training(lane)
         if not self._live_lanes():
             self._stop("every GPU lane failed; the run continues with --resume from the last merge")
         elif self.running:
             self.world.on_node(self.name, 0.002, self._next_hop, self.incarnation)
+
+    def _retired_training(self, lane: _Lane) -> None:
+        """What a retired lane's replica trained since the last merge is in no model: reopened, trained again."""
+        self._requeue_trained(lane)
 
     def _publish(self, kind: str, body: Any) -> None:
         self.world.send(self.name, OBSERVER, kind, body)

@@ -66,7 +66,7 @@ class SeedResult:
     kept: list[int] | None = None  # the faults applied, by index, when not all of them
     config_given: bool = False  # run with an explicit SimConfig rather than the seed's own
     lane_hops: list[int] = field(default_factory=list)  # settled hops per lane (GPU)
-    lost: int = 0  # trainings reported lost with a failed GPU's replica
+    requeued: int = 0  # trainings thrown away with a replica (rolled back, or its GPU failed) and trained again
 
     @property
     def ok(self) -> bool:
@@ -133,8 +133,8 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     if not checker.violations:
         checker.check_end(orch.finished, orch.stopped, world.now - cfg.fault_window)
     if not checker.violations and orch.finished and orch.schedule is not None:
-        # A fleet's final model: its live replicas, merged; what a retired lane's replica lost is reported, not in it.
-        checker.check_final_model(orch.final_model(), expected_trainings(orch.schedule) - set(orch.lost))
+        # A fleet's final model: its live replicas, merged; what a replica threw away was trained again.
+        checker.check_final_model(orch.final_model(), expected_trainings(orch.schedule))
     flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + (f" --gpus {cfg.gpus}" if cfg.gpus > 1 else "")
     if keep_faults is not None:
         flags += f" --faults {','.join(map(str, sorted(keep_faults))) or 'none'}"
@@ -146,7 +146,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     result.kept = sorted(keep_faults) if keep_faults is not None else None
     result.config_given = config is not None
     result.lane_hops = list(orch.lane_hops)
-    result.lost = len(orch.lost)
+    result.requeued = len(orch.requeued)
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
