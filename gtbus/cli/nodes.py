@@ -55,7 +55,7 @@ def _hop_line(h: Any, gpus: int = 1) -> str:
 @click.option("--resume", is_flag=True, help="Continue a killed run from its checkpoint.")
 @click.option("--max-chunks", type=int, default=1 << 16, show_default=True, help="Most chunks one holder may register (bounds schedule and checkpoint).")
 @click.option("--absent-timeout", type=float, default=60.0, show_default=True, help="Seconds to wait when no holder with work left can be reached, then stop.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True, help="Write the checkpoint after every Nth hop and the last (a GPT-2 checkpoint is 1.6 GB); a resume then repeats up to N-1 hops, a rollback loses their training.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=1, show_default=True, help="Write the checkpoint after every Nth hop and the last (a GPT-2 checkpoint is 1.6 GB); a resume then repeats up to N-1 hops, and a rollback trains them again (the checkpoint is also written at each round's end).")
 @click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), default=1, show_default=True, help="GPU tokens travelling at once (lanes): host backend, emulated devices; cupy, K lanes on this process's GPU.")
 @click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="With several GPUs: merge the replicas every N trained hops of the fleet (0: every --gpus hops), and at each round's end; hops in flight finish before a merge, so N below --gpus acts as --gpus. The checkpoint is written at merges.")
 @click.option("--merge", "merge", default=DEFAULT_MERGE, show_default=True, help=f"With several GPUs, how replicas are merged: {MERGE_POLICIES}.")

@@ -46,7 +46,8 @@ class RunConfig:
     # checkpoint (model and AdamW moments, 1.6 GB) takes seconds to write, more
     # than a small hop's transfer and training together. The price of N > 1: a
     # resume repeats up to N-1 hops, and a rollback (model or code changed during
-    # a hop) restores the last checkpoint, losing the training of the hops since.
+    # a hop) restores the last checkpoint and trains the hops since again (the
+    # checkpoint is also written at each round's end, so they are of its round).
     checkpoint_every: int = 1
     # The fleet: K GPU tokens (lanes) travel at once, each with its own device and
     # trainer replica; every merge_every trained hops across the fleet (0: K, one

@@ -197,3 +197,16 @@ def test_a_fleet_killed_between_merges_resumes_from_the_last_merge(travel) -> No
     assert sorted(keys) == every_chunk(t, rounds=2) and len(keys) == len(set(keys))
     assert summary["gpus"] == 2 and summary["skipped"] == []
     assert summary["last_loss"] < summary["first_loss"]
+
+
+def test_one_gpu_rolled_back_between_checkpoints_trains_the_hops_since_again(travel) -> None:
+    # --checkpoint-every 4: hop 3's rollback restores the initial model, without hops 1 and 2's training.
+    t: Travel = travel(**SMALL, gpus=1, checkpoint_every=4, orchestrator_fault="tamper-model-at-epoch=3").start()
+    summary = t.finish()
+    hops = t.hops()
+    assert [h["epoch"] for h in hops if h["outcome"] == "rolled-back"] == [3]
+    thrown = assert_requeued_and_trained_again(hops, 0, 3)
+    assert sorted(h["epoch"] for h in thrown) == [1, 2]
+    keys = model_keys(hops)
+    assert sorted(keys) == every_chunk(t) and len(keys) == len(every_chunk(t))
+    assert summary["gpus"] == 1 and summary["last_loss"] < summary["first_loss"]
