@@ -507,11 +507,11 @@ class Orchestrator:
 
     def _requeue_unsaved(self, lane: Lane, why: str) -> None:
         """``lane``'s replica lost what it trained since the checkpoint: those chunks go back into their round, untrained."""
-        assert self.fleet is not None
         thrown = lane.unsaved
         lane.unsaved = []
         if not thrown:
             return
+        assert self.fleet is not None  # a hop trained: the run is scheduled
         self.fleet.reopen([Assignment(h.round, h.holder, h.chunk) for h in thrown])
         for h in thrown:
             h.discarded = True

@@ -10,6 +10,13 @@ Rules (DESIGN §7, "Orchestrator dies"):
   epoch and every reservation on disk.
 * A resumed run admits each holder again only with the same data: its
   enrolment starts empty, so the checkpoint's datasets are what it knows.
+* A checkpoint holds exactly the hops its model holds: it is written only
+  where every serving replica's training is in the model saved (with one
+  lane, after a hop; a fleet, right after a merge, and a merge comes at every
+  round's end), so the chunks its schedule counts as done are the model's,
+  and a resume does everything after it again. A trained hop whose training
+  was thrown away with its replica (rolled back, retired) says ``discarded``
+  in its record; its chunk was put back into the round before the checkpoint.
 * A fleet (K lanes) is checkpointed only where no hop is in flight, right
   after a merge: the first serving lane's trainer state is stored as a single
   model's (so a one-GPU run resumes it), and every other serving lane's whole

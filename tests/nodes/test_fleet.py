@@ -191,10 +191,11 @@ def test_a_fleet_killed_between_merges_resumes_from_the_last_merge(travel) -> No
     # No epoch was issued twice across both lifetimes (the log holds both).
     grants = [m.epoch for m in t.messages() if m.dir == "out" and m.type == "token.grant"]
     assert len(grants) == len(set(grants)) and min(grants[issued_before:]) > max(grants[:issued_before])
-    # The resumed fleet went on from the checkpoint: every chunk of both rounds trained once.
+    # The resumed fleet went on from the checkpoint: every chunk of both rounds trained once, and in the model.
     hops = t.hops()
     keys = trained_keys(hops)
     assert sorted(keys) == every_chunk(t, rounds=2) and len(keys) == len(set(keys))
+    assert sorted(model_keys(hops)) == sorted(keys)
     assert summary["gpus"] == 2 and summary["skipped"] == []
     assert summary["last_loss"] < summary["first_loss"]
 
