@@ -59,8 +59,10 @@ held the token) restores its lane's replica to the checkpoint (with K > 1 the
 last merge) and reopens the hops that lane trained since, as a retired lane's
 are reopened. Rolling back to the hop's own start instead would need a copy of
 model and optimizer state per hop in flight (GPT-2 124M with AdamW: 1.5 GB a
-lane), made on the device on every hop, to save retraining the few hops one
-lane trains between two merges in the rare hop that rolls back; a run that stops with a
+lane), held on the device for every hop, to save retraining the few hops one
+lane trains between two merges in the rare hop that rolls back, and a retired
+lane's replica is gone whatever was copied: its hops must be reopened anyway,
+so one mechanism serves both; a run that stops with a
 reason while other lanes have hops in flight leaves them to the process's
 exit (keys gone, staging discarded on resume, their chunks still pending).
 
