@@ -467,11 +467,10 @@ class Orchestrator:
             "lane %d (token %s) failed and is retired: %s; %s", lane.index, lane.token_id, reason,
             f"{a.holder} chunk {a.chunk} goes back to the schedule (not trained)" if a is not None else "it had no hop",
         )
-        if a is not None:
-            self.fleet.release(lane.index, "deferred")
         self._requeue_unsaved(lane, f"lane {lane.index} was retired")
         if a is None:
             return
+        self.fleet.release(lane.index, "deferred")
         runner = lane.current
         if runner is not None and runner.a == a:
             out = runner.result
