@@ -74,10 +74,10 @@ def grant_token_ids(t: Travel) -> dict[int, str]:
     return {m.epoch: m.body["token_id"] for m in t.messages() if m.dir == "out" and m.type == "token.grant"}
 
 
-@pytest.mark.parametrize("gpus, mode", [(2, "travel"), (4, "travel"), (2, "ship")])
-def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int, mode: str) -> None:
+@pytest.mark.parametrize("gpus, mode, merge_every", [(2, "travel", 0), (4, "travel", 0), (2, "ship", 1)])
+def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int, mode: str, merge_every: int) -> None:
     # A holder is on one lane at a time: K lanes need K holders to be busy at once.
-    t: Travel = travel(**{**SMALL, "holders": max(3, gpus)}, gpus=gpus, mode=mode).start()
+    t: Travel = travel(**{**SMALL, "holders": max(3, gpus)}, gpus=gpus, mode=mode, merge_every=merge_every).start()
     summary = t.finish()
     hops = t.hops()
 
@@ -101,9 +101,10 @@ def test_a_fleet_trains_every_chunk_once_on_every_lane(travel, gpus: int, mode: 
     spans = sorted(s for ss in holder_spans(t).values() for s in ss)
     assert any(b[0] < a[1] for a, b in zip(spans, spans[1:]))
 
-    # The replicas were merged (every --gpus trained hops by default; the hops still in
-    # flight when a merge falls due end before it: at most 2K - 1 hops a merge), and the fleet learned.
-    assert summary["merges"] >= -(-len(hops) // (2 * gpus - 1))
+    # The replicas were merged (every --merge-every trained hops, default --gpus; the hops still in
+    # flight when a merge falls due end before it: at most merge_every + K - 1 hops a merge, so
+    # --merge-every 1 at K = 2 merges every 2 hops at most), and the fleet learned.
+    assert summary["merges"] >= -(-len(hops) // ((merge_every or gpus) + gpus - 1))
     assert summary["last_loss"] < summary["first_loss"]
 
     # Nothing was refused, and the logs verify offline.
