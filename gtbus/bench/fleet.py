@@ -379,6 +379,14 @@ def _fill(res: Result, out_dir: str | os.PathLike[str] | None, settings: dict[st
             res.goal(f"fleet_scaling_{c['gpus']}gpus", c["tokens_per_s"] / one["tokens_per_s"], SCALING_GOALS[c["gpus"]], "ratio")
     for c in main:
         res.goal(f"fleet_loss_vs_1gpu_{c['gpus']}gpus", _rel(c, one), LOSS_GOAL_PERCENT, "%", at_most=True)
+    cores = res.machine["usable_cores"]
+    one_cpu = ", ".join(f"{r['cpu_s']:.1f}" for r in runs if r["gpus"] == 1)
+    for c in main:
+        ratio = c["tokens_per_s"] / one["tokens_per_s"] if one["tokens_per_s"] else 0.0
+        if settings["backend"] == "host" and ratio > cores:
+            # K host lanes on N cores cannot run more than N times one lane: the baseline was slowed by what the fleet's runs were not.
+            res.header.append(f"WARNING: K = {c['gpus']} ran at {ratio:.2f}x one GPU on {cores} cores, more than the cores allow: the one-GPU runs "
+                              f"were slowed by something the fleet's were not (their CPU seconds: {one_cpu}); this ratio is not the lanes' scaling.")
     for r in runs:
         if r["hops_trained"] != r["hops_expected"]:
             res.header.append(f"WARNING: K = {r['gpus']} trained {r['hops_trained']} of {r['hops_expected']} hops ({r['outcomes']}); its tokens differ from the others'.")

@@ -17,9 +17,23 @@ Rules:
     replicas merged: FedAvg with a server learning rate, DiLoCo's outer step
     without its momentum). Each hop a lane trained moves the merged model as
     far as it moved its replica, as one model training them in turn would, to
-    first order; averaging instead shrinks K lanes' updates to one K-th;
+    first order (measured below: it overshoots); averaging instead shrinks K
+    lanes' updates to one K-th;
   - ``delta:LR``: the last merged model plus LR times the mean update
-    (``delta:1`` is ``average``).
+    (``delta:1`` is ``average``; below one it damps the merge).
+
+  Measured (``gtbus bench fleet --compare-merge``, ByteLM with Adam, K = 4,
+  bench/notes-perf.md "Fleet merge policies"): outer learning rates above
+  one lose. ``sum`` diverged (held-out loss 10.0 from 5.5 untrained) and
+  ``delta:1.5`` ended 15.8 % above one GPU against ``average``'s 13.7 %, at
+  the same windows; so ``average`` is the default (most loss dropped per
+  wall-clock second). Replicas that start an interval from one model on
+  similar data make updates that mostly agree, and an Adam step is about the
+  learning rate per parameter whatever the gradient: adding K agreeing
+  updates steps K times as far as one model would have, with no gradient
+  taken in between to correct it. Closing the gap to one GPU needs more than
+  the outer step (an outer momentum, a tuned inner rate for K, or the
+  lockstep all-reduce below).
 
   A delta policy keeps one copy of the parameters (the last merged model, the
   *anchor*) on the replicas' device; it has no other state, so a checkpoint
@@ -48,7 +62,8 @@ from gtbus.training.trainer import Trainer
 
 #: What ``--merge`` accepts, for help texts.
 MERGE_POLICIES = "average, sum, or delta:LR (the last merged model plus LR times the replicas' mean update)"
-#: The policy the orchestrator merges with unless told otherwise (chosen by loss per wall-clock second: bench/notes-perf.md).
+#: The policy the orchestrator merges with unless told otherwise: the most held-out loss dropped per wall-clock
+#: second of the policies measured (bench/results/fleet-host-vm.md, bench/notes-perf.md).
 DEFAULT_MERGE = "average"
 
 

@@ -71,6 +71,8 @@ def test_two_gpus_and_one_train_the_same_tokens_and_the_goals_are_the_runs_numbe
     assert ("recorded anyway, missed" in text) == (cores < 4)  # two lanes and two holders want four cores
     assert "Aggregate tokens/s = tokens trained / training window" in text
     assert "PARTIAL" not in text
+    # A ratio above the cores is named as the baseline's slowdown, not the lanes' scaling.
+    assert ("WARNING: K = 2 ran at" in text) == (scaling["measured"] > cores)
     assert any("K = 2, merge every 2 trained hops (sum)" in s for s in said)
     # The policies compared, with loss per wall-clock second: the one-GPU row and a row per K = 2 policy.
     policy_table = text.split("### Merge policy at the largest K: loss per wall-clock second")[1].split("###")[0]
