@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Iterator
 
-from threadpoolctl import threadpool_info, threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits  # type: ignore[import-untyped]
 
 
 def usable_cores() -> int:
@@ -51,8 +51,9 @@ def cap_blas_threads(lanes: int, log: logging.Logger | None = None, *, cores: in
     if lanes < 2:
         yield None
         return
-    n = threads_per_lane(lanes, cores or usable_cores())
+    cores = cores or usable_cores()
+    n = threads_per_lane(lanes, cores)
     with threadpool_limits(limits=n, user_api="blas"):
         if log is not None:
-            log.info("BLAS threads capped at %d a call for %d lanes on %d cores (lifted at the run's end)", n, lanes, cores or usable_cores())
+            log.info("BLAS threads capped at %d for %d lanes on %d cores (lifted at the run's end)", n, lanes, cores)
         yield n
