@@ -22,7 +22,10 @@ from gtbus.attest.verifier import (
     Revocation,
     RevocationSource,
     Verifier,
+    require_min_versions,
     require_nonce,
+    require_pinned,
+    version_at_least,
 )
 
 __all__ = [
@@ -39,5 +42,8 @@ __all__ = [
     "Revocation",
     "RevocationSource",
     "Verifier",
+    "require_min_versions",
     "require_nonce",
+    "require_pinned",
+    "version_at_least",
 ]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -45,7 +46,10 @@ __all__ = [
     "Revocation",
     "RevocationSource",
     "Verifier",
+    "require_min_versions",
     "require_nonce",
+    "require_pinned",
+    "version_at_least",
 ]
 
 
@@ -184,3 +188,38 @@ def require_nonce(evidence: Evidence, nonce: bytes, kind: str) -> None:
         raise AttestationError(f"evidence: the appraiser's nonce must be {NONCE_SIZE} bytes")
     if not hmac.compare_digest(evidence.nonce, nonce):
         raise AttestationError("evidence: nonce does not match the one sent (replayed or for another request)")
+
+
+def require_pinned(measurements: Mapping[str, bytes], policy: Policy) -> None:
+    """Every measurement the policy pins is present and equal (constant-time); AttestationError naming the first that is not."""
+    for name, want in sorted(policy.pinned.items()):
+        got = measurements.get(name)
+        if got is None:
+            raise AttestationError(f"measurement {name!r} is pinned but the evidence has none")
+        if not hmac.compare_digest(got, want):
+            raise AttestationError(f"measurement {name!r} is {got.hex()[:16]}..., pinned {want.hex()[:16]}...")
+
+
+def version_at_least(got: str, least: str) -> bool:
+    """Is dotted version ``got`` at least ``least``? Parts compare as numbers: hex when either version
+    has a hex letter and both are all hex ("96.00.5E.00.01" vs "96.00.60.00.01"), decimal otherwise;
+    a part that is no number compares as text, after every number."""
+    split = lambda v: re.split(r"[._-]", v)  # noqa: E731
+    a, b = split(got), split(least)
+    all_hex = all(re.fullmatch(r"[0-9A-Fa-f]+", p) for p in a + b)
+    base = 16 if all_hex and any(re.search(r"[A-Fa-f]", p) for p in a + b) else 10
+
+    def key(parts: list[str]) -> list[tuple[int, int | str]]:
+        return [(0, int(p, base)) if re.fullmatch(r"[0-9A-Fa-f]+" if base == 16 else r"[0-9]+", p) else (1, p) for p in parts]
+
+    return key(a) >= key(b)
+
+
+def require_min_versions(versions: Mapping[str, str], policy: Policy) -> None:
+    """Every version the policy names is present and at least its minimum; AttestationError naming the first that is not."""
+    for name, least in sorted(policy.min_versions.items()):
+        got = versions.get(name)
+        if got is None:
+            raise AttestationError(f"version {name!r} has a minimum ({least}) but the evidence states none")
+        if not version_at_least(got, least):
+            raise AttestationError(f"version {name!r} is {got}, below the minimum {least}")
