@@ -7,7 +7,7 @@ importing ``cli`` made a cycle that way). Layers, bottom up::
     errors clock console private_files     base: import nothing of gtbus but each other
     messages/
     gpu/ training/ recording               siblings may import each other
-    protocol/
+    protocol/ attest/                      (attest: the appraisal of evidence; gpu's errors below it)
     transport/
     nodes/
     bench/ replay/ runbook/ testing/       tools; they may use gtbus.testing, nodes never do
@@ -30,7 +30,7 @@ RANK = {
     "errors": 0, "clock": 0, "console": 0, "private_files": 0,
     "messages": 1,
     "gpu": 2, "training": 2, "recording": 2,
-    "protocol": 3,
+    "protocol": 3, "attest": 3,
     "transport": 4,
     "nodes": 5,
     "bench": 6, "replay": 6, "runbook": 6, "testing": 6,

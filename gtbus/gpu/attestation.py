@@ -31,6 +31,9 @@ from gtbus.errors import DeviceError
 from gtbus.gpu.measure import DIGEST_SIZE, tagged_hash
 
 ATTEST_DOMAIN: Final = b"gtbus/attest/v1"
+# Evidence for an appraiser's nonce (gtbus.attest.emulated), kept apart from the
+# per-hop reports: neither signature can be passed off as the other.
+EVIDENCE_DOMAIN: Final = b"gtbus/attest/evidence/v1"
 KEY_COMMITMENT_DOMAIN: Final = b"gtbus/channel-key-commitment/v1"
 ED25519_KEY_SIZE: Final = 32
 ED25519_SIGNATURE_SIZE: Final = 64
@@ -136,6 +139,10 @@ class PlatformSigner:
         """Sign a report under the attestation domain tag."""
         body = report.to_bytes()
         return SignedReport(body, self._key.sign(ATTEST_DOMAIN + body).signature)
+
+    def sign_evidence(self, body: bytes) -> bytes:
+        """Sign an evidence body (:mod:`gtbus.attest.emulated`) under its own domain tag."""
+        return self._key.sign(EVIDENCE_DOMAIN + body).signature
 
 
 class Verifier(Protocol):
