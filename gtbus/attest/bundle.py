@@ -331,7 +331,8 @@ class BundleRevocation:
     def status(self, cert_der: bytes, issuer_der: bytes, now: float) -> CertStatus:
         """The status of ``cert_der`` from the first OCSP response or CRL of its issuer that is signed and current.
 
-        A revocation file of this issuer that is signed but expired (past
+        GOOD or REVOKED (the verifier decides what a revocation means and says
+        so); a revocation file of this issuer that is signed but expired (past
         nextUpdate + grace) raises AttestationError naming it and its date:
         fail closed. No file of this issuer at all: UNKNOWN.
         """
@@ -351,11 +352,6 @@ class BundleRevocation:
             if answer is None:
                 continue
             f.require_valid(now, self._grace_s)
-            if answer.state is CertState.REVOKED:
-                raise AttestationError(
-                    f"revocation: {subject} (serial {cert.serial_number:x}) is revoked per {f.name}"
-                    + (f" ({answer.reason})" if answer.reason else "")
-                )
             return answer
         return CertStatus(CertState.UNKNOWN, "bundle", now, now, f"no CRL or OCSP response in the bundle covers {subject}")
 
@@ -371,7 +367,7 @@ class BundleRevocation:
         this, nxt = _utc(crl.last_update_utc), _utc(crl.next_update_utc) if crl.next_update_utc else f.not_after
         entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
         if entry is not None:
-            return CertStatus(CertState.REVOKED, f.name, this, nxt, f"revoked {entry.revocation_date_utc:%Y-%m-%d}")
+            return CertStatus(CertState.REVOKED, f.name, this, nxt, f"serial {cert.serial_number:x} revoked {entry.revocation_date_utc:%Y-%m-%d}")
         return CertStatus(CertState.GOOD, f.name, this, nxt)
 
     @staticmethod
@@ -391,7 +387,8 @@ class BundleRevocation:
             ocsp.OCSPCertStatus.GOOD: CertState.GOOD,
             ocsp.OCSPCertStatus.REVOKED: CertState.REVOKED,
         }.get(resp.certificate_status, CertState.UNKNOWN)
-        return CertStatus(state, f.name, _utc(resp.this_update_utc), nxt)
+        reason = f"serial {cert.serial_number:x} revoked per OCSP" if state is CertState.REVOKED else ""
+        return CertStatus(state, f.name, _utc(resp.this_update_utc), nxt, reason)
 
 
 def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:

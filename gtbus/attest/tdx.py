@@ -22,7 +22,8 @@ What appraisal checks, in order (each failure one line):
 5. the TCB status is at least the policy's ``tcb-status`` (order below) and the
    TCB evaluation data number at least ``tcb-eval``;
 6. each pinned measurement (``mrtd``, ``rtmr0``..``rtmr3``, ``mrseam``,
-   ``mrconfigid``, ``mrowner``) equals the quote's.
+   ``mrconfigid``, ``mrowner``, ``report-data``) equals the quote's, and the
+   versions the policy names (``tcb-eval``, ``tee-tcb-svn``) are at least its minimums.
 
 ``dcap-qvl`` is an optional extra (``pip install gtbus[attest-tdx]``); without
 it :class:`TdxVerifier` raises one line saying so.
@@ -30,6 +31,7 @@ it :class:`TdxVerifier` raises one line saying so.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -43,7 +45,9 @@ from gtbus.attest.verifier import (
     Evidence,
     Policy,
     RevocationSource,
+    require_min_versions,
     require_nonce,
+    require_pinned,
 )
 
 KIND: Final = "tdx"
@@ -123,6 +127,8 @@ class TdxVerifier:
         collateral (the bundle's, carried in), so ``revocation`` is not asked.
         """
         require_nonce(evidence, nonce, KIND)
+        if policy.kind != KIND:
+            raise AttestationError(f"tdx: the policy is for kind {policy.kind!r}")
         raw = evidence.blob
         if not MIN_QUOTE_SIZE <= len(raw) <= MAX_QUOTE_SIZE:
             raise AttestationError(f"tdx: quote is {len(raw)} bytes, expected {MIN_QUOTE_SIZE}..{MAX_QUOTE_SIZE}")
@@ -147,27 +153,23 @@ class TdxVerifier:
         report_data = bytes(body.report_data)
         if len(report_data) != REPORT_DATA_SIZE or not hmac.compare_digest(report_data[32:], nonce):
             raise AttestationError("tdx: report_data[32:] is not the nonce sent (a replayed or foreign quote)")
-        pinned_rd = policy.pinned.get("report-data")
-        if pinned_rd is not None and not hmac.compare_digest(report_data[:32], pinned_rd):
-            raise AttestationError(
-                f"tdx: report_data[:32] is {report_data[:32].hex()[:16]}..., not the measurement report's digest {pinned_rd.hex()[:16]}..."
-            )
         status = str(report.status)
-        tcb_eval = _tcb_eval_number(collateral)
-        _require_tcb(status, tcb_eval, policy)
+        _require_tcb_status(status, policy)
         measurements = {name: bytes(getattr(body, attr)) for name, attr in MEASUREMENTS.items()}
-        for name, want in policy.pinned.items():
-            if name == "report-data":
-                continue
-            got = measurements.get(name)
-            if got is None:
-                raise AttestationError(f"tdx: policy pins {name!r}, which a TDX quote does not have ({', '.join(MEASUREMENTS)})")
-            if not hmac.compare_digest(got, want):
-                raise AttestationError(f"tdx: {name} is {got.hex()[:16]}..., the policy pins {want.hex()[:16]}...")
+        # The binding is checked like any pinned measurement: the policy pins "report-data" to the report's digest.
+        measurements["report-data"] = report_data[:32]
+        require_pinned(measurements, policy)
+        versions = {
+            "tcb-status": status,
+            "tcb-eval": str(_tcb_eval_number(collateral)),
+            "tee-tcb-svn": bytes(body.tee_tcb_svn).hex(),
+            "fmspc": fmspc,
+        }
+        require_min_versions({k: v for k, v in versions.items() if k != "tcb-status"}, _without_status(policy))
         return Claims(
             kind=KIND,
             measurements=measurements,
-            versions={"tcb-status": status, "tcb-eval": str(tcb_eval), "tee-tcb-svn": bytes(body.tee_tcb_svn).hex(), "fmspc": fmspc},
+            versions=versions,
             report_data=report_data[:32],
             not_after=source.not_after,
         )
@@ -212,16 +214,15 @@ def _tcb_eval_number(collateral: Any) -> int:
     return number
 
 
-def _require_tcb(status: str, tcb_eval: int, policy: Policy) -> None:
-    """The TCB status and evaluation number meet the policy's minimums (``tcb-status``, ``tcb-eval``)."""
-    want_status = policy.min_versions.get("tcb-status", "UpToDate")
-    if want_status not in TCB_ORDER:
-        raise AttestationError(f"tdx: policy tcb-status {want_status!r} is not one of {', '.join(TCB_ORDER)}")
-    if status not in TCB_ORDER or TCB_ORDER.index(status) > TCB_ORDER.index(want_status):
-        raise AttestationError(f"tdx: TCB status {status} is below the policy's minimum {want_status}")
-    want_eval = policy.min_versions.get("tcb-eval")
-    if want_eval is not None:
-        if not want_eval.isdigit():
-            raise AttestationError(f"tdx: policy tcb-eval {want_eval!r} is not a whole number")
-        if tcb_eval < int(want_eval):
-            raise AttestationError(f"tdx: TCB evaluation data number {tcb_eval} is below the policy's minimum {want_eval}")
+def _require_tcb_status(status: str, policy: Policy) -> None:
+    """The TCB status is at least the policy's ``tcb-status`` (default UpToDate), in Intel's order."""
+    want = policy.min_versions.get("tcb-status", "UpToDate")
+    if want not in TCB_ORDER:
+        raise AttestationError(f"tdx: policy tcb-status {want!r} is not one of {', '.join(TCB_ORDER)}")
+    if status not in TCB_ORDER or TCB_ORDER.index(status) > TCB_ORDER.index(want):
+        raise AttestationError(f"tdx: TCB status {status} is below the policy's minimum {want}")
+
+
+def _without_status(policy: Policy) -> Policy:
+    """The policy less its ``tcb-status`` (an ordered name, not a dotted version)."""
+    return dataclasses.replace(policy, min_versions={k: v for k, v in policy.min_versions.items() if k != "tcb-status"})

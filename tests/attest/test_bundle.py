@@ -195,8 +195,8 @@ def test_crl_good_revoked_and_expired(tmp_path: Path, pki: Pki) -> None:
     issuer = pki.cert.public_bytes(DER)
     st = src.status(good.public_bytes(DER), issuer, at(1))
     assert st.state is CertState.GOOD and st.source == "root.crl"
-    with pytest.raises(AttestationError, match=r"device 7 \(serial 7\) is revoked per root.crl"):
-        src.status(bad.public_bytes(DER), issuer, at(1))
+    st = src.status(bad.public_bytes(DER), issuer, at(1))
+    assert (st.state, st.source, st.reason) == (CertState.REVOKED, "root.crl", "serial 7 revoked 2026-01-01")
     with pytest.raises(AttestationError, match="root.crl expired at 2026-01-31T00:00:00Z"):
         src.status(good.public_bytes(DER), issuer, at(31))
 
@@ -233,8 +233,8 @@ def test_ocsp_good_revoked_and_delegated_responder(tmp_path: Path, pki: Pki) -> 
     issuer = pki.cert.public_bytes(DER)
     st = src.status(good.public_bytes(DER), issuer, at(1))
     assert (st.state, st.source, st.next_update) == (CertState.GOOD, "good.ocsp", at(7))
-    with pytest.raises(AttestationError, match=r"serial 7\) is revoked per bad.ocsp"):
-        src.status(bad.public_bytes(DER), issuer, at(1))
+    st = src.status(bad.public_bytes(DER), issuer, at(1))
+    assert (st.state, st.source) == (CertState.REVOKED, "bad.ocsp")
     with pytest.raises(AttestationError, match="good.ocsp expired at 2026-01-08"):
         src.status(good.public_bytes(DER), issuer, at(8))
 
