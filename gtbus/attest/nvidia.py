@@ -32,7 +32,9 @@ refused; a status past its nextUpdate plus the policy's grace is refused);
 the policy's pinned measurements and minimum versions.
 
 Evidence blob (kind ``nvidia-gpu``): a msgpack map ``{"report": bytes,
-"chain": [DER, ...]}``, leaf first. :func:`pack_evidence` builds it.
+"chain": [DER, ...]}``, leaf first. :func:`pack_evidence` builds it;
+:func:`evidence_from_nvidia_files` builds it from the report (hex) and chain
+(PEM) files NVIDIA's tools write.
 
 Collecting needs a GPU in confidential-computing mode and NVIDIA's driver
 library; this module does not talk to the driver, so :meth:`NvidiaVerifier.collect`
@@ -70,7 +72,7 @@ from gtbus.attest.verifier import (
     require_pinned,
 )
 
-__all__ = ["KIND", "NvidiaVerifier", "SpdmReport", "pack_evidence", "parse_report"]
+__all__ = ["KIND", "NvidiaVerifier", "SpdmReport", "evidence_from_nvidia_files", "pack_evidence", "parse_report"]
 
 KIND: Final = "nvidia-gpu"
 SPDM_VERSION: Final = 0x11
@@ -180,6 +182,26 @@ def _parse_opaque(opaque: _Reader) -> dict[int, bytes]:
 def pack_evidence(report: bytes, chain: Sequence[bytes]) -> bytes:
     """The ``nvidia-gpu`` evidence blob: the report and the certificate chain (DER, leaf first)."""
     return msgpack.packb({"report": report, "chain": list(chain)}, use_bin_type=True)
+
+
+def evidence_from_nvidia_files(report_hex: bytes, chain_pem: bytes) -> bytes:
+    """The evidence blob from the files NVIDIA's tools write: the report in hex and the chain in PEM (leaf first)."""
+    try:
+        text = report_hex.decode("ascii").strip()
+        if len(text) > 2 * MAX_REPORT_SIZE:
+            raise AttestationError(f"nvidia-gpu report file: over {MAX_REPORT_SIZE} bytes of report")
+        report = bytes.fromhex(text)
+    except (UnicodeDecodeError, ValueError):
+        raise AttestationError("nvidia-gpu report file: not a report in hex") from None
+    if len(chain_pem) > MAX_CHAIN_LENGTH * 2 * MAX_CERT_SIZE:
+        raise AttestationError("nvidia-gpu chain file: too large for a certificate chain")
+    try:
+        certs = x509.load_pem_x509_certificates(chain_pem)
+    except ValueError:
+        raise AttestationError("nvidia-gpu chain file: not PEM certificates") from None
+    if len(certs) > MAX_CHAIN_LENGTH:
+        raise AttestationError(f"nvidia-gpu chain file: more than {MAX_CHAIN_LENGTH} certificates")
+    return pack_evidence(report, [c.public_bytes(Encoding.DER) for c in certs])
 
 
 def _unpack_evidence(blob: bytes) -> tuple[bytes, list[x509.Certificate]]:

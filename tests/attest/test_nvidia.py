@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import calendar
 import datetime as dt
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,7 +21,10 @@ from pathlib import Path
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from cryptography import x509
+from cryptography.x509 import ocsp
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
@@ -32,6 +37,7 @@ from gtbus.attest.nvidia import (
     MAX_REPORT_SIZE,
     OPAQUE_FWID,
     NvidiaVerifier,
+    evidence_from_nvidia_files,
     pack_evidence,
     parse_report,
 )
@@ -251,6 +257,21 @@ def test_every_truncation_and_many_corruptions_give_one_line() -> None:
                 assert "\n" not in str(info.value)
 
 
+@settings(max_examples=150, deadline=None)
+@given(edits=st.lists(st.tuples(st.integers(0, len(REPORT) - 1), st.integers(0, 255)), min_size=1, max_size=4),
+       cut=st.integers(0, 64), tail=st.binary(max_size=64))
+def test_random_edits_never_pass_and_never_escape_as_another_error(edits: list[tuple[int, int]], cut: int, tail: bytes) -> None:
+    report = bytearray(REPORT)
+    for at, value in edits:
+        report[at] = value
+    mutated = bytes(report[: len(report) - cut]) + tail
+    if mutated == REPORT:
+        return
+    with pytest.raises(AttestationError) as info:
+        appraise(pack_evidence(mutated, CHAIN))
+    assert "\n" not in str(info.value)
+
+
 def test_evidence_of_another_kind_is_refused() -> None:
     evidence = Evidence("tdx", pack_evidence(REPORT, CHAIN), NONCE)
     refused(r"kind 'tdx', expected 'nvidia-gpu'", lambda: VERIFIER.appraise(evidence, NONCE, policy(), NOW, SaysGood()))
@@ -355,10 +376,24 @@ class Pki:
         fields.update(kw)
         return policy(**fields)
 
+    def ocsp_for_leaf(self, status: ocsp.OCSPCertStatus, *, this: float, until: float) -> bytes:
+        """An OCSP response about the leaf, signed by its issuer (the intermediate)."""
+        revoked_at = _utc(this) if status is ocsp.OCSPCertStatus.REVOKED else None
+        builder = (
+            ocsp.OCSPResponseBuilder()
+            .add_response(self.leaf, self.middle, hashes.SHA384(), status, _utc(this), _utc(until), revoked_at, None)
+            .responder_id(ocsp.OCSPResponderEncoding.HASH, self.middle)
+        )
+        return builder.sign(self.middle_key, hashes.SHA384()).public_bytes(Encoding.DER)
 
-def bundle_of(tmp_path: Path, crls: dict[str, bytes]) -> BundleRevocation:
-    """A real bundle holding ``crls`` (name -> DER), read back strictly."""
-    files = [BundleFile(name, "crl", f"https://crl.example/{name}", NOW, *validity_of("crl", data, name), data) for name, data in crls.items()]
+
+def bundle_of(tmp_path: Path, revocation_files: dict[str, bytes]) -> BundleRevocation:
+    """A real bundle holding ``revocation_files`` (name -> DER; a name ending .ocsp is an OCSP response, else a CRL)."""
+    kinds = {name: "ocsp" if name.endswith(".ocsp") else "crl" for name in revocation_files}
+    files = [
+        BundleFile(name, kinds[name], f"https://crl.example/{name}", NOW, *validity_of(kinds[name], data, name), data)
+        for name, data in revocation_files.items()
+    ]
     write_bundle(tmp_path / "bundle", files)
     return BundleRevocation(read_bundle(tmp_path / "bundle"))
 
@@ -369,6 +404,17 @@ def test_our_chain_with_current_crls_appraises(tmp_path: Path) -> None:
     claims = appraise(pack_evidence(pki.sign(), pki.chain), pol=pki.policy(), revocation=bundle_of(tmp_path, crls))
     assert claims.not_after == NOW + 7 * DAY  # the earliest: the intermediate's CRL
     assert claims.measurements["gpu-fwid"] == FWID
+
+
+@pytest.mark.parametrize("status, outcome", [(ocsp.OCSPCertStatus.GOOD, None), (ocsp.OCSPCertStatus.REVOKED, "certificate 'test leaf' is revoked")])
+def test_an_ocsp_response_for_the_leaf_decides_its_status(tmp_path: Path, status: ocsp.OCSPCertStatus, outcome: str | None) -> None:
+    pki = Pki.make()
+    files = {"leaf.ocsp": pki.ocsp_for_leaf(status, this=NOW - DAY, until=NOW + 2 * DAY), "root.crl": pki.crl("root", this=NOW - DAY, until=NOW + 30 * DAY)}
+    blob = pack_evidence(pki.sign(), pki.chain)
+    if outcome is None:
+        assert appraise(blob, pol=pki.policy(), revocation=bundle_of(tmp_path, files)).not_after == NOW + 2 * DAY
+    else:
+        refused(outcome, lambda: appraise(blob, pol=pki.policy(), revocation=bundle_of(tmp_path, files)))
 
 
 def test_an_expired_leaf_is_refused_naming_it() -> None:
@@ -417,3 +463,56 @@ def test_a_certificate_issued_by_a_leaf_is_refused() -> None:
     under_leaf = _cert("under the leaf", key, pki.leaf, pki.leaf_key, ca=False, not_before=NOW - DAY, not_after=NOW + DAY, extra=dice_extension(FWID))
     chain = [under_leaf.public_bytes(Encoding.DER), *pki.chain]
     refused(r"'test leaf' signs 'under the leaf' but is not a CA", lambda: appraise(pack_evidence(REPORT, chain), pol=pki.policy()))
+
+
+# --- NVIDIA's own file formats, and `gtbus attest check` as a real process -------------------------
+
+
+def test_evidence_from_nvidias_files_is_the_same_blob() -> None:
+    report_txt, chain_pem = (DATA / "hopperAttestationReport.txt").read_bytes(), (DATA / "hopperCertChain.txt").read_bytes()
+    assert evidence_from_nvidia_files(report_txt, chain_pem) == pack_evidence(REPORT, CHAIN)
+    refused("not a report in hex", lambda: evidence_from_nvidia_files(b"zz" + report_txt, chain_pem))
+    refused("not a report in hex", lambda: evidence_from_nvidia_files(b"\xff\xfe", chain_pem))
+    refused("over 16384 bytes of report", lambda: evidence_from_nvidia_files(b"00" * (MAX_REPORT_SIZE + 1), chain_pem))
+    refused("not PEM certificates", lambda: evidence_from_nvidia_files(report_txt, b"no certificates here"))
+    refused("more than 8 certificates", lambda: evidence_from_nvidia_files(report_txt, chain_pem * 2))
+    refused("too large", lambda: evidence_from_nvidia_files(report_txt, b"x" * (MAX_CHAIN_LENGTH * 2 * 8192 + 1)))
+
+
+def attest_check(tmp_path: Path, blob: bytes, roots: list[bytes], bundle: Path) -> subprocess.CompletedProcess[str]:
+    """Run `gtbus attest check` on ``blob`` with a policy file pinning two sample measurements."""
+    (tmp_path / "evidence.bin").write_bytes(blob)
+    for i, root in enumerate(roots):
+        (tmp_path / f"root{i}.der").write_bytes(root)
+    names = ", ".join(f'"root{i}.der"' for i in range(len(roots)))
+    (tmp_path / "policy.toml").write_text(
+        f'kind = "nvidia-gpu"\nroots = [{names}]\nrevocation = "offline"\n'
+        f'[pinned]\ngpu-measurement-02 = "{SAMPLE.measurements[2].hex()}"\ngpu-fwid = "{FWID.hex()}"\n'
+        '[min_versions]\ngpu-firmware = "96.00.5E.00.01"\ngpu-driver = "535.104.05"\n'
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "gtbus", "attest", "check", str(tmp_path / "evidence.bin"), "--bundle", str(bundle),
+         "--policy", str(tmp_path / "policy.toml"), "--nonce", NONCE.hex(), "--now", "2026-06-01T00:00:00Z"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+
+
+def test_attest_check_appraises_our_chain_and_fails_closed_on_the_sample(tmp_path: Path) -> None:
+    pki = Pki.make()
+    crls = {"middle.crl": pki.crl("middle", this=NOW - DAY, until=NOW + 7 * DAY), "root.crl": pki.crl("root", this=NOW - DAY, until=NOW + 30 * DAY)}
+    bundle_of(tmp_path, crls)
+    good = attest_check(tmp_path, pack_evidence(pki.sign(), pki.chain), [pki.root_der], tmp_path / "bundle")
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert f"ok   pinned gpu-fwid = {FWID.hex()}" in good.stdout
+    assert "ok   version gpu-firmware = 96.00.9F.00.01" in good.stdout
+    assert f"ok   report_data = {NONCE.hex()}" in good.stdout
+    # NVIDIA's sample through the same command: nvtrust publishes no revocation data, so offline it fails closed.
+    sample = attest_check(tmp_path, pack_evidence(REPORT, CHAIN), [NVIDIA_ROOT], tmp_path / "bundle")
+    assert sample.returncode == 1
+    fails = [line for line in sample.stdout.splitlines() if line.startswith("FAIL")]
+    assert fails == ["FAIL nvidia-gpu revocation: status of certificate 'GH100 A01 GSP FMC LF' is unknown "
+                     "(no CRL or OCSP response in the bundle covers CN=GH100 A01 GSP FMC LF,O=NVIDIA Corporation,"
+                     "C=US,2.5.4.5=53C22BA15E5D68088282DA074ED9FB37AA585771)"], sample.stdout
+    garbage = attest_check(tmp_path, b"\x00garbage", [NVIDIA_ROOT], tmp_path / "bundle")
+    assert garbage.returncode == 1 and "FAIL nvidia-gpu evidence: not a msgpack map" in garbage.stdout
+    assert "Traceback" not in sample.stderr + garbage.stderr + good.stderr
