@@ -55,9 +55,9 @@ import msgpack
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from gtbus.attest.verifier import (
     NONCE_SIZE,
@@ -223,16 +223,16 @@ def _unpack_evidence(blob: bytes) -> tuple[bytes, list[x509.Certificate]]:
     for position, der in enumerate(chain):
         if not isinstance(der, bytes) or not 0 < len(der) <= MAX_CERT_SIZE:
             raise AttestationError(f"nvidia-gpu evidence: certificate {position} must be 1..{MAX_CERT_SIZE} bytes")
-        certs.append(_load_cert(der, f"certificate {position} of the chain"))
+        certs.append(_load_cert(der, f"certificate {position} of the evidence's chain"))
     return report, certs
 
 
 def _load_cert(der: bytes, what: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
-        cert.extensions  # parsed lazily: a malformed extension must fail here, not later
-    except ValueError:
-        raise AttestationError(f"nvidia-gpu evidence: {what} is not a DER X.509 certificate") from None
+        cert.extensions  # parsed lazily: a malformed or repeated extension must fail here, not later
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
+        raise AttestationError(f"nvidia-gpu: {what} is not a well-formed DER X.509 certificate") from None
     return cert
 
 
@@ -279,7 +279,7 @@ def _chain_to_root(certs: list[x509.Certificate], roots: Sequence[bytes]) -> lis
             raise AttestationError(f"nvidia-gpu chain: {_name(issuer)} signs {_name(cert)} but is not a CA")
     top = certs[-1]
     for der in roots:
-        root = _load_cert(der, "a policy root")
+        root = _load_cert(der, "a root certificate of the policy")
         if root == top and _signed_by(top, top):
             return certs
         if root != top and _is_ca(root) and _signed_by(top, root):
@@ -304,7 +304,10 @@ def _check_validity(chain: list[x509.Certificate], now: float) -> float:
 
 
 def _check_signature(report: SpdmReport, leaf: x509.Certificate) -> None:
-    key = leaf.public_key()
+    try:
+        key = leaf.public_key()
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
         raise AttestationError(f"nvidia-gpu chain: leaf {_name(leaf)} does not hold an ECDSA P-384 key")
     half = SIGNATURE_SIZE // 2

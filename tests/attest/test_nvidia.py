@@ -227,9 +227,9 @@ def test_oversized_evidence_is_refused_before_it_is_parsed() -> None:
         (msgpack.packb({"report": REPORT}), "expected a map with report and chain"),
         (msgpack.packb({"report": "text", "chain": CHAIN}), "report must be bytes"),
         (msgpack.packb({"report": REPORT, "chain": []}), "chain a non-empty list"),
-        (msgpack.packb({"report": REPORT, "chain": [b"not a certificate"]}), "certificate 0 of the chain is not a DER X.509"),
+        (msgpack.packb({"report": REPORT, "chain": [b"not a certificate"]}), "certificate 0 of the evidence's chain is not a well-formed DER X.509"),
         (msgpack.packb({"report": REPORT, "chain": [CHAIN[0], 7]}), "certificate 1 must be"),
-        (msgpack.packb({"report": REPORT, "chain": [CHAIN[0][:-1]]}), "certificate 0 of the chain is not a DER X.509"),
+        (msgpack.packb({"report": REPORT, "chain": [CHAIN[0][:-1]]}), "certificate 0 of the evidence's chain is not a well-formed DER X.509"),
         (pack_evidence(b"\x11\xe0\x01\xff", CHAIN), "must be 38..16384 bytes"),
         (pack_evidence(b"\x12" + REPORT[1:], CHAIN), "GET_MEASUREMENTS request"),
         (pack_evidence(REPORT[:2] + b"\x00" + REPORT[3:], CHAIN), "signed SPDM 1.1 GET_MEASUREMENTS"),
@@ -516,3 +516,27 @@ def test_attest_check_appraises_our_chain_and_fails_closed_on_the_sample(tmp_pat
     garbage = attest_check(tmp_path, b"\x00garbage", [NVIDIA_ROOT], tmp_path / "bundle")
     assert garbage.returncode == 1 and "FAIL nvidia-gpu evidence: not a msgpack map" in garbage.stdout
     assert "Traceback" not in sample.stderr + garbage.stderr + good.stderr
+
+
+def _rewritten(cert: x509.Certificate, old: bytes, new: bytes) -> bytes:
+    """``cert``'s DER with one byte string replaced by another of the same length (the signature no longer matters)."""
+    der = cert.public_bytes(Encoding.DER)
+    assert len(old) == len(new) and der.count(old) == 1
+    return der.replace(old, new)
+
+
+def test_certificates_with_repeated_or_malformed_extensions_are_one_line() -> None:
+    pki = Pki.make()
+    key = ec.generate_private_key(ec.SECP384R1())
+    # An extension's OID made into basicConstraints' (2.5.29.19), which the certificate already has.
+    basic_oid = bytes.fromhex("0603551d13")
+    twice = _cert("twice", key, pki.middle, pki.middle_key, ca=False, not_before=NOW - DAY, not_after=NOW + DAY,
+                  extra=x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x30\x00"))
+    repeated = _rewritten(twice, bytes.fromhex("06032a0304"), basic_oid)
+    refused(r"certificate 0 of the evidence's chain is not a well-formed", lambda: appraise(pack_evidence(REPORT, [repeated, *pki.chain[1:]]), pol=pki.policy()))
+    # An extension whose value is not what its OID defines (an OCTET STRING where basicConstraints is a SEQUENCE).
+    odd = _cert("odd", key, pki.middle, pki.middle_key, ca=False, not_before=NOW - DAY, not_after=NOW + DAY,
+                extra=x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x04\x01\xff"))
+    malformed = _rewritten(odd, bytes.fromhex("06032a0304"), bytes.fromhex("0603551d11"))  # subjectAltName
+    refused(r"certificate 0 of the evidence's chain is not a well-formed", lambda: appraise(pack_evidence(REPORT, [malformed, *pki.chain[1:]]), pol=pki.policy()))
+    refused(r"a root certificate of the policy is not a well-formed", lambda: appraise(pack_evidence(REPORT, pki.chain[:-1]), pol=pki.policy(roots=[repeated])))
