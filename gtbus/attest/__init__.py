@@ -25,6 +25,7 @@ from gtbus.attest.verifier import (
     require_min_versions,
     require_nonce,
     require_pinned,
+    run_binding,
     version_at_least,
 )
 
@@ -45,5 +46,6 @@ __all__ = [
     "require_min_versions",
     "require_nonce",
     "require_pinned",
+    "run_binding",
     "version_at_least",
 ]

@@ -24,8 +24,10 @@ from enum import Enum
 from typing import Final, Protocol
 
 from gtbus.gpu.attestation import AttestationError
+from gtbus.gpu.measure import tagged_hash
 
 NONCE_SIZE: Final = 32
+RUN_BINDING_DOMAIN: Final = b"gtbus/attest/run/v1"
 # A TDX quote with its PCK chain is ~5 KiB; an NVIDIA GPU report with its chain
 # ~10 KiB. 64 KiB leaves room for both and bounds what a peer can make us hold.
 MAX_EVIDENCE_SIZE: Final = 64 * 1024
@@ -49,6 +51,7 @@ __all__ = [
     "require_min_versions",
     "require_nonce",
     "require_pinned",
+    "run_binding",
     "version_at_least",
 ]
 
@@ -223,3 +226,12 @@ def require_min_versions(versions: Mapping[str, str], policy: Policy) -> None:
             raise AttestationError(f"version {name!r} has a minimum ({least}) but the evidence states none")
         if not version_at_least(got, least):
             raise AttestationError(f"version {name!r} is {got}, below the minimum {least}")
+
+
+def run_binding(run_id: str) -> bytes:
+    """The 32 bytes an orchestrator puts in its evidence's report_data: the run it attests for.
+
+    A holder checks the claims' report_data against the run of its Welcome, so
+    evidence from another run (or another orchestrator's platform) is refused.
+    """
+    return tagged_hash(RUN_BINDING_DOMAIN, [run_id.encode()])

@@ -126,9 +126,13 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 @click.option("--agent", "agent_name", default=None, help="For a holder on another server than the GPU: the device agent to write through.")
 @click.option("--agent-router", default=None, help="The device agent's request endpoint.")
 @click.option("--agent-pub", default=None, help="The device agent's event endpoint.")
+@click.option("--attest-policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The policy (TOML) the orchestrator's evidence must meet before the first provisioning; default: its platform key is --platform-pub and its code --pin-code.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
-def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, fault: str) -> None:
+def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, attest_policy: Path | None, fault: str) -> None:
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
+    from gtbus.attest.appraiser import appraiser_for
+    from gtbus.attest.policy import PolicySettings, emulated_policy, load_policy
     from gtbus.gpu.attestation import AttestationError, EmulatedVerifier
     from gtbus.messages.types import Refusal
     from gtbus.gpu.platform_key import load_platform_public
@@ -145,7 +149,10 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
         pinned = bytes.fromhex(pin_code)
     except ValueError:
         raise ConfigError(f"--pin-code is not hex: {pin_code[:20]!r}") from None
-    verifier = EmulatedVerifier(load_platform_public(platform_pub), pinned)
+    platform_public = load_platform_public(platform_pub)
+    verifier = EmulatedVerifier(platform_public, pinned)
+    settings = load_policy(attest_policy) if attest_policy else PolicySettings(emulated_policy(platform_public, pinned), None)
+    appraiser = appraiser_for(settings)
     dataset = Dataset(list(data_paths), raw=raw, name=identity.name)
 
     if agent_name and not (agent_router and agent_pub):
@@ -160,7 +167,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
                               run_dir=run_dir, server=agent_name, log_name=f"{identity.name}-to-{agent_name}", heartbeat_interval=0)
         h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault),
                    orchestrator_timeout=orchestrator_timeout,
-                   on_event=lambda s: click.echo(printable(s), err=True), agent=via)
+                   on_event=lambda s: click.echo(printable(s), err=True), agent=via, appraiser=appraiser)
         await rt.start()
         if via is not None:
             await via.start()

@@ -96,6 +96,33 @@ class Welcome:
     schedule: dict[str, Any]
 
 
+#: An appraiser's nonce (gtbus.attest.verifier.NONCE_SIZE) and the longest evidence kind name.
+ATTEST_NONCE_SIZE = 32
+ATTEST_MAX_KIND = 32
+
+
+@message("attest.request", senders=HOLDER)
+@dataclass(frozen=True)
+class AttestRequest:
+    """A holder asks for the orchestrator's evidence of ``kind``, bound to its fresh nonce (answered by attest.evidence or a refusal)."""
+
+    nonce: bytes
+    kind: str
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.nonce, bytes) and len(self.nonce) == ATTEST_NONCE_SIZE
+                and isinstance(self.kind, str) and 0 < len(self.kind) <= ATTEST_MAX_KIND):
+            raise ValueError(f"attest.request: nonce must be {ATTEST_NONCE_SIZE} bytes and kind 1..{ATTEST_MAX_KIND} characters")
+
+
+@message("attest.evidence", senders=ORCH)
+@dataclass(frozen=True)
+class AttestEvidence:
+    """The orchestrator's evidence for a holder's nonce (gtbus.attest.verifier.Evidence as wire data; the holder bounds and appraises it)."""
+
+    evidence: dict[str, Any]
+
+
 @message("measurement", senders=ORCH, broadcast=True)
 @dataclass(frozen=True)
 class MeasurementPublished:

@@ -8,7 +8,11 @@ orchestrator's signature, recipient, freshness, epoch fence):
 * the sealed channel params open with its own X25519 key;
 * the signed measurement report verifies under the pinned platform key, its
   code hash is the pinned one, and it commits to exactly the channel key just
-  opened, for this run and epoch: the device that will decrypt is the measured one.
+  opened, for this run and epoch: the device that will decrypt is the measured one;
+* the orchestrator's evidence was appraised: at registration the holder sends a
+  fresh nonce (attest.request), and its :class:`~gtbus.attest.appraiser.Appraiser`
+  checks the evidence that comes back against the holder's policy (pinned
+  measurements, versions, roots, revocation). No grant is acked before that.
 
 Only then does it map the hop's staging buffer, seal its chunk into it
 segment by segment (plaintext never leaves this process except as AEAD
@@ -19,11 +23,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, Awaitable, Callable
 
 import numpy
 
+from gtbus.attest import NONCE_SIZE, Evidence
+from gtbus.attest.appraiser import Appraiser
 from gtbus.errors import ChannelError, DeviceError, GtbusError
 from gtbus.gpu.attestation import AttestationError, SignedReport, Verifier
 from gtbus.gpu.channel import ChannelParams, SegmentContext, segment_count
@@ -34,7 +41,10 @@ from gtbus.messages.types import (
     AgentDone,
     Heartbeat,
     AgentWritten,
+    AttestEvidence,
+    AttestRequest,
     HopReport,
+    Refusal,
     RunComplete,
     Shutdown,
     TokenAck,
@@ -83,6 +93,7 @@ class Holder:
         orchestrator_timeout: float = 120.0,
         on_event: Callable[[str], None] | None = None,
         agent: NodeRuntime | None = None,
+        appraiser: Appraiser | None = None,
     ) -> None:
         self.rt = runtime
         # A holder on another server than the GPU writes through the device agent there.
@@ -90,6 +101,11 @@ class Holder:
         self.dataset = dataset
         self.device_cls = device_cls
         self.verifier = verifier
+        # The orchestrator's evidence is appraised with this at each registration (None: only the per-grant reports).
+        self.appraiser = appraiser
+        self._appraised = asyncio.Event()
+        if appraiser is None:
+            self._appraised.set()
         # The run's chunk size, announced in the Welcome; a value given here is only
         # what this holder expects (registration fails with one line if the run differs).
         self.expected_chunk_tokens = chunk_tokens
@@ -128,7 +144,35 @@ class Holder:
         self.run_id = welcome.run_id
         self._server_session = acc.header.session
         self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
+        if self.appraiser is not None:
+            self._appraised.clear()
+            await self._appraise_orchestrator(welcome.run_id, attempts=attempts, timeout=timeout)
+            self._appraised.set()
         return welcome
+
+    async def _appraise_orchestrator(self, run_id: str, *, attempts: int, timeout: float) -> None:
+        """Ask for the orchestrator's evidence with a fresh nonce and appraise it; AttestationError (one line) if refused."""
+        assert self.appraiser is not None
+        kind = self.appraiser.policy.kind
+        for _ in range(attempts):
+            nonce = os.urandom(NONCE_SIZE)  # fresh per try: an answer to an earlier try is not taken
+            try:
+                acc = await self.rt.request(AttestRequest(nonce, kind), timeout=timeout)
+            except asyncio.TimeoutError:
+                continue
+            m = acc.message
+            if isinstance(m, Refusal):
+                raise AttestationError(f"the orchestrator gave no {kind} evidence: {m.reason}")
+            if not isinstance(m, AttestEvidence):
+                raise AttestationError(f"the orchestrator answered the evidence request with {acc.spec.name}")
+            try:
+                claims = self.appraiser.appraise(Evidence.from_wire(m.evidence), nonce, run_id, time.time())
+            except AttestationError as exc:
+                raise AttestationError(f"the orchestrator's {kind} evidence is refused: {exc}") from None
+            names = ", ".join(f"{k} {v.hex()[:16]}" for k, v in sorted(claims.measurements.items()))
+            self.on_event(f"{self.rt.name}: the orchestrator's {kind} evidence appraised ({names})")
+            return
+        raise AttestationError(f"the orchestrator did not answer the evidence request ({attempts} tries of {timeout:g}s)")
 
     def _run_chunk_tokens(self, welcome: Welcome) -> int:
         value = welcome.schedule.get("chunk_tokens")
@@ -218,6 +262,11 @@ class Holder:
         if drill is not None:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
+        if not self._appraised.is_set():
+            # A grant that overtook our evidence request (the last holder to register can
+            # be granted at once): wait in a task, the receive loop must stay free to get the evidence.
+            self._task = asyncio.create_task(self._provision_when_appraised(a, grant))
+            return
         clock = self._clock
         try:
             params = open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
@@ -235,6 +284,14 @@ class Holder:
         clock.mark("ack_sent")
         # Provision in a task so a revoke can cancel it while we keep receiving.
         self._task = asyncio.create_task(self._provision(grant, epoch, params, clock))
+
+    async def _provision_when_appraised(self, a: Provision, grant: TokenGrant) -> None:
+        try:
+            await asyncio.wait_for(self._appraised.wait(), max(0.0, grant.lease_deadline - time.time()))
+        except asyncio.TimeoutError:
+            await self._perform(self.machine.handle(Refused(a.token_id, a.epoch, "refused: the orchestrator's evidence is not appraised")))
+            return
+        await self._start_provision(a, grant, None)
 
     async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock) -> None:
         try:

@@ -72,7 +72,10 @@ import time
 from typing import Any, Awaitable, Callable, Sequence, cast
 
 from gtbus.errors import ConfigError, DeviceError, GtbusError
+from gtbus.attest import run_binding
+from gtbus.attest.emulated import EmulatedVerifier
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
+from gtbus.nodes.attester import EvidenceServer
 from gtbus.gpu.blas_threads import cap_blas_threads
 from gtbus.gpu.channel import staging_size
 from gtbus.gpu.code_measure import code_measurement, loaded_code
@@ -146,6 +149,8 @@ class Orchestrator:
         self.state_dir = private_dir(config.run_dir / "state" / runtime.name)
         self.checkpoint_path = config.run_dir / "checkpoints" / f"{runtime.name}.npz"
         self.run_id = config.run_id or os.urandom(6).hex()
+        # Holders appraise this evidence (for their nonce, of this code and run) before their first provisioning.
+        self.evidence = EvidenceServer(runtime, {"emulated": EmulatedVerifier(platform, lambda: {"code": self.code_hash}, lambda: run_binding(self.run_id))})
         self.enrolment = Enrolment(config.holders)
         self.datasets: dict[str, list[Any]] = {}  # from the checkpoint resumed, if any
         # The enrolment's own tables, by their old names: manifests, remote holder -> its device agent, agents in.

@@ -127,6 +127,8 @@ def resign(identity: NodeIdentity, frames: Sequence[bytes], *, body_bytes: bytes
 # (naming the type) when a new constrained field appears and is not listed here.
 CONSTRAINED_VALUES: dict[tuple[str, str], Any] = {
     ("token.grant", "mode"): "ship",
+    ("attest.request", "nonce"): b"n" * 32,
+    ("attest.request", "kind"): "emulated",
 }
 
 
