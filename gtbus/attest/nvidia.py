@@ -39,7 +39,10 @@ Evidence blob (kind ``nvidia-gpu``): a msgpack map ``{"report": bytes,
 Collecting needs a GPU in confidential-computing mode and NVIDIA's driver
 library; this module does not talk to the driver, so :meth:`NvidiaVerifier.collect`
 says it is not available. Reference integrity manifests (RIM files) are not
-read yet: the reference values are the policy's pinned ones.
+read yet: the reference values are the policy's pinned ones (``gpu-measurement-NN``,
+NN the block index, and ``gpu-fwid``), and a policy must pin at least one
+measurement. Measurements it does not pin are reported in the claims, not
+judged: pin every one whose golden value you know.
 """
 
 from __future__ import annotations
@@ -164,8 +167,10 @@ def _parse_blocks(record: _Reader, count: int) -> dict[int, bytes]:
         blocks[index] = block.take(block.uint(2, "value size"), "value")
         if block.left:
             raise AttestationError(f"nvidia-gpu report: block {index} has bytes after its value")
-    if record.left or not blocks:
-        raise AttestationError(f"nvidia-gpu report: the measurement record does not hold exactly {count} blocks")
+    if not blocks:
+        raise AttestationError("nvidia-gpu report: the measurement record holds no blocks")
+    if record.left:
+        raise AttestationError(f"nvidia-gpu report: the measurement record has bytes after its {count} blocks")
     return blocks
 
 
@@ -181,7 +186,8 @@ def _parse_opaque(opaque: _Reader) -> dict[int, bytes]:
 
 def pack_evidence(report: bytes, chain: Sequence[bytes]) -> bytes:
     """The ``nvidia-gpu`` evidence blob: the report and the certificate chain (DER, leaf first)."""
-    return msgpack.packb({"report": report, "chain": list(chain)}, use_bin_type=True)
+    blob: bytes = msgpack.packb({"report": report, "chain": list(chain)}, use_bin_type=True)
+    return blob
 
 
 def evidence_from_nvidia_files(report_hex: bytes, chain_pem: bytes) -> bytes:
