@@ -9,6 +9,7 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     run_dir = "runs/local"          # on every host, relative to the host's workdir
     keys = "runs/local/keys"         # the folder of every node's NAME.pub (and here, the secrets)
     backend = "host"
+    # known_hosts = "known_hosts"    # ssh hosts' keys, pinned (relative to this file's folder)
 
     [training]
     mode = "travel"
@@ -37,6 +38,9 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     router = "tcp://127.0.0.1:7700"
     pub = "tcp://127.0.0.1:7701"
 
+    [attestation]                    # optional: what holders require of the orchestrator's evidence
+    policy = "runs/local/policy.toml" # on each holder's host: `gtbus holder --attest-policy` (see gtbus.attest.policy)
+
     [nodes.h1]
     role = "holder"
     host = "gpu"
@@ -64,6 +68,11 @@ path (no spaces, quotes or shell characters); ``address`` is ``local``,
 ``netns:NAME`` or an ssh destination that never starts with ``-``;
 ``ssh_options`` are ``-o Key=Value`` pairs (and ``-p``, ``-i``, ``-J``,
 ``-F``, ``-4``, ``-6``), never a key that runs a command.
+
+``[deployment] known_hosts`` names the file (relative to the runbook's folder)
+that pins every ssh host's key: ssh then checks strictly against that file
+alone, never asks, never adds a key to it, and ``ssh_options`` may not loosen
+that (``StrictHostKeyChecking``, ``UserKnownHostsFile``).
 """
 
 from __future__ import annotations
@@ -91,6 +100,7 @@ class Host:
     workdir: str = "."
     python: str = ".venv/bin/python"
     ssh_options: tuple[str, ...] = ()
+    known_hosts: str = ""  # ssh hosts: the absolute path of the runbook's pinned known_hosts ("" = ssh's own files)
 
     @property
     def local(self) -> bool:
@@ -133,6 +143,7 @@ class Runbook:
     hosts: dict[str, Host]
     nodes: dict[str, Node]
     problems: list[str] = field(default_factory=list)
+    attest_policy: str = ""  # [attestation] policy: the policy file on each holder's host ("": --platform-pub and --pin-code only)
 
     @property
     def orchestrator(self) -> Node:
@@ -213,10 +224,31 @@ _SSH_O_KEYS = {
     "controlmaster", "controlpath", "controlpersist", "proxyjump",
 }
 _SSH_O_OPTION = re.compile(r"([A-Za-z]+)(?:=|\s+)\S.*")
+# With [deployment] known_hosts the runbook's file is the only authority on host keys:
+# these would loosen or replace it.
+_SSH_O_PINNED = {"stricthostkeychecking", "userknownhostsfile"}
+# ssh splits UserKnownHostsFile at whitespace, reads quotes and '#', and expands '%' and '~':
+# a pinned path must reach it as exactly that path.
+_KNOWN_HOSTS_PATH = re.compile(r"/[A-Za-z0-9_.+/-]*")
 
 
-def _host(name: str, t: dict[str, Any], problems: list[str]) -> Host | None:
-    """Validate one ``[hosts.NAME]`` table."""
+def _known_hosts(dep: dict[str, Any], runbook: Path, problems: list[str]) -> str:
+    """The absolute path of ``[deployment] known_hosts`` (relative to the runbook's folder), or ""."""
+    if "known_hosts" not in dep:
+        return ""
+    value = _str(dep, "known_hosts", "[deployment]", problems)
+    if not value:
+        return ""
+    path = os.path.abspath(runbook.parent / value)
+    if not _KNOWN_HOSTS_PATH.fullmatch(path):
+        problems.append(f"[deployment]: known_hosts {path!r}: ssh would not read this path as written "
+                        "(use A-Z, a-z, 0-9 and _ . + / - only; no spaces, quotes, '%', '~' or '#')")
+        return ""
+    return path
+
+
+def _host(name: str, t: dict[str, Any], problems: list[str], known_hosts: str = "") -> Host | None:
+    """Validate one ``[hosts.NAME]`` table; an ssh host gets the pinned ``known_hosts``."""
     where = f"[hosts.{name}]"
     if not _name(name, where, problems):
         return None
@@ -237,14 +269,15 @@ def _host(name: str, t: dict[str, Any], problems: list[str]) -> Host | None:
     if not isinstance(opts, list) or not all(isinstance(o, str) for o in opts):
         problems.append(f"{where}: ssh_options must be a list of strings")
         opts = []
-    problem = _ssh_options_problem(opts)
+    pinned = known_hosts if address not in ("local", "localhost") and not address.startswith("netns:") else ""
+    problem = _ssh_options_problem(opts, pinned=bool(pinned))
     if problem:
         problems.append(f"{where}: ssh_options: {problem}")
-    return Host(name, address, workdir, python, tuple(opts))
+    return Host(name, address, workdir, python, tuple(opts), pinned)
 
 
-def _ssh_options_problem(opts: list[str]) -> str | None:
-    """Why ``opts`` are not plain ssh options, or None."""
+def _ssh_options_problem(opts: list[str], *, pinned: bool = False) -> str | None:
+    """Why ``opts`` are not plain ssh options (or, ``pinned``, would override the pinned host keys), or None."""
     i = 0
     while i < len(opts):
         opt = opts[i]
@@ -265,6 +298,8 @@ def _ssh_options_problem(opts: list[str]) -> str | None:
             if m is None or m.group(1).lower() not in _SSH_O_KEYS:
                 shown = m.group(1) if m else value[:40]
                 return f"-o {shown!r} is not one of the allowed keys ({', '.join(sorted(_SSH_O_KEYS))}); set others in ~/.ssh/config"
+            if pinned and m.group(1).lower() in _SSH_O_PINNED:
+                return f"-o {m.group(1)} conflicts with [deployment] known_hosts, which pins every ssh host's key strictly"
         if value.startswith("-") or any(c in value for c in "\n\r\0"):
             return f"value {value!r} of {flag} must not start with '-' or hold a line break"
     return None
@@ -308,7 +343,11 @@ def load_runbook(path: str | Path) -> Runbook:
     pins = _table(data, "pins", problems)
     hosts_t = _table(data, "hosts", problems)
     nodes_t = _table(data, "nodes", problems)
-    unknown = set(data) - {"deployment", "training", "pins", "hosts", "nodes"}
+    attestation = _table(data, "attestation", problems, required=False)
+    attest_policy = _str(attestation, "policy", "[attestation]", problems) if attestation else ""
+    for k in sorted(set(attestation) - {"policy"}):
+        problems.append(f"[attestation]: unknown key {k!r} (the policy's own keys go in its file)")
+    unknown = set(data) - {"deployment", "training", "pins", "hosts", "nodes", "attestation"}
     for k in sorted(unknown):
         problems.append(f"[{k}]: unknown table")
 
@@ -331,12 +370,13 @@ def load_runbook(path: str | Path) -> Runbook:
     except WorkloadError:
         problems.append("[training]: steps must be 'pass', a number of steps per hop, or 'per:N' (one step per N tokens of a hop)")
 
+    known_hosts = _known_hosts(dep, p, problems)
     hosts: dict[str, Host] = {}
     for name, t in hosts_t.items():
         if not isinstance(t, dict):
             problems.append(f"[hosts.{name}]: must be a table")
             continue
-        host_or_none = _host(name, t, problems)
+        host_or_none = _host(name, t, problems, known_hosts)
         if host_or_none is not None:
             hosts[name] = host_or_none
 
@@ -403,7 +443,7 @@ def load_runbook(path: str | Path) -> Runbook:
     trainer = dep.get("trainer", "bytelm")
     if trainer not in TRAINER_NAMES:
         problems.append(f"[deployment]: trainer must be one of {', '.join(TRAINER_NAMES)}, not {trainer!r}")
-    for k in sorted(set(dep) - {"name", "run_dir", "keys", "backend", "trainer"}):
+    for k in sorted(set(dep) - {"name", "run_dir", "keys", "backend", "trainer", "known_hosts"}):
         problems.append(f"[deployment]: unknown key {k!r}")
     rb = Runbook(
         path=p,

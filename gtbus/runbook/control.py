@@ -120,7 +120,12 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
     problems: list[str] = []
     reachable: dict[str, bool] = {}
     for name, host in rb.hosts.items():
-        r = HostShell(host).run([host.python, "-c", "import gtbus"], timeout=30)
+        try:
+            r = HostShell(host).run([host.python, "-c", "import gtbus"], timeout=30)
+        except ConfigError as exc:  # e.g. ssh refused its host key: that host is out, the others still checked
+            reachable[name] = False
+            problems.append(str(exc))
+            continue
         reachable[name] = r.ok
         if not r.ok:
             problems.append(f"host {name} ({host.address}): unreachable or gtbus not importable with {host.python}: {(r.err or r.out).strip()[-160:]}")

@@ -18,13 +18,21 @@ Rules this module keeps:
 How each kind of host runs ``argv``:
 
 * ``local``: ``sh -c WRAPPER gtbus-host WORKDIR ARGV...`` here;
-* ``user@server``: ``ssh -o BatchMode=yes [options] -- user@server 'sh -c WRAPPER gtbus-host WORKDIR ARGV...'``;
+* ``user@server``: ``ssh -o BatchMode=yes [pins] [options] -- user@server 'sh -c WRAPPER gtbus-host WORKDIR ARGV...'``;
 * ``netns:NAME``: ``ip netns exec NAME sh -c WRAPPER gtbus-host WORKDIR ARGV...`` (Linux network
   namespaces standing in for separate servers in tests and drills).
+
+Host keys: with the runbook's ``known_hosts`` (:attr:`Host.known_hosts`), ssh
+checks the server's key strictly against that file alone (:func:`pin_options`).
+Whatever the files, a host key ssh refuses (changed, or not known) stops every
+action on that host with one :class:`~gtbus.errors.ConfigError` line naming the
+host and the key it offered: never read as "the process is not alive".
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
 import subprocess
 from collections.abc import Sequence
@@ -49,6 +57,40 @@ SIGNAL = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2" 2>/dev/null'
 """Send signal ``$1`` to the process group of ``$2`` (else to ``$2`` alone)."""
 
 SIGNALS = ("TERM", "KILL")
+
+# What ssh prints when it refuses a server's host key (OpenSSH's wording, stable for decades).
+_KEY_CHANGED = "REMOTE HOST IDENTIFICATION HAS CHANGED"
+_KEY_REFUSED = "Host key verification failed."
+_FINGERPRINT = re.compile(r"\b(SHA256:[A-Za-z0-9+/=]+)")
+_OFFENDING = re.compile(r"Offending \S+ key in (\S+:\d+)")
+_UNKNOWN = re.compile(r"No (\S+) host key is known for (\S+)")
+
+
+def pin_options(host: Host) -> list[str]:
+    """ssh options that make ``host.known_hosts`` the only authority on the server's key (none without it)."""
+    if not host.known_hosts:
+        return []
+    # Global files could vouch for a key the runbook does not pin; UpdateHostKeys would write to the pin file.
+    return ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={host.known_hosts}",
+            "-o", "GlobalKnownHostsFile=/dev/null", "-o", "UpdateHostKeys=no"]
+
+
+def host_key_refusal(host: Host, stderr: str) -> str | None:
+    """One line saying why ssh refused ``host``'s key, from ssh's stderr; None if it did not."""
+    if _KEY_REFUSED not in stderr and _KEY_CHANGED not in stderr:
+        return None
+    pins = host.known_hosts or "your known_hosts files"
+    where = f"host {host.name} ({host.address}): refused"
+    if _KEY_CHANGED in stderr:
+        offered = _FINGERPRINT.search(stderr)
+        offending = _OFFENDING.search(stderr)
+        return (f"{where}: its host key changed: it offers {offered.group(1) if offered else 'another key'}, "
+                f"not the key pinned in {offending.group(1) if offending else pins}; "
+                "if the server was reinstalled, check its new key out of band and replace that line")
+    unknown = _UNKNOWN.search(stderr)
+    if unknown:
+        return f"{where}: no {unknown.group(1)} host key for {unknown.group(2)} in {pins}; add the server's key, checked out of band"
+    return f"{where}: ssh could not verify its host key against {pins}"
 
 
 @dataclass(frozen=True)
@@ -80,17 +122,32 @@ class HostShell:
             return on_host
         if a.startswith("netns:"):
             return ["ip", "netns", "exec", a[len("netns:") :], *on_host]
-        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", *self.host.ssh_options,
-                "--", a, shlex.join(on_host)]
+        # The pins come before the runbook's options: ssh keeps the first value of an option.
+        return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={self.connect_timeout}", *pin_options(self.host),
+                *self.host.ssh_options, "--", a, shlex.join(on_host)]
+
+    @property
+    def ssh(self) -> bool:
+        """Whether commands reach this host through ssh."""
+        return not self.host.local and not self.host.address.startswith("netns:")
 
     def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> Result:
-        """Run ``argv`` on the host and wait for it."""
+        """Run ``argv`` on the host and wait for it (ConfigError if ssh refuses the host's key)."""
+        kh = self.host.known_hosts
+        if self.ssh and kh and not os.path.isfile(kh):
+            raise ConfigError(f"host {self.host.name}: known_hosts file {kh} (the runbook's pinned host keys) is missing")
         try:
             p = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return Result(124, "", f"timed out after {timeout:.0f}s")
         except FileNotFoundError as exc:
             raise ConfigError(f"host {self.host.name}: cannot run {exc.filename!r}") from None
+        if self.ssh and p.returncode == 255:  # ssh's own failure (or the command's 255): keep the line that says why
+            refusal = host_key_refusal(self.host, p.stderr)
+            if refusal:
+                raise ConfigError(refusal)
+            lines = [x for x in p.stderr.splitlines() if x.strip()]
+            return Result(p.returncode, p.stdout, lines[-1] if lines else "")
         return Result(p.returncode, p.stdout, p.stderr)
 
     def sh(self, program: str, *args: str, timeout: float = 60.0) -> Result:

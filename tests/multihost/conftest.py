@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Iterator
 
 import pytest
 from netns_lab import LabUnavailable, NetnsLab
+from sshd_lab import SshdLab, require_sshd
 
 
 @pytest.fixture
@@ -24,3 +26,18 @@ def lab() -> Iterator[NetnsLab]:
         yield lab
     finally:
         lab.close()
+
+
+@pytest.fixture
+def sshd_lab(lab: NetnsLab, tmp_path: Path) -> Iterator[SshdLab]:
+    """A real sshd in each of ``lab``'s servers, a client key and a known_hosts pinning them; stopped afterwards."""
+    try:
+        require_sshd()
+    except LabUnavailable as exc:
+        pytest.skip(str(exc))
+    servers = SshdLab(lab, tmp_path / "ssh")
+    try:
+        servers.start()
+        yield servers
+    finally:
+        servers.close()
