@@ -458,6 +458,7 @@ def load_runbook(path: str | Path) -> Runbook:
         hosts=hosts,
         nodes=nodes,
         problems=problems,
+        attest_policy=attest_policy,
     )
     if len(problems) == 1:
         raise ConfigError(f"{p}: {problems[0]}")

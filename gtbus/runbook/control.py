@@ -78,8 +78,9 @@ def node_argv(rb: Runbook, node: Node, pin_code: str) -> list[str]:
         if node.agent:
             ag = rb.nodes[node.agent]
             via = ["--agent", ag.name, "--agent-router", ag.router, "--agent-pub", ag.pub]
+        policy = ["--attest-policy", rb.attest_policy] if rb.attest_policy else []
         return base + ["--platform-pub", rb.platform_pub, "--pin-code", pin_code, "--chunk-tokens", str(t["chunk_tokens"]),
-                       *data, *(["--raw"] if node.raw else []), *via, *node.extra_args]
+                       *data, *(["--raw"] if node.raw else []), *via, *policy, *node.extra_args]
     if node.role is Role.AGENT:
         return base + ["--listen-router", node.bind_router or node.router, "--listen-pub", node.bind_pub or node.pub, *node.extra_args]
     raise ConfigError(f"node {node.name}: role {node.role.value} is not started by runbooks")
@@ -138,6 +139,8 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
             files.append((node.platform_key, "platform key", True))
         if node.role is Role.HOLDER:
             files.append((rb.platform_pub, "pinned platform public key", False))
+            if rb.attest_policy:
+                files.append((rb.attest_policy, "attestation policy", False))
             files += [(d, "data file", False) for d in node.data]
         for path, what, secret in files:
             r = sh.sh(READABLE_MODE, path)
