@@ -64,6 +64,7 @@ __all__ = [
     "BundleRevocation",
     "FILE_KINDS",
     "MANIFEST_NAME",
+    "read_bounded",
     "read_bundle",
     "validity_of",
     "write_bundle",
@@ -129,23 +130,29 @@ def _utc(d: dt.datetime) -> float:
     return (d if d.tzinfo else d.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
-def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    """The bytes of ``path``, refusing symlinks, non-files and anything over ``limit``, checked before reading."""
+def read_bounded(path: Path, limit: int, what: str, shown: str | None = None, *, follow: bool = False) -> bytes:
+    """The bytes of regular file ``path``, its size checked before reading; AttestationError naming ``what`` otherwise.
+
+    Symlinks are refused unless ``follow`` (a bundle's files must be its own;
+    a path the user typed may be a link).
+    """
+    name = shown or str(path)
+    flags = os.O_RDONLY | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        fd = os.open(path, flags)
     except FileNotFoundError:
-        raise AttestationError(f"bundle: {what} {path.name} is missing") from None
+        raise AttestationError(f"{what} {name} is missing") from None
     except OSError as exc:
-        raise AttestationError(f"bundle: cannot read {what} {path.name}: {exc.strerror}") from None
+        raise AttestationError(f"{what} {name}: cannot read: {exc.strerror}") from None
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
-            raise AttestationError(f"bundle: {what} {path.name} is not a regular file")
+            raise AttestationError(f"{what} {name} is not a regular file")
         if st.st_size > limit:
-            raise AttestationError(f"bundle: {what} {path.name} is {st.st_size} bytes, over the {limit}-byte limit")
+            raise AttestationError(f"{what} {name} is {st.st_size} bytes, over the {limit}-byte limit")
         data = f.read(limit + 1)
     if len(data) > limit:
-        raise AttestationError(f"bundle: {what} {path.name} grew past the {limit}-byte limit while read")
+        raise AttestationError(f"{what} {name} grew past the {limit}-byte limit while read")
     return data
 
 
@@ -170,7 +177,7 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
     root = Path(path)
     if not root.is_dir():
         raise AttestationError(f"bundle: {root} is not a folder")
-    raw = _read_bounded(root / MANIFEST_NAME, MAX_MANIFEST_SIZE, "manifest")
+    raw = read_bounded(root / MANIFEST_NAME, MAX_MANIFEST_SIZE, "bundle: manifest", MANIFEST_NAME)
     try:
         manifest = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -204,7 +211,7 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
         digest = _string(entry, "blake3", where, 64)
         if not re.fullmatch(r"[0-9a-f]{64}", digest):
             raise AttestationError(f"bundle: {where}: blake3 must be 64 lowercase hex digits")
-        data = _read_bounded(root / name, MAX_FILE_SIZE, "file")
+        data = read_bounded(root / name, MAX_FILE_SIZE, "bundle: file", name)
         if len(data) != size:
             raise AttestationError(f"bundle: {name} is {len(data)} bytes, the manifest says {size} (changed since fetched)")
         if blake3.blake3(data).hexdigest() != digest:
@@ -226,13 +233,14 @@ def read_bundle(path: str | os.PathLike[str]) -> Bundle:
 
 def write_bundle(path: str | os.PathLike[str], files: list[BundleFile]) -> Path:
     """Write ``files`` and their manifest into folder ``path`` (0700): each file 0600 and atomic, the manifest last."""
-    root = private_dir(path)
     names = [f.name for f in files]
     if len(set(names)) != len(names):
         raise AttestationError("bundle: two files share a name")
+    for name in names:
+        if not _NAME_RE.fullmatch(name) or name == MANIFEST_NAME:
+            raise AttestationError(f"bundle: {name!r} is not a plain file name")
+    root = private_dir(path)
     for f in files:
-        if not _NAME_RE.fullmatch(f.name) or f.name == MANIFEST_NAME:
-            raise AttestationError(f"bundle: {f.name!r} is not a plain file name")
         write_private(root / f.name, f.data)
     manifest = {"version": MANIFEST_VERSION, "files": [f.manifest_entry() for f in files]}
     write_private(root / MANIFEST_NAME, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

@@ -94,7 +94,7 @@ def bind_report_data(report_bytes: bytes, nonce: bytes) -> bytes:
 def _dcap() -> Any:
     """The dcap_qvl module, or one line saying how to get it."""
     try:
-        import dcap_qvl
+        import dcap_qvl  # type: ignore[import-untyped]  # a Rust extension without py.typed
     except ImportError:
         raise AttestationError("tdx: dcap-qvl is not installed (pip install 'gtbus[attest-tdx]')") from None
     return dcap_qvl

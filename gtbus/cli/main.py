@@ -249,6 +249,7 @@ def _draw_timeline(path: Path, out: Path | None, keys_dirs: tuple[Path, ...], as
 
 def _register_subcommands() -> None:
     # Each area owns its command module; main only assembles them.
+    from gtbus.cli import attest as attest_cmd
     from gtbus.cli import bench as bench_cmd
     from gtbus.cli import data as data_cmd
     from gtbus.cli import nodes as nodes_cmd
@@ -257,6 +258,7 @@ def _register_subcommands() -> None:
     from gtbus.cli import status as status_cmd
 
     main.add_command(data_cmd.data)
+    main.add_command(attest_cmd.attest)
     main.add_command(bench_cmd.bench)
     main.add_command(status_cmd.status)
     main.add_command(runbook_cmd.runbook)
