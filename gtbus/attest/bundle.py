@@ -273,7 +273,11 @@ def validity_of(kind: str, data: bytes, name: str) -> tuple[float, float]:
 
 
 def tdx_collateral_validity(data: bytes, name: str) -> tuple[float, float]:
-    """The latest issueDate and earliest nextUpdate of a TDX collateral JSON's TCB info and QE identity."""
+    """When every part of a TDX collateral JSON is valid: TCB info, QE identity, both CRLs, the issuer chains.
+
+    The earliest end wins: Intel's PCK CRL typically expires minutes before
+    the TCB info it came with, and dcap-qvl refuses the quote from then on.
+    """
     try:
         doc = json.loads(data)
         starts, ends = [], []
@@ -281,8 +285,20 @@ def tdx_collateral_validity(data: bytes, name: str) -> tuple[float, float]:
             body = json.loads(doc[key])
             starts.append(_parse_iso(body["issueDate"]))
             ends.append(_parse_iso(body["nextUpdate"]))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
-        raise AttestationError(f"bundle: {name}: not a TDX collateral JSON (tcb_info/qe_identity with issueDate, nextUpdate): {exc}") from None
+        for key in ("root_ca_crl", "pck_crl"):
+            crl = x509.load_der_x509_crl(bytes.fromhex(doc[key]))
+            if crl.next_update_utc is None:
+                raise ValueError(f"{key} has no nextUpdate")
+            starts.append(_utc(crl.last_update_utc))
+            ends.append(_utc(crl.next_update_utc))
+        for key in ("pck_crl_issuer_chain", "tcb_info_issuer_chain", "qe_identity_issuer_chain"):
+            for cert in x509.load_pem_x509_certificates(doc[key].encode()):
+                starts.append(_utc(cert.not_valid_before_utc))
+                ends.append(_utc(cert.not_valid_after_utc))
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise AttestationError(
+            f"bundle: {name}: not a TDX collateral JSON (tcb_info, qe_identity, CRLs, issuer chains): {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
     return max(starts), min(ends)
 
 

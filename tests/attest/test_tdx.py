@@ -53,7 +53,7 @@ def test_good_quote_appraises_offline_with_pinned_measurements(tmp_path: Path) -
     assert claims.versions["fmspc"] == "B0C06F000000"
     assert claims.report_data == REPORT_DATA[:32]
     assert claims.versions["tcb-eval"] == "17"
-    assert claims.not_after == calendar.timegm(time.strptime("2025-07-19T10:16:03", "%Y-%m-%dT%H:%M:%S"))
+    assert claims.not_after == calendar.timegm(time.strptime("2025-07-19T10:00:35", "%Y-%m-%dT%H:%M:%S"))
 
 
 def test_quote_chain_checked_against_policy_roots(tmp_path: Path) -> None:
@@ -79,8 +79,12 @@ def test_flipped_byte_is_refused(tmp_path: Path, offset: int) -> None:
 
 def test_collateral_expired_at_now(tmp_path: Path) -> None:
     after = float(calendar.timegm(time.strptime("2025-07-20", "%Y-%m-%d")))
-    with pytest.raises(AttestationError, match=r"tdx-collateral.json expired at 2025-07-19T10:16:03Z"):
+    with pytest.raises(AttestationError, match=r"tdx-collateral.json expired at 2025-07-19T10:00:35Z"):
         appraise(make_bundle(tmp_path), now=after)
+    # Between the PCK CRL's nextUpdate (10:00:35) and the TCB info's (10:16:03): the CRL inside rules.
+    between = float(calendar.timegm(time.strptime("2025-07-19T10:10:00", "%Y-%m-%dT%H:%M:%S")))
+    with pytest.raises(AttestationError, match=r"expired at 2025-07-19T10:00:35Z \(now 2025-07-19T10:10:00Z\)"):
+        appraise(make_bundle(tmp_path), now=between)
     before = float(calendar.timegm(time.strptime("2025-06-01", "%Y-%m-%d")))
     with pytest.raises(AttestationError, match="not valid before 2025-06-19"):
         appraise(make_bundle(tmp_path), now=before)

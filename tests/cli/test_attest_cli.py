@@ -106,9 +106,9 @@ def test_fetch_writes_a_private_bundle_with_one_line_per_file(tmp_path: Path, se
     r = gtbus("attest", "fetch", "--out", str(out), "--from", str(sources), "--allow-stale")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
-    assert lines[0] == "warn tdx-collateral.json expired at 2025-07-19T10:16:03Z (kept: --allow-stale)"
+    assert lines[0] == "warn tdx-collateral.json expired at 2025-07-19T10:00:35Z (kept: --allow-stale)"
     assert lines[1] == (
-        f"fetched tdx-collateral.json (tdx-collateral) from {served}/collateral.json, valid 2025-06-19T10:32:27Z .. 2025-07-19T10:16:03Z"
+        f"fetched tdx-collateral.json (tdx-collateral) from {served}/collateral.json, valid 2025-06-19T10:32:27Z .. 2025-07-19T10:00:35Z"
     )
     assert lines[2].startswith("fetched intel-root.pem (cert) from ") and lines[2].endswith("valid 2018-05-21T10:45:10Z .. 2049-12-31T23:59:59Z")
     assert lines[3] == f"wrote bundle {out} (2 files, manifest.json with BLAKE3 of each)"
@@ -126,7 +126,7 @@ def test_fetch_refuses_stale_sources_and_an_existing_bundle(tmp_path: Path, serv
     r = gtbus("attest", "fetch", "--out", str(tmp_path / "b"), "--from", str(sources))
     assert r.returncode == 1
     assert r.stderr.strip() == (
-        f"Error: tdx-collateral.json: {served}/collateral.json expired at 2025-07-19T10:16:03Z; the source is stale (--allow-stale keeps it)"
+        f"Error: tdx-collateral.json: {served}/collateral.json expired at 2025-07-19T10:00:35Z; the source is stale (--allow-stale keeps it)"
     )
     assert not (tmp_path / "b" / "manifest.json").exists()
     assert gtbus("attest", "fetch", "--out", str(tmp_path / "b"), "--from", str(sources), "--allow-stale").returncode == 0
@@ -167,7 +167,7 @@ def test_check_good_quote_offline(tmp_path: Path, bundle: Path) -> None:
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
     assert lines[0] == f"ok   bundle {bundle}: 2 files, manifest and BLAKE3 match"
-    assert "ok   tdx evidence appraised at 2025-07-01T00:00:00Z; good until 2025-07-19T10:16:03Z" in lines
+    assert "ok   tdx evidence appraised at 2025-07-01T00:00:00Z; good until 2025-07-19T10:00:35Z" in lines
     assert f"ok   pinned mrtd = {MRTD}" in lines
     assert f"ok   pinned report-data = {REPORT_DIGEST}" in lines
     assert "ok   version tcb-status = UpToDate" in lines
@@ -179,7 +179,7 @@ def test_check_good_quote_offline(tmp_path: Path, bundle: Path) -> None:
     ("change", "needle"),
     [
         ({"--nonce": "00" * 32}, "FAIL tdx: report_data[32:] is not the nonce sent"),
-        ({"--now": "2025-08-01T00:00:00Z"}, "FAIL bundle: tdx-collateral.json expired at 2025-07-19T10:16:03Z"),
+        ({"--now": "2025-08-01T00:00:00Z"}, "FAIL bundle: tdx-collateral.json expired at 2025-07-19T10:00:35Z"),
         ({"pinned": 'mrtd = "' + "00" * 48 + '"'}, "FAIL measurement 'mrtd' is 91eb2b44d141d4ec..., pinned 0000"),
         ({"pinned": 'report-data = "' + "11" * 32 + '"'}, "FAIL measurement 'report-data' is 9a9d48e7f6799642..., pinned 1111"),
         ({"flip": "200"}, "FAIL tdx: quote verification failed (tdx-collateral.json): Verification failed: ISV enclave report signature is invalid"),
