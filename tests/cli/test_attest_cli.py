@@ -238,3 +238,23 @@ def test_check_bad_inputs_are_one_error_line(tmp_path: Path, args: tuple[str, ..
     assert r.returncode == code, r.stdout + r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: ") and needle.replace("{tmp}", str(tmp_path)) in lines[0], r.stderr
+
+
+def test_check_emulated_evidence_needs_no_bundle(tmp_path: Path) -> None:
+    from gtbus.attest.emulated import EmulatedVerifier
+    from gtbus.gpu.attestation import PlatformSigner
+
+    signer, forger = PlatformSigner.generate(), PlatformSigner.generate()
+    nonce = bytes(range(32))
+    code = bytes(range(32, 64))
+    (tmp_path / "gpu1.platform.pub").write_text(signer.public_key.hex() + "\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text(f'kind = "emulated"\nroots = ["gpu1.platform.pub"]\n\n[pinned]\ncode = "{code.hex()}"\n')
+    for who, rc, line in ((signer, 0, f"ok   pinned code = {code.hex()}"), (forger, 1, "FAIL ")):
+        blob = EmulatedVerifier(who, measurements=lambda: {"code": code}).collect(nonce).blob
+        (tmp_path / "evidence").write_bytes(blob)
+        r = gtbus("attest", "check", str(tmp_path / "evidence"), "--policy", str(policy), "--nonce", nonce.hex())
+        assert r.returncode == rc, r.stdout + r.stderr
+        assert any(got.startswith(line) for got in r.stdout.splitlines()), r.stdout
+        if rc == 0:
+            assert "; no expiry" in r.stdout and "bundle" not in r.stdout, r.stdout
