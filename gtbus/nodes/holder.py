@@ -103,7 +103,8 @@ class Holder:
         self.verifier = verifier
         # The orchestrator's evidence is appraised with this at each registration (None: only the per-grant reports).
         self.appraiser = appraiser
-        self._appraised = asyncio.Event()
+        self._appraised = asyncio.Event()  # set once the appraisal is settled (passed, or failed: _appraisal_error)
+        self._appraisal_error: str | None = None
         if appraiser is None:
             self._appraised.set()
         # The run's chunk size, announced in the Welcome; a value given here is only
@@ -146,8 +147,14 @@ class Holder:
         self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
         if self.appraiser is not None:
             self._appraised.clear()
-            await self._appraise_orchestrator(welcome.run_id, attempts=attempts, timeout=timeout)
-            self._appraised.set()
+            self._appraisal_error = None
+            try:
+                await self._appraise_orchestrator(welcome.run_id, attempts=attempts, timeout=timeout)
+            except Exception as exc:
+                self._appraisal_error = str(exc)  # grants waiting on the appraisal are declined with it
+                raise
+            finally:
+                self._appraised.set()  # settled: appraised, or failed with _appraisal_error
         return welcome
 
     async def _appraise_orchestrator(self, run_id: str, *, attempts: int, timeout: float) -> None:
@@ -262,11 +269,6 @@ class Holder:
         if drill is not None:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
-        if not self._appraised.is_set():
-            # A grant that overtook our evidence request (the last holder to register can
-            # be granted at once): wait in a task, the receive loop must stay free to get the evidence.
-            self._task = asyncio.create_task(self._provision_when_appraised(a, grant))
-            return
         clock = self._clock
         try:
             params = open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
@@ -280,18 +282,30 @@ class Holder:
             self.log.error("refused grant %d: %s", epoch, exc)
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, f"refused: {exc}")))
             return
-        await self.rt.send(TokenAck(a.token_id), epoch=epoch)
+        if not self._appraised.is_set() or self._appraisal_error is not None:
+            # A grant that overtook our evidence request (the last holder to register can
+            # be granted at once): wait in a task, the receive loop must stay free to get the evidence.
+            self._task = asyncio.create_task(self._ack_when_appraised(a, grant, params, clock))
+            return
+        await self._ack_and_provision(a, grant, params, clock)
+
+    async def _ack_and_provision(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock) -> None:
+        await self.rt.send(TokenAck(a.token_id), epoch=a.epoch)
         clock.mark("ack_sent")
         # Provision in a task so a revoke can cancel it while we keep receiving.
-        self._task = asyncio.create_task(self._provision(grant, epoch, params, clock))
+        self._task = asyncio.create_task(self._provision(grant, a.epoch, params, clock))
 
-    async def _provision_when_appraised(self, a: Provision, grant: TokenGrant) -> None:
+    async def _ack_when_appraised(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock) -> None:
         try:
             await asyncio.wait_for(self._appraised.wait(), max(0.0, grant.lease_deadline - time.time()))
+            why = self._appraisal_error
         except asyncio.TimeoutError:
-            await self._perform(self.machine.handle(Refused(a.token_id, a.epoch, "refused: the orchestrator's evidence is not appraised")))
+            why = "the orchestrator's evidence is not appraised"
+        if why is not None:
+            self.refused.append(why)
+            await self._perform(self.machine.handle(Refused(a.token_id, a.epoch, f"refused: {why}")))
             return
-        await self._start_provision(a, grant, None)
+        await self._ack_and_provision(a, grant, params, clock)
 
     async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock) -> None:
         try:

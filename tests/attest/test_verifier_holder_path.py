@@ -56,11 +56,12 @@ def test_a_policy_that_refuses_the_evidence_stops_the_run_before_any_provisionin
         assert err[-1].startswith("Error: the orchestrator's emulated evidence is refused: "), err[-1]
         assert "Traceback" not in "\n".join(err)
         assert not any(" wrote " in line for line in err)  # nothing provisioned
-    # A grant sent before the refusals arrived was never acked (revoked), declined or not delivered: nothing trained.
+    # A grant sent before the refusals arrived was declined with the refusal's reason (or not delivered): nothing trained.
     ckpt = run.run_dir / "checkpoints" / "orch.npz"
     if ckpt.exists():
-        assert {h["outcome"] for h in read_checkpoint(ckpt, state=False).hops} <= {"declined", "undelivered", "revoked"}
-
+        hops = read_checkpoint(ckpt, state=False).hops
+        assert {h["outcome"] for h in hops} <= {"declined", "undelivered"}
+        assert all("evidence is refused" in h["detail"] for h in hops if h["outcome"] == "declined")
 
 def test_a_bad_policy_file_is_one_line_before_anything_starts(tmp_path: Path) -> None:
     run, dep = _deployment(tmp_path, 'roots = ["{platform}"]\n[pinned]\ncode = "not hex"\n', holders=1)

@@ -175,7 +175,7 @@ def test_hostile_evidence_is_refused_with_one_line(tmp_path: Path, answer: Answe
     assert text.startswith("the orchestrator's emulated evidence is refused: ") and "\n" not in text
     assert re.search(message, text), text
     assert orch.requests == 1  # refused at the first answer, not retried into
-    assert not holder._appraised.is_set()  # noqa: SLF001  (no grant can be acked: provisioning waits on it)
+    assert holder._appraisal_error == text  # noqa: SLF001  (a grant waiting on the appraisal is declined with it, never acked)
 
 
 def test_a_refusal_instead_of_evidence_is_named(tmp_path: Path) -> None:
@@ -185,7 +185,7 @@ def test_a_refusal_instead_of_evidence_is_named(tmp_path: Path) -> None:
 
 def test_the_honest_answer_is_appraised(tmp_path: Path) -> None:
     orch, exc, holder = run_async(_register(Site(tmp_path), lambda req, honest: _evidence(honest.collect(req.nonce).to_wire())))
-    assert exc is None and holder._appraised.is_set()  # noqa: SLF001
+    assert exc is None and holder._appraised.is_set() and holder._appraisal_error is None  # noqa: SLF001
 
 
 @pytest.mark.slow
