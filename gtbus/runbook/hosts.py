@@ -135,7 +135,7 @@ class HostShell:
         """Run ``argv`` on the host and wait for it (ConfigError if ssh refuses the host's key)."""
         kh = self.host.known_hosts
         if self.ssh and kh and not os.path.isfile(kh):
-            raise ConfigError(f"host {self.host.name}: known_hosts file {kh} (the runbook's pinned host keys) is missing")
+            raise ConfigError(f"host {self.host.name} ({self.host.address}): known_hosts file {kh} (the runbook's pinned host keys) is missing")
         try:
             p = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -104,12 +104,12 @@ def test_a_pin_path_ssh_would_read_otherwise_is_refused_in_one_line(tmp_path: Pa
 
 def test_a_missing_pin_file_refuses_the_host_before_ssh_runs(tmp_path: Path) -> None:
     rb = load_runbook(_write(tmp_path))
-    with pytest.raises(ConfigError, match=r"^host far: known_hosts file \S+/known_hosts \(the runbook's pinned host keys\) is missing$"):
+    with pytest.raises(ConfigError, match=r"^host far \(trainer@192\.0\.2\.10\): known_hosts file \S+/known_hosts \(the runbook's pinned host keys\) is missing$"):
         HostShell(rb.hosts["far"]).run(["true"])
     # `runbook check`: that one line for the host, nothing tried on it (its nodes not checked), no traceback.
     # (The other two hosts of this runbook do not exist either: each has its own line.)
     r = subprocess.run([sys.executable, "-m", "gtbus", "runbook", "check", str(tmp_path / "deploy.toml")],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 1 and lines[0] == f"host far: known_hosts file {tmp_path / 'known_hosts'} (the runbook's pinned host keys) is missing", r.stderr
+    assert r.returncode == 1 and lines[0] == f"host far (trainer@192.0.2.10): known_hosts file {tmp_path / 'known_hosts'} (the runbook's pinned host keys) is missing", r.stderr
     assert [x.split(" ")[:2] for x in lines[1:]] == [["host", "lab"], ["host", "here"]], r.stderr
