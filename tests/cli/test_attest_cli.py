@@ -148,9 +148,13 @@ def test_fetch_refuses_stale_sources_and_an_existing_bundle(tmp_path: Path, serv
         ('[[file]]\nname = 3\nkind = "crl"\npath = "a"', "every value must be a non-empty string"),
         ("[other]\n", "must hold only [[file]] entries"),
         ("not toml [", "not valid TOML"),
+        ('[[file]]\nname = "x"\nkind = "crl"\nurl = "{url}/huge.crl"', "/huge.crl: over the 4194304-byte limit"),
     ],
 )
 def test_fetch_bad_sources_are_one_error_line(tmp_path: Path, served: str, sources: str, needle: str) -> None:
+    # A server (or a man in the middle) answering with more than a bundle file may hold is cut off at the limit.
+    with (tmp_path / "www" / "huge.crl").open("wb") as f:
+        f.truncate((4 << 20) + 1)
     path = tmp_path / "sources.toml"
     path.write_text(sources.replace("{url}", served))
     r = gtbus("attest", "fetch", "--out", str(tmp_path / "b"), "--from", str(path), "--allow-stale")
@@ -224,10 +228,12 @@ def test_check_tampered_bundle_is_one_error_line(tmp_path: Path, bundle: Path) -
         (("--evidence", "missing"), 1, "evidence file " + "{tmp}/missing is missing"),
         (("--bundle", "nowhere"), 1, "bundle: "),
         (("--policy", "nowhere.toml"), 1, "no such policy file"),
+        (("--policy", "online.toml"), 1, 'revocation = "online" needs a network'),
     ],
 )
 def test_check_bad_inputs_are_one_error_line(tmp_path: Path, args: tuple[str, ...], code: int, needle: str) -> None:
     policy = write_policy(tmp_path)
+    (tmp_path / "online.toml").write_text(policy.read_text().replace('revocation = "offline"', 'revocation = "online"'))
     opts = {"--nonce": NONCE, "--now": INSIDE, "--policy": str(policy), "--evidence": str(DATA / "tdx_quote"),
             "--bundle": str(tmp_path / "bundle")}
     opts.update(dict(zip(args[::2], (str(tmp_path / a) if k in ("--evidence", "--bundle", "--policy") else a for k, a in zip(args[::2], args[1::2])))))
