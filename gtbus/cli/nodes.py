@@ -133,7 +133,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
     from gtbus.attest.appraiser import appraiser_for
     from gtbus.attest.policy import PolicySettings, emulated_policy, load_policy
-    from gtbus.gpu.attestation import AttestationError, EmulatedVerifier
+    from gtbus.gpu.attestation import AttestationError, EmulatedReportVerifier
     from gtbus.messages.types import Refusal
     from gtbus.gpu.platform_key import load_platform_public
     from gtbus.nodes.faults import HolderFaults
@@ -150,7 +150,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
     except ValueError:
         raise ConfigError(f"--pin-code is not hex: {pin_code[:20]!r}") from None
     platform_public = load_platform_public(platform_pub)
-    verifier = EmulatedVerifier(platform_public, pinned)
+    verifier = EmulatedReportVerifier(platform_public, pinned)
     settings = load_policy(attest_policy) if attest_policy else PolicySettings(emulated_policy(platform_public, pinned), None)
     appraiser = appraiser_for(settings)
     dataset = Dataset(list(data_paths), raw=raw, name=identity.name)

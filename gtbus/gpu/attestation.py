@@ -1,13 +1,16 @@
-"""Measurement reports and their verification: the emulated attestation.
+"""Per-hop measurement reports and their verification.
 
-In the paper the holder's CVM attests the GPU and the orchestrator, with
-hardware roots of trust (NVIDIA GPU attestation, Intel TDX quotes). There is
-no such hardware here, so a *platform key* (Ed25519) signs a
-:class:`MeasurementReport` that binds code, model, device, the hop's channel
-key, run and epoch, and :class:`EmulatedVerifier` checks it. This module is
-where real attestation plugs in: an implementation of :class:`Verifier` that
-checks an NVIDIA attestation report or a TDX quote (with the report body in its
-user-data field) replaces the emulated one, and nothing else changes.
+A *platform key* (Ed25519) signs a :class:`MeasurementReport` that binds code,
+model, device, the hop's channel key, run and epoch; every grant carries one,
+and :class:`EmulatedReportVerifier` checks it (it binds the hop key, so it
+stays whatever attests the platform).
+
+Attesting the platform itself is :mod:`gtbus.attest`: one
+:class:`gtbus.attest.Verifier` interface (``collect(nonce)`` / ``appraise``)
+with the emulated kind (this platform key, over evidence for an appraiser's
+nonce, under :data:`EVIDENCE_DOMAIN`) and the hardware kinds (Intel TDX quotes,
+NVIDIA GPU evidence) appraised offline. Holders appraise the orchestrator's
+evidence at registration, before their first provisioning.
 
 What a good report proves: the code measured is the pinned code; the model is
 the expected one; the report was made by this device for this run and epoch;
@@ -145,8 +148,8 @@ class PlatformSigner:
         return self._key.sign(EVIDENCE_DOMAIN + body).signature
 
 
-class Verifier(Protocol):
-    """Checks a signed measurement report against what the caller expects."""
+class ReportVerifier(Protocol):
+    """Checks a signed per-hop measurement report against what the caller expects."""
 
     def verify(
         self,
@@ -162,7 +165,7 @@ class Verifier(Protocol):
         ...
 
 
-class EmulatedVerifier:
+class EmulatedReportVerifier:
     """Verifies reports of :class:`PlatformSigner` against a pinned platform key and code."""
 
     def __init__(
@@ -219,6 +222,11 @@ class EmulatedVerifier:
             if not -self._max_age_s <= age <= self._max_age_s:
                 raise AttestationError(f"measurement report: timestamp is {age:.1f} s off, limit {self._max_age_s} s")
         return report
+
+
+#: The names these had before gtbus.attest took "Verifier" for platform evidence (kept for callers).
+Verifier = ReportVerifier
+EmulatedVerifier = EmulatedReportVerifier
 
 
 def _expect(what: str, got: bytes, want: bytes) -> None:

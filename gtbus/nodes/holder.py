@@ -32,7 +32,7 @@ import numpy
 from gtbus.attest import NONCE_SIZE, Evidence
 from gtbus.attest.appraiser import Appraiser
 from gtbus.errors import ChannelError, DeviceError, GtbusError
-from gtbus.gpu.attestation import AttestationError, SignedReport, Verifier
+from gtbus.gpu.attestation import AttestationError, ReportVerifier, SignedReport
 from gtbus.gpu.channel import ChannelParams, SegmentContext, segment_count
 from gtbus.gpu.device import HolderStaging
 from gtbus.gpu.sealing import open_params
@@ -86,7 +86,7 @@ class Holder:
         runtime: NodeRuntime,
         dataset: Dataset,
         device_cls: type[HolderStaging],
-        verifier: Verifier,
+        verifier: ReportVerifier,
         *,
         chunk_tokens: int | None = None,
         faults: HolderFaults | None = None,

@@ -27,7 +27,7 @@ from gtbus.attest.emulated import EmulatedVerifier
 from gtbus.attest.policy import emulated_policy
 from gtbus.attest.verifier import NoRevocation
 from gtbus.gpu.attestation import AttestationError, MeasurementReport, PlatformSigner, channel_key_commitment
-from gtbus.gpu.attestation import EmulatedVerifier as ReportVerifier
+from gtbus.gpu.attestation import EmulatedReportVerifier as ReportVerifier
 from gtbus.gpu.backends import device_class
 from gtbus.gpu.platform_key import load_platform_signer, write_platform_key
 from gtbus.messages.deployment_keys import make_deployment
