@@ -256,10 +256,10 @@ def validity_of(kind: str, data: bytes, name: str) -> tuple[float, float]:
                 raise AttestationError(f"bundle: {name}: CRL has no nextUpdate (cannot bound its validity)")
             return _utc(crl.last_update_utc), _utc(crl.next_update_utc)
         if kind == "ocsp":
-            resp = _load_ocsp(data, name)
-            if resp.next_update_utc is None:
+            singles = list(_load_ocsp(data, name).responses)
+            if not singles or any(r.next_update_utc is None for r in singles):
                 raise AttestationError(f"bundle: {name}: OCSP response has no nextUpdate (cannot bound its validity)")
-            return _utc(resp.this_update_utc), _utc(resp.next_update_utc)
+            return max(_utc(r.this_update_utc) for r in singles), min(_utc(r.next_update_utc) for r in singles)  # type: ignore[arg-type]
         if kind == "cert":
             cert = _load_cert(data)
             return _utc(cert.not_valid_before_utc), _utc(cert.not_valid_after_utc)
@@ -386,7 +386,11 @@ class BundleRevocation:
             crl = _load_crl(f.data)
         except ValueError:
             return None
-        if crl.issuer != issuer.subject or not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+        try:
+            signed = crl.issuer == issuer.subject and crl.is_signature_valid(issuer.public_key())  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # an issuer key type CRLs cannot be signed with
+            signed = False
+        if not signed:
             return None
         this, nxt = _utc(crl.last_update_utc), _utc(crl.next_update_utc) if crl.next_update_utc else f.not_after
         entry = crl.get_revoked_certificate_by_serial_number(cert.serial_number)
@@ -401,18 +405,24 @@ class BundleRevocation:
             resp = _load_ocsp(f.data, f.name)
         except (ValueError, AttestationError):
             return None
-        key_hash = _issuer_key_hash(issuer, resp.hash_algorithm)
-        if resp.serial_number != cert.serial_number or resp.issuer_key_hash != key_hash:
+        # A response may carry several single responses (one per certificate asked about).
+        single = next(
+            (
+                r
+                for r in resp.responses
+                if r.serial_number == cert.serial_number and r.issuer_key_hash == _issuer_key_hash(issuer, r.hash_algorithm)
+            ),
+            None,
+        )
+        if single is None or not _ocsp_signed_for(resp, issuer):
             return None
-        if not _ocsp_signed_for(resp, issuer):
-            return None
-        nxt = _utc(resp.next_update_utc) if resp.next_update_utc else f.not_after
+        nxt = _utc(single.next_update_utc) if single.next_update_utc else f.not_after
         state = {
             ocsp.OCSPCertStatus.GOOD: CertState.GOOD,
             ocsp.OCSPCertStatus.REVOKED: CertState.REVOKED,
-        }.get(resp.certificate_status, CertState.UNKNOWN)
+        }.get(single.certificate_status, CertState.UNKNOWN)
         reason = f"serial {cert.serial_number:x} revoked per OCSP" if state is CertState.REVOKED else ""
-        return CertStatus(state, f.name, _utc(resp.this_update_utc), nxt, reason)
+        return CertStatus(state, f.name, _utc(single.this_update_utc), nxt, reason)
 
 
 def _issuer_key_hash(issuer: x509.Certificate, algorithm: hashes.HashAlgorithm) -> bytes:

@@ -172,6 +172,20 @@ def test_symlinked_file_is_refused(tmp_path: Path, pki: Pki) -> None:
         read_bundle(root)
 
 
+def test_ocsp_without_next_update_cannot_bound_validity(pki: Pki) -> None:
+    cert, _ = pki.issue(5)
+    b = ocsp.OCSPResponseBuilder().add_response(
+        cert=cert, issuer=pki.cert, algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
+        this_update=T0, next_update=None, revocation_time=None, revocation_reason=None,
+    )
+    data = b.responder_id(ocsp.OCSPResponderEncoding.HASH, pki.cert).sign(pki.key, hashes.SHA256()).public_bytes(DER)
+    with pytest.raises(AttestationError, match="x.ocsp: OCSP response has no nextUpdate"):
+        validity_of("ocsp", data, "x.ocsp")
+    unauthorized = ocsp.OCSPResponseBuilder.build_unsuccessful(ocsp.OCSPResponseStatus.UNAUTHORIZED).public_bytes(DER)
+    with pytest.raises(AttestationError, match="OCSP response status is UNAUTHORIZED, not SUCCESSFUL"):
+        validity_of("ocsp", unauthorized, "x.ocsp")
+
+
 def test_validity_of_rejects_garbage(pki: Pki) -> None:
     with pytest.raises(AttestationError, match="x.crl: not a valid crl"):
         validity_of("crl", b"\x30\x03\x02\x01\x01", "x.crl")
