@@ -213,3 +213,51 @@ def test_the_holder_process_exits_with_one_line_and_tells_the_orchestrator(tmp_p
     assert lines[-1] == "Error: the orchestrator's emulated evidence is refused: evidence: nonce does not match the one sent (replayed or for another request)"
     assert "Traceback" not in done.stderr
     assert orch.refusals == [lines[-1].removeprefix("Error: ")]
+
+
+# -- a hostile holder asks the real orchestrator process ----------------------------------------------------------
+
+
+#: The orchestrator's peak resident memory while a holder keeps asking for evidence.
+RSS_CAP = 400 << 20
+
+
+@pytest.mark.slow
+def test_a_holder_asking_for_other_kinds_and_many_times_gets_one_line_or_fresh_evidence(travel: Any, tmp_path: Path) -> None:
+    from process_memory import peak_rss_bytes
+    from scripted_holder import ScriptedHolder, honest_manifest
+
+    from gtbus.gpu.platform_key import load_platform_public
+
+    chunk = 4096
+    t = travel(holders=2, chunk_tokens=chunk, lease=60.0, steps="5", bytes_per_holder=2 * chunk)
+    t.start_orchestrator()
+    t.dep.start_holder(0)  # h1 is honest; h2 is the scripted one
+    policy = emulated_policy(load_platform_public(t.dep.platform_pub), bytes.fromhex(t.dep.pin))
+    appraiser = Appraiser(EmulatedVerifier(), policy, NoRevocation())
+
+    async def scenario() -> None:
+        async with ScriptedHolder(t, "h2", tmp_path / "h2") as h2:
+            welcome = await h2.register(honest_manifest(2 * chunk))
+            assert isinstance(welcome, Welcome)
+            for kind in ("tdx", "nvidia-gpu", "k" * 32):
+                acc = await h2.rt.request(AttestRequest(os.urandom(32), kind), timeout=10)
+                assert isinstance(acc.message, Refusal) and acc.message.code == "attestation-unavailable"
+                assert acc.message.reason == f"this orchestrator gives no {kind!r} evidence (it gives: emulated)"
+            nonces = [os.urandom(32) for _ in range(200)]
+            answers = await asyncio.gather(*(h2.rt.request(AttestRequest(n, "emulated"), timeout=30) for n in nonces))
+            for n, acc in zip(nonces, answers):
+                assert isinstance(acc.message, AttestEvidence)
+                claims = appraiser.appraise(Evidence.from_wire(acc.message.evidence), n, welcome.run_id, time.time())
+                assert claims.measurements == {"code": bytes.fromhex(t.dep.pin)}
+            # Evidence answers the nonce it was asked with, and no other.
+            with pytest.raises(AttestationError, match="nonce does not match"):
+                appraiser.appraise(Evidence.from_wire(answers[0].message.evidence), nonces[1], welcome.run_id, time.time())
+            rss.append(peak_rss_bytes(t.orchestrator.pid))  # the run waits on h2's chunks: the orchestrator is alive
+            await h2.decline_until_done()  # the run must still end
+
+    rss: list[int] = []
+    run_async(scenario(), timeout=150)
+    summary = t.finish()
+    assert summary["hops_trained"] == 2  # h1's two chunks, nothing of h2's
+    assert rss and rss[0] < RSS_CAP
