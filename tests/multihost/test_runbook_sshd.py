@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from netns_lab import NetnsLab
@@ -134,7 +135,7 @@ def _ns_pids(lab: NetnsLab, server: str) -> set[int]:
     return {int(p) for p in subprocess.run(["ip", "netns", "pids", lab.ns(server)], capture_output=True, text=True, timeout=30).stdout.split()}
 
 
-def _line(proc: subprocess.Popen[str], err: Path) -> dict:
+def _line(proc: subprocess.Popen[str], err: Path) -> dict[str, Any]:
     """The next JSON line ``status --watch`` prints (the module's timeout bounds a hang)."""
     assert proc.stdout is not None
     line = proc.stdout.readline()
