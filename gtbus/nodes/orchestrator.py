@@ -587,7 +587,7 @@ class Orchestrator:
             self._save_checkpoint()
             reason = ("every holder of the run refused this orchestrator's code measurement ("
                       + "; ".join(f"{h}: {self.refusals[h]}" for h in self.config.holders)
-                      + "): their --pin-code is not what `gtbus measure` prints for this trainer and backend")
+                      + "): their --pin-code is not what `gtbus measure` prints for this trainer and backend, or their --attest-policy refuses its evidence")
             await self.rt.publish(Shutdown(reason))
             raise GtbusError(reason)
         assert self.fleet is not None
