@@ -235,3 +235,23 @@ def check(evidence: Path, kind: str | None, bundle_path: Path | None, policy_pat
         click.echo(f"ok   report_data = {claims.report_data.hex()}")
     if failed:
         click.get_current_context().exit(1)
+
+
+@attest.command("pack-nvidia")
+@click.argument("report", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("chain", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="The evidence file to write (for `attest check --kind nvidia-gpu`).")
+def pack_nvidia(report: Path, chain: Path, out: Path) -> None:
+    """Make nvidia-gpu EVIDENCE from the files NVIDIA's tools write: the attestation report (hex) and its certificate chain (PEM, leaf first)."""
+    from gtbus.attest.nvidia import MAX_CHAIN_LENGTH, MAX_CERT_SIZE, MAX_REPORT_SIZE, evidence_from_nvidia_files
+    from gtbus.attest.verifier import AttestationError
+    from gtbus.private_files import write_private
+
+    report_hex = _read_limited(report, 2 * MAX_REPORT_SIZE + 64, "report file")
+    chain_pem = _read_limited(chain, MAX_CHAIN_LENGTH * 2 * MAX_CERT_SIZE, "chain file")
+    try:
+        blob = evidence_from_nvidia_files(report_hex, chain_pem)
+    except AttestationError as exc:
+        raise ConfigError(str(exc)) from None
+    write_private(out, blob)
+    click.echo(f"wrote {printable(str(out))}: nvidia-gpu evidence, {len(blob)} bytes")

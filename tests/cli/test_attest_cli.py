@@ -264,3 +264,18 @@ def test_check_emulated_evidence_needs_no_bundle(tmp_path: Path) -> None:
         assert any(got.startswith(line) for got in r.stdout.splitlines()), r.stdout
         if rc == 0:
             assert "; no expiry" in r.stdout and "bundle" not in r.stdout, r.stdout
+
+
+def test_pack_nvidia_makes_evidence_from_nvidias_files(tmp_path: Path) -> None:
+    # NVIDIA's published sample report (hex) and chain (PEM): packed, then read back by the appraiser's own parser.
+    from gtbus.attest.nvidia import evidence_from_nvidia_files
+
+    data = Path(__file__).resolve().parents[1] / "attest" / "data" / "nvtrust"
+    out = tmp_path / "gpu.evidence"
+    r = gtbus("attest", "pack-nvidia", str(data / "hopperAttestationReport.txt"), str(data / "hopperCertChain.txt"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes() == evidence_from_nvidia_files((data / "hopperAttestationReport.txt").read_bytes(), (data / "hopperCertChain.txt").read_bytes())
+    assert out.stat().st_mode & 0o777 == 0o600
+    (tmp_path / "bad.txt").write_text("not hex at all")
+    bad = gtbus("attest", "pack-nvidia", str(tmp_path / "bad.txt"), str(data / "hopperCertChain.txt"), "--out", str(tmp_path / "x"))
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "not a report in hex" in bad.stderr and not (tmp_path / "x").exists()
