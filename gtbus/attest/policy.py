@@ -1,6 +1,8 @@
 """The appraiser's attestation policy as a file (TOML) or a runbook's ``[attestation]`` table.
 
-Example (paths are relative to the file, or to the runbook)::
+Both go through :func:`policy_from_table`: one schema, one set of checks.
+Example (paths are relative to the file; in a runbook, roots are relative to
+the runbook and ``bundle`` is an absolute path on each holder's host)::
 
     kind = "emulated"                  # emulated | tdx | nvidia-gpu
     roots = ["keys/gpu1.platform.pub"] # platform public keys (emulated) or root certificates (PEM or DER)
@@ -13,6 +15,12 @@ Example (paths are relative to the file, or to the runbook)::
 
     [min_versions]                     # name -> least version accepted
     gpu-firmware = "96.00.5E.00.01"
+
+A root is a file name or, inline, ``{ hex = "..." }``: the root's bytes (a
+DER certificate, or a platform public key for the emulated kind).
+:func:`policy_toml` writes a policy back with every root inline, so the file
+stands alone on a host that has none of the root files (``gtbus runbook up``
+writes one into each holder's run dir).
 
 The schema is strict: an unknown key, a wrong type, a value that is not hex, a
 root file that is missing or not a key/certificate is a ConfigError of one line
@@ -61,8 +69,11 @@ def load_policy(path: str | Path) -> PolicySettings:
     return policy_from_table(data, p.parent, str(p))
 
 
-def policy_from_table(table: dict[str, Any], base: Path, where: str) -> PolicySettings:
-    """Build a policy from a parsed TOML table (a policy file or a runbook's [attestation]); paths relative to ``base``."""
+def policy_from_table(table: dict[str, Any], base: Path, where: str, *, absolute_bundle: bool = False) -> PolicySettings:
+    """Build a policy from a parsed TOML table (a policy file or a runbook's [attestation]); paths relative to ``base``.
+
+    ``absolute_bundle``: the bundle is a path on another host (a runbook's holders), so it must be absolute.
+    """
 
     def bad(msg: str) -> ConfigError:
         return ConfigError(f"{where}: {msg}")
@@ -80,9 +91,9 @@ def policy_from_table(table: dict[str, Any], base: Path, where: str) -> PolicySe
     if type(grace) not in (int, float) or not 0 <= grace <= MAX_GRACE_S:
         raise bad(f"grace_s must be a number of seconds in [0, {MAX_GRACE_S:.0f}]")
     roots_in = table.get("roots")
-    if not isinstance(roots_in, list) or not roots_in or not all(isinstance(r, str) and r for r in roots_in):
+    if not isinstance(roots_in, list) or not roots_in or not all((isinstance(r, str) and r) or isinstance(r, dict) for r in roots_in):
         raise bad("roots must be a non-empty list of file names (platform public keys or root certificates)")
-    roots = [_read_root(base / r, kind, bad) for r in roots_in]
+    roots = [_inline_root(r, i, kind, bad) if isinstance(r, dict) else _read_root(base / r, kind, bad) for i, r in enumerate(roots_in)]
     pinned = {name: _hex(value, f"pinned.{name}", bad) for name, value in _str_table(table, "pinned", bad).items()}
     if not pinned:
         raise bad("pinned must name at least one measurement (an empty policy accepts any code)")
@@ -90,6 +101,8 @@ def policy_from_table(table: dict[str, Any], base: Path, where: str) -> PolicySe
     bundle = table.get("bundle")
     if bundle is not None and (not isinstance(bundle, str) or not bundle):
         raise bad("bundle must be a path")
+    if bundle and absolute_bundle and not bundle.startswith("/"):
+        raise bad(f"bundle {bundle!r} must be an absolute path on each holder's host (the policy is written into its run dir)")
     try:
         policy = Policy(pinned, versions, roots, Revocation(revocation), float(grace), kind)
     except AttestationError as exc:
@@ -100,6 +113,35 @@ def policy_from_table(table: dict[str, Any], base: Path, where: str) -> PolicySe
 def emulated_policy(platform_public_key: bytes, code: bytes) -> Policy:
     """The policy `gtbus holder --platform-pub --pin-code` stands for: this platform key, this code."""
     return Policy({"code": code}, {}, [platform_public_key], Revocation.OFFLINE, 0.0, "emulated")
+
+
+def policy_toml(settings: PolicySettings, source: str) -> str:
+    """The policy as a policy file that stands alone: every root inline; ConfigError if it would be over the size a holder reads."""
+    p = settings.policy
+    lines = [f"# written from {_toml_str(source)}: a policy file (see gtbus.attest.policy), its roots inline",
+             f"kind = {_toml_str(p.kind)}", "roots = [" + ", ".join(f'{{ hex = "{r.hex()}" }}' for r in p.roots) + "]",
+             f"revocation = {_toml_str(p.revocation.value)}", f"grace_s = {float(p.grace_s)!r}"]
+    if settings.bundle is not None:
+        lines.append(f"bundle = {_toml_str(str(settings.bundle))}")
+    for table, values in (("pinned", {k: v.hex() for k, v in p.pinned.items()}), ("min_versions", p.min_versions)):
+        lines += ["", f"[{table}]"] + [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(values.items())]
+    text = "\n".join(lines) + "\n"
+    if len(text.encode()) > MAX_POLICY_FILE:
+        raise ConfigError(f"{source}: the policy with its roots inline is over {MAX_POLICY_FILE} bytes")
+    return text
+
+
+def _toml_str(value: str) -> str:
+    """A TOML basic string: every character literal but the quote, the backslash and control characters."""
+    out = []
+    for c in value:
+        if c in '"\\':
+            out.append("\\" + c)
+        elif ord(c) < 0x20 or ord(c) == 0x7F:
+            out.append(f"\\u{ord(c):04x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
 
 
 def _str_table(table: dict[str, Any], key: str, bad: Any) -> dict[str, str]:
@@ -122,6 +164,35 @@ def _hex(value: str, what: str, bad: Any) -> bytes:
     return raw
 
 
+def _inline_root(entry: dict[str, Any], index: int, kind: str, bad: Any) -> bytes:
+    """An inline root, ``{ hex = "..." }``: a platform public key (emulated kind) or a DER certificate."""
+    what = f"roots[{index}]"
+    if set(entry) != {"hex"} or not isinstance(entry["hex"], str):
+        raise bad(f"{what} must be a file name or {{ hex = \"...\" }}")
+    if len(entry["hex"]) > 2 * MAX_ROOT_FILE:
+        raise bad(f"{what}: over {MAX_ROOT_FILE} bytes")
+    raw = _hex(entry["hex"], f"{what}.hex", bad)
+    return _platform_key(raw, what, bad) if kind == "emulated" else _der_certificate(raw, what, bad)
+
+
+def _platform_key(key: bytes, what: str, bad: Any) -> bytes:
+    if len(key) != ED25519_KEY_SIZE:
+        raise bad(f"{what}: platform public key must be {ED25519_KEY_SIZE} bytes, got {len(key)}")
+    return key
+
+
+def _der_certificate(raw: bytes, what: str, bad: Any) -> bytes:
+    """The certificate in ``raw`` (PEM or DER) as DER."""
+    from cryptography import x509  # the hardware kinds only; the emulated path stays light
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        cert = x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(PEM_CERT) else x509.load_der_x509_certificate(raw)
+    except ValueError:
+        raise bad(f"{what}: not an X.509 certificate (PEM or DER)") from None
+    return cert.public_bytes(Encoding.DER)
+
+
 def _read_root(path: Path, kind: str, bad: Any) -> bytes:
     """A platform public key (hex text, emulated kind) or a root certificate as DER (from PEM or DER)."""
     try:
@@ -137,15 +208,5 @@ def _read_root(path: Path, kind: str, bad: Any) -> bytes:
             key = bytes.fromhex(raw.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             raise bad(f"root {path}: not a platform public key (hex)") from None
-        if len(key) != ED25519_KEY_SIZE:
-            raise bad(f"root {path}: platform public key must be {ED25519_KEY_SIZE} bytes, got {len(key)}")
-        return key
-    from cryptography import x509  # the hardware kinds only; the emulated path stays light
-
-    try:
-        cert = x509.load_pem_x509_certificate(raw) if raw.lstrip().startswith(PEM_CERT) else x509.load_der_x509_certificate(raw)
-    except ValueError:
-        raise bad(f"root {path}: not an X.509 certificate (PEM or DER)") from None
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return cert.public_bytes(Encoding.DER)
+        return _platform_key(key, f"root {path}", bad)
+    return _der_certificate(raw, f"root {path}", bad)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gtbus.attest import Revocation
-from gtbus.attest.policy import emulated_policy, load_policy
+from gtbus.attest.policy import emulated_policy, load_policy, policy_toml
 from gtbus.errors import ConfigError
 from gtbus.gpu.platform_key import load_platform_public, write_platform_key
 
@@ -107,5 +107,36 @@ def test_certificate_roots_for_the_hardware_kinds(tmp_path: Path) -> None:
     (tmp_path / "junk.der").write_bytes(b"\x30\x03junk")
     s = load_policy(write(tmp_path, 'kind = "nvidia-gpu"\nroots = ["root.pem", "root.der"]\n' + PIN))
     assert s.policy.roots == [cert.public_bytes(serialization.Encoding.DER)] * 2
+    assert load_policy(write(tmp_path, policy_toml(s, "x"))).policy == s.policy  # the DER travels inline
     with pytest.raises(ConfigError, match="root .*junk.der: not an X.509 certificate"):
         load_policy(write(tmp_path, 'kind = "tdx"\nroots = ["junk.der"]\n' + PIN))
+
+
+def test_a_written_policy_stands_alone_and_reads_back_the_same(tmp_path: Path, pub: Path) -> None:
+    # Names a peer never sends but an operator might write: quotes, backslashes, control characters, non-ASCII.
+    text = (f'roots = ["platform/platform.platform.pub"]\nrevocation = "cached"\ngrace_s = 60\nbundle = "/srv/b"\n'
+            f'[pinned]\ncode = "{CODE}"\n"we\\"ird\\\\ \\u0001 é" = "00ff"\n[min_versions]\n"a\\nb" = "1.2 \\"x\\""\n')
+    s = load_policy(write(tmp_path, text))
+    (tmp_path / "platform" / "platform.platform.pub").unlink()  # the written file needs no root file
+    out = tmp_path / "elsewhere" / "written.toml"
+    out.parent.mkdir()
+    out.write_text(policy_toml(s, "rb.toml [attestation]"))
+    again = load_policy(out)
+    assert again.policy == s.policy and again.bundle == Path("/srv/b")
+
+
+@pytest.mark.parametrize(("root", "message"), [
+    ('{ hex = "zz" }', r"roots\[0\].hex is not hex"),
+    ('{ hex = "abcd" }', r"roots\[0\]: platform public key must be 32 bytes, got 2"),
+    ('{ der = "abcd" }', r"roots\[0\] must be a file name or \{ hex"),
+    ("{ hex = 5 }", r"roots\[0\] must be a file name or \{ hex"),
+    (f'{{ hex = "{"ab" * (64 * 1024 + 1)}" }}', r"roots\[0\]: over 65536 bytes"),
+])
+def test_bad_inline_roots_are_named(tmp_path: Path, root: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_policy(write(tmp_path, f"roots = [{root}]\n" + PIN))
+
+
+def test_an_inline_certificate_root(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"roots\[0\]: not an X.509 certificate"):
+        load_policy(write(tmp_path, 'kind = "tdx"\nroots = [{ hex = "3003010203" }]\n' + PIN))
