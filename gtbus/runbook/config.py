@@ -38,8 +38,12 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     router = "tcp://127.0.0.1:7700"
     pub = "tcp://127.0.0.1:7701"
 
-    [attestation]                    # optional: what holders require of the orchestrator's evidence
-    policy = "runs/local/policy.toml" # on each holder's host: `gtbus holder --attest-policy` (see gtbus.attest.policy)
+    [attestation]                    # optional: what holders require of the orchestrator's evidence,
+    kind = "emulated"                # the policy inline, as in a policy file (see gtbus.attest.policy);
+    roots = ["runs/local/platform/platform.platform.pub"]  # read here; `up` writes the policy with them
+    [attestation.pinned]             # into each holder's run dir and passes it as --attest-policy
+    code = "3f1c...e2"
+    # or: policy = "runs/local/policy.toml"  (a policy file already on each holder's host)
 
     [nodes.h1]
     role = "holder"
@@ -85,6 +89,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from gtbus.attest.policy import PolicySettings, policy_from_table
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
 from gtbus.nodes.run_config import MAX_GPUS
@@ -144,6 +149,7 @@ class Runbook:
     nodes: dict[str, Node]
     problems: list[str] = field(default_factory=list)
     attest_policy: str = ""  # [attestation] policy: the policy file on each holder's host ("": --platform-pub and --pin-code only)
+    attestation: PolicySettings | None = None  # [attestation] with the policy inline: `up` writes it into each holder's run dir
 
     @property
     def orchestrator(self) -> Node:
@@ -305,6 +311,23 @@ def _ssh_options_problem(opts: list[str], *, pinned: bool = False) -> str | None
     return None
 
 
+def _attestation(t: dict[str, Any], runbook: Path, problems: list[str]) -> tuple[str, PolicySettings | None]:
+    """``[attestation]``: a policy file on each holder's host (``policy``), or the policy itself inline, not both."""
+    if not t:
+        return "", None
+    if "policy" in t:
+        if set(t) != {"policy"}:
+            problems.append(f"[attestation]: policy names a policy file, so the policy's own keys cannot be here too "
+                            f"({', '.join(sorted(set(t) - {'policy'}))}): keep one of the two forms")
+            return "", None
+        return _str(t, "policy", "[attestation]", problems), None
+    try:
+        return "", policy_from_table(t, runbook.parent, "[attestation]", absolute_bundle=True)
+    except ConfigError as exc:
+        problems.append(str(exc))
+        return "", None
+
+
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -344,9 +367,7 @@ def load_runbook(path: str | Path) -> Runbook:
     hosts_t = _table(data, "hosts", problems)
     nodes_t = _table(data, "nodes", problems)
     attestation = _table(data, "attestation", problems, required=False)
-    attest_policy = _str(attestation, "policy", "[attestation]", problems) if attestation else ""
-    for k in sorted(set(attestation) - {"policy"}):
-        problems.append(f"[attestation]: unknown key {k!r} (the policy's own keys go in its file)")
+    attest_policy, attest_inline = _attestation(attestation, p, problems)
     unknown = set(data) - {"deployment", "training", "pins", "hosts", "nodes", "attestation"}
     for k in sorted(unknown):
         problems.append(f"[{k}]: unknown table")
@@ -459,6 +480,7 @@ def load_runbook(path: str | Path) -> Runbook:
         nodes=nodes,
         problems=problems,
         attest_policy=attest_policy,
+        attestation=attest_inline,
     )
     if len(problems) == 1:
         raise ConfigError(f"{p}: {problems[0]}")

@@ -4,6 +4,8 @@
 host with its output in ``RUN_DIR/NAME.out`` there, and writes a state file
 (``<runbook folder>/.state/<name>.json``: host, pid and command of every
 node) so that later ``status`` and ``down`` find the running deployment.
+A runbook's inline ``[attestation]`` policy is written, roots inline, into
+each holder's run dir on its host (0600) just before that holder starts.
 ``down`` sends SIGTERM, waits a grace period, then SIGKILLs what is left.
 """
 
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlparse
 
+from gtbus.attest.policy import policy_toml
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role
 from gtbus.runbook.config import Node, Runbook
@@ -78,12 +81,23 @@ def node_argv(rb: Runbook, node: Node, pin_code: str) -> list[str]:
         if node.agent:
             ag = rb.nodes[node.agent]
             via = ["--agent", ag.name, "--agent-router", ag.router, "--agent-pub", ag.pub]
-        policy = ["--attest-policy", rb.attest_policy] if rb.attest_policy else []
+        policy = ["--attest-policy", attest_policy_path(rb, node)] if rb.attest_policy or rb.attestation else []
         return base + ["--platform-pub", rb.platform_pub, "--pin-code", pin_code, "--chunk-tokens", str(t["chunk_tokens"]),
                        *data, *(["--raw"] if node.raw else []), *via, *policy, *node.extra_args]
     if node.role is Role.AGENT:
         return base + ["--listen-router", node.bind_router or node.router, "--listen-pub", node.bind_pub or node.pub, *node.extra_args]
     raise ConfigError(f"node {node.name}: role {node.role.value} is not started by runbooks")
+
+
+def attest_policy_path(rb: Runbook, node: Node) -> str:
+    """The policy file a holder takes as --attest-policy: the runbook's, or the one ``up`` writes from the inline policy."""
+    return f"{rb.run_dir}/{node.name}.attest-policy.toml" if rb.attestation else rb.attest_policy
+
+
+def write_attest_policy(rb: Runbook, node: Node) -> None:
+    """Write the runbook's inline policy, roots inline, as a 0600 file in the holder's run dir on its host."""
+    if rb.attestation is not None:
+        shell(rb, node).write_private(attest_policy_path(rb, node), policy_toml(rb.attestation, f"{rb.path} [attestation]"))
 
 
 def resolve_pin(rb: Runbook) -> str:
@@ -141,6 +155,8 @@ def check(rb: Runbook, *, up: bool = False) -> list[str]:
             files.append((rb.platform_pub, "pinned platform public key", False))
             if rb.attest_policy:
                 files.append((rb.attest_policy, "attestation policy", False))
+            if rb.attestation is not None and rb.attestation.bundle is not None:
+                files.append((str(rb.attestation.bundle), "attestation bundle", False))
             files += [(d, "data file", False) for d in node.data]
         for path, what, secret in files:
             r = sh.sh(READABLE_MODE, path)
@@ -184,6 +200,8 @@ def up(rb: Runbook, say: Callable[[str], None] = lambda s: None) -> dict[str, An
     try:
         for node in order:
             argv = node_argv(rb, node, pin)
+            if node.role is Role.HOLDER:
+                write_attest_policy(rb, node)
             pid = shell(rb, node).spawn(argv, f"{rb.run_dir}/{node.name}.out")
             started["nodes"][node.name] = {"host": node.host, "pid": pid, "role": node.role.value, "argv": argv}
             say(f"started {node.role.value} {node.name} on {node.host} (pid {pid})")

@@ -56,6 +56,10 @@ ALIVE = 'kill -0 "$1" 2>/dev/null'
 SIGNAL = 'kill -s "$1" -- "-$2" 2>/dev/null || kill -s "$1" "$2" 2>/dev/null'
 """Send signal ``$1`` to the process group of ``$2`` (else to ``$2`` alone)."""
 
+WRITE_PRIVATE = ('umask 077; mkdir -p -- "$(dirname -- "$1")" && rm -f -- "$1.tmp" && cat >"$1.tmp" '
+                 '&& chmod 600 -- "$1.tmp" && mv -f -- "$1.tmp" "$1"')
+"""Write standard input to ``$1`` (mode 0600, its folders 0700 where made), replacing it whole."""
+
 SIGNALS = ("TERM", "KILL")
 
 # What ssh prints when it refuses a server's host key (OpenSSH's wording, stable for decades).
@@ -131,13 +135,13 @@ class HostShell:
         """Whether commands reach this host through ssh."""
         return not self.host.local and not self.host.address.startswith("netns:")
 
-    def run(self, argv: Sequence[str], *, timeout: float = 60.0) -> Result:
-        """Run ``argv`` on the host and wait for it (ConfigError if ssh refuses the host's key)."""
+    def run(self, argv: Sequence[str], *, timeout: float = 60.0, stdin: str | None = None) -> Result:
+        """Run ``argv`` on the host (``stdin`` its input) and wait for it (ConfigError if ssh refuses the host's key)."""
         kh = self.host.known_hosts
         if self.ssh and kh and not os.path.isfile(kh):
             raise ConfigError(f"host {self.host.name} ({self.host.address}): known_hosts file {kh} (the runbook's pinned host keys) is missing")
         try:
-            p = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout)
+            p = subprocess.run(self.argv(argv), capture_output=True, text=True, timeout=timeout, input=stdin)
         except subprocess.TimeoutExpired:
             return Result(124, "", f"timed out after {timeout:.0f}s")
         except FileNotFoundError as exc:
@@ -150,9 +154,15 @@ class HostShell:
             return Result(p.returncode, p.stdout, lines[-1] if lines else "")
         return Result(p.returncode, p.stdout, p.stderr)
 
-    def sh(self, program: str, *args: str, timeout: float = 60.0) -> Result:
+    def sh(self, program: str, *args: str, timeout: float = 60.0, stdin: str | None = None) -> Result:
         """Run one of this module's fixed sh programs with ``args`` as its positional parameters."""
-        return self.run(["sh", "-c", program, "gtbus-sh", *args], timeout=timeout)
+        return self.run(["sh", "-c", program, "gtbus-sh", *args], timeout=timeout, stdin=stdin)
+
+    def write_private(self, path: str, text: str) -> None:
+        """Write ``text`` to ``path`` on the host, readable by its owner only; ConfigError (one line) if it cannot."""
+        r = self.sh(WRITE_PRIVATE, path, timeout=30, stdin=text)
+        if not r.ok:
+            raise ConfigError(f"host {self.host.name}: could not write {path}: {(r.err or r.out).strip()[-200:]}")
 
     def spawn(self, argv: list[str], log: str) -> int:
         """Start ``argv`` detached (own session, output to ``log``); return its pid on the host."""
