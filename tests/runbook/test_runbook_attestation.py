@@ -17,8 +17,9 @@ from test_runbook_gpus import good  # noqa: F401  (one prepared deployment for t
 from gtbus.attest.policy import load_policy
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role
-from gtbus.runbook.config import load_runbook
+from gtbus.runbook.config import Host, load_runbook
 from gtbus.runbook.control import check, down, node_argv, up
+from gtbus.runbook.hosts import HostShell
 
 ROOT = "run/platform/platform.platform.pub"
 
@@ -145,3 +146,22 @@ def test_a_real_holder_refuses_by_the_inline_policy(good: Path) -> None:
         down(rb, grace=3)
     assert "the orchestrator's emulated evidence is refused: version 'emulated' is 1, below the minimum 2" in out
     assert "Traceback" not in out
+
+
+def test_the_host_layer_writes_a_private_file_at_a_hostile_path(tmp_path: Path) -> None:
+    # The path and the text are data: a path full of shell syntax is one argument, the text goes on stdin.
+    sh = HostShell(Host("this", "local", str(tmp_path), sys.executable))
+    name = "run dir/$(touch CANARY); `touch CANARY` 'x\" -n.toml"
+    (tmp_path / "run dir").mkdir()
+    (tmp_path / name).write_text("old")
+    (tmp_path / name).chmod(0o644)
+    text = 'kind = "emulated"\n# $(touch CANARY)\n' + "é" * 10000
+    sh.write_private(name, text)
+    assert (tmp_path / name).read_text() == text and stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600
+    sh.write_private("new/deeper/p.toml", "x = 1\n")
+    assert stat.S_IMODE((tmp_path / "new" / "deeper").stat().st_mode) == 0o700
+    assert not list(tmp_path.rglob("CANARY")) and not list(tmp_path.rglob("*.tmp"))
+    (tmp_path / "a-file").write_text("")  # root ignores modes; a file where a folder must be stops anyone
+    with pytest.raises(ConfigError, match=r"^host this: could not write a-file/p.toml: .*a-file") as info:
+        sh.write_private("a-file/p.toml", "x")
+    assert "\n" not in str(info.value)
