@@ -313,8 +313,6 @@ def _ssh_options_problem(opts: list[str], *, pinned: bool = False) -> str | None
 
 def _attestation(t: dict[str, Any], runbook: Path, problems: list[str]) -> tuple[str, PolicySettings | None]:
     """``[attestation]``: a policy file on each holder's host (``policy``), or the policy itself inline, not both."""
-    if not t:
-        return "", None
     if "policy" in t:
         if set(t) != {"policy"}:
             problems.append(f"[attestation]: policy names a policy file, so the policy's own keys cannot be here too "
@@ -367,7 +365,7 @@ def load_runbook(path: str | Path) -> Runbook:
     hosts_t = _table(data, "hosts", problems)
     nodes_t = _table(data, "nodes", problems)
     attestation = _table(data, "attestation", problems, required=False)
-    attest_policy, attest_inline = _attestation(attestation, p, problems)
+    attest_policy, attest_inline = _attestation(attestation, p, problems) if isinstance(data.get("attestation"), dict) else ("", None)
     unknown = set(data) - {"deployment", "training", "pins", "hosts", "nodes", "attestation"}
     for k in sorted(unknown):
         problems.append(f"[{k}]: unknown table")

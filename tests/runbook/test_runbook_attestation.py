@@ -62,6 +62,7 @@ def test_an_inline_policy_is_read_here_and_passed_as_the_file_up_writes(good: Pa
     ("[attestation]\npolicy = 3", r"\[attestation\]: policy must be a non-empty string$"),
     ('[attestation]\nkind = "tdx"', r"\[attestation\]: roots must be a non-empty list"),
     ('[attestation]\ncolour = "red"', r"\[attestation\]: unknown key 'colour'"),
+    ("[attestation]\n", r"\[attestation\]: roots must be a non-empty list"),  # an empty table is no policy, not "none"
     (_inline("zz"), r"\[attestation\]: pinned.code is not hex: 'zz'$"),
     (_inline("ab" * 32, "grace_s = -1"), r"\[attestation\]: grace_s must be a number of seconds"),
     (_inline("ab" * 32, 'bundle = "attest-bundle"'),
