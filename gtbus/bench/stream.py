@@ -82,13 +82,17 @@ def stream_rate(*, curve: bool, total_bytes: int = 512 * MIB, frame_bytes: int =
         public, secret = zmq.curve_keypair()
         pull.setsockopt(zmq.CURVE_SERVER, 1)
         pull.setsockopt(zmq.CURVE_SECRETKEY, secret)
-        argv += ["--server-key", public.decode()]
+        # One argument with '=': a Z85 key may begin with '-', which argparse would read as an option.
+        argv += [f"--server-key={public.decode()}"]
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     argv += ["--endpoint", f"tcp://127.0.0.1:{port}"]
     child = subprocess.Popen(argv)
     rates: list[float] = []
     try:
         for _ in range(connections):  # every connection is up (handshake done) before timing
+            while not pull.poll(100):  # a sender that failed to start ends the wait at once
+                if child.poll() is not None:
+                    raise RuntimeError(f"stream sender exited with status {child.returncode} before sending")
             if pull.recv() != _HELLO:
                 raise RuntimeError("stream sender spoke out of turn")
         for _ in range(reps):
@@ -158,6 +162,11 @@ def stream_table(res: Result, *, total_bytes: int, reps: int, connections: Seque
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    _send(args.endpoint, args.server_key, args.frames, args.frame_bytes, args.connections)
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gtbus.bench.stream")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("send", help="internal: the sending side")
@@ -166,8 +175,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     s.add_argument("--frames", type=int, required=True)
     s.add_argument("--frame-bytes", type=int, required=True)
     s.add_argument("--connections", type=int, default=1)
-    args = p.parse_args(argv)
-    _send(args.endpoint, args.server_key, args.frames, args.frame_bytes, args.connections)
+    return p
 
 
 if __name__ == "__main__":

@@ -33,3 +33,12 @@ def test_ship_section_records_the_anchor_the_paths_and_every_goal(tmp_path: Path
     assert names == ["ship / raw CurveZMQ stream (one connection), rate", "travel / ship at 0.25 MiB, speed"]
     assert all(g.measured > 0 for g in res.goals)
     assert [t.title.split(",")[0] for t in res.tables][:2] == ["Raw ZeroMQ stream", "Travel vs conventional ship"]
+
+
+def test_stream_sender_takes_keys_that_begin_with_a_dash() -> None:
+    # Z85 keys may begin with '-': CI once drew one, argparse took it for an option, the sender
+    # exited and the bench waited 120 s. The key now travels as one '--server-key=KEY' argument.
+    from gtbus.bench.stream import _parser
+
+    key = "-" + "a" * 39
+    assert _parser().parse_args(["send", "--endpoint", "tcp://127.0.0.1:1", f"--server-key={key}", "--frames", "1", "--frame-bytes", "1"]).server_key == key
