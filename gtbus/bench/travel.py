@@ -252,7 +252,10 @@ def measure_provisioning(chunk_bytes: int, reps: int, backend: str = "host", seg
 #: 2 MiB of tokens, which divides every talk cap (exact split); a checkpoint (1.6 GB) every 100 hops.
 WORKLOAD_DEFAULTS: dict[str, tuple[int, float, str | None, int, int, int]] = {
     "bytelm": (3, 24.0, None, 3072, 1, 200),
-    "gpt2": (2, 1200.0, TALK_CAPS, 600, 100, 100),
+    # 300 steps a run (one per 4 MiB of a hop's tokens): the whole table fits one 10-minute
+    # device call on an H200. With 600 the call was cut off in its tenth run (startup was
+    # 12-16 s a run, not the ~7 s predicted; bench/notes-perf.md, "GPT-2 table").
+    "gpt2": (2, 1200.0, TALK_CAPS, 300, 100, 100),
 }
 
 
