@@ -20,6 +20,7 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     checkpoint_every = 1             # write the checkpoint every N hops (and after the last)
     gpus = 1                         # GPU tokens travelling at once (the orchestrator's --gpus)
     merge_every = 0                  # with gpus > 1: average the replicas every N trained hops (0: every gpus hops)
+    merge = "average"                # how replicas merge: average, sum, or delta:LR (see gtbus orchestrator --merge)
 
     [pins]
     code = "auto"                    # or the hex printed by `gtbus measure`
@@ -93,6 +94,7 @@ from gtbus.attest.policy import PolicySettings, policy_from_table
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
 from gtbus.nodes.run_config import MAX_GPUS
+from gtbus.training.merge import DEFAULT_MERGE, merge_policy
 from gtbus.training.trainer import TRAINER_NAMES, WorkloadError, parse_steps
 
 
@@ -162,7 +164,7 @@ class Runbook:
 
 
 _TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0,
-                                      "checkpoint_every": 1, "gpus": 1, "merge_every": 0}
+                                      "checkpoint_every": 1, "gpus": 1, "merge_every": 0, "merge": DEFAULT_MERGE}
 
 
 def _int(value: Any) -> bool:
@@ -382,6 +384,12 @@ def load_runbook(path: str | Path) -> Runbook:
         problems.append(f"[training]: gpus must be an integer from 1 to {MAX_GPUS}")
     if not _int(training["merge_every"]) or training["merge_every"] < 0:
         problems.append("[training]: merge_every must be 0 (every gpus hops) or a positive integer")
+    try:
+        if not isinstance(training["merge"], str):
+            raise ConfigError("give average, sum, or delta:LR")
+        merge_policy(training["merge"])
+    except ConfigError as exc:
+        problems.append(f"[training]: merge: {exc}")
     if not isinstance(training["lease"], (int, float)) or training["lease"] <= 0:
         problems.append("[training]: lease must be a positive number of seconds")
     try:

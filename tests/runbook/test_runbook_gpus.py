@@ -25,12 +25,14 @@ def _with(good: Path, lines: str) -> Path:
 
 
 def test_gpus_and_merge_every_reach_the_orchestrator(good: Path) -> None:
-    rb = load_runbook(_with(good, "gpus = 2\nmerge_every = 3"))
+    rb = load_runbook(_with(good, 'gpus = 2\nmerge_every = 3\nmerge = "delta:1.5"'))
     argv = node_argv(rb, rb.orchestrator, "00" * 32)
     assert argv[argv.index("--gpus") + 1] == "2" and argv[argv.index("--merge-every") + 1] == "3"
+    assert argv[argv.index("--merge") + 1] == "delta:1.5"
     default = load_runbook(good)
     argv = node_argv(default, default.orchestrator, "00" * 32)
     assert argv[argv.index("--gpus") + 1] == "1" and argv[argv.index("--merge-every") + 1] == "0"
+    assert argv[argv.index("--merge") + 1] == "average"
 
 
 @pytest.mark.parametrize("line, words", [
@@ -41,6 +43,9 @@ def test_gpus_and_merge_every_reach_the_orchestrator(good: Path) -> None:
     ("gpus = 1e9", "gpus must be an integer from 1 to 64"),
     ("merge_every = -1", "merge_every must be 0"),
     ("merge_every = 2.5", "merge_every must be 0"),
+    ('merge = "mean"', "merge: "),
+    ('merge = "delta:-2"', "merge: "),
+    ("merge = 3", "merge: give average, sum, or delta:LR"),
 ])
 def test_bad_fleet_values_are_named(good: Path, line: str, words: str) -> None:
     with pytest.raises(ConfigError, match=r"\[training\]: " + words):
