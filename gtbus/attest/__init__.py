@@ -8,44 +8,7 @@
 Lower layers (gpu, messages) never import this package; nodes and the CLI do.
 """
 
-from gtbus.attest.verifier import (
-    KINDS,
-    MAX_EVIDENCE_SIZE,
-    NONCE_SIZE,
-    AttestationError,
-    CertState,
-    CertStatus,
-    Claims,
-    Evidence,
-    NoRevocation,
-    Policy,
-    Revocation,
-    RevocationSource,
-    Verifier,
-    require_min_versions,
-    require_nonce,
-    require_pinned,
-    run_binding,
-    version_at_least,
-)
+from gtbus.attest import verifier as _verifier
+from gtbus.attest.verifier import *  # noqa: F403 - the package's public names are the interface's
 
-__all__ = [
-    "KINDS",
-    "MAX_EVIDENCE_SIZE",
-    "NONCE_SIZE",
-    "AttestationError",
-    "CertState",
-    "CertStatus",
-    "Claims",
-    "Evidence",
-    "NoRevocation",
-    "Policy",
-    "Revocation",
-    "RevocationSource",
-    "Verifier",
-    "require_min_versions",
-    "require_nonce",
-    "require_pinned",
-    "run_binding",
-    "version_at_least",
-]
+__all__ = list(_verifier.__all__)  # one list, kept in verifier.py
