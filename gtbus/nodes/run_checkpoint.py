@@ -85,6 +85,7 @@ def run_checkpoint(orch: Orchestrator) -> Checkpoint:
         datasets={**orch.datasets, **{h: [m.total_tokens, m.digest] for h, m in orch.manifests.items()}},
         first_eval=orch.first_eval,
         last_eval=orch.last_eval,
+        workload={"trainer": orch.config.trainer, "backend": orch.device.name},
     )
 
 

@@ -255,12 +255,7 @@ class ByteLM:
         batch = windows.shape[0]
         rows = xp.arange(batch)
 
-        x = p["embed"][ctx].reshape(batch, cfg.context * cfg.embed)
-        h1 = xp.tanh(x @ p["w1"] + p["b1"])
-        h = h1
-        if cfg.layers == 2:
-            h = xp.tanh(h1 @ p["w2"] + p["b2"])
-        logits = h @ p["w_out"] + p["b_out"]
+        x, h1, h, logits = self._forward(ctx)
         # Stable log-softmax: subtract the row max before exponentiating.
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
@@ -289,6 +284,22 @@ class ByteLM:
         one_hot = (ctx.reshape(-1)[:, None] == self._vocab_ids[None, :]).astype(d_x.dtype)
         xp.matmul(one_hot.T, d_x, out=g["embed"])
         return loss
+
+    def next_byte_logits(self, contexts: Any) -> Any:
+        """Logits of the next byte after each row of ``contexts`` (``(B, context)`` byte ids): ``(B, 256)``; changes no state."""
+        return self._forward(contexts.astype(self.xp.int64, copy=False))[3]
+
+    def _forward(self, ctx: Any) -> tuple[Any, Any, Any, Any]:
+        # (input, first hidden layer, last hidden layer, logits): what the backward pass reuses.
+        cfg = self.config
+        p, xp = self._params, self.xp
+        batch = ctx.shape[0]
+        x = p["embed"][ctx].reshape(batch, cfg.context * cfg.embed)
+        h1 = xp.tanh(x @ p["w1"] + p["b1"])
+        h = h1
+        if cfg.layers == 2:
+            h = xp.tanh(h1 @ p["w2"] + p["b2"])
+        return x, h1, h, h @ p["w_out"] + p["b_out"]
 
     def gradient_views(self) -> dict[str, Any]:
         """Named views of the gradient buffer filled by the last ``batch_loss(..., backward=True)``."""

@@ -47,6 +47,8 @@ class Checkpoint:
     datasets: dict[str, list[Any]] = field(default_factory=dict)
     first_eval: float | None = None
     last_eval: float | None = None
+    # which workload and device backend trained it: {"trainer": name, "backend": name}, for exports
+    workload: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, numpy.ndarray] = field(default_factory=dict)  # empty when read without the state
     scalars: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +76,7 @@ class Checkpoint:
             "scalars": self.scalars,
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
+            "workload": self.workload,
         }
 
 
@@ -105,6 +108,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, state: bool = True) -> Chec
             datasets=dict(meta.get("datasets") or {}),
             first_eval=meta.get("first_eval"),
             last_eval=meta.get("last_eval"),
+            workload={str(k): str(v) for k, v in dict(meta.get("workload") or {}).items()},
             arrays=arrays,
             scalars=dict(meta.get("scalars") or {}),
         )
