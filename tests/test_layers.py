@@ -34,6 +34,7 @@ RANK = {
     "transport": 4,
     "nodes": 5,
     "bench": 6, "replay": 6, "runbook": 6, "testing": 6,
+    "export": 6,  # the trained model as files, and text from it: a tool over training, gpu and nodes
     "cli": 7, "__main__": 7, "": 7,  # "": gtbus/__init__.py, the public face
 }
 #: Imports within one layer, between different parts of it, that are allowed.
