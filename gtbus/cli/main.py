@@ -252,17 +252,21 @@ def _register_subcommands() -> None:
     from gtbus.cli import attest as attest_cmd
     from gtbus.cli import bench as bench_cmd
     from gtbus.cli import data as data_cmd
+    from gtbus.cli import export as export_cmd
     from gtbus.cli import nodes as nodes_cmd
     from gtbus.cli import runbook as runbook_cmd
+    from gtbus.cli import sample as sample_cmd
     from gtbus.cli import sim as sim_cmd
     from gtbus.cli import status as status_cmd
 
     main.add_command(data_cmd.data)
+    main.add_command(export_cmd.export)
     main.add_command(attest_cmd.attest)
     main.add_command(bench_cmd.bench)
     main.add_command(status_cmd.status)
     main.add_command(runbook_cmd.runbook)
     main.add_command(sim_cmd.sim)
+    main.add_command(sample_cmd.sample)
     for cmd in nodes_cmd.COMMANDS:
         main.add_command(cmd)
 

@@ -261,7 +261,10 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
     dep = LocalDeployment(LocalRun(run_dir=run, holders=n_holders, mode=mode, rounds=rounds, chunk_tokens=chunk_tokens, steps=steps,
                                    bytes_per_holder=kib_per_holder * 1024, gpus=gpus, merge_every=merge_every))
     summary = dep.run_to_end(say)
+    samples = _demo_samples(run / "export")
     if as_json:
+        for line in samples:
+            say(line)
         click.echo(json.dumps(summary, indent=1))
         return
     click.echo("")
@@ -276,6 +279,31 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
     ]
     for k, v in rows:
         click.echo(f"{k:<20}{v}")
+    for line in samples:
+        click.echo(line)
+
+
+#: What the demo's models are asked to continue: the corpus is Python source.
+DEMO_PROMPT = b"    def "
+
+
+def _demo_samples(out: Path, n_bytes: int = 72, seed: int = 0) -> list[str]:
+    """Export the run's final model to ``out``; lines showing it beside the untrained model, same prompt and seed."""
+    from gtbus.export.model_files import export_model, load_export
+    from gtbus.export.sample import generate, render
+
+    run_dir = out.parent
+    exported = export_model(run_dir, out)
+    loaded = load_export(out)
+    shown = {
+        "trained": generate(loaded.trainer, DEMO_PROMPT, n_bytes, seed=seed),
+        "untrained": generate(loaded.untrained(), DEMO_PROMPT, n_bytes, seed=seed),
+    }
+    prompt = render(DEMO_PROMPT, one_line=True)
+    return [
+        f"{'exported model':<20}{out}  ({', '.join(exported.files)}; try: gtbus sample {out} --prompt 'import ')",
+        *(f"{'sample, ' + name:<20}{prompt}{render(text, one_line=True)}" for name, text in shown.items()),
+    ]
 
 
 COMMANDS = [orchestrator, holder, agent, measure, demo]
