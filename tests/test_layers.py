@@ -31,6 +31,7 @@ RANK = {
     "messages": 1,
     "gpu": 2, "training": 2, "recording": 2,
     "protocol": 3, "attest": 3,
+    "provenance": 3,  # manifests, receipts, chunk commitments: over messages and private_files
     "transport": 4,
     "nodes": 5,
     "bench": 6, "replay": 6, "runbook": 6, "testing": 6,

@@ -192,16 +192,30 @@ class TokenAck:
     token_id: str
 
 
+#: A chunk commitment's size: the holder's keyed BLAKE3 of the chunk's plaintext (gtbus.provenance.commitment).
+CHUNK_COMMITMENT_SIZE = 32
+
+
 @message("token.return", senders=HOLDER, fenced=True)
 @dataclass(frozen=True)
 class TokenReturn:
-    """The holder has written its segments, closed its mapping and gives the token back."""
+    """The holder has written its segments, closed its mapping and gives the token back.
+
+    ``chunk_commitment`` is the holder's signed claim of which plaintext it sent:
+    a keyed BLAKE3 hash (key known only to the holder) of the chunk's token bytes.
+    It goes into the training manifest and the holder's receipt.
+    """
 
     token_id: str
     chunk_index: int
     segments: int
     nbytes: int
     ciphertext_digest: bytes
+    chunk_commitment: bytes
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.chunk_commitment, bytes) and len(self.chunk_commitment) == CHUNK_COMMITMENT_SIZE):
+            raise ValueError(f"token.return: chunk_commitment must be {CHUNK_COMMITMENT_SIZE} bytes")
 
 
 @message("token.decline", senders=HOLDER, fenced=True)
@@ -292,6 +306,15 @@ class RunComplete:
     """The schedule is done; broadcast, ``summary`` holds :data:`RUN_PUBLIC_FIELDS`; sent to an observer, the whole table."""
 
     summary: dict[str, Any]
+
+
+@message("run.receipt", senders=ORCH)
+@dataclass(frozen=True)
+class RunReceipt:
+    """Sent to one holder at the run's end: its own trained hops, as a document signed on its own
+    (gtbus.provenance.receipt), which the holder checks and keeps."""
+
+    receipt: dict[str, Any]
 
 
 @message("shutdown", senders=ORCH, broadcast=True)

@@ -16,7 +16,13 @@ orchestrator's signature, recipient, freshness, epoch fence):
 
 Only then does it map the hop's staging buffer, seal its chunk into it
 segment by segment (plaintext never leaves this process except as AEAD
-ciphertext), unmap, and return the token with the segment count and a digest.
+ciphertext), unmap, and return the token with the segment count, a digest,
+and its commitment to the chunk (:mod:`gtbus.provenance.commitment`: keyed by
+a secret only this holder has, so the manifest that lists it reveals nothing).
+
+When the run completes, the orchestrator sends it a receipt of its own hops;
+the holder checks every value (:func:`gtbus.provenance.receipt.accept_receipt`)
+and keeps it in its receipts folder, or refuses it with one line and keeps nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import asyncio
 import logging
 import os
 import time
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import numpy
@@ -46,6 +53,7 @@ from gtbus.messages.types import (
     HopReport,
     Refusal,
     RunComplete,
+    RunReceipt,
     Shutdown,
     TokenAck,
     TokenDecline,
@@ -59,6 +67,10 @@ from gtbus.nodes.hop_phases import HOLDER_PHASES, PhaseClock, describe
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.ship_sender import stream_segments
+from gtbus.private_files import private_dir
+from gtbus.provenance.commitment import chunk_commitment, commitment_key
+from gtbus.provenance.document import ProvenanceError, write_document
+from gtbus.provenance.receipt import accept_receipt
 from gtbus.protocol.holder_hop import (
     Granted,
     HolderMachine,
@@ -75,7 +87,10 @@ from gtbus.protocol.holder_hop import (
 from gtbus.training.shards import Dataset
 from gtbus.transport.base import Delivery
 
-_Summary = tuple[int, int, bytes]  # segments, bytes and ciphertext digest the holder wrote
+_Summary = tuple[int, int, bytes, bytes]  # segments, bytes, ciphertext digest the holder wrote, its chunk commitment
+
+#: Seconds a holder whose run completed waits for its receipt before it exits (the run never waits for it).
+RECEIPT_WAIT_S = 5.0
 
 
 class Holder:
@@ -94,8 +109,15 @@ class Holder:
         on_event: Callable[[str], None] | None = None,
         agent: NodeRuntime | None = None,
         appraiser: Appraiser | None = None,
+        receipts_dir: Path | None = None,
     ) -> None:
         self.rt = runtime
+        # Where accepted receipts are kept (default: RUN_DIR/receipts/NAME), one file per run.
+        self.receipts_dir = receipts_dir or runtime.run_dir / "receipts" / runtime.name
+        self.receipt: Path | None = None  # the receipt stored for this run
+        self._receipt_settled = asyncio.Event()  # a receipt came and was stored or refused
+        self._completed = False  # the run completed (not merely shut down): a receipt is on its way
+        self.rounds = 1
         # A holder on another server than the GPU writes through the device agent there.
         self.agent = agent
         self.dataset = dataset
@@ -132,6 +154,7 @@ class Holder:
         runtime.on(RunComplete, self._on_complete)
         runtime.on(Shutdown, self._on_complete)
         runtime.on(HopReport, self._on_hop_report)
+        runtime.on(RunReceipt, self._on_receipt)
 
     async def register(self, *, attempts: int = 30, timeout: float = 2.0) -> Welcome:
         """Register the dataset manifest; verify the orchestrator's measurement (retries while it starts)."""
@@ -142,6 +165,8 @@ class Holder:
         welcome: Welcome = acc.message
         self.verifier.verify(SignedReport.from_wire(welcome.report), run_id=welcome.run_id)
         self.chunk_tokens = self._run_chunk_tokens(welcome)
+        rounds = welcome.schedule.get("rounds")
+        self.rounds = rounds if type(rounds) is int and 1 <= rounds <= 1 << 20 else 1
         self.run_id = welcome.run_id
         self._server_session = acc.header.session
         self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
@@ -205,7 +230,46 @@ class Holder:
             self._reregistering = asyncio.create_task(self.register())
 
     async def _on_complete(self, acc: Accepted[RunComplete | Shutdown], delivery: Delivery) -> None:
+        if isinstance(acc.message, RunComplete):
+            self._completed = True
         self.done.set()
+
+    def _commitment(self, plain: memoryview | bytes, run_id: str) -> bytes:
+        """This holder's commitment to a chunk of run ``run_id`` (its key never leaves this process)."""
+        return chunk_commitment(commitment_key(bytes(self.rt.identity.signing_key), run_id), plain)
+
+    def _commitment_of(self, run_id: str) -> Callable[[int], bytes | None]:
+        count = self.dataset.chunk_count(self.chunk_tokens)
+
+        def of(index: int) -> bytes | None:
+            if not 0 <= index < count:
+                return None
+            chunk = numpy.ascontiguousarray(self.dataset.chunk(index, self.chunk_tokens), dtype="<u2")
+            return self._commitment(memoryview(chunk).cast("B"), run_id)
+
+        return of
+
+    async def _on_receipt(self, acc: Accepted[RunReceipt], delivery: Delivery) -> None:
+        if acc.header.sender != self.rt.server or self.run_id is None:
+            return
+        try:
+            server = self.rt.roster[self.rt.server]
+            max_hops = self.dataset.chunk_count(self.chunk_tokens) * self.rounds
+            r = await asyncio.to_thread(
+                accept_receipt, acc.message.receipt, holder=self.rt.name, run_id=self.run_id,
+                orchestrator_key=server.ed25519, max_hops=max_hops, commitment_of=self._commitment_of(self.run_id),
+            )
+            path = self.receipts_dir / f"{r.run_id}.json"
+            private_dir(self.receipts_dir)
+            write_document(path, r.doc, mode=0o600)
+        except (ProvenanceError, GtbusError) as exc:
+            self.log.error("refused the receipt: %s", exc)
+            self.on_event(f"{self.rt.name}: refused the orchestrator's receipt: {exc}")
+            self._receipt_settled.set()
+            return
+        self.receipt = path
+        self.on_event(f"{self.rt.name}: receipt of run {r.run_id} checked and stored in {path} ({len(r.hops)} trained hops of its chunks)")
+        self._receipt_settled.set()
 
     async def _on_hop_report(self, acc: Accepted[HopReport], delivery: Delivery) -> None:
         # Only ever our own hop's (the orchestrator sends no one else's); a stray one is ignored.
@@ -253,7 +317,7 @@ class Holder:
     async def _send_return(self, a: SendReturn, grant: TokenGrant | None, summary: _Summary | None) -> None:
         assert grant is not None and summary is not None
         self.faults.before_return()
-        await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, summary[0], summary[1], summary[2]), epoch=a.epoch)
+        await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, *summary), epoch=a.epoch)
         self._clock.mark("return_sent")
         self.hops_provisioned += 1
         self._prefetch_soon(grant.chunk_index + 1)
@@ -315,14 +379,20 @@ class Holder:
             clock.mark("chunk_read")
             count = segment_count(len(plain), params.segment_size)
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
+            # The commitment is hashed on another thread while the chunk is sealed (BLAKE3 releases the GIL).
+            committing = asyncio.ensure_future(asyncio.to_thread(self._commitment, plain, g.run_id))
             await self.faults.after_ack()
             mapping = None
-            if g.mode == "travel" and self.agent is not None:
-                summary = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
-            elif g.mode == "travel":
-                summary, mapping = await asyncio.to_thread(self._write_travel, params, plain, ctx, clock)
-            else:
-                summary = await self._write_ship(g, epoch, params, plain, ctx)
+            try:
+                if g.mode == "travel" and self.agent is not None:
+                    written = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
+                elif g.mode == "travel":
+                    written, mapping = await asyncio.to_thread(self._write_travel, params, plain, ctx, clock)
+                else:
+                    written = await self._write_ship(g, epoch, params, plain, ctx)
+            finally:
+                commitment = await committing
+            summary = (*written, commitment)
         except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
             self.refused.append(str(exc))
             self.log.error("hop %d failed: %s", epoch, exc)
@@ -345,7 +415,7 @@ class Holder:
         StopWriting: _stop_writing,
     }
 
-    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext, clock: PhaseClock) -> tuple[_Summary, Any]:
+    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext, clock: PhaseClock) -> tuple[tuple[int, int, bytes], Any]:
         """Seal into the hop's staging; returns the summary and the mapping, still open (the caller unmaps after the return)."""
         mapping = self.staging.map_staging(params.buffer_handle)
         clock.mark("map")
@@ -363,7 +433,7 @@ class Holder:
 
     async def _write_ship(
         self, g: TokenGrant, epoch: int, params: ChannelParams, plain: memoryview, ctx: SegmentContext, via: NodeRuntime | None = None
-    ) -> _Summary:
+    ) -> tuple[int, int, bytes]:
         """Seal and stream the segments (ship_sender): to the orchestrator (ship) or the device agent (remote travel)."""
         current = lambda: self.machine.is_current(g.token_id, epoch)  # noqa: E731
         s = await stream_segments(via or self.rt, g.token_id, epoch, params, plain, ctx, current)
@@ -422,3 +492,9 @@ class Holder:
                 await asyncio.wait_for(self.done.wait(), min(left, 1.0))
             except asyncio.TimeoutError:
                 pass
+        if self._completed and self.hops_provisioned:
+            # The receipt is sent before the run's end is announced, on another socket: it may come just after.
+            try:
+                await asyncio.wait_for(self._receipt_settled.wait(), RECEIPT_WAIT_S)
+            except asyncio.TimeoutError:
+                self.on_event(f"{self.rt.name}: no receipt from the orchestrator within {RECEIPT_WAIT_S:g}s (the manifest can still be checked with --data)")

@@ -352,6 +352,10 @@ class HopRunner:
         r.train_s, r.eval_s = t4 - t3, (t3 - t2) + (t5 - t4)
         self.mark("train")
         self.orch.note_eval(before)
+        # The manifest's chain of model digests: this hop's model before (taken for the grant) and after.
+        returned = self.machine.returned
+        assert returned is not None  # Train follows only an accepted return
+        self.orch.provenance.trained(self.machine.epoch, returned.commitment, self.model_before, self.device.measure(*self.trainer.parameter_views()))
         return Trained(report.loss_first, report.loss_last, before, after)
 
     def _trains_off_loop(self) -> bool:

@@ -102,11 +102,13 @@ from gtbus.nodes.hop_runner import HopRunner
 from gtbus.nodes.lane import Lane, token_id_of
 from gtbus.nodes.run_checkpoint import lane_state, resume_run, run_checkpoint
 from gtbus.nodes.run_config import RunConfig
+from gtbus.nodes.run_provenance import manifest_path, send_receipts, write_run_manifest
 from gtbus.nodes.bulletin import Bulletin
 from gtbus.nodes.run_summary import HopResult, fleet_summary, hop_progress, run_summary
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.staging_pool import StagingPool
 from gtbus.private_files import private_dir
+from gtbus.provenance.ledger import ProvenanceLedger
 from gtbus.protocol.enrolment import Enrolment, Refused
 from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.schedule import Assignment, Schedule
@@ -173,6 +175,7 @@ class Orchestrator:
         self.merge_s = 0.0
         self.trained_since_merge = 0  # trained hops of the fleet since the last merge
         self.lanes_failed: list[dict[str, Any]] = []
+        self.provenance = ProvenanceLedger()  # commitments and model digests of the trained hops (the manifest's)
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
         self.current: HopRunner | None = None  # the hop of any lane started last (with one lane: in progress, or the last one)
@@ -310,7 +313,7 @@ class Orchestrator:
 
     async def _on_return(self, acc: Accepted[TokenReturn], delivery: Delivery) -> None:
         h, m = acc.header, acc.message
-        v, _ = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes))
+        v, _ = self._feed(Returned(h.sender, h.epoch, m.token_id, m.chunk_index, m.segments, m.nbytes, m.chunk_commitment))
         if not v.accepted:
             self.log.warning("ignored return from %s: %s", h.sender, v.reason)
 
@@ -342,6 +345,8 @@ class Orchestrator:
         self.loaded_code = loaded_code(self.trainer, self.device)
         if self.config.resume:
             self._load_checkpoint()
+        if not self.provenance.initial_model:
+            self.provenance.initial_model = self.device.measure(*self.trainer.parameter_views())
         self.merge.start(self.trainer)  # every replica is this model now: later updates are measured from it
         # The first hop's buffers are made now, while holders register, as every
         # later hop's are made while the hop before it trains (no grant names them yet).
@@ -389,7 +394,11 @@ class Orchestrator:
             self._save_checkpoint()  # merges what the lanes trained since the last merge first
         for lane in self.lanes:
             lane.staging.release_spares()
+        # What trained the model, signed; each holder's share sent to it before the end is announced.
+        manifest = write_run_manifest(self)
+        await send_receipts(self, manifest)
         summary = self.summary()
+        summary["manifest"] = str(manifest_path(self.config.run_dir))
         self.complete = True
         self.rt.state_label = "complete"
         await self.bulletin.run_complete(summary)
@@ -537,6 +546,8 @@ class Orchestrator:
         took = time.perf_counter() - t
         self.merges += 1
         self.merge_s += took
+        merged = [h.epoch for lane in live for h in lane.unsaved]
+        self.provenance.merged(self.last_epoch, merged, live[0].device.measure(*live[0].trainer.parameter_views()))
         self.log.info("merge %d (%s): merged %d replicas after %d trained hops in %.1f ms", self.merges, self.merge.name, len(live), self.trained_since_merge, took * 1e3)
         self.trained_since_merge = 0
         for lane in live:

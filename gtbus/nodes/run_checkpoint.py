@@ -17,6 +17,10 @@ Rules (DESIGN §7, "Orchestrator dies"):
   and a resume does everything after it again. A trained hop whose training
   was thrown away with its replica (rolled back, retired) says ``discarded``
   in its record; its chunk was put back into the round before the checkpoint.
+* The run's provenance ledger (:mod:`gtbus.provenance.ledger`: each trained
+  hop's chunk commitment and model digests, the merges) is kept beside the
+  hops, so a resumed run's manifest lists every hop its model holds; a resume
+  notes the epochs issued before the crash that the checkpoint does not hold.
 * A fleet (K lanes) is checkpointed only where no hop is in flight, right
   after a merge: the first serving lane's trainer state is stored as a single
   model's (so a one-GPU run resumes it), and every other serving lane's whole
@@ -40,6 +44,7 @@ from gtbus.errors import ConfigError
 from gtbus.nodes.run_summary import HopResult
 from gtbus.protocol.fleet import FleetSchedule
 from gtbus.protocol.schedule import Schedule
+from gtbus.provenance.ledger import ProvenanceLedger
 from gtbus.training.checkpoint import Checkpoint
 
 if TYPE_CHECKING:  # the shell whose state this is; imported for types only
@@ -85,6 +90,7 @@ def run_checkpoint(orch: Orchestrator) -> Checkpoint:
         datasets={**orch.datasets, **{h: [m.total_tokens, m.digest] for h, m in orch.manifests.items()}},
         first_eval=orch.first_eval,
         last_eval=orch.last_eval,
+        provenance=orch.provenance.to_state(),
         workload={"trainer": orch.config.trainer, "backend": orch.device.name},
     )
 
@@ -102,6 +108,9 @@ def resume_run(orch: Orchestrator, ckpt: Checkpoint) -> None:
     for lane in orch.lanes:
         lane.trainer.load_state_dict(lane_state(state, lane.index))
     orch.run_id = ckpt.run_id
+    # Epochs up to the reservation may have been issued (and trained) before the crash: the checkpoint holds none after its own.
+    orch.provenance = ProvenanceLedger.from_state(ckpt.provenance, str(orch.checkpoint_path))
+    orch.provenance.resumed(ckpt.epoch, orch.epochs.reserved_upto)
     try:
         if ckpt.schedule:
             orch.fleet = _fleet_of(ckpt.schedule, len(orch.lanes))

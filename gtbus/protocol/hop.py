@@ -174,11 +174,16 @@ class Acked(TokenMessage):
 
 @dataclass(frozen=True)
 class Returned(TokenMessage):
-    """A ``token.return``: the holder says it wrote ``nbytes`` of chunk ``chunk_index`` in ``segments``."""
+    """A ``token.return``: the holder says it wrote ``nbytes`` of chunk ``chunk_index`` in ``segments``.
+
+    ``commitment`` is the holder's signed chunk commitment; the machine decides
+    nothing by it, the hop's provenance keeps the one of the return it accepted.
+    """
 
     chunk_index: int
     segments: int
     nbytes: int
+    commitment: bytes = b""
 
 
 @dataclass(frozen=True)

@@ -417,7 +417,7 @@ def _by_time(logs: list[list[LogRecord]]) -> list[LogRecord]:
 
 _WIRE: dict[str, Callable[[Header, Any], HopEvent]] = {
     "token.ack": lambda h, b: Acked(h.sender, h.epoch, b.token_id),
-    "token.return": lambda h, b: Returned(h.sender, h.epoch, b.token_id, b.chunk_index, b.segments, b.nbytes),
+    "token.return": lambda h, b: Returned(h.sender, h.epoch, b.token_id, b.chunk_index, b.segments, b.nbytes, b.chunk_commitment),
     "token.decline": lambda h, b: Declined(h.sender, h.epoch, b.token_id, b.reason),
 }
 

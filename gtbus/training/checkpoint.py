@@ -47,6 +47,7 @@ class Checkpoint:
     datasets: dict[str, list[Any]] = field(default_factory=dict)
     first_eval: float | None = None
     last_eval: float | None = None
+    provenance: dict[str, Any] | None = None  # the run's provenance ledger (gtbus.provenance.ledger), plain data
     # which workload and device backend trained it: {"trainer": name, "backend": name}, for exports
     workload: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, numpy.ndarray] = field(default_factory=dict)  # empty when read without the state
@@ -76,6 +77,7 @@ class Checkpoint:
             "scalars": self.scalars,
             "first_eval": self.first_eval,
             "last_eval": self.last_eval,
+            "provenance": self.provenance,
             "workload": self.workload,
         }
 
@@ -108,6 +110,7 @@ def read_checkpoint(path: str | os.PathLike[str], *, state: bool = True) -> Chec
             datasets=dict(meta.get("datasets") or {}),
             first_eval=meta.get("first_eval"),
             last_eval=meta.get("last_eval"),
+            provenance=meta.get("provenance"),
             workload={str(k): str(v) for k, v in dict(meta.get("workload") or {}).items()},
             arrays=arrays,
             scalars=dict(meta.get("scalars") or {}),

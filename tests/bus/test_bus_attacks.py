@@ -149,10 +149,10 @@ def test_stale_epoch_from_a_paused_ex_holder(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with LiveBus(tmp_path) as bus:
             h1 = bus.h()
-            _, late = h1.signer.sign(TokenReturn("tok", 0, 1, 32, bytes(32)), "orch", epoch=3)
+            _, late = h1.signer.sign(TokenReturn("tok", 0, 1, 32, bytes(32), bytes(32)), "orch", epoch=3)
             bus.o.guard.raise_fence(4)  # meanwhile the token moved on to epoch 4
             await refused(bus, [bytes(f) for f in late], "stale-epoch")
-            _, current = h1.signer.sign(TokenReturn("tok", 1, 1, 32, bytes(32)), "orch", epoch=4)
+            _, current = h1.signer.sign(TokenReturn("tok", 1, 1, 32, bytes(32), bytes(32)), "orch", epoch=4)
             assert await bus.inject(current) == "accepted"
 
     run(scenario())

@@ -72,7 +72,7 @@ def test_hostile_manifests_are_refused_at_registration_and_a_fitting_one_is_admi
 
 
 def _huge_return(g: Any) -> TokenReturn:
-    return TokenReturn(g.token_id, g.chunk_index, 2**40, 2**62, b"\0" * 32)
+    return TokenReturn(g.token_id, g.chunk_index, 2**40, 2**62, b"\0" * 32, bytes(32))
 
 
 @pytest.mark.parametrize("mode", ["travel", "ship"])

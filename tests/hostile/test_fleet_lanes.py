@@ -46,7 +46,7 @@ def test_messages_naming_another_lane_or_no_lane_are_ignored(travel: Any, tmp_pa
             right = (g.chunk_index, 1, 2 * CHUNK)
             for token_id, e in [(other, epoch), ("gpu2", epoch), ("x" * 4000, epoch), ("", epoch), (g.token_id, epoch - 1), (g.token_id, 2**62)]:
                 await h2.send(TokenAck(token_id), e)
-                await h2.send(TokenReturn(token_id, *right, b"\0" * 32), e)
+                await h2.send(TokenReturn(token_id, *right, b"\0" * 32, bytes(32)), e)
             await wait_for_text(t.run_dir / "orchestrator.err", "unknown token 'xxxxxxxxxxxxxxxx'")
             rss.append(peak_rss_bytes(t.orchestrator.pid))
             # Its own hop is still its own: the decline ends it (declined, not rejected or revoked).

@@ -64,7 +64,7 @@ def test_a_tampered_segment_fails_only_its_hop_and_out_of_phase_segments_are_ref
             bad[100] ^= 0x01
             for i, blob in enumerate([blobs[0], bytes(bad)]):
                 await h2.send(ShipSegment(g.token_id, i, s.count), epoch, blobs=[blob])
-            await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest), epoch)
+            await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest, bytes(32)), epoch)
             await wait_for_text(t.run_dir / "orchestrator.err", "segment 1 of 2 did not authenticate")
             # 2. The retry, honest, with a duplicate segment and one after the return.
             g, epoch, params = await h2.next_grant()
@@ -72,7 +72,7 @@ def test_a_tampered_segment_fails_only_its_hop_and_out_of_phase_segments_are_ref
             blobs, s = _seal(params, welcome.run_id, epoch, "h2", plain)
             for i in (0, 0, 1):
                 await h2.send(ShipSegment(g.token_id, i, s.count), epoch, blobs=[blobs[i]])
-            await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest), epoch)
+            await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest, bytes(32)), epoch)
             await h2.send(ShipSegment(g.token_id, 0, s.count), epoch, blobs=[blobs[0]])
             # Refused whenever it lands: while the hop opens, or after it (another hop's, or fenced).
             err = t.run_dir / "orchestrator.err"

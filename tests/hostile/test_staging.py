@@ -99,7 +99,7 @@ def _assert_held(seen: dict[str, Any]) -> None:
 
 def _forged_return(g: Any, params: Any) -> TokenReturn:
     nbytes = CHUNK * 2
-    return TokenReturn(g.token_id, g.chunk_index, segment_count(nbytes, params.segment_size), nbytes, b"\0" * 32)
+    return TokenReturn(g.token_id, g.chunk_index, segment_count(nbytes, params.segment_size), nbytes, b"\0" * 32, bytes(32))
 
 
 async def _hop_record(t: Travel, epoch: int) -> dict[str, Any]:
@@ -220,7 +220,7 @@ def test_a_holder_writing_its_staging_during_the_epilogue_cannot_stop_the_run(tr
                 writer = threading.Thread(target=scribble)
                 writer.start()
                 try:
-                    await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest), epoch)
+                    await h2.send(TokenReturn(g.token_id, g.chunk_index, s.count, s.nbytes, s.ciphertext_digest, bytes(32)), epoch)
                     record = await _hop_record(t, epoch)
                 finally:
                     stop.set()

@@ -67,7 +67,7 @@ def test_a_holders_strings_and_every_outcome_draw_as_escaped_text(travel: Any, t
             g, epoch, _ = await h2.next_grant()
             await h2.send(TokenAck(g.token_id), epoch)  # and nothing more: the lease runs out
             g, epoch, _ = await h2.next_grant()
-            await h2.send(TokenReturn(g.token_id, g.chunk_index, 2**40, 2**62, bytes(32)), epoch)
+            await h2.send(TokenReturn(g.token_id, g.chunk_index, 2**40, 2**62, bytes(32), bytes(32)), epoch)
             await h2.decline_until_done()
 
     run_async(scenario(), timeout=150)

@@ -129,6 +129,7 @@ CONSTRAINED_VALUES: dict[tuple[str, str], Any] = {
     ("token.grant", "mode"): "ship",
     ("attest.request", "nonce"): b"n" * 32,
     ("attest.request", "kind"): "emulated",
+    ("token.return", "chunk_commitment"): b"c" * 32,
 }
 
 

@@ -413,7 +413,7 @@ def test_stale_epoch_after_fence(dep, clock, make_pipeline):
 def TokenReturnLike():
     from gtbus.messages.types import TokenReturn
 
-    return TokenReturn(token_id="tok", chunk_index=1, segments=4, nbytes=1 << 20, ciphertext_digest=b"\x03" * 32)
+    return TokenReturn(token_id="tok", chunk_index=1, segments=4, nbytes=1 << 20, ciphertext_digest=b"\x03" * 32, chunk_commitment=b"\x04" * 32)
 
 
 def test_old_session_after_a_newer_one(dep, clock, orch_to_h1):

@@ -50,13 +50,13 @@ async def decline(h: NodeRuntime, g: TokenGrant, epoch: int) -> None:
 
 async def return_other_chunk(h: NodeRuntime, g: TokenGrant, epoch: int) -> None:
     await h.send(TokenAck(g.token_id), epoch=epoch)
-    await h.send(TokenReturn(g.token_id, g.chunk_index + 7, 1, CHUNK_BYTES, b"d" * 32), epoch=epoch)
+    await h.send(TokenReturn(g.token_id, g.chunk_index + 7, 1, CHUNK_BYTES, b"d" * 32, bytes(32)), epoch=epoch)
 
 
 async def return_unwritten(h: NodeRuntime, g: TokenGrant, epoch: int) -> None:
     # The right chunk, bytes and segment count: but nothing was written under the hop's key.
     await h.send(TokenAck(g.token_id), epoch=epoch)
-    await h.send(TokenReturn(g.token_id, g.chunk_index, segment_count(CHUNK_BYTES, 4 << 20), CHUNK_BYTES, b"d" * 32), epoch=epoch)
+    await h.send(TokenReturn(g.token_id, g.chunk_index, segment_count(CHUNK_BYTES, 4 << 20), CHUNK_BYTES, b"d" * 32, bytes(32)), epoch=epoch)
 
 
 async def stay_silent(h: NodeRuntime, g: TokenGrant, epoch: int) -> None:

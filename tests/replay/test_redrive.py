@@ -32,7 +32,7 @@ def _holder_log(tmp: Path, *, plant: bool) -> tuple[Path, int | None]:
         rec.record("in", g, "accepted")
         _, a = h1.sign(TokenAck(TOKEN), "orch", epoch=epoch)
         rec.record("out", a, "sent")
-        _, r = h1.sign(TokenReturn(TOKEN, epoch - 1, 1, 10, b"d" * 32), "orch", epoch=epoch)
+        _, r = h1.sign(TokenReturn(TOKEN, epoch - 1, 1, 10, b"d" * 32, bytes(32)), "orch", epoch=epoch)
         rec.record("out", r, "sent")
         if plant and epoch == 2:
             # Doctored: a grant for an old epoch accepted and acknowledged as if fresh.
@@ -73,7 +73,7 @@ def _orch_log(tmp: Path, epochs: list[int]) -> tuple[Path, list[int]]:
         grant_records.append(read_log(path)[-1].index)
         _, a = hs[holder].sign(TokenAck(TOKEN), "orch", epoch=epoch)
         rec.record("in", a, "accepted")
-        _, r = hs[holder].sign(TokenReturn(TOKEN, k, 1, 10, b"d" * 32), "orch", epoch=epoch)
+        _, r = hs[holder].sign(TokenReturn(TOKEN, k, 1, 10, b"d" * 32, bytes(32)), "orch", epoch=epoch)
         rec.record("in", r, "accepted")
         _, hr = orch.sign(HopRecord(epoch, holder, k, "trained", {"nbytes": 10}), "*", epoch=epoch)
         rec.record("out", hr, "sent", channel="event")

@@ -95,7 +95,7 @@ def test_a_holder_return_after_its_revoke_is_found(tmp_path: Path) -> None:
     rec.record("out", a, "sent")
     _, rv = orch.sign(TokenRevoke(TOKEN, "lease expired"), "h1", epoch=1)
     rec.record("in", rv, "accepted")
-    _, r = h1.sign(TokenReturn(TOKEN, 0, 1, 10, b"d" * 32), "orch", epoch=1)
+    _, r = h1.sign(TokenReturn(TOKEN, 0, 1, 10, b"d" * 32, bytes(32)), "orch", epoch=1)
     rec.record("out", r, "sent")
     index = read_log(path)[-1].index
     rec.close()

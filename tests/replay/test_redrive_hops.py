@@ -62,7 +62,7 @@ def write_log(tmp: Path, hops: list[Hop]) -> tuple[Path, list[int]]:
         if hop.declined:
             rec.record("in", h1.sign(TokenDecline(TOKEN, "measurement not pinned"), "orch", epoch=epoch)[1], "accepted")
         if hop.returned_chunk is not None:
-            rec.record("in", h1.sign(TokenReturn(TOKEN, hop.returned_chunk, 1, 10, b"d" * 32), "orch", epoch=epoch)[1], "accepted")
+            rec.record("in", h1.sign(TokenReturn(TOKEN, hop.returned_chunk, 1, 10, b"d" * 32, bytes(32)), "orch", epoch=epoch)[1], "accepted")
         if hop.revoke_to_holder:
             rec.record("out", orch.sign(TokenRevoke(TOKEN, "over"), "h1", epoch=epoch)[1], "sent")
         to_agent = hop.outcome in ("revoked", "declined", "undelivered") if hop.revoke_to_agent is None else hop.revoke_to_agent

@@ -78,24 +78,24 @@ def _fleet_log(tmp: Path) -> tuple[Deployment, Path]:
     log.grant(2, "gpu1", "h2", 0)
     log.grant(3, "gpu2", "h3", 0)
     log.into(TokenAck("gpu0"), "h1", 1)
-    log.into(TokenReturn("gpu1", 0, 1, 64, bytes(32)), "h3", 2)  # not h2's hop: ends nothing
+    log.into(TokenReturn("gpu1", 0, 1, 64, bytes(32), bytes(32)), "h3", 2)  # not h2's hop: ends nothing
     log.into(TokenDecline("gpu1", "refused"), "h2", 2, verdict="rejected:bad-signature")  # refused on receipt: ends nothing
-    log.into(TokenReturn("gpu0", 0, 1, 64, bytes(32)), "h1", 1)
+    log.into(TokenReturn("gpu0", 0, 1, 64, bytes(32), bytes(32)), "h1", 1)
     log.into(TokenDecline("gpu1", HOSTILE_REASON), "h2", 2)
     log.settle(1, "h1", 0, "trained", losses=(5.5, 4.5))
     log.settle(2, "h2", 0, "declined", detail=f"declined: {HOSTILE_REASON}")
     log.out(TokenRevoke("gpu2", "lease expired"), "h3", 3)
     log.settle(3, "h3", 0, "revoked")
     log.grant(4, "gpu1", "h1", 1)
-    log.into(TokenReturn("gpu1", 1, 1, 64, bytes(32)), "h1", 4)
+    log.into(TokenReturn("gpu1", 1, 1, 64, bytes(32), bytes(32)), "h1", 4)
     log.settle(4, "h1", 1, "rejected", detail="segment 0 failed authentication")
     log.grant(5, "gpu0", "h2", 1)  # in flight when the orchestrator dies
     log.restart()
     log.grant(6, "gpu0", "h2", 1)
-    log.into(TokenReturn("gpu0", 1, 1, 64, bytes(32)), "h2", 6)
+    log.into(TokenReturn("gpu0", 1, 1, 64, bytes(32), bytes(32)), "h2", 6)
     log.settle(6, "h2", 1, "trained", losses=(4.0, float("nan")))  # a loss that is no number is not drawn
     log.grant(7, "gpu1", "h3", 1)
-    log.into(TokenReturn("gpu1", 1, 1, 64, bytes(32)), "h3", 7)
+    log.into(TokenReturn("gpu1", 1, 1, 64, bytes(32), bytes(32)), "h3", 7)
     log.settle(7, "h3", 1, "trained", losses=(4.2, 3.9))
     # Names and outcomes a crafted log could carry, signed by the orchestrator's key all the same.
     log.grant(8, HOSTILE_TOKEN, HOSTILE_HOLDER, 0, to="h1")
@@ -313,7 +313,7 @@ def test_a_clock_stepped_back_never_ends_a_hop_before_it_began(tmp_path: Path, m
     import gtbus.recording as recording
 
     for when, write in ((1000.0, lambda: log.grant(1, "gpu0", "h1", 0)),
-                        (990.0, lambda: log.into(TokenReturn("gpu0", 0, 1, 64, bytes(32)), "h1", 1)),  # an NTP step back
+                        (990.0, lambda: log.into(TokenReturn("gpu0", 0, 1, 64, bytes(32), bytes(32)), "h1", 1)),  # an NTP step back
                         (980.0, lambda: log.settle(1, "h1", 0, "trained", losses=(5.0, 4.0))),
                         (1010.0, lambda: log.grant(2, "gpu0", "h1", 1)),
                         (1005.0, lambda: log.rec.close())):

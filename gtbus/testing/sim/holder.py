@@ -183,7 +183,7 @@ class SimHolder(Registrant):
         if not self._live(inc) or not self.machine.is_current(g.token_id, epoch):
             return
         n, nbytes = self.chunk_shape(g.chunk_index)
-        self._send_return(g, epoch, TokenReturn(g.token_id, g.chunk_index, n, nbytes, b""))
+        self._send_return(g, epoch, TokenReturn(g.token_id, g.chunk_index, n, nbytes, b"", bytes(32)))
         self.machine.returned(g.token_id, epoch)
         self.provisioned += 1
 

@@ -97,7 +97,7 @@ class HostileHolder(SimHolder):
     def _squat(self, g: GrantBody, epoch: int) -> None:
         # Its own grant told it the token id and the epoch: it claims the next few hops.
         for e in (epoch + 1, epoch + 2):
-            self.world.on_node(self.name, 0.003, self.send, "return", TokenReturn(g.token_id, 0, 1, 2, b""), e)
+            self.world.on_node(self.name, 0.003, self.send, "return", TokenReturn(g.token_id, 0, 1, 2, b"", bytes(32)), e)
             self.world.on_node(self.name, 0.004, self.send, "ack", TokenAck(g.token_id), e)
             self.world.on_node(self.name, 0.005, self.send, "decline", TokenDecline(g.token_id, "mine"), e)
         for old in self._old_handles:
@@ -116,10 +116,10 @@ class HostileHolder(SimHolder):
         self.send("welcome", 0)
 
     def _other_epochs(self, g: GrantBody, epoch: int) -> None:
-        ret = TokenReturn(g.token_id, g.chunk_index, *self.chunk_shape(g.chunk_index), b"")
+        ret = TokenReturn(g.token_id, g.chunk_index, *self.chunk_shape(g.chunk_index), b"", bytes(32))
         self.send("return", ret, epoch - 1)
         self.send("return", ret, epoch + 1)
-        self.send("return", TokenReturn("t-forged", g.chunk_index, ret.segments, ret.nbytes, b""), epoch)
+        self.send("return", TokenReturn("t-forged", g.chunk_index, ret.segments, ret.nbytes, b"", bytes(32)), epoch)
         self.send("decline", TokenDecline(g.token_id, "old"), epoch - 1)
         self.send("ack", TokenAck("t-forged"), epoch)
 
@@ -161,7 +161,7 @@ class HostileHolder(SimHolder):
             return
         if b == "wrong-values" and self._now_hostile():
             body: dict[str, Any] = {"token_id": g.token_id, "chunk_index": ret.chunk_index, "segments": ret.segments,
-                                    "nbytes": ret.nbytes, "ciphertext_digest": b""}
+                                    "nbytes": ret.nbytes, "ciphertext_digest": b"", "chunk_commitment": bytes(32)}
             pick = self.world.rng.randrange(7)
             if pick == 0:
                 body["segments"] = _HUGE

@@ -349,7 +349,7 @@ class SimOrchestrator:
         if env.kind == "ack":
             event: HopEvent = Acked(env.src, env.epoch, msg.token_id)
         elif env.kind == "return":
-            event = Returned(env.src, env.epoch, msg.token_id, msg.chunk_index, msg.segments, msg.nbytes)
+            event = Returned(env.src, env.epoch, msg.token_id, msg.chunk_index, msg.segments, msg.nbytes, msg.chunk_commitment)
         else:
             event = Declined(env.src, env.epoch, msg.token_id, msg.reason)
         self._drive(hop, event)

@@ -1,0 +1,27 @@
+"""Fixtures for provenance tests: one real run shared by the tests that only read what it left."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+# The real-process deployment kit lives beside the node tests; reuse it, do not copy it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nodes"))
+
+from travel_kit import Travel  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Travel]:
+    """A completed 2-holder, 2-round run on the host backend (real processes, sockets, keys and files)."""
+    t = Travel(tmp_path_factory.mktemp("prov") / "run", holders=2, rounds=2, chunk_tokens=16384, steps="4", bytes_per_holder=48 * 1024)
+    try:
+        t.start()
+        t.finish()
+        yield t
+    finally:
+        t.close()
+
