@@ -164,10 +164,15 @@ def trainer_for(config: dict[str, Any], parameters: int) -> Trainer:
         elif trainer_name == "gpt2":
             from gtbus.training.pytorch import TorchTrainer, TorchTrainerConfig
 
-            sizes = {k: _int(shape, k) for k in ("vocab", "context", "layers", "heads", "dim")}
-            c = sizes["dim"]
-            count = (sizes["vocab"] + sizes["context"]) * c + sizes["layers"] * (12 * c * c + 13 * c) + 2 * c
-            trainer = TorchTrainer(lambda: _gpt(sizes), vocab=sizes["vocab"], config=TorchTrainerConfig(context=sizes["context"]))
+            try:
+                from gtbus.training.gpt import GPT, GPTConfig
+            except ImportError:
+                raise ConfigError("config.json: a gpt2 model needs torch to load: pip install torch") from None
+
+            gpt = GPTConfig(**{k: _int(shape, k) for k in ("vocab", "context", "layers", "heads", "dim")})
+            c = gpt.dim
+            count = (gpt.vocab + gpt.context) * c + gpt.layers * (12 * c * c + 13 * c) + 2 * c
+            trainer = TorchTrainer(lambda: GPT(gpt), vocab=gpt.vocab, config=TorchTrainerConfig(context=gpt.context))
         else:
             raise ConfigError(f"config.json: unknown trainer {printable_name(trainer_name)} (exportable: {', '.join(EXPORTABLE)})")
     except ValueError as exc:
@@ -187,12 +192,6 @@ def _int(shape: dict[str, Any], key: str) -> int:
     if type(value) is not int or not 1 <= value <= MAX_DIMENSION:
         raise ConfigError(f"config.json: shape.{key} must be an integer 1..{MAX_DIMENSION}, got {printable_name(value)}")
     return value
-
-
-def _gpt(sizes: dict[str, int]) -> Any:
-    from gtbus.training.gpt import GPT, GPTConfig
-
-    return GPT(GPTConfig(**sizes))
 
 
 def printable_name(value: object) -> str:
