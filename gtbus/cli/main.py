@@ -253,6 +253,7 @@ def _register_subcommands() -> None:
     from gtbus.cli import bench as bench_cmd
     from gtbus.cli import data as data_cmd
     from gtbus.cli import export as export_cmd
+    from gtbus.cli import receipt as receipt_cmd
     from gtbus.cli import nodes as nodes_cmd
     from gtbus.cli import runbook as runbook_cmd
     from gtbus.cli import sample as sample_cmd
@@ -261,6 +262,7 @@ def _register_subcommands() -> None:
 
     main.add_command(data_cmd.data)
     main.add_command(export_cmd.export)
+    main.add_command(receipt_cmd.holder_receipt)
     main.add_command(attest_cmd.attest)
     main.add_command(bench_cmd.bench)
     main.add_command(status_cmd.status)

@@ -128,8 +128,9 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
 @click.option("--agent-pub", default=None, help="The device agent's event endpoint.")
 @click.option("--attest-policy", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="The policy (TOML) the orchestrator's evidence must meet before the first provisioning; default: its platform key is --platform-pub and its code --pin-code.")
+@click.option("--receipts", "receipts_dir", type=click.Path(file_okay=False, path_type=Path), default=None, help="Where to keep the orchestrator's signed receipts of this holder's hops (default: RUN_DIR/receipts/NAME).")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests.")
-def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, attest_policy: Path | None, fault: str) -> None:
+def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, data_paths: tuple[Path, ...], raw: bool, router: str, pub: str, run_dir: Path, backend: str, chunk_tokens: int | None, orchestrator_timeout: float, agent_name: str | None, agent_router: str | None, agent_pub: str | None, attest_policy: Path | None, receipts_dir: Path | None, fault: str) -> None:
     """Run a data holder: register its dataset and write a chunk each time the token comes."""
     from gtbus.attest.appraiser import appraiser_for
     from gtbus.attest.policy import PolicySettings, emulated_policy, load_policy
@@ -167,7 +168,7 @@ def holder(key_path: Path, keys_dir: Path, platform_pub: Path, pin_code: str, da
                               run_dir=run_dir, server=agent_name, log_name=f"{identity.name}-to-{agent_name}", heartbeat_interval=0)
         h = Holder(rt, dataset, device_class(backend), verifier, chunk_tokens=chunk_tokens, faults=HolderFaults.parse(fault),
                    orchestrator_timeout=orchestrator_timeout,
-                   on_event=lambda s: click.echo(printable(s), err=True), agent=via, appraiser=appraiser)
+                   on_event=lambda s: click.echo(printable(s), err=True), agent=via, appraiser=appraiser, receipts_dir=receipts_dir)
         await rt.start()
         if via is not None:
             await via.start()

@@ -68,7 +68,7 @@ from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.ship_sender import stream_segments
 from gtbus.private_files import private_dir
-from gtbus.provenance.commitment import chunk_commitment, commitment_key
+from gtbus.provenance.commitment import chunk_commitment, commitment_key, dataset_commitments
 from gtbus.provenance.document import ProvenanceError, write_document
 from gtbus.provenance.receipt import accept_receipt
 from gtbus.protocol.holder_hop import (
@@ -238,17 +238,6 @@ class Holder:
         """This holder's commitment to a chunk of run ``run_id`` (its key never leaves this process)."""
         return chunk_commitment(commitment_key(bytes(self.rt.identity.signing_key), run_id), plain)
 
-    def _commitment_of(self, run_id: str) -> Callable[[int], bytes | None]:
-        count = self.dataset.chunk_count(self.chunk_tokens)
-
-        def of(index: int) -> bytes | None:
-            if not 0 <= index < count:
-                return None
-            chunk = numpy.ascontiguousarray(self.dataset.chunk(index, self.chunk_tokens), dtype="<u2")
-            return self._commitment(memoryview(chunk).cast("B"), run_id)
-
-        return of
-
     async def _on_receipt(self, acc: Accepted[RunReceipt], delivery: Delivery) -> None:
         if acc.header.sender != self.rt.server or self.run_id is None:
             return
@@ -257,7 +246,8 @@ class Holder:
             max_hops = self.dataset.chunk_count(self.chunk_tokens) * self.rounds
             r = await asyncio.to_thread(
                 accept_receipt, acc.message.receipt, holder=self.rt.name, run_id=self.run_id,
-                orchestrator_key=server.ed25519, max_hops=max_hops, commitment_of=self._commitment_of(self.run_id),
+                orchestrator_key=server.ed25519, max_hops=max_hops,
+                commitment_of=dataset_commitments(self.dataset, self.chunk_tokens, bytes(self.rt.identity.signing_key), self.run_id),
             )
             path = self.receipts_dir / f"{r.run_id}.json"
             private_dir(self.receipts_dir)

@@ -17,9 +17,16 @@ Rules:
 
 from __future__ import annotations
 
+from typing import Callable
+
 import blake3
+import numpy
 
 from gtbus.messages.types import CHUNK_COMMITMENT_SIZE
+from gtbus.training.shards import Dataset
+
+#: A holder's view of its chunks: the commitment to chunk ``index``, or None for a chunk it does not have.
+CommitmentOf = Callable[[int], "bytes | None"]
 
 #: The BLAKE3 derive_key context of the commitment key (changing it changes every commitment).
 CONTEXT = "gtbus chunk commitment v1"
@@ -37,3 +44,17 @@ def commitment_key(seed: bytes, run_id: str) -> bytes:
 def chunk_commitment(key: bytes, plaintext: bytes | memoryview) -> bytes:
     """The commitment (32 bytes) to one chunk's plaintext token bytes under ``key``."""
     return blake3.blake3(plaintext, key=key).digest(length=CHUNK_COMMITMENT_SIZE)
+
+
+def dataset_commitments(dataset: Dataset, chunk_tokens: int, seed: bytes, run_id: str) -> CommitmentOf:
+    """The holder's commitments to its own chunks of run ``run_id``, computed from its data on demand."""
+    key = commitment_key(seed, run_id)
+    count = dataset.chunk_count(chunk_tokens)
+
+    def of(index: int) -> bytes | None:
+        if not 0 <= index < count:
+            return None
+        tokens = numpy.ascontiguousarray(dataset.chunk(index, chunk_tokens), dtype="<u2")
+        return chunk_commitment(key, memoryview(tokens).cast("B"))
+
+    return of

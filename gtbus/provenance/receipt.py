@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import blake3
 
+from gtbus.provenance.commitment import CommitmentOf
 from gtbus.provenance.document import ProvenanceError, SignedDocument, canonical, document_from_json
 from gtbus.provenance.manifest import (
     DIGEST_SIZE,
@@ -97,10 +98,6 @@ def parse_receipt(doc: SignedDocument, source: str, *, max_hops: int) -> Receipt
         final_model=hex_field(b, "final_model", DIGEST_SIZE, source),
         hops=tuple(parse_hop(h, f"{source}: hop {i}") for i, h in enumerate(hops)),
     )
-
-
-#: The holder's own view of a chunk: its commitment under this run's key, or None for a chunk it does not have.
-CommitmentOf = Callable[[int], "bytes | None"]
 
 
 def _own_hop_findings(hops: Sequence[ManifestHop], holder: str, commitment_of: CommitmentOf, what: str) -> list[str]:
