@@ -106,7 +106,7 @@ def _own_hop_findings(hops: Sequence[ManifestHop], holder: str, commitment_of: C
     for h in hops:
         where = f"{what} hop {h.epoch} (chunk {h.chunk}, round {h.round})"
         if h.holder != holder:
-            findings.append(f"{where} is {h.holder[:63]!r}'s, not {holder}'s")
+            findings.append(f"{where} names holder {h.holder[:63]!r}, not {holder}")
             continue
         if (h.round, h.chunk) in seen:
             findings.append(f"{where}: chunk {h.chunk} listed twice in round {h.round}")
@@ -126,12 +126,13 @@ def accept_receipt(
     if not RUN_ID_RE.fullmatch(run_id):
         raise ProvenanceError(f"run id {run_id[:40]!r} cannot name a receipt file")
     r = parse_receipt(document_from_json(data, "receipt"), "receipt", max_hops=max_hops)
+    # The signature before anything that costs more: the commitments hash the holder's data.
+    if r.orchestrator_key != orchestrator_key or not r.doc.verify(RECEIPT_DOMAIN, orchestrator_key):
+        raise ProvenanceError("receipt is not signed by the orchestrator's pinned key")
     if r.run_id != run_id:
         raise ProvenanceError(f"receipt is for run {r.run_id[:40]!r}, not {run_id}")
     if r.holder != holder:
         raise ProvenanceError(f"receipt is addressed to {r.holder[:63]!r}, not {holder}")
-    if r.orchestrator_key != orchestrator_key or not r.doc.verify(RECEIPT_DOMAIN, orchestrator_key):
-        raise ProvenanceError("receipt is not signed by the orchestrator's pinned key")
     findings = _own_hop_findings(r.hops, holder, commitment_of, "receipt")
     if findings:
         raise ProvenanceError(findings[0] + (f" (and {len(findings) - 1} more)" if len(findings) > 1 else ""))
