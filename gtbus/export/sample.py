@@ -31,11 +31,13 @@ MAX_SAMPLE_BYTES: Final = 1 << 16
 MAX_PROMPT_BYTES: Final = 1 << 16
 #: Highest temperature accepted (above a few, samples are noise anyway).
 MAX_TEMPERATURE: Final = 100.0
+#: A little below 1: fewer of the unlikely bytes a small model gives too much weight.
+DEFAULT_TEMPERATURE: Final = 0.8
 BYTES: Final = 256
 _PAD: Final = 0x20  # a space: what text most often has before a line's first byte
 
 
-def generate(trainer: Trainer, prompt: bytes, n: int, *, temperature: float = 1.0, seed: int = 0) -> bytes:
+def generate(trainer: Trainer, prompt: bytes, n: int, *, temperature: float = DEFAULT_TEMPERATURE, seed: int = 0) -> bytes:
     """``n`` bytes that ``trainer``'s model (on the host) writes after ``prompt``."""
     if type(n) is not int or not 1 <= n <= MAX_SAMPLE_BYTES:
         raise ConfigError(f"bytes to generate must be 1..{MAX_SAMPLE_BYTES}, got {n!r}")

@@ -24,6 +24,18 @@ def gtbus(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "gtbus", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def gtbus_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """The same command through click's runner, in this process (no interpreter or torch start-up); shaped like a subprocess result."""
+    from click.testing import CliRunner
+
+    from gtbus.cli.main import main
+
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise r.exception  # a traceback the real command would have printed
+    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
+
+
 def one_error_line(p: subprocess.CompletedProcess[str]) -> str:
     """The single ``Error:`` line a refused command printed (asserting it failed, in one line, without a traceback)."""
     assert p.returncode != 0, p.stdout[-500:]

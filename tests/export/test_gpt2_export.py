@@ -18,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from safetensors.numpy import load_file  # noqa: E402
 
-from export_kit import gtbus, one_error_line  # noqa: E402
+from export_kit import gtbus_here, one_error_line  # noqa: E402
 from gtbus.errors import ConfigError  # noqa: E402
 from gtbus.export import export_trainer, load_export, model_digest_of  # noqa: E402
 from gtbus.export.llmc import LLMC_NAMES, padded_vocab, read_llmc  # noqa: E402
@@ -141,9 +141,9 @@ def test_a_bad_llmc_file_is_one_line(exported: tuple[TorchTrainer, Path, bytes],
 
 def test_gpt2_export_samples_through_the_cli(exported: tuple[TorchTrainer, Path, bytes]) -> None:
     out = exported[1]
-    first = gtbus("sample", out, "--prompt", "def ", "--bytes", "12", "--seed", "5")
+    first = gtbus_here("sample", out, "--prompt", "def ", "--bytes", "6", "--seed", "5")
     assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("def ") and first.stdout == gtbus("sample", out, "--prompt", "def ", "--bytes", "12", "--seed", "5").stdout
+    assert first.stdout.startswith("def ") and first.stdout == gtbus_here("sample", out, "--prompt", "def ", "--bytes", "6", "--seed", "5").stdout
 
 
 def test_a_tampered_gpt2_export_is_refused(exported: tuple[TorchTrainer, Path, bytes], tmp_path: Path) -> None:
@@ -155,4 +155,4 @@ def test_a_tampered_gpt2_export_is_refused(exported: tuple[TorchTrainer, Path, b
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match=r"shape does not make a model: dim 64 is not a multiple of heads 5"):
         load_export(out)
-    one_error_line(gtbus("sample", out))
+    one_error_line(gtbus_here("sample", out))

@@ -16,7 +16,7 @@ import numpy
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from export_kit import DemoRun, gtbus, one_error_line
+from export_kit import DemoRun, gtbus_here, one_error_line
 from gtbus.errors import ConfigError
 from gtbus.export import export_model, load_export, model_digest_of
 from gtbus.gpu.host import HostDevice
@@ -115,7 +115,7 @@ def test_a_bad_run_folder_is_one_line(run_copy: Path, tmp_path: Path, damage: st
         write_checkpoint(path, ckpt)
     with pytest.raises(ConfigError, match=expected):
         export_model(run_copy, tmp_path / "out")
-    p = gtbus("sample", tmp_path / "out")
+    p = gtbus_here("sample", tmp_path / "out")
     one_error_line(p)
 
 
@@ -198,7 +198,7 @@ def test_a_damaged_export_is_refused_in_one_line(export_copy: Path, name: str) -
         load_export(export_copy)
     assert refused.match(expected)
     assert "\n" not in str(refused.value)
-    line = one_error_line(gtbus("sample", export_copy, "--prompt", "def "))
+    line = one_error_line(gtbus_here("sample", export_copy, "--prompt", "def "))
     assert str(refused.value) in line
 
 
