@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -12,6 +13,18 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nodes"))
 
 from travel_kit import Travel  # noqa: E402
+
+
+def _nodes_fixtures() -> Any:
+    # The node tests' `travel` fixture, used as it is (one copy of it), under another module name.
+    spec = importlib.util.spec_from_file_location("nodes_conftest", Path(__file__).resolve().parent.parent / "nodes" / "conftest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+travel = _nodes_fixtures().travel
 
 
 @pytest.fixture(scope="module")
