@@ -12,7 +12,6 @@ GPU (as in CI).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,11 @@ import numpy
 import pytest
 
 from cuda_guard import cupy_or_skip
+
+# The export tests' kit (the real command in its own process): reuse it, do not copy it.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+
+from export_kit import gtbus as run_command  # noqa: E402
 
 cupy = cupy_or_skip()
 torch = pytest.importorskip("torch")
@@ -41,7 +45,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
 
 def gtbus(*args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "gtbus", *args], capture_output=True, text=True, timeout=600)
+    """The real command's stdout (the test fails with its stderr if it fails)."""
+    done = run_command(*args, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
