@@ -126,7 +126,7 @@ def layout_of(trainer_name: str, trainer: Trainer) -> TrainerLayout:
 
 def _place(named: dict[str, tuple[numpy.ndarray, bool]], views: list[numpy.ndarray]) -> tuple[MeasuredView, ...]:
     """Find each named tensor's memory inside exactly one view: its element offset there."""
-    spans = []
+    spans: list[tuple[int, int, numpy.ndarray, list[Placement]]] = []
     for view in views:
         if not (isinstance(view, numpy.ndarray) and view.flags.c_contiguous):
             raise ConfigError("the trainer's parameter views are not contiguous host arrays (load it on numpy to export)")
@@ -158,7 +158,7 @@ def trainer_for(config: dict[str, Any], parameters: int) -> Trainer:
         if trainer_name == "bytelm":
             from gtbus.training.bytelm import ByteLM, ByteLMConfig
 
-            byte_config = ByteLMConfig(**{k: _int(shape, k) for k in ("context", "embed", "hidden", "layers")})
+            byte_config = ByteLMConfig(context=_int(shape, "context"), embed=_int(shape, "embed"), hidden=_int(shape, "hidden"), layers=_int(shape, "layers"))
             count = byte_config.parameter_count()
             trainer: Any = ByteLM(byte_config)
         elif trainer_name == "gpt2":

@@ -95,6 +95,8 @@ def export_model(run_dir: Path, out: Path) -> ExportedModel:
     ckpt = read_checkpoint(path)
     trainer_name = ckpt.workload.get("trainer") or _trainer_of_keys(ckpt.arrays, path)
     backend = ckpt.workload.get("backend") or "host"  # checkpoints before workloads were recorded: host runs
+    if backend not in MEASURED_BACKENDS:
+        raise ConfigError(f"{path}: trained on backend {backend!r}, whose measurement an export cannot reproduce ({', '.join(MEASURED_BACKENDS)})")
     trainer = make_trainer(trainer_name)
     trainer.load(numpy)
     try:

@@ -64,18 +64,18 @@ def next_byte_logits(trainer: Trainer, history: bytes) -> numpy.ndarray:
     if isinstance(trainer, ByteLM):
         context = trainer.config.context
         window = bytes([_PAD]) * max(0, context - len(history)) + history[-context:]
-        ids = numpy.frombuffer(window, dtype=numpy.uint8)[None, :]
-        return numpy.asarray(trainer.next_byte_logits(ids))[0]
+        windows = numpy.frombuffer(window, dtype=numpy.uint8)[None, :]
+        return numpy.asarray(trainer.next_byte_logits(windows))[0]
     model: Any = getattr(trainer, "model", None)
-    config = getattr(model, "config", None)
-    if model is None or not hasattr(config, "context"):
+    span: Any = getattr(getattr(model, "config", None), "context", None)
+    if model is None or type(span) is not int:
         raise ConfigError(f"cannot sample from a {type(trainer).__name__}")
     import torch
 
-    ids = torch.tensor(list(history[-config.context :] or b"\n"), dtype=torch.long)[None, :]
+    tokens = torch.tensor(list(history[-span:] or b"\n"), dtype=torch.long)[None, :]
     model.eval()
     with torch.no_grad():
-        logits = model(ids)[0, -1, :BYTES]
+        logits = model(tokens)[0, -1, :BYTES]
     return logits.float().numpy()
 
 
