@@ -5,10 +5,11 @@ final weights, ``device.measure(*trainer.parameter_views())``:
 
 * ``host`` backend: :func:`gtbus.gpu.measure.measure_model` over the views'
   bytes.
-* ``cupy`` backend: the same tagged hash, but each view's part is the 32-byte
-  BLAKE3 of its bytes (what :meth:`gtbus.gpu.cupy_backend.CupyDevice.measure`
-  computes on the GPU, one digest kernel per view); BLAKE3 on the host gives
-  the same bytes.
+* ``cupy`` backend: a tagged hash of its own domain
+  (:data:`~gtbus.gpu.measure.PART_DIGESTS_MODEL_DOMAIN`) whose parts are each
+  view's dtype and shape and the 32-byte BLAKE3 of its bytes (what
+  :meth:`gtbus.gpu.cupy_backend.CupyDevice.measure` computes on the GPU, one
+  digest kernel per view); BLAKE3 on the host gives the same bytes.
 
 Rules: the measured views are rebuilt only from the tensors and the layout
 config.json states (:mod:`gtbus.export.layout`); every tensor of the file is
@@ -28,7 +29,7 @@ import blake3
 import numpy
 
 from gtbus.errors import ConfigError
-from gtbus.gpu.measure import MODEL_DOMAIN, measure_model, tagged_hash
+from gtbus.gpu.measure import PART_DIGESTS_MODEL_DOMAIN, measure_model, tagged_hash
 
 #: The device backends whose measurement an export can reproduce.
 MEASURED_BACKENDS: Final = ("host", "cupy")
@@ -48,7 +49,7 @@ def digest_of_views(backend: str, views: Sequence[numpy.ndarray]) -> bytes:
             flat = numpy.ascontiguousarray(view)
             parts.append(f"{flat.dtype.str}{list(flat.shape)}".encode())
             parts.append(blake3.blake3(flat.reshape(-1).view(numpy.uint8), max_threads=blake3.blake3.AUTO).digest())
-        return tagged_hash(MODEL_DOMAIN, parts)
+        return tagged_hash(PART_DIGESTS_MODEL_DOMAIN, parts)
     raise ConfigError(f"config.json: measurement backend {backend!r} is not one of {', '.join(MEASURED_BACKENDS)}")
 
 

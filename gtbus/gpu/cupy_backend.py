@@ -57,7 +57,7 @@ from gtbus.gpu.channel import (
     staging_size,
 )
 from gtbus.gpu.device import BufferHandle, check_staging_write
-from gtbus.gpu.measure import tagged_hash
+from gtbus.gpu.measure import PART_DIGESTS_MODEL_DOMAIN, tagged_hash
 
 try:  # cupy is an optional extra; importing this module without it fails clearly
     import cupy
@@ -69,7 +69,7 @@ from gtbus.gpu.kernels.blake3 import blake3_digest_device
 from gtbus.gpu.kernels.scrub import verify_zero_async
 
 HANDLE_PREFIX: Final = "cuda-ipc-"
-MODEL_DOMAIN: Final = b"gtbus/model/cupy/v1"
+MODEL_DOMAIN: Final = PART_DIGESTS_MODEL_DOMAIN
 _GROUP_BYTES: Final = 4 << 20  # segments sealed before their copy is queued: amortises the launch
 # Hops at most this large are sealed and opened on one CPU thread with one copy
 # each way: for them the thread pool, per-thread streams and the GCM and BLAKE3

@@ -19,6 +19,8 @@ import numpy as np
 from gtbus.errors import DeviceError
 
 MODEL_DOMAIN: Final = b"gtbus/model/v1"
+#: The cupy backend's model measurement: the same parts, each array's BLAKE3 (computed on the GPU) in place of its bytes.
+PART_DIGESTS_MODEL_DOMAIN: Final = b"gtbus/model/cupy/v1"
 CODE_DOMAIN: Final = b"gtbus/code/v1"
 DIGEST_SIZE: Final = 32
 
