@@ -69,7 +69,7 @@ from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.ship_sender import stream_segments
 from gtbus.private_files import private_dir
 from gtbus.provenance.commitment import chunk_commitment, commitment_key, dataset_commitments
-from gtbus.provenance.document import ProvenanceError, write_document
+from gtbus.provenance.document import ProvenanceError, read_document, write_document
 from gtbus.provenance.receipt import accept_receipt
 from gtbus.protocol.holder_hop import (
     Granted,
@@ -240,6 +240,7 @@ class Holder:
 
     async def _on_receipt(self, acc: Accepted[RunReceipt], delivery: Delivery) -> None:
         if acc.header.sender != self.rt.server or self.run_id is None:
+            self.log.info("ignored a receipt before registering")
             return
         try:
             server = self.rt.roster[self.rt.server]
@@ -251,6 +252,9 @@ class Holder:
             )
             path = self.receipts_dir / f"{r.run_id}.json"
             private_dir(self.receipts_dir)
+            # The first receipt of a run is kept: a later, different one cannot replace the holder's evidence.
+            if os.path.lexists(path) and read_document(path) != r.doc:
+                raise ProvenanceError(f"a different receipt of run {r.run_id} is already stored in {path}; keeping that one")
             write_document(path, r.doc, mode=0o600)
         except (ProvenanceError, GtbusError) as exc:
             self.log.error("refused the receipt: %s", exc)

@@ -55,6 +55,6 @@ def dataset_commitments(dataset: Dataset, chunk_tokens: int, seed: bytes, run_id
         if not 0 <= index < count:
             return None
         tokens = numpy.ascontiguousarray(dataset.chunk(index, chunk_tokens), dtype="<u2")
-        return chunk_commitment(key, memoryview(tokens).cast("B"))
+        return chunk_commitment(key, tokens.view(numpy.uint8).data)
 
     return of

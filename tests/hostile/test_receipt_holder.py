@@ -8,7 +8,8 @@ It registers, appraises the evidence, and then gets receipts: for another
 run, for another holder's chunks, a list longer than its chunks allow, wrong
 types, a commitment it did not make, another signing key, another addressee.
 Each is refused with one line in its log and no file; then an honest receipt
-is stored, so the holder was listening all along. Its peak memory stays
+is stored, so the holder was listening all along, and a second, different
+one does not replace it. Its peak memory stays
 under a stated cap.
 """
 
@@ -136,6 +137,9 @@ def test_hostile_receipts_are_refused_and_nothing_is_stored(travel: Any) -> None
             honest = orch.signed(body([hop(0, own)]))
             await orch.rt.send(RunReceipt(honest), "h1")
             await wait_for_text(err, f"receipt of run {RUN_ID} checked and stored")
+            # A second, different receipt of the run, signed all the same, does not replace the first.
+            await orch.rt.send(RunReceipt(orch.signed(body([]))), "h1")
+            await wait_for_text(err, f"a different receipt of run {RUN_ID} is already stored")
             await orch.rt.publish(Shutdown("test over"))
             await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
         finally:
