@@ -117,6 +117,10 @@ def export(path: Path, out: Path | None, check: bool, logs: Path | None, keys_di
     from gtbus.export.model_files import export_model
     from gtbus.nodes.run_provenance import manifest_path
 
+    if not (path / "checkpoints").is_dir():
+        raise click.ClickException(f"{path}: not a run folder (no checkpoints/ in it)")
+    if not manifest_path(path).exists():
+        raise click.ClickException(f"{manifest_path(path)}: no manifest: the run has not completed (it is written when the run ends)")
     m = read_manifest(manifest_path(path))
     bad = check_signature(m)
     if bad:

@@ -199,7 +199,9 @@ def test_export_refuses_a_run_without_a_manifest_or_whose_checkpoint_moved_on(fi
     run = Path(shutil.copytree(finished_run.run_dir, tmp_path / "run", ignore=shutil.ignore_patterns("*.sock")))
     (run / "provenance" / MANIFEST_FILE).rename(run / "elsewhere.json")
     r = gtbus("export", run, "--out", tmp_path / "a")
-    assert r.returncode == 1 and "no such file" in r.stderr and r.stderr.count("\n") == 1
+    assert r.returncode == 1 and "the run has not completed" in r.stderr and r.stderr.count("\n") == 1
+    r = gtbus("export", tmp_path / "nowhere", "--out", tmp_path / "a")
+    assert r.returncode == 1 and "not a run folder" in r.stderr and r.stderr.count("\n") == 1
     (run / "elsewhere.json").rename(run / "provenance" / MANIFEST_FILE)
     resign_run = read_document(run / "provenance" / MANIFEST_FILE)
     body = json.loads(json.dumps(resign_run.body))
