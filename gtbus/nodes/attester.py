@@ -16,6 +16,7 @@ from gtbus.attest import AttestationError, Verifier
 from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import AttestEvidence, AttestRequest, Refusal
 from gtbus.nodes.runtime import NodeRuntime
+from gtbus.provenance.manifest import evidence_digest
 from gtbus.transport.base import Delivery
 
 
@@ -26,6 +27,8 @@ class EvidenceServer:
         self.rt = runtime
         self.attesters = dict(attesters)
         self.log = logging.getLogger(f"gtbus.attester.{runtime.name}")
+        # (node, kind) -> digest of the last evidence given to it: the training manifest binds them (bounded by roster x kinds)
+        self.given: dict[tuple[str, str], bytes] = {}
         runtime.on(AttestRequest, self._on_request)
 
     async def _on_request(self, acc: Accepted[AttestRequest], delivery: Delivery) -> None:
@@ -40,3 +43,4 @@ class EvidenceServer:
             await self.rt.send(Refusal("attestation-unavailable", str(exc)[:300]), sender, parent=acc.header.id)
             return
         await self.rt.send(AttestEvidence(dict(evidence.to_wire())), sender, parent=acc.header.id)
+        self.given[(sender, evidence.kind)] = evidence_digest(evidence.kind, evidence.blob, evidence.nonce)

@@ -70,6 +70,8 @@ def attestation_binding(orch: Orchestrator) -> dict[str, Any]:
         "platform_key": orch.platform.public_key.hex(),
         "measurements": {"code": orch.code_hash.hex()},
         "report_data": run_binding(orch.run_id).hex(),
+        # the evidence each holder of the run was last given for its own nonce (and appraised before its first hop)
+        "evidence": [{"holder": h, "kind": k, "digest": d.hex()} for (h, k), d in sorted(orch.evidence.given.items()) if h in orch.config.holders],
     }
 
 

@@ -27,9 +27,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
+import blake3
+
 from gtbus.messages.envelope import Header
 from gtbus.messages.identity import PublicIdentity
-from gtbus.messages.types import CHUNK_COMMITMENT_SIZE, HopRecord, TokenGrant, TokenReturn
+from gtbus.messages.types import CHUNK_COMMITMENT_SIZE, AttestEvidence, HopRecord, TokenGrant, TokenReturn
 from gtbus.provenance.document import ProvenanceError, SignedDocument
 from gtbus.provenance.ledger import MergeRecord, ProvenanceLedger
 
@@ -38,6 +40,13 @@ MANIFEST_DOMAIN = FORMAT.encode() + b"\x00"
 MANIFEST_FILE = "manifest.json"
 DIGEST_SIZE = 32
 TRAINED = "trained"
+EVIDENCE_DOMAIN = b"gtbus evidence digest v1\x00"
+
+
+def evidence_digest(kind: str, blob: bytes, nonce: bytes) -> bytes:
+    """The digest by which the manifest names one piece of evidence a holder appraised (kind, nonce and blob)."""
+    k = kind.encode()
+    return blake3.blake3(EVIDENCE_DOMAIN + len(k).to_bytes(1, "big") + k + nonce + blob).digest()
 
 
 class HopLine(Protocol):
@@ -183,6 +192,7 @@ class Manifest:
     discarded: tuple[tuple[int, str, int, int], ...]  # (epoch, holder, chunk, round)
     lost: tuple[tuple[int, int], ...]
     settings: dict[str, Any] = field(default_factory=dict)
+    evidence: tuple[tuple[str, str, bytes], ...] = ()  # (holder, kind, digest) of the evidence each holder was given
 
     @property
     def body(self) -> dict[str, Any]:
@@ -200,6 +210,8 @@ def parse_manifest(doc: SignedDocument, source: str) -> Manifest:
     merges = typed_field(b, "merges", list, source)
     discarded = typed_field(b, "discarded", list, source)
     lost = typed_field(b, "lost", list, source)
+    attestation = typed_field(b, "attestation", dict, source)
+    evidence = typed_field(attestation, "evidence", list, f"{source}: attestation")
     return Manifest(
         doc=doc,
         run_id=typed_field(b, "run_id", str, source),
@@ -221,6 +233,10 @@ def parse_manifest(doc: SignedDocument, source: str) -> Manifest:
         ),
         lost=tuple((count_field(x, "checkpoint_epoch", w), count_field(x, "last_issued", w)) for i, x in enumerate(lost) for w in [f"{source}: lost {i}"]),
         settings=typed_field(b, "settings", dict, source),
+        evidence=tuple(
+            (typed_field(e, "holder", str, w), typed_field(e, "kind", str, w), hex_field(e, "digest", DIGEST_SIZE, w))
+            for i, e in enumerate(evidence) for w in [f"{source}: attestation evidence {i}"]
+        ),
     )
 
 
@@ -295,6 +311,7 @@ class RecordedHops:
 
     def __init__(self) -> None:
         self.hops: dict[int, RecordedHop] = {}
+        self.evidence: set[tuple[str, str, bytes]] = set()  # (holder, kind, digest) of every attest.evidence sent
 
     def feed(self, direction: str, header: Header, msg: object) -> None:
         """One accepted record: ``direction`` is ``in`` or ``out`` of the orchestrator."""
@@ -308,6 +325,11 @@ class RecordedHops:
             hop = self.hops.get(msg.epoch)
             if hop is not None and hop.outcome is None:
                 hop.outcome = msg.outcome
+        elif isinstance(msg, AttestEvidence) and direction == "out":
+            e = msg.evidence
+            kind, blob, nonce = e.get("kind"), e.get("blob"), e.get("nonce")
+            if isinstance(kind, str) and isinstance(blob, bytes) and isinstance(nonce, bytes):
+                self.evidence.add((header.recipient, kind, evidence_digest(kind, blob, nonce)))
 
 
 def check_logs(m: Manifest, recorded: RecordedHops) -> list[str]:
@@ -342,4 +364,7 @@ def check_logs(m: Manifest, recorded: RecordedHops) -> list[str]:
         r = recorded.hops.get(epoch)
         if r is None or r.outcome != TRAINED or (r.holder, r.chunk) != (holder, chunk):
             findings.append(f"discarded hop {epoch} ({holder} chunk {chunk}) is not a trained hop of the logs")
+    for holder, kind, digest in m.evidence:
+        if (holder, kind, digest) not in recorded.evidence:
+            findings.append(f"the {kind[:32]!r} evidence the manifest says {holder} appraised ({digest.hex()[:16]}...) was never sent to it in the logs")
     return findings

@@ -106,6 +106,8 @@ def test_the_manifest_lists_every_trained_hop_with_what_its_holder_committed(fin
     assert body["attestation"]["emulated"] is True and body["attestation"]["kinds"] == ["emulated"]
     assert body["attestation"]["platform_key"] == load_platform_public(t.dep.platform_pub).hex()
     assert body["attestation"]["measurements"]["code"] == body["code_measurement"]
+    # The evidence each holder appraised, by digest: one per holder, each what the logs show was sent to it.
+    assert [(h, k) for h, k, _ in m.evidence] == [("h1", "emulated"), ("h2", "emulated")]
     assert body["discarded"] == [] and body["lost"] == [] and body["merges"] == []
 
 
@@ -154,7 +156,8 @@ def test_a_manifest_signed_by_another_key_is_refused_against_the_pinned_one(fini
     (lambda b: b["hops"].append({**b["hops"][0], "epoch": 999}), "no grant of epoch 999"),
     (lambda b: b["hops"][2].update(commitment="ab" * 32), "signed"),
     (lambda b: b["hops"][2].update(holder="h2" if b["hops"][2]["holder"] == "h1" else "h1"), "the logs granted epoch"),
-], ids=["hop-removed", "hop-added", "commitment-changed", "holder-swapped"])
+    (lambda b: b["attestation"]["evidence"][0].update(digest="ee" * 32), "was never sent to it in the logs"),
+], ids=["hop-removed", "hop-added", "commitment-changed", "holder-swapped", "evidence-digest-changed"])
 def test_a_resigned_manifest_that_disagrees_with_the_logs_is_refused(finished_run: Travel, export_dir: Path, edit: Any, expect: str) -> None:
     resign(export_dir, finished_run, edit)
     found = fails(check(export_dir, finished_run))
