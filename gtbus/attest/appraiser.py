@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gtbus.attest.emulated import EmulatedVerifier
 from gtbus.attest.policy import PolicySettings
@@ -27,6 +27,9 @@ from gtbus.attest.verifier import (
     run_binding,
 )
 from gtbus.errors import ConfigError
+
+if TYPE_CHECKING:
+    from gtbus.attest.bundle import Bundle
 
 
 @dataclass(frozen=True)
@@ -49,20 +52,32 @@ class Appraiser:
         return claims
 
 
-def _tdx(bundle: Any) -> Verifier:
+def _tdx(bundle: Any, settings: PolicySettings) -> Verifier:
     from gtbus.attest.tdx import TdxVerifier
 
     return TdxVerifier(bundle)
 
 
-def _nvidia(bundle: Any) -> Verifier:
+def nvidia_rims(settings: PolicySettings, bundle: Bundle) -> dict[str, bytes]:
+    """The NVIDIA RIMs to appraise against: the bundle's (driver-rim, vbios-rim files), then the policy's, which win."""
+    rims: dict[str, bytes] = {}
+    for which in ("driver", "vbios"):
+        files = bundle.of_kind(f"{which}-rim")
+        if len(files) > 1:
+            raise AttestationError(f"bundle: holds {len(files)} {which}-rim files ({', '.join(f.name for f in files)}); keep one")
+        if files:
+            rims[which] = files[0].data
+    return {**rims, **settings.rims}
+
+
+def _nvidia(bundle: Any, settings: PolicySettings) -> Verifier:
     from gtbus.attest.nvidia import NvidiaVerifier
 
-    return NvidiaVerifier()
+    return NvidiaVerifier(nvidia_rims(settings, bundle), settings.rim_roots)
 
 
 #: The hardware kinds, imported only when a policy asks for one (they need cryptography, dcap-qvl).
-_HARDWARE: dict[str, Callable[[Any], Verifier]] = {"tdx": _tdx, "nvidia-gpu": _nvidia}
+_HARDWARE: dict[str, Callable[[Any, PolicySettings], Verifier]] = {"tdx": _tdx, "nvidia-gpu": _nvidia}
 
 
 def appraiser_for(settings: PolicySettings) -> Appraiser:
@@ -75,4 +90,4 @@ def appraiser_for(settings: PolicySettings) -> Appraiser:
     from gtbus.attest.bundle import BundleRevocation, read_bundle
 
     bundle = read_bundle(settings.bundle)
-    return Appraiser(_HARDWARE[policy.kind](bundle), policy, BundleRevocation(bundle, policy.grace_s))
+    return Appraiser(_HARDWARE[policy.kind](bundle, settings), policy, BundleRevocation(bundle, policy.grace_s))

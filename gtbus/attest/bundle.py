@@ -54,7 +54,7 @@ MAX_MANIFEST_SIZE: Final = 1 << 20
 MAX_FILE_SIZE: Final = 4 << 20  # a PCK CRL is ~3 KiB, a full TDX collateral ~16 KiB; 4 MiB is generous
 MAX_FILES: Final = 256
 # Kinds this module knows how to read the validity of (see :func:`validity_of`).
-FILE_KINDS: Final = ("crl", "ocsp", "cert", "tdx-collateral")
+FILE_KINDS: Final = ("crl", "ocsp", "cert", "tdx-collateral", "driver-rim", "vbios-rim")
 _NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 _ENTRY_FIELDS: Final = {"name", "kind", "source", "fetched_at", "not_before", "not_after", "size", "blake3"}
 
@@ -265,6 +265,10 @@ def validity_of(kind: str, data: bytes, name: str) -> tuple[float, float]:
             return _utc(cert.not_valid_before_utc), _utc(cert.not_valid_after_utc)
         if kind == "tdx-collateral":
             return tdx_collateral_validity(data, name)
+        if kind in ("driver-rim", "vbios-rim"):
+            from gtbus.attest.nvidia_rim import rim_validity  # lxml: only for bundles that carry NVIDIA RIMs
+
+            return rim_validity(data, name)
     except AttestationError:
         raise
     except (ValueError, TypeError) as exc:

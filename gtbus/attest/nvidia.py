@@ -38,11 +38,16 @@ Evidence blob (kind ``nvidia-gpu``): a msgpack map ``{"report": bytes,
 
 Collecting needs a GPU in confidential-computing mode and NVIDIA's driver
 library; this module does not talk to the driver, so :meth:`NvidiaVerifier.collect`
-says it is not available. Reference integrity manifests (RIM files) are not
-read yet: the reference values are the policy's pinned ones (``gpu-measurement-NN``,
-NN the block index, and ``gpu-fwid``), and a policy must pin at least one
-measurement. Measurements it does not pin are reported in the claims, not
-judged: pin every one whose golden value you know.
+says it is not available. Reference values come from NVIDIA's reference
+integrity manifests (RIMs) of the driver and the VBIOS, given to
+:class:`NvidiaVerifier` (from the policy's ``driver_rim``/``vbios_rim`` or the
+bundle) and appraised by :mod:`gtbus.attest.nvidia_rim` (signed up to the
+policy's ``rim_roots``; every active measurement must match, and each RIM's
+version must be the evidence's), and/or from the policy's pinned values
+(``gpu-measurement-NN``, NN the block index, and ``gpu-fwid``); the two
+combine: a pinned value must match too. A policy with neither is refused.
+Measurements no RIM marks active and the policy does not pin are reported in
+the claims, not judged.
 """
 
 from __future__ import annotations
@@ -229,11 +234,12 @@ def _unpack_evidence(blob: bytes) -> tuple[bytes, list[x509.Certificate]]:
     for position, der in enumerate(chain):
         if not isinstance(der, bytes) or not 0 < len(der) <= MAX_CERT_SIZE:
             raise AttestationError(f"nvidia-gpu evidence: certificate {position} must be 1..{MAX_CERT_SIZE} bytes")
-        certs.append(_load_cert(der, f"certificate {position} of the evidence's chain"))
+        certs.append(load_cert(der, f"certificate {position} of the evidence's chain"))
     return report, certs
 
 
-def _load_cert(der: bytes, what: str) -> x509.Certificate:
+def load_cert(der: bytes, what: str) -> x509.Certificate:
+    """A DER certificate with its extensions parsed; AttestationError naming ``what`` if malformed."""
     try:
         cert = x509.load_der_x509_certificate(der)
         cert.extensions  # parsed lazily: a malformed or repeated extension must fail here, not later
@@ -276,35 +282,35 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return True
 
 
-def _chain_to_root(certs: list[x509.Certificate], roots: Sequence[bytes]) -> list[x509.Certificate]:
-    """The chain leaf first, ending at a policy root (appended if the evidence stops below it)."""
+def chain_to_root(certs: list[x509.Certificate], roots: Sequence[bytes], what: str = "nvidia-gpu") -> list[x509.Certificate]:
+    """The chain leaf first, ending at a policy root (appended if the evidence stops below it); errors start with ``what``."""
     for cert, issuer in zip(certs, certs[1:]):
         if not _signed_by(cert, issuer):
-            raise AttestationError(f"nvidia-gpu chain: certificate {_name(cert)} is not signed by {_name(issuer)}")
+            raise AttestationError(f"{what} chain: certificate {_name(cert)} is not signed by {_name(issuer)}")
         if not _is_ca(issuer):
-            raise AttestationError(f"nvidia-gpu chain: {_name(issuer)} signs {_name(cert)} but is not a CA")
+            raise AttestationError(f"{what} chain: {_name(issuer)} signs {_name(cert)} but is not a CA")
     top = certs[-1]
     for der in roots:
-        root = _load_cert(der, "a root certificate of the policy")
+        root = load_cert(der, "a root certificate of the policy")
         if root == top and _signed_by(top, top):
             return certs
         if root != top and _is_ca(root) and _signed_by(top, root):
             return [*certs, root]
     raise AttestationError(
-        f"nvidia-gpu chain: ends at {_name(top)} (issuer {top.issuer.rfc4514_string()}), which is not one of the policy's roots"
+        f"{what} chain: ends at {_name(top)} (issuer {top.issuer.rfc4514_string()}), which is not one of the policy's roots"
     )
 
 
-def _check_validity(chain: list[x509.Certificate], now: float) -> float:
-    """Every certificate valid at ``now``; returns the earliest notAfter."""
+def check_validity(chain: list[x509.Certificate], now: float, what: str = "nvidia-gpu") -> float:
+    """Every certificate valid at ``now``; returns the earliest notAfter; errors start with ``what``."""
     for cert in chain:
         if now < cert.not_valid_before_utc.timestamp():
             raise AttestationError(
-                f"nvidia-gpu chain: certificate {_name(cert)} is not valid before {_iso(cert.not_valid_before_utc.timestamp())}"
+                f"{what} chain: certificate {_name(cert)} is not valid before {_iso(cert.not_valid_before_utc.timestamp())}"
             )
         if now > cert.not_valid_after_utc.timestamp():
             raise AttestationError(
-                f"nvidia-gpu chain: certificate {_name(cert)} expired at {_iso(cert.not_valid_after_utc.timestamp())}"
+                f"{what} chain: certificate {_name(cert)} expired at {_iso(cert.not_valid_after_utc.timestamp())}"
             )
     return min(cert.not_valid_after_utc.timestamp() for cert in chain)
 
@@ -377,26 +383,26 @@ def _check_fwid(report: SpdmReport, leaf: x509.Certificate) -> bytes:
     return fwid
 
 
-def _check_revocation(
-    chain: list[x509.Certificate], revocation: RevocationSource, policy: Policy, now: float
+def check_revocation(
+    chain: list[x509.Certificate], revocation: RevocationSource, grace_s: float, now: float, what: str = "nvidia-gpu"
 ) -> float:
-    """Each certificate below the root is known good at ``now``; returns the earliest nextUpdate + grace."""
+    """Each certificate below the root is known good at ``now``; returns the earliest nextUpdate + grace; errors start with ``what``."""
     earliest = float("inf")
     for cert, issuer in zip(chain, chain[1:]):
         status = revocation.status(cert.public_bytes(Encoding.DER), issuer.public_bytes(Encoding.DER), now)
         if status.state is CertState.REVOKED:
             raise AttestationError(
-                f"nvidia-gpu revocation: certificate {_name(cert)} is revoked ({status.reason or 'no reason given'}; {status.source})"
+                f"{what} revocation: certificate {_name(cert)} is revoked ({status.reason or 'no reason given'}; {status.source})"
             )
         if status.state is not CertState.GOOD:
             raise AttestationError(
-                f"nvidia-gpu revocation: status of certificate {_name(cert)} is unknown ({status.reason or status.source})"
+                f"{what} revocation: status of certificate {_name(cert)} is unknown ({status.reason or status.source})"
             )
-        until = status.next_update + policy.grace_s
+        until = status.next_update + grace_s
         if not status.this_update <= now <= until:
             raise AttestationError(
-                f"nvidia-gpu revocation: the status of {_name(cert)} from {status.source} is valid "
-                f"{_iso(status.this_update)} .. {_iso(status.next_update)} (grace {policy.grace_s:g} s), not at {_iso(now)}"
+                f"{what} revocation: the status of {_name(cert)} from {status.source} is valid "
+                f"{_iso(status.this_update)} .. {_iso(status.next_update)} (grace {grace_s:g} s), not at {_iso(now)}"
             )
         earliest = min(earliest, until)
     return earliest
@@ -415,18 +421,26 @@ def _versions(report: SpdmReport) -> dict[str, str]:
     return versions
 
 
-def _require_reference(policy: Policy) -> None:
+def _require_reference(policy: Policy, rims: Mapping[str, bytes]) -> None:
     # Without reference values the measurements would be reported, not appraised.
-    if not any(name.startswith(MEASUREMENT_PREFIX) for name in policy.pinned):
+    if not rims and not any(name.startswith(MEASUREMENT_PREFIX) for name in policy.pinned):
         raise AttestationError(
-            f"nvidia-gpu policy: pins no {MEASUREMENT_PREFIX}NN value; measurements without reference values are refused"
+            f"nvidia-gpu policy: names no RIM and pins no {MEASUREMENT_PREFIX}NN value; measurements without reference values are refused"
         )
 
 
 class NvidiaVerifier:
-    """Appraises NVIDIA Hopper GPU evidence offline (see the module docstring for what is checked)."""
+    """Appraises NVIDIA Hopper GPU evidence offline (see the module docstring for what is checked).
+
+    ``rims``: RIM kind ("driver", "vbios") -> the RIM file's bytes; ``rim_roots``: the
+    root certificates (DER) their signing chains must end at.
+    """
 
     kind: str = KIND
+
+    def __init__(self, rims: Mapping[str, bytes] | None = None, rim_roots: Sequence[bytes] = ()) -> None:
+        self._rims = dict(rims or {})
+        self._rim_roots = tuple(rim_roots)
 
     def collect(self, nonce: bytes) -> Evidence:
         """Not available: gtbus does not drive NVIDIA's confidential-computing driver interface."""
@@ -443,21 +457,33 @@ class NvidiaVerifier:
             raise AttestationError(f"nvidia-gpu: the policy is for kind {policy.kind!r}")
         if not policy.roots:
             raise AttestationError("nvidia-gpu policy: names no root certificate")
-        _require_reference(policy)
+        _require_reference(policy, self._rims)
         report_bytes, certs = _unpack_evidence(evidence.blob)
         report = parse_report(report_bytes)
         if not hmac.compare_digest(report.nonce, nonce):
             raise AttestationError(
                 "nvidia-gpu report: its nonce is not the appraiser's (replayed or for another request)"
             )
-        chain = _chain_to_root(certs, policy.roots)
-        not_after = _check_validity(chain, now)
+        chain = chain_to_root(certs, policy.roots)
+        not_after = check_validity(chain, now)
         _check_signature(report, chain[0])
         fwid = _check_fwid(report, chain[0])
-        not_after = min(not_after, _check_revocation(chain, revocation, policy, now))
+        not_after = min(not_after, check_revocation(chain, revocation, policy.grace_s, now))
         measurements = {f"{MEASUREMENT_PREFIX}{i:02d}": v for i, v in sorted(report.measurements.items())}
         measurements[FWID_NAME] = fwid
         versions = _versions(report)
+        if self._rims:
+            not_after = min(not_after, self._appraise_rims(report, versions, revocation, policy.grace_s, now))
         require_pinned(measurements, policy)
         require_min_versions(versions, policy)
         return Claims(KIND, measurements, versions, report.nonce, not_after)
+
+    def _appraise_rims(
+        self, report: SpdmReport, versions: Mapping[str, str], revocation: RevocationSource, grace_s: float, now: float
+    ) -> float:
+        """Each RIM genuine and matched by the report; the earliest end of their chains' validity."""
+        from gtbus.attest.nvidia_rim import check_rims, verify_rim  # imports from this module: not at its top
+
+        rims = [verify_rim(data, which, self._rim_roots, now, revocation, grace_s) for which, data in sorted(self._rims.items())]
+        check_rims(rims, report.measurements, versions)
+        return min(rim.not_after for rim in rims)

@@ -16,6 +16,17 @@ the runbook and ``bundle`` is an absolute path on each holder's host)::
     [min_versions]                     # name -> least version accepted
     gpu-firmware = "96.00.5E.00.01"
 
+The nvidia-gpu kind also takes NVIDIA's reference integrity manifests (RIMs,
+:mod:`gtbus.attest.nvidia_rim`; the extra ``attest-nvidia-rim``), with or
+instead of pinned measurements (both, when given, must match)::
+
+    driver_rim = "rims/NV_GPU_DRIVER_GH100_550.90.07.swidtag"   # a file name, or { hex = "..." }
+    vbios_rim = "rims/NV_GPU_VBIOS_1010_0200_882_96009F0001.swidtag"
+    rim_roots = ["verifier_RIM_root.pem"]   # the RIM signing roots (NVIDIA CoRIM signing Root CA)
+
+Without driver_rim/vbios_rim, RIMs come from the bundle (files of kind
+driver-rim / vbios-rim); a RIM the policy names wins over the bundle's.
+
 A root is a file name or, inline, ``{ hex = "..." }``: the root's bytes (a
 DER certificate, or a platform public key for the emulated kind).
 :func:`policy_toml` writes a policy back with every root inline, so the file
@@ -30,7 +41,8 @@ naming the key (and the file).
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -38,7 +50,11 @@ from gtbus.attest.verifier import KINDS, AttestationError, Policy, Revocation
 from gtbus.errors import ConfigError
 from gtbus.gpu.attestation import ED25519_KEY_SIZE
 
-KEYS: Final = frozenset({"kind", "roots", "revocation", "grace_s", "bundle", "pinned", "min_versions"})
+KEYS: Final = frozenset(
+    {"kind", "roots", "revocation", "grace_s", "bundle", "pinned", "min_versions", "driver_rim", "vbios_rim", "rim_roots"}
+)
+RIM_KEYS: Final = {"driver_rim": "driver", "vbios_rim": "vbios"}
+MAX_RIM_FILE: Final = 256 * 1024  # gtbus.attest.nvidia_rim.MAX_RIM_SIZE, without importing lxml for every policy
 MAX_POLICY_FILE: Final = 1 << 20
 MAX_ROOT_FILE: Final = 64 * 1024
 MAX_GRACE_S: Final = 366 * 86400.0  # a year: a longer grace is no revocation check at all
@@ -47,10 +63,12 @@ PEM_CERT: Final = b"-----BEGIN CERTIFICATE-----"
 
 @dataclass(frozen=True)
 class PolicySettings:
-    """A parsed policy and where its offline bundle is (None: no bundle named)."""
+    """A parsed policy, where its offline bundle is (None: no bundle named), and its NVIDIA RIMs and their roots."""
 
     policy: Policy
     bundle: Path | None
+    rims: Mapping[str, bytes] = field(default_factory=dict)  # "driver" / "vbios" -> the RIM file's bytes
+    rim_roots: tuple[bytes, ...] = ()  # DER root certificates the RIMs' signing chains must end at
 
 
 def load_policy(path: str | Path) -> PolicySettings:
@@ -95,7 +113,8 @@ def policy_from_table(table: dict[str, Any], base: Path, where: str, *, absolute
         raise bad("roots must be a non-empty list of file names (platform public keys or root certificates)")
     roots = [_inline_root(r, i, kind, bad) if isinstance(r, dict) else _read_root(base / r, kind, bad) for i, r in enumerate(roots_in)]
     pinned = {name: _hex(value, f"pinned.{name}", bad) for name, value in _str_table(table, "pinned", bad).items()}
-    if not pinned:
+    rims, rim_roots = _rims(table, kind, base, bad)
+    if not pinned and not rim_roots:  # rim_roots alone: the bundle carries the RIMs
         raise bad("pinned must name at least one measurement (an empty policy accepts any code)")
     versions = _str_table(table, "min_versions", bad)
     bundle = table.get("bundle")
@@ -107,7 +126,44 @@ def policy_from_table(table: dict[str, Any], base: Path, where: str, *, absolute
         policy = Policy(pinned, versions, roots, Revocation(revocation), float(grace), kind)
     except AttestationError as exc:
         raise bad(str(exc)) from None
-    return PolicySettings(policy, base / bundle if bundle else None)
+    return PolicySettings(policy, base / bundle if bundle else None, rims, rim_roots)
+
+
+def _rims(table: dict[str, Any], kind: str, base: Path, bad: Any) -> tuple[dict[str, bytes], tuple[bytes, ...]]:
+    """The RIM files (driver_rim, vbios_rim; none if the bundle carries them) and rim_roots of an nvidia-gpu policy, each read and parsed."""
+    named = [key for key in (*RIM_KEYS, "rim_roots") if key in table]
+    if not named:
+        return {}, ()
+    if kind != "nvidia-gpu":
+        raise bad(f"{named[0]} is for kind nvidia-gpu, not {kind}")
+    rims: dict[str, bytes] = {}
+    for key, which in RIM_KEYS.items():
+        entry = table.get(key)
+        if entry is None:
+            continue
+        if isinstance(entry, dict):
+            if set(entry) != {"hex"} or not isinstance(entry["hex"], str) or len(entry["hex"]) > 2 * MAX_RIM_FILE:
+                raise bad(f"{key} must be a file name or {{ hex = \"...\" }} of at most {MAX_RIM_FILE} bytes")
+            rims[which] = _hex(entry["hex"], f"{key}.hex", bad)
+        elif isinstance(entry, str) and entry:
+            rims[which] = _read_file(base / entry, MAX_RIM_FILE, f"{key} {base / entry}", bad)
+        else:
+            raise bad(f"{key} must be a file name or {{ hex = \"...\" }}")
+    roots_in = table.get("rim_roots")
+    if not isinstance(roots_in, list) or not roots_in or not all((isinstance(r, str) and r) or isinstance(r, dict) for r in roots_in):
+        raise bad("rim_roots must be a non-empty list of root certificate files (the RIM signing roots)")
+    roots = tuple(
+        _inline_root(r, i, kind, bad, "rim_roots") if isinstance(r, dict) else _read_root(base / r, kind, bad) for i, r in enumerate(roots_in)
+    )
+    from gtbus.attest.nvidia_rim import parse_rim, require_extra  # lxml and signxml: only for policies naming RIMs
+
+    try:
+        require_extra()
+        for which, data in rims.items():
+            parse_rim(data, which)
+    except AttestationError as exc:
+        raise bad(str(exc)) from None
+    return rims, roots
 
 
 def emulated_policy(platform_public_key: bytes, code: bytes) -> Policy:
@@ -123,6 +179,11 @@ def policy_toml(settings: PolicySettings, source: str) -> str:
              f"revocation = {_toml_str(p.revocation.value)}", f"grace_s = {float(p.grace_s)!r}"]
     if settings.bundle is not None:
         lines.append(f"bundle = {_toml_str(str(settings.bundle))}")
+    for key, which in RIM_KEYS.items():
+        if which in settings.rims:
+            lines.append(f'{key} = {{ hex = "{settings.rims[which].hex()}" }}')
+    if settings.rim_roots:
+        lines.append("rim_roots = [" + ", ".join(f'{{ hex = "{r.hex()}" }}' for r in settings.rim_roots) + "]")
     for table, values in (("pinned", {k: v.hex() for k, v in p.pinned.items()}), ("min_versions", p.min_versions)):
         lines += ["", f"[{table}]"] + [f"{_toml_str(k)} = {_toml_str(v)}" for k, v in sorted(values.items())]
     text = "\n".join(lines) + "\n"
@@ -164,9 +225,9 @@ def _hex(value: str, what: str, bad: Any) -> bytes:
     return raw
 
 
-def _inline_root(entry: dict[str, Any], index: int, kind: str, bad: Any) -> bytes:
+def _inline_root(entry: dict[str, Any], index: int, kind: str, bad: Any, key: str = "roots") -> bytes:
     """An inline root, ``{ hex = "..." }``: a platform public key (emulated kind) or a DER certificate."""
-    what = f"roots[{index}]"
+    what = f"{key}[{index}]"
     if set(entry) != {"hex"} or not isinstance(entry["hex"], str):
         raise bad(f"{what} must be a file name or {{ hex = \"...\" }}")
     if len(entry["hex"]) > 2 * MAX_ROOT_FILE:
@@ -195,14 +256,7 @@ def _der_certificate(raw: bytes, what: str, bad: Any) -> bytes:
 
 def _read_root(path: Path, kind: str, bad: Any) -> bytes:
     """A platform public key (hex text, emulated kind) or a root certificate as DER (from PEM or DER)."""
-    try:
-        if path.stat().st_size > MAX_ROOT_FILE:
-            raise bad(f"root {path}: over {MAX_ROOT_FILE} bytes")
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise bad(f"root {path}: no such file") from None
-    except OSError as exc:
-        raise bad(f"root {path}: cannot read: {exc.strerror}") from None
+    raw = _read_file(path, MAX_ROOT_FILE, f"root {path}", bad)
     if kind == "emulated":
         try:
             key = bytes.fromhex(raw.decode("ascii").strip())
@@ -210,3 +264,15 @@ def _read_root(path: Path, kind: str, bad: Any) -> bytes:
             raise bad(f"root {path}: not a platform public key (hex)") from None
         return _platform_key(key, f"root {path}", bad)
     return _der_certificate(raw, f"root {path}", bad)
+
+
+def _read_file(path: Path, limit: int, what: str, bad: Any) -> bytes:
+    """The bytes of a file the policy names, its size checked before reading; ConfigError naming ``what`` otherwise."""
+    try:
+        if path.stat().st_size > limit:
+            raise bad(f"{what}: over {limit} bytes")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise bad(f"{what}: no such file") from None
+    except OSError as exc:
+        raise bad(f"{what}: cannot read: {exc.strerror}") from None

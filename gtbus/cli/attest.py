@@ -15,8 +15,12 @@ SOURCES.toml lists files::
 
     [[file]]
     name = "tdx-collateral.json"      # the name inside the bundle
-    kind = "tdx-collateral"           # crl | ocsp | cert | tdx-collateral
+    kind = "tdx-collateral"           # crl | ocsp | cert | tdx-collateral | driver-rim | vbios-rim
     url = "https://pccs.example/..."  # http(s)://; or path = "local/file" (relative to SOURCES.toml)
+
+An NVIDIA RIM (kind driver-rim or vbios-rim) is kept as its XML: from a file,
+or from NVIDIA's RIM service, whose JSON answer ({"rim": base64}) is decoded
+(url = "https://rim.attestation.nvidia.com/v1/rim/NV_GPU_DRIVER_GH100_550.90.07").
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import click
 # The attestation modules (cryptography, nacl, dcap-qvl) load when a command runs, not with every `gtbus`.
 if TYPE_CHECKING:
     from gtbus.attest.bundle import Bundle
+    from gtbus.attest.policy import PolicySettings
     from gtbus.attest.verifier import Verifier
 
 from gtbus.console import printable
@@ -125,6 +130,10 @@ def fetch(out: Path, sources: Path, force: bool, allow_stale: bool) -> None:
             data = _download(e["url"], MAX_FILE_SIZE)
         else:
             data = _read_limited(sources.parent / e["path"], MAX_FILE_SIZE, e["kind"])
+        if e["kind"] in ("driver-rim", "vbios-rim"):
+            from gtbus.attest.nvidia_rim import rim_from_service
+
+            data = rim_from_service(data)
         not_before, not_after = validity_of(e["kind"], data, e["name"])
         f = BundleFile(e["name"], e["kind"], origin, now, not_before, not_after, data)
         if not_after < now:
@@ -161,16 +170,17 @@ def _parse_nonce(value: str) -> bytes:
     return nonce
 
 
-def _verifier(kind: str, bundle: Bundle) -> Verifier:
-    """The verifier of ``kind``; the TDX one takes its collateral from the bundle."""
+def _verifier(kind: str, bundle: Bundle, settings: PolicySettings) -> Verifier:
+    """The verifier of ``kind``; the TDX one takes its collateral from the bundle, the NVIDIA one its RIMs."""
     if kind == "tdx":
         from gtbus.attest.tdx import TdxVerifier
 
         return TdxVerifier(bundle)
     if kind == "nvidia-gpu":
+        from gtbus.attest.appraiser import nvidia_rims
         from gtbus.attest.nvidia import NvidiaVerifier
 
-        return NvidiaVerifier()
+        return NvidiaVerifier(nvidia_rims(settings, bundle), settings.rim_roots)
     from gtbus.attest.emulated import EmulatedVerifier
 
     return EmulatedVerifier()
@@ -219,7 +229,7 @@ def check(evidence: Path, kind: str | None, bundle_path: Path | None, policy_pat
             # Stale but unused files do not fail the check by themselves; the appraisal says if one was needed.
             click.echo(f"warn {printable(str(exc))}")
     try:
-        claims = _verifier(kind, bundle).appraise(
+        claims = _verifier(kind, bundle, settings).appraise(
             Evidence(kind, blob, nonce_bytes), nonce_bytes, policy, at, BundleRevocation(bundle, policy.grace_s)
         )
     except AttestationError as exc:
@@ -228,6 +238,11 @@ def check(evidence: Path, kind: str | None, bundle_path: Path | None, policy_pat
     else:
         until = "no expiry" if math.isinf(claims.not_after) else f"good until {_iso(claims.not_after)}"
         click.echo(f"ok   {kind} evidence appraised at {_iso(at)}; {until}")
+        if kind == "nvidia-gpu":
+            from gtbus.attest.appraiser import nvidia_rims
+
+            for which in sorted(nvidia_rims(settings, bundle)):
+                click.echo(f"ok   {which} RIM: signed up to the policy's rim_roots, its version and every active measurement match")
         for name in sorted(policy.pinned):
             click.echo(f"ok   pinned {printable(name)} = {claims.measurements[name].hex()}")
         for name, value in sorted(claims.versions.items()):
