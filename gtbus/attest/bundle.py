@@ -4,7 +4,8 @@ A bundle is a folder holding ``manifest.json`` and the files it names. The
 manifest says, per file: its ``kind``, where it was fetched from (``source``),
 when (``fetched_at``), the period it is valid for (``not_before`` ..
 ``not_after``, from the file itself: a CRL's thisUpdate/nextUpdate, an OCSP
-response's, a certificate's, a TDX collateral's issueDate/nextUpdate), its
+response's, a certificate's, a TDX collateral's issueDate/nextUpdate, an
+NVIDIA RIM's signing chain's), its
 ``size`` and its BLAKE3 hash.
 
 Rules this module keeps:
