@@ -7,12 +7,15 @@ The orchestrator: a hook called once per hop, after the holder's return and
 before the model and code are measured again (``-`` or ``_`` alike):
 
 * ``tamper-model-at-epoch=N``: flip one bit of the first parameter during hop N;
+* ``tamper-model-after-epoch=N``: flip that bit after hop N has ended (trained,
+  checkpointed, published), before the next hop on its lane: the next hop's
+  remeasure must see it, since its grant reports hop N's measurement after training;
 * ``tamper-code-at-epoch=N``: swap the code of one trainer method (``evaluate``)
   during hop N;
 * ``fail-device-at-epoch=N``: the device of hop N's lane fails (a
   :class:`~gtbus.errors.DeviceError` out of the hop).
 
-Either tamper must roll hop N back (and after a code change, the run stops); a
+A tamper rolls the hop that sees it back (and after a code change, the run stops); a
 failed device retires its lane (the hop goes back to the schedule).
 
 A holder (:class:`HolderFaults`, ``name[=value],...``): the staging writes go
@@ -36,10 +39,11 @@ from gtbus.errors import ConfigError, DeviceError, GtbusError
 from gtbus.gpu.channel import ChannelParams, SealSummary, SegmentContext, staging_size
 from gtbus.gpu.device import BufferHandle, StagingWriter
 
-FAULT_KINDS: Final = ("tamper-model-at-epoch", "tamper-code-at-epoch", "fail-device-at-epoch")
+FAULT_KINDS: Final = ("tamper-model-at-epoch", "tamper-model-after-epoch", "tamper-code-at-epoch", "fail-device-at-epoch")
 
-#: What the orchestrator calls during each hop: (the hop's lane, or anything with its ``token`` and ``trainer``; the hop's assignment).
-TamperHook = Callable[[Any, Any], None]
+#: What the orchestrator calls during each hop (``when`` = "during", after the return) and at its
+#: end ("after"): (the hop's lane, or anything with its ``token`` and ``trainer``; the hop's assignment; when).
+TamperHook = Callable[[Any, Any, str], None]
 
 
 def orchestrator_fault_hook(spec: str) -> TamperHook | None:
@@ -55,12 +59,12 @@ def orchestrator_fault_hook(spec: str) -> TamperHook | None:
     except ValueError:
         raise ConfigError(f"{kind} needs an epoch number, not {value!r}") from None
 
-    def tamper(orch: Any, assignment: Any) -> None:
-        if orch.token.epoch != at:
+    def tamper(orch: Any, assignment: Any, when: str = "during") -> None:
+        if orch.token.epoch != at or (when == "after") != (kind == "tamper-model-after-epoch"):
             return
         if kind == "fail-device-at-epoch":
             raise DeviceError(f"injected device failure during hop {at}")
-        if kind == "tamper-model-at-epoch":
+        if kind in ("tamper-model-at-epoch", "tamper-model-after-epoch"):
             flat = orch.trainer.parameter_views()[0].reshape(-1).view("uint8")
             flat[0] ^= 1
         else:

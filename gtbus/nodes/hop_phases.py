@@ -23,7 +23,7 @@ from typing import Final
 ORCHESTRATOR_PHASES: Final = (
     "staging_alloc",  # this hop's fresh staging and the private buffer taken
     "key",  # fresh channel key and params
-    "model_measure",  # model digest at the grant
+    "model_measure",  # model digest at the grant (taken after the lane's last training where nothing wrote it since)
     "epoch_reserve",  # epoch on disk, receive fence raised
     "seal_params",  # params sealed to the holder
     "report_sign",  # measurement report signed (commits to the key)
@@ -34,6 +34,7 @@ ORCHESTRATOR_PHASES: Final = (
     "open",  # authenticate + decrypt into the private buffer, staging scrubbed and revoked
     "remeasure",
     "train",  # evaluate, train, evaluate
+    "model_after",  # model digest after training (the manifest's, and the next grant's)
     "scrub",  # scrub + verify zero + release, key dropped
     "checkpoint",
     "publish",  # hop record published

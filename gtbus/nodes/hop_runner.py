@@ -154,7 +154,8 @@ class HopRunner:
         """Run the hop to its end; return the run-level actions (settle, checkpoint, publish, stop) in order."""
         finals: list[HopAction] = []
         try:
-            self.model_before = self.device.measure(*self.trainer.parameter_views())
+            known, self.lane.model_digest = self.lane.model_digest, None
+            self.model_before = known or self.device.measure(*self.trainer.parameter_views())
             self.mark("model_measure")
             # The grant takes the fleet's next epoch (one counter across lanes), in the
             # same step as the machine grants: no other lane can take an epoch between.
@@ -287,7 +288,7 @@ class HopRunner:
     async def _open_segments(self, act: OpenSegments) -> HopEvent:
         t1 = time.perf_counter()
         if self.orch.tamper_hook:
-            self.orch.tamper_hook(self.lane, self.a)
+            self.orch.tamper_hook(self.lane, self.a, "during")
         params = self.params
         assert params is not None
         ctx = SegmentContext(self.orch.run_id, act.epoch, act.holder, act.segments)
@@ -355,7 +356,10 @@ class HopRunner:
         # The manifest's chain of model digests: this hop's model before (taken for the grant) and after.
         returned = self.machine.returned
         assert returned is not None  # Train follows only an accepted return
-        self.orch.provenance.trained(self.machine.epoch, returned.commitment, self.model_before, self.device.measure(*self.trainer.parameter_views()))
+        model_after = self.device.measure(*self.trainer.parameter_views())
+        self.orch.provenance.trained(self.machine.epoch, returned.commitment, self.model_before, model_after)
+        self.lane.model_digest = model_after
+        self.mark("model_after")
         return Trained(report.loss_first, report.loss_last, before, after)
 
     def _trains_off_loop(self) -> bool:

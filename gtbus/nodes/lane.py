@@ -56,6 +56,11 @@ class Lane:
     # merge). Thrown away with the replica (a rollback, a retirement), they are trained again.
     unsaved: list[HopResult] = field(default_factory=list)
     failed: str | None = None  # why the lane was retired (its device failed), None while it serves
+    # The replica's measurement taken right after its last training, while nothing has written its
+    # parameters since (None: measure again). The next hop's grant reports it instead of measuring
+    # the same bytes twice, and that hop's remeasure then also covers the time between the hops.
+    # Whatever writes a replica's parameters (training, a merge, a rollback, a resume) clears it.
+    model_digest: bytes | None = None
 
     @property
     def token_id(self) -> str:

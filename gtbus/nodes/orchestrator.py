@@ -134,7 +134,7 @@ class Orchestrator:
         config: RunConfig,
         *,
         on_hop: Callable[[HopResult], None] | None = None,
-        tamper_hook: Callable[[Lane, Assignment], None] | None = None,
+        tamper_hook: Callable[[Lane, Assignment, str], None] | None = None,
         merge: ModelMerge | None = None,
     ) -> None:
         """``device`` and ``trainer``: one each, or one per lane (``config.gpus``), the trainers built from one seed."""
@@ -542,6 +542,8 @@ class Orchestrator:
             return
         assert not any(lane.busy for lane in live), "a merge while a lane has a hop in flight"
         t = time.perf_counter()
+        for lane in live:
+            lane.model_digest = None  # the merge writes every replica
         self.merge.average([lane.trainer for lane in live])
         took = time.perf_counter() - t
         self.merges += 1
@@ -621,6 +623,8 @@ class Orchestrator:
         runner = self.current = lane.current = HopRunner(self, lane, a)
         for action in await runner.run():
             await self._after_hop[type(action)](action, runner)
+        if self.tamper_hook:
+            self.tamper_hook(lane, a, "after")
         return runner.result
 
     async def _settle(self, act: Settle, runner: HopRunner) -> None:
@@ -688,6 +692,7 @@ class Orchestrator:
         What the replica trained since goes back into the schedule (:meth:`_requeue_unsaved`).
         """
         lane = lane or self.lanes[0]
+        lane.model_digest = None
         if self.checkpoint_path.exists():
             lane.trainer.load_state_dict(lane_state(read_checkpoint(self.checkpoint_path).trainer_state(), lane.index))
         else:

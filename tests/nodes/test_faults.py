@@ -290,6 +290,24 @@ def test_model_changed_during_a_hop_is_rolled_back_to_the_checkpoint(travel) -> 
     assert summary["skipped"] == []
 
 
+def test_model_changed_between_hops_is_seen_by_the_next_hop(travel) -> None:
+    # The orchestrator flips one parameter bit after hop 1 has ended (trained, checkpointed,
+    # published). Hop 2's grant reports hop 1's measurement after training (not a fresh one,
+    # which would take the flipped bit in as the model), so hop 2's remeasure sees the change.
+    t: Travel = travel(holders=2, chunk_tokens=65536, orchestrator_fault="tamper-model-after-epoch=1").start()
+    summary = t.finish()
+    hops = by_epoch(t.hops())
+    assert hops[1]["outcome"] == "trained"
+    assert hops[2]["outcome"] == "rolled-back" and "model changed during the hop" in hops[2]["detail"]
+    grants = {g.epoch: g for g in t.grants()}
+    # Restored from the checkpoint written after hop 1 (before the flip): grant 3 reports the
+    # model grant 2 did, the one hop 1 trained.
+    assert grants[3].model_hash == grants[2].model_hash != grants[1].model_hash
+    assert (hops[3]["holder"], hops[3]["chunk"], hops[3]["outcome"]) == ("h2", 0, "trained")
+    _no_chunk_trained_twice(t.hops())
+    assert summary["outcomes"] == {"rolled-back": 1, "trained": 2}
+
+
 def test_code_changed_during_a_hop_rolls_back_and_stops_the_run(travel) -> None:
     # The orchestrator swaps the code of a trainer method during hop 2, after the return.
     t: Travel = travel(holders=2, chunk_tokens=65536, orchestrator_fault="tamper-code-at-epoch=2").start()

@@ -24,7 +24,7 @@ def _orchestrator_at(epoch: int) -> SimpleNamespace:
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("tamper-disk-at-epoch=3", "unknown orchestrator fault 'tamper-disk-at-epoch' (tamper-model-at-epoch=N or tamper-code-at-epoch=N or fail-device-at-epoch=N)"),
+    ("tamper-disk-at-epoch=3", "unknown orchestrator fault 'tamper-disk-at-epoch' (tamper-model-at-epoch=N or tamper-model-after-epoch=N or tamper-code-at-epoch=N or fail-device-at-epoch=N)"),
     ("tamper-model-at-epoch=three", "tamper-model-at-epoch needs an epoch number, not 'three'"),
     ("tamper_code_at_epoch=", "tamper-code-at-epoch needs an epoch number, not ''"),
 ])
@@ -51,6 +51,18 @@ def test_the_model_fault_flips_one_bit_at_its_epoch_only() -> None:
     byte = int(first[0])
     hook(orch, None)
     assert int(first[0]) == byte ^ 1 and device.measure(*orch.trainer.parameter_views()) != before
+
+
+def test_the_between_hops_fault_fires_only_after_its_hop() -> None:
+    hook = orchestrator_fault_hook("tamper-model-after-epoch=2")
+    assert hook is not None
+    orch = _orchestrator_at(2)
+    device = HostDevice()
+    before = device.measure(*orch.trainer.parameter_views())
+    hook(orch, None, "during")  # hop 2 itself is left alone
+    assert device.measure(*orch.trainer.parameter_views()) == before
+    hook(orch, None, "after")
+    assert device.measure(*orch.trainer.parameter_views()) != before
 
 
 def test_the_code_fault_is_what_the_loaded_code_check_names() -> None:
