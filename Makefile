@@ -17,8 +17,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 demo: $(STAMP)
 	$(BIN)/gtbus demo
 
+# Test workers: one per core (CI has 2), at most 4 (each test may start several processes);
+# JOBS=0 runs the suite in this one process.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n $(JOBS) $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
