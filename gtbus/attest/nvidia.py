@@ -243,6 +243,7 @@ def load_cert(der: bytes, what: str) -> x509.Certificate:
     try:
         cert = x509.load_der_x509_certificate(der)
         cert.extensions  # parsed lazily: a malformed or repeated extension must fail here, not later
+        cert.subject, cert.issuer  # so are the names (a malformed one would escape later as a ValueError)
     except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType):
         raise AttestationError(f"nvidia-gpu: {what} is not a well-formed DER X.509 certificate") from None
     return cert

@@ -477,3 +477,47 @@ def test_attest_check_with_a_policy_naming_rims(tmp_path: Path) -> None:
     assert broken.returncode != 0 and "has a DTD (DOCTYPE)" in broken.stdout + broken.stderr
     assert "Traceback" not in good.stderr + bad.stderr + broken.stderr
     assert len((broken.stdout + broken.stderr).strip().splitlines()) == 1
+
+
+def test_random_edits_of_nvidias_rim_never_pass_and_never_escape_as_another_error() -> None:
+    """Seeded edits anywhere in the file (bytes changed, runs cut): one line each, never accepted. Among them,
+    a certificate in KeyInfo with a corrupted name, which once escaped as a ValueError."""
+    import random
+
+    rng = random.Random(3)
+    signature_at = VBIOS_RIM.index(b"<ds:Signature ")
+    for i in range(600):
+        data = bytearray(VBIOS_RIM)
+        start = signature_at if i % 2 else 0  # half inside the signature and its certificates
+        if rng.random() < 0.6:
+            for _ in range(rng.randint(1, 3)):
+                data[rng.randrange(start, len(data))] = rng.randrange(256)
+        else:
+            at = rng.randrange(start, len(data))
+            del data[at : at + rng.randint(1, 200)]
+        if bytes(data).rstrip() == VBIOS_RIM.rstrip():  # the same document (a trailing newline is outside it)
+            continue
+        with pytest.raises(AttestationError) as info:
+            verify_rim(bytes(data), "vbios", [RIM_ROOT], RIM_NOW, SaysGood(), 0.0)
+        assert "\n" not in str(info.value)
+
+
+def test_a_keyinfo_certificate_with_a_malformed_name_is_one_line() -> None:
+    import base64
+
+    start = VBIOS_RIM.index(b"<ds:X509Certificate>") + len(b"<ds:X509Certificate>")
+    end = VBIOS_RIM.index(b"</ds:X509Certificate>", start)
+    der = base64.b64decode(b"".join(VBIOS_RIM[start:end].split()))
+    assert der.count(b"HCC RIM L4 Signer") == 1
+    broken = base64.b64encode(der.replace(b"HCC RIM L4 Signer", b"\xffCC RIM L4 Signer"))  # not UTF-8
+    data = VBIOS_RIM[:start] + broken + VBIOS_RIM[end:]
+    refused(r"^nvidia-gpu: vbios RIM's certificate 0 is not a well-formed DER X.509 certificate$",
+            lambda: verify_rim(data, "vbios", [RIM_ROOT], RIM_NOW, SaysGood(), 0.0))
+
+
+def test_evidence_whose_leaf_has_a_malformed_name_is_one_line_too() -> None:
+    """The same lazy parse in the device chain a peer sends (fixed in ``nvidia.load_cert`` for both)."""
+    assert CHAIN[0].count(b"GH100 A01 GSP FMC LF") == 1
+    broken = CHAIN[0].replace(b"GH100 A01 GSP FMC LF", b"\xffH100 A01 GSP FMC LF")
+    refused(r"^nvidia-gpu: certificate 0 of the evidence's chain is not a well-formed DER X.509 certificate$",
+            lambda: appraise(NvidiaVerifier(), chain=[broken, *CHAIN[1:]], pol=Policy({"gpu-measurement-02": SAMPLE.measurements[2]}, {}, [NVIDIA_ROOT], kind="nvidia-gpu")))
