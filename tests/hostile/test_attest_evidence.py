@@ -148,12 +148,12 @@ CASES = [
 ]
 
 
-async def _register(site: Site, answer: Answer) -> tuple[HostileOrchestrator, BaseException | None, Holder]:
+async def _register(site: Site, answer: Answer, appraiser: Appraiser | None = None) -> tuple[HostileOrchestrator, BaseException | None, Holder]:
     orch = HostileOrchestrator(site, answer)
     h = site.dep.holders[0]
     rt = NodeRuntime(h, site.dep.roster, client_transport(h, site.dep.roster, site.router, site.pub), run_dir=site.root / "h1",
                      server=site.dep.orchestrator.name)
-    appraiser = Appraiser(EmulatedVerifier(), emulated_policy(site.signer.public_key, CODE), NoRevocation())
+    appraiser = appraiser or Appraiser(EmulatedVerifier(), emulated_policy(site.signer.public_key, CODE), NoRevocation())
     holder = Holder(rt, Dataset([site.shard], name="h1"), device_class("host"), ReportVerifier(site.signer.public_key, CODE), appraiser=appraiser)
     await orch.rt.start()
     await rt.start()
