@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -39,7 +38,6 @@ from test_nvidia import (  # noqa: E402  (the sample evidence and the test PKI o
     Pki,
     SaysGood,
     bundle_of,
-    flipped,
     refused,
 )
 
