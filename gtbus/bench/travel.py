@@ -148,6 +148,8 @@ def run_once(run_dir: Path, *, mode: str, row: dict[str, Any], p: Plan, shards: 
         "open_s": sum(h.get("open_s", 0.0) for h in trained),
         "epilogue_s": sum(h.get("epilogue_s", 0.0) for h in trained),
         "steps_total": steps,
+        # Every trained hop's transfer in order (ms), so one slow hop is seen without --keep-runs.
+        "hop_tx_ms": [round((h.get("provision_s", 0.0) + h.get("open_s", 0.0)) * 1e3, 3) for h in trained],
     }
 
 
@@ -508,11 +510,14 @@ def _one_pass_table(p: Plan, runs: list[dict[str, Any]], total_tokens: int) -> T
 
 
 def _detail_table(runs: list[dict[str, Any]]) -> Table:
-    d = Table("Per-run detail", text_columns=2, columns=["cap", "mode", "hops trained", "provision s", "open s", "epilogue s", "eval s", "steps", "wall s", "MB/s (bytes / tx)", "loss first -> last"])
+    d = Table("Per-run detail", text_columns=2, columns=["cap", "mode", "hops trained", "provision s", "open s", "epilogue s", "eval s", "steps", "wall s", "MB/s (bytes / tx)",
+                                                       "tx ms per hop: median / max", "loss first -> last"])
     for r in runs:
         loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" if r.get("last_loss") is not None else "-"
+        tx = r.get("hop_tx_ms") or []
         d.add(r["cap"], r["mode"], r["hops_trained"], f"{r['provision_s']:.3f}", f"{r['open_s']:.3f}", f"{r['epilogue_s']:.3f}", f"{r.get('eval_s', 0.0):.2f}",
-              r["steps_total"], f"{r['wall_s']:.1f}", f"{r['provision_gbps'] * 1000:.1f}", loss)
+              r["steps_total"], f"{r['wall_s']:.1f}", f"{r['provision_gbps'] * 1000:.1f}",
+              f"{statistics.median(tx):.2f} / {max(tx):.2f}" if tx else "-", loss)
     d.notes.append("provision = grant sent .. return received (key, seal, grant, holder checks and writes, return); open = authenticate + decrypt into the private buffer (ship: also the copy to the device); "
                    "epilogue (scrub, verify zero, release) is not counted in Tx; loss = held-out evaluation of the first and the last hop's chunk before training on it")
     return d
@@ -551,5 +556,5 @@ def _provisioning_table(prov: dict[str, Any], backend: str, reps: int) -> Table:
 _KEEP = (
     "hops", "hops_trained", "outcomes", "bytes_provisioned", "transfer_s", "train_s", "transfer_share", "provision_gbps",
     "provision_s", "open_s", "epilogue_s", "steps_total", "wall_s", "first_loss", "last_loss", "final_train_loss", "eval_s",
-    "startup_s", "other_s", "tokens_per_s",
+    "startup_s", "other_s", "tokens_per_s", "hop_tx_ms",
 )

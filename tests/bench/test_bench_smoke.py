@@ -90,6 +90,9 @@ def test_travel_bench_smoke(tmp_path: Path) -> None:
         assert r["hops_trained"] == r["hops"] == expected_hops[cap]
         assert r["steps_total"] == 12
         assert r["transfer_s"] > 0 and r["train_s"] > 0 and 0 < r["transfer_share"] < 1
+        # Each trained hop's transfer, in order: together the run's provision + open.
+        assert len(r["hop_tx_ms"]) == r["hops_trained"]
+        assert abs(sum(r["hop_tx_ms"]) / 1e3 - (r["provision_s"] + r["open_s"])) < 1e-3 * r["hops_trained"]
     prov = data["provisioning"]
     for key in ("seal_gbps", "open_gbps", "end_to_end_gbps", "memcpy_gbps"):
         assert prov[key] > 0
