@@ -347,6 +347,8 @@ def run_travel_bench(
         say(f"  trainer alone: {alone['tokens_per_s']:,.0f} tokens/s ({alone['steps']} steps of {alone['tokens_per_step']} tokens, "
             f"{alone['warmup_steps']} warm-up steps not counted), load {alone['load_s']:.1f} s, process {alone['process_s']:.1f} s")
         work = Workload(trainer, backend, pin, checkpoint_every)
+        report = _Report(res, Path(out_dir) if out_dir is not None else None, p, work, caps, alone, data_s, pin_s, evaluation, reps,
+                         total_tokens, settings)
         for i, row in enumerate(p.rows):
             order = list(modes) if i % 2 == 0 else list(reversed(modes))  # alternate, so drift in load hits both
             for mode in order:
@@ -360,8 +362,7 @@ def run_travel_bench(
                 say(f"    transfer {s['transfer_s']:.3f} s, training {s['train_s']:.2f} s ({s['tokens_per_s']:,.0f} tokens/s), "
                     f"share {s['transfer_share'] * 100:.3f} %, startup {s['startup_s']:.1f} s, wall {s['wall_s']:.1f} s")
                 runs.append({"row": i, "cap": row["cap"], "mode": mode, **{k: s[k] for k in _KEEP if k in s}})
-                _fill(res, out_dir, p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, time.perf_counter() - t_start,
-                      evaluation, prov, reps, total_tokens, machine, settings, done=False)
+                report.fill(runs, prov, time.perf_counter() - t_start, done=False)
         if backend == "host":
             say(f"  provisioning: {reps} x {chunk_mib:g} MiB sealed into fresh staging and opened on the device ...")
             prov = measure_provisioning(int(chunk_mib * MIB), reps, backend)
@@ -370,52 +371,68 @@ def run_travel_bench(
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _fill(res, out_dir, p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, time.perf_counter() - t_start,
-                 evaluation, prov, reps, total_tokens, machine, settings, done=True)
+    return report.fill(runs, prov, time.perf_counter() - t_start, done=True)
 
 
-def _fill(res: Result, out_dir: Path | None, p: Plan, trainer: str, backend: str, caps: str | None, alone: dict[str, Any], checkpoint_every: int,
-          data_s: float, pin_s: float, runs: list[dict[str, Any]], wall_total: float, evaluation: str, prov: dict[str, Any] | None, reps: int,
-          total_tokens: int, machine: dict[str, Any], settings: dict[str, Any], *, done: bool) -> Result:
-    """Tables, goals and data of the runs so far; written to ``out_dir`` (after every run, so a cut-off bench leaves what it measured)."""
-    res.tables.clear()
-    res.goals.clear()
-    res.finish()  # end time and load so far (stamped again by the next call)
+@dataclass(frozen=True)
+class _Report:
+    """What a travel bench's result is made of besides its runs: fixed once the shards, the pin and the trainer alone are measured."""
 
-    res.header = _header(p, trainer, backend, caps, alone, checkpoint_every, data_s, pin_s, runs, wall_total, evaluation)
-    res.tables.append(_share_table(p, runs, machine))
-    res.tables.append(_loop_table(runs, alone))
-    res.tables.append(_one_pass_table(p, runs, total_tokens))
-    res.tables.append(_detail_table(runs))
-    for r in runs:
-        if r["mode"] == "travel":
-            res.goal(f"travel Tx % at cap {r['cap']}", r["transfer_share"] * 100, GOAL_TX_PERCENT, "%", at_most=True)
-    for r in runs:
-        if alone["tokens_per_s"] > 0:
-            res.goal(f"tokens/s in loop / alone, {r['mode']} at cap {r['cap']}", r["tokens_per_s"] / alone["tokens_per_s"], GOAL_LOOP_RATIO, "ratio")
-    if prov is None:
-        res.header.append("Encrypted provisioning of a 512 MiB chunk on this backend: see `gtbus bench device` (a separate holder process maps the staging by CUDA IPC).")
-    else:
-        res.tables.append(_provisioning_table(prov, backend, reps))
+    res: Result
+    out_dir: Path | None
+    p: Plan
+    work: Workload
+    caps: str | None
+    alone: dict[str, Any]
+    data_s: float
+    pin_s: float
+    evaluation: str
+    reps: int
+    total_tokens: int
+    settings: dict[str, Any]
 
-    if not done:
-        res.header.insert(0, f"PARTIAL: {len(runs)} of {len(settings['modes']) * len(p.rows)} runs so far (the bench writes its result after every run; this one did not finish).")
-    res.data = {
-        "settings": settings,
-        "plan": {"holder_tokens": p.holder_tokens, "rows": p.rows, "steps_option": p.steps_option, "note": p.rounded_note},
-        "startup": {"data_build_s": data_s, "pin_s": pin_s, "wall_s": wall_total},
-        "alone": alone,
-        "runs": runs,
-        "provisioning": prov,
-    }
-    if out_dir is not None:
-        md, js = res.write(out_dir)
-        res.data["files"] = [str(md), str(js)]
-    return res
+    def fill(self, runs: list[dict[str, Any]], prov: dict[str, Any] | None, wall_total: float, *, done: bool) -> Result:
+        """Tables, goals and data of the runs so far; written to ``out_dir`` (after every run, so a cut-off bench leaves what it measured)."""
+        res, p, alone = self.res, self.p, self.alone
+        res.tables.clear()
+        res.goals.clear()
+        res.finish()  # end time and load so far (stamped again by the next call)
+
+        res.header = _header(p, self.work, self.caps, alone, self.data_s, self.pin_s, runs, wall_total, self.evaluation)
+        res.tables.append(_share_table(p, runs, res.machine))
+        res.tables.append(_loop_table(runs, alone))
+        res.tables.append(_one_pass_table(p, runs, self.total_tokens))
+        res.tables.append(_detail_table(runs))
+        for r in runs:
+            if r["mode"] == "travel":
+                res.goal(f"travel Tx % at cap {r['cap']}", r["transfer_share"] * 100, GOAL_TX_PERCENT, "%", at_most=True)
+        for r in runs:
+            if alone["tokens_per_s"] > 0:
+                res.goal(f"tokens/s in loop / alone, {r['mode']} at cap {r['cap']}", r["tokens_per_s"] / alone["tokens_per_s"], GOAL_LOOP_RATIO, "ratio")
+        if prov is None:
+            res.header.append("Encrypted provisioning of a 512 MiB chunk on this backend: see `gtbus bench device` (a separate holder process maps the staging by CUDA IPC).")
+        else:
+            res.tables.append(_provisioning_table(prov, self.work.backend, self.reps))
+
+        if not done:
+            res.header.insert(0, f"PARTIAL: {len(runs)} of {len(self.settings['modes']) * len(p.rows)} runs so far (the bench writes its result after every run; this one did not finish).")
+        res.data = {
+            "settings": self.settings,
+            "plan": {"holder_tokens": p.holder_tokens, "rows": p.rows, "steps_option": p.steps_option, "note": p.rounded_note},
+            "startup": {"data_build_s": self.data_s, "pin_s": self.pin_s, "wall_s": wall_total},
+            "alone": alone,
+            "runs": runs,
+            "provisioning": prov,
+        }
+        if self.out_dir is not None:
+            md, js = res.write(self.out_dir)
+            res.data["files"] = [str(md), str(js)]
+        return res
 
 
-def _header(p: Plan, trainer: str, backend: str, caps: str | None, alone: dict[str, Any], every: int, data_s: float, pin_s: float,
+def _header(p: Plan, work: Workload, caps: str | None, alone: dict[str, Any], data_s: float, pin_s: float,
             runs: list[dict[str, Any]], wall: float, evaluation: str) -> list[str]:
+    trainer, backend, every = work.trainer, work.backend, work.checkpoint_every
     holders, total = p.holders, p.holder_tokens * TOKEN_BYTES * p.holders
     per_step = alone["tokens_per_step"]
     budget_s = p.train_steps * per_step / alone["tokens_per_s"] if alone["tokens_per_s"] else 0.0
