@@ -49,6 +49,6 @@ class Observer:
         acc = await self.rt.request(SnapshotRequest(0), timeout=timeout)
         if not isinstance(acc.message, Snapshot):
             raise RuntimeError(f"expected a snapshot, got {acc.spec.name}")
-        self.follower.on_snapshot(acc.message.state, acc.message.event_seq)
+        self.follower.on_snapshot(acc.message.state, acc.message.event_seq, acc.header.session)
         assert self.follower.state is not None
         return self.follower.state

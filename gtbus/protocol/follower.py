@@ -8,7 +8,15 @@ Rules:
 * A snapshot says the state as of event sequence ``S``. Buffered and later
   events with a sequence at or below ``S`` are already in it and are dropped;
   those above ``S`` are applied on top.
-* A new snapshot (after a reconnect) replaces the state and the cut-off.
+* A new snapshot (after a reconnect, or a liveness refresh) replaces the state
+  and the cut-off. Its reply travels apart from the broadcast, so it may come
+  after events newer than it were applied: those (kept since the last
+  snapshot) are applied again on top of it, so the state never goes back; a
+  snapshot older than the events kept can only be a late one and is dropped.
+  Sequence numbers are per orchestrator process (its session): a snapshot of
+  another session (a restarted orchestrator) always replaces the state.
+* A run that is complete stays complete: a snapshot taken before the end
+  never takes it back (the orchestrator may be gone by the next one).
 * Reports (``hop.report`` and the whole ``run.complete``) come directly, only
   to observers, outside the broadcast's sequence: they are applied by epoch
   (a report older than the loss already shown changes nothing), after the
@@ -32,8 +40,12 @@ class EventFollower:
     def __init__(self) -> None:
         self.state: dict[str, Any] | None = None
         self.snapshot_seq: int | None = None
+        self.session: bytes | None = None  # the orchestrator process the snapshot came from (None: not told)
         self.applied_seq = 0
         self._pending: list[tuple[int, object]] = []
+        # Events applied since the last snapshot, to bring a snapshot older than them forward.
+        self._applied: list[tuple[int, object]] = []
+        self._applied_complete = True  # False once the list was cut at MAX_REPLAY
         self._pending_reports: list[HopReport | RunComplete] = []
 
     @property
@@ -49,6 +61,10 @@ class EventFollower:
         if self.snapshot_seq is not None and seq <= self.snapshot_seq:
             return False
         self.applied_seq = seq
+        if len(self._applied) < MAX_REPLAY:
+            self._applied.append((seq, msg))
+        else:
+            self._applied_complete = False
         return _apply(self.state, msg)
 
     def on_report(self, msg: HopReport | RunComplete) -> bool:
@@ -58,17 +74,28 @@ class EventFollower:
             return False
         return _apply_report(self.state, msg)
 
-    def on_snapshot(self, state: dict[str, Any], event_seq: int) -> None:
-        """Install a snapshot taken at ``event_seq`` and apply buffered events newer than it."""
+    def on_snapshot(self, state: dict[str, Any], event_seq: int, session: bytes | None = None) -> None:
+        """Install a snapshot taken at ``event_seq`` by the orchestrator process ``session``; apply buffered events newer than it."""
+        replay: list[tuple[int, object]] = []
+        same_process = session is None or session == self.session
+        if self.state is not None and same_process and event_seq < self.applied_seq:
+            # Taken before events this follower already applied: bring it forward with them.
+            if not self._applied_complete or (self.snapshot_seq is not None and event_seq < self.snapshot_seq):
+                return  # older than the last snapshot, or events it lacks are no longer kept: the state shown is newer
+            replay = [(seq, msg) for seq, msg in self._applied if seq > event_seq]
         previous = self.state or {}
         self.state = copy.deepcopy(state)
         self.state.setdefault("complete", False)
+        if previous.get("complete"):
+            self.state["complete"] = True
         for kept in ("last_report", "summary"):  # direct reports are not part of a snapshot: keep what came
             if kept in previous:
                 self.state.setdefault(kept, previous[kept])
         self.snapshot_seq = event_seq
+        self.session = session
         self.applied_seq = event_seq
-        pending, self._pending = self._pending, []
+        self._applied, self._applied_complete = [], True
+        pending, self._pending = self._pending + replay, []
         for seq, msg in sorted(pending, key=lambda p: p[0]):
             self.on_event(seq, msg)
         reports, self._pending_reports = self._pending_reports, []
@@ -96,6 +123,9 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
         return False
     return False
 
+
+#: Events a follower keeps between two snapshots to bring a late snapshot forward (a refresh comes every second or so).
+MAX_REPLAY = 100_000
 
 #: Lanes (GPU tokens) a follower keeps: a fleet has a few; an event for yet another token is not kept.
 MAX_LANES = 256

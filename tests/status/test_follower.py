@@ -126,3 +126,48 @@ def test_any_field_values_leave_a_usable_state(snapshot: dict[str, Any], events:
         assert k not in f.state or f.state[k] is snapshot.get(k) or f.state[k] == snapshot.get(k) or (type(f.state[k]) is int and f.state[k] >= 0)
     if "last_loss" in f.state and f.state.get("last_report"):
         assert f.state["last_loss"] is None or isinstance(f.state["last_loss"], (int, float)) or f.state["last_loss"] == snapshot.get("last_loss")
+
+
+def test_a_snapshot_that_comes_after_newer_events_is_brought_forward_not_taken_back() -> None:
+    # A liveness refresh: the reply (taken at 6) travels apart from the broadcast and comes
+    # after events 7 and 8 were applied. The state keeps them, completion included.
+    f = EventFollower()
+    f.on_snapshot({"hops": 5, "hops_trained": 5, "bytes": 500}, event_seq=5, session=b"s1")
+    f.on_event(6, _hop(6))
+    f.on_event(7, _hop(7))
+    f.on_event(8, RunComplete({"hops": 7}))
+    f.on_snapshot({"hops": 6, "hops_trained": 6, "bytes": 600, "liveness": {"h1": 0.5}}, event_seq=6, session=b"s1")
+    assert f.state is not None
+    assert f.state["hops"] == 7 and f.state["bytes"] == 700 and f.state["complete"]
+    assert f.state["liveness"] == {"h1": 0.5}  # what the refresh was for
+    assert f.applied_seq == 8
+    # The next fresh snapshot replaces it as before.
+    f.on_snapshot({"hops": 7, "complete": True}, event_seq=8, session=b"s1")
+    assert f.state["hops"] == 7 and f.applied_seq == 8
+
+
+def test_a_snapshot_older_than_the_last_one_is_dropped() -> None:
+    f = EventFollower()
+    f.on_snapshot({"hops": 9}, event_seq=9, session=b"s1")
+    f.on_event(10, _hop(10))
+    f.on_snapshot({"hops": 3}, event_seq=3, session=b"s1")  # a reply that took very long
+    assert f.state is not None and f.state["hops"] == 10 and f.snapshot_seq == 9
+
+
+def test_a_completed_run_stays_complete() -> None:
+    f = EventFollower()
+    f.on_snapshot({"hops": 2}, event_seq=2, session=b"s1")
+    f.on_report(RunComplete({"hops": 2, "last_loss": 1.0}))  # direct, outside the sequence
+    f.on_snapshot({"hops": 2, "complete": False}, event_seq=2, session=b"s1")
+    assert f.state is not None and f.state["complete"] and f.state["summary"]["last_loss"] == 1.0
+
+
+def test_a_restarted_orchestrators_snapshot_replaces_the_state() -> None:
+    # Sequence numbers are per process: the resumed orchestrator counts from 0 again.
+    f = EventFollower()
+    f.on_snapshot({"hops": 40}, event_seq=40, session=b"s1")
+    f.on_event(41, _hop(41))
+    f.on_snapshot({"hops": 41}, event_seq=1, session=b"s2")
+    assert f.state is not None and f.state["hops"] == 41 and f.snapshot_seq == 1
+    assert f.on_event(2, _hop(42))
+    assert f.state["hops"] == 42
