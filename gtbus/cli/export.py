@@ -110,7 +110,9 @@ def export(path: Path, out: Path | None, check: bool, logs: Path | None, keys_di
         if findings:
             sys.exit(1)
         proof = " and agrees with the logs" if logs is not None else ""
-        click.echo(printable(f"ok   {path}: run {m.run_id}, {len(m.hops)} trained hops, model {m.final_model.hex()[:16]}... as signed by {m.orchestrator}{proof}"))
+        # Without a pin the signature only shows the manifest is whole: anyone can sign one with a key of their own.
+        who = "" if logs is not None or keys_dir is not None else " (a key the manifest names itself: pin it with --keys or --logs)"
+        click.echo(printable(f"ok   {path}: run {m.run_id}, {len(m.hops)} trained hops, model {m.final_model.hex()[:16]}... as signed by {m.orchestrator}{who}{proof}"))
         return
     if out is None or logs is not None or keys_dir is not None:
         raise click.UsageError("export RUN takes --out DIR (--logs and --keys go with --check)")

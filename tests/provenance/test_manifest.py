@@ -116,6 +116,7 @@ def test_export_copies_the_manifest_and_check_passes_against_the_logs(finished_r
     r = check(export_dir, finished_run)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("ok ") and r.stdout.count("\n") == 1 and "agrees with the logs" in r.stdout
+    assert "pin it" not in r.stdout
 
 
 def test_a_tampered_model_file_is_refused_in_one_line(finished_run: Travel, export_dir: Path) -> None:
@@ -146,9 +147,10 @@ def test_a_manifest_signed_by_another_key_is_refused_against_the_pinned_one(fini
     write_document(export_dir / MANIFEST_FILE, sign_document(forger, MANIFEST_DOMAIN, body))
     found = fails(check(export_dir, finished_run))
     assert any("not the pinned" in f for f in found) and any("not the one the logs pin" in f for f in found), found
-    # Without a pin or logs the signature holds, under the key the manifest names (and the check says whose).
+    # Without a pin or logs the signature holds, under the key the manifest names: the check says whose,
+    # and that nothing pinned it.
     r = check(export_dir, finished_run, logs=False)
-    assert r.returncode == 0 and "signed by orch" in r.stdout
+    assert r.returncode == 0 and "signed by orch (a key the manifest names itself: pin it with --keys or --logs)" in r.stdout
 
 
 @pytest.mark.parametrize(("edit", "expect"), [
