@@ -4,7 +4,7 @@ Every ``import`` of a gtbus module in ``gtbus/**.py`` counts, lazy ones inside
 functions too (a lazy import is still a dependency: ``nodes/launcher.py``
 importing ``cli`` made a cycle that way). Layers, bottom up::
 
-    errors clock console private_files     base: import nothing of gtbus but each other
+    errors clock console private_files bounded_read   base: import nothing of gtbus but each other
     messages/
     gpu/ training/ recording               siblings may import each other
     protocol/ attest/                      (attest: the appraisal of evidence; gpu's errors below it)
@@ -27,7 +27,7 @@ import gtbus
 SRC = Path(gtbus.__file__).parent
 
 RANK = {
-    "errors": 0, "clock": 0, "console": 0, "private_files": 0,
+    "errors": 0, "clock": 0, "console": 0, "private_files": 0, "bounded_read": 0,
     "messages": 1,
     "gpu": 2, "training": 2, "recording": 2,
     "protocol": 3, "attest": 3,
@@ -40,7 +40,7 @@ RANK = {
 }
 #: Imports within one layer, between different parts of it, that are allowed.
 SIBLINGS = {
-    ("private_files", "errors"), ("console", "errors"), ("clock", "errors"),
+    ("private_files", "errors"), ("console", "errors"), ("clock", "errors"), ("bounded_read", "errors"),
     ("gpu", "training"), ("training", "gpu"), ("gpu", "recording"), ("training", "recording"),
     ("bench", "testing"), ("replay", "testing"), ("runbook", "testing"),
     ("__main__", "cli"),

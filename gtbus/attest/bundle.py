@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.x509 import ocsp
 
 from gtbus.attest.verifier import AttestationError, CertState, CertStatus
+from gtbus.bounded_read import read_bounded as _read_bounded
 from gtbus.private_files import private_dir, write_private
 
 MANIFEST_NAME: Final = "manifest.json"
@@ -132,29 +132,8 @@ def _utc(d: dt.datetime) -> float:
 
 
 def read_bounded(path: Path, limit: int, what: str, shown: str | None = None, *, follow: bool = False) -> bytes:
-    """The bytes of regular file ``path``, its size checked before reading; AttestationError naming ``what`` otherwise.
-
-    Symlinks are refused unless ``follow`` (a bundle's files must be its own;
-    a path the user typed may be a link).
-    """
-    name = shown or str(path)
-    flags = os.O_RDONLY | (0 if follow else getattr(os, "O_NOFOLLOW", 0))
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        raise AttestationError(f"{what} {name} is missing") from None
-    except OSError as exc:
-        raise AttestationError(f"{what} {name}: cannot read: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise AttestationError(f"{what} {name} is not a regular file")
-        if st.st_size > limit:
-            raise AttestationError(f"{what} {name} is {st.st_size} bytes, over the {limit}-byte limit")
-        data = f.read(limit + 1)
-    if len(data) > limit:
-        raise AttestationError(f"{what} {name} grew past the {limit}-byte limit while read")
-    return data
+    """:func:`gtbus.bounded_read.read_bounded`, failing as AttestationError (a bundle's files are never followed through links)."""
+    return _read_bounded(path, limit, what, shown, follow=follow, error=AttestationError)
 
 
 def _number(entry: Mapping[str, object], key: str, where: str) -> float:

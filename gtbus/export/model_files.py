@@ -44,6 +44,7 @@ from typing import Any, Final
 import blake3
 import numpy
 
+from gtbus.bounded_read import read_bounded
 from gtbus.errors import ConfigError, GtbusError
 from gtbus.export.digest import MEASURED_BACKENDS, digest_of_views, rebuild_views
 from gtbus.export.layout import layout_of, trainer_for
@@ -192,15 +193,9 @@ def _read(out: Path) -> tuple[dict[str, Any], list[numpy.ndarray], int]:
 
 def _read_config(path: Path) -> dict[str, Any] | None:
     """An export's config.json; None if there is none; ConfigError if it is there and not an export's."""
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(MAX_CONFIG_BYTES + 1)
-    except FileNotFoundError:
+    if not os.path.lexists(path):
         return None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes, not an export's config")
+    raw = read_bounded(path, MAX_CONFIG_BYTES, "export config", follow=True, error=ConfigError)
     try:
         config = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -26,6 +26,7 @@ from typing import Any
 import nacl.exceptions
 import nacl.signing
 
+from gtbus.bounded_read import read_bounded
 from gtbus.errors import GtbusError
 from gtbus.messages.identity import NodeIdentity
 from gtbus.private_files import write_private
@@ -104,17 +105,7 @@ def document_from_json(data: Any, source: str) -> SignedDocument:
 def read_document(path: str | os.PathLike[str]) -> SignedDocument:
     """Read a signed document file (bounded); ProvenanceError naming the file if missing, too big or malformed."""
     p = Path(path)
-    try:
-        with open(p, "rb") as fh:
-            raw = fh.read(MAX_DOCUMENT_BYTES + 1)
-    except FileNotFoundError:
-        raise ProvenanceError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise ProvenanceError(f"{p}: is a folder, not a document") from None
-    except OSError as exc:
-        raise ProvenanceError(f"{p}: cannot read: {exc.strerror}") from None
-    if len(raw) > MAX_DOCUMENT_BYTES:
-        raise ProvenanceError(f"{p}: larger than {MAX_DOCUMENT_BYTES >> 20} MiB: not a gtbus document")
+    raw = read_bounded(p, MAX_DOCUMENT_BYTES, "document", follow=True, error=ProvenanceError)
     try:
         data = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -93,5 +93,23 @@ def test_a_document_too_large_is_refused_before_it_is_parsed(tmp_path: Path) -> 
     p = tmp_path / "big.json"
     with open(p, "wb") as fh:  # sparse: nothing but its size is written
         fh.truncate(MAX_DOCUMENT_BYTES + 1)
-    with pytest.raises(ProvenanceError, match="larger than"):
+    with pytest.raises(ProvenanceError, match=f"over the {MAX_DOCUMENT_BYTES}-byte limit"):
         read_document(p)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "missing"])
+def test_a_document_path_that_is_no_regular_file_is_one_line_and_never_waits(tmp_path: Path, kind: str) -> None:
+    # A FIFO with no writer would block a plain open() forever: someone who can write the
+    # export folder could hang every `export --check` with one.
+    import os
+
+    p = tmp_path / "manifest.json"
+    if kind == "fifo":
+        os.mkfifo(p)
+    elif kind == "folder":
+        p.mkdir()
+    with pytest.raises(ProvenanceError) as ei:
+        read_document(p)
+    msg = str(ei.value)
+    assert str(p) in msg and "\n" not in msg
+    assert ("is missing" if kind == "missing" else "is not a regular file") in msg
