@@ -50,7 +50,7 @@ from gtbus.export.digest import MEASURED_BACKENDS, digest_of_views, rebuild_view
 from gtbus.export.layout import layout_of, trainer_for
 from gtbus.export.llmc import LlmcHeader, padded_vocab, write_llmc
 from gtbus.nodes.run_checkpoint import lane_state
-from gtbus.private_files import private_dir, replace_privately, write_private
+from gtbus.private_files import private_dir, write_private
 from gtbus.training.checkpoint import read_checkpoint
 from gtbus.training.trainer import Trainer, WorkloadError
 from gtbus.training.workloads import make_trainer

@@ -8,37 +8,25 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import msgpack
 import pytest
-from click.testing import CliRunner
 
-from gtbus.cli.main import main
 from gtbus.recording import LogRecord, read_log
 from gtbus.replay.verify import header_of
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "replay"))
 import logkit  # noqa: E402  (the log forger shared with the replay tests)
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
+from export_kit import gtbus as gtbus_process  # noqa: E402  (the real command, in its own process)
+from export_kit import gtbus_here as gtbus  # noqa: E402  (the same through click's runner, in this process)
+
 pytestmark = pytest.mark.slow
 
 DEMO_ARGS = ["--kib-per-holder", "64", "--rounds", "1", "--chunk-tokens", "16384", "--steps", "5", "--holders", "2"]
-
-
-def gtbus_process(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """The real command, in its own process."""
-    return subprocess.run([sys.executable, "-m", "gtbus", *map(str, args)], capture_output=True, text=True, timeout=timeout)
-
-
-def gtbus(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The same command through click's runner, in this process (fast); shaped like a subprocess result."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception  # a traceback the real command would have printed
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 @pytest.fixture(scope="module")

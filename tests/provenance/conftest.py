@@ -9,8 +9,10 @@ from typing import Any, Iterator
 
 import pytest
 
-# The real-process deployment kit lives beside the node tests; reuse it, do not copy it.
+# The real-process deployment kit lives beside the node tests, the real command beside the
+# export tests; reuse them, do not copy them.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "nodes"))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 
 from travel_kit import Travel  # noqa: E402
 

@@ -14,10 +14,9 @@ from typing import Any
 
 import numpy
 import pytest
-from click.testing import CliRunner
+from export_kit import gtbus_here as gtbus
 from travel_kit import Travel, trained_keys
 
-from gtbus.cli.main import main
 from gtbus.gpu.platform_key import load_platform_public
 from gtbus.messages.identity import load_identity
 from gtbus.provenance.commitment import chunk_commitment, commitment_key
@@ -27,14 +26,6 @@ from gtbus.training.shards import Dataset
 
 pytestmark = pytest.mark.slow
 CHUNK = 16384
-
-
-def gtbus(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """The command through click's runner, in this process; shaped like a subprocess result."""
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception  # a traceback the real command would have printed
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def manifest_of(t: Travel) -> dict[str, Any]:

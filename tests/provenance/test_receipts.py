@@ -13,23 +13,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from click.testing import CliRunner
+from export_kit import gtbus_here as gtbus
 from travel_kit import Travel
 
-from gtbus.cli.main import main
 from gtbus.messages.identity import NodeIdentity, load_identity
 from gtbus.provenance.document import SignedDocument, read_document, sign_document, write_document
 from gtbus.provenance.manifest import MANIFEST_DOMAIN, MANIFEST_FILE
 from gtbus.provenance.receipt import RECEIPT_DOMAIN, manifest_digest
 
 pytestmark = pytest.mark.slow
-
-
-def gtbus(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    r = CliRunner().invoke(main, [str(a) for a in args])
-    if r.exception is not None and not isinstance(r.exception, SystemExit):
-        raise r.exception
-    return subprocess.CompletedProcess(args, r.exit_code, r.stdout, r.stderr)
 
 
 def receipt_path(t: Travel, holder: str) -> Path:
