@@ -125,7 +125,7 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
 
 
 #: Events a follower keeps between two snapshots to bring a late snapshot forward (a refresh comes every second or so).
-MAX_REPLAY = 100_000
+MAX_REPLAY = 10_000
 
 #: Lanes (GPU tokens) a follower keeps: a fleet has a few; an event for yet another token is not kept.
 MAX_LANES = 256
