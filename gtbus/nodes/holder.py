@@ -68,7 +68,7 @@ from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.ship_sender import stream_segments
 from gtbus.private_files import private_dir
-from gtbus.provenance.commitment import chunk_commitment, commitment_key, dataset_commitments
+from gtbus.provenance.commitment import CommitmentOf, chunk_commitment, commitment_key, dataset_commitments
 from gtbus.provenance.document import ProvenanceError, read_document, write_document
 from gtbus.provenance.receipt import accept_receipt
 from gtbus.protocol.holder_hop import (
@@ -147,6 +147,10 @@ class Holder:
         self.hops_provisioned = 0
         self.refused: list[str] = []
         self._task: asyncio.Task[None] | None = None
+        # Chunk commitments of the run, hashed ahead while this holder waits for its grants,
+        # so a hop never hashes its chunk a second time beside the sealing: (run id, chunk) -> commitment.
+        self._commitments: dict[tuple[str, int], bytes] = {}
+        self._precommitting: asyncio.Task[None] | None = None
         self._clock = PhaseClock(HOLDER_PHASES)  # the current hop's phase marks, from its grant's arrival
         runtime.on(TokenGrant, self._on_grant)
         runtime.on(Heartbeat, self._on_server_heartbeat)
@@ -169,6 +173,8 @@ class Holder:
         self.rounds = rounds if type(rounds) is int and 1 <= rounds <= 1 << 20 else 1
         self.run_id = welcome.run_id
         self._server_session = acc.header.session
+        if self._precommitting is None or self._precommitting.done():
+            self._precommitting = asyncio.create_task(self._precommit(welcome.run_id))
         self.on_event(f"{self.rt.name}: registered with run {welcome.run_id}; measurement verified")
         if self.appraiser is not None:
             self._appraised.clear()
@@ -238,6 +244,19 @@ class Holder:
         """This holder's commitment to a chunk of run ``run_id`` (its key never leaves this process)."""
         return chunk_commitment(commitment_key(bytes(self.rt.identity.signing_key), run_id), plain)
 
+    def _commitment_of(self, run_id: str) -> CommitmentOf:
+        """Commitments to this holder's chunks of ``run_id``: the ones hashed ahead, the others from its data now."""
+        of = dataset_commitments(self.dataset, self.chunk_tokens, bytes(self.rt.identity.signing_key), run_id)
+        return lambda index: self._commitments.get((run_id, index)) or of(index)
+
+    async def _precommit(self, run_id: str) -> None:
+        # One chunk at a time on a worker thread (BLAKE3 releases the GIL): the loop keeps serving.
+        of = self._commitment_of(run_id)
+        for index in range(self.dataset.chunk_count(self.chunk_tokens)):
+            c = await asyncio.to_thread(of, index)
+            if c is not None:
+                self._commitments[(run_id, index)] = c
+
     async def _on_receipt(self, acc: Accepted[RunReceipt], delivery: Delivery) -> None:
         if acc.header.sender != self.rt.server or self.run_id is None:
             self.log.info("ignored a receipt before registering")
@@ -248,7 +267,7 @@ class Holder:
             r = await asyncio.to_thread(
                 accept_receipt, acc.message.receipt, holder=self.rt.name, run_id=self.run_id,
                 orchestrator_key=server.ed25519, max_hops=max_hops,
-                commitment_of=dataset_commitments(self.dataset, self.chunk_tokens, bytes(self.rt.identity.signing_key), self.run_id),
+                commitment_of=self._commitment_of(self.run_id),
             )
             path = self.receipts_dir / f"{r.run_id}.json"
             private_dir(self.receipts_dir)
@@ -373,8 +392,9 @@ class Holder:
             clock.mark("chunk_read")
             count = segment_count(len(plain), params.segment_size)
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)
-            # The commitment is hashed on another thread while the chunk is sealed (BLAKE3 releases the GIL).
-            committing = asyncio.ensure_future(asyncio.to_thread(self._commitment, plain, g.run_id))
+            # Hashed ahead while waiting for the grant; if not yet, on another thread while the chunk is sealed.
+            known = self._commitments.get((g.run_id, g.chunk_index))
+            committing = asyncio.ensure_future(asyncio.to_thread(self._commitment, plain, g.run_id)) if known is None else None
             await self.faults.after_ack()
             mapping = None
             try:
@@ -385,7 +405,7 @@ class Holder:
                 else:
                     written = await self._write_ship(g, epoch, params, plain, ctx)
             finally:
-                commitment = await committing
+                commitment = known if committing is None else await committing
             summary = (*written, commitment)
         except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
             self.refused.append(str(exc))
