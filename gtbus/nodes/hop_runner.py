@@ -333,12 +333,23 @@ class HopRunner:
         # While this hop trains, the next hop's fresh staging is allocated beside it.
         self.lane.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
         r = self.result
+        wave, lane = self.orch.wave, self.lane.index
 
         def work() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
             t2 = time.perf_counter()
             before = self.trainer.evaluate(tokens)
             t3 = time.perf_counter()
-            report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
+            if wave is None:
+                report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
+            else:
+                # A lockstep member: each step waits for its wave mates' gradients. It leaves as
+                # soon as its own steps are done (or fail), so that they go on without it.
+                try:
+                    report = self.trainer.train_on(tokens, self.cfg.steps_per_hop, grad_sync=wave.member(lane))
+                except BaseException:
+                    wave.leave(lane, finished=False)
+                    raise
+                wave.leave(lane, finished=True)
             t4 = time.perf_counter()
             after = self.trainer.evaluate(tokens)
             return before, report, after, (t2, t3, t4, time.perf_counter())
@@ -369,12 +380,13 @@ class HopRunner:
         # touched there (a merge or a fleet checkpoint waits until no lane has a hop in flight).
         # One lane trains on the loop as it always did; cupy keeps its current device and
         # stream per thread, so a GPU lane trains on the loop's thread (its kernels run
-        # asynchronously all the same).
+        # asynchronously all the same; lockstep, whose barrier would block the loop, is refused there).
         return len(self.orch.lanes) > 1 and self.device.array_module is numpy
 
-    @staticmethod
-    async def _off_loop(work: Callable[[], _T]) -> _T:
-        task = asyncio.ensure_future(asyncio.to_thread(work))
+    async def _off_loop(self, work: Callable[[], _T]) -> _T:
+        # The lane's own thread, not asyncio's shared pool: K lockstep members wait for each
+        # other at every step, and a pool smaller than K would leave a member no thread to reach it.
+        task = asyncio.get_running_loop().run_in_executor(self.orch.lane_thread(self.lane), work)
         try:
             return await asyncio.shield(task)
         except asyncio.CancelledError:

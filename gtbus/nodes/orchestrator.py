@@ -40,6 +40,19 @@ hop). The rules this shell keeps for them:
   falls due finish first, so a merge covers up to ``merge_every + K - 1``
   hops (``--merge-every`` below K acts as K). A round's end is a merge (and
   checkpoint) point too: the next round's first hop waits for it;
+* with ``--merge lockstep`` (:mod:`gtbus.training.lockstep`) hops start in
+  waves (:attr:`FleetSchedule.waves`): the dispatcher hands every idle lane its
+  hop in one pass while no lane has one in flight, opens the wave's
+  :class:`~gtbus.training.lockstep.LockstepGroup` with those lanes, and each
+  hop leaves the group when it ends, however it ends; the wave's end is a
+  merge (``--merge-every`` does not apply): the replicas that trained in it
+  are averaged (equal after equal steps) and copied into the lanes that sat
+  it out, or, if a member left unfinished after its gradients were in its
+  wave mates', every replica that trained in the wave is rolled back to the
+  last merge and its hops reopened. Host lanes train on a worker thread of
+  their own (one per lane, so K members waiting at a step's barrier never
+  use up a shared pool); GPU (cupy) lanes train on the loop's thread, where
+  a barrier would stop the loop, so lockstep is refused there;
 * a chunk whose training is thrown away goes back into the schedule,
   untrained, in its round (:meth:`FleetSchedule.reopen`), so every chunk of a
   round ends up in the final model exactly once: a hop that rolls back
@@ -66,9 +79,11 @@ the checkpoint file (:mod:`gtbus.training.checkpoint`), the code measurement
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence, cast
 
 from gtbus.errors import ConfigError, DeviceError, GtbusError
@@ -117,7 +132,8 @@ from gtbus.protocol.hop import Checkpoint as SaveCheckpoint
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
-from gtbus.training.merge import ModelMerge, merge_policy
+from gtbus.training.lockstep import LockstepGroup
+from gtbus.training.merge import ModelMerge, copy_into, merge_policy
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
@@ -170,6 +186,8 @@ class Orchestrator:
         self.schedule: Schedule | None = None
         self.fleet: FleetSchedule | None = None
         self.merge = merge or merge_policy(config.merge)
+        self.wave = self._lockstep_group(devices, trainers)  # None unless the lanes train in lockstep waves
+        self._lane_threads: dict[int, ThreadPoolExecutor] = {}  # a host lane's worker thread (training off the loop)
         self.blas_threads: int | None = None  # the BLAS thread cap of the run's host lanes (None: not capped)
         self.merges = 0
         self.merge_s = 0.0
@@ -202,6 +220,24 @@ class Orchestrator:
         rt.on(TokenReturn, self._on_return)
         rt.on(TokenDecline, self._on_decline)
         rt.on(ShipSegment, self._on_ship_segment)
+
+    def _lockstep_group(self, devices: Sequence[Device], trainers: Sequence[Trainer]) -> LockstepGroup | None:
+        """The wave barrier of ``--merge lockstep`` with K > 1 (None otherwise); ConfigError where lanes cannot train in lockstep."""
+        reduce = self.merge.gradients
+        if reduce is None or len(devices) < 2:
+            return None
+        if any(d.array_module.__name__ != "numpy" for d in devices):
+            raise ConfigError(f"--merge {self.merge.name} is not supported on GPU lanes: they train on the event loop's thread "
+                              "(cupy keeps its current device and stream per thread), where a wave's barrier would stop the loop; use --merge average")
+        if "grad_sync" not in inspect.signature(trainers[0].train_on).parameters:
+            raise ConfigError(f"--merge {self.merge.name} needs a trainer whose train_on takes grad_sync; {type(trainers[0]).__name__}'s does not")
+        return LockstepGroup(reduce)
+
+    def lane_thread(self, lane: Lane) -> ThreadPoolExecutor:
+        """The worker thread ``lane`` trains on off the loop (made on first use, one per lane)."""
+        if lane.index not in self._lane_threads:
+            self._lane_threads[lane.index] = ThreadPoolExecutor(1, thread_name_prefix=f"gtbus-lane{lane.index}")
+        return self._lane_threads[lane.index]
 
     # -- the first lane, by the names a single token had -------------------------------------
 
@@ -368,8 +404,12 @@ class Orchestrator:
     async def run(self) -> dict[str, Any]:
         """Setup, wait for holders, run every hop of the schedule on the lanes; return the summary."""
         # Host lanes train with numpy on threads of this process: K of them share the cores' BLAS threads.
-        with cap_blas_threads(len(self.lanes) if self.device.array_module.__name__ == "numpy" else 1, self.log) as self.blas_threads:
-            return await self._run()
+        try:
+            with cap_blas_threads(len(self.lanes) if self.device.array_module.__name__ == "numpy" else 1, self.log) as self.blas_threads:
+                return await self._run()
+        finally:
+            for pool in self._lane_threads.values():
+                pool.shutdown(wait=False)
 
     async def _run(self) -> dict[str, Any]:
         await self.setup()
@@ -389,6 +429,7 @@ class Orchestrator:
                     max_attempts=self.config.max_attempts,
                 )
             self.fleet = FleetSchedule(self.schedule, len(self.lanes))
+        self.fleet.waves = self.wave is not None  # a resumed one's too: the run's merge policy decides, not the checkpoint
         await self._dispatch()
         if len(self.lanes) > 1 and self._live():
             self._save_checkpoint()  # merges what the lanes trained since the last merge first
@@ -413,7 +454,9 @@ class Orchestrator:
     def _merge_due(self) -> bool:
         """No new hop until the lanes are merged and checkpointed: every ``merge_every`` trained hops, and
         at a round's end while a replica holds training the checkpoint lacks (a rollback or a retirement
-        can then put that training back into its own round)."""
+        can then put that training back into its own round); in lockstep, after every wave that trained."""
+        if self.wave is not None and self._live() and (self.trained_since_merge or self.wave.tainted):
+            return True
         if len(self._live()) > 1 and self.trained_since_merge >= self.config.merge_interval:
             return True
         fleet = self.fleet
@@ -434,7 +477,8 @@ class Orchestrator:
                     if not running:  # the lanes are paused between hops: merge (and checkpoint) now
                         self._save_checkpoint()
                         continue  # and hand out hops again (not a wait for holders: none was asked yet)
-                else:
+                elif fleet.may_start:
+                    started = []
                     for lane in self._live():
                         if lane in running.values():
                             continue
@@ -442,6 +486,9 @@ class Orchestrator:
                         if a is None:
                             break  # nothing any idle lane may take now
                         running[asyncio.create_task(self.hop(a, lane))] = lane
+                        started.append(lane.index)
+                    if started and self.wave is not None:
+                        self.wave.open_wave(started)  # before any of them runs: every member is expected from now
                 if not running:
                     if fleet.finished:
                         return
@@ -452,12 +499,14 @@ class Orchestrator:
                     await self._wait_for_a_holder()
                     continue
                 # An idle lane may find work as a holder comes back from its backoff: look again soon.
-                idle = len(running) < len(self._live()) and not self._merge_due()
+                idle = len(running) < len(self._live()) and not self._merge_due() and fleet.may_start
                 done, _ = await asyncio.wait(running, timeout=self.config.backoff_min if idle else None, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     await self._hop_ended(task, running.pop(task))
                 self.raise_fence()
         except BaseException:
+            if self.wave is not None:
+                self.wave.close("the run stops")  # members waiting at a step return instead of training on alone
             for task in running:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
@@ -536,15 +585,23 @@ class Orchestrator:
                          "merge" if len(self.lanes) > 1 else "checkpoint", ", ".join(f"{h.holder} chunk {h.chunk}" for h in thrown))
 
     def _merge(self) -> None:
-        """Average the live replicas' parameters into each (no lane may be training)."""
+        """Average the live replicas' parameters into each (no lane may be training); in lockstep, those that trained."""
         live = self._live()
+        if self.wave is not None and self.wave.tainted:
+            self._roll_back_wave(live)
         if len(live) < 2 or self.trained_since_merge == 0:
             return
         assert not any(lane.busy for lane in live), "a merge while a lane has a hop in flight"
         t = time.perf_counter()
         for lane in live:
             lane.model_digest = None  # the merge writes every replica
-        self.merge.average([lane.trainer for lane in live])
+        if self.wave is None:
+            self.merge.average([lane.trainer for lane in live])
+        else:
+            # The wave's replicas are the model (one after equal steps); the lanes that sat it out hold the last merge's.
+            trained = [lane for lane in live if lane.trained_since_merge]
+            self.merge.average([lane.trainer for lane in trained])
+            copy_into(trained[0].trainer, [lane.trainer for lane in live if not lane.trained_since_merge])
         took = time.perf_counter() - t
         self.merges += 1
         self.merge_s += took
@@ -554,6 +611,17 @@ class Orchestrator:
         self.trained_since_merge = 0
         for lane in live:
             lane.trained_since_merge = 0
+
+    def _roll_back_wave(self, live: list[Lane]) -> None:
+        """A lockstep member left unfinished after its gradients went into its wave mates': every replica that
+        trained in the wave goes back to the last merge and its hops are reopened (nothing is trained twice)."""
+        assert self.wave is not None
+        left = ", ".join(f"gpu{i}" for i in self.wave.tainted)
+        self.wave.tainted = []
+        for lane in live:
+            if lane.unsaved:
+                self.log.warning("lockstep wave: %s left unfinished after its gradients were averaged into lane %d's replica", left, lane.index)
+                self.restore_model(lane)
 
     # -- liveness -----------------------------------------------------------------------------
 
@@ -620,12 +688,16 @@ class Orchestrator:
         Never raises for a holder's misbehaviour; a DeviceError out of it means the lane's device failed.
         """
         lane = lane or self.lanes[0]
-        runner = self.current = lane.current = HopRunner(self, lane, a)
-        for action in await runner.run():
-            await self._after_hop[type(action)](action, runner)
-        if self.tamper_hook:
-            self.tamper_hook(lane, a, "after")
-        return runner.result
+        try:
+            runner = self.current = lane.current = HopRunner(self, lane, a)
+            for action in await runner.run():
+                await self._after_hop[type(action)](action, runner)
+            if self.tamper_hook:
+                self.tamper_hook(lane, a, "after")
+            return runner.result
+        finally:
+            if self.wave is not None:
+                self.wave.leave(lane.index, finished=False)  # nothing if its training returned; else its wave mates stop waiting for it
 
     async def _settle(self, act: Settle, runner: HopRunner) -> None:
         assert self.fleet is not None

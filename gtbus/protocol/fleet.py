@@ -38,6 +38,14 @@ deferrals, give-ups). Rules:
   (:attr:`FleetSchedule.round_settled`), before the next round's first hop.
 * A checkpoint (:meth:`FleetSchedule.to_state`) keeps no lane: hops in flight
   are still pending in the Schedule, so a resumed run does them again.
+* Waves (``waves=True``, the lockstep merge, :mod:`gtbus.training.lockstep`):
+  hops start only while no lane has one in flight
+  (:attr:`FleetSchedule.may_start`), so the hops handed out together, one per
+  idle lane in one pass of the caller's, are a wave that trains side by side
+  and ends before the next starts: the same barrier a merge every
+  ``merge_every`` hops is, after every wave. A lane idle when a wave starts
+  (no available holder for it) sits the wave out; the fairness bound above
+  counts assignments and holds in waves too.
 
 Decisions for the orchestrator that runs lanes (the simulator's shell,
 :mod:`gtbus.testing.sim.orchestrator`, keeps them and ``gtbus sim --gpus K``
@@ -82,11 +90,13 @@ OUTCOMES = ("done", "failed", "deferred")
 class FleetSchedule:
     """Maps idle lanes to (holder, chunk) assignments of a Schedule; a holder is on at most one lane at a time."""
 
-    def __init__(self, schedule: Schedule, lanes: int) -> None:
+    def __init__(self, schedule: Schedule, lanes: int, *, waves: bool = False) -> None:
+        """``waves``: hops start in waves, only while no lane is busy (see the module's rules)."""
         if type(lanes) is not int or lanes < 1:
             raise ValueError(f"lanes must be a positive int, got {lanes!r}")
         self.schedule = schedule
         self.lanes = lanes
+        self.waves = waves
         self._busy: dict[int, Assignment] = {}  # lane -> its hop's assignment
         self._on: dict[str, int] = {}  # holder -> lane
         self._owed: list[tuple[str, int]] = []  # passed over while their holder was busy; in the Schedule's put-back list too
@@ -107,6 +117,11 @@ class FleetSchedule:
             self._busy[lane] = a
             self._on[a.holder] = lane
         return a
+
+    @property
+    def may_start(self) -> bool:
+        """May idle lanes be handed hops now? Always, but in waves only while no lane is busy (a wave starts in one pass)."""
+        return not (self.waves and self._busy)
 
     def _owed_next(self, available: Callable[[str], bool]) -> Assignment | None:
         for key in self._owed:
@@ -205,14 +220,14 @@ class FleetSchedule:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], *, schedule_factory: Callable[[Mapping[str, Any]], Schedule] = Schedule.from_state,
-                   lanes: int | None = None) -> "FleetSchedule":
+                   lanes: int | None = None, waves: bool = False) -> "FleetSchedule":
         """Rebuild a fleet saved with :meth:`to_state`, every lane idle (ValueError if it is not one).
 
-        ``lanes`` resumes with another lane count (the schedule does not depend on it).
+        ``lanes`` resumes with another lane count (the schedule does not depend on it); ``waves`` is the run's merge's, not saved.
         """
         try:
             schedule = schedule_factory(state["schedule"])
-            fleet = cls(schedule, int(state["lanes"]) if lanes is None else lanes)
+            fleet = cls(schedule, int(state["lanes"]) if lanes is None else lanes, waves=waves)
             owed = [(str(h), int(c)) for h, c in state["owed"]]
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a saved fleet schedule: {exc}") from None

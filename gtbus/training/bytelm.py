@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy
 
@@ -148,8 +148,11 @@ class ByteLM:
 
     # -- Trainer protocol --------------------------------------------------------
 
-    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS) -> TrainReport:
-        """Train on random windows of ``tokens`` for ``steps`` minibatches (or one pass over the buffer)."""
+    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS, grad_sync: Callable[[Sequence[Any]], None] | None = None) -> TrainReport:
+        """Train on random windows of ``tokens`` for ``steps`` minibatches (or one pass over the buffer).
+
+        ``grad_sync`` is handed the one flat gradient buffer (Adam reads it whole) after each backward pass.
+        """
         cfg = self.config
         check_token_buffer(tokens, vocab=VOCAB, min_len=cfg.context + 1)
         n_offsets = tokens.shape[0] - cfg.context
@@ -159,6 +162,8 @@ class ByteLM:
         for i in range(steps):
             windows = self._sample_windows(tokens, n_offsets)
             loss = self.batch_loss(windows, backward=True)
+            if grad_sync is not None:
+                grad_sync([self._grad])
             self._adam.step(self._theta, self._grad)
             self._step += 1
             # Keep losses on the device; reading one back is a device sync.

@@ -39,38 +39,64 @@ Rules:
   *anchor*) on the replicas' device; it has no other state, so a checkpoint
   (written at merges, the anchor then equal to every replica) resumes it
   exactly: :meth:`ModelMerge.start` takes the anchor again.
-* Synchronous gradient all-reduce each step is not a policy here: it needs K
-  lanes training in lockstep, step by step, on chunks of K holders staged at
-  the same moment, and a trainer that hands out its gradient before its
-  optimizer step. Lanes here train different hops at different times (each
-  hop has its own grant, transfer, lease and failure), and one lane's slow
-  holder would stall every lane each step. It is for the GPU fleet, one
-  worker process per GPU, with NCCL in ``torch.distributed`` (issue 7 of 7).
+* ``lockstep`` (:class:`LockstepAverage`): synchronous gradient all-reduce
+  each step while the lanes of a *wave* train. The fleet then starts hops in
+  waves (:attr:`gtbus.protocol.fleet.FleetSchedule.waves`: a wave's hops are
+  granted at once, none while one is in flight), the hops of a wave train
+  side by side and, every step, each replica's gradient is replaced by the
+  members' mean before its optimizer step (:mod:`gtbus.training.lockstep`,
+  :class:`GradientReduce`); the wave's end is a merge that averages only the
+  replicas that trained in it (equal after equal step counts: nothing to
+  average) and copies them into the lanes that sat the wave out. What it
+  costs, and why it was not the first policy built: a wave waits for its
+  slowest holder (each member waits, at every step, for the members still
+  provisioning; a holder that never returns holds its wave mates for one
+  lease), and lanes idle between a wave's first hop to end and its last.
+  Each replica keeps its own optimizer state: replicas that start a wave
+  with equal parameters and optimizer states stay bit-identical through it;
+  a lane that sat a wave out has older moments, and the wave-end merge
+  re-syncs its parameters only.
 * :class:`ModelMerge` is the interface a distributed engine plugs into (NCCL
-  through ``torch.distributed`` or ``cupy.cuda.nccl``, one worker per GPU);
-  the classes here are the in-process implementations the host backend (and
-  K lanes on one GPU) use.
+  through ``torch.distributed`` or ``cupy.cuda.nccl``, one worker per GPU),
+  and :class:`GradientReduce` the one a gradient all-reduce plugs into; the
+  classes here are the in-process implementations the host backend (and K
+  lanes on one GPU) use.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 from gtbus.errors import ConfigError, GtbusError
 from gtbus.training.trainer import Trainer
 
 #: What ``--merge`` accepts, for help texts.
-MERGE_POLICIES = "average, sum, or delta:LR (the last merged model plus LR times the replicas' mean update)"
+MERGE_POLICIES = ("average, sum, or delta:LR (the last merged model plus LR times the replicas' mean update); "
+                  "or lockstep (hops start in waves, the wave's gradients averaged every step, merged after every wave)")
 #: The policy the orchestrator merges with unless told otherwise: the most held-out loss dropped per wall-clock
 #: second of the policies measured (bench/results/fleet-host-vm.md, bench/notes-perf.md).
 DEFAULT_MERGE = "average"
+
+
+class GradientReduce(Protocol):
+    """Replaces each member's gradient by the members' mean, in place: one all-reduce of a lockstep step."""
+
+    def reduce(self, grads: Sequence[Sequence[Any]]) -> None:
+        """``grads``: per member, its gradient arrays (the views its optimizer reads); write their mean into every one.
+
+        Checks every shape and dtype before writing anything (GtbusError, one line).
+        """
+        ...
 
 
 class ModelMerge(Protocol):
     """Merges several replicas of one model into one, written into every replica."""
 
     name: str  # the policy as ``--merge`` names it
+    #: None: replicas train apart between merges; a GradientReduce: the lanes train in lockstep waves, their
+    #: gradients reduced by it every step (the orchestrator then merges only the replicas that trained).
+    gradients: GradientReduce | None
 
     def start(self, model: Trainer) -> None:
         """Every replica equals ``model`` now (the run's start, or its resume): what later updates are measured from."""
@@ -82,13 +108,20 @@ class ModelMerge(Protocol):
 
 
 def _checked_views(replicas: Sequence[Trainer]) -> list[list[Any]]:
-    # Everything is checked before anything is written: no replica is left half merged.
     views = [r.parameter_views() for r in replicas]
-    if len({len(v) for v in views}) != 1:
-        raise GtbusError("replicas to merge have different numbers of parameters")
-    if any(len({(p.shape, p.dtype) for p in group}) != 1 for group in zip(*views)):
-        raise GtbusError("replicas to merge have parameters of different shapes or types")
+    check_alike(views, "replicas to merge", "parameters")
     return views
+
+
+def check_alike(arrays: Sequence[Sequence[Any]], whose: str, what: str) -> None:
+    """GtbusError (one line) unless every member of ``arrays`` has as many arrays, of the same shapes and dtypes.
+
+    Everything is checked before anything is written: no replica is left half merged.
+    """
+    if len({len(a) for a in arrays}) != 1:
+        raise GtbusError(f"{whose} have different numbers of {what}")
+    if any(len({(p.shape, p.dtype) for p in group}) != 1 for group in zip(*arrays)):
+        raise GtbusError(f"{whose} have {what} of different shapes or types")
 
 
 def _mean(group: Sequence[Any]) -> Any:
@@ -100,10 +133,19 @@ def _mean(group: Sequence[Any]) -> Any:
     return mean
 
 
+def write_mean(groups: Iterable[Sequence[Any]]) -> None:
+    """For each group (one array of every member, alike: :func:`check_alike`), write the group's mean into each of its arrays."""
+    for group in groups:
+        mean = _mean(group)
+        for p in group:
+            p[...] = mean
+
+
 class InProcessAverage:
     """``average``: :class:`ModelMerge` by the replicas' mean, over arrays of one process (numpy, or cupy on one GPU)."""
 
     name = "average"
+    gradients: GradientReduce | None = None
 
     def start(self, model: Trainer) -> None:
         """Nothing to keep: the mean needs no earlier model."""
@@ -112,14 +154,46 @@ class InProcessAverage:
         """Write the mean of ``replicas``' parameters into each of them (nothing when there is one)."""
         if len(replicas) < 2:
             return
-        for group in zip(*_checked_views(replicas)):
-            mean = _mean(group)
-            for p in group:
-                p[...] = mean
+        write_mean(zip(*_checked_views(replicas)))
+
+
+class InProcessGradientMean:
+    """:class:`GradientReduce` over arrays of one process (numpy, or cupy on one GPU): the sum in the gradients' dtype, / count."""
+
+    def reduce(self, grads: Sequence[Sequence[Any]]) -> None:
+        """Write the members' mean gradient into each member's arrays (nothing when there is one member)."""
+        if len(grads) < 2:
+            return
+        check_alike(grads, "lockstep members", "gradients")
+        write_mean(zip(*grads))
+
+
+class LockstepAverage(InProcessAverage):
+    """``lockstep``: gradients all-reduced every step within a wave (:attr:`gradients`); the wave's end averages its replicas.
+
+    The average at a wave's end leaves replicas that are already equal (every
+    member took the same steps) as they are: the mean of K equal arrays
+    summed in floating point is not always the array itself.
+    """
+
+    name = "lockstep"
+
+    def __init__(self, gradients: GradientReduce | None = None) -> None:
+        """``gradients``: how a step's gradients are reduced; default in-process (an NCCL one plugs in here)."""
+        self.gradients = gradients or InProcessGradientMean()
+
+    def average(self, replicas: Sequence[Trainer]) -> None:
+        """Write the mean of ``replicas``' parameters into each, skipping the parameters on which they already agree."""
+        if len(replicas) < 2:
+            return
+        # One comparison on the arrays' own device (numpy or cupy alike); NaN compares unequal and is averaged.
+        write_mean(group for group in zip(*_checked_views(replicas)) if not all(bool((group[0] == p).all()) for p in group[1:]))
 
 
 class DeltaMerge:
     """``sum`` / ``delta:LR``: the anchor (last merged model) plus an outer learning rate times the replicas' mean update."""
+
+    gradients: GradientReduce | None = None
 
     def __init__(self, outer_lr: float | None = None) -> None:
         """``outer_lr``: the step on the mean update; None: the number of replicas merged (the updates' sum)."""
@@ -161,6 +235,8 @@ def merge_policy(text: str) -> ModelMerge:
         return InProcessAverage()
     if name == "sum" and not arg:
         return DeltaMerge()
+    if name == "lockstep" and not arg:
+        return LockstepAverage()
     if name == "delta" and arg:
         try:
             lr = float(arg)
@@ -169,3 +245,14 @@ def merge_policy(text: str) -> ModelMerge:
         if math.isfinite(lr) and lr > 0:
             return DeltaMerge(lr)
     raise ConfigError(f"--merge {text!r}: give {MERGE_POLICIES}, LR a positive number")
+
+
+def copy_into(source: Trainer, replicas: Sequence[Trainer]) -> None:
+    """Write ``source``'s parameters into each of ``replicas`` (checked alike before anything is written)."""
+    if not replicas:
+        return
+    views = [source.parameter_views(), *(r.parameter_views() for r in replicas)]
+    check_alike(views, "replicas to copy", "parameters")
+    for group in zip(*views):
+        for p in group[1:]:
+            p[...] = group[0]

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy
 
@@ -144,8 +144,13 @@ class TorchTrainer:
 
     # -- Trainer protocol ------------------------------------------------------------
 
-    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS) -> TrainReport:
-        """Train on random ``context + 1``-token windows of ``tokens`` for ``steps`` minibatches (or one pass)."""
+    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS, grad_sync: Callable[[Sequence[Any]], None] | None = None) -> TrainReport:
+        """Train on random ``context + 1``-token windows of ``tokens`` for ``steps`` minibatches (or one pass).
+
+        ``grad_sync`` is handed, after each backward pass and before clipping (clipped as one model's
+        gradient would be), every parameter's gradient as an ``xp`` array sharing its memory (DLPack),
+        in the model's parameter order (a parameter the loss did not reach has none, on every replica alike).
+        """
         torch = self._loaded()
         cfg = self.config
         check_token_buffer(tokens, vocab=self.vocab, min_len=cfg.context + 1)
@@ -169,6 +174,8 @@ class TorchTrainer:
             loss = self._loss(batch)
             self._optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if grad_sync is not None:
+                grad_sync([self._xp.from_dlpack(p.grad) for p in self._names if p.grad is not None])
             if cfg.grad_clip is not None:
                 torch.nn.utils.clip_grad_norm_(self._model.parameters(), cfg.grad_clip)
             self._optimizer.step()

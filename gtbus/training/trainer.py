@@ -11,7 +11,12 @@ object that satisfies :class:`Trainer`:
    the device.
 3. ``train_on(tokens, steps)`` on the hop buffer, a 1-D ``uint8`` or
    ``uint16`` array of the same array module. The trainer reads the buffer and
-   never keeps a reference to it: the buffer is scrubbed right after.
+   never keeps a reference to it: the buffer is scrubbed right after. With
+   ``grad_sync`` (a fleet training in lockstep, :mod:`gtbus.training.lockstep`)
+   it calls ``grad_sync(grads)`` after every backward pass, before its
+   optimizer step, with the arrays its optimizer reads the gradient from (in
+   a fixed order, the same on every replica); the hook may rewrite them in
+   place, and an exception out of it ends the training there.
 4. ``state_dict()`` / ``load_state_dict()`` at checkpoints, so a restarted
    orchestrator resumes exactly where it stopped.
 
@@ -30,7 +35,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, Final, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Final, Literal, Protocol, Sequence, runtime_checkable
 
 from gtbus.errors import GtbusError
 
@@ -96,8 +101,11 @@ class Trainer(Protocol):
         """Allocate the model and optimizer state on array module ``xp`` (numpy or cupy)."""
         ...
 
-    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS) -> TrainReport:
-        """Train on a 1-D uint8/uint16 token buffer for ``steps`` minibatches (:data:`ONE_PASS`, :class:`StepsPer`: :func:`resolve_steps`)."""
+    def train_on(self, tokens: Any, steps: StepBudget = ONE_PASS, grad_sync: Callable[[Sequence[Any]], None] | None = None) -> TrainReport:
+        """Train on a 1-D uint8/uint16 token buffer for ``steps`` minibatches (:data:`ONE_PASS`, :class:`StepsPer`: :func:`resolve_steps`).
+
+        ``grad_sync``: called with the gradient arrays between each backward pass and optimizer step (see the module's rules).
+        """
         ...
 
     def evaluate(self, tokens: Any) -> float:
