@@ -295,8 +295,10 @@ def _rel(r: dict[str, Any], one: dict[str, Any]) -> float:
 
 
 def _every(r: dict[str, Any]) -> str:
-    """The run's merge interval in trained hops as the tables show it ("-" for one GPU: nothing to merge)."""
-    return "-" if r["gpus"] == 1 else str(r["merge_every"] or r["gpus"])
+    """The run's merge interval in trained hops as the tables show it ("-" for one GPU: nothing to merge; lockstep merges every wave)."""
+    if r["gpus"] == 1:
+        return "-"
+    return "wave" if merge_policy(r["merge"]).gradients is not None else str(r["merge_every"] or r["gpus"])
 
 
 def _drop_rate(c: dict[str, Any], held: HeldOut) -> float:
@@ -411,7 +413,8 @@ def _header(machine: dict[str, Any], s: dict[str, Any], held: HeldOut, wall: flo
         f"Every run is a real deployment started by the CLI (`gtbus orchestrator --gpus K --merge-every N --backend {s['backend']} "
         f"--trainer {s['trainer']}` and a `gtbus holder` process per holder, CURVE ZeroMQ on loopback, travel mode); merge every "
         f"{s['merge_every'] or 'K'} trained hops of the fleet, `--merge {s['merge']}` (in the orchestrator's process; "
-        "average: the replicas' mean; sum: the last merged model plus every replica's update since it; delta:LR: plus LR x their mean update).",
+        "average: the replicas' mean; sum: the last merged model plus every replica's update since it; delta:LR: plus LR x their mean update; "
+        "lockstep: hops start in waves of up to K, the wave's gradients averaged before every optimizer step, merged after every wave).",
         "",
         "Aggregate tokens/s = tokens trained / training window. Training window = from the first hop's begin to the last hop's record "
         "(each hop line timestamped on arrival at the bench, less that hop's own phase marks, which say how long before its record it began), "

@@ -76,9 +76,10 @@ def _fault_list(value: str | None) -> list[int] | None:
               help="With --seed: apply only these of its faults (numbers as a failing seed prints them, e.g. 0,3; or none).")
 @click.option("--gpus", type=click.IntRange(min=1, max=64), default=1, show_default=True,
               help="GPU tokens travelling at once (a fleet: lanes handed work by the fleet schedule, replicas merged).")
+@click.option("--lockstep", is_flag=True, help="With --gpus K: hops start in waves and the replicas merge after every wave (--merge lockstep).")
 @click.option("--json", "as_json", is_flag=True, help="Print the totals as JSON (seeds, hops, violations, hops_per_s, ...).")
 def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hostile: bool, only_faults: str | None, gpus: int,
-        as_json: bool) -> None:
+        lockstep: bool, as_json: bool) -> None:
     """Simulate whole deployments (orchestrator, holders, device agent, observer) from seeds, checking every invariant after every step."""
     from gtbus.testing.sim import run_seed, run_seeds, shrink
 
@@ -90,7 +91,7 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
         raise click.UsageError("give --seed or --seeds, not both")
     faults, hostile = not no_faults, not no_hostile
     if seed is not None:
-        r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep, gpus=gpus)
+        r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep, gpus=gpus, lockstep=lockstep)
         if as_json:
             click.echo(json.dumps({"seed": r.seed, "gpus": gpus, "hops": r.hops, "hops_trained": r.trained, "hops_per_gpu": r.lane_hops, "requeued": r.requeued,
                                    "finished": r.finished, "stopped": r.stopped, "violations": [str(v) for v in r.violations], "repro": r.repro}))
@@ -100,7 +101,7 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
             report_failure(r, shrink(r) if keep is None else r)
             sys.exit(1)
         return
-    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile, gpus=gpus)
+    summary = run_seeds(count or 1000, first=first, faults=faults, hostile=hostile, gpus=gpus, lockstep=lockstep)
     for r in summary.failures:
         report_failure(r, shrink(r))
     if as_json:

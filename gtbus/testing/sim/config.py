@@ -42,6 +42,8 @@ class SimConfig:
     operator_resumes: bool = False  # a run that stopped with a reason is started again with --resume (once)
     gpus: int = 1  # lanes: GPU tokens travelling at once
     merge_every: int = 2  # with gpus > 1: replicas are averaged after this many trained hops of the fleet
+    # With gpus > 1, --merge lockstep: hops start in waves (FleetSchedule.waves), merged after every wave that trained.
+    lockstep: bool = False
 
     @property
     def nodes(self) -> list[str]:

@@ -31,7 +31,10 @@ accounted for), and across them:
   live staging (exported or not, its key live) on another;
 * ``chunk-trained-twice`` is across replicas: a merge (model averaging) joins
   the replicas' histories, and no chunk may appear twice in one round of the
-  joined history, nor twice in the final model's.
+  joined history, nor twice in the final model's;
+* ``wave-overlap`` (a lockstep fleet, ``--lockstep``): a hop starts only in the
+  same dispatch pass as every hop in flight (its wave), never beside a hop of an
+  earlier wave.
 
 The checker learns of the device's operations through :class:`DeviceWatch`;
 it keeps only what it needs, so checking costs little per step.
@@ -54,10 +57,11 @@ NO_PROGRESS: Final = "no-progress"
 DATASET_CHANGED: Final = "dataset-changed"
 EPOCH_ORDER: Final = "epoch-not-increasing"
 HOLDER_TWO_GPUS: Final = "holder-on-two-gpus"
+WAVE_OVERLAP: Final = "wave-overlap"
 
 #: Every invariant's name, in the order the module docstring gives them.
 INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED,
-                     EPOCH_ORDER, HOLDER_TWO_GPUS)
+                     EPOCH_ORDER, HOLDER_TWO_GPUS, WAVE_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,12 @@ class InvariantChecker:
         # in a crash, redone in a later round): the latest training is the model's history.
         self.lineage[after] = (before, key)
         self.trained_hops += 1
+
+    def wave_started(self, lane: int, wave: int, in_flight: Sequence[int]) -> None:
+        """A lockstep fleet's ``lane`` starts a hop in dispatch pass ``wave``; ``in_flight``: the passes of the hops in flight."""
+        earlier = sorted(set(w for w in in_flight if w != wave))
+        if earlier:
+            self.fail(WAVE_OVERLAP, f"lane {lane} started a hop in wave {wave} while hops of wave {earlier[0]} were in flight")
 
     def restored(self, device: SimDevice, model: int) -> None:
         """A checkpoint's model was loaded: it must be one training produced."""

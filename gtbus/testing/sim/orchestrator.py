@@ -20,7 +20,10 @@ device (replica) and hop in flight, handed work by the real
 and the real orchestrator state: one epoch counter for all lanes; messages go
 to the lane whose token id they carry; a device agent stages one lane's hop
 at a time (remote holders behind one agent take turns); every ``merge_every`` trained hops no
-new hop starts until none is in flight, then the replicas are averaged and,
+new hop starts until none is in flight (with ``lockstep``, hops start in waves,
+:attr:`FleetSchedule.waves`, and a merge follows every wave that trained: the
+per-step gradient exchange within a wave is not simulated, its models are
+digests; the waves and the invariants per GPU are), then the replicas are averaged and,
 with K > 1, only then is the checkpoint written (and at a round's end, and
 when the run stops or ends). A chunk whose training is thrown away goes back
 into its round, untrained (:meth:`FleetSchedule.reopen`): a hop that rolls
@@ -135,6 +138,7 @@ class _Lane:
     token: TokenMachine
     hop: _Hop | None = None
     failed: str | None = None  # why the lane was retired (its GPU failed); None while it serves
+    wave: int = 0  # the dispatch pass its hop in flight started in (lockstep: a wave is one pass)
     trained: list[tuple[int, str, int]] = field(default_factory=list)  # what its replica trained that the checkpoint lacks
 
 
@@ -200,13 +204,14 @@ class SimOrchestrator:
         self.fleet: FleetSchedule | None = None
         self.schedule: Schedule | None = None
         self.trained_since_merge = 0
+        self.passes = 0  # dispatch passes that handed out hops
         ck = disk.checkpoint
         self.datasets: dict[str, tuple[int, str]] = {}
         #: Trainings thrown away with a replica (rolled back or retired) and put back into their round, this incarnation.
         self.requeued: list[tuple[int, str, int]] = []
         if ck is not None:
             if ck["schedule"]:
-                self.fleet = FleetSchedule.from_state(ck["schedule"])
+                self.fleet = FleetSchedule.from_state(ck["schedule"], waves=self.cfg.lockstep)
                 self.schedule = self.fleet.schedule
             if self.checkpoint_datasets:
                 self.datasets = dict(ck["datasets"])
@@ -298,7 +303,7 @@ class SimOrchestrator:
                 self.schedule = self.schedule_factory(
                     {h: manifests[h].chunk_count for h in self.cfg.holders}, self.cfg.rounds, max_attempts=self.cfg.max_attempts
                 )
-                self.fleet = self.fleet_factory(self.schedule, len(self.lanes))
+                self.fleet = self.fleet_factory(self.schedule, len(self.lanes), waves=self.cfg.lockstep)
                 self.datasets = {h: (m.total_tokens, m.digest) for h, m in manifests.items()}
                 self.checker.scheduled(dict(self.datasets))
             self._next_hop(self.incarnation)
@@ -373,11 +378,17 @@ class SimOrchestrator:
             else:
                 self._save_checkpoint()
         started = False
+        self.passes += 1
+        wave = self.passes
+        may_start = fleet.may_start  # in waves: this pass starts a wave, only while none is in flight
         for lane in live:
-            if lane.hop is None and self._live(inc):
+            if may_start and lane.hop is None and self._live(inc):
                 a = fleet.next_for(lane.index, self._can_stage)
                 if a is not None:
                     started = True
+                    if self.cfg.lockstep:
+                        self.checker.wave_started(lane.index, wave, [other.wave for other in live if other.hop is not None])
+                    lane.wave = wave
                     self._start_hop(lane, a)
         if started or busy or not self._live(inc):
             return
@@ -398,7 +409,7 @@ class SimOrchestrator:
     def _merge_due(self) -> bool:
         # Every merge_every trained hops; and at a round's end while a replica holds training the
         # checkpoint lacks, so that what a rollback or a retirement reopens is of the current round.
-        if len(self.lanes) > 1 and self.trained_since_merge >= self.cfg.merge_every:
+        if len(self.lanes) > 1 and self.trained_since_merge >= (1 if self.cfg.lockstep else self.cfg.merge_every):
             return True
         fleet = self.fleet
         return fleet is not None and fleet.round_settled and not fleet.finished and any(lane.trained for lane in self._live_lanes())

@@ -80,12 +80,14 @@ class SeedResult:
 
 
 def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
-             config: SimConfig | None = None, keep_faults: Collection[int] | None = None, gpus: int = 1) -> SeedResult:
+             config: SimConfig | None = None, keep_faults: Collection[int] | None = None, gpus: int = 1, lockstep: bool = False) -> SeedResult:
     """Simulate the deployment of ``seed`` under its faults (only ``keep_faults``, by index, if given), on
-    ``gpus`` lanes (a given ``config`` says its own); every invariant checked after every step."""
+    ``gpus`` lanes, in lockstep waves if asked (a given ``config`` says its own); every invariant checked after every step."""
     m = machines or Machines()
     world = World(seed)
     cfg = config or draw_config(world.rng, faults=faults, hostile=hostile, gpus=gpus)
+    if config is None:
+        cfg.lockstep = lockstep and gpus > 1  # not drawn: the seeds' fleets stay the ones they were
     checker = InvariantChecker()
     devices = [m.device(exports_outlive_process=cfg.exports_outlive_process) for _ in range(cfg.gpus)]
     for lane, d in enumerate(devices):
@@ -135,7 +137,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     if not checker.violations and orch.finished and orch.schedule is not None:
         # A fleet's final model: its live replicas, merged; what a replica threw away was trained again.
         checker.check_final_model(orch.final_model(), expected_trainings(orch.schedule))
-    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + (f" --gpus {cfg.gpus}" if cfg.gpus > 1 else "")
+    flags = ("" if faults else " --no-faults") + ("" if hostile else " --no-hostile") + (f" --gpus {cfg.gpus}" if cfg.gpus > 1 else "") + (" --lockstep" if cfg.lockstep else "")
     if keep_faults is not None:
         flags += f" --faults {','.join(map(str, sorted(keep_faults))) or 'none'}"
     result = SeedResult(seed, cfg, len(checker.epochs), checker.trained_hops, orch.finished, orch.stopped,
@@ -167,7 +169,7 @@ def shrink(result: SeedResult, *, machines: Machines | None = None) -> SeedResul
     for index in list(keep):
         trial = [i for i in keep if i != index]
         r = run_seed(result.seed, faults=faults, hostile=hostile, machines=machines, keep_faults=trial,
-                     config=result.config if result.config_given else None, gpus=result.config.gpus)
+                     config=result.config if result.config_given else None, gpus=result.config.gpus, lockstep=result.config.lockstep)
         if not r.ok and r.violations[0].name == name:
             keep, best = trial, r
     return best
@@ -230,8 +232,8 @@ class SeedsSummary:
 
 
 def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool = True, machines: Machines | None = None,
-              on_result: Callable[[SeedResult], None] | None = None, gpus: int = 1) -> SeedsSummary:
-    """Run seeds ``first`` .. ``first + count - 1`` on ``gpus`` lanes."""
+              on_result: Callable[[SeedResult], None] | None = None, gpus: int = 1, lockstep: bool = False) -> SeedsSummary:
+    """Run seeds ``first`` .. ``first + count - 1`` on ``gpus`` lanes (in lockstep waves if asked)."""
     t0 = time.perf_counter()
     hops = trained = finished = 0
     failures: list[SeedResult] = []
@@ -240,7 +242,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
     restarts = 0
     modes: set[str] = set()
     for seed in range(first, first + count):
-        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines, gpus=gpus)
+        r = run_seed(seed, faults=faults, hostile=hostile, machines=machines, gpus=gpus, lockstep=lockstep)
         hops += r.hops
         trained += r.trained
         finished += r.finished
