@@ -477,7 +477,9 @@ class Orchestrator:
                     if not running:  # the lanes are paused between hops: merge (and checkpoint) now
                         self._save_checkpoint()
                         continue  # and hand out hops again (not a wait for holders: none was asked yet)
-                elif fleet.may_start:
+                elif fleet.may_start and not (fleet.waves and running):
+                    # In waves, a hop that settled (its lane released) may still be publishing its record: the
+                    # next wave waits for its task too, which leaves the wave's group as it ends.
                     started = []
                     for lane in self._live():
                         if lane in running.values():
@@ -499,7 +501,7 @@ class Orchestrator:
                     await self._wait_for_a_holder()
                     continue
                 # An idle lane may find work as a holder comes back from its backoff: look again soon.
-                idle = len(running) < len(self._live()) and not self._merge_due() and fleet.may_start
+                idle = len(running) < len(self._live()) and not self._merge_due() and not fleet.waves
                 done, _ = await asyncio.wait(running, timeout=self.config.backoff_min if idle else None, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     await self._hop_ended(task, running.pop(task))

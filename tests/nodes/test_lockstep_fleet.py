@@ -9,12 +9,18 @@ drill (after acking), and the test waits for the orchestrator's log.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy
 import pytest
 from test_fleet import CHUNK, assert_no_holder_on_two_lanes, every_chunk, holder_spans, model_keys
 from travel_kit import Travel, trained_keys
 
 from gtbus.nodes.run_checkpoint import lane_state
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))  # the real export command's helper, not a copy
+from export_kit import gtbus_here  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +40,7 @@ def waves(t: Travel) -> list[list[tuple[float, float, int]]]:
     return out
 
 
-def test_a_lockstep_fleet_trains_in_waves_every_chunk_once_and_its_replicas_end_identical(travel) -> None:
+def test_a_lockstep_fleet_trains_in_waves_every_chunk_once_and_its_replicas_end_identical(travel, tmp_path: Path) -> None:
     t: Travel = travel(**SMALL, gpus=2, extra_orchestrator_args=LOCKSTEP).start()
     summary = t.finish()
     hops = t.hops()
@@ -61,6 +67,12 @@ def test_a_lockstep_fleet_trains_in_waves_every_chunk_once_and_its_replicas_end_
     assert "Traceback" not in t.stderr()
     res = t.replay_verify()
     assert res.returncode == 0, res.stdout + res.stderr
+    # The model leaves with its provenance: every digest of the waves and their merges is explained.
+    out = tmp_path / "model"
+    r = gtbus_here("export", t.run_dir, "--out", out)
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = gtbus_here("export", "--check", out, "--logs", t.logs, "--keys", t.dep.keys)
+    assert r.returncode == 0 and "agrees with the logs" in r.stdout, r.stdout + r.stderr
 
 
 def test_a_holder_that_dies_mid_wave_holds_its_mates_only_until_its_lease_and_nothing_is_trained_twice(travel) -> None:
