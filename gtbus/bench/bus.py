@@ -64,6 +64,7 @@ import contextlib
 import cProfile
 import functools
 import io
+import json
 import os
 import pstats
 import statistics
@@ -82,6 +83,9 @@ VARIANTS = ("raw-blocking", "raw-asyncio-zmq", "raw-asyncio-fd", "bus-plain", "b
 #: The signed variants: as deployed (nonces prepared while waiting), and every signature made on the path.
 SIGNED = ("signed", "signed-rfc8032")
 #: The two ways of driving pyzmq from asyncio; the faster one in a run is the anchor.
+#: The server of the two-process phase table (not a variant of the round-trip table): ``signed`` with its transport timed.
+TRACED = "signed-traced"
+TRACE_FILE = "server-marks.json"
 RAW_ASYNCIO = ("raw-asyncio-zmq", "raw-asyncio-fd")
 DESIGN_GOAL_US = 300.0
 #: DESIGN section 10: signed round trip <= this x raw asyncio pyzmq, same run.
@@ -279,7 +283,7 @@ async def _serve_bus(root: Path, curve: bool, ready: Callable[[str], None]) -> N
             await server.send(d.peer, [OP_SYNC, str(count).encode()])  # type: ignore[arg-type]
 
 
-async def _serve_signed(root: Path, prepare: bool, ready: Callable[[str], None]) -> None:
+async def _serve_signed(root: Path, prepare: bool, ready: Callable[[str], None], traced: bool = False) -> None:
     from gtbus.messages.types import Echo, EchoReply, Heartbeat
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import server_transport
@@ -290,10 +294,23 @@ async def _serve_signed(root: Path, prepare: bool, ready: Callable[[str], None])
         run_dir=root / _signed_run_dir(prepare), heartbeat_interval=0, prepare_signatures=prepare,
     )
     count = 0
+    # Traced (the two-process phases): the transport's edges are timed, one row per echo answered;
+    # note "marks" writes the rows since the last such note to a file the client reads.
+    marks: dict[str, int] = {}
+    rows: list[tuple[int, int, int]] = []
+    if traced:
+        _time_transport(rt.transport, marks, "s")
 
     async def on_echo(acc: Any, delivery: Any) -> None:
-        note = str(count) if acc.message.note == "count" else acc.message.note
+        note = acc.message.note
+        if note == "count":
+            note = str(count)
+        elif traced and note == "marks":
+            (root / TRACE_FILE).write_text(json.dumps(rows))
+            rows.clear()
         await rt.send(EchoReply(acc.message.payload, note), acc.header.sender, parent=acc.header.id)
+        if traced and acc.message.note != "marks":
+            rows.append((marks["s_recv_ret"], marks["s_send_call"], marks["s_send_ret"]))
 
     async def on_heartbeat(acc: Any, delivery: Any) -> None:
         nonlocal count
@@ -319,8 +336,8 @@ def _serve(variant: str, root: Path, loop: str = "asyncio") -> None:
         coro: Awaitable[None] = _serve_raw(ready, fd=variant == "raw-asyncio-fd")
     elif variant in ("bus-plain", "bus-curve"):
         coro = _serve_bus(root, variant == "bus-curve", ready)
-    elif variant in SIGNED:
-        coro = _serve_signed(root, variant == "signed", ready)
+    elif variant in SIGNED or variant == TRACED:
+        coro = _serve_signed(root, variant != "signed-rfc8032", ready, traced=variant == TRACED)
     else:
         raise SystemExit(f"unknown variant {variant!r}")
     with contextlib.suppress(KeyboardInterrupt):
@@ -646,15 +663,15 @@ def message_costs(root: Path, payload: int, n: int = 2000) -> list[tuple[str, fl
 # ------------------------------------------------------------------------------ profile (one process, two real sockets)
 
 
-async def _profiled_round_trips(root: Path, payload: int, count: int) -> str:
-    """Server and client NodeRuntimes in one process and loop, over real CURVE sockets, under cProfile."""
+async def _pair_in_one_loop(root: Path, run: str, payload: int) -> tuple[Any, Any, Any]:
+    """Server and client NodeRuntimes in this process and loop over real CURVE sockets, warmed up; and the echo they trade."""
     from gtbus.messages.types import Echo, EchoReply
     from gtbus.nodes.runtime import NodeRuntime
     from gtbus.nodes.wiring import client_transport, server_transport
 
     orch, roster = _load(root, "orch")
     h1, _ = _load(root, "h1")
-    srv = NodeRuntime(orch, roster, server_transport(orch, roster, _LOOPBACK, _LOOPBACK), run_dir=root / "prof", heartbeat_interval=0)
+    srv = NodeRuntime(orch, roster, server_transport(orch, roster, _LOOPBACK, _LOOPBACK), run_dir=root / run, heartbeat_interval=0)
 
     async def on_echo(acc: Any, delivery: Any) -> None:
         await srv.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
@@ -662,12 +679,18 @@ async def _profiled_round_trips(root: Path, payload: int, count: int) -> str:
     srv.on(Echo, on_echo)
     await srv.start()
     router, pub = srv.transport.endpoints  # type: ignore[union-attr]
-    cli = NodeRuntime(h1, roster, client_transport(h1, roster, router, pub), run_dir=root / "prof", server="orch", heartbeat_interval=0)
+    cli = NodeRuntime(h1, roster, client_transport(h1, roster, router, pub), run_dir=root / run, server="orch", heartbeat_interval=0)
     await cli.start()
     await cli.transport.wait_connected(10)  # type: ignore[union-attr]
     msg = Echo(b"x" * payload, "")
     for _ in range(200):
         await cli.request(msg)
+    return srv, cli, msg
+
+
+async def _profiled_round_trips(root: Path, payload: int, count: int) -> str:
+    """Server and client NodeRuntimes in one process and loop, over real CURVE sockets, under cProfile."""
+    srv, cli, msg = await _pair_in_one_loop(root, "prof", payload)
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
@@ -708,67 +731,88 @@ PHASES = (
 
 async def _phase_round_trips(root: Path, payload: int, count: int) -> list[tuple[str, float]]:
     """Median time of each phase of a signed round trip: both NodeRuntimes in one loop, transports timed at their edges."""
-    from gtbus.messages.types import Echo, EchoReply
-    from gtbus.nodes.runtime import NodeRuntime
-    from gtbus.nodes.wiring import client_transport, server_transport
-
-    orch, roster = _load(root, "orch")
-    h1, _ = _load(root, "h1")
-    srv = NodeRuntime(orch, roster, server_transport(orch, roster, _LOOPBACK, _LOOPBACK), run_dir=root / "phases", heartbeat_interval=0)
-
-    async def on_echo(acc: Any, delivery: Any) -> None:
-        await srv.send(EchoReply(acc.message.payload, acc.message.note), acc.header.sender, parent=acc.header.id)
-
-    srv.on(Echo, on_echo)
-    await srv.start()
-    router, pub = srv.transport.endpoints  # type: ignore[union-attr]
-    cli = NodeRuntime(h1, roster, client_transport(h1, roster, router, pub), run_dir=root / "phases", server="orch", heartbeat_interval=0)
-    await cli.start()
-    await cli.transport.wait_connected(10)  # type: ignore[union-attr]
-    clock = time.perf_counter_ns
+    srv, cli, msg = await _pair_in_one_loop(root, "phases", payload)
+    clock = time.monotonic_ns
     marks: dict[str, int] = {}
-    ct: Any = cli.transport
-    st: Any = srv.transport
-    c_send, c_recv, s_send, s_recv = ct.send, ct.recv, st.send, st.recv
-
-    # Instance attributes shadow the methods: the runtimes call these wrappers.
-    async def c_send_w(frames: Any) -> None:
-        marks["c_send_call"] = clock()
-        await c_send(frames)
-        marks["c_send_ret"] = clock()
-
-    async def c_recv_w() -> Any:
-        d = await c_recv()
-        marks["c_recv_ret"] = clock()
-        return d
-
-    async def s_send_w(peer: str, frames: Any) -> None:
-        marks["s_send_call"] = clock()
-        await s_send(peer, frames)
-        marks["s_send_ret"] = clock()
-
-    async def s_recv_w() -> Any:
-        d = await s_recv()
-        marks["s_recv_ret"] = clock()
-        return d
-
-    ct.send, ct.recv, st.send, st.recv = c_send_w, c_recv_w, s_send_w, s_recv_w
-    msg = Echo(b"x" * payload, "")
-    for _ in range(200):
+    _time_transport(cli.transport, marks, "c")
+    _time_transport(srv.transport, marks, "s")
+    for _ in range(10):  # each side's receive loop was already waiting in the unwrapped recv
         await cli.request(msg)
-    samples: list[list[int]] = [[] for _ in range(len(PHASES) + 1)]
+    rows: list[dict[str, int]] = []
     for _ in range(count):
         marks["c0"] = clock()
         await cli.request(msg)
         marks["c1"] = clock()
-        for i, (_, a, b) in enumerate(PHASES):
-            samples[i].append(marks[b] - marks[a])
-        samples[-1].append(marks["c1"] - marks["c0"])
+        rows.append(dict(marks))
     await cli.close()
     await srv.close()
-    out = [(name, statistics.median(samples[i]) / 1e3) for i, (name, _, _) in enumerate(PHASES)]
-    out.append(("= round trip (this one-process setup)", statistics.median(samples[-1]) / 1e3))
+    return _phase_medians(rows, "= round trip (this one-process setup)")
+
+
+def _phase_medians(rows: Sequence[dict[str, int]], total: str) -> list[tuple[str, float]]:
+    """Each :data:`PHASES` median over ``rows`` of marks (ns), then the round trip's as ``total`` (us)."""
+    out = [(name, statistics.median(r[b] - r[a] for r in rows) / 1e3) for name, a, b in PHASES]
+    out.append((total, statistics.median(r["c1"] - r["c0"] for r in rows) / 1e3))
     return out
+
+
+def _time_transport(transport: Any, marks: dict[str, int], side: str) -> None:
+    """Time ``transport``'s edges into ``marks`` (``{side}_send_call``, ``_send_ret``, ``_recv_ret``; CLOCK_MONOTONIC, ns).
+
+    Instance attributes shadow the methods, so the runtime calls these wrappers. CLOCK_MONOTONIC is one
+    clock for every process of the host, so marks taken in two processes subtract.
+    """
+    send, recv = transport.send, transport.recv
+    clock = time.monotonic_ns
+
+    async def send_w(*args: Any) -> None:
+        marks[f"{side}_send_call"] = clock()
+        await send(*args)
+        marks[f"{side}_send_ret"] = clock()
+
+    async def recv_w() -> Any:
+        d = await recv()
+        marks[f"{side}_recv_ret"] = clock()
+        return d
+
+    transport.send, transport.recv = send_w, recv_w
+
+
+async def _two_process_phases(root: Path, payload: int, count: int) -> list[tuple[str, float]]:
+    """The phases of :func:`_phase_round_trips` with the server in its own process, as deployed (marks on one clock)."""
+    proc, endpoints = _start_server(TRACED, root)
+    try:
+        client = _SignedClient(root, endpoints, payload, True)
+        await client.start()
+        marks: dict[str, int] = {}
+        _time_transport(client.rt.transport, marks, "c")
+        clock = time.monotonic_ns
+        for _ in range(300):
+            await client.round_trip()
+        await client.rt.request(_echo("marks"))  # drops the warm-up rows
+        mine: list[dict[str, int]] = []
+        for _ in range(count):
+            marks["c0"] = clock()
+            await client.round_trip()
+            marks["c1"] = clock()
+            mine.append(dict(marks))
+        await client.rt.request(_echo("marks"))
+        theirs = json.loads((root / TRACE_FILE).read_text())
+        await client.close()
+    finally:
+        proc.kill()
+        proc.wait()
+    if len(theirs) != len(mine):
+        raise RuntimeError(f"traced server answered {len(theirs)} echoes, the client sent {len(mine)}")
+    for m, (s_recv, s_call, s_ret) in zip(mine, theirs):
+        m.update(s_recv_ret=s_recv, s_send_call=s_call, s_send_ret=s_ret)
+    return _phase_medians(mine, "= round trip (two processes)")
+
+
+def _echo(note: str) -> Any:
+    from gtbus.messages.types import Echo
+
+    return Echo(b"", note)
 
 
 # ------------------------------------------------------------------------------ the benchmark
@@ -809,6 +853,7 @@ def run_bus_bench(
             signed_median = stats.get("signed", {}).get("median_us", 0.0)
             do_profile = profile if profile is not None else signed_median > DESIGN_GOAL_US
             phases = asyncio.run(_phase_round_trips(root, payload, 3000))
+            phases2 = asyncio.run(_two_process_phases(root, payload, 3000))
             prof_text = asyncio.run(_profiled_round_trips(root, payload, 3000)) if do_profile else None
         finally:
             asyncio.set_event_loop_policy(None)
@@ -888,6 +933,18 @@ def run_bus_bench(
         "preparation (off the path with two processes) lands in the other's wire phase; the total is not the two-process median"
     )
     res.tables.append(ph)
+    ph2 = Table(
+        "Phases of one signed round trip, two processes as deployed (server timed in its own process; one CLOCK_MONOTONIC; medians, us)",
+        ["phase", "us", "one process"],
+    )
+    one = [us for _, us in phases]
+    for (name, us), us1 in zip(phases2, one):
+        ph2.add(name, f"{us:.0f}", f"{us1:.0f}")
+    ph2.notes.append(
+        "the same marks as the table above; a wire phase here is the sender's libzmq I/O thread, loopback TCP, the receiver's "
+        "I/O thread and the wake-up of its event loop, with each process idle while the other works"
+    )
+    res.tables.append(ph2)
     if prof_text:
         res.sections.append(("Profile of the signed round trip", prof_text))
 
@@ -897,6 +954,7 @@ def run_bus_bench(
         "oneway": {v: {"messages": d.counted, "sent": d.sent, "seconds": d.oneway_s, "msgs_per_s": d.counted / d.oneway_s if d.oneway_s else 0.0} for v, d in data.items()},
         "message_layer_us": dict(costs),
         "phases_us": dict(phases),
+        "phases_two_processes_us": dict(phases2),
         "goal_us": DESIGN_GOAL_US,
         "signed_median_meets_goal": signed_median <= DESIGN_GOAL_US,
         "anchor": anchor,
@@ -971,7 +1029,7 @@ def _main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m gtbus.bench.bus")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="internal: the server side of one variant")
-    s.add_argument("variant", choices=VARIANTS)
+    s.add_argument("variant", choices=(*VARIANTS, TRACED))
     s.add_argument("root", type=Path)
     s.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
     args = p.parse_args(argv)
