@@ -54,6 +54,8 @@ class RunConfig:
     # hop per lane on average), at a point where no lane trains, the replicas'
     # parameters are averaged. With K > 1 the checkpoint is written at merges
     # (and at the end), when no hop is in flight: it then holds the fleet whole.
+    # With merge = "lockstep" the fleet merges after every wave instead (merge_every
+    # does not apply; gtbus.training.lockstep).
     gpus: int = 1
     merge_every: int = 0
     merge: str = DEFAULT_MERGE  # how replicas are merged (gtbus.training.merge.merge_policy)

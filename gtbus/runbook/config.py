@@ -20,7 +20,7 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     checkpoint_every = 1             # write the checkpoint every N hops (and after the last)
     gpus = 1                         # GPU tokens travelling at once (the orchestrator's --gpus)
     merge_every = 0                  # with gpus > 1: average the replicas every N trained hops (0: every gpus hops)
-    merge = "average"                # how replicas merge: average, sum, or delta:LR (see gtbus orchestrator --merge)
+    merge = "average"                # how replicas merge: average, sum, delta:LR, or lockstep (see gtbus orchestrator --merge)
 
     [pins]
     code = "auto"                    # or the hex printed by `gtbus measure`
