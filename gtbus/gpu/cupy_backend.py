@@ -27,10 +27,20 @@ the VMM API (``cuMemCreate``, exported as a POSIX descriptor and handed over
 by :mod:`gtbus.gpu.fd_passing` as the host backend does), whose physical
 memory lives until its last importer lets go: a holder that keeps its mapping
 then keeps only its own pages.
+
+Several GPUs in one process (a fleet's lanes, :func:`gtbus.gpu.backends.make_devices`):
+cupy keeps the *current* device per thread, and allocations, kernels and
+streams go to the current device. So every :class:`CupyDevice` method runs
+with its own GPU current (:func:`_on_own_gpu`), whichever thread calls it, and
+:meth:`CupyDevice.active` makes it current for code outside the device (a
+trainer's steps). The staging handle names its GPU by PCI bus id
+(:mod:`gtbus.gpu.ipc_handle`), and the holder opens and writes it with that
+GPU current.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import secrets
@@ -38,7 +48,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Final
+from typing import Any, Callable, Concatenate, Final, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -57,6 +67,7 @@ from gtbus.gpu.channel import (
     staging_size,
 )
 from gtbus.gpu.device import BufferHandle, check_staging_write
+from gtbus.gpu.ipc_handle import IpcStagingHandle, canonical_bus_id
 from gtbus.gpu.measure import PART_DIGESTS_MODEL_DOMAIN, tagged_hash
 
 try:  # cupy is an optional extra; importing this module without it fails clearly
@@ -68,7 +79,6 @@ from gtbus.gpu.kernels.aes_gcm import GcmDecryptor, first_bad_segment
 from gtbus.gpu.kernels.blake3 import blake3_digest_device
 from gtbus.gpu.kernels.scrub import verify_zero_async
 
-HANDLE_PREFIX: Final = "cuda-ipc-"
 MODEL_DOMAIN: Final = PART_DIGESTS_MODEL_DOMAIN
 _GROUP_BYTES: Final = 4 << 20  # segments sealed before their copy is queued: amortises the launch
 # Hops at most this large are sealed and opened on one CPU thread with one copy
@@ -135,17 +145,34 @@ def _executor() -> ThreadPoolExecutor:
         return _EXECUTOR
 
 
-class CupyStagingWriter:
-    """Holder side: a hop's staging buffer mapped into this process through CUDA IPC."""
+def on_gpu(ordinal: int) -> Any:
+    """A context manager making GPU ``ordinal`` current on the calling thread, restoring the previous one after.
 
-    def __init__(self, handle: str, raw: bytes, nbytes: int) -> None:
-        self.handle = handle
-        self.nbytes = nbytes
+    A new ``cupy.cuda.Device`` each time: one instance keeps a single stack of
+    the devices to restore, which two threads entering it at once would mix up.
+    """
+    return cupy.cuda.Device(ordinal)
+
+
+def _open_ipc(ordinal: int, raw: bytes) -> int:
+    # An IPC handle opens only in the context of the GPU that owns the memory, and
+    # cupy's current device is per thread: this runs on a sealing worker.
+    with on_gpu(ordinal):
+        return int(cupy.cuda.runtime.ipcOpenMemHandle(raw))
+
+
+class CupyStagingWriter:
+    """Holder side: a hop's staging buffer mapped into this process through CUDA IPC, on the GPU that owns it."""
+
+    def __init__(self, handle: IpcStagingHandle, gpu: int) -> None:
+        self.handle = str(handle)
+        self.nbytes = handle.nbytes
+        self.gpu = gpu  # the staging's GPU (this process's ordinal); everything touching it runs with it current
         self._used = False
         self._array: Any = None
         # Opening an IPC handle takes milliseconds: do it beside the sealing, which
         # needs the device address only when its first copy is queued.
-        self._opening = _executor().submit(cupy.cuda.runtime.ipcOpenMemHandle, raw)
+        self._opening = _executor().submit(_open_ipc, gpu, handle.raw)
         self._ptr_value = 0
 
     @property
@@ -163,7 +190,7 @@ class CupyStagingWriter:
     def array(self) -> Any:
         """The staging buffer as a cupy array (drills and digests)."""
         if self._array is None:
-            mem = cupy.cuda.memory.UnownedMemory(self._ptr, self.nbytes, self)
+            mem = cupy.cuda.memory.UnownedMemory(self._ptr, self.nbytes, self, device_id=self.gpu)
             self._array = cupy.ndarray((self.nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         return self._array
 
@@ -175,11 +202,13 @@ class CupyStagingWriter:
     def write_ciphertext(self, offset: int, data: bytes) -> None:
         """Copy ciphertext sealed elsewhere into staging at ``offset`` (checked against the IPC buffer's real size)."""
         check_staging_write(self.nbytes, offset, len(data))
-        self.array[offset : offset + len(data)].set(np.frombuffer(data, dtype=np.uint8))
+        with on_gpu(self.gpu):
+            self.array[offset : offset + len(data)].set(np.frombuffer(data, dtype=np.uint8))
 
     def read_back(self, nbytes: int) -> bytes:
         """Read back staging bytes (drills only)."""
-        return self.array[:nbytes].get().tobytes()
+        with on_gpu(self.gpu):
+            return self.array[:nbytes].get().tobytes()
 
     def seal_into(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext) -> SealSummary:
         """Seal on every core into pinned memory; each core copies its groups in as soon as they are sealed."""
@@ -206,6 +235,10 @@ class CupyStagingWriter:
         workers = max(1, min(pool._max_workers, count))  # noqa: SLF001 - the pool is ours
         group = max(1, _GROUP_BYTES // stride)
         def work(lo: int, hi: int) -> None:
+            with on_gpu(self.gpu):  # the stream must be the staging GPU's
+                seal_range(lo, hi)
+
+        def seal_range(lo: int, hi: int) -> None:
             # No barrier between cores: each seals a contiguous range and queues the
             # copy of every group it finishes on its own stream, so sealing and
             # host-to-device copies overlap all the way.
@@ -226,14 +259,17 @@ class CupyStagingWriter:
         futures = [pool.submit(work, lo, min(count, lo + step)) for lo in range(0, count, step)]
         for f in futures:
             f.result()
-        digest = blake3_digest_device(self.array[:total]).get().astype("<u4").tobytes()
+        with on_gpu(self.gpu):
+            digest = blake3_digest_device(self.array[:total]).get().astype("<u4").tobytes()
         return SealSummary(count=count, nbytes=n, ciphertext_digest=digest)
 
     def _seal_small(self, plaintext: memoryview, params: ChannelParams, ctx: SegmentContext, pinned: np.ndarray) -> SealSummary:
         # A small hop: seal here into pinned memory (the sealer's digest is BLAKE3 of
         # those bytes, as the kernel's would be), then one synchronous copy.
         summary = SegmentSealer(params).seal_into(plaintext, pinned, ctx)
-        cupy.cuda.runtime.memcpy(self._ptr, pinned.ctypes.data, pinned.nbytes, cupy.cuda.runtime.memcpyHostToDevice)
+        ptr = self._ptr
+        with on_gpu(self.gpu):
+            cupy.cuda.runtime.memcpy(ptr, pinned.ctypes.data, pinned.nbytes, cupy.cuda.runtime.memcpyHostToDevice)
         return summary
 
     def close(self) -> None:
@@ -245,7 +281,8 @@ class CupyStagingWriter:
         if ptr:
             self._array = None
             self._ptr_value = 0
-            cupy.cuda.runtime.ipcCloseMemHandle(ptr)
+            with on_gpu(self.gpu):
+                cupy.cuda.runtime.ipcCloseMemHandle(ptr)
 
 
 class CupyStaging:
@@ -253,29 +290,54 @@ class CupyStaging:
 
     @classmethod
     def prepare_holder(cls, capacity: int) -> None:
-        """Create this process's CUDA context, the pinned pool for ``capacity`` bytes and the sealing threads."""
-        cupy.cuda.Device(0).use()
-        cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
-        blake3_digest_device(cupy.zeros(16, dtype=cupy.uint8)).get()  # and the digest kernel's compile and load
+        """Create this process's CUDA contexts, the pinned pool for ``capacity`` bytes and the sealing threads.
+
+        A context on every visible GPU: a fleet's lanes may grant this holder
+        staging on any of them, and a context made inside a hop costs the hop
+        hundreds of milliseconds.
+        """
+        for ordinal in reversed(range(cupy.cuda.runtime.getDeviceCount())):  # GPU 0 is left current, as before
+            cupy.cuda.runtime.setDevice(ordinal)
+            cupy.cuda.runtime.free(cupy.cuda.runtime.malloc(1))  # forces the context now, not in the first hop
+            blake3_digest_device(cupy.zeros(16, dtype=cupy.uint8)).get()  # and the digest kernel's compile and load
         _PINNED.get(staging_size(capacity, 1 << 20) if capacity else 1)
         _executor()
 
     @classmethod
     def map_staging(cls, handle: BufferHandle | str) -> CupyStagingWriter:
-        """Holder side: open a staging buffer's IPC handle (DeviceError if it is gone)."""
+        """Holder side: open a staging buffer's IPC handle on the GPU it names (DeviceError if malformed, absent or gone)."""
+        parsed = IpcStagingHandle.parse(handle)
         try:
-            size_hex, raw_hex = str(handle)[len(HANDLE_PREFIX) :].split("-", 1)
-            nbytes, raw = int(size_hex, 16), bytes.fromhex(raw_hex)
-        except ValueError:
-            raise DeviceError("not a CUDA staging handle") from None
-        if not str(handle).startswith(HANDLE_PREFIX) or len(raw) != 64:
-            raise DeviceError("not a CUDA staging handle")
-        return CupyStagingWriter(str(handle), raw, nbytes)
+            ordinal = cupy.cuda.runtime.deviceGetByPCIBusId(parsed.bus_id)
+        except cupy.cuda.runtime.CUDARuntimeError:
+            raise DeviceError(f"staging lives on GPU {parsed.bus_id}, which this process cannot see (CUDA_VISIBLE_DEVICES?)") from None
+        return CupyStagingWriter(parsed, ordinal)
 
     @staticmethod
     def unmap(mapping: CupyStagingWriter) -> None:
         """Holder side: close the IPC mapping."""
         mapping.close()
+
+
+_Device = TypeVar("_Device", bound="CupyDevice")
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _on_own_gpu(method: Callable[Concatenate[_Device, _P], _R]) -> Callable[Concatenate[_Device, _P], _R]:
+    """Run a device method with the device's GPU current, on whatever thread calls it.
+
+    cupy allocates, launches and picks the current stream on the calling
+    thread's current device; the orchestrator calls a lane's device from the
+    event loop and from the staging pool's worker thread alike.
+    """
+
+    @functools.wraps(method)
+    def run(self: _Device, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with on_gpu(self.ordinal):
+            return method(self, *args, **kwargs)
+
+    return run
 
 
 class CupyDevice(CupyStaging):
@@ -286,8 +348,14 @@ class CupyDevice(CupyStaging):
     exports_outlive_process: bool = False
 
     def __init__(self, device: int = 0) -> None:
-        self._dev = cupy.cuda.Device(device)
-        self._dev.use()
+        count = cupy.cuda.runtime.getDeviceCount()
+        if type(device) is not int or not 0 <= device < count:
+            raise DeviceError(f"no GPU {device!r} in this process ({count} visible)")
+        self._dev = cupy.cuda.Device(device)  # for callers' properties (id, attributes); never entered: see on_gpu
+        self.ordinal = device
+        """The GPU's ordinal in this process (CUDA_VISIBLE_DEVICES numbering)."""
+        self.bus_id = canonical_bus_id(cupy.cuda.runtime.deviceGetPCIBusId(device))
+        """The GPU's PCI bus id: how staging handles name it to other processes."""
         props = cupy.cuda.runtime.getDeviceProperties(device)
         gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
         uuid = props.get("uuid", b"")
@@ -296,6 +364,11 @@ class CupyDevice(CupyStaging):
         self.device_id = f"cuda:{socket.gethostname()}:{gpu}:{uuid_s[:16]}:{os.getpid()}:{secrets.token_hex(8)}"
         self._warm_up()
 
+    def active(self) -> Any:
+        """A context manager making this device's GPU current on the calling thread (restoring the previous one after)."""
+        return on_gpu(self.ordinal)
+
+    @_on_own_gpu
     def _warm_up(self) -> None:
         # Compile (or load from cupy's cache) every kernel now: a first compile takes
         # seconds and must not land inside a hop's transfer time.
@@ -306,11 +379,13 @@ class CupyDevice(CupyStaging):
         blake3_digest_device(dummy).get()
         verify_zero_async(dummy).get()
 
+    @_on_own_gpu
     def alloc(self, nbytes: int) -> CupyBuffer:
         """A zeroed private buffer (pooled; never exported)."""
         _check_size(nbytes)
         return CupyBuffer(nbytes, _array=cupy.zeros(nbytes, dtype=cupy.uint8))
 
+    @_on_own_gpu
     def alloc_hop_staging(self, nbytes: int) -> tuple[CupyBuffer, BufferHandle]:
         """A fresh dedicated allocation for one hop, and its IPC handle."""
         _check_size(nbytes, minimum=1)
@@ -324,12 +399,13 @@ class CupyDevice(CupyStaging):
             raise DeviceError(f"cannot allocate {nbytes} bytes of staging: {exc}") from None
         arr = cupy.ndarray((nbytes,), dtype=cupy.uint8, memptr=cupy.cuda.MemoryPointer(mem, 0))
         raw = cupy.cuda.runtime.ipcGetMemHandle(mem.ptr)
-        handle = BufferHandle(HANDLE_PREFIX + f"{nbytes:x}-" + bytes(raw).hex())
+        handle = BufferHandle(str(IpcStagingHandle(self.bus_id, nbytes, bytes(raw))))
         return CupyBuffer(nbytes, handle=handle, _array=arr, _memory=mem), handle
 
     def discard_export(self, handle: BufferHandle | str) -> None:
         """Nothing to do: device memory and its IPC exports end with the process that made them."""
 
+    @_on_own_gpu
     def revoke_staging(self, buf: CupyBuffer) -> None:
         """Free the dedicated allocation: its handle can never be opened again. Idempotent."""
         if buf.handle is None:
@@ -338,6 +414,7 @@ class CupyDevice(CupyStaging):
         buf._array = None
         buf._memory = None  # cudaFree
 
+    @_on_own_gpu
     def open_segments(
         self, staging: CupyBuffer, out: CupyBuffer, params: ChannelParams, ctx: SegmentContext, count: int, nbytes: int
     ) -> None:
@@ -387,6 +464,7 @@ class CupyDevice(CupyStaging):
         finally:
             host.fill(0)
 
+    @_on_own_gpu
     def scrub(self, buf: CupyBuffer) -> None:
         """Zero the buffer on the device; staging is then let go of (idempotent for staging)."""
         if buf.handle is not None and buf._scrubbed:
@@ -400,18 +478,21 @@ class CupyDevice(CupyStaging):
             buf._array = None
             buf._scrubbed = True
 
+    @_on_own_gpu
     def verify_zero(self, buf: CupyBuffer) -> bool:
         """True if every byte the device can read of the buffer is zero (of scrubbed staging: none)."""
         if buf.handle is not None and buf._scrubbed:
             return True
         return int(verify_zero_async(_live(buf, "buffer")).get()[0]) == 0
 
+    @_on_own_gpu
     def release(self, buf: CupyBuffer) -> None:
         """Free a buffer (revoking it first if it is staging). Idempotent."""
         if buf.handle is not None and buf._memory is not None:
             self.revoke_staging(buf)
         buf._array = None
 
+    @_on_own_gpu
     def measure(self, *parts: Any) -> bytes:
         """BLAKE3 of each part on the GPU, combined with its dtype and shape into one measurement."""
         pieces: list[Any] = []
@@ -430,6 +511,7 @@ class CupyDevice(CupyStaging):
         resolved = [words[x].astype("<u4").tobytes() if isinstance(x, int) else x for x in pieces]
         return tagged_hash(MODEL_DOMAIN, resolved)
 
+    @_on_own_gpu
     def as_array(self, buf: CupyBuffer, dtype: Any) -> Any:
         """A flat cupy view of a private buffer."""
         if buf.handle is not None:

@@ -38,6 +38,7 @@ staging back is for drills only.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from types import ModuleType
 from typing import Any, NewType, Protocol, runtime_checkable
 
@@ -207,4 +208,13 @@ class Device(Protocol):
 
     def as_array(self, buf: DeviceBuffer, dtype: Any) -> Any:
         """A flat array view of a private buffer, for training code."""
+        ...
+
+    def active(self) -> AbstractContextManager[Any]:
+        """A context in which work outside the device (a trainer's steps on its replica) runs on this device.
+
+        cupy: the device's GPU made current on the calling thread (cupy
+        allocates and launches on the current GPU, kept per thread), so that a
+        lane's replica lives on its lane's GPU; host: nothing to do.
+        """
         ...

@@ -38,6 +38,7 @@ them again, so no check of the device's can be failed that way.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -351,6 +352,10 @@ class HostDevice(HostStaging):
     def measure(self, *parts: Any) -> bytes:
         """Model measurement (see :func:`gtbus.gpu.measure.measure_model`) of buffers or arrays."""
         return measure_model([_private_array(p, "buffer") if isinstance(p, HostBuffer) else p for p in parts])
+
+    def active(self) -> contextlib.nullcontext[None]:
+        """Nothing to make current: host memory is one address space (:meth:`gtbus.gpu.device.Device.active`)."""
+        return contextlib.nullcontext()
 
     def as_array(self, buf: HostBuffer, dtype: Any) -> np.ndarray:
         """A flat numpy view of a private buffer as ``dtype``."""
