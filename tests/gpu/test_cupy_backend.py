@@ -21,6 +21,7 @@ from gtbus.errors import ChannelError, DeviceError  # noqa: E402
 from gtbus.gpu.channel import ChannelParams, SegmentContext, SegmentOpener, SegmentSealer, segment_count, staging_size  # noqa: E402
 from gtbus.gpu.cupy_backend import CupyDevice  # noqa: E402
 from gtbus.gpu.host import HostDevice  # noqa: E402
+from gtbus.gpu.ipc_handle import HANDLE_PREFIX, MAX_STAGING_BYTES, IpcStagingHandle  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 SEG = 1 << 20
@@ -117,6 +118,28 @@ def test_holder_process_maps_by_ipc_and_writes_ciphertext(nbytes: int) -> None:
     r2 = subprocess.run([sys.executable, "-c", f"from gtbus.gpu.cupy_backend import CupyDevice; CupyDevice.map_staging({handle!r}).read_back(1)"],
                         capture_output=True, timeout=120)
     assert r2.returncode != 0 and b"DeviceError" in r2.stderr
+
+
+def test_staging_handles_name_their_gpu_and_hostile_ones_are_refused_in_one_line() -> None:
+    # The handle names the GPU by PCI bus id (CUDA_VISIBLE_DEVICES may number it otherwise in the
+    # holder); the holder opens it with that GPU current. Parsing alone is in test_ipc_handle.py.
+    dev = CupyDevice()
+    staging, handle = dev.alloc_hop_staging(4096)
+    parsed = IpcStagingHandle.parse(handle)
+    assert parsed.bus_id == dev.bus_id and cupy.cuda.runtime.deviceGetByPCIBusId(parsed.bus_id) == dev.ordinal
+    assert parsed.nbytes == 4096
+    hostile = [
+        str(IpcStagingHandle("ffff:ff:1f.7", 4096, parsed.raw)),  # a GPU this process cannot see
+        HANDLE_PREFIX + f"{4096:x}-" + parsed.raw.hex(),  # the format before bus ids
+        handle + "0",
+        handle.replace(dev.bus_id, dev.bus_id.upper()) if dev.bus_id != dev.bus_id.upper() else handle[:-1] + "g",
+        str(handle).replace("-1000-", f"-{MAX_STAGING_BYTES + 1:x}-"),  # a size no channel needs
+    ]
+    for h in hostile:
+        with pytest.raises(DeviceError) as err:
+            CupyDevice.map_staging(h)
+        assert "\n" not in str(err.value) and parsed.raw.hex() not in str(err.value)
+    dev.release(staging)
 
 
 def test_private_buffers_have_no_handle_and_staging_is_its_own_allocation() -> None:

@@ -13,7 +13,7 @@ from cuda_guard import cupy_or_skip
 
 cupy = cupy_or_skip()
 
-from gtbus.gpu.backends import make_devices  # noqa: E402
+from gtbus.gpu.backends import lane_gpus, make_devices  # noqa: E402
 from gtbus.nodes.launcher import LocalDeployment, LocalRun  # noqa: E402
 from gtbus.training.bytelm import ByteLM, ByteLMConfig  # noqa: E402
 from gtbus.training.merge import InProcessAverage  # noqa: E402
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.gpu
 def test_lanes_get_their_own_devices_and_replicas_merge_on_the_gpu() -> None:
     devices = make_devices("cupy", 3)
     assert len({d.device_id for d in devices}) == 3  # one device (a lane's share of the GPU) each
-    assert {d._dev.id for d in devices} == {cupy.cuda.runtime.getDevice()}
+    assert [d.ordinal for d in devices] == lane_gpus(3, cupy.cuda.runtime.getDeviceCount())  # one GPU: all three on it
     replicas = [ByteLM(ByteLMConfig(hidden=16, batch=4)) for _ in devices]
     for r in replicas:
         r.load(cupy)
