@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 from gtbus.errors import ConfigError, DeviceError
 from gtbus.gpu.backends import device_gpu
-from gtbus.gpu.nccl import all_reduce_mean_each, nccl_module
+from gtbus.gpu.nccl import all_reduce_mean_each, communicators, nccl_module
 from gtbus.training.merge import GradientReduce, ModelMerge, check_alike, merge_policy, write_mean
 from gtbus.training.trainer import Trainer
 
@@ -88,8 +88,18 @@ class NcclAverage:
     name = "average"
     gradients: GradientReduce | None = None
 
+    def __init__(self, gpus: Sequence[int] = ()) -> None:
+        """``gpus``: the lanes' GPUs, whose communicators :meth:`start` makes (none given: made at the first merge)."""
+        self.gpus = tuple(sorted(set(gpus)))
+
     def start(self, model: Trainer) -> None:
-        """Nothing to keep: the mean needs no earlier model."""
+        """Make the communicators over the lanes' GPUs now (the mean keeps no earlier model).
+
+        Creating them takes a while (every GPU joins): paid at the run's
+        start, not inside its first merge.
+        """
+        if len(self.gpus) > 1:
+            communicators(self.gpus)
 
     def average(self, replicas: Sequence[Trainer]) -> None:
         """Write the mean of ``replicas``' parameters into each of them (nothing when there is one)."""
@@ -116,8 +126,9 @@ class NcclLockstepAverage(NcclAverage):
 
     name = "lockstep"
 
-    def __init__(self) -> None:
-        """Gradients reduced over NCCL."""
+    def __init__(self, gpus: Sequence[int] = ()) -> None:
+        """Gradients reduced over NCCL; ``gpus`` as for :class:`NcclAverage`."""
+        super().__init__(gpus)
         self.gradients: GradientReduce | None = NcclGradientReduce()
 
 
@@ -136,12 +147,13 @@ def merge_for_gpus(policy_text: str, gpus: Sequence[int | None]) -> ModelMerge:
     policy = merge_policy(policy_text)
     if not spans_gpus(gpus):
         return policy
+    on = [g for g in gpus if g is not None]  # all of them: spans_gpus
     if policy.name == "average":
-        return NcclAverage()
+        return NcclAverage(on)
     if policy.name == "lockstep":
-        return NcclLockstepAverage()
+        return NcclLockstepAverage(on)
     raise ConfigError(f"--merge {policy.name} keeps its anchor model on one GPU and cannot merge lanes on GPUs "
-                      f"{sorted(set(g for g in gpus if g is not None))}; use --merge average or lockstep")
+                      f"{sorted(set(on))}; use --merge average or lockstep")
 
 
 def fleet_merge(policy_text: str, devices: Sequence[Any]) -> ModelMerge:

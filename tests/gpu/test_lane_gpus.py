@@ -68,6 +68,8 @@ def test_the_merge_engine_follows_where_the_replicas_are(policy: str, gpus: list
     assert spans_gpus(gpus) == engine.__name__.startswith("Nccl")
     if engine is NcclLockstepAverage:
         assert isinstance(merge.gradients, NcclGradientReduce)
+    if spans_gpus(gpus):  # the communicators it makes at the run's start: one per GPU
+        assert isinstance(merge, NcclAverage) and merge.gpus == tuple(sorted(set(gpus)))
 
 
 @pytest.mark.parametrize("policy", ["sum", "delta:0.5"])

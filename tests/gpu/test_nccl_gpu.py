@@ -175,8 +175,11 @@ def test_nccl_average_equals_the_in_process_average_of_the_same_replicas() -> No
     replicas = gpu_replicas([0, 1])
     expected = host_copies(replicas)
     InProcessAverage().average(expected)
-    assert type(fleet_merge("average", [CupyDevice(0), CupyDevice(1)])) is NcclAverage
-    NcclAverage().average(replicas)
+    merge = fleet_merge("average", [CupyDevice(0), CupyDevice(1)])
+    assert type(merge) is NcclAverage and merge.gpus == (0, 1)
+    merge.start(replicas[0])  # the communicators are made here, at the run's start, once
+    assert communicators([1, 0]) is communicators([0, 1])
+    merge.average(replicas)
     for r in replicas:
         for got, want in zip(host_views(r), expected[0].parameter_views()):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
