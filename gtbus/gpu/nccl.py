@@ -39,6 +39,7 @@ refuses clearly) where cupy is absent.
 
 from __future__ import annotations
 
+import importlib
 import threading
 from types import ModuleType
 from typing import Any, Final, Iterable, Sequence
@@ -52,11 +53,15 @@ _NCCL_TYPES: Final = {"float16": "NCCL_FLOAT16", "float32": "NCCL_FLOAT32", "flo
 def nccl_module() -> ModuleType:
     """``cupy.cuda.nccl``, or DeviceError naming what is missing."""
     try:
-        import cupy
+        import cupy  # noqa: F401 - its absence is the likelier miss, and gets its own line
     except ImportError:
         raise DeviceError("an NCCL merge needs cupy (pip install 'gtbus[gpu]'), which is not installed") from None
-    nccl = getattr(cupy.cuda, "nccl", None)
-    if nccl is None or not getattr(nccl, "available", False):
+    try:
+        nccl = importlib.import_module("cupy.cuda.nccl")
+    except ImportError as exc:
+        raise DeviceError(f"an NCCL merge needs NCCL, which this cupy cannot load: {exc}") from None
+    # cupy built without NCCL gives a stand-in module that says so here.
+    if not getattr(nccl, "available", True):
         raise DeviceError("an NCCL merge needs NCCL, which this cupy cannot load (cupy.cuda.nccl.available is False)")
     return nccl
 

@@ -18,18 +18,21 @@ import pytest
 
 from cuda_guard import cupy_or_skip
 
+from gtbus.errors import DeviceError, GtbusError
+from gtbus.gpu.nccl import all_reduce_mean, all_reduce_mean_each, communicators, nccl_module
+
 cupy = cupy_or_skip()
-if not getattr(getattr(cupy.cuda, "nccl", None), "available", False):  # pragma: no cover - a cupy built without NCCL
-    pytest.skip("cupy cannot load NCCL here", allow_module_level=True)
+try:
+    nccl_module()
+except GtbusError as exc:  # pragma: no cover - a cupy built without NCCL
+    pytest.skip(str(exc), allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 
 from export_kit import gtbus_here  # noqa: E402
 
-from gtbus.errors import DeviceError, GtbusError  # noqa: E402
 from gtbus.gpu.backends import device_gpu, lane_gpus, make_devices  # noqa: E402
 from gtbus.gpu.cupy_backend import CupyDevice  # noqa: E402
-from gtbus.gpu.nccl import all_reduce_mean, all_reduce_mean_each, communicators  # noqa: E402
 from gtbus.nodes.launcher import LocalDeployment, LocalRun  # noqa: E402
 from gtbus.training.bytelm import ByteLM, ByteLMConfig  # noqa: E402
 from gtbus.training.merge import InProcessAverage, InProcessGradientMean  # noqa: E402
