@@ -39,6 +39,7 @@ refuses clearly) where cupy is absent.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import threading
 from types import ModuleType
@@ -74,11 +75,15 @@ class Communicators:
         nccl = nccl_module()
         import cupy
 
-        count = cupy.cuda.runtime.getDeviceCount()
+        try:
+            count = cupy.cuda.runtime.getDeviceCount()
+        except cupy.cuda.runtime.CUDARuntimeError as exc:
+            raise DeviceError(f"NCCL needs GPUs, and this process sees none: {exc}") from None
         if not gpus or len(set(gpus)) != len(gpus) or any(type(g) is not int or not 0 <= g < count for g in gpus):
             raise DeviceError(f"NCCL needs distinct GPUs of the {count} this process sees, one rank each; got {list(gpus)}")
         try:
-            comms = nccl.NcclCommunicator.initAll(list(gpus))
+            with cupy.cuda.Device():  # NCCL makes each GPU current in turn: the caller's is put back after
+                comms = nccl.NcclCommunicator.initAll(list(gpus))
         except (nccl.NcclError, cupy.cuda.runtime.CUDARuntimeError) as exc:
             raise DeviceError(f"NCCL could not make communicators over GPUs {list(gpus)}: {exc}") from None
         self.gpus = gpus
@@ -87,9 +92,11 @@ class Communicators:
         self.lock = threading.Lock()
 
     def close(self) -> None:
-        """Abort the communicators (after a failed collective they may be wedged)."""
+        """Abort the communicators (after a failed collective they may be wedged); errors doing so are moot."""
+        nccl = nccl_module()
         for comm in self.by_gpu.values():
-            comm.abort()
+            with contextlib.suppress(nccl.NcclError):
+                comm.abort()
         self.by_gpu.clear()
 
 
@@ -138,7 +145,7 @@ def all_reduce_mean_each(groups: Sequence[Sequence[Any]], divisor: int | None = 
     for gpu in gpus:
         with cupy.cuda.Device(gpu):  # a fresh Device: one instance's restore stack is not thread-safe
             streams[gpu] = cupy.cuda.get_current_stream()
-    with comms.lock:
+    with comms.lock, cupy.cuda.Device():  # the caller's current GPU is put back, whatever NCCL made current
         try:
             nccl.groupStart()
             try:
