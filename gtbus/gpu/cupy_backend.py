@@ -45,7 +45,7 @@ import os
 import socket
 import secrets
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any, Callable, Concatenate, Final, ParamSpec, TypeVar
@@ -172,7 +172,7 @@ class CupyStagingWriter:
         self._array: Any = None
         # Opening an IPC handle takes milliseconds: do it beside the sealing, which
         # needs the device address only when its first copy is queued.
-        self._opening = _executor().submit(_open_ipc, gpu, handle.raw)
+        self._opening: Future[int] | None = _executor().submit(_open_ipc, gpu, handle.raw)
         self._ptr_value = 0
 
     @property
