@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable, TypeVar
 import numpy
 
 from gtbus.errors import ChannelError, DeviceError, GtbusError, ProtocolError, TransportError
+from gtbus.gpu.backends import device_gpu
 from gtbus.gpu.bounce import BounceSet
 from gtbus.gpu.channel import ChannelParams, SegmentContext, staging_size
 from gtbus.gpu.code_measure import first_change, loaded_code
@@ -82,6 +83,7 @@ from gtbus.protocol.hop import (
     Undelivered,
 )
 from gtbus.protocol.schedule import Assignment
+from gtbus.training.nccl_merge import spans_gpus
 from gtbus.training.trainer import TrainReport
 
 if TYPE_CHECKING:  # the orchestrator owns the runner; only its type is named here
@@ -155,7 +157,10 @@ class HopRunner:
         finals: list[HopAction] = []
         try:
             known, self.lane.model_digest = self.lane.model_digest, None
-            self.model_before = known or self.device.measure(*self.trainer.parameter_views())
+            if not known:
+                with self.device.active():
+                    known = self.device.measure(*self.trainer.parameter_views())
+            self.model_before = known
             self.mark("model_measure")
             # The grant takes the fleet's next epoch (one counter across lanes), in the
             # same step as the machine grants: no other lane can take an epoch between.
@@ -324,7 +329,8 @@ class HopRunner:
         self.shipping.accept(index, blob)
 
     async def _remeasure(self, act: Remeasure) -> HopEvent:
-        model_now = self.device.measure(*self.trainer.parameter_views())
+        with self.device.active():
+            model_now = self.device.measure(*self.trainer.parameter_views())
         self.mark("remeasure")
         return Remeasured(model_now, first_change(self.orch.loaded_code, loaded_code(self.trainer, self.device)))
 
@@ -336,6 +342,10 @@ class HopRunner:
         wave, lane = self.orch.wave, self.lane.index
 
         def work() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
+            with self.device.active():  # cupy: this lane's GPU, on whichever thread trains it
+                return trained()
+
+        def trained() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
             t2 = time.perf_counter()
             before = self.trainer.evaluate(tokens)
             t3 = time.perf_counter()
@@ -367,7 +377,8 @@ class HopRunner:
         # The manifest's chain of model digests: this hop's model before (taken for the grant) and after.
         returned = self.machine.returned
         assert returned is not None  # Train follows only an accepted return
-        model_after = self.device.measure(*self.trainer.parameter_views())
+        with self.device.active():
+            model_after = self.device.measure(*self.trainer.parameter_views())
         self.orch.provenance.trained(self.machine.epoch, returned.commitment, self.model_before, model_after)
         self.lane.model_digest = model_after
         self.mark("model_after")
@@ -381,7 +392,12 @@ class HopRunner:
         # One lane trains on the loop as it always did; cupy keeps its current device and
         # stream per thread, so a GPU lane trains on the loop's thread (its kernels run
         # asynchronously all the same; lockstep, whose barrier would block the loop, is refused there).
-        return len(self.orch.lanes) > 1 and self.device.array_module is numpy
+        # Lanes on different GPUs train on their own threads, each with its GPU current
+        # (work() enters device.active()): on the loop's thread each hop's evaluation would
+        # wait for its GPU, and K GPUs would train one after another.
+        if len(self.orch.lanes) < 2:
+            return False
+        return self.device.array_module is numpy or spans_gpus([device_gpu(lane.device) for lane in self.orch.lanes])
 
     async def _off_loop(self, work: Callable[[], _T]) -> _T:
         # The lane's own thread, not asyncio's shared pool: K lockstep members wait for each

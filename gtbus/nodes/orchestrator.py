@@ -133,7 +133,8 @@ from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
 from gtbus.training.lockstep import LockstepGroup
-from gtbus.training.merge import ModelMerge, copy_into, merge_policy
+from gtbus.training.merge import ModelMerge, copy_into
+from gtbus.training.nccl_merge import fleet_merge
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
 
@@ -185,7 +186,8 @@ class Orchestrator:
         ]
         self.schedule: Schedule | None = None
         self.fleet: FleetSchedule | None = None
-        self.merge = merge or merge_policy(config.merge)
+        # Replicas on distinct GPUs merge over NCCL, lanes sharing a GPU (or on the host) in-process.
+        self.merge = merge or fleet_merge(config.merge, devices)
         self.wave = self._lockstep_group(devices, trainers)  # None unless the lanes train in lockstep waves
         self._lane_threads: dict[int, ThreadPoolExecutor] = {}  # a host lane's worker thread (training off the loop)
         self.blas_threads: int | None = None  # the BLAS thread cap of the run's host lanes (None: not capped)
@@ -267,7 +269,8 @@ class Orchestrator:
         """A signed measurement report (code, model, device of ``lane``, default the first) committing to the channel ``key``, as wire data."""
         lane = lane or self.lanes[0]
         if model_hash is None:
-            model_hash = lane.device.measure(*lane.trainer.parameter_views())
+            with lane.device.active():
+                model_hash = lane.device.measure(*lane.trainer.parameter_views())
         rep = MeasurementReport(
             code_hash=self.code_hash,
             model_hash=model_hash,
@@ -375,7 +378,8 @@ class Orchestrator:
         """Load the model, measure it, resume from a checkpoint if asked, publish the measurement."""
         for lane in self.lanes:
             lane.staging.discard_inflight()
-            lane.trainer.load(lane.device.array_module)  # one seed: the replicas start identical
+            with lane.device.active():  # cupy: the replica on its lane's GPU
+                lane.trainer.load(lane.device.array_module)  # one seed: the replicas start identical
         # Every lane runs the same trainer and device code: one measurement is what holders pin.
         self.code_hash = code_measurement(self.trainer, self.device)
         self.loaded_code = loaded_code(self.trainer, self.device)
@@ -767,10 +771,11 @@ class Orchestrator:
         """
         lane = lane or self.lanes[0]
         lane.model_digest = None
-        if self.checkpoint_path.exists():
-            lane.trainer.load_state_dict(lane_state(read_checkpoint(self.checkpoint_path).trainer_state(), lane.index))
-        else:
-            lane.trainer.load(lane.device.array_module)
+        with lane.device.active():
+            if self.checkpoint_path.exists():
+                lane.trainer.load_state_dict(lane_state(read_checkpoint(self.checkpoint_path).trainer_state(), lane.index))
+            else:
+                lane.trainer.load(lane.device.array_module)
         self._requeue_unsaved(lane, f"lane {lane.index} was rolled back" if len(self.lanes) > 1 else "the model was rolled back")
 
     # -- reporting ----------------------------------------------------------------------------

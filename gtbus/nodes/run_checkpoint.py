@@ -107,7 +107,8 @@ def resume_run(orch: Orchestrator, ckpt: Checkpoint) -> None:
     state = ckpt.trainer_state()
     for lane in orch.lanes:
         lane.model_digest = None
-        lane.trainer.load_state_dict(lane_state(state, lane.index))
+        with lane.device.active():
+            lane.trainer.load_state_dict(lane_state(state, lane.index))
     orch.run_id = ckpt.run_id
     # Epochs up to the reservation may have been issued (and trained) before the crash: the checkpoint holds none after its own.
     orch.provenance = ProvenanceLedger.from_state(ckpt.provenance, str(orch.checkpoint_path))
