@@ -389,15 +389,17 @@ class HopRunner:
         # release the GIL, so lanes train side by side and the event loop keeps serving the
         # other lanes' grants and returns meanwhile. Only this lane's replica and buffers are
         # touched there (a merge or a fleet checkpoint waits until no lane has a hop in flight).
-        # One lane trains on the loop as it always did; cupy keeps its current device and
-        # stream per thread, so a GPU lane trains on the loop's thread (its kernels run
-        # asynchronously all the same; lockstep, whose barrier would block the loop, is refused there).
-        # Lanes on different GPUs train on their own threads, each with its GPU current
-        # (work() enters device.active()): on the loop's thread each hop's evaluation would
-        # wait for its GPU, and K GPUs would train one after another.
+        # One lane trains on the loop as it always did, and so do GPU lanes sharing one GPU
+        # (their kernels run asynchronously all the same). Lanes on different GPUs train on
+        # their own threads, each with its GPU current (work() enters device.active()): on
+        # the loop's thread each hop's evaluation would wait for its GPU, and K GPUs would
+        # train one after another. Lanes in lockstep always do: a wave's barrier on the
+        # loop's thread would stop the loop that delivers the other members' returns.
         if len(self.orch.lanes) < 2:
             return False
-        return self.device.array_module is numpy or spans_gpus([device_gpu(lane.device) for lane in self.orch.lanes])
+        if self.device.array_module is numpy or self.orch.wave is not None:
+            return True
+        return spans_gpus([device_gpu(lane.device) for lane in self.orch.lanes])
 
     async def _off_loop(self, work: Callable[[], _T]) -> _T:
         # The lane's own thread, not asyncio's shared pool: K lockstep members wait for each

@@ -49,10 +49,10 @@ hop). The rules this shell keeps for them:
   are averaged (equal after equal steps) and copied into the lanes that sat
   it out, or, if a member left unfinished after its gradients were in its
   wave mates', every replica that trained in the wave is rolled back to the
-  last merge and its hops reopened. Host lanes train on a worker thread of
-  their own (one per lane, so K members waiting at a step's barrier never
-  use up a shared pool); GPU (cupy) lanes train on the loop's thread, where
-  a barrier would stop the loop, so lockstep is refused there;
+  last merge and its hops reopened. Lanes in lockstep train on a worker
+  thread of their own (one per lane, so K members waiting at a step's
+  barrier never use up a shared pool, and the loop never waits at one), GPU
+  lanes with their GPU made current on it;
 * a chunk whose training is thrown away goes back into the schedule,
   untrained, in its round (:meth:`FleetSchedule.reopen`), so every chunk of a
   round ends up in the final model exactly once: a hop that rolls back
@@ -228,9 +228,6 @@ class Orchestrator:
         reduce = self.merge.gradients
         if reduce is None or len(devices) < 2:
             return None
-        if any(d.array_module.__name__ != "numpy" for d in devices):
-            raise ConfigError(f"--merge {self.merge.name} is not supported on GPU lanes: they train on the event loop's thread "
-                              "(cupy keeps its current device and stream per thread), where a wave's barrier would stop the loop; use --merge average")
         if "grad_sync" not in inspect.signature(trainers[0].train_on).parameters:
             raise ConfigError(f"--merge {self.merge.name} needs a trainer whose train_on takes grad_sync; {type(trainers[0]).__name__}'s does not")
         return LockstepGroup(reduce)

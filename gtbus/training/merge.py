@@ -55,8 +55,9 @@ Rules:
   Measured (bench/notes-perf.md "Lockstep gradient all-reduce", same bench
   as above): a lower held-out loss than ``average`` (K = 2: +4.2 % vs one
   GPU against +5.7 %; K = 4: +13.2 % against +13.9 %), 1.08x ``average``'s
-  loss dropped per second at K = 2 but 0.98x at K = 4, and refused on cupy
-  lanes: ``average`` stays the default.
+  loss dropped per second at K = 2 but 0.98x at K = 4: ``average`` stays
+  the default. Lanes in lockstep train on threads of their own (GPU lanes
+  with their GPU current there), so GPU lanes run it too.
   Each replica keeps its own optimizer state: replicas that start a wave
   with equal parameters and optimizer states stay bit-identical through it;
   a lane that sat a wave out has older moments, and the wave-end merge

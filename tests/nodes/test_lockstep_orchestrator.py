@@ -119,11 +119,3 @@ def test_lockstep_needs_a_trainer_with_the_hook_and_says_so_in_one_line(tmp_path
     with pytest.raises(ConfigError, match="needs a trainer whose train_on takes grad_sync; NoHookByteLM's does not"):
         orchestrator(tmp_path, trainer=NoHookByteLM)
     assert orchestrator(tmp_path / "avg", merge="average").wave is None
-
-
-def test_the_fleet_bench_refuses_lockstep_on_gpu_lanes_before_anything_runs(tmp_path: Path) -> None:
-    from gtbus.bench.fleet import run_fleet_bench
-
-    with pytest.raises(ConfigError, match="--merge lockstep runs on host lanes only"):
-        run_fleet_bench(tmp_path / "out", gpus=[2], backend="cupy", compare_merge=["lockstep"])
-    assert not (tmp_path / "out").exists()
