@@ -6,9 +6,9 @@ Skipped cleanly where cupy or a GPU is absent (as in CI); the lead runs it on th
 
 from __future__ import annotations
 
-import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -29,26 +29,23 @@ def _wave(trainers: list[Any], chunks: list[Any], steps: int) -> list[Any]:
     """One lockstep wave: each replica trains on its own thread (its GPU current there), as the hop runner does."""
     group = LockstepGroup(InProcessGradientMean())
     group.open_wave(range(len(trainers)))
-    out: list[Any] = [None] * len(trainers)
 
-    def member(i: int) -> Callable[[], None]:
-        def run() -> None:
-            with cupy.cuda.Device(0):
-                try:
-                    out[i] = trainers[i].train_on(chunks[i], steps, grad_sync=group.member(i))
-                    group.leave(i, finished=True)
-                except BaseException as exc:  # noqa: BLE001 - the test reports what each member raised
-                    group.leave(i, finished=False)
-                    out[i] = exc
-        return run
+    def member(i: int) -> Any:
+        with cupy.cuda.Device(0):
+            try:
+                report = trainers[i].train_on(chunks[i], steps, grad_sync=group.member(i))
+            except BaseException:
+                group.leave(i, finished=False)
+                raise
+            group.leave(i, finished=True)
+            return report
 
-    threads = [threading.Thread(target=member(i)) for i in range(len(trainers))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(DEADLOCK)
-        assert not t.is_alive(), "a lockstep member is still waiting: the barrier deadlocked"
-    return out
+    pool = ThreadPoolExecutor(len(trainers))
+    futures = [pool.submit(member, i) for i in range(len(trainers))]
+    _, waiting = wait(futures, DEADLOCK)
+    pool.shutdown(wait=not waiting)  # a deadlocked member must fail the test, not hang it
+    assert not waiting, "a lockstep member is still waiting: the barrier deadlocked"
+    return [f.result() for f in futures]
 
 
 def _identical(a: Any, b: Any) -> bool:
