@@ -161,6 +161,14 @@ def _open_ipc(ordinal: int, raw: bytes) -> int:
         return int(cupy.cuda.runtime.ipcOpenMemHandle(raw))
 
 
+def _opened(open_ipc: Callable[[], int]) -> int:
+    """The mapped address ``open_ipc`` gives (the open, or a worker's result); DeviceError (one line) if the open failed."""
+    try:
+        return open_ipc()
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise DeviceError(f"cannot map staging: {exc}") from None
+
+
 class CupyStagingWriter:
     """Holder side: a hop's staging buffer mapped into this process through CUDA IPC, on the GPU that owns it."""
 
@@ -170,20 +178,23 @@ class CupyStagingWriter:
         self.gpu = gpu  # the staging's GPU (this process's ordinal); everything touching it runs with it current
         self._used = False
         self._array: Any = None
-        # Opening an IPC handle takes milliseconds: do it beside the sealing, which
-        # needs the device address only when its first copy is queued.
-        self._opening: Future[int] | None = _executor().submit(_open_ipc, gpu, handle.raw)
+        self._opening: Future[int] | None = None
         self._ptr_value = 0
+        if self.nbytes <= SMALL_HOP_BYTES:
+            # A small hop is sealed on this thread, and its first copy needs the address at
+            # once: a handoff to a worker and back cost more than the open itself (~0.1 ms)
+            # on the H200 host.
+            self._ptr_value = _opened(lambda: _open_ipc(gpu, handle.raw))
+        else:
+            # Opening an IPC handle takes milliseconds: do it beside the sealing, which
+            # needs the device address only when its first copy is queued.
+            self._opening = _executor().submit(_open_ipc, gpu, handle.raw)
 
     @property
     def _ptr(self) -> int:
         if not self._ptr_value and self._opening is not None:
-            try:
-                self._ptr_value = self._opening.result()
-            except cupy.cuda.runtime.CUDARuntimeError as exc:
-                raise DeviceError(f"cannot map staging: {exc}") from None
-            finally:
-                self._opening = None
+            opening, self._opening = self._opening, None
+            self._ptr_value = _opened(opening.result)
         return self._ptr_value
 
     @property
