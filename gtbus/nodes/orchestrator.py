@@ -133,7 +133,7 @@ from gtbus.protocol.liveness import HolderLiveness, WhileAway
 from gtbus.protocol.token import TokenMachine, Verdict
 from gtbus.training.checkpoint import read_checkpoint, write_checkpoint
 from gtbus.training.lockstep import LockstepGroup
-from gtbus.training.merge import ModelMerge, copy_into
+from gtbus.training.merge import ModelMerge
 from gtbus.training.nccl_merge import fleet_merge
 from gtbus.training.trainer import Trainer
 from gtbus.transport.base import Delivery
@@ -601,10 +601,10 @@ class Orchestrator:
         if self.wave is None:
             self.merge.average([lane.trainer for lane in live])
         else:
-            # The wave's replicas are the model (one after equal steps); the lanes that sat it out hold the last merge's.
-            trained = [lane for lane in live if lane.trained_since_merge]
-            self.merge.average([lane.trainer for lane in trained])
-            copy_into(trained[0].trainer, [lane.trainer for lane in live if not lane.trained_since_merge])
+            # The wave's replicas are the model (one after equal steps); the lanes that sat it out hold the last merge's
+            # and receive it (on several GPUs by the same collective, not a copy across GPUs).
+            self.merge.average([lane.trainer for lane in live if lane.trained_since_merge],
+                               into=[lane.trainer for lane in live if not lane.trained_since_merge])
         took = time.perf_counter() - t
         self.merges += 1
         self.merge_s += took

@@ -108,8 +108,9 @@ class ModelMerge(Protocol):
         """Every replica equals ``model`` now (the run's start, or its resume): what later updates are measured from."""
         ...
 
-    def average(self, replicas: Sequence[Trainer]) -> None:
-        """Write the merge of ``replicas``' parameters into each of them (nothing when there is one)."""
+    def average(self, replicas: Sequence[Trainer], into: Sequence[Trainer] = ()) -> None:
+        """Write the merge of ``replicas``' parameters into each of them, and into ``into`` (replicas that took no part:
+        lanes that sat a lockstep wave out). Nothing when there is one replica and nothing ``into``."""
         ...
 
 
@@ -139,10 +140,11 @@ def _mean(group: Sequence[Any]) -> Any:
     return mean
 
 
-def write_mean(groups: Iterable[Sequence[Any]]) -> None:
-    """For each group (one array of every member, alike: :func:`check_alike`), write the group's mean into each of its arrays."""
+def write_mean(groups: Iterable[Sequence[Any]], count: int | None = None) -> None:
+    """For each group (one array of every member, alike: :func:`check_alike`), write the mean of its first ``count``
+    arrays (default all) into each of its arrays: the rest only receive it."""
     for group in groups:
-        mean = _mean(group)
+        mean = _mean(group[:count])
         for p in group:
             p[...] = mean
 
@@ -156,11 +158,11 @@ class InProcessAverage:
     def start(self, model: Trainer) -> None:
         """Nothing to keep: the mean needs no earlier model."""
 
-    def average(self, replicas: Sequence[Trainer]) -> None:
-        """Write the mean of ``replicas``' parameters into each of them (nothing when there is one)."""
-        if len(replicas) < 2:
+    def average(self, replicas: Sequence[Trainer], into: Sequence[Trainer] = ()) -> None:
+        """Write the mean of ``replicas``' parameters into each of them and into ``into`` (nothing when there is one and no ``into``)."""
+        if len(replicas) < 2 and not into:
             return
-        write_mean(zip(*_checked_views(replicas)))
+        write_mean(zip(*_checked_views([*replicas, *into])), len(replicas))
 
 
 class InProcessGradientMean:
@@ -188,12 +190,19 @@ class LockstepAverage(InProcessAverage):
         """``gradients``: how a step's gradients are reduced; default in-process (an NCCL one plugs in here)."""
         self.gradients = gradients or InProcessGradientMean()
 
-    def average(self, replicas: Sequence[Trainer]) -> None:
-        """Write the mean of ``replicas``' parameters into each, skipping the parameters on which they already agree."""
-        if len(replicas) < 2:
+    def average(self, replicas: Sequence[Trainer], into: Sequence[Trainer] = ()) -> None:
+        """Write the mean of ``replicas``' parameters into each and into ``into``, leaving the parameters on which they
+        already agree as they are (those are only copied into ``into``)."""
+        if len(replicas) < 2 and not into:
             return
-        # One comparison on the arrays' own device (numpy or cupy alike); NaN compares unequal and is averaged.
-        write_mean(group for group in zip(*_checked_views(replicas)) if not all(bool((group[0] == p).all()) for p in group[1:]))
+        n = len(replicas)
+        for group in zip(*_checked_views([*replicas, *into])):
+            # One comparison on the arrays' own device (numpy or cupy alike); NaN compares unequal and is averaged.
+            if all(bool((group[0] == p).all()) for p in group[1:n]):
+                for p in group[n:]:
+                    p[...] = group[0]
+            else:
+                write_mean([group], n)
 
 
 class DeltaMerge:
@@ -213,19 +222,20 @@ class DeltaMerge:
         """Copy ``model``'s parameters as the anchor (one copy of the model, on its device)."""
         self.anchor = [p.copy() for p in model.parameter_views()]
 
-    def average(self, replicas: Sequence[Trainer]) -> None:
-        """Write anchor + lr x (mean - anchor) into each replica and into the anchor (nothing when there is one replica)."""
-        if len(replicas) < 2:
+    def average(self, replicas: Sequence[Trainer], into: Sequence[Trainer] = ()) -> None:
+        """Write anchor + lr x (mean - anchor) into each replica, into ``into`` and into the anchor (nothing when there is
+        one replica and no ``into``)."""
+        if len(replicas) < 2 and not into:
             return
         if self.anchor is None:
             raise GtbusError("a delta merge was asked before start(): it has no model to measure the updates from")
-        views = _checked_views(replicas)
+        views = _checked_views([*replicas, *into])
         if len(views[0]) != len(self.anchor) or any(
                 (p.shape, p.dtype) != (a.shape, a.dtype) for p, a in zip(views[0], self.anchor)):
             raise GtbusError("replicas to merge are not of the model the delta merge started from")
         lr = float(len(replicas)) if self.outer_lr is None else self.outer_lr
         for group, anchor in zip(zip(*views), self.anchor):
-            merged = _mean(group)
+            merged = _mean(group[: len(replicas)])
             merged -= anchor
             merged *= lr
             merged += anchor
@@ -251,14 +261,3 @@ def merge_policy(text: str) -> ModelMerge:
         if math.isfinite(lr) and lr > 0:
             return DeltaMerge(lr)
     raise ConfigError(f"--merge {text!r}: give {MERGE_POLICIES}, LR a positive number")
-
-
-def copy_into(source: Trainer, replicas: Sequence[Trainer]) -> None:
-    """Write ``source``'s parameters into each of ``replicas`` (checked alike before anything is written)."""
-    if not replicas:
-        return
-    views = [source.parameter_views(), *(r.parameter_views() for r in replicas)]
-    check_alike(views, "replicas to copy", "parameters")
-    for group in zip(*views):
-        for p in group[1:]:
-            p[...] = group[0]

@@ -34,13 +34,16 @@ from gtbus.training.merge import GradientReduce, ModelMerge, check_alike, merge_
 from gtbus.training.trainer import Trainer
 
 
-def mean_over_gpus(members: Sequence[Sequence[Any]], whose: str, what: str) -> None:
-    """Write the members' mean into every member's arrays: ``members[i]`` is member i's arrays, all on one GPU.
+def mean_over_gpus(members: Sequence[Sequence[Any]], whose: str, what: str, count: int | None = None) -> None:
+    """Write the mean of the first ``count`` members (default all) into every member's arrays: ``members[i]`` is member
+    i's arrays, all on one GPU; the members after ``count`` only receive the mean (they add nothing to the sum), so
+    a model reaches GPUs that took no part by the same collective, never by peer access.
 
     Checked whole (alike arrays, each member on one GPU) before anything is
     written; ``whose`` and ``what`` name them in the one-line error.
     """
-    if len(members) < 2:
+    count = len(members) if count is None else count
+    if len(members) < 2 or count < 1:
         return
     check_alike(members, whose, what)
     nccl_module()  # one line naming what is missing, where cupy or NCCL is
@@ -56,23 +59,26 @@ def mean_over_gpus(members: Sequence[Sequence[Any]], whose: str, what: str) -> N
         by_gpu.setdefault(gpus.pop(), []).append(index)
     order = sorted(by_gpu)
     if len(order) == 1:
-        write_mean(zip(*members))  # one GPU: nothing to communicate
+        write_mean(zip(*members), count)  # one GPU: nothing to communicate
         return
     rows = []
     for position in range(len(members[0])):
         row = []
         for gpu in order:
-            first = members[by_gpu[gpu][0]][position]
-            if len(by_gpu[gpu]) == 1:
-                row.append(first)  # its own GPU: reduced in place
+            here = by_gpu[gpu]
+            givers = [index for index in here if index < count]
+            if here == givers and len(givers) == 1:
+                row.append(members[givers[0]][position])  # its own GPU: reduced in place
                 continue
             with cupy.cuda.Device(gpu):
-                total = first.copy()  # a scratch sum: the members stay as they are until the mean is known
-                for other in by_gpu[gpu][1:]:
-                    total += members[other][position]
+                # A scratch sum of this GPU's contributors (zero where it has only receivers):
+                # no member changes until the mean is known.
+                total = cupy.zeros_like(members[here[0]][position])
+                for index in givers:
+                    total += members[index][position]
             row.append(total)
         rows.append(row)
-    all_reduce_mean_each(rows, divisor=len(members))
+    all_reduce_mean_each(rows, divisor=count)
     for position, row in enumerate(rows):
         for gpu, mean in zip(order, row):
             with cupy.cuda.Device(gpu):
@@ -101,9 +107,9 @@ class NcclAverage:
         if len(self.gpus) > 1:
             communicators(self.gpus)
 
-    def average(self, replicas: Sequence[Trainer]) -> None:
-        """Write the mean of ``replicas``' parameters into each of them (nothing when there is one)."""
-        mean_over_gpus([r.parameter_views() for r in replicas], "replicas to merge", "parameters")
+    def average(self, replicas: Sequence[Trainer], into: Sequence[Trainer] = ()) -> None:
+        """Write the mean of ``replicas``' parameters into each of them and into ``into`` (nothing when there is one and no ``into``)."""
+        mean_over_gpus([r.parameter_views() for r in (*replicas, *into)], "replicas to merge", "parameters", len(replicas))
 
 
 class NcclGradientReduce:

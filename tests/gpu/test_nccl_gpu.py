@@ -190,6 +190,20 @@ def test_nccl_average_equals_the_in_process_average_of_the_same_replicas() -> No
 
 
 @two_gpus
+def test_a_replica_that_took_no_part_receives_the_mean_by_the_collective_and_adds_nothing() -> None:
+    # Lanes on GPUs 0, 1, 0, 1: two trained (0 and 1), two sat a lockstep wave out (one on each GPU).
+    replicas = gpu_replicas([0, 1, 0, 1])
+    expected = host_copies(replicas)
+    InProcessAverage().average(expected[:2], into=expected[2:])
+    merge = fleet_merge("average", [CupyDevice(g) for g in (0, 1, 0, 1)])
+    assert type(merge) is NcclAverage
+    merge.average(replicas[:2], into=replicas[2:])
+    for r in replicas:
+        for got, want in zip(host_views(r), expected[0].parameter_views()):
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+
+
+@two_gpus
 def test_members_sharing_gpus_are_summed_there_first_and_the_mean_is_over_every_member() -> None:
     rng = np.random.default_rng(2)
     host = [[rng.standard_normal(1000).astype(np.float32), rng.standard_normal((3, 4)).astype(np.float32)] for _ in range(4)]

@@ -151,3 +151,37 @@ def test_blas_threads_are_capped_for_lanes_and_lifted_after() -> None:
         assert n == 4 and set(blas_threads().values()) == {4}
     assert blas_threads() == before
     assert threads_per_lane(3, 2) == 1 and threads_per_lane(4, 64) == 16 and threads_per_lane(1, 8) == 8
+
+
+@pytest.mark.parametrize("policy", ["average", "lockstep", "delta:1", "sum"])
+def test_a_merge_writes_its_model_into_replicas_that_took_no_part_and_counts_only_those_that_did(policy: str) -> None:
+    rs = replicas(4)
+    merge = merge_policy(policy)
+    merge.start(rs[0])
+    took, sat_out = rs[:2], rs[2:]
+    _trained_apart(took)
+    sat_out[1].train_on(numpy.arange(512, dtype=numpy.uint16) % 256, 2)  # whatever a receiver holds is replaced, not counted
+    # The merge of the two that trained: anchor + lr x (mean - anchor); the mean itself for lr = 1 (sum: lr = 2).
+    start = replicas(1)[0].parameter_views()
+    lr = 2.0 if policy == "sum" else 1.0
+    want = [s + lr * ((a + b) / 2 - s) for s, a, b in zip(start, *(t.parameter_views() for t in took))]
+
+    merge.average(took, into=sat_out)
+
+    for r in rs:
+        for got, w in zip(r.parameter_views(), want):
+            numpy.testing.assert_allclose(got, w, rtol=1e-5, atol=1e-6)
+    assert all(numpy.array_equal(a, b) for a, b in zip(rs[0].parameter_views(), rs[3].parameter_views()))
+
+
+def test_one_replica_is_written_into_the_rest_and_a_refusal_writes_nothing() -> None:
+    (one,) = replicas(1)
+    _trained_apart([one])
+    rest = replicas(2)
+    InProcessAverage().average([one], into=rest)
+    assert all(numpy.array_equal(a, b) for r in rest for a, b in zip(r.parameter_views(), one.parameter_views()))
+    other, = replicas(1, hidden=16)
+    before = [p.copy() for p in rest[0].parameter_views()]
+    with pytest.raises(GtbusError, match="different shapes"):
+        InProcessAverage().average([other], into=rest[:1])
+    assert all(numpy.array_equal(a, b) for a, b in zip(before, rest[0].parameter_views()))
