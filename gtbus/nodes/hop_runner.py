@@ -157,10 +157,7 @@ class HopRunner:
         finals: list[HopAction] = []
         try:
             known, self.lane.model_digest = self.lane.model_digest, None
-            if not known:
-                with self.device.active():
-                    known = self.device.measure(*self.trainer.parameter_views())
-            self.model_before = known
+            self.model_before = known or self.lane.measure_model()
             self.mark("model_measure")
             # The grant takes the fleet's next epoch (one counter across lanes), in the
             # same step as the machine grants: no other lane can take an epoch between.
@@ -329,8 +326,7 @@ class HopRunner:
         self.shipping.accept(index, blob)
 
     async def _remeasure(self, act: Remeasure) -> HopEvent:
-        with self.device.active():
-            model_now = self.device.measure(*self.trainer.parameter_views())
+        model_now = self.lane.measure_model()
         self.mark("remeasure")
         return Remeasured(model_now, first_change(self.orch.loaded_code, loaded_code(self.trainer, self.device)))
 
@@ -343,26 +339,23 @@ class HopRunner:
 
         def work() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
             with self.device.active():  # cupy: this lane's GPU, on whichever thread trains it
-                return trained()
-
-        def trained() -> tuple[float, TrainReport, float, tuple[float, float, float, float]]:
-            t2 = time.perf_counter()
-            before = self.trainer.evaluate(tokens)
-            t3 = time.perf_counter()
-            if wave is None:
-                report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
-            else:
-                # A lockstep member: each step waits for its wave mates' gradients. It leaves as
-                # soon as its own steps are done (or fail), so that they go on without it.
-                try:
-                    report = self.trainer.train_on(tokens, self.cfg.steps_per_hop, grad_sync=wave.member(lane))
-                except BaseException:
-                    wave.leave(lane, finished=False)
-                    raise
-                wave.leave(lane, finished=True)
-            t4 = time.perf_counter()
-            after = self.trainer.evaluate(tokens)
-            return before, report, after, (t2, t3, t4, time.perf_counter())
+                t2 = time.perf_counter()
+                before = self.trainer.evaluate(tokens)
+                t3 = time.perf_counter()
+                if wave is None:
+                    report = self.trainer.train_on(tokens, self.cfg.steps_per_hop)
+                else:
+                    # A lockstep member: each step waits for its wave mates' gradients. It leaves as
+                    # soon as its own steps are done (or fail), so that they go on without it.
+                    try:
+                        report = self.trainer.train_on(tokens, self.cfg.steps_per_hop, grad_sync=wave.member(lane))
+                    except BaseException:
+                        wave.leave(lane, finished=False)
+                        raise
+                    wave.leave(lane, finished=True)
+                t4 = time.perf_counter()
+                after = self.trainer.evaluate(tokens)
+                return before, report, after, (t2, t3, t4, time.perf_counter())
 
         try:
             if self._trains_off_loop():
@@ -377,8 +370,7 @@ class HopRunner:
         # The manifest's chain of model digests: this hop's model before (taken for the grant) and after.
         returned = self.machine.returned
         assert returned is not None  # Train follows only an accepted return
-        with self.device.active():
-            model_after = self.device.measure(*self.trainer.parameter_views())
+        model_after = self.lane.measure_model()
         self.orch.provenance.trained(self.machine.epoch, returned.commitment, self.model_before, model_after)
         self.lane.model_digest = model_after
         self.mark("model_after")

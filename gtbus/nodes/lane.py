@@ -62,6 +62,10 @@ class Lane:
     # Whatever writes a replica's parameters (training, a merge, a rollback, a resume) clears it.
     model_digest: bytes | None = None
 
+    def measure_model(self) -> bytes:
+        """The device's measurement of this lane's replica (the device measures on its own GPU, whatever is current)."""
+        return self.device.measure(*self.trainer.parameter_views())
+
     @property
     def token_id(self) -> str:
         """This lane's token id."""

@@ -266,8 +266,7 @@ class Orchestrator:
         """A signed measurement report (code, model, device of ``lane``, default the first) committing to the channel ``key``, as wire data."""
         lane = lane or self.lanes[0]
         if model_hash is None:
-            with lane.device.active():
-                model_hash = lane.device.measure(*lane.trainer.parameter_views())
+            model_hash = lane.measure_model()
         rep = MeasurementReport(
             code_hash=self.code_hash,
             model_hash=model_hash,
@@ -383,7 +382,7 @@ class Orchestrator:
         if self.config.resume:
             self._load_checkpoint()
         if not self.provenance.initial_model:
-            self.provenance.initial_model = self.device.measure(*self.trainer.parameter_views())
+            self.provenance.initial_model = self.lanes[0].measure_model()
         self.merge.start(self.trainer)  # every replica is this model now: later updates are measured from it
         # The first hop's buffers are made now, while holders register, as every
         # later hop's are made while the hop before it trains (no grant names them yet).
@@ -609,7 +608,7 @@ class Orchestrator:
         self.merges += 1
         self.merge_s += took
         merged = [h.epoch for lane in live for h in lane.unsaved]
-        self.provenance.merged(self.last_epoch, merged, live[0].device.measure(*live[0].trainer.parameter_views()))
+        self.provenance.merged(self.last_epoch, merged, live[0].measure_model())
         self.log.info("merge %d (%s): merged %d replicas after %d trained hops in %.1f ms", self.merges, self.merge.name, len(live), self.trained_since_merge, took * 1e3)
         self.trained_since_merge = 0
         for lane in live:

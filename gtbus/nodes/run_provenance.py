@@ -87,7 +87,7 @@ def write_run_manifest(orch: Orchestrator) -> Manifest:
         attestation=attestation_binding(orch),
         ledger=orch.provenance,
         hops=orch.hops,
-        final_model=live.device.measure(*live.trainer.parameter_views()),
+        final_model=live.measure_model(),
     )
     doc = sign_document(orch.rt.identity, MANIFEST_DOMAIN, body)
     path = manifest_path(orch.config.run_dir)
