@@ -22,6 +22,7 @@ import logkit  # noqa: E402  (the log forger shared with the replay tests)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "export"))
 from export_kit import gtbus as gtbus_process  # noqa: E402  (the real command, in its own process)
+from export_kit import run_demo  # noqa: E402
 from export_kit import gtbus_here as gtbus  # noqa: E402  (the same through click's runner, in this process)
 
 pytestmark = pytest.mark.slow
@@ -32,9 +33,7 @@ DEMO_ARGS = ["--kib-per-holder", "64", "--rounds", "1", "--chunk-tokens", "16384
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("demo") / "run"
-    p = gtbus_process("demo", "--run-dir", run, *DEMO_ARGS, timeout=180)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
+    run_demo(run, *DEMO_ARGS, timeout=180)
     return run
 
 

@@ -15,16 +15,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from export_kit import DEMO_ARGS, DemoRun, gtbus  # noqa: E402
+from export_kit import DEMO_ARGS, DemoRun, run_demo  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
     run = tmp_path_factory.mktemp("export-demo") / "run"
-    p = gtbus("demo", "--run-dir", run, *DEMO_ARGS, timeout=240)
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "Traceback" not in p.stderr
-    return DemoRun(run, p.stdout)
+    return DemoRun(run, run_demo(run, *DEMO_ARGS).stdout)
 
 
 @pytest.fixture

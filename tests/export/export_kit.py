@@ -24,6 +24,14 @@ def gtbus(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, "-m", "gtbus", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
+def run_demo(run_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``gtbus demo`` into ``run_dir`` with ``args``, as a user runs it; asserts it succeeded without a traceback."""
+    p = gtbus("demo", "--run-dir", run_dir, *args, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    return p
+
+
 def gtbus_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
     """The same command through click's runner, in this process (no interpreter or torch start-up); shaped like a subprocess result."""
     from click.testing import CliRunner
