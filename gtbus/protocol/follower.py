@@ -91,6 +91,8 @@ class EventFollower:
         for kept in ("last_report", "summary"):  # direct reports are not part of a snapshot: keep what came
             if kept in previous:
                 self.state.setdefault(kept, previous[kept])
+        if self.state["complete"]:
+            _take_final_counters(self.state)
         self.snapshot_seq = event_seq
         self.session = session
         self.applied_seq = event_seq
@@ -114,6 +116,8 @@ def _apply(state: dict[str, Any], msg: object) -> bool:
             state["hops_trained"] = _count(state.get("hops_trained")) + 1
             state["bytes"] = _count(state.get("bytes")) + _count(msg.record.get("nbytes"))
         state["last_hop"] = {"epoch": msg.epoch, "holder": msg.holder, "chunk": msg.chunk_index, "outcome": msg.outcome}
+        if state.get("complete"):
+            _take_final_counters(state)  # an event the run's end overtook: the summary has already counted it
         return True
     if isinstance(msg, RunComplete):
         _complete(state, msg.summary, whole=False)
@@ -164,6 +168,22 @@ def _complete(state: dict[str, Any], summary: dict[str, Any], *, whole: bool) ->
     prior = prior if isinstance(prior, dict) else {}
     state["complete"] = True
     state["summary"] = {**prior, **summary} if whole else {**summary, **prior}
+    _take_final_counters(state)
+
+
+def _take_final_counters(state: dict[str, Any]) -> None:
+    """A finished run's counters are its summary's.
+
+    The summary is counted from the orchestrator's own hop list, so it wins over the events counted so far: the
+    direct report can overtake the last hop's event on the other socket, and a snapshot can predate the end.
+    """
+    summary = state.get("summary")
+    if not isinstance(summary, dict):
+        return
+    for ours, theirs in (("hops", "hops"), ("hops_trained", "hops_trained"), ("bytes", "bytes_provisioned")):
+        value = summary.get(theirs)
+        if type(value) is int and value >= 0:
+            state[ours] = value
 
 
 def _apply_report(state: dict[str, Any], msg: HopReport | RunComplete) -> bool:

@@ -95,7 +95,7 @@ def test_check_up_status_down(tmp_path: Path) -> None:
         assert {p["name"] for p in procs} == {"orch", "h1", "h2"}
         assert lines[-1]["complete"] is True and lines[-1]["hops_trained"] >= 2
         summary_path = tmp_path / "run" / "summary.json"
-        for _ in range(100):  # written when the orchestrator exits, just after the run completes
+        for _ in range(600):  # written when the orchestrator exits, just after the run completes
             if summary_path.exists():
                 break
             time.sleep(0.1)

@@ -171,3 +171,25 @@ def test_a_restarted_orchestrators_snapshot_replaces_the_state() -> None:
     assert f.state is not None and f.state["hops"] == 41 and f.snapshot_seq == 1
     assert f.on_event(2, _hop(42))
     assert f.state["hops"] == 42
+
+
+def test_the_summary_counts_a_last_hop_whose_event_it_overtook() -> None:
+    # The run's end is a direct report; the last hop's event comes on the pub socket and can arrive after it.
+    f = EventFollower()
+    f.on_snapshot({"hops": 6, "hops_trained": 6, "bytes": 600}, event_seq=6, session=b"s1")
+    f.on_event(7, _hop(7))
+    f.on_report(RunComplete({"hops": 8, "hops_trained": 8, "bytes_provisioned": 800}))
+    assert f.state is not None and f.state["complete"]
+    assert (f.state["hops"], f.state["hops_trained"], f.state["bytes"]) == (8, 8, 800)
+    f.on_event(8, _hop(8))  # the overtaken event: already in the summary's counts
+    assert (f.state["hops"], f.state["hops_trained"], f.state["bytes"]) == (8, 8, 800)
+    f.on_snapshot({"hops": 7, "hops_trained": 7, "bytes": 700}, event_seq=7, session=b"s1")  # a refresh sent before the end
+    assert (f.state["hops"], f.state["hops_trained"], f.state["bytes"]) == (8, 8, 800)
+
+
+def test_a_summary_with_bad_counters_leaves_the_counted_ones() -> None:
+    f = EventFollower()
+    f.on_snapshot({"hops": 2, "hops_trained": 2, "bytes": 200}, event_seq=2)
+    f.on_report(RunComplete({"hops": -1, "hops_trained": "8", "bytes_provisioned": 2.5}))
+    assert f.state is not None and f.state["complete"]
+    assert (f.state["hops"], f.state["hops_trained"], f.state["bytes"]) == (2, 2, 200)
