@@ -137,7 +137,7 @@ def protocol_runs(backend: str, chunk_tokens: int, hops: int, mode: str, root: P
     return summary
 
 
-_HOLDER_HOP = re.compile(r": hop (\d+) chunk \d+: wrote .*\(ms from the grant: (.*)\)$")
+_HOLDER_HOP = re.compile(r": hop (\d+) chunk \d+: wrote .*\(ms from the grant: ([^)]*)\)")
 
 
 def holder_phases(text: str) -> dict[int, list[tuple[str, float]]]:

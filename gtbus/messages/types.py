@@ -184,6 +184,25 @@ class TokenGrant:
             raise ValueError(f"unknown mode {self.mode!r}")
 
 
+@message("token.prepare", senders=ORCH)
+@dataclass(frozen=True)
+class HopPrepare:
+    """The next hop's channel params, sealed to the holder the schedule names next, sent while the current hop runs.
+
+    A hint, never authority: the holder may open the params and map the staging
+    they name while it waits, so that a grant carrying the *same* sealed params
+    starts writing at once. The grant alone decides (its report is verified
+    before a byte is written; epoch and lease are its own); a preparation no
+    grant names is dropped. It carries no epoch: the hop has none until granted.
+    """
+
+    token_id: str
+    run_id: str
+    holder: str
+    chunk_index: int
+    sealed_params: bytes
+
+
 @message("token.ack", senders=HOLDER, fenced=True)
 @dataclass(frozen=True)
 class TokenAck:

@@ -50,6 +50,7 @@ from gtbus.messages.types import (
     AgentWritten,
     AttestEvidence,
     AttestRequest,
+    HopPrepare,
     HopReport,
     Refusal,
     RunComplete,
@@ -63,6 +64,7 @@ from gtbus.messages.types import (
     Welcome,
 )
 from gtbus.nodes.faults import HolderFaults
+from gtbus.nodes.holder_prepare import PreparedStaging, open_prepared
 from gtbus.nodes.hop_phases import HOLDER_PHASES, PhaseClock, describe
 from gtbus.nodes.registration import register_with
 from gtbus.nodes.runtime import NodeRuntime
@@ -158,7 +160,11 @@ class Holder:
         self._commitments: dict[tuple[str, int], bytes] = {}
         self._precommitting: asyncio.Task[None] | None = None
         self._clock = PhaseClock(HOLDER_PHASES)  # the current hop's phase marks, from its grant's arrival
+        self._next_hop: PreparedStaging | None = None  # params opened and staging mapped before their grant
+        self.hops_prepared = 0  # hops whose grant found them prepared
+        self._hop_was_prepared = False  # the current hop's
         runtime.on(TokenGrant, self._on_grant)
+        runtime.on(HopPrepare, self._on_prepare)
         runtime.on(Heartbeat, self._on_server_heartbeat)
         runtime.on(TokenRevoke, self._on_revoke)
         runtime.on(RunComplete, self._on_complete)
@@ -305,6 +311,28 @@ class Holder:
             self.on_event(f"{self.rt.name}: hop {acc.header.epoch} revoked: {acc.message.reason}")
         await self._perform(step)
 
+    async def _on_prepare(self, acc: Accepted[HopPrepare], delivery: Delivery) -> None:
+        p: HopPrepare = acc.message
+        self._drop_next_hop()  # one at a time: the newest guess is the one that counts
+        if p.holder != self.rt.name or acc.header.sender != self.rt.server:
+            why = f"it names holder {p.holder[:40]!r}" if p.holder != self.rt.name else f"it comes from {acc.header.sender}, not the orchestrator"
+        elif self.run_id is None or p.run_id != self.run_id:
+            why = f"it is for run {p.run_id[:40]!r}, registered with run {self.run_id}"
+        elif self.agent is not None or self.faults.writes or not self._prepared.is_set():
+            return  # written through a device agent, or by a drill, or not set up yet: the grant maps as it comes
+        else:
+            try:
+                self._next_hop = open_prepared(p.sealed_params, bytes(self.rt.identity.x25519_secret), self.staging)
+                return
+            except (ChannelError, DeviceError, GtbusError) as exc:
+                why = str(exc)
+        self.log.warning("ignored the preparation of chunk %d: %s", p.chunk_index, why)
+
+    def _drop_next_hop(self) -> None:
+        nxt, self._next_hop = self._next_hop, None
+        if nxt is not None:
+            self.staging.unmap(nxt.mapping)
+
     async def _on_grant(self, acc: Accepted[TokenGrant], delivery: Delivery) -> None:
         g: TokenGrant = acc.message
         if g.holder != self.rt.name:
@@ -339,10 +367,12 @@ class Holder:
         await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, *summary), epoch=a.epoch)
         self._clock.mark("return_sent")
         self.hops_provisioned += 1
+        self.hops_prepared += self._hop_was_prepared
         self._prefetch_soon(grant.chunk_index + 1)
         # Where the hop's time went on this side, for a person (and `gtbus bench device`) to read.
+        ahead = "; params and staging were prepared ahead" if self._hop_was_prepared else ""
         self.on_event(f"{self.rt.name}: hop {a.epoch} chunk {grant.chunk_index}: wrote {summary[1]} bytes in {summary[0]} segments"
-                      f" (ms from the grant: {describe(self._clock.marks)})")
+                      f" (ms from the grant: {describe(self._clock.marks)}){ahead}")
 
     async def _start_provision(self, a: Provision, grant: TokenGrant | None, summary: _Summary | None) -> None:
         """Check the grant (sealed params open, measurement verifies, same run); ack; write in a task."""
@@ -353,14 +383,22 @@ class Holder:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
         clock = self._clock
+        nxt, self._next_hop = self._next_hop, None
+        if nxt is not None and not nxt.matches(grant.sealed_params):
+            self.staging.unmap(nxt.mapping)  # a guess for another hop: this grant maps its own
+            nxt = None
+        warm = nxt.mapping if nxt is not None else None
+        self._hop_was_prepared = nxt is not None
         try:
-            params = open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
+            params = nxt.params if nxt is not None else open_params(grant.sealed_params, bytes(self.rt.identity.x25519_secret))
             clock.mark("params_opened")
             self.verifier.verify(SignedReport.from_wire(grant.report), channel_key=params.key, run_id=grant.run_id, epoch=epoch)
             clock.mark("report_verified")
             if self.run_id is not None and grant.run_id != self.run_id:
                 raise AttestationError(f"grant for run {grant.run_id}, registered with run {self.run_id}")
         except (ChannelError, AttestationError, GtbusError) as exc:
+            if warm is not None:
+                self.staging.unmap(warm)
             self.refused.append(str(exc))
             self.log.error("refused grant %d: %s", epoch, exc)
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, f"refused: {exc}")))
@@ -368,29 +406,33 @@ class Holder:
         if not self._appraised.is_set() or self._appraisal_error is not None:
             # A grant that overtook our evidence request (the last holder to register can
             # be granted at once): wait in a task, the receive loop must stay free to get the evidence.
-            self._task = asyncio.create_task(self._ack_when_appraised(a, grant, params, clock))
+            self._task = asyncio.create_task(self._ack_when_appraised(a, grant, params, clock, warm))
             return
-        await self._ack_and_provision(a, grant, params, clock)
+        await self._ack_and_provision(a, grant, params, clock, warm)
 
-    async def _ack_and_provision(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock) -> None:
+    async def _ack_and_provision(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock, warm: Any) -> None:
+        """Ack, then write in a task (``warm``: the staging already mapped by the hop's preparation, or None)."""
         await self.rt.send(TokenAck(a.token_id), epoch=a.epoch)
         clock.mark("ack_sent")
         # Provision in a task so a revoke can cancel it while we keep receiving.
-        self._task = asyncio.create_task(self._provision(grant, a.epoch, params, clock))
+        self._task = asyncio.create_task(self._provision(grant, a.epoch, params, clock, warm))
 
-    async def _ack_when_appraised(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock) -> None:
+    async def _ack_when_appraised(self, a: Provision, grant: TokenGrant, params: ChannelParams, clock: PhaseClock, warm: Any) -> None:
         try:
             await asyncio.wait_for(self._appraised.wait(), max(0.0, grant.lease_deadline - time.time()))
             why = self._appraisal_error
         except asyncio.TimeoutError:
             why = "the orchestrator's evidence is not appraised"
         if why is not None:
+            if warm is not None:
+                self.staging.unmap(warm)
             self.refused.append(why)
             await self._perform(self.machine.handle(Refused(a.token_id, a.epoch, f"refused: {why}")))
             return
-        await self._ack_and_provision(a, grant, params, clock)
+        await self._ack_and_provision(a, grant, params, clock, warm)
 
-    async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock) -> None:
+    async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock, warm: Any = None) -> None:
+        mapping = None
         try:
             await self._prepared.wait()
             tokens = self.dataset.chunk(g.chunk_index, self.chunk_tokens)
@@ -402,14 +444,18 @@ class Holder:
             known = self._commitments.get((g.run_id, g.chunk_index))
             committing = asyncio.ensure_future(asyncio.to_thread(self._commitment, plain, g.run_id)) if known is None else None
             await self.faults.after_ack()
-            mapping = None
             try:
+                local = g.mode == "travel" and self.agent is None
+                handed, warm = (warm, None) if local else (None, warm)  # the writer owns the prepared mapping from here
+                if warm is not None:  # a preparation for a hop that is not written here: nothing uses it
+                    self.staging.unmap(warm)
+                    warm = None
                 if g.mode == "travel" and self.agent is not None:
                     written = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
-                elif g.mode == "travel" and len(plain) <= INLINE_WRITE_BYTES:
-                    written, mapping = self._write_travel(params, plain, ctx, clock)
-                elif g.mode == "travel":
-                    written, mapping = await asyncio.to_thread(self._write_travel, params, plain, ctx, clock)
+                elif local and len(plain) <= INLINE_WRITE_BYTES:
+                    written, mapping = self._write_travel(params, plain, ctx, clock, handed)
+                elif local:
+                    written, mapping = await asyncio.to_thread(self._write_travel, params, plain, ctx, clock, handed)
                 else:
                     written = await self._write_ship(g, epoch, params, plain, ctx)
             finally:
@@ -418,8 +464,14 @@ class Holder:
         except (ChannelError, DeviceError, GtbusError, IndexError) as exc:
             self.refused.append(str(exc))
             self.log.error("hop %d failed: %s", epoch, exc)
+            if warm is not None:  # failed before the writer took it
+                self.staging.unmap(warm)
             await self._perform(self.machine.handle(Refused(g.token_id, epoch, f"provisioning failed: {exc}")))
             return
+        except BaseException:  # revoked (cancelled) before the writer took it
+            if warm is not None:
+                self.staging.unmap(warm)
+            raise
         try:
             # Revoked while writing: the machine ignores it and nothing is returned.
             await self._perform(self.machine.handle(Written(g.token_id, epoch)), g, summary)
@@ -439,9 +491,11 @@ class Holder:
         StopWriting: _stop_writing,
     }
 
-    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext, clock: PhaseClock) -> tuple[tuple[int, int, bytes], Any]:
-        """Seal into the hop's staging; returns the summary and the mapping, still open (the caller unmaps after the return)."""
-        mapping = self.staging.map_staging(params.buffer_handle)
+    def _write_travel(self, params: ChannelParams, plain: memoryview, ctx: SegmentContext, clock: PhaseClock,
+                      warm: Any = None) -> tuple[tuple[int, int, bytes], Any]:
+        """Seal into the hop's staging (``warm``: mapped by its preparation); returns the summary and the mapping, still open
+        (the caller unmaps after the return)."""
+        mapping = warm if warm is not None else self.staging.map_staging(params.buffer_handle)
         clock.mark("map")
         try:
             s = mapping.seal_into(plain, params, ctx)
@@ -516,6 +570,7 @@ class Holder:
                 await asyncio.wait_for(self.done.wait(), min(left, 1.0))
             except asyncio.TimeoutError:
                 pass
+        self._drop_next_hop()
         if self._completed and self.hops_provisioned:
             # The receipt is sent before the run's end is announced, on another socket: it may come just after.
             try:

@@ -41,11 +41,12 @@ import numpy
 from gtbus.errors import ChannelError, DeviceError, GtbusError, ProtocolError, TransportError
 from gtbus.gpu.backends import device_gpu
 from gtbus.gpu.bounce import BounceSet
-from gtbus.gpu.channel import ChannelParams, SegmentContext, staging_size
+from gtbus.gpu.channel import ChannelParams, SegmentContext
 from gtbus.gpu.code_measure import first_change, loaded_code
 from gtbus.gpu.sealing import seal_bytes, seal_params
 from gtbus.messages.types import AgentReady, AgentStage, TokenGrant, TokenRevoke
 from gtbus.nodes.hop_phases import ORCHESTRATOR_PHASES, PhaseClock
+from gtbus.nodes.hop_prepare import take_prepared
 from gtbus.nodes.run_summary import HopResult
 from gtbus.nodes.ship_receiver import ShipReceiver
 from gtbus.protocol.admission import TOKEN_BYTES
@@ -111,16 +112,25 @@ class HopRunner:
         self._queue: deque[HopAction] = deque()
         self._wake = asyncio.Event()
         self.clock = PhaseClock(ORCHESTRATOR_PHASES)  # where this hop's time goes (measurement only)
-        sealed = staging_size(cfg.capacity, cfg.segment)
         if ship and lane.ship_buf is None:
             lane.ship_buf = BounceSet(lane.device.array_module, cfg.segment)  # sized by the run, never by a peer's claim
         self.shipping: ShipReceiver | None = None  # ship mode: the segments on their way to the device
         self.staging: Any  # this hop's fresh staging buffer (None in ship mode, and once released)
         self.handle: Any
-        self.staging, self.handle = (None, "ship") if ship else lane.staging.take_staging(sealed)
+        # Made while the hop before ran, if it guessed this hop (gtbus.nodes.hop_prepare): the same
+        # staging, key and sealed params its holder has already opened and mapped.
+        prepared = None if ship else take_prepared(lane, a, cfg.staging_bytes, orch.prepares)
+        self.sealed_params = prepared.sealed if prepared is not None else None
+        if prepared is not None:
+            self.staging, self.handle = prepared.staging, prepared.handle
+        else:
+            self.staging, self.handle = (None, "ship") if ship else lane.staging.take_staging(cfg.staging_bytes)
         self.data = lane.staging.take_private(cfg.capacity)
         self.mark("staging_alloc")
-        self.params: ChannelParams | None = ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
+        self.params: ChannelParams | None = (
+            prepared.params if prepared is not None
+            else ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
+        )
         self.mark("key")
         self.model_before = b""
         self._do: dict[type, Callable[[Any], Awaitable[HopEvent | None]]] = {
@@ -241,7 +251,7 @@ class HopRunner:
     async def _send_grant(self, act: SendGrant) -> HopEvent:
         g, params = act.grant, self.params
         assert params is not None
-        sealed = seal_params(params, self.rt.roster[g.holder].x25519)
+        sealed = self.sealed_params or seal_params(params, self.rt.roster[g.holder].x25519)
         self.mark("seal_params")
         report = self.orch.report(params.key, g.epoch, self.model_before, lane=self.lane)
         self.mark("report_sign")
@@ -264,6 +274,7 @@ class HopRunner:
         except TransportError as exc:  # not connected (killed, partitioned, reconnecting)
             return Undelivered(str(exc))
         self.mark("grant_sent")
+        self.orch.prepare_next_hop(self.lane)  # while this holder works and we wait
         return Delivered()
 
     async def _stage_on_agent(self, agent: str, token_id: str, epoch: int, holder: str) -> None:
@@ -333,7 +344,7 @@ class HopRunner:
     async def _train(self, act: Train) -> HopEvent:
         tokens = self.device.as_array(self.data, numpy.uint16)[: act.nbytes // TOKEN_BYTES]
         # While this hop trains, the next hop's fresh staging is allocated beside it.
-        self.lane.staging.prepare_next(0 if self.staging is None else staging_size(self.cfg.capacity, self.cfg.segment))
+        self.lane.staging.prepare_next(0 if self.staging is None else self.cfg.staging_bytes)
         r = self.result
         wave, lane = self.orch.wave, self.lane.index
 
@@ -433,8 +444,7 @@ class HopRunner:
             try:
                 self._scrub_verified(staging)
             finally:
-                self.device.release(staging)
-                self.lane.staging.track_export(str(self.handle), False)
+                self.lane.staging.release_staging(staging, str(self.handle))
                 self.staging = None
         # The private buffer was never exported: once scrubbed and verified zero it
         # serves the next hop (a fresh one costs a page fault per 4 KiB on the host).

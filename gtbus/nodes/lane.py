@@ -31,6 +31,7 @@ from gtbus.protocol.token import TokenMachine
 from gtbus.training.trainer import Trainer
 
 if TYPE_CHECKING:  # the runner is the lane's hop in flight; named for types only
+    from gtbus.nodes.hop_prepare import PreparedHop
     from gtbus.nodes.hop_runner import HopRunner
 
 
@@ -61,6 +62,8 @@ class Lane:
     # the same bytes twice, and that hop's remeasure then also covers the time between the hops.
     # Whatever writes a replica's parameters (training, a merge, a rollback, a resume) clears it.
     model_digest: bytes | None = None
+    # The next hop's staging, key and sealed params, made while this hop runs (gtbus.nodes.hop_prepare).
+    prepared: PreparedHop | None = None
 
     def measure_model(self) -> bytes:
         """The device's measurement of this lane's replica (the device measures on its own GPU, whatever is current)."""

@@ -86,13 +86,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Sequence, cast
 
-from gtbus.errors import ConfigError, DeviceError, GtbusError
+from gtbus.errors import ConfigError, DeviceError, GtbusError, TransportError
 from gtbus.attest import run_binding
 from gtbus.attest.emulated import EmulatedVerifier
 from gtbus.gpu.attestation import MeasurementReport, PlatformSigner, channel_key_commitment
 from gtbus.nodes.attester import EvidenceServer
 from gtbus.gpu.blas_threads import cap_blas_threads
-from gtbus.gpu.channel import staging_size
 from gtbus.gpu.code_measure import code_measurement, loaded_code
 from gtbus.gpu.device import Device
 from gtbus.messages.identity import Role
@@ -100,6 +99,7 @@ from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import (
     Echo,
     EchoReply,
+    HopPrepare,
     MeasurementPublished,
     Refusal,
     Register,
@@ -113,6 +113,7 @@ from gtbus.messages.types import (
     Welcome,
 )
 from gtbus.nodes.epochs import EpochReservation
+from gtbus.nodes.hop_prepare import PrepareCounts, prepare_hop, release_prepared
 from gtbus.nodes.hop_runner import HopRunner
 from gtbus.nodes.lane import Lane, token_id_of
 from gtbus.nodes.run_checkpoint import lane_state, resume_run, run_checkpoint
@@ -195,6 +196,8 @@ class Orchestrator:
         self.merge_s = 0.0
         self.trained_since_merge = 0  # trained hops of the fleet since the last merge
         self.lanes_failed: list[dict[str, Any]] = []
+        self.prepares = PrepareCounts()  # next hops made while the hop before ran (gtbus.nodes.hop_prepare)
+        self._preparing: set[asyncio.Task[None]] = set()
         self.provenance = ProvenanceLedger()  # commitments and model digests of the trained hops (the manifest's)
         self.code_hash = b""
         self.loaded_code: dict[str, bytes] = {}
@@ -390,7 +393,7 @@ class Orchestrator:
         for lane in self.lanes:
             lane.staging.prepare_private(cfg.capacity)
             if cfg.mode == "travel":
-                lane.staging.prepare_next(staging_size(cfg.capacity, cfg.segment))
+                lane.staging.prepare_next(cfg.staging_bytes)
         await self.rt.publish(MeasurementPublished(self.report(None, self.token.epoch)))
 
     async def wait_for_holders(self) -> None:
@@ -434,6 +437,7 @@ class Orchestrator:
         if len(self.lanes) > 1 and self._live():
             self._save_checkpoint()  # merges what the lanes trained since the last merge first
         for lane in self.lanes:
+            release_prepared(lane, self.prepares)
             lane.staging.release_spares()
         # What trained the model, signed; each holder's share sent to it before the end is announced.
         manifest = write_run_manifest(self)
@@ -625,6 +629,37 @@ class Orchestrator:
                 self.log.warning("lockstep wave: %s left unfinished after its gradients were averaged into lane %d's replica", left, lane.index)
                 self.restore_model(lane)
 
+    # -- the next hop, ahead --------------------------------------------------------------------
+
+    def prepare_next_hop(self, lane: Lane) -> None:
+        """``lane``'s grant is out: make the hop it likely runs next, and send its holder the params, soon.
+
+        Runs after the grant's own actions (the token state goes out first), while
+        the holder works; see :mod:`gtbus.nodes.hop_prepare` for where it is made.
+        """
+        if self.config.mode != "travel" or len(self.lanes) != 1 or lane.prepared is not None or self.fleet is None:
+            return
+        task = asyncio.create_task(self._prepare_next_hop(lane))
+        self._preparing.add(task)
+        task.add_done_callback(self._preparing.discard)
+
+    async def _prepare_next_hop(self, lane: Lane) -> None:
+        assert self.fleet is not None
+        a = self.fleet.likely_next(lane.index, self._reachable)
+        if a is None or a.holder in self.via or lane.prepared is not None or lane.failed is not None:
+            return
+        try:
+            lane.prepared = prepare_hop(lane, a, self.config, self.rt.roster[a.holder].x25519)
+        except DeviceError as exc:  # the hop will allocate its own and meet the same failure there, in its own unwinding
+            self.log.warning("could not prepare the next hop on lane %d: %s", lane.index, exc)
+            return
+        self.prepares.made += 1
+        p = lane.prepared
+        try:
+            await self.rt.send(HopPrepare(lane.token_id, self.run_id, a.holder, a.chunk, p.sealed), a.holder)
+        except TransportError:
+            pass  # the holder is not connected now: its grant carries the same params, opened then
+
     # -- liveness -----------------------------------------------------------------------------
 
     def _reachable(self, holder: str) -> bool:
@@ -788,6 +823,7 @@ class Orchestrator:
             last_epoch=self.last_epoch,
             skipped=self.schedule.skipped if self.schedule else [],
             **fleet_summary(self.hops, gpus=len(self.lanes), merges=self.merges, merge_s=self.merge_s, failed=self.lanes_failed),
+            prepared_hops=self.prepares.as_dict(),
             merge=self.merge.name,
             blas_threads=self.blas_threads,
             logs=str(self.config.run_dir / "logs"),

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gtbus.errors import ConfigError
+from gtbus.gpu.channel import staging_size
 from gtbus.protocol.admission import TOKEN_BYTES, RunShape
 from gtbus.training.merge import DEFAULT_MERGE, merge_policy
 from gtbus.training.trainer import ONE_PASS, StepBudget
@@ -95,6 +96,11 @@ class RunConfig:
     def segment(self) -> int:
         """AEAD segment size of every hop."""
         return min(self.segment_size, max(self.capacity, 1 << 20))
+
+    @property
+    def staging_bytes(self) -> int:
+        """Bytes of one hop's staging: the capacity sealed, a tag per segment."""
+        return staging_size(self.capacity, self.segment)
 
     def shape(self, vocab: int) -> RunShape:
         """What admission checks a holder's manifest against (``vocab``: the trainer's)."""

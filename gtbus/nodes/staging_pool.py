@@ -91,7 +91,7 @@ class StagingPool:
             got = fut.result()
             if size == nbytes:
                 return got
-            self._release_staging(*got)
+            self.release_staging(*got)
         buf, handle = self.device.alloc_hop_staging(nbytes)
         self.track_export(str(handle), True)
         return buf, handle
@@ -104,9 +104,10 @@ class StagingPool:
         if self._next is not None:
             _, fut = self._next
             self._next = None
-            self._release_staging(*fut.result())
+            self.release_staging(*fut.result())
 
-    def _release_staging(self, buf: Any, handle: Any) -> None:
+    def release_staging(self, buf: Any, handle: Any) -> None:
+        """Release a staging buffer taken and never granted (or granted and scrubbed), and its export's tracking."""
         self.device.release(buf)
         self.track_export(str(handle), False)
 

@@ -79,6 +79,7 @@ No I/O, no clock: the caller says when hops end.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable, Mapping
 
 from gtbus.protocol.schedule import _ALWAYS, Assignment, Schedule
@@ -117,6 +118,19 @@ class FleetSchedule:
             self._busy[lane] = a
             self._on[a.holder] = lane
         return a
+
+    def likely_next(self, lane: int, available: Callable[[str], bool] = _ALWAYS) -> Assignment | None:
+        """What :meth:`next_for` would give ``lane`` after its hop in flight completes; changes nothing.
+
+        A guess for work done ahead (the next hop's params sealed while this one
+        runs): a failure, a deferral or a holder going away makes it wrong, and
+        the caller must throw the guess away when the real assignment differs.
+        """
+        self._check_lane(lane)
+        trial = copy.deepcopy(self)
+        if lane in trial._busy:
+            trial.release(lane, "done")
+        return trial.next_for(lane, available)
 
     @property
     def may_start(self) -> bool:

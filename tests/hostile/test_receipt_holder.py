@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +24,11 @@ import numpy
 import pytest
 from process_memory import peak_rss_bytes
 from scripted_holder import wait_for_text
+from scripted_orchestrator import ScriptedOrchestrator
 from travel_kit import Travel
 
-from gtbus.attest import run_binding
-from gtbus.attest.emulated import EmulatedVerifier
-from gtbus.gpu.attestation import MeasurementReport, channel_key_commitment
-from gtbus.gpu.platform_key import load_platform_signer
-from gtbus.messages.identity import NodeIdentity, Roster, load_identity
-from gtbus.messages.pipeline import Accepted
-from gtbus.messages.types import Register, RunReceipt, Shutdown, Welcome
-from gtbus.nodes.attester import EvidenceServer
-from gtbus.nodes.runtime import NodeRuntime
-from gtbus.nodes.wiring import server_transport
+from gtbus.messages.identity import NodeIdentity, load_identity
+from gtbus.messages.types import RunReceipt, Shutdown
 from gtbus.provenance.commitment import chunk_commitment, commitment_key
 from gtbus.provenance.document import read_document, sign_document
 from gtbus.provenance.receipt import RECEIPT_DOMAIN
@@ -66,23 +58,8 @@ def body(hops: list[Any], **more: Any) -> dict[str, Any]:
     return b
 
 
-class ScriptedOrchestrator:
-    """The deployment's orchestrator key on a real server transport: welcomes, gives evidence, sends what the test says."""
-
-    def __init__(self, t: Travel) -> None:
-        dep = t.dep
-        self.identity = load_identity(dep.dep.key_path(dep.dep.orchestrator.name))
-        roster = Roster.from_dir(dep.keys)
-        self.rt = NodeRuntime(self.identity, roster, server_transport(self.identity, roster, dep.router, dep.pub), run_dir=t.run_dir / "scripted")
-        self.platform = load_platform_signer(dep.platform_key)
-        self.code = bytes.fromhex(dep.pin)
-        EvidenceServer(self.rt, {"emulated": EmulatedVerifier(self.platform, lambda: {"code": self.code}, lambda: run_binding(RUN_ID))})
-        self.rt.on(Register, self._on_register)
-
-    async def _on_register(self, acc: Accepted[Register], delivery: Any) -> None:
-        report = MeasurementReport(self.code, b"m" * 32, "host:0", channel_key_commitment(b""), RUN_ID, 0, float(time.time()))
-        welcome = Welcome(RUN_ID, dict(self.platform.sign(report).to_wire()), {"chunk_tokens": CHUNK, "rounds": 1})
-        await self.rt.send(welcome, acc.header.sender, parent=acc.header.id)
+class ReceiptOrchestrator(ScriptedOrchestrator):
+    """Signs receipts as the deployment's orchestrator (or as ``key``)."""
 
     def signed(self, b: dict[str, Any], key: NodeIdentity | None = None) -> dict[str, Any]:
         signer = key or self.identity
@@ -101,7 +78,7 @@ def test_hostile_receipts_are_refused_and_nothing_is_stored(travel: Any) -> None
     forger = NodeIdentity.generate("orch", "orchestrator")
 
     async def scenario() -> None:
-        orch = ScriptedOrchestrator(t)
+        orch = ReceiptOrchestrator(t, RUN_ID, CHUNK)
         await orch.rt.start()
         proc = t.dep.start_holder(0)
         try:

@@ -1,0 +1,144 @@
+"""Hop preparations (``token.prepare``) against a real holder process: hostile ones refused in one line, honest ones used.
+
+The orchestrator is scripted from gtbus's own classes with the deployment's
+real keys and server transport (tests/hostile/scripted_orchestrator.py); the
+holder is the real ``gtbus holder`` process on the host backend, and the
+staging is real (a sealed memfd offered by a HostDevice in this process).
+
+A preparation is a hint: the holder opens the params and maps the staging
+before its grant. So the test checks, over real sockets, that one naming
+another holder, another run, params it cannot open or a staging that does not
+exist is refused with one line and keeps nothing; that a grant carrying the
+prepared params writes through the prepared mapping (its hop line says so);
+that a grant carrying other params drops the prepared mapping, writes its own
+staging and never touches the prepared one; and that no mapping of any staging
+is left in the holder afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from scripted_holder import wait_for_text
+from scripted_orchestrator import ScriptedOrchestrator
+from travel_kit import Travel
+
+from gtbus.gpu.channel import ChannelParams, staging_size
+from gtbus.gpu.host import HostDevice
+from gtbus.gpu.sealing import seal_params
+from gtbus.messages.identity import Roster
+from gtbus.messages.pipeline import Accepted
+from gtbus.messages.types import HopPrepare, Shutdown, TokenAck, TokenGrant, TokenReturn
+from gtbus.testing import eventually, run_async
+
+pytestmark = pytest.mark.slow
+
+RUN_ID = "hostile-prepare-1"
+CHUNK = 16384
+SEGMENT = 1 << 20
+IGNORED = "ignored the preparation of chunk"
+
+
+def _staging_maps(pid: int) -> int:
+    """How many mappings of a staging memfd the process holds (its /proc maps; the holder is root-readable only)."""
+    return sum("gtbus-hop" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
+def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel: Any) -> None:
+    t: Travel = travel(holders=2, chunk_tokens=CHUNK, bytes_per_holder=32 * 1024)  # h1: two chunks
+    err = t.run_dir / "h1.err"
+    roster = Roster.from_dir(t.dep.keys)
+    h1, h2 = roster["h1"].x25519, roster["h2"].x25519
+    device = HostDevice()
+    nbytes = staging_size(CHUNK * 2, SEGMENT)
+
+    def fresh() -> tuple[Any, ChannelParams]:
+        buf, handle = device.alloc_hop_staging(nbytes)
+        return buf, ChannelParams.generate(str(handle), CHUNK * 2, segment_size=SEGMENT)
+
+    async def scenario() -> None:
+        orch = ScriptedOrchestrator(t, RUN_ID, CHUNK)
+        acks: asyncio.Queue[Accepted] = asyncio.Queue()
+        returns: asyncio.Queue[Accepted] = asyncio.Queue()
+
+        async def on_ack(acc: Accepted, delivery: Any) -> None:
+            await acks.put(acc)
+
+        async def on_return(acc: Accepted, delivery: Any) -> None:
+            await returns.put(acc)
+
+        orch.rt.on(TokenAck, on_ack)
+        orch.rt.on(TokenReturn, on_return)
+        await orch.rt.start()
+        proc = t.dep.start_holder(0)
+        try:
+            await wait_for_text(err, "evidence appraised")
+
+            async def prepare(chunk: int, sealed: bytes, *, holder: str = "h1", run_id: str = RUN_ID) -> None:
+                await orch.rt.send(HopPrepare("tok", run_id, holder, chunk, sealed), "h1")
+
+            # -- hostile: each refused with one line naming why, nothing kept --------------------------
+            _, elsewhere = fresh()
+            not_offered = ChannelParams.generate(str(fresh()[1].buffer_handle)[:-4] + "0000", CHUNK * 2, segment_size=SEGMENT)
+            hostile: list[tuple[str, dict[str, Any]]] = [
+                ("names holder 'h2'", {"chunk": 0, "sealed": seal_params(elsewhere, h1), "holder": "h2"}),
+                ("is for run 'another-run'", {"chunk": 0, "sealed": seal_params(elsewhere, h1), "run_id": "another-run"}),
+                ("sealed channel params", {"chunk": 0, "sealed": b"\x00" * 200}),
+                ("sealed channel params", {"chunk": 0, "sealed": seal_params(elsewhere, h2)}),  # sealed to h2: h1 cannot open it
+                ("not a host staging handle", {"chunk": 0, "sealed": seal_params(ChannelParams.generate("cuda-ipc-x", CHUNK * 2), h1)}),
+                ("is not exported", {"chunk": 0, "sealed": seal_params(not_offered, h1)}),
+            ]
+            for n, (expect, what) in enumerate(hostile, 1):
+                await prepare(what.pop("chunk"), what.pop("sealed"), **what)
+                await eventually(lambda: err.read_text(errors="replace").count(IGNORED) >= n, timeout=30, what=f"refusal {n} ({expect})")
+                last = [line for line in err.read_text(errors="replace").splitlines() if IGNORED in line][-1]
+                assert expect in last, (expect, last)
+            assert _staging_maps(proc.pid) == 0  # none of them left a mapping
+
+            # -- honest: a grant with the prepared params writes through the prepared mapping ----------
+            used, params = fresh()
+            sealed = seal_params(params, h1)
+            await prepare(0, sealed)
+            await eventually(lambda: _staging_maps(proc.pid) == 1, timeout=30, what="h1 mapped the prepared staging")
+            grant = TokenGrant("tok", RUN_ID, "h1", 0, "travel", time.time() + 60, sealed, orch.report(params.key, 1))
+            await orch.rt.send(grant, "h1", epoch=1)
+            await asyncio.wait_for(acks.get(), 30)
+            r: TokenReturn = (await asyncio.wait_for(returns.get(), 30)).message
+            assert (r.chunk_index, r.nbytes, r.segments) == (0, CHUNK * 2, 1)
+            await wait_for_text(err, "hop 1 chunk 0: wrote")
+            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 1 chunk 0: wrote" in x][0]
+            assert line.endswith("params and staging were prepared ahead"), line
+            assert any(used._mmap[:nbytes])  # type: ignore[index]  # the ciphertext is in the granted staging
+
+            # -- a guess that was wrong: the grant names other params; the prepared staging stays untouched
+            guessed, guessed_params = fresh()
+            await prepare(1, seal_params(guessed_params, h1))
+            await eventually(lambda: _staging_maps(proc.pid) == 1, timeout=30, what="h1 mapped the second prepared staging")
+            granted, granted_params = fresh()
+            grant = TokenGrant("tok", RUN_ID, "h1", 1, "travel", time.time() + 60, seal_params(granted_params, h1), orch.report(granted_params.key, 2))
+            await orch.rt.send(grant, "h1", epoch=2)
+            await asyncio.wait_for(acks.get(), 30)
+            r = (await asyncio.wait_for(returns.get(), 30)).message
+            assert (r.chunk_index, r.nbytes) == (1, CHUNK * 2)
+            await wait_for_text(err, "hop 2 chunk 1: wrote")
+            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 2 chunk 1: wrote" in x][0]
+            assert "prepared ahead" not in line, line
+            assert any(granted._mmap[:nbytes]) and not any(guessed._mmap[:nbytes])  # type: ignore[index]
+            await eventually(lambda: _staging_maps(proc.pid) == 0, timeout=30, what="h1 unmapped every staging")
+
+            await orch.rt.publish(Shutdown("test over"))
+            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+        finally:
+            await orch.rt.close()
+
+    if os.geteuid() != 0:
+        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
+    run_async(scenario(), timeout=180)
+    text = err.read_text(errors="replace")
+    assert "Traceback" not in text
+    assert text.count(IGNORED) == 6
