@@ -57,6 +57,19 @@ def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
     assert res.returncode == 0, res.stdout + res.stderr
     assert res.stdout.count("ok ") == 4  # orchestrator + 3 holders
 
+    # Each hop after the first was prepared while the one before ran (gtbus.nodes.hop_prepare): its
+    # params went to its holder in a token.prepare before the grant carrying the same sealed params,
+    # and the holder wrote through what it had prepared. No guess was wrong in a run without faults.
+    n = len(hops)
+    assert summary["prepared_hops"] == {"made": n - 1, "used": n - 1, "discarded": 0}
+    sent = t.messages()
+    for i, m in enumerate(sent):
+        if m.type == "token.grant" and m.epoch > 1:
+            before = [p for p in sent[:i] if p.type == "token.prepare" and p.recipient == m.body["holder"]]
+            assert before and before[-1].body["sealed_params"] == m.body["sealed_params"], m.epoch
+    ahead = sum(t.stderr(name).count("params and staging were prepared ahead") for name in t.holder_names)
+    assert ahead == n - 1
+
     # Holders wrote what they said: every return names the granted chunk.
     returns = [m for m in t.messages() if m.type == "token.return"]
     assert len(returns) == len(hops) and all(m.verdict == "accepted" for m in returns)
