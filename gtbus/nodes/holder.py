@@ -163,6 +163,7 @@ class Holder:
         self._next_hop: PreparedStaging | None = None  # params opened and staging mapped before their grant
         self.hops_prepared = 0  # hops whose grant found them prepared
         self._hop_was_prepared = False  # the current hop's
+        self._deferred_prepare: HopPrepare | None = None  # came while a hop was being written: opened as it ends
         runtime.on(TokenGrant, self._on_grant)
         runtime.on(HopPrepare, self._on_prepare)
         runtime.on(Heartbeat, self._on_server_heartbeat)
@@ -314,19 +315,28 @@ class Holder:
     async def _on_prepare(self, acc: Accepted[HopPrepare], delivery: Delivery) -> None:
         p: HopPrepare = acc.message
         self._drop_next_hop()  # one at a time: the newest guess is the one that counts
+        self._deferred_prepare = None
         if p.holder != self.rt.name or acc.header.sender != self.rt.server:
             why = f"it names holder {p.holder[:40]!r}" if p.holder != self.rt.name else f"it comes from {acc.header.sender}, not the orchestrator"
         elif self.run_id is None or p.run_id != self.run_id:
             why = f"it is for run {p.run_id[:40]!r}, registered with run {self.run_id}"
         elif self.agent is not None or self.faults.writes or not self._prepared.is_set():
             return  # written through a device agent, or by a drill, or not set up yet: the grant maps as it comes
+        elif self._task is not None and not self._task.done():
+            # Writing a hop now (one holder's hops back to back): mapping beside it would
+            # sit on that hop's path. Done as the hop ends instead, long before the next grant.
+            self._deferred_prepare = p
+            return
         else:
-            try:
-                self._next_hop = open_prepared(p.sealed_params, bytes(self.rt.identity.x25519_secret), self.staging)
-                return
-            except (ChannelError, DeviceError, GtbusError) as exc:
-                why = str(exc)
+            self._open_prepared(p)
+            return
         self.log.warning("ignored the preparation of chunk %d: %s", p.chunk_index, why)
+
+    def _open_prepared(self, p: HopPrepare) -> None:
+        try:
+            self._next_hop = open_prepared(p.sealed_params, bytes(self.rt.identity.x25519_secret), self.staging)
+        except (ChannelError, DeviceError, GtbusError) as exc:
+            self.log.warning("ignored the preparation of chunk %d: %s", p.chunk_index, exc)
 
     def _drop_next_hop(self) -> None:
         nxt, self._next_hop = self._next_hop, None
@@ -432,6 +442,15 @@ class Holder:
         await self._ack_and_provision(a, grant, params, clock, warm)
 
     async def _provision(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock, warm: Any = None) -> None:
+        """Write the hop (in its task); then open the next hop's preparation if it came meanwhile."""
+        try:
+            await self._write_hop(g, epoch, params, clock, warm)
+        finally:
+            p, self._deferred_prepare = self._deferred_prepare, None
+            if p is not None:
+                self._open_prepared(p)
+
+    async def _write_hop(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock, warm: Any) -> None:
         mapping = None
         try:
             await self._prepared.wait()

@@ -5,7 +5,7 @@ chunk, same staging size); any other hop releases it unused, so a staging
 named to one holder is never granted to another. The end-to-end run with real
 processes (every hop after the first prepared, the holders writing through what
 they prepared) is in test_travel_loop.py; hostile preparations against a real
-holder are in tests/hostile/test_hop_prepare.py.
+holder are in tests/hostile/test_prepared_hop_holder.py.
 """
 
 from __future__ import annotations

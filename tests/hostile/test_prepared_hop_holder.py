@@ -142,3 +142,68 @@ def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel
     text = err.read_text(errors="replace")
     assert "Traceback" not in text
     assert text.count(IGNORED) == 6
+
+
+def _stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_preparation_that_comes_while_a_hop_is_written_serves_the_next_grant(travel: Any) -> None:
+    # One holder's hops back to back: the next hop's preparation reaches the holder while it writes
+    # the current one (the holder opens it as that hop ends, off its path; when exactly is not
+    # observable from here). The holder stops itself after its ack (drill stop_after_ack) and the
+    # preparation is sent while it is stopped, so it arrives mid-hop whatever the scheduling: it
+    # must still serve the next grant, and leave nothing mapped.
+    t: Travel = travel(holders=1, chunk_tokens=CHUNK, bytes_per_holder=32 * 1024, holder_faults={"h1": "stop_after_ack"})
+    err = t.run_dir / "h1.err"
+    h1 = Roster.from_dir(t.dep.keys)["h1"].x25519
+    device = HostDevice()
+    nbytes = staging_size(CHUNK * 2, SEGMENT)
+
+    async def scenario() -> None:
+        orch = ScriptedOrchestrator(t, RUN_ID, CHUNK)
+        acks: asyncio.Queue[Accepted] = asyncio.Queue()
+        returns: asyncio.Queue[Accepted] = asyncio.Queue()
+
+        async def on_ack(acc: Accepted, delivery: Any) -> None:
+            await acks.put(acc)
+
+        async def on_return(acc: Accepted, delivery: Any) -> None:
+            await returns.put(acc)
+
+        orch.rt.on(TokenAck, on_ack)
+        orch.rt.on(TokenReturn, on_return)
+        await orch.rt.start()
+        proc = t.dep.start_holder(0)
+        try:
+            await wait_for_text(err, "evidence appraised")
+            staging = [device.alloc_hop_staging(nbytes) for _ in range(2)]
+            params = [ChannelParams.generate(str(handle), CHUNK * 2, segment_size=SEGMENT) for _, handle in staging]
+            sealed = [seal_params(p, h1) for p in params]
+            await orch.rt.send(TokenGrant("tok", RUN_ID, "h1", 0, "travel", time.time() + 60, sealed[0], orch.report(params[0].key, 1)), "h1", epoch=1)
+            await asyncio.wait_for(acks.get(), 30)
+            await eventually(lambda: _stopped(proc.pid), timeout=30, what="h1 stopped after its ack")
+            await orch.rt.send(HopPrepare("tok", RUN_ID, "h1", 1, sealed[1]), "h1")
+            assert _staging_maps(proc.pid) == 0  # stopped before it maps hop 1
+            os.kill(proc.pid, 18)  # SIGCONT
+            await asyncio.wait_for(returns.get(), 30)
+            await wait_for_text(err, "hop 1 chunk 0: wrote")
+            # Hop 1's mapping closed, the preparation's opened: one mapping, of the second staging.
+            await eventually(lambda: _staging_maps(proc.pid) == 1 and IGNORED not in err.read_text(errors="replace"), timeout=30,
+                             what="the preparation mapped after hop 1")
+            await orch.rt.send(TokenGrant("tok", RUN_ID, "h1", 1, "travel", time.time() + 60, sealed[1], orch.report(params[1].key, 2)), "h1", epoch=2)
+            r: TokenReturn = (await asyncio.wait_for(returns.get(), 30)).message
+            assert r.chunk_index == 1
+            await wait_for_text(err, "hop 2 chunk 1: wrote")
+            lines = [x for x in err.read_text(errors="replace").splitlines() if ": wrote " in x]
+            assert [x.endswith("prepared ahead") for x in lines] == [False, True], lines
+            await eventually(lambda: _staging_maps(proc.pid) == 0, timeout=30, what="h1 unmapped every staging")
+            await orch.rt.publish(Shutdown("test over"))
+            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+        finally:
+            await orch.rt.close()
+
+    if os.geteuid() != 0:
+        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
+    run_async(scenario(), timeout=180)
+    assert "Traceback" not in err.read_text(errors="replace")
