@@ -9,6 +9,7 @@ started by the ``travel`` fixture.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -39,6 +40,16 @@ class ScriptedOrchestrator:
         self.code = bytes.fromhex(dep.pin)
         EvidenceServer(self.rt, {"emulated": EmulatedVerifier(self.platform, lambda: {"code": self.code}, lambda: run_binding(run_id))})
         self.rt.on(Register, self._on_register)
+
+    def queue_of(self, message_type: type) -> asyncio.Queue[Accepted]:
+        """Every accepted message of ``message_type``, in a queue the test reads (call before :meth:`start`)."""
+        queue: asyncio.Queue[Accepted] = asyncio.Queue()
+
+        async def put(acc: Accepted, delivery: Any) -> None:
+            await queue.put(acc)
+
+        self.rt.on(message_type, put)
+        return queue
 
     def report(self, key: bytes, epoch: int) -> dict[str, Any]:
         """A signed measurement report of the pinned code committing to channel ``key`` at ``epoch``, as wire data."""

@@ -32,7 +32,6 @@ from gtbus.gpu.channel import ChannelParams, staging_size
 from gtbus.gpu.host import HostDevice
 from gtbus.gpu.sealing import seal_params
 from gtbus.messages.identity import Roster
-from gtbus.messages.pipeline import Accepted
 from gtbus.messages.types import HopPrepare, Shutdown, TokenAck, TokenGrant, TokenReturn
 from gtbus.testing import eventually, run_async
 
@@ -63,17 +62,7 @@ def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel
 
     async def scenario() -> None:
         orch = ScriptedOrchestrator(t, RUN_ID, CHUNK)
-        acks: asyncio.Queue[Accepted] = asyncio.Queue()
-        returns: asyncio.Queue[Accepted] = asyncio.Queue()
-
-        async def on_ack(acc: Accepted, delivery: Any) -> None:
-            await acks.put(acc)
-
-        async def on_return(acc: Accepted, delivery: Any) -> None:
-            await returns.put(acc)
-
-        orch.rt.on(TokenAck, on_ack)
-        orch.rt.on(TokenReturn, on_return)
+        acks, returns = orch.queue_of(TokenAck), orch.queue_of(TokenReturn)
         await orch.rt.start()
         proc = t.dep.start_holder(0)
         try:
@@ -162,17 +151,7 @@ def test_a_preparation_that_comes_while_a_hop_is_written_serves_the_next_grant(t
 
     async def scenario() -> None:
         orch = ScriptedOrchestrator(t, RUN_ID, CHUNK)
-        acks: asyncio.Queue[Accepted] = asyncio.Queue()
-        returns: asyncio.Queue[Accepted] = asyncio.Queue()
-
-        async def on_ack(acc: Accepted, delivery: Any) -> None:
-            await acks.put(acc)
-
-        async def on_return(acc: Accepted, delivery: Any) -> None:
-            await returns.put(acc)
-
-        orch.rt.on(TokenAck, on_ack)
-        orch.rt.on(TokenReturn, on_return)
+        acks, returns = orch.queue_of(TokenAck), orch.queue_of(TokenReturn)
         await orch.rt.start()
         proc = t.dep.start_holder(0)
         try:
