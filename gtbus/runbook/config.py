@@ -94,7 +94,7 @@ from gtbus.attest.policy import PolicySettings, policy_from_table
 from gtbus.errors import ConfigError
 from gtbus.messages.identity import Role, check_node_name
 from gtbus.nodes.run_config import MAX_GPUS
-from gtbus.training.merge import DEFAULT_MERGE, merge_policy
+from gtbus.training.merge import DEFAULT_MERGE, MERGE_POLICIES, merge_policy
 from gtbus.training.trainer import TRAINER_NAMES, WorkloadError, parse_steps
 
 
@@ -386,7 +386,7 @@ def load_runbook(path: str | Path) -> Runbook:
         problems.append("[training]: merge_every must be 0 (every gpus hops) or a positive integer")
     try:
         if not isinstance(training["merge"], str):
-            raise ConfigError("give average, sum, or delta:LR")
+            raise ConfigError(f"give {MERGE_POLICIES}")
         merge_policy(training["merge"])
     except ConfigError as exc:
         problems.append(f"[training]: merge: {exc}")

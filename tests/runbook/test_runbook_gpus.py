@@ -46,6 +46,7 @@ def test_gpus_and_merge_every_reach_the_orchestrator(good: Path) -> None:
     ('merge = "mean"', "merge: "),
     ('merge = "delta:-2"', "merge: "),
     ("merge = 3", "merge: give average, sum, or delta:LR"),
+    ("merge = true", "merge: give average, sum, or delta:LR .*or lockstep"),
 ])
 def test_bad_fleet_values_are_named(good: Path, line: str, words: str) -> None:
     with pytest.raises(ConfigError, match=r"\[training\]: " + words):
