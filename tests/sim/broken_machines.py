@@ -184,3 +184,22 @@ class SilentLoss(SimOrchestrator):
     def _retired_training(self, lane: Any) -> None:
         self.trained_since_merge -= min(self.trained_since_merge, len(lane.trained))
         lane.trained = []
+
+
+class AnyPreparedOrchestrator(SimOrchestrator):
+    """Grants the staging it prepared ahead to whichever hop comes next, its guess right or wrong."""
+
+    def _take_prepared(self, lane: Any, holder: str, chunk: int) -> Staging | None:
+        p, lane.prepared = lane.prepared, None
+        return p[2] if p is not None else None
+
+
+class MisdirectedPrepare(SimOrchestrator):
+    """Sends each hop it prepares ahead to the guessed holder and to another one as well."""
+
+    def _prepare_next_hop(self, inc: int, lane: Any) -> None:
+        super()._prepare_next_hop(inc, lane)
+        if lane.prepared is not None:
+            holder, chunk, staging = lane.prepared
+            other = next(h for h in self.cfg.holders if h != holder)
+            self.world.send(self.name, other, "prepare", (other, chunk, staging.key, staging.sid))

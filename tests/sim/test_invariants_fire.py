@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from broken_machines import (
+    AnyPreparedOrchestrator,
     CheckpointRollback,
     CrowdingFleet,
     DoubleGrantOrchestrator,
@@ -21,6 +22,7 @@ from broken_machines import (
     ForgetfulOrchestrator,
     KeyKeepingDevice,
     LaneEpochOrchestrator,
+    MisdirectedPrepare,
     NoRemeasureOrchestrator,
     ReleasingUnscrubbedDevice,
     RepeatingSchedule,
@@ -45,6 +47,7 @@ from gtbus.testing.sim.invariants import (
     INVARIANTS,
     MODEL_UNACCOUNTED,
     NO_PROGRESS,
+    PREPARED_ELSEWHERE,
     TWO_OWNERS,
     UNAUTHENTICATED,
     UNSCRUBBED,
@@ -88,6 +91,19 @@ def test_two_owners_fires() -> None:
     r = run_seed(1, config=quiet(), machines=Machines(orchestrator=DoubleGrantOrchestrator))
     assert names(r) == {TWO_OWNERS}, r.violations
     assert "h1, h2 hold live staging" in r.violations[0].detail
+
+
+def test_two_owners_fires_on_a_preparation_sent_to_two_holders() -> None:
+    r = run_seed(1, config=quiet(), machines=Machines(orchestrator=MisdirectedPrepare))
+    assert names(r) == {TWO_OWNERS}, r.violations
+    assert "mapped staging prepared for" in r.violations[0].detail
+
+
+def test_prepared_granted_elsewhere_fires() -> None:
+    # A guess goes wrong only when the run does not go as planned (a hop fails, a holder goes away): with faults.
+    r = first_failing(Machines(orchestrator=AnyPreparedOrchestrator), range(400))
+    assert r.violations[0].name == PREPARED_ELSEWHERE, r.violations
+    assert any("prepared" in line for line in r.trace)
 
 
 def test_chunk_trained_twice_fires() -> None:
@@ -219,7 +235,7 @@ def test_the_real_machines_pass_the_same_fleets() -> None:
 
 def test_every_invariant_has_a_test_here() -> None:
     fired = {EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED,
-             EPOCH_ORDER, HOLDER_TWO_GPUS, "wave-overlap"}  # wave-overlap fires in test_lockstep_sim.py
+             EPOCH_ORDER, HOLDER_TWO_GPUS, PREPARED_ELSEWHERE, "wave-overlap"}  # wave-overlap fires in test_lockstep_sim.py
     assert fired == set(INVARIANTS)
 
 

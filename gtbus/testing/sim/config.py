@@ -44,6 +44,8 @@ class SimConfig:
     merge_every: int = 2  # with gpus > 1: replicas are averaged after this many trained hops of the fleet
     # With gpus > 1, --merge lockstep: hops start in waves (FleetSchedule.waves), merged after every wave that trained.
     lockstep: bool = False
+    # One lane, travel mode: the next hop's staging and key go to the holder it likely is while the hop before runs.
+    prepare: bool = True
 
     @property
     def nodes(self) -> list[str]:

@@ -79,6 +79,10 @@ class Staging:
     mapped_by: set[str] = field(default_factory=set)  # mappings open now
     mappers: set[str] = field(default_factory=set)  # everyone who mapped it: they may map again while it is exported
     token: str = ""  # the id of the token (lane) whose grant it was staged for
+    # Prepared ahead (gtbus.nodes.hop_prepare): exported to ``holder`` before its grant, which may never come.
+    # ``granted_to`` is whom the grant that used it went to (the checker compares it with ``holder``).
+    granted: bool = True
+    granted_to: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class DeviceWatch(Protocol):
     """Who hears of the device's operations (the invariant checker)."""
 
     def staged(self, device: "SimDevice", staging: Staging) -> None:
-        """A staging buffer was exported for a grant."""
+        """A staging buffer was exported for a grant (or a prepared one is granted now)."""
 
     def trained(self, device: "SimDevice", opened: Opened, key: tuple[int, str, int], before: int) -> None:
         """The model was trained on ``opened`` for assignment ``key``; it was ``before``."""
@@ -120,14 +124,24 @@ class SimDevice:
 
     # -- staging ------------------------------------------------------------------------------
 
-    def alloc_staging(self, sid: int, epoch: int, holder: str, key: int, capacity: int, *, token: str = "") -> Staging:
-        """A fresh staging buffer exported for one grant (of token ``token``), and the hop's key made live."""
-        s = Staging(sid, epoch, holder, key, capacity, token=token)
+    def alloc_staging(self, sid: int, epoch: int, holder: str, key: int, capacity: int, *, token: str = "", prepared: bool = False) -> Staging:
+        """A fresh staging buffer exported for one grant (of token ``token``), and the hop's key made live.
+
+        ``prepared``: exported to ``holder`` ahead of a grant that may never come (epoch not known yet);
+        :meth:`grant_prepared` grants it.
+        """
+        s = Staging(sid, epoch, holder, key, capacity, token=token, granted=not prepared)
         self.stagings[sid] = s
         self.keys.add(key)
-        if self.watch is not None:
+        if not prepared and self.watch is not None:
             self.watch.staged(self, s)
         return s
+
+    def grant_prepared(self, staging: Staging, epoch: int, holder: str) -> None:
+        """A prepared staging leaves in the grant of ``epoch`` to ``holder``."""
+        staging.epoch, staging.granted, staging.granted_to = epoch, True, holder
+        if self.watch is not None:
+            self.watch.staged(self, staging)
 
     def map(self, sid: int, who: str) -> Staging | None:
         """Map a staging export by its handle; None if it is not exported (revoked, released, unknown)."""

@@ -7,7 +7,10 @@ hop's key, unmap, return), ack again, ignore, or decline. A local holder
 writes the device's staging itself; a remote one streams its segments to the
 device agent and returns once the agent says all were written; in ship mode
 every holder sends its segments to the orchestrator, then returns. A revoke for
-the hop in progress stops it; writes check the hop is still current first.
+the hop in progress stops it; writes check the hop is still current first. A
+local holder maps the staging of a hop prepared for it (``prepare``) at once,
+keeps one such mapping, and drops it when the grant it provisions names
+another staging.
 
 :mod:`hostile` subclasses it; its hooks are the ``_segments``,
 ``_after_write`` and ``_send_return`` methods.
@@ -64,6 +67,7 @@ class SimHolder(Registrant):
         self.machine = HolderMachine()
         self.welcomed: int | None = None
         self.granted: GrantBody | None = None
+        self.prepared: int | None = None  # the staging handle a preparation mapped, until its grant or the next one
         self.done = False
         self._register(self.incarnation)
         self.world.on_node(self.name, HEARTBEAT, self._heartbeat, self.incarnation)
@@ -98,6 +102,8 @@ class SimHolder(Registrant):
             return
         if kind == "grant":
             self._on_grant(env)
+        elif kind == "prepare":
+            self._on_prepare(env)
         elif kind == "revoke":
             if self.machine.on_revoke(env.body, env.epoch):
                 self.world.note("holder revoked", (self.name, env.epoch))
@@ -106,12 +112,34 @@ class SimHolder(Registrant):
         elif kind in ("complete", "shutdown"):
             self.done = True
 
+    def _on_prepare(self, env: Envelope) -> None:
+        """Map the staging of a hop prepared ahead (as gtbus/nodes/holder.py: one at a time, nothing written)."""
+        holder, _chunk, _key, sid = env.body
+        if holder != self.name or self.remote:
+            return
+        self._drop_prepared()
+        if self.device.map(sid, self.name) is not None:
+            self.prepared = sid
+            self._prepared_hook(env.body)
+
+    def _prepared_hook(self, body: tuple[str, int, int, int]) -> None:
+        """Hook: what a holder does with a preparation it mapped (nothing more, if honest)."""
+
+    def _drop_prepared(self) -> None:
+        if self.prepared is not None:
+            self.device.unmap(self.prepared, self.name)
+            self.prepared = None
+
     def _on_grant(self, env: Envelope) -> None:
         g: GrantBody = env.body
         epoch = env.epoch
         if g.holder != self.name:
             return
         decision = self.machine.on_grant(g.token_id, epoch, g.lease_deadline, self.world.clock(self.name))
+        if decision.action is Action.PROVISION:
+            if self.prepared != g.staging:
+                self._drop_prepared()  # a guess for another hop: this grant maps its own
+            self.prepared = None  # the write maps it (again) and unmaps it
         if decision.action is Action.IGNORE:
             return
         if decision.action is Action.ACK_AGAIN:

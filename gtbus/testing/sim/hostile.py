@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any, Final
 
 from gtbus.messages.types import ShipSegment, TokenAck, TokenDecline, TokenReturn
-from gtbus.testing.sim.device import Segment
+from gtbus.testing.sim.device import Segment, chunk_tag
 from gtbus.testing.sim.holder import SimHolder
 from gtbus.testing.sim.orchestrator import GrantBody
 from gtbus.testing.sim.world import Envelope
@@ -33,6 +33,7 @@ BEHAVIOURS: Final = {
     "duplicate-return": "sends its return three times",
     "bad-segments": "segments (shipped, or streamed to the agent) with indices, counts and sizes out of range, duplicated, or mistyped",
     "wrong-role": "sends what only the orchestrator or the agent may: revokes and grants to other holders, agent answers",
+    "prepare-early": "writes the staging prepared for it before its grant (garbage, or its chunk under a guessed epoch), then returns the grant without writing",
 }
 
 
@@ -45,6 +46,7 @@ class HostileHolder(SimHolder):
         super().__init__(*args, **kwargs)
         self._old_handles: list[int] = []
         self._welcomed_before = False
+        self._written_early: int | None = None  # the prepared staging it wrote before its grant
 
     def _now_hostile(self) -> bool:
         return self.world.rng.random() < 0.67
@@ -136,6 +138,30 @@ class HostileHolder(SimHolder):
                 i = min(old.index, len(segs) - 1)
                 segs[i] = old
         return segs
+
+    def _prepared_hook(self, body: tuple[str, int, int, int]) -> None:
+        if self.behaviour != "prepare-early" or not self._now_hostile():
+            return
+        _, chunk, key, sid = body
+        n, _ = self.chunk_shape(chunk)
+        rng = self.world.rng
+        epoch = rng.choice((0, rng.randrange(1, 40)))  # it cannot know the hop's epoch: it guesses
+        # Its chunk sealed under the hop's key, or garbage (bytes under no key: other content under the
+        # right key would be a holder lying about its own data, which no channel can tell from the truth).
+        garbage = rng.random() < 0.5
+        for i in range(n):
+            seg = Segment(rng.getrandbits(32), epoch, self.name, i, n, 0, self.name) if garbage else \
+                Segment(key, epoch, self.name, i, n, chunk_tag(self.name, chunk), self.name)
+            self.device.write(sid, seg, self.name)
+        self._written_early = sid
+
+    def _write(self, inc: int, g: GrantBody, epoch: int) -> None:
+        if self._written_early is not None and g.staging == self._written_early:
+            self._written_early = None
+            if self._live(inc) and self.machine.is_current(g.token_id, epoch):
+                self.world.on_node(self.name, 0.001, self._return, inc, g, epoch)  # what it wrote early is all there is
+            return
+        super()._write(inc, g, epoch)
 
     def _after_write(self, g: GrantBody, epoch: int) -> None:
         b = self.behaviour

@@ -5,8 +5,13 @@ each is shown able to fire by a test that drives a deliberately broken
 machine (``tests/sim/test_invariants_fire.py``):
 
 * ``epoch-reused``: no token epoch is granted twice, across restarts too;
-* ``two-owners``: at most one holder can write live staging (it mapped an
-  export that is still exported, and the hop's key is live);
+* ``two-owners``: at most one holder can write live staging of a granted hop
+  (it mapped an export that is still exported, and the hop's key is live),
+  and a staging prepared ahead of its grant (``token.prepare``) is mapped by no
+  one but the holder it was prepared for;
+* ``prepared-granted-elsewhere``: a staging prepared for one holder is granted
+  to that holder or to no one (the holder may have mapped it and may still
+  write to it);
 * ``chunk-trained-twice``: a chunk is trained at most once per round, along the
   model's own history (a restart from a checkpoint rewinds that history);
 * ``trained-unauthenticated``: every segment trained was written by the granted
@@ -57,11 +62,12 @@ NO_PROGRESS: Final = "no-progress"
 DATASET_CHANGED: Final = "dataset-changed"
 EPOCH_ORDER: Final = "epoch-not-increasing"
 HOLDER_TWO_GPUS: Final = "holder-on-two-gpus"
+PREPARED_ELSEWHERE: Final = "prepared-granted-elsewhere"
 WAVE_OVERLAP: Final = "wave-overlap"
 
 #: Every invariant's name, in the order the module docstring gives them.
 INVARIANTS: Final = (EPOCH_REUSED, TWO_OWNERS, CHUNK_TWICE, UNAUTHENTICATED, UNSCRUBBED, MODEL_UNACCOUNTED, NO_PROGRESS, DATASET_CHANGED,
-                     EPOCH_ORDER, HOLDER_TWO_GPUS, WAVE_OVERLAP)
+                     EPOCH_ORDER, HOLDER_TWO_GPUS, PREPARED_ELSEWHERE, WAVE_OVERLAP)
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,8 @@ class InvariantChecker:
 
     def staged(self, device: SimDevice, staging: Staging) -> None:
         """A grant is about to leave with this staging: fresh epoch, everything earlier scrubbed."""
+        if staging.granted_to and staging.granted_to != staging.holder:
+            self.fail(PREPARED_ELSEWHERE, f"staging prepared for {staging.holder} granted to {staging.granted_to} (epoch {staging.epoch})")
         if staging.epoch in self.epochs:
             self.fail(EPOCH_REUSED, f"epoch {staging.epoch} granted again (to {staging.holder})")
         elif staging.epoch <= self.last_epoch.get(staging.token, 0):
@@ -206,8 +214,13 @@ class InvariantChecker:
         for d in self.devices or (device,):
             owners: set[str] = set()
             for s in d.stagings.values():
-                if s.exported and s.mappers and s.key in d.keys:
+                if not (s.exported and s.mappers and s.key in d.keys):
+                    continue
+                if s.granted:
                     owners |= s.mappers
+                elif s.mappers - {s.holder}:
+                    self.fail(TWO_OWNERS, f"{', '.join(sorted(s.mappers - {s.holder}))} mapped staging prepared for {s.holder}")
+                    return
             if len(owners) > 1:
                 self.fail(TWO_OWNERS, f"{', '.join(sorted(owners))} hold live staging at once")
                 return

@@ -8,7 +8,12 @@ with which data), :class:`HolderLiveness` (backoff, absence). This
 shell does what they say as the real orchestrator's does, on the simulated
 network and device: it reserves epochs on disk, exports a fresh staging
 buffer and key per grant (staged on the device agent first for a remote
-holder), times the lease on its own clock, and feeds the answers back.
+holder), times the lease on its own clock, and feeds the answers back. With
+one lane in travel mode it prepares the next hop as the real one does
+(:mod:`gtbus.nodes.hop_prepare`): right after a grant, the staging and key of
+the hop :meth:`FleetSchedule.likely_next` names go to that holder (not behind
+a device agent), the grant that matches uses them, and a wrong guess is
+scrubbed and released unused.
 
 Its disk (:class:`OrchestratorDisk`) survives a crash: the epoch reservation,
 the list of in-flight staging exports, the checkpoint. A restart resumes from
@@ -43,6 +48,7 @@ from typing import Any, Callable
 
 from gtbus.gpu.channel import TAG_SIZE, segment_count
 from gtbus.messages.registry import REGISTRY, RejectedMessage, body_from_wire
+from gtbus.nodes.hop_prepare import PrepareCounts
 from gtbus.protocol.admission import RunShape
 from gtbus.protocol.enrolment import Enrolment, Refused
 from gtbus.protocol.liveness import HolderLiveness, WhileAway
@@ -140,6 +146,8 @@ class _Lane:
     failed: str | None = None  # why the lane was retired (its GPU failed); None while it serves
     wave: int = 0  # the dispatch pass its hop in flight started in (lockstep: a wave is one pass)
     trained: list[tuple[int, str, int]] = field(default_factory=list)  # what its replica trained that the checkpoint lacks
+    # The next hop made while this one runs (gtbus.nodes.hop_prepare): (holder, chunk, its staging).
+    prepared: tuple[str, int, Staging] | None = None
 
 
 class SimOrchestrator:
@@ -182,6 +190,7 @@ class SimOrchestrator:
         self.stopped: str | None = None
         self.hops: list[tuple[int, str]] = []  # (epoch, outcome) of this incarnation
         self.lane_hops = [0] * len(self.devices)  # settled hops per lane, every incarnation
+        self.prepares = PrepareCounts()  # hops prepared ahead, every incarnation
         # A fault may kill the process between two actions of a hop (after the epoch is
         # reserved and before the grant, after training and before the checkpoint, ...).
         self.crash_countdown = 0
@@ -395,6 +404,11 @@ class SimOrchestrator:
         if fleet.finished:
             if len(self.lanes) > 1:
                 self._merge()
+            for lane in self.lanes:
+                if lane.prepared is not None:  # a guess no hop took: released as the run ends
+                    self.prepares.discarded += 1
+                    self._release_staging(lane.device, lane.prepared[2])
+                    lane.prepared = None
             self.finished = True
             self.world.note("run complete", len(self.hops))
             for n in [*self.cfg.holders, *sorted(self.followers)]:
@@ -549,11 +563,17 @@ class SimOrchestrator:
     def _send_grant(self, hop: _Hop, action: SendGrant) -> HopEvent | None:
         """Export a fresh staging buffer and key for the grant; stage on the agent first for a remote holder."""
         w, g, device = self.world, action.grant, hop.lane.device
-        key, sid = w.fresh_id(), w.fresh_id()
-        if device.exports_outlive_process:
-            self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
         capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
-        hop.staging = device.alloc_staging(sid, g.epoch, g.holder, key, capacity, token=g.token_id)
+        prepared = self._take_prepared(hop.lane, g.holder, action.chunk)
+        if prepared is not None:
+            key, sid = prepared.key, prepared.sid
+            device.grant_prepared(prepared, g.epoch, g.holder)
+            hop.staging = prepared
+        else:
+            key, sid = w.fresh_id(), w.fresh_id()
+            if device.exports_outlive_process:
+                self.disk.inflight.add(sid)  # before the export exists: a crash can always clean up
+            hop.staging = device.alloc_staging(sid, g.epoch, g.holder, key, capacity, token=g.token_id)
         if hop.machine.ship:
             # Ship mode: the ciphertext lands in this process's memory, never exported.
             device.revoke_export(hop.staging)
@@ -573,7 +593,49 @@ class SimOrchestrator:
         assert hop.grant is not None
         if not self.world.send(self.name, hop.grant.holder, "grant", hop.grant, hop.machine.epoch, mandatory=True):
             return Undelivered(f"{hop.grant.holder} not connected")
+        if self.cfg.prepare and self.cfg.mode == "travel" and len(self.lanes) == 1:
+            # As the orchestrator's prepare_next_hop: soon after the grant, while the holder works.
+            self.world.on_node(self.name, 0.0005, self._prepare_next_hop, self.incarnation, hop.lane)
         return Delivered()
+
+    # -- the next hop, ahead (gtbus.nodes.hop_prepare) ----------------------------------------------
+
+    def _prepare_next_hop(self, inc: int, lane: _Lane) -> None:
+        """Export the staging of the hop the lane likely runs next to its holder, with its key, before the grant."""
+        if not self._live(inc) or lane.prepared is not None or self.fleet is None or lane.failed is not None:
+            return
+        a = self.fleet.likely_next(lane.index, self._can_stage)
+        if a is None or self.enrolment.manifests[a.holder].via is not None:
+            return
+        w = self.world
+        key, sid = w.fresh_id(), w.fresh_id()
+        if lane.device.exports_outlive_process:
+            self.disk.inflight.add(sid)  # before the export exists, as a grant's
+        capacity = segment_count(CHUNK_TOKENS * TOKEN_BYTES, SEGMENT_BYTES)
+        staging = lane.device.alloc_staging(sid, 0, a.holder, key, capacity, token=lane.token.token_id, prepared=True)
+        lane.prepared = (a.holder, a.chunk, staging)
+        self.prepares.made += 1
+        w.note("prepared", (a.holder, a.chunk))
+        w.send(self.name, a.holder, "prepare", (a.holder, a.chunk, key, sid))
+
+    def _take_prepared(self, lane: _Lane, holder: str, chunk: int) -> Staging | None:
+        """The lane's prepared staging if it was made for this holder and chunk; else it is released unused."""
+        p, lane.prepared = lane.prepared, None
+        if p is None:
+            return None
+        if (p[0], p[1]) == (holder, chunk):
+            self.prepares.used += 1
+            return p[2]
+        self.prepares.discarded += 1
+        self.world.note("prepared discarded", (p[0], p[1]))
+        self._release_staging(lane.device, p[2])
+        return None
+
+    def _release_staging(self, device: SimDevice, staging: Staging) -> None:
+        device.scrub(staging)
+        device.release(staging)
+        device.drop_key(staging.key)
+        self.disk.inflight.discard(staging.sid)
 
     def _on_ready(self, env: Envelope) -> None:
         hop = self._hop_of(env.body) if isinstance(env.body, str) else None
@@ -624,12 +686,8 @@ class SimOrchestrator:
 
     def _epilogue(self, hop: _Hop) -> None:
         """Scrub and release the staging, drop the key."""
-        device = hop.lane.device
         if hop.staging is not None:
-            device.scrub(hop.staging)
-            device.release(hop.staging)
-            device.drop_key(hop.staging.key)
-            self.disk.inflight.discard(hop.staging.sid)
+            self._release_staging(hop.lane.device, hop.staging)
 
     def _settle(self, hop: _Hop, outcome: HopOutcome, settlement: Settlement) -> None:
         a = hop.machine.assignment

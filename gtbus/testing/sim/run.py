@@ -67,6 +67,7 @@ class SeedResult:
     config_given: bool = False  # run with an explicit SimConfig rather than the seed's own
     lane_hops: list[int] = field(default_factory=list)  # settled hops per lane (GPU)
     requeued: int = 0  # trainings thrown away with a replica (rolled back, or its GPU failed) and trained again
+    prepared: dict[str, int] = field(default_factory=dict)  # hops prepared ahead: made, used, discarded
 
     @property
     def ok(self) -> bool:
@@ -149,6 +150,7 @@ def run_seed(seed: int, *, faults: bool = True, hostile: bool = True, machines: 
     result.config_given = config is not None
     result.lane_hops = list(orch.lane_hops)
     result.requeued = len(orch.requeued)
+    result.prepared = orch.prepares.as_dict()
     if checker.violations:
         result.trace = [f"t={t:.4f} {what}" + (f" {detail}" if detail is not None else "") for t, what, detail in world.trace]
     return result
