@@ -164,6 +164,7 @@ class Holder:
         self.hops_prepared = 0  # hops whose grant found them prepared
         self._hop_was_prepared = False  # the current hop's
         self._deferred_prepare: HopPrepare | None = None  # came while a hop was being written: opened as it ends
+        self._early_chunk: tuple[int, asyncio.Future[memoryview]] | None = None  # the prepared hop's chunk, being read
         runtime.on(TokenGrant, self._on_grant)
         runtime.on(HopPrepare, self._on_prepare)
         runtime.on(Heartbeat, self._on_server_heartbeat)
@@ -337,9 +338,29 @@ class Holder:
             self._next_hop = open_prepared(p.sealed_params, bytes(self.rt.identity.x25519_secret), self.staging)
         except (ChannelError, DeviceError, GtbusError) as exc:
             self.log.warning("ignored the preparation of chunk %d: %s", p.chunk_index, exc)
+            return
+        # The chunk it names, read on another thread while this holder waits (the grant checks the index again).
+        reading = asyncio.get_running_loop().run_in_executor(None, self._read_chunk, p.chunk_index)
+        reading.add_done_callback(lambda f: f.cancelled() or f.exception())  # a bad index is the grant's to report, if one comes
+        self._early_chunk = (p.chunk_index, reading)
+
+    def _read_chunk(self, index: int) -> memoryview:
+        """Chunk ``index`` as contiguous little-endian uint16 bytes (IndexError naming the range if there is none)."""
+        return memoryview(numpy.ascontiguousarray(self.dataset.chunk(index, self.chunk_tokens), dtype="<u2")).cast("B")
+
+    async def _chunk_bytes(self, index: int) -> memoryview:
+        """Chunk ``index``: read ahead by the hop's preparation if it named this chunk, else now."""
+        early, self._early_chunk = self._early_chunk, None
+        if early is not None and early[0] == index:
+            try:
+                return await early[1]
+            except Exception:  # noqa: BLE001 - read again below, where the error is reported as the hop's
+                pass
+        return self._read_chunk(index)
 
     def _drop_next_hop(self) -> None:
         nxt, self._next_hop = self._next_hop, None
+        self._early_chunk = None
         if nxt is not None:
             self.staging.unmap(nxt.mapping)
 
@@ -454,8 +475,7 @@ class Holder:
         mapping = None
         try:
             await self._prepared.wait()
-            tokens = self.dataset.chunk(g.chunk_index, self.chunk_tokens)
-            plain = memoryview(numpy.ascontiguousarray(tokens, dtype="<u2")).cast("B")
+            plain = await self._chunk_bytes(g.chunk_index)
             clock.mark("chunk_read")
             count = segment_count(len(plain), params.segment_size)
             ctx = SegmentContext(g.run_id, epoch, self.rt.name, count)

@@ -89,6 +89,12 @@ def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel
                 assert expect in last, (expect, last)
             assert _staging_maps(proc.pid) == 0  # none of them left a mapping
 
+            # A chunk it does not have: the params open and the staging maps (nothing is read ahead);
+            # the next preparation replaces it, and nothing of it stays mapped.
+            _, far = fresh()
+            await prepare(99, seal_params(far, h1))
+            await eventually(lambda: _staging_maps(proc.pid) == 1, timeout=30, what="h1 mapped the staging of chunk 99's preparation")
+
             # -- honest: a grant with the prepared params writes through the prepared mapping ----------
             used, params = fresh()
             sealed = seal_params(params, h1)
@@ -160,11 +166,13 @@ def test_a_preparation_that_comes_while_a_hop_is_written_serves_the_next_grant(t
             params = [ChannelParams.generate(str(handle), CHUNK * 2, segment_size=SEGMENT) for _, handle in staging]
             sealed = [seal_params(p, h1) for p in params]
             await orch.rt.send(TokenGrant("tok", RUN_ID, "h1", 0, "travel", time.time() + 60, sealed[0], orch.report(params[0].key, 1)), "h1", epoch=1)
-            await asyncio.wait_for(acks.get(), 30)
+            # Stopped right after sending its ack, which its ZeroMQ I/O thread may not have written yet:
+            # the ack is awaited only after the holder runs again.
             await eventually(lambda: _stopped(proc.pid), timeout=30, what="h1 stopped after its ack")
             await orch.rt.send(HopPrepare("tok", RUN_ID, "h1", 1, sealed[1]), "h1")
             assert _staging_maps(proc.pid) == 0  # stopped before it maps hop 1
             os.kill(proc.pid, 18)  # SIGCONT
+            await asyncio.wait_for(acks.get(), 30)
             await asyncio.wait_for(returns.get(), 30)
             await wait_for_text(err, "hop 1 chunk 0: wrote")
             # Hop 1's mapping closed, the preparation's opened: one mapping, of the second staging.
