@@ -117,20 +117,22 @@ def scrub_measure(dev: Any, buffer_bytes: int, model_bytes: int, reps: int = 5) 
     return {k: statistics.median(x[k] for x in out[1:]) for k in out[0]}
 
 
-def protocol_runs(backend: str, chunk_tokens: int, hops: int, mode: str, root: Path, *, remote: bool = False) -> dict[str, Any]:
-    """A one-holder run through the full protocol (``remote``: through the device agent); its summary and hop records."""
+def protocol_runs(backend: str, chunk_tokens: int, hops: int, mode: str, root: Path, *, remote: bool = False, prepare: bool = True) -> dict[str, Any]:
+    """A one-holder run through the full protocol (``remote``: through the device agent; ``prepare``: the orchestrator's
+    --prepare/--no-prepare); its summary and hop records."""
     from gtbus.nodes.launcher import LocalDeployment, LocalRun
     from gtbus.training.shards import write_shard
 
     import numpy as np
 
-    run_dir = root / f"{mode}-{chunk_tokens}{'-remote' if remote else ''}"
+    run_dir = root / f"{mode}-{chunk_tokens}{'-remote' if remote else ''}{'' if prepare else '-unprepared'}"
     data = run_dir / "h1.bin"
     run_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     write_shard(data, rng.integers(0, 256, size=chunk_tokens * hops, dtype=np.uint16))
     dep = LocalDeployment(LocalRun(run_dir=run_dir, holders=1, mode=mode, chunk_tokens=chunk_tokens, steps="1", backend=backend,
-                                   data=[data], lease=120.0, remote_holders=["h1"] if remote else []))
+                                   data=[data], lease=120.0, remote_holders=["h1"] if remote else [],
+                                   extra_orchestrator_args=() if prepare else ("--no-prepare",)))
     summary = dep.run_to_end(timeout=900)
     summary["hop_records"] = read_checkpoint(summary["checkpoint"], state=False).hops
     summary["holder_phases"] = holder_phases((run_dir / "h1.err").read_text(errors="replace"))
@@ -395,7 +397,10 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
         root = Path(tmp)
         say(f"control overhead: {control_hops} hops of 64 tokens through the full protocol")
         ctl = protocol_runs(backend, 64, control_hops, "travel", root)
+        # The same hops with nothing prepared ahead (--no-prepare), in the same process tree: what preparing is worth.
+        unprepared = protocol_runs(backend, 64, control_hops, "travel", root, prepare=False)
         prov = sorted(h["provision_s"] for h in ctl["hop_records"] if h["outcome"] == "trained")
+        prov_unprepared = sorted(h["provision_s"] for h in unprepared["hop_records"] if h["outcome"] == "trained")
         t4 = Table(f"Hop control overhead: grant to return, 128-byte hops ({len(prov)} hops, full protocol)", ["statistic", "ms"])
         t4.add("median", f"{statistics.median(prov) * 1e3:.2f}")
         t4.add("p90", f"{prov[int(0.9 * (len(prov) - 1))] * 1e3:.2f}")
@@ -404,10 +409,13 @@ def run_device_bench(out_dir: Path, *, backend: str, chunk_mib: float, reps: int
                if h["outcome"] == "trained" and {"grant_sent", "return_received"} <= set(h.get("phases") or {})]
         if g2r:
             t4.add("median, grant sent to return handled (no work before the grant)", f"{statistics.median(g2r) * 1e3:.2f}")
+        t4.add("median, the same hops not prepared ahead (--no-prepare), same run", f"{statistics.median(prov_unprepared) * 1e3:.2f}")
+        t4.notes.append(f"hops prepared ahead (token.prepare): {ctl.get('prepared_hops')}; the --no-prepare run is the baseline of what preparing saves")
         t4.notes.append("from the hop's start (staging, key, model digest) to the return handled: includes sealing the params to the "
                         "holder, signing, CURVE, map/unmap; goal <= 2 ms median on the GPU host (DESIGN §10)")
         res.tables.append(t4)
         res.data["control_ms"] = [x * 1e3 for x in prov]
+        res.data["control_unprepared_ms"] = [x * 1e3 for x in prov_unprepared]
         res.goal("hop control overhead, median (128-byte hops, full protocol)", statistics.median(prov) * 1e3, 2.0, "ms", at_most=True)
         say(t4.text())
         tp = phase_table("Where a control hop's time goes (128-byte hops)", ctl)

@@ -59,9 +59,10 @@ def _hop_line(h: Any, gpus: int = 1) -> str:
 @click.option("--gpus", type=click.IntRange(min=1, max=MAX_GPUS), default=1, show_default=True, help="GPU tokens travelling at once (lanes): host backend, emulated devices; cupy, K lanes on this process's GPU.")
 @click.option("--merge-every", type=click.IntRange(min=0), default=0, show_default=True, help="With several GPUs: merge the replicas every N trained hops of the fleet (0: every --gpus hops), and at each round's end; hops in flight finish before a merge, so N below --gpus acts as --gpus. The checkpoint is written at merges.")
 @click.option("--merge", "merge", default=DEFAULT_MERGE, show_default=True, help=f"With several GPUs, how replicas are merged: {MERGE_POLICIES}.")
+@click.option("--prepare/--no-prepare", default=True, show_default=True, help="With one GPU in travel mode: while a hop runs, send the next hop's staging and sealed key to the holder the schedule names next (token.prepare), so it is ready when granted.")
 @click.option("--json-out", type=click.Path(dir_okay=False, path_type=Path), help="Write the run summary here.")
 @click.option("--fault", default="", hidden=True, help="Failure injection for drills and tests (tamper-model-at-epoch=N).")
-def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, checkpoint_every: int, gpus: int, merge_every: int, merge: str, json_out: Path | None, fault: str) -> None:
+def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str, pub: str, run_dir: Path, backend: str, trainer_name: str, mode: str, rounds: int, chunk_tokens: int, steps: str, lease: float, holders: str, resume: bool, max_chunks: int, absent_timeout: float, checkpoint_every: int, gpus: int, merge_every: int, merge: str, prepare: bool, json_out: Path | None, fault: str) -> None:
     """Run the orchestrator: own the model, send the GPU token (or K of them) to each holder in turn."""
     from gtbus.gpu.platform_key import load_platform_signer
     from gtbus.messages.identity import Role
@@ -83,7 +84,7 @@ def orchestrator(key_path: Path, keys_dir: Path, platform_key: Path, router: str
         run_dir=run_dir, holders=names, rounds=rounds, chunk_tokens=chunk_tokens, mode=mode, lease=lease,
         steps_per_hop=parse_steps(steps), resume=resume,
         trainer=trainer_name, max_chunks=max_chunks, absent_timeout=absent_timeout, checkpoint_every=checkpoint_every,
-        gpus=gpus, merge_every=merge_every, merge=merge,
+        gpus=gpus, merge_every=merge_every, merge=merge, prepare=prepare,
     )
 
     async def main() -> dict[str, Any]:

@@ -637,7 +637,8 @@ class Orchestrator:
         Runs after the grant's own actions (the token state goes out first), while
         the holder works; see :mod:`gtbus.nodes.hop_prepare` for where it is made.
         """
-        if self.config.mode != "travel" or len(self.lanes) != 1 or lane.prepared is not None or self.fleet is None:
+        cfg = self.config
+        if not cfg.prepare or cfg.mode != "travel" or len(self.lanes) != 1 or lane.prepared is not None or self.fleet is None:
             return
         task = asyncio.create_task(self._prepare_next_hop(lane))
         self._preparing.add(task)

@@ -28,6 +28,8 @@ class RunConfig:
     lease: float = 10.0
     segment_size: int = 4 << 20  # fewer, larger segments: less per-call overhead on the holder's cores
     suite: str = "aes-256-gcm"
+    # Send each next hop's staging and sealed params ahead to its holder while the hop before runs (gtbus.nodes.hop_prepare).
+    prepare: bool = True
     steps_per_hop: StepBudget = ONE_PASS
     register_timeout: float = 60.0
     max_attempts: int = 2

@@ -21,6 +21,7 @@ and the training settings. Example (``runbooks/local.toml`` is a full one)::
     gpus = 1                         # GPU tokens travelling at once (the orchestrator's --gpus)
     merge_every = 0                  # with gpus > 1: average the replicas every N trained hops (0: every gpus hops)
     merge = "average"                # how replicas merge: average, sum, delta:LR, or lockstep (see gtbus orchestrator --merge)
+    prepare = true                   # one GPU, travel: send the next hop's params ahead (gtbus orchestrator --prepare)
 
     [pins]
     code = "auto"                    # or the hex printed by `gtbus measure`
@@ -164,7 +165,7 @@ class Runbook:
 
 
 _TRAINING_DEFAULTS: dict[str, Any] = {"mode": "travel", "rounds": 1, "chunk_tokens": 1 << 17, "steps": "pass", "lease": 10.0,
-                                      "checkpoint_every": 1, "gpus": 1, "merge_every": 0, "merge": DEFAULT_MERGE}
+                                      "checkpoint_every": 1, "gpus": 1, "merge_every": 0, "merge": DEFAULT_MERGE, "prepare": True}
 
 
 def _int(value: Any) -> bool:
@@ -390,6 +391,8 @@ def load_runbook(path: str | Path) -> Runbook:
         merge_policy(training["merge"])
     except ConfigError as exc:
         problems.append(f"[training]: merge: {exc}")
+    if not isinstance(training["prepare"], bool):
+        problems.append("[training]: prepare must be true or false")
     if not isinstance(training["lease"], (int, float)) or training["lease"] <= 0:
         problems.append("[training]: lease must be a positive number of seconds")
     try:

@@ -72,6 +72,7 @@ def node_argv(rb: Runbook, node: Node, pin_code: str) -> list[str]:
         return base + ["--platform-key", node.platform_key, "--trainer", rb.trainer, "--mode", str(t["mode"]), "--rounds", str(t["rounds"]),
                        "--chunk-tokens", str(t["chunk_tokens"]), "--steps", str(t["steps"]), "--lease", str(t["lease"]),
                        "--checkpoint-every", str(t["checkpoint_every"]), "--gpus", str(t["gpus"]), "--merge-every", str(t["merge_every"]), "--merge", str(t["merge"]),
+                       "--prepare" if t["prepare"] else "--no-prepare",
                        "--holders", holders, "--json-out", f"{rb.run_dir}/summary.json", *node.extra_args]
     if node.role is Role.HOLDER:
         data: list[str] = []

@@ -11,10 +11,11 @@ holder are in tests/hostile/test_prepared_hop_holder.py.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from nacl.public import PrivateKey
+from travel_kit import Travel
 
 from gtbus.errors import ChannelError
 from gtbus.gpu.host import HostDevice
@@ -86,3 +87,13 @@ def test_a_bad_holder_key_leaves_no_staging_taken(lane: Lane, tmp_path: Path) ->
     with pytest.raises(ChannelError, match="must be 32 bytes"):
         prepare_hop(lane, Assignment(0, "h1", 0), cfg, b"short")
     assert lane.prepared is None and len(released) == 1  # the staging it took went back at once
+
+
+def test_no_prepare_sends_no_preparation(travel: Any) -> None:
+    # gtbus orchestrator --no-prepare: every hop makes its own staging and key at its start, as before preparations.
+    t: Travel = travel(holders=2, chunk_tokens=16384, bytes_per_holder=32 * 1024, extra_orchestrator_args=["--no-prepare"]).start()
+    summary = t.finish()
+    assert summary["hops_trained"] == summary["hops"] == 4
+    assert summary["prepared_hops"] == {"made": 0, "used": 0, "discarded": 0}
+    assert not [m for m in t.messages() if m.type == "token.prepare"]
+    assert not any("prepared ahead" in t.stderr(name) for name in t.holder_names)

@@ -35,6 +35,14 @@ def test_gpus_and_merge_every_reach_the_orchestrator(good: Path) -> None:
     assert argv[argv.index("--merge") + 1] == "average"
 
 
+def test_prepare_reaches_the_orchestrator(good: Path) -> None:
+    default = load_runbook(good)
+    assert "--prepare" in node_argv(default, default.orchestrator, "00" * 32)
+    off = load_runbook(_with(good, "prepare = false"))
+    argv = node_argv(off, off.orchestrator, "00" * 32)
+    assert "--no-prepare" in argv and "--prepare" not in argv
+
+
 @pytest.mark.parametrize("line, words", [
     ("gpus = 0", "gpus must be an integer from 1 to 64"),
     ("gpus = 65", "gpus must be an integer from 1 to 64"),
@@ -47,6 +55,8 @@ def test_gpus_and_merge_every_reach_the_orchestrator(good: Path) -> None:
     ('merge = "delta:-2"', "merge: "),
     ("merge = 3", "merge: give average, sum, or delta:LR"),
     ("merge = true", "merge: give average, sum, or delta:LR .*or lockstep"),
+    ('prepare = "yes"', "prepare must be true or false"),
+    ("prepare = 1", "prepare must be true or false"),
 ])
 def test_bad_fleet_values_are_named(good: Path, line: str, words: str) -> None:
     with pytest.raises(ConfigError, match=r"\[training\]: " + words):
