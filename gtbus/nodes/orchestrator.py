@@ -436,6 +436,8 @@ class Orchestrator:
         await self._dispatch()
         if len(self.lanes) > 1 and self._live():
             self._save_checkpoint()  # merges what the lanes trained since the last merge first
+        for task in self._preparing:
+            task.cancel()  # one not yet started never makes its staging; one sending has, and it is released below
         for lane in self.lanes:
             release_prepared(lane, self.prepares)
             lane.staging.release_spares()
