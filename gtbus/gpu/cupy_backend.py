@@ -357,6 +357,7 @@ class CupyDevice(CupyStaging):
     name: str = "cupy"
     array_module: ModuleType = cupy
     exports_outlive_process: bool = False
+    frees_staging_while_mapped: bool = False
 
     def __init__(self, device: int = 0) -> None:
         count = cupy.cuda.runtime.getDeviceCount()

@@ -151,6 +151,11 @@ class Device(Protocol):
     crash can remove them (:meth:`discard_export`).
     """
 
+    frees_staging_while_mapped: bool
+    """True if staging may be freed while a holder's process still maps it (host: the memfd lives on in
+    that mapping). False on cupy: freeing memory another process holds open by an IPC handle is undefined
+    in CUDA, so a staging a holder may still map is kept until it is known to have let go."""
+
     def alloc(self, nbytes: int) -> DeviceBuffer:
         """A zeroed private buffer; it can never be exported."""
         ...

@@ -228,6 +228,7 @@ class HostDevice(HostStaging):
     name: str = "host"
     array_module: ModuleType = np
     exports_outlive_process: bool = False
+    frees_staging_while_mapped: bool = True
 
     def __init__(self) -> None:
         # Hostname and pid say which address space holds the model; the random

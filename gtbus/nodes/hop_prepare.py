@@ -83,7 +83,7 @@ def take_prepared(lane: Lane, a: Assignment, nbytes: int, counts: PrepareCounts)
         counts.used += 1
         return p
     counts.discarded += 1
-    lane.staging.release_staging(p.staging, p.handle)
+    lane.staging.retire(p.staging, p.handle, p.holder)  # the guessed holder may have mapped it
     return None
 
 
@@ -92,4 +92,4 @@ def release_prepared(lane: Lane, counts: PrepareCounts) -> None:
     p, lane.prepared = lane.prepared, None
     if p is not None:
         counts.discarded += 1
-        lane.staging.release_staging(p.staging, p.handle)
+        lane.staging.retire(p.staging, p.handle, p.holder)  # the pool's release_spares frees it at the run's end

@@ -155,6 +155,9 @@ class HopRunner:
         self._queue.extend(step.actions)
         if step.verdict.accepted and isinstance(event, (Acked, Returned)):
             self.mark("ack_received" if isinstance(event, Acked) else "return_received")
+            # Its grant went through its shell's check of what it had prepared: any staging it
+            # was prepared for before and not granted, it has let go of.
+            self.lane.staging.free_retired(self.a.holder)
         if phase in _WAITING and self.machine.phase not in _WAITING:
             self.result.provision_s = time.perf_counter() - self.clock.t0
         if decided is None and self.machine.outcome is not None and self.machine.detail:

@@ -10,6 +10,11 @@ Rules:
   scrubbed and verified zero it may serve the next hop (a fresh one costs a
   page fault per 4 KiB on the host backend). The first hop's private buffer
   and staging are made while the orchestrator waits for its holders.
+* A staging a holder may still map (prepared for a guess that was wrong) is
+  scrubbed, then freed only once that holder is known to have let go of it
+  (:meth:`StagingPool.free_retired`, on its ack of a later grant), where the
+  device cannot free memory under another process's mapping (cupy: undefined
+  in CUDA). At most :data:`MAX_RETIRED` wait; the oldest is freed beyond that.
 * Every staging export alive right now is listed in ``<state>/inflight-staging``
   where exports outlive the process (the device says so), so a restart after
   kill -9 removes what the dead process could not. Where they do not, no such
@@ -29,6 +34,8 @@ from typing import Any
 from gtbus.gpu.device import Device
 
 INFLIGHT_FILE = "inflight-staging"
+#: Stagings kept after their wrong guess until their holder lets go (each is one hop's staging, up to a chunk).
+MAX_RETIRED = 4
 
 
 class StagingPool:
@@ -42,6 +49,7 @@ class StagingPool:
         self._live_exports: set[str] = set()
         self._lock = threading.Lock()  # the next hop's staging is allocated on another thread
         self._next: tuple[int, concurrent.futures.Future[tuple[Any, Any]]] | None = None
+        self._retired: list[tuple[str, Any, Any]] = []  # (holder, buffer, handle), oldest first
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="gtbus-staging")
 
     # -- the private buffer ----------------------------------------------------------------
@@ -96,8 +104,41 @@ class StagingPool:
         self.track_export(str(handle), True)
         return buf, handle
 
+    def retire(self, buf: Any, handle: Any, holder: str) -> None:
+        """A staging ``holder`` may still map, never to be granted: scrub it now, free it once the holder lets go.
+
+        Freed at once where the device may free staging under a mapping.
+        """
+        self.device.scrub(buf)  # whatever the holder may have written before its grant: gone now
+        if getattr(self.device, "frees_staging_while_mapped", False):
+            self.release_staging(buf, handle)
+            return
+        self._retired.append((holder, buf, handle))
+        while len(self._retired) > MAX_RETIRED:
+            old_holder, old_buf, old_handle = self._retired.pop(0)
+            self.log.warning("freeing staging %s may still map (more than %d wait)", old_holder, MAX_RETIRED)
+            self.release_staging(old_buf, old_handle)
+
+    def free_retired(self, holder: str) -> None:
+        """``holder`` has let go of every staging prepared for it before (it acked a later grant): free them."""
+        keep = []
+        for entry in self._retired:
+            if entry[0] == holder:
+                self.release_staging(entry[1], entry[2])
+            else:
+                keep.append(entry)
+        self._retired = keep
+
+    @property
+    def retired(self) -> int:
+        """Stagings waiting for their holder to let go."""
+        return len(self._retired)
+
     def release_spares(self) -> None:
-        """Release the spare private buffer and any staging prepared for a hop that never came."""
+        """Release the spare private buffer, any staging prepared for a hop that never came, and the retired ones."""
+        for _, buf, handle in self._retired:
+            self.release_staging(buf, handle)
+        self._retired = []
         if self._spare_private is not None:
             self.device.release(self._spare_private)
             self._spare_private = None

@@ -23,14 +23,35 @@ from gtbus.gpu.sealing import open_params
 from gtbus.nodes.hop_prepare import PrepareCounts, prepare_hop, release_prepared, take_prepared
 from gtbus.nodes.lane import Lane
 from gtbus.nodes.run_config import RunConfig
-from gtbus.nodes.staging_pool import StagingPool
+from gtbus.nodes.staging_pool import MAX_RETIRED, StagingPool
 from gtbus.protocol.schedule import Assignment
 from gtbus.protocol.token import TokenMachine
+
+
+class MappingSensitiveHostDevice(HostDevice):
+    """The host device, declared unable to free staging under a holder's mapping (as cupy: CUDA IPC); it notes what it frees."""
+
+    frees_staging_while_mapped = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.freed: list[Any] = []
+
+    def release(self, buf: Any) -> None:
+        self.freed.append(buf)
+        super().release(buf)
 
 
 @pytest.fixture
 def lane(tmp_path: Path) -> Iterator[Lane]:
     dev = HostDevice()
+    yield Lane(0, TokenMachine(), dev, trainer=None, staging=StagingPool(dev, tmp_path))  # type: ignore[arg-type]
+    dev.close()
+
+
+@pytest.fixture
+def sensitive_lane(tmp_path: Path) -> Iterator[Lane]:
+    dev = MappingSensitiveHostDevice()
     yield Lane(0, TokenMachine(), dev, trainer=None, staging=StagingPool(dev, tmp_path))  # type: ignore[arg-type]
     dev.close()
 
@@ -97,3 +118,33 @@ def test_no_prepare_sends_no_preparation(travel: Any) -> None:
     assert summary["prepared_hops"] == {"made": 0, "used": 0, "discarded": 0}
     assert not [m for m in t.messages() if m.type == "token.prepare"]
     assert not any("prepared ahead" in t.stderr(name) for name in t.holder_names)
+
+
+def test_where_freeing_under_a_mapping_is_unsafe_a_wrong_guess_waits_for_its_holder_to_let_go(sensitive_lane: Lane, tmp_path: Path) -> None:
+    lane, cfg, counts = sensitive_lane, _config(tmp_path), PrepareCounts()
+    key = bytes(PrivateKey.generate().public_key)
+    lane.prepared = p = prepare_hop(lane, Assignment(0, "h1", 3), cfg, key)
+    assert take_prepared(lane, Assignment(0, "h2", 0), cfg.staging_bytes, counts) is None
+    freed = lane.device.freed  # type: ignore[attr-defined]
+    assert p.staging not in freed and lane.staging.retired == 1  # h1 may still map it: kept (scrubbed)
+    lane.staging.free_retired("h2")  # another holder's ack says nothing about h1's mapping
+    assert p.staging not in freed
+    lane.staging.free_retired("h1")  # h1 acked a later grant: it let go
+    assert p.staging in freed and lane.staging.retired == 0
+
+
+def test_retired_stagings_are_bounded_and_all_freed_at_the_runs_end(sensitive_lane: Lane, tmp_path: Path) -> None:
+    lane, cfg, counts = sensitive_lane, _config(tmp_path), PrepareCounts()
+    key = bytes(PrivateKey.generate().public_key)
+    made = []
+    for chunk in range(MAX_RETIRED + 2):
+        lane.prepared = p = prepare_hop(lane, Assignment(0, "h1", chunk), cfg, key)
+        made.append(p)
+        assert take_prepared(lane, Assignment(0, "h2", chunk), cfg.staging_bytes, counts) is None
+    freed = lane.device.freed  # type: ignore[attr-defined]
+    assert lane.staging.retired == MAX_RETIRED
+    assert [q.staging in freed for q in made] == [True, True] + [False] * MAX_RETIRED  # the oldest went first
+    lane.prepared = last = prepare_hop(lane, Assignment(0, "h3", 0), cfg, key)
+    release_prepared(lane, counts)  # the run's end: retired too, then every spare freed
+    lane.staging.release_spares()
+    assert lane.staging.retired == 0 and all(q.staging in freed for q in [*made, last])
