@@ -29,6 +29,10 @@ def test_travel_on_gpu_trains_and_refuses_garbage(tmp_path: Path) -> None:
     assert outcomes.get("trained", 0) >= 8  # h1 and h2: 4 chunks each
     assert outcomes.get("rejected", 0) >= 1  # h3's garbage never authenticates
     assert summary["last_loss"] < summary["first_loss"]
+    # Hops prepared ahead (token.prepare): the honest holders opened CUDA IPC staging before their grants and wrote through it.
+    assert summary["prepared_hops"]["used"] >= 8, summary["prepared_hops"]
+    ahead = sum((run.run_dir / f"{h}.err").read_text(errors="replace").count("params and staging were prepared ahead") for h in ("h1", "h2"))
+    assert ahead >= 6, ahead
     r = subprocess.run([sys.executable, "-m", "gtbus", "replay", "--verify", str(run.run_dir / "logs")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     for node in ("orch", "h1", "h3"):
