@@ -26,9 +26,11 @@ def _describe(r: object) -> str:
     hostile = ", ".join(f"{h} {b}" for h, b in sorted(cfg.hostile.items())) or "none"
     fleet = (f", {cfg.gpus} GPUs merging every {cfg.merge_every} trained hops (hops per GPU {r.lane_hops}, "
              f"{r.requeued} trainings thrown away with a replica and done again)") if cfg.gpus > 1 else ""
+    p = r.prepared
+    ahead = f"; {p['made']} hops prepared ahead, {p['used']} used, {p['discarded']} guesses wrong" if p.get("made") else ""
     return (
         f"seed {r.seed}: {len(cfg.holders)} holders ({len(cfg.remote)} remote), {cfg.rounds} round(s), {len(r.faults)} faults, hostile: {hostile}{fleet}; "
-        f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps)"
+        f"{r.hops} hops, {r.trained} trained, {end} at t={r.sim_time:.2f}s ({r.steps} steps){ahead}"
     )
 
 
@@ -94,7 +96,7 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
         r = run_seed(seed, faults=faults, hostile=hostile, keep_faults=keep, gpus=gpus, lockstep=lockstep)
         if as_json:
             click.echo(json.dumps({"seed": r.seed, "gpus": gpus, "hops": r.hops, "hops_trained": r.trained, "hops_per_gpu": r.lane_hops, "requeued": r.requeued,
-                                   "finished": r.finished, "stopped": r.stopped, "violations": [str(v) for v in r.violations], "repro": r.repro}))
+                                   "prepared_hops": r.prepared, "finished": r.finished, "stopped": r.stopped, "violations": [str(v) for v in r.violations], "repro": r.repro}))
         else:
             click.echo(_describe(r))
         if not r.ok:
@@ -109,7 +111,8 @@ def sim(seed: int | None, count: int | None, first: int, no_faults: bool, no_hos
     else:
         click.echo(
             f"{summary.seeds} seeds, {summary.hops} hops ({summary.trained} trained), {summary.violations} violations, "
-            f"{summary.hops_per_s:,.0f} hops/s, {summary.seconds:.1f}s; finished {summary.finished}, stopped {sum(summary.stopped.values())}"
+            f"{summary.hops_per_s:,.0f} hops/s, {summary.seconds:.1f}s; finished {summary.finished}, stopped {sum(summary.stopped.values())}; "
+            f"hops prepared ahead {summary.prepared['made']}, used {summary.prepared['used']}, guesses wrong {summary.prepared['discarded']}"
         )
     if summary.failures:
         sys.exit(1)

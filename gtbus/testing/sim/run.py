@@ -210,6 +210,7 @@ class SeedsSummary:
     outcomes: dict[str, int] = field(default_factory=dict)
     restarts: int = 0
     modes: set[str] = field(default_factory=set)
+    prepared: dict[str, int] = field(default_factory=dict)  # hops prepared ahead: made, used, discarded (totals)
 
     @property
     def hops_per_s(self) -> float:
@@ -229,6 +230,7 @@ class SeedsSummary:
             "stopped": self.stopped,
             "outcomes": dict(sorted(self.outcomes.items())),
             "orchestrator_restarts": self.restarts,
+            "prepared_hops": self.prepared,
             "failing": [{"seed": r.seed, "repro": r.repro, "violations": [str(v) for v in r.violations]} for r in self.failures],
         }
 
@@ -243,6 +245,7 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
     outcomes: dict[str, int] = {}
     restarts = 0
     modes: set[str] = set()
+    prepared = {"made": 0, "used": 0, "discarded": 0}
     for seed in range(first, first + count):
         r = run_seed(seed, faults=faults, hostile=hostile, machines=machines, gpus=gpus, lockstep=lockstep)
         hops += r.hops
@@ -253,6 +256,8 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
             stopped[why] = stopped.get(why, 0) + 1
         restarts += r.restarts
         modes.add(r.config.mode)
+        for k in prepared:
+            prepared[k] += r.prepared.get(k, 0)
         for k, v in r.outcomes.items():
             outcomes[k] = outcomes.get(k, 0) + v
         if not r.ok:
@@ -260,4 +265,4 @@ def run_seeds(count: int, *, first: int = 0, faults: bool = True, hostile: bool 
         if on_result is not None:
             on_result(r)
     return SeedsSummary(count, hops, trained, sum(len(r.violations) for r in failures), time.perf_counter() - t0, failures, finished, stopped,
-                        outcomes, restarts, modes)
+                        outcomes, restarts, modes, prepared)
