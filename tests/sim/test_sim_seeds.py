@@ -114,6 +114,8 @@ def test_cli_json_totals() -> None:
     assert out.exit_code == 0, out.output
     d = json.loads(out.output)
     assert d["seeds"] == 40 and d["violations"] == 0 and d["hops"] > 0 and d["hops_per_s"] > 0
+    p = d["prepared_hops"]
+    assert 0 < p["used"] <= p["made"] < d["hops"] and p["discarded"] <= p["made"] - p["used"]
 
 
 def test_a_failing_seed_prints_its_repro_line_and_trace(capsys: pytest.CaptureFixture[str]) -> None:
