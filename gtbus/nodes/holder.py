@@ -321,11 +321,12 @@ class Holder:
             why = f"it names holder {p.holder[:40]!r}" if p.holder != self.rt.name else f"it comes from {acc.header.sender}, not the orchestrator"
         elif self.run_id is None or p.run_id != self.run_id:
             why = f"it is for run {p.run_id[:40]!r}, registered with run {self.run_id}"
-        elif self.agent is not None or self.faults.writes or not self._prepared.is_set():
-            return  # written through a device agent, or by a drill, or not set up yet: the grant maps as it comes
-        elif self._task is not None and not self._task.done():
-            # Writing a hop now (one holder's hops back to back): mapping beside it would
-            # sit on that hop's path. Done as the hop ends instead, long before the next grant.
+        elif self.agent is not None or self.faults.writes:
+            return  # written through a device agent, or by a drill: the grant maps as it comes
+        elif not self._prepared.is_set() or (self._task is not None and not self._task.done()):
+            # Still setting up its device (the run's first hops come right after registering), or
+            # writing a hop now (one holder's hops back to back: mapping beside it would sit on that
+            # hop's path): opened once set up, or as the hop ends, long before the next grant.
             self._deferred_prepare = p
             return
         else:
@@ -414,6 +415,8 @@ class Holder:
             await self._perform(self.machine.handle(Refused(a.token_id, epoch, drill)))
             return
         clock = self._clock
+        if self._deferred_prepare is not None and self._deferred_prepare.sealed_params == grant.sealed_params:
+            self._deferred_prepare = None  # its grant came first: the grant maps as it comes
         nxt, self._next_hop = self._next_hop, None
         if nxt is not None and not nxt.matches(grant.sealed_params):
             self.staging.unmap(nxt.mapping)  # a guess for another hop: this grant maps its own
@@ -467,9 +470,12 @@ class Holder:
         try:
             await self._write_hop(g, epoch, params, clock, warm)
         finally:
-            p, self._deferred_prepare = self._deferred_prepare, None
-            if p is not None:
-                self._open_prepared(p)
+            self._open_deferred_prepare()
+
+    def _open_deferred_prepare(self) -> None:
+        p, self._deferred_prepare = self._deferred_prepare, None
+        if p is not None:
+            self._open_prepared(p)
 
     async def _write_hop(self, g: TokenGrant, epoch: int, params: ChannelParams, clock: PhaseClock, warm: Any) -> None:
         mapping = None
@@ -596,6 +602,8 @@ class Holder:
         if self.agent is None and self.chunk_tokens * 2 > prepared:
             await asyncio.to_thread(self.device_cls.prepare_holder, self.chunk_tokens * 2)
         self._prepared.set()
+        if self._task is None or self._task.done():  # else the hop being written opens it as it ends
+            self._open_deferred_prepare()
         self._prefetch_soon(0)
         self.rt.state_label = "registered"
         clock = self.rt.clock

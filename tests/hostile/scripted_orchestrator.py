@@ -21,16 +21,19 @@ from gtbus.gpu.attestation import MeasurementReport, channel_key_commitment
 from gtbus.gpu.platform_key import load_platform_signer
 from gtbus.messages.identity import Roster, load_identity
 from gtbus.messages.pipeline import Accepted
-from gtbus.messages.types import Register, Welcome
+from gtbus.messages.types import AttestRequest, Register, Welcome
 from gtbus.nodes.attester import EvidenceServer
 from gtbus.nodes.runtime import NodeRuntime
 from gtbus.nodes.wiring import server_transport
 
 
 class ScriptedOrchestrator:
-    """Welcomes holders to run ``run_id`` (chunks of ``chunk_tokens``), gives evidence, sends what the test says."""
+    """Welcomes holders to run ``run_id`` (chunks of ``chunk_tokens``), gives evidence, sends what the test says.
 
-    def __init__(self, t: Travel, run_id: str, chunk_tokens: int) -> None:
+    ``hold_evidence``: evidence is answered only once this event is set (a holder then stays in its setup).
+    """
+
+    def __init__(self, t: Travel, run_id: str, chunk_tokens: int, *, hold_evidence: asyncio.Event | None = None) -> None:
         dep = t.dep
         self.run_id, self.chunk_tokens = run_id, chunk_tokens
         self.identity = load_identity(dep.dep.key_path(dep.dep.orchestrator.name))
@@ -38,6 +41,12 @@ class ScriptedOrchestrator:
         self.rt = NodeRuntime(self.identity, roster, server_transport(self.identity, roster, dep.router, dep.pub), run_dir=t.run_dir / "scripted")
         self.platform = load_platform_signer(dep.platform_key)
         self.code = bytes.fromhex(dep.pin)
+        if hold_evidence is not None:  # handlers run in registration order: this one first
+
+            async def hold(acc: Accepted[AttestRequest], delivery: Any) -> None:
+                await hold_evidence.wait()
+
+            self.rt.on(AttestRequest, hold)
         EvidenceServer(self.rt, {"emulated": EmulatedVerifier(self.platform, lambda: {"code": self.code}, lambda: run_binding(run_id))})
         self.rt.on(Register, self._on_register)
 

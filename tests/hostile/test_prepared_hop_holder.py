@@ -194,3 +194,48 @@ def test_a_preparation_that_comes_while_a_hop_is_written_serves_the_next_grant(t
         pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
     run_async(scenario(), timeout=180)
     assert "Traceback" not in err.read_text(errors="replace")
+
+
+def test_a_preparation_that_comes_while_the_holder_sets_up_is_kept_for_after(travel: Any) -> None:
+    # The run's first hops come right after registration: a holder may still be setting up (here held in
+    # its appraisal of the orchestrator's evidence) when its first preparation arrives. It is kept and
+    # opened once the holder is ready, and its grant writes through it.
+    t: Travel = travel(holders=1, chunk_tokens=CHUNK, bytes_per_holder=32 * 1024)
+    err = t.run_dir / "h1.err"
+    h1 = Roster.from_dir(t.dep.keys)["h1"].x25519
+    device = HostDevice()
+    staging, handle = device.alloc_hop_staging(staging_size(CHUNK * 2, SEGMENT))
+    params = ChannelParams.generate(str(handle), CHUNK * 2, segment_size=SEGMENT)
+    sealed = seal_params(params, h1)
+
+    async def scenario() -> None:
+        gate = asyncio.Event()
+        orch = ScriptedOrchestrator(t, RUN_ID, CHUNK, hold_evidence=gate)
+        acks, returns = orch.queue_of(TokenAck), orch.queue_of(TokenReturn)
+        await orch.rt.start()
+        proc = t.dep.start_holder(0)
+        try:
+            await wait_for_text(err, f"registered with run {RUN_ID}")  # the evidence is asked for next, and held
+            await orch.rt.send(HopPrepare("tok", RUN_ID, "h1", 0, sealed), "h1")
+            # The holder has received it (its log records every message as it accepts it) before it is set up.
+            await eventually(lambda: any(m.type == "token.prepare" and m.dir == "in" for m in t.messages("h1")), timeout=30,
+                             what="h1 received the preparation")
+            assert _staging_maps(proc.pid) == 0 and "evidence appraised" not in err.read_text(errors="replace")
+            gate.set()
+            await wait_for_text(err, "evidence appraised")
+            await eventually(lambda: _staging_maps(proc.pid) == 1, timeout=30, what="h1 mapped the staging once set up")
+            await orch.rt.send(TokenGrant("tok", RUN_ID, "h1", 0, "travel", time.time() + 60, sealed, orch.report(params.key, 1)), "h1", epoch=1)
+            await asyncio.wait_for(acks.get(), 30)
+            await asyncio.wait_for(returns.get(), 30)
+            await wait_for_text(err, "hop 1 chunk 0: wrote")
+            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 1 chunk 0: wrote" in x][0]
+            assert line.endswith("params and staging were prepared ahead"), line
+            await orch.rt.publish(Shutdown("test over"))
+            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+        finally:
+            await orch.rt.close()
+
+    if os.geteuid() != 0:
+        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
+    run_async(scenario(), timeout=180)
+    assert "Traceback" not in err.read_text(errors="replace")

@@ -67,8 +67,11 @@ def test_every_hop_trains_loss_falls_logs_verify(travel) -> None:
         if m.type == "token.grant" and m.epoch > 1:
             before = [p for p in sent[:i] if p.type == "token.prepare" and p.recipient == m.body["holder"]]
             assert before and before[-1].body["sealed_params"] == m.body["sealed_params"], m.epoch
-    ahead = sum(t.stderr(name).count("params and staging were prepared ahead") for name in t.holder_names)
-    assert ahead == n - 1
+    # Each holder wrote its later hops through what it prepared. (Its first hop's preparation may reach it
+    # while it still sets up after registering: then it waits there, and a grant that comes first maps itself.)
+    for name in t.holder_names:
+        lines = [x for x in t.stderr(name).splitlines() if ": wrote " in x]
+        assert len(lines) == 4 and all(x.endswith("params and staging were prepared ahead") for x in lines[1:]), lines
 
     # Holders wrote what they said: every return names the granted chunk.
     returns = [m for m in t.messages() if m.type == "token.return"]
