@@ -21,7 +21,7 @@ import asyncio
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Coroutine
 
 import pytest
 from scripted_holder import wait_for_text
@@ -41,6 +41,26 @@ RUN_ID = "hostile-prepare-1"
 CHUNK = 16384
 SEGMENT = 1 << 20
 IGNORED = "ignored the preparation of chunk"
+
+
+def _run(scenario: Callable[[], Coroutine[Any, Any, None]], err: Path) -> None:
+    """Run a scenario against the real holder (root only: it reads the holder's /proc maps); no traceback in its log."""
+    if os.geteuid() != 0:
+        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
+    run_async(scenario(), timeout=180)
+    assert "Traceback" not in err.read_text(errors="replace")
+
+
+async def _end(orch: ScriptedOrchestrator, proc: Any) -> None:
+    """Shut the run down and wait for the holder's exit."""
+    await orch.rt.publish(Shutdown("test over"))
+    await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+
+
+async def _hop_line(err: Path, hop: str) -> str:
+    """The holder's line for ``hop`` ("hop E chunk C"), once written."""
+    await wait_for_text(err, f"{hop}: wrote")
+    return next(x for x in err.read_text(errors="replace").splitlines() if f"{hop}: wrote" in x)
 
 
 def _staging_maps(pid: int) -> int:
@@ -105,8 +125,7 @@ def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel
             await asyncio.wait_for(acks.get(), 30)
             r: TokenReturn = (await asyncio.wait_for(returns.get(), 30)).message
             assert (r.chunk_index, r.nbytes, r.segments) == (0, CHUNK * 2, 1)
-            await wait_for_text(err, "hop 1 chunk 0: wrote")
-            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 1 chunk 0: wrote" in x][0]
+            line = await _hop_line(err, "hop 1 chunk 0")
             assert line.endswith("params and staging were prepared ahead"), line
             assert any(used._mmap[:nbytes])  # type: ignore[index]  # the ciphertext is in the granted staging
 
@@ -120,23 +139,17 @@ def test_preparations_hostile_refused_honest_used_and_nothing_left_mapped(travel
             await asyncio.wait_for(acks.get(), 30)
             r = (await asyncio.wait_for(returns.get(), 30)).message
             assert (r.chunk_index, r.nbytes) == (1, CHUNK * 2)
-            await wait_for_text(err, "hop 2 chunk 1: wrote")
-            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 2 chunk 1: wrote" in x][0]
+            line = await _hop_line(err, "hop 2 chunk 1")
             assert "prepared ahead" not in line, line
             assert any(granted._mmap[:nbytes]) and not any(guessed._mmap[:nbytes])  # type: ignore[index]
             await eventually(lambda: _staging_maps(proc.pid) == 0, timeout=30, what="h1 unmapped every staging")
 
-            await orch.rt.publish(Shutdown("test over"))
-            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+            await _end(orch, proc)
         finally:
             await orch.rt.close()
 
-    if os.geteuid() != 0:
-        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
-    run_async(scenario(), timeout=180)
-    text = err.read_text(errors="replace")
-    assert "Traceback" not in text
-    assert text.count(IGNORED) == 6
+    _run(scenario, err)
+    assert err.read_text(errors="replace").count(IGNORED) == 6
 
 
 def _stopped(pid: int) -> bool:
@@ -185,15 +198,11 @@ def test_a_preparation_that_comes_while_a_hop_is_written_serves_the_next_grant(t
             lines = [x for x in err.read_text(errors="replace").splitlines() if ": wrote " in x]
             assert [x.endswith("prepared ahead") for x in lines] == [False, True], lines
             await eventually(lambda: _staging_maps(proc.pid) == 0, timeout=30, what="h1 unmapped every staging")
-            await orch.rt.publish(Shutdown("test over"))
-            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+            await _end(orch, proc)
         finally:
             await orch.rt.close()
 
-    if os.geteuid() != 0:
-        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
-    run_async(scenario(), timeout=180)
-    assert "Traceback" not in err.read_text(errors="replace")
+    _run(scenario, err)
 
 
 def test_a_preparation_that_comes_while_the_holder_sets_up_is_kept_for_after(travel: Any) -> None:
@@ -227,15 +236,10 @@ def test_a_preparation_that_comes_while_the_holder_sets_up_is_kept_for_after(tra
             await orch.rt.send(TokenGrant("tok", RUN_ID, "h1", 0, "travel", time.time() + 60, sealed, orch.report(params.key, 1)), "h1", epoch=1)
             await asyncio.wait_for(acks.get(), 30)
             await asyncio.wait_for(returns.get(), 30)
-            await wait_for_text(err, "hop 1 chunk 0: wrote")
-            line = [x for x in err.read_text(errors="replace").splitlines() if "hop 1 chunk 0: wrote" in x][0]
+            line = await _hop_line(err, "hop 1 chunk 0")
             assert line.endswith("params and staging were prepared ahead"), line
-            await orch.rt.publish(Shutdown("test over"))
-            await eventually(lambda: proc.poll() is not None, timeout=30, what="the holder's exit")
+            await _end(orch, proc)
         finally:
             await orch.rt.close()
 
-    if os.geteuid() != 0:
-        pytest.skip("reads the holder's /proc maps, which a non-dumpable process keeps for root")
-    run_async(scenario(), timeout=180)
-    assert "Traceback" not in err.read_text(errors="replace")
+    _run(scenario, err)
