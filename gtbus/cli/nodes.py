@@ -275,6 +275,8 @@ def demo(run_dir: Path | None, n_holders: int, mode: str, rounds: int, kib_per_h
         *([("GPU tokens", f"{summary['gpus']}: hops per GPU {summary['hops_per_gpu']}, {summary['merges']} merges ({summary['merge_s'] * 1e3:.1f} ms)")] if summary["gpus"] > 1 else []),
         ("loss (nats/byte)", f"{summary['first_loss']:.3f} -> {summary['last_loss']:.3f} on each hop's chunk before training on it"),
         ("bytes provisioned", f"{summary['bytes_provisioned']:,}"),
+        *([("prepared ahead", f"{p['used']} of {summary['hops']} hops (params and staging at the holder before its grant; "
+                              f"{p['discarded']} guesses wrong)")] if (p := summary.get("prepared_hops") or {}).get("made") else []),
         ("provision rate", f"{summary['provision_gbps'] * 1000:.1f} MB/s (encrypted, grant to plaintext on device)"),
         ("transfer share", f"{summary['transfer_share'] * 100:.3f} % of transfer + training time"),
         ("message logs", f"{summary['logs']}  (check: gtbus replay --verify {summary['logs']})"),

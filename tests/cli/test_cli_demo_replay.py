@@ -33,7 +33,9 @@ DEMO_ARGS = ["--kib-per-holder", "64", "--rounds", "1", "--chunk-tokens", "16384
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("demo") / "run"
-    run_demo(run, *DEMO_ARGS, timeout=180)
+    shown = run_demo(run, *DEMO_ARGS, timeout=180).stdout
+    # 2 holders x 4 chunks: every hop after the first prepared ahead, and the demo says so.
+    assert "prepared ahead      7 of 8 hops" in shown, shown[-1500:]
     return run
 
 
