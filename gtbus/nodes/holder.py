@@ -161,7 +161,6 @@ class Holder:
         self._precommitting: asyncio.Task[None] | None = None
         self._clock = PhaseClock(HOLDER_PHASES)  # the current hop's phase marks, from its grant's arrival
         self._next_hop: PreparedStaging | None = None  # params opened and staging mapped before their grant
-        self.hops_prepared = 0  # hops whose grant found them prepared
         self._hop_was_prepared = False  # the current hop's
         self._deferred_prepare: HopPrepare | None = None  # came while a hop was being written: opened as it ends
         self._early_chunk: tuple[int, asyncio.Future[memoryview]] | None = None  # the prepared hop's chunk, being read
@@ -399,7 +398,6 @@ class Holder:
         await self.rt.send(TokenReturn(a.token_id, grant.chunk_index, *summary), epoch=a.epoch)
         self._clock.mark("return_sent")
         self.hops_provisioned += 1
-        self.hops_prepared += self._hop_was_prepared
         self._prefetch_soon(grant.chunk_index + 1)
         # Where the hop's time went on this side, for a person (and `gtbus bench device`) to read.
         ahead = "; params and staging were prepared ahead" if self._hop_was_prepared else ""

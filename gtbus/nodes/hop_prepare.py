@@ -67,7 +67,7 @@ def prepare_hop(lane: Lane, a: Assignment, cfg: RunConfig, holder_x25519: bytes)
     """Take the lane's next fresh staging, make a key for it and seal both to ``a``'s holder."""
     staging, handle = lane.staging.take_staging(cfg.staging_bytes)
     try:
-        params = ChannelParams.generate(str(handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
+        params = cfg.hop_params(handle)
         return PreparedHop(a.holder, a.chunk, staging, handle, params, seal_params(params, holder_x25519))
     except BaseException:
         lane.staging.release_staging(staging, handle)

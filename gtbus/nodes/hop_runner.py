@@ -120,17 +120,16 @@ class HopRunner:
         # Made while the hop before ran, if it guessed this hop (gtbus.nodes.hop_prepare): the same
         # staging, key and sealed params its holder has already opened and mapped.
         prepared = None if ship else take_prepared(lane, a, cfg.staging_bytes, orch.prepares)
-        self.sealed_params = prepared.sealed if prepared is not None else None
+        self.sealed_params = prepared.sealed if prepared is not None else None  # sealed to the holder already
         if prepared is not None:
             self.staging, self.handle = prepared.staging, prepared.handle
+        elif ship:
+            self.staging, self.handle = None, "ship"
         else:
-            self.staging, self.handle = (None, "ship") if ship else lane.staging.take_staging(cfg.staging_bytes)
+            self.staging, self.handle = lane.staging.take_staging(cfg.staging_bytes)
         self.data = lane.staging.take_private(cfg.capacity)
         self.mark("staging_alloc")
-        self.params: ChannelParams | None = (
-            prepared.params if prepared is not None
-            else ChannelParams.generate(str(self.handle), cfg.capacity, suite=cfg.suite, segment_size=cfg.segment)
-        )
+        self.params: ChannelParams | None = prepared.params if prepared is not None else cfg.hop_params(self.handle)
         self.mark("key")
         self.model_before = b""
         self._do: dict[type, Callable[[Any], Awaitable[HopEvent | None]]] = {

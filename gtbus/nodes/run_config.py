@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from gtbus.errors import ConfigError
-from gtbus.gpu.channel import staging_size
+from gtbus.gpu.channel import ChannelParams, staging_size
 from gtbus.protocol.admission import TOKEN_BYTES, RunShape
 from gtbus.training.merge import DEFAULT_MERGE, merge_policy
 from gtbus.training.trainer import ONE_PASS, StepBudget
@@ -103,6 +103,10 @@ class RunConfig:
     def staging_bytes(self) -> int:
         """Bytes of one hop's staging: the capacity sealed, a tag per segment."""
         return staging_size(self.capacity, self.segment)
+
+    def hop_params(self, handle: object) -> ChannelParams:
+        """Fresh channel params (a new key) for one hop writing the staging ``handle``."""
+        return ChannelParams.generate(str(handle), self.capacity, suite=self.suite, segment_size=self.segment)
 
     def shape(self, vocab: int) -> RunShape:
         """What admission checks a holder's manifest against (``vocab``: the trainer's)."""
