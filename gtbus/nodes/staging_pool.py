@@ -110,7 +110,7 @@ class StagingPool:
         Freed at once where the device may free staging under a mapping.
         """
         self.device.scrub(buf)  # whatever the holder may have written before its grant: gone now
-        if getattr(self.device, "frees_staging_while_mapped", False):
+        if self.device.frees_staging_while_mapped:
             self.release_staging(buf, handle)
             return
         self._retired.append((holder, buf, handle))
