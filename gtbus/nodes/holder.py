@@ -360,8 +360,9 @@ class Holder:
 
     def _drop_next_hop(self) -> None:
         nxt, self._next_hop = self._next_hop, None
-        self._early_chunk = None
         if nxt is not None:
+            # Its chunk read goes with it; once a grant has taken the preparation, the read is that hop's.
+            self._early_chunk = None
             self.staging.unmap(nxt.mapping)
 
     async def _on_grant(self, acc: Accepted[TokenGrant], delivery: Delivery) -> None:
