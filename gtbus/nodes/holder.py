@@ -490,10 +490,10 @@ class Holder:
             await self.faults.after_ack()
             try:
                 local = g.mode == "travel" and self.agent is None
-                handed, warm = (warm, None) if local else (None, warm)  # the writer owns the prepared mapping from here
-                if warm is not None:  # a preparation for a hop that is not written here: nothing uses it
-                    self.staging.unmap(warm)
-                    warm = None
+                handed, warm = warm, None  # the writer owns the prepared mapping from here
+                if handed is not None and not local:  # prepared for a hop not written here: nothing uses it
+                    self.staging.unmap(handed)
+                    handed = None
                 if g.mode == "travel" and self.agent is not None:
                     written = await self._write_ship(g, epoch, params, plain, ctx, via=self.agent)
                 elif local and len(plain) <= INLINE_WRITE_BYTES:
